@@ -1,0 +1,13 @@
+//! Compiles the public protos with a vendored `protoc`, so building needs no system protoc, and
+//! writes the encoded descriptor set that server reflection serves.
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("authd_descriptor.bin"))
+        .compile_with_config(config, &["proto/authd/v1/auth.proto"], &["proto"])?;
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! The container: builds every piece once from [`Settings`], serves, and shuts down in order.
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio::{net::TcpListener, sync::oneshot};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    auth::{AuthService, password::PasswordHasher, session::SessionPolicy},
+    cache::{Redis, SessionStore},
+    config::Settings,
+    grpc::auth::{AuthGrpc, AuthServiceServer},
+    proto,
+    store::Db,
+};
+
+/// Health service names authd reports besides the overall "".
+const AUTH_SERVICE: &str = "authd.v1.AuthService";
+
+pub struct Application {
+    listener: TcpListener,
+    addr: SocketAddr,
+    settings: Settings,
+    db: Arc<Db>,
+    redis: Redis,
+    auth: Arc<AuthService>,
+}
+
+impl Application {
+    /// Binds `GRPC__ADDR` and builds everything.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(settings.grpc.addr)
+            .await
+            .with_context(|| format!("cannot listen on GRPC__ADDR={}", settings.grpc.addr))?;
+        Self::build_with_listener(settings, listener).await
+    }
+
+    /// Builds on a listener the caller bound (tests bind `127.0.0.1:0`).
+    pub async fn build_with_listener(
+        settings: Settings,
+        listener: TcpListener,
+    ) -> anyhow::Result<Self> {
+        let addr = listener.local_addr()?;
+        let db = Arc::new(
+            Db::connect(&settings.database)
+                .await
+                .context("cannot reach PostgreSQL at DATABASE__URL")?,
+        );
+        if settings.database.migrate {
+            db.migrate().await.context("database migrations failed")?;
+        }
+        let redis = Redis::connect(&settings.redis).context("invalid Redis configuration")?;
+        let hasher = PasswordHasher::new(&settings.auth)?;
+        let auth = Arc::new(AuthService::new(
+            db.clone(),
+            SessionStore::new(redis.clone(), settings.session.absolute_timeout),
+            hasher,
+            SessionPolicy::from(&settings.session),
+        ));
+        Ok(Self {
+            listener,
+            addr,
+            settings,
+            db,
+            redis,
+            auth,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The database handle (its query counter tells what a request cost).
+    pub fn db(&self) -> Arc<Db> {
+        self.db.clone()
+    }
+
+    /// Serves until `shutdown` completes, then: health NOT_SERVING, stop accepting, let in-flight
+    /// calls finish within `GRPC__SHUTDOWN_GRACE`, close the pools.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let background = CancellationToken::new();
+        let drainer = tokio::spawn(drain_invalidations(
+            self.auth.clone(),
+            self.settings.session.invalidation_interval,
+            background.clone(),
+        ));
+
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let router = Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
+            .add_service(health_service)
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?)
+            .add_service(AuthServiceServer::new(AuthGrpc::new(self.auth.clone())));
+        let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
+            TcpListenerStream::new(self.listener),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        set_status(&health, ServingStatus::Serving).await;
+        tracing::info!(addr = %self.addr, redis = self.redis.is_enabled(), "authd serving");
+
+        tokio::select! {
+            () = shutdown => {}
+            result = &mut server => {
+                // The server stopped by itself: that is a failure.
+                background.cancel();
+                return Err(anyhow::anyhow!("gRPC server stopped: {:?}", result?.err()));
+            }
+        }
+        tracing::info!("shutting down: draining in-flight calls");
+        set_status(&health, ServingStatus::NotServing).await;
+        let _ = stop_tx.send(());
+        let grace = self.settings.grpc.shutdown_grace;
+        match tokio::time::timeout(grace, &mut server).await {
+            Ok(result) => result?.context("gRPC server failed while draining")?,
+            Err(_) => {
+                tracing::warn!(?grace, "grace period over; closing the remaining connections");
+                server.abort();
+            }
+        }
+        background.cancel();
+        let _ = drainer.await;
+        self.redis.quit().await;
+        self.db.close().await;
+        tracing::info!("authd stopped");
+        Ok(())
+    }
+}
+
+/// Reflection over authd's protos and the health protocol, so `grpcurl list` needs no files.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+async fn set_status(health: &HealthReporter, status: ServingStatus) {
+    for service in ["", AUTH_SERVICE] {
+        health.set_service_status(service, status).await;
+    }
+}
+
+/// Re-applies revocations whose Redis step failed on any instance (see `AuthService`).
+async fn drain_invalidations(auth: Arc<AuthService>, every: Duration, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if let Err(error) = auth.drain_invalidations().await {
+            tracing::debug!(%error, "could not drain queued invalidations; retrying");
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The rules for what callers send. Each parser answers with the value in its canonical form or
+//! a description of what is wrong; the transport layer names the field and collects every
+//! violation of a request into one INVALID_ARGUMENT.
+use std::net::IpAddr;
+
+use email_address::{EmailAddress, Options};
+use secrecy::SecretString;
+use unicode_normalization::UnicodeNormalization;
+
+use super::session::ClientInfo;
+
+pub const EMAIL_MAX_CHARS: usize = 254;
+pub const PASSWORD_MIN_CHARS: usize = 8;
+pub const PASSWORD_MAX_CHARS: usize = 128;
+pub const DISPLAY_NAME_MAX_CHARS: usize = 64;
+pub const USER_AGENT_MAX_CHARS: usize = 512;
+
+/// One thing wrong with one field of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: String,
+    pub description: String,
+}
+
+/// Collects violations while a request is parsed.
+#[derive(Debug, Default)]
+pub struct Violations(Vec<FieldViolation>);
+
+impl Violations {
+    /// Keeps the value when it parsed, or records why it did not under `field`.
+    pub fn check<T>(&mut self, field: &str, parsed: Result<T, String>) -> Option<T> {
+        parsed
+            .map_err(|description| {
+                self.0.push(FieldViolation {
+                    field: field.to_owned(),
+                    description,
+                })
+            })
+            .ok()
+    }
+
+    /// `Ok(value)` when nothing was recorded.
+    pub fn finish<T>(self, value: impl FnOnce() -> Option<T>) -> Result<T, Vec<FieldViolation>> {
+        match (self.0.is_empty(), value()) {
+            (true, Some(v)) => Ok(v),
+            _ => Err(self.0),
+        }
+    }
+}
+
+/// An email address as given (trimmed) and in the form it is compared by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Email {
+    pub display: String,
+    pub normalized: String,
+}
+
+pub fn email(raw: &str) -> Result<Email, String> {
+    let trimmed = raw.trim();
+    if trimmed.is_empty() {
+        return Err("is required".into());
+    }
+    if trimmed.chars().count() > EMAIL_MAX_CHARS {
+        return Err(format!("must be at most {EMAIL_MAX_CHARS} characters"));
+    }
+    let options = Options::default()
+        .with_required_tld()
+        .without_display_text()
+        .without_domain_literal();
+    if EmailAddress::parse_with_options(trimmed, options).is_err() {
+        return Err("must be an email address such as name@example.com".into());
+    }
+    Ok(Email {
+        display: trimmed.to_owned(),
+        normalized: trimmed.to_lowercase(),
+    })
+}
+
+/// Length is counted after NFKC normalisation (the form that is hashed); nothing is trimmed or
+/// truncated.
+pub fn new_password(raw: &str) -> Result<SecretString, String> {
+    let chars = raw.nfkc().count();
+    if chars < PASSWORD_MIN_CHARS || chars > PASSWORD_MAX_CHARS {
+        return Err(format!(
+            "must be {PASSWORD_MIN_CHARS} to {PASSWORD_MAX_CHARS} characters"
+        ));
+    }
+    Ok(SecretString::from(raw))
+}
+
+/// A password presented to log in: only its presence is checked (a wrong one is just wrong).
+pub fn password(raw: &str) -> Result<SecretString, String> {
+    if raw.is_empty() {
+        return Err("is required".into());
+    }
+    if raw.nfkc().count() > PASSWORD_MAX_CHARS {
+        return Err(format!("must be at most {PASSWORD_MAX_CHARS} characters"));
+    }
+    Ok(SecretString::from(raw))
+}
+
+pub fn display_name(raw: &str) -> Result<String, String> {
+    let trimmed = raw.trim();
+    let chars = trimmed.chars().count();
+    if chars == 0 || chars > DISPLAY_NAME_MAX_CHARS {
+        return Err(format!(
+            "must be 1 to {DISPLAY_NAME_MAX_CHARS} characters after trimming"
+        ));
+    }
+    if trimmed.chars().any(char::is_control) {
+        return Err("must not contain control characters".into());
+    }
+    Ok(trimmed.to_owned())
+}
+
+pub fn ip_address(raw: &str) -> Result<String, String> {
+    if raw.is_empty() {
+        return Ok(String::new());
+    }
+    raw.parse::<IpAddr>()
+        .map(|ip| ip.to_string())
+        .map_err(|_| "must be an IPv4 or IPv6 address".into())
+}
+
+pub fn user_agent(raw: &str) -> Result<String, String> {
+    if raw.chars().count() > USER_AGENT_MAX_CHARS {
+        return Err(format!("must be at most {USER_AGENT_MAX_CHARS} characters"));
+    }
+    Ok(raw.to_owned())
+}
+
+/// Parses both client fields, naming them under `prefix` (e.g. `client`).
+pub fn client_info(
+    violations: &mut Violations,
+    prefix: &str,
+    ip: &str,
+    agent: &str,
+) -> Option<ClientInfo> {
+    let ip_address = violations.check(&format!("{prefix}.ip_address"), ip_address(ip));
+    let user_agent = violations.check(&format!("{prefix}.user_agent"), user_agent(agent));
+    Some(ClientInfo {
+        ip_address: ip_address?,
+        user_agent: user_agent?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_trimmed_and_compared_lower_case() {
+        let e = email("  Ada.Lovelace@Example.COM ").unwrap();
+        assert_eq!(e.display, "Ada.Lovelace@Example.COM");
+        assert_eq!(e.normalized, "ada.lovelace@example.com");
+    }
+
+    #[test]
+    fn bad_emails_are_rejected() {
+        let long = format!("{}@example.com", "a".repeat(250));
+        for bad in ["", "   ", "no-at-sign", "a@", "@b.com", "a@b", "A <a@b.com>", &long] {
+            assert!(email(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn password_length_is_counted_in_characters_after_nfkc() {
+        assert!(new_password("1234567").is_err());
+        assert!(new_password("12345678").is_ok());
+        assert!(new_password(&"é".repeat(128)).is_ok());
+        assert!(new_password(&"é".repeat(129)).is_err());
+        // U+FB03 "ﬃ" becomes three characters under NFKC.
+        assert!(new_password("ﬃﬃﬃ").is_ok());
+    }
+
+    #[test]
+    fn display_names_are_trimmed_and_free_of_control_characters() {
+        assert_eq!(display_name("  Ada  ").unwrap(), "Ada");
+        assert!(display_name("   ").is_err());
+        assert!(display_name("a\u{7}b").is_err());
+        assert!(display_name(&"x".repeat(65)).is_err());
+        assert!(display_name(&"x".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn ip_addresses_are_optional_but_must_parse() {
+        assert_eq!(ip_address("").unwrap(), "");
+        assert_eq!(ip_address("::1").unwrap(), "::1");
+        assert_eq!(ip_address("192.0.2.7").unwrap(), "192.0.2.7");
+        assert!(ip_address("300.1.1.1").is_err());
+        assert!(ip_address("localhost").is_err());
+    }
+}

@@ -1,0 +1,171 @@
+//! Redis: one client pool built once, and the stores built on it.
+//!
+//! Redis only ever holds copies of PostgreSQL state, so every failure here is survivable: a
+//! command that fails or times out is treated as a miss and the request goes to PostgreSQL.
+//! "Disabled" is a real mode of [`Redis`] (no client at all), not a branch in each caller.
+mod session_store;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use fred::{
+    clients::Pool,
+    interfaces::ClientLike,
+    prelude::{Builder, Config, ReconnectPolicy},
+    types::config::{Options, TcpConfig, UnresponsiveConfig},
+};
+use secrecy::ExposeSecret;
+
+pub use session_store::{Cached, SessionStore};
+
+use crate::config::RedisSettings;
+
+/// Kinds of keys; with the schema version they form `<prefix><kind>:v1:<id>`.
+const SCHEMA_VERSION: &str = "v1";
+
+#[derive(Clone)]
+pub struct Redis {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    pool: Pool,
+    prefix: String,
+    /// Per-command options: fail at once while disconnected, one attempt only (a command that
+    /// may have run is never re-sent), bounded wait.
+    options: Options,
+    /// Whether the last command succeeded; flips are logged, so an outage is logged once.
+    healthy: AtomicBool,
+    /// Count of failed commands. A failure may have been a lost tombstone, so cached copies are
+    /// not trusted again until a drain of the invalidation queue that started after the last
+    /// failure has completed (`trusted_through` caught up).
+    failures: AtomicU64,
+    trusted_through: AtomicU64,
+}
+
+impl Redis {
+    pub fn disabled() -> Self {
+        Self { inner: None }
+    }
+
+    /// Builds the pool and starts connecting in the background. The service does not wait for
+    /// Redis: while it is unreachable every command fails fast and requests use PostgreSQL;
+    /// the reconnect policy never gives up, so Redis is used again as soon as it is back.
+    pub fn connect(settings: &RedisSettings) -> Result<Self, fred::error::Error> {
+        if !settings.enabled {
+            return Ok(Self::disabled());
+        }
+        let mut config = Config::from_url(settings.url.expose_secret())?;
+        config.fail_fast = false;
+        let max_delay = u32::try_from(settings.reconnect_max_delay.as_millis()).unwrap_or(u32::MAX);
+        let pool = Builder::from_config(config)
+            .with_performance_config(|p| p.default_command_timeout = settings.command_timeout)
+            .with_connection_config(|c| {
+                c.connection_timeout = settings.connect_timeout;
+                c.internal_command_timeout = settings.connect_timeout;
+                c.max_command_attempts = 1;
+                c.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some(settings.command_timeout.max(Duration::from_millis(500)) * 4),
+                    interval: Duration::from_millis(500),
+                };
+                c.tcp = TcpConfig {
+                    nodelay: Some(true),
+                    ..TcpConfig::default()
+                };
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 50, max_delay.max(50), 2))
+            .build_pool(settings.pool_size)?;
+        pool.prefer_connected(true);
+        drop(pool.connect());
+        let options = Options {
+            fail_fast: true,
+            timeout: Some(settings.command_timeout),
+            max_attempts: Some(1),
+            ..Options::default()
+        };
+        Ok(Self {
+            inner: Some(Arc::new(Inner {
+                pool,
+                prefix: settings.key_prefix.clone(),
+                options,
+                healthy: AtomicBool::new(true),
+                failures: AtomicU64::new(0),
+                trusted_through: AtomicU64::new(0),
+            })),
+        })
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    pub async fn quit(&self) {
+        if let Some(inner) = &self.inner {
+            let _ = inner.pool.quit().await;
+        }
+    }
+
+    /// `<prefix><kind>:v1:<id>`
+    fn key(&self, kind: &str, id: &str) -> Option<String> {
+        let inner = self.inner.as_ref()?;
+        Some(format!("{}{kind}:{SCHEMA_VERSION}:{id}", inner.prefix))
+    }
+
+    fn inner(&self) -> Option<&Inner> {
+        self.inner.as_deref()
+    }
+
+    /// Records the outcome of a command, logging when Redis becomes unusable or usable again.
+    fn observe<T>(&self, result: Result<T, fred::error::Error>) -> Option<T> {
+        let inner = self.inner()?;
+        match result {
+            Ok(value) => {
+                if !inner.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!("redis is reachable again; using the cache");
+                }
+                Some(value)
+            }
+            Err(error) => {
+                inner.note_failure();
+                if inner.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(%error, "redis is unreachable; serving from PostgreSQL until it returns");
+                } else {
+                    tracing::debug!(%error, "redis command failed");
+                }
+                None
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn note_failure(&self) {
+        self.failures.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+impl Redis {
+    /// Where the failure count stands now; pass it to [`Redis::trust`] once every invalidation
+    /// queued before this moment has reached Redis.
+    pub fn failure_mark(&self) -> u64 {
+        self.inner().map_or(0, |i| i.failures.load(Ordering::Acquire))
+    }
+
+    pub fn trust(&self, mark: u64) {
+        if let Some(inner) = self.inner() {
+            inner.trusted_through.fetch_max(mark, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether cached copies may be served: no command failed since the last complete drain.
+    pub fn trusted(&self) -> bool {
+        self.inner().is_none_or(|i| {
+            i.trusted_through.load(Ordering::Acquire) >= i.failures.load(Ordering::Acquire)
+        })
+    }
+}

@@ -1,0 +1,301 @@
+//! Settings: built-in defaults, then an optional TOML file, then environment variables named
+//! `SECTION__KEY` (for example `REDIS__ENABLED=false`). Durations are human-readable (`250ms`,
+//! `30m`, `7d`). Anything invalid stops startup with a message naming the setting.
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Toml},
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Top-level sections; environment variables outside them are ignored.
+const SECTIONS: [&str; 6] = ["grpc", "database", "redis", "session", "auth", "log"];
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct Settings {
+    pub grpc: GrpcSettings,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub session: SessionSettings,
+    pub auth: AuthSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcSettings {
+    pub addr: SocketAddr,
+    /// How long in-flight calls may take to finish after SIGTERM before the server stops anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: SecretString,
+    pub max_connections: u32,
+    pub min_connections: u32,
+    /// Waiting for a pooled connection longer than this answers UNAVAILABLE: kept well under any
+    /// caller's deadline so an outage fails fast instead of queueing.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    /// Server-side `statement_timeout`, and the client-side bound on one store operation.
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
+    /// Create the database at startup when it does not exist.
+    pub create_if_missing: bool,
+    /// Run the embedded migrations at startup.
+    pub migrate: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSettings {
+    pub enabled: bool,
+    pub url: SecretString,
+    /// Every key authd writes starts with this.
+    pub key_prefix: String,
+    pub pool_size: usize,
+    /// Bound on one Redis command; past it the request falls back to PostgreSQL.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Reconnection backs off exponentially up to this delay, and never gives up.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max_delay: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionSettings {
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub absolute_timeout: Duration,
+    /// `last_seen_at` is written at most this often per session.
+    #[serde(with = "humantime_serde")]
+    pub touch_interval: Duration,
+    /// How often each instance re-applies revocations whose Redis step failed.
+    #[serde(with = "humantime_serde")]
+    pub invalidation_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Password hashes computed at once (each takes one core for ~20 ms).
+    pub hash_concurrency: usize,
+    /// Hash requests allowed to wait for a slot; beyond this, RESOURCE_EXHAUSTED at once.
+    pub hash_queue: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `authd=debug,sqlx=warn`); `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for GrpcSettings {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 50051)),
+            shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("postgres://postgres@127.0.0.1:5432/authd"),
+            max_connections: 10,
+            min_connections: 1,
+            acquire_timeout: Duration::from_secs(1),
+            query_timeout: Duration::from_secs(2),
+            create_if_missing: true,
+            migrate: true,
+        }
+    }
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            url: SecretString::from("redis://127.0.0.1:6379"),
+            key_prefix: "authd:".to_owned(),
+            pool_size: 2,
+            command_timeout: Duration::from_millis(250),
+            connect_timeout: Duration::from_secs(1),
+            reconnect_max_delay: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(7 * 24 * 3600),
+            absolute_timeout: Duration::from_secs(30 * 24 * 3600),
+            touch_interval: Duration::from_secs(5 * 60),
+            invalidation_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self {
+            hash_concurrency: (cores / 2).max(1),
+            hash_queue: 32,
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid setting {setting}: {reason}")]
+    Invalid { setting: String, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(setting: &str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            setting: setting.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Names the setting the way operators write it (`REDIS__ENABLED`), whatever layer it came from.
+    fn from_figment(error: figment::Error) -> Self {
+        let setting = if error.path.is_empty() {
+            "(configuration)".to_owned()
+        } else {
+            error.path.join("__").to_ascii_uppercase()
+        };
+        let source = error
+            .metadata
+            .as_ref()
+            .map(|m| format!(" (from {})", m.name))
+            .unwrap_or_default();
+        Self::invalid(&setting, format!("{}{source}", error.kind))
+    }
+}
+
+impl Settings {
+    /// Defaults, then `file` (when given), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let figment = figment
+            .merge(
+                Env::raw()
+                    .only(&["DATABASE_URL"])
+                    .map(|_| "database.url".into()),
+            )
+            .merge(
+                Env::raw()
+                    .filter(|key| {
+                        SECTIONS.iter().any(|section| {
+                            key.as_str()
+                                .to_ascii_lowercase()
+                                .strip_prefix(section)
+                                .is_some_and(|rest| rest.starts_with("__"))
+                        })
+                    })
+                    .split("__"),
+            );
+        let settings: Settings = figment.extract().map_err(ConfigError::from_figment)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |setting, reason: &str| Err(ConfigError::invalid(setting, reason));
+        let d = &self.database;
+        if !d.url.expose_secret().starts_with("postgres://")
+            && !d.url.expose_secret().starts_with("postgresql://")
+        {
+            return invalid("DATABASE__URL", "must be a postgres:// URL");
+        }
+        if d.max_connections == 0 || d.min_connections > d.max_connections {
+            return invalid(
+                "DATABASE__MAX_CONNECTIONS",
+                "must be at least 1 and at least DATABASE__MIN_CONNECTIONS",
+            );
+        }
+        if d.acquire_timeout.is_zero() {
+            return invalid("DATABASE__ACQUIRE_TIMEOUT", "must be greater than zero");
+        }
+        if d.query_timeout < Duration::from_millis(10) {
+            return invalid("DATABASE__QUERY_TIMEOUT", "must be at least 10ms");
+        }
+        let r = &self.redis;
+        if r.enabled {
+            if fred::types::config::Config::from_url(r.url.expose_secret()).is_err() {
+                return invalid("REDIS__URL", "must be a redis:// or rediss:// URL");
+            }
+            if r.pool_size == 0 {
+                return invalid("REDIS__POOL_SIZE", "must be at least 1");
+            }
+            if r.command_timeout.is_zero() || r.connect_timeout.is_zero() {
+                return invalid(
+                    "REDIS__COMMAND_TIMEOUT",
+                    "REDIS__COMMAND_TIMEOUT and REDIS__CONNECT_TIMEOUT must be greater than zero",
+                );
+            }
+        }
+        if r.key_prefix.is_empty() || r.key_prefix.chars().any(char::is_whitespace) {
+            return invalid("REDIS__KEY_PREFIX", "must be non-empty, without spaces");
+        }
+        let s = &self.session;
+        if s.idle_timeout < Duration::from_secs(1) {
+            return invalid("SESSION__IDLE_TIMEOUT", "must be at least 1s");
+        }
+        if s.absolute_timeout < Duration::from_secs(1) {
+            return invalid("SESSION__ABSOLUTE_TIMEOUT", "must be at least 1s");
+        }
+        if s.touch_interval >= s.idle_timeout {
+            return invalid(
+                "SESSION__TOUCH_INTERVAL",
+                "must be shorter than SESSION__IDLE_TIMEOUT",
+            );
+        }
+        if s.invalidation_interval.is_zero() {
+            return invalid("SESSION__INVALIDATION_INTERVAL", "must be greater than zero");
+        }
+        if self.auth.hash_concurrency == 0 {
+            return invalid("AUTH__HASH_CONCURRENCY", "must be at least 1");
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return invalid("LOG__LEVEL", "must be a tracing filter such as `info`");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,134 @@
+//! `authd.v1.AuthService` over gRPC.
+use std::sync::Arc;
+
+use secrecy::ExposeSecret;
+use tonic::{Request, Response, Status};
+
+use super::timestamp;
+use crate::{
+    auth::{
+        self, AuthError, Credentials, IssuedSession, Registration, SessionView,
+        input::{self, Violations},
+    },
+    proto::authd::v1::{
+        self as pb, auth_service_server::AuthService as AuthServiceRpc,
+    },
+};
+
+pub use crate::proto::authd::v1::auth_service_server::AuthServiceServer;
+
+pub struct AuthGrpc {
+    service: Arc<auth::AuthService>,
+}
+
+impl AuthGrpc {
+    pub fn new(service: Arc<auth::AuthService>) -> Self {
+        Self { service }
+    }
+}
+
+impl From<SessionView> for pb::Session {
+    fn from(view: SessionView) -> Self {
+        let r = view.record;
+        pb::Session {
+            session_id: r.id.to_string(),
+            user_id: r.user_id.to_string(),
+            created_at: Some(timestamp(r.created_at)),
+            expires_at: Some(timestamp(view.expires_at)),
+            last_seen_at: Some(timestamp(r.last_seen_at)),
+            ip_address: r.ip_address,
+            user_agent: r.user_agent,
+        }
+    }
+}
+
+fn client_info(v: &mut Violations, client: Option<&pb::ClientInfo>) -> Option<auth::session::ClientInfo> {
+    let client = client.cloned().unwrap_or_default();
+    input::client_info(v, "client", &client.ip_address, &client.user_agent)
+}
+
+fn parse_registration(req: &pb::RegisterRequest) -> Result<Registration, AuthError> {
+    let mut v = Violations::default();
+    let email = v.check("email", input::email(&req.email));
+    let password = v.check("password", input::new_password(&req.password));
+    let display_name = v.check("display_name", input::display_name(&req.display_name));
+    let client = client_info(&mut v, req.client.as_ref());
+    v.finish(|| {
+        Some(Registration {
+            email: email?,
+            password: password?,
+            display_name: display_name?,
+            client: client?,
+        })
+    })
+    .map_err(AuthError::InvalidInput)
+}
+
+fn parse_credentials(req: &pb::LoginRequest) -> Result<Credentials, AuthError> {
+    let mut v = Violations::default();
+    let email = v.check("email", input::email(&req.email));
+    let password = v.check("password", input::password(&req.password));
+    let client = client_info(&mut v, req.client.as_ref());
+    v.finish(|| {
+        Some(Credentials {
+            email: email?,
+            password: password?,
+            client: client?,
+        })
+    })
+    .map_err(AuthError::InvalidInput)
+}
+
+fn split(issued: IssuedSession) -> (String, Option<pb::Session>) {
+    (
+        issued.token.expose_secret().to_owned(),
+        Some(issued.session.into()),
+    )
+}
+
+#[tonic::async_trait]
+impl AuthServiceRpc for AuthGrpc {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let registration = parse_registration(request.get_ref())?;
+        let (user_id, issued) = self.service.register(registration).await?;
+        let (session_token, session) = split(issued);
+        Ok(Response::new(pb::RegisterResponse {
+            user_id: user_id.to_string(),
+            session_token,
+            session,
+        }))
+    }
+
+    async fn login(
+        &self,
+        request: Request<pb::LoginRequest>,
+    ) -> Result<Response<pb::LoginResponse>, Status> {
+        let credentials = parse_credentials(request.get_ref())?;
+        let (session_token, session) = split(self.service.login(credentials).await?);
+        Ok(Response::new(pb::LoginResponse {
+            session_token,
+            session,
+        }))
+    }
+
+    async fn validate_session(
+        &self,
+        request: Request<pb::ValidateSessionRequest>,
+    ) -> Result<Response<pb::ValidateSessionResponse>, Status> {
+        let view = self.service.validate(&request.get_ref().session_token).await?;
+        Ok(Response::new(pb::ValidateSessionResponse {
+            session: Some(view.into()),
+        }))
+    }
+
+    async fn logout(
+        &self,
+        request: Request<pb::LogoutRequest>,
+    ) -> Result<Response<pb::LogoutResponse>, Status> {
+        self.service.logout(&request.get_ref().session_token).await?;
+        Ok(Response::new(pb::LogoutResponse {}))
+    }
+}

@@ -1,0 +1,14 @@
+//! Transport: proto <-> domain conversion, input validation and error mapping. One file per gRPC
+//! service; health and reflection are registered by `app`.
+pub mod auth;
+pub mod status;
+
+use chrono::{DateTime, Utc};
+
+/// A protobuf timestamp for a point in time.
+pub(crate) fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}

@@ -1,0 +1,68 @@
+//! The one mapping from domain errors to gRPC statuses. Internal causes are logged here, once,
+//! with their chain; callers get a fixed message, never SQL or Redis text.
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::{
+    auth::{AuthError, input::FieldViolation},
+    store::StoreError,
+};
+
+pub fn invalid_argument(violations: &[FieldViolation]) -> Status {
+    let mut details = ErrorDetails::new();
+    for v in violations {
+        details.add_bad_request_violation(v.field.clone(), v.description.clone());
+    }
+    let summary = violations
+        .iter()
+        .map(|v| format!("{} {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Status::with_error_details(Code::InvalidArgument, summary, details)
+}
+
+fn store_status(error: &StoreError) -> Status {
+    match error {
+        StoreError::Unavailable(_) => {
+            tracing::warn!(error = %chain(error), "database unavailable");
+            Status::unavailable("the database is unavailable; retry later")
+        }
+        StoreError::Conflict { .. } | StoreError::Other(_) => internal(error),
+    }
+}
+
+/// The error and its sources, outermost first.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn internal(error: &dyn std::error::Error) -> Status {
+    tracing::error!(error = %chain(error), "internal error");
+    Status::internal("internal error")
+}
+
+impl From<AuthError> for Status {
+    fn from(error: AuthError) -> Self {
+        match &error {
+            AuthError::InvalidInput(violations) => invalid_argument(violations),
+            AuthError::InvalidCredentials | AuthError::InvalidSession => {
+                Status::unauthenticated(error.to_string())
+            }
+            AuthError::EmailTaken => Status::already_exists(error.to_string()),
+            AuthError::Overloaded { retry_after } => Status::with_error_details(
+                Code::ResourceExhausted,
+                error.to_string(),
+                ErrorDetails::with_retry_info(Some(*retry_after)),
+            ),
+            AuthError::Store(store) => store_status(store),
+            AuthError::Internal(_) => internal(&error),
+        }
+    }
+}

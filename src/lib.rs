@@ -1,0 +1,14 @@
+//! authd: authentication sessions and user profiles over gRPC.
+//!
+//! How it fits: `grpc` converts and validates requests and maps errors; `auth` holds the rules;
+//! `store` is PostgreSQL (the source of truth); `cache` is Redis (hot copies, never the only
+//! copy). `app` builds them once from `config::Settings` and serves.
+pub mod app;
+pub mod auth;
+pub mod cache;
+pub mod config;
+pub mod grpc;
+pub mod healthcheck;
+pub mod proto;
+pub mod store;
+pub mod telemetry;

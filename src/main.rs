@@ -1,0 +1,110 @@
+//! The `authd` binary: `serve` (default), `migrate`, `healthcheck`.
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use authd::{app::Application, config::Settings, store::Db, telemetry};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(version, about = "gRPC service for authentication sessions and user profiles")]
+struct Cli {
+    /// TOML settings file (environment variables SECTION__KEY override it).
+    #[arg(long, global = true, env = "AUTHD_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC server (the default).
+    Serve,
+    /// Create the database if needed, apply migrations, exit.
+    Migrate,
+    /// Exit 0 when the server's gRPC health service reports SERVING.
+    Healthcheck {
+        /// Address to check (default: GRPC__ADDR, with 0.0.0.0 read as 127.0.0.1).
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+        /// Health service name ("" is the whole server).
+        #[arg(long, default_value = "")]
+        service: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("authd: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(Command::Healthcheck { addr, service }) = &cli.command {
+        let mut target = addr.unwrap_or(settings.grpc.addr);
+        if target.ip().is_unspecified() {
+            target.set_ip([127, 0, 0, 1].into());
+        }
+        return match authd::healthcheck::check(target, service, Duration::from_secs(3)).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(reason) => {
+                eprintln!("authd healthcheck: {reason}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    telemetry::init(&settings.log);
+    let result = match cli.command {
+        Some(Command::Migrate) => migrate(&settings).await,
+        _ => serve(settings).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("authd: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    Application::build(settings)
+        .await?
+        .run_until_stopped(shutdown_signal())
+        .await
+}
+
+async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let db = Db::connect(&settings.database)
+        .await
+        .context("cannot reach PostgreSQL at DATABASE__URL")?;
+    db.migrate().await.context("database migrations failed")?;
+    db.close().await;
+    tracing::info!("migrations applied");
+    Ok(())
+}
+
+/// SIGTERM (Kubernetes, docker stop) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

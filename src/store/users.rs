@@ -1,0 +1,73 @@
+//! Users and their profile rows.
+use uuid::Uuid;
+
+use super::{Db, StoreError};
+use crate::auth::session::SessionRecord;
+
+/// The constraint that makes emails unique; its violation means "already registered".
+pub const EMAIL_UNIQUE: &str = "users_email_normalized_key";
+
+pub struct NewUser<'a> {
+    pub id: Uuid,
+    pub email: &'a str,
+    pub email_normalized: &'a str,
+    pub password_hash: &'a str,
+    pub display_name: &'a str,
+}
+
+#[derive(Clone, Copy)]
+pub struct UserRepo<'a>(pub(super) &'a Db);
+
+impl Db {
+    pub fn users(&self) -> UserRepo<'_> {
+        UserRepo(self)
+    }
+}
+
+impl UserRepo<'_> {
+    /// Creates the user, their profile and their first session in one statement, so a failure
+    /// leaves nothing half-made.
+    pub async fn create_with_session(
+        &self,
+        user: &NewUser<'_>,
+        session: &SessionRecord,
+        token_hash: &[u8],
+    ) -> Result<(), StoreError> {
+        let query = sqlx::query(
+            "with new_user as (
+                 insert into users (id, email, email_normalized, password_hash, created_at, updated_at)
+                 values ($1, $2, $3, $4, $6, $6)
+                 returning id
+             ), new_profile as (
+                 insert into profiles (user_id, display_name, created_at, updated_at)
+                 select id, $5, $6, $6 from new_user
+             )
+             insert into sessions (id, user_id, token_hash, created_at, last_seen_at,
+                                   absolute_expires_at, authenticated_at, ip_address, user_agent)
+             select $7, id, $8, $6, $6, $9, $6, $10, $11 from new_user",
+        )
+        .bind(user.id)
+        .bind(user.email)
+        .bind(user.email_normalized)
+        .bind(user.password_hash)
+        .bind(user.display_name)
+        .bind(session.created_at)
+        .bind(session.id)
+        .bind(token_hash)
+        .bind(session.absolute_expires_at)
+        .bind(&session.ip_address)
+        .bind(&session.user_agent);
+        self.0.run(query.execute(&self.0.pool)).await?;
+        Ok(())
+    }
+
+    /// The id and PHC password hash of the user with this normalised email.
+    pub async fn find_credentials(
+        &self,
+        email_normalized: &str,
+    ) -> Result<Option<(Uuid, String)>, StoreError> {
+        let query = sqlx::query_as("select id, password_hash from users where email_normalized = $1")
+            .bind(email_normalized);
+        self.0.run(query.fetch_optional(&self.0.pool)).await
+    }
+}
