@@ -52,7 +52,9 @@ impl Application {
         if settings.database.migrate {
             db.migrate().await.context("database migrations failed")?;
         }
-        let redis = Redis::connect(&settings.redis).context("invalid Redis configuration")?;
+        let redis = Redis::connect(&settings.redis)
+            .await
+            .context("invalid Redis configuration")?;
         let hasher = PasswordHasher::new(&settings.auth)?;
         let auth = Arc::new(AuthService::new(
             db.clone(),
@@ -127,7 +129,10 @@ impl Application {
         match tokio::time::timeout(grace, &mut server).await {
             Ok(result) => result?.context("gRPC server failed while draining")?,
             Err(_) => {
-                tracing::warn!(?grace, "grace period over; closing the remaining connections");
+                tracing::warn!(
+                    ?grace,
+                    "grace period over; closing the remaining connections"
+                );
                 server.abort();
             }
         }
@@ -140,11 +145,13 @@ impl Application {
     }
 }
 
-/// Reflection over authd's protos and the health protocol, so `grpcurl list` needs no files.
+/// Reflection over authd's protos, the health protocol and the error details authd sends
+/// (`google.rpc.BadRequest`, `RetryInfo`), so grpcurl needs no proto files.
 fn reflection() -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }
 
 async fn set_status(health: &HealthReporter, status: ServingStatus) {

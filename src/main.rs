@@ -6,7 +6,10 @@ use authd::{app::Application, config::Settings, store::Db, telemetry};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(version, about = "gRPC service for authentication sessions and user profiles")]
+#[command(
+    version,
+    about = "gRPC service for authentication sessions and user profiles"
+)]
 struct Cli {
     /// TOML settings file (environment variables SECTION__KEY override it).
     #[arg(long, global = true, env = "AUTHD_CONFIG")]

@@ -12,7 +12,12 @@ pub fn init(settings: &LogSettings) {
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match settings.format {
         LogFormat::Json => registry
-            .with(fmt::layer().json().flatten_event(true).with_current_span(true))
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true),
+            )
             .try_init(),
         LogFormat::Pretty => registry.with(fmt::layer()).try_init(),
     };

@@ -80,7 +80,7 @@ pub fn email(raw: &str) -> Result<Email, String> {
 /// truncated.
 pub fn new_password(raw: &str) -> Result<SecretString, String> {
     let chars = raw.nfkc().count();
-    if chars < PASSWORD_MIN_CHARS || chars > PASSWORD_MAX_CHARS {
+    if !(PASSWORD_MIN_CHARS..=PASSWORD_MAX_CHARS).contains(&chars) {
         return Err(format!(
             "must be {PASSWORD_MIN_CHARS} to {PASSWORD_MAX_CHARS} characters"
         ));
@@ -158,7 +158,16 @@ mod tests {
     #[test]
     fn bad_emails_are_rejected() {
         let long = format!("{}@example.com", "a".repeat(250));
-        for bad in ["", "   ", "no-at-sign", "a@", "@b.com", "a@b", "A <a@b.com>", &long] {
+        for bad in [
+            "",
+            "   ",
+            "no-at-sign",
+            "a@",
+            "@b.com",
+            "a@b",
+            "A <a@b.com>",
+            &long,
+        ] {
             assert!(email(bad).is_err(), "{bad:?}");
         }
     }

@@ -139,14 +139,20 @@ mod tests {
         let phc = hash_blocking(&SecretString::from("correct horse")).unwrap();
         assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
         assert!(verify_blocking(&SecretString::from("correct horse"), &phc));
-        assert!(!verify_blocking(&SecretString::from("correct horse!"), &phc));
+        assert!(!verify_blocking(
+            &SecretString::from("correct horse!"),
+            &phc
+        ));
     }
 
     #[test]
     fn passwords_are_compared_after_nfkc_normalisation() {
         // "ﬁ" (U+FB01) is NFKC-equivalent to "fi"; "Å" may be one code point or two.
         let phc = hash_blocking(&SecretString::from("ﬁsh Å pass")).unwrap();
-        assert!(verify_blocking(&SecretString::from("fish A\u{30a} pass"), &phc));
+        assert!(verify_blocking(
+            &SecretString::from("fish A\u{30a} pass"),
+            &phc
+        ));
     }
 
     #[tokio::test]
@@ -172,7 +178,10 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
-        assert!(refused >= 1, "a queue of 1 behind 1 slot must refuse some of 6 calls");
+        assert!(
+            refused >= 1,
+            "a queue of 1 behind 1 slot must refuse some of 6 calls"
+        );
         // Every place was given back: a new call is admitted.
         hasher.hash(SecretString::from("password1")).await.unwrap();
     }

@@ -105,7 +105,11 @@ impl AuthService {
 
     #[instrument(skip_all)]
     pub async fn login(&self, c: Credentials) -> Result<IssuedSession, AuthError> {
-        let found = self.db.users().find_credentials(&c.email.normalized).await?;
+        let found = self
+            .db
+            .users()
+            .find_credentials(&c.email.normalized)
+            .await?;
         let (user_id, phc) = found.unzip();
         if !self.hasher.verify(c.password, phc).await? {
             return Err(AuthError::InvalidCredentials);
@@ -152,17 +156,22 @@ impl AuthService {
             return Err(AuthError::InvalidSession);
         }
         let (record, touched) = self.touch(record, now).await?;
-        if fill || touched {
-            if let Some(ttl) = self.policy.time_left(&record, now) {
-                self.cache.put(&hash, &record, ttl).await;
-            }
+        if (fill || touched)
+            && let Some(ttl) = self.policy.time_left(&record, now)
+        {
+            self.cache.put(&hash, &record, ttl).await;
         }
         Ok(self.view(record))
     }
 
     /// The session from PostgreSQL, if it exists and was not revoked.
     async fn load(&self, hash: &TokenHash) -> Result<SessionRecord, AuthError> {
-        match self.db.sessions().find_by_token_hash(hash.as_bytes()).await? {
+        match self
+            .db
+            .sessions()
+            .find_by_token_hash(hash.as_bytes())
+            .await?
+        {
             Some(stored) if !stored.revoked => Ok(stored.record),
             _ => Err(AuthError::InvalidSession),
         }
@@ -218,10 +227,10 @@ impl AuthService {
             }
         }
         let all = done.len() == invalidations.len();
-        if !done.is_empty() {
-            if let Err(error) = self.db.sessions().delete_invalidations(&done).await {
-                tracing::warn!(%error, "could not clear applied invalidations; they will be re-applied");
-            }
+        if !done.is_empty()
+            && let Err(error) = self.db.sessions().delete_invalidations(&done).await
+        {
+            tracing::warn!(%error, "could not clear applied invalidations; they will be re-applied");
         }
         all
     }

@@ -53,10 +53,10 @@ impl Redis {
         Self { inner: None }
     }
 
-    /// Builds the pool and starts connecting in the background. The service does not wait for
-    /// Redis: while it is unreachable every command fails fast and requests use PostgreSQL;
-    /// the reconnect policy never gives up, so Redis is used again as soon as it is back.
-    pub fn connect(settings: &RedisSettings) -> Result<Self, fred::error::Error> {
+    /// Builds the pool and connects, waiting at most `REDIS__CONNECT_TIMEOUT`. The service does
+    /// not need Redis to start: while it is unreachable every command fails fast and requests use
+    /// PostgreSQL; the reconnect policy never gives up, so Redis is used as soon as it is back.
+    pub async fn connect(settings: &RedisSettings) -> Result<Self, fred::error::Error> {
         if !settings.enabled {
             return Ok(Self::disabled());
         }
@@ -78,10 +78,23 @@ impl Redis {
                     ..TcpConfig::default()
                 };
             })
-            .set_policy(ReconnectPolicy::new_exponential(0, 50, max_delay.max(50), 2))
+            .set_policy(ReconnectPolicy::new_exponential(
+                0,
+                50,
+                max_delay.max(50),
+                2,
+            ))
             .build_pool(settings.pool_size)?;
         pool.prefer_connected(true);
         drop(pool.connect());
+        let connected =
+            tokio::time::timeout(settings.connect_timeout, pool.wait_for_connect()).await;
+        let connected = matches!(connected, Ok(Ok(())));
+        if !connected {
+            tracing::warn!(
+                "redis is unreachable at startup; serving from PostgreSQL until it is back"
+            );
+        }
         let options = Options {
             fail_fast: true,
             timeout: Some(settings.command_timeout),
@@ -93,7 +106,7 @@ impl Redis {
                 pool,
                 prefix: settings.key_prefix.clone(),
                 options,
-                healthy: AtomicBool::new(true),
+                healthy: AtomicBool::new(connected),
                 failures: AtomicU64::new(0),
                 trusted_through: AtomicU64::new(0),
             })),
@@ -153,7 +166,8 @@ impl Redis {
     /// Where the failure count stands now; pass it to [`Redis::trust`] once every invalidation
     /// queued before this moment has reached Redis.
     pub fn failure_mark(&self) -> u64 {
-        self.inner().map_or(0, |i| i.failures.load(Ordering::Acquire))
+        self.inner()
+            .map_or(0, |i| i.failures.load(Ordering::Acquire))
     }
 
     pub fn trust(&self, mark: u64) {

@@ -77,8 +77,11 @@ impl SessionStore {
         let (Some(inner), Some(key)) = (self.redis.inner(), self.session_key(hash)) else {
             return Cached::Unavailable;
         };
-        let client = inner.pool.next().with_options(&inner.options);
-        let Some(value) = self.redis.observe(client.get::<Option<String>, _>(key).await) else {
+        let client = inner.pool.next_connected().with_options(&inner.options);
+        let Some(value) = self
+            .redis
+            .observe(client.get::<Option<String>, _>(key).await)
+        else {
             return Cached::Unavailable;
         };
         match value.as_deref() {
@@ -126,19 +129,28 @@ impl SessionStore {
 
     /// Writes the tombstone of a revoked session. `false` when Redis could not confirm it (the
     /// invalidation then stays queued in PostgreSQL and is retried).
-    pub async fn bury(&self, invalidation: &Invalidation, now: chrono::DateTime<chrono::Utc>) -> bool {
+    pub async fn bury(
+        &self,
+        invalidation: &Invalidation,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> bool {
         let Some(inner) = self.redis.inner() else {
             return true;
         };
         let Some(hash) = TokenHash::from_bytes(&invalidation.token_hash) else {
-            tracing::error!(id = invalidation.id, "invalidation with a malformed token hash");
+            tracing::error!(
+                id = invalidation.id,
+                "invalidation with a malformed token hash"
+            );
             return true;
         };
         let Ok(ttl) = (invalidation.expires_at - now).to_std() else {
             return true; // expired anyway: nothing can serve it
         };
-        let (Some(key), Some(index)) = (self.session_key(&hash), self.index_key(&invalidation.user_id))
-        else {
+        let (Some(key), Some(index)) = (
+            self.session_key(&hash),
+            self.index_key(&invalidation.user_id),
+        ) else {
             return true;
         };
         let client = inner.pool.next_connected();

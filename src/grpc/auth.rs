@@ -10,9 +10,7 @@ use crate::{
         self, AuthError, Credentials, IssuedSession, Registration, SessionView,
         input::{self, Violations},
     },
-    proto::authd::v1::{
-        self as pb, auth_service_server::AuthService as AuthServiceRpc,
-    },
+    proto::authd::v1::{self as pb, auth_service_server::AuthService as AuthServiceRpc},
 };
 
 pub use crate::proto::authd::v1::auth_service_server::AuthServiceServer;
@@ -42,7 +40,10 @@ impl From<SessionView> for pb::Session {
     }
 }
 
-fn client_info(v: &mut Violations, client: Option<&pb::ClientInfo>) -> Option<auth::session::ClientInfo> {
+fn client_info(
+    v: &mut Violations,
+    client: Option<&pb::ClientInfo>,
+) -> Option<auth::session::ClientInfo> {
     let client = client.cloned().unwrap_or_default();
     input::client_info(v, "client", &client.ip_address, &client.user_agent)
 }
@@ -118,7 +119,10 @@ impl AuthServiceRpc for AuthGrpc {
         &self,
         request: Request<pb::ValidateSessionRequest>,
     ) -> Result<Response<pb::ValidateSessionResponse>, Status> {
-        let view = self.service.validate(&request.get_ref().session_token).await?;
+        let view = self
+            .service
+            .validate(&request.get_ref().session_token)
+            .await?;
         Ok(Response::new(pb::ValidateSessionResponse {
             session: Some(view.into()),
         }))
@@ -128,7 +132,9 @@ impl AuthServiceRpc for AuthGrpc {
         &self,
         request: Request<pb::LogoutRequest>,
     ) -> Result<Response<pb::LogoutResponse>, Status> {
-        self.service.logout(&request.get_ref().session_token).await?;
+        self.service
+            .logout(&request.get_ref().session_token)
+            .await?;
         Ok(Response::new(pb::LogoutResponse {}))
     }
 }

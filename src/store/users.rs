@@ -66,8 +66,9 @@ impl UserRepo<'_> {
         &self,
         email_normalized: &str,
     ) -> Result<Option<(Uuid, String)>, StoreError> {
-        let query = sqlx::query_as("select id, password_hash from users where email_normalized = $1")
-            .bind(email_normalized);
+        let query =
+            sqlx::query_as("select id, password_hash from users where email_normalized = $1")
+                .bind(email_normalized);
         self.0.run(query.fetch_optional(&self.0.pool)).await
     }
 }

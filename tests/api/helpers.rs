@@ -1,0 +1,268 @@
+//! spawn_app(): a real authd on 127.0.0.1:0 with its own fresh database and its own Redis key
+//! prefix, so tests run in parallel and never see each other's data.
+use std::{sync::Arc, time::Duration};
+
+use authd::{
+    app::Application,
+    config::{LogSettings, Settings},
+    proto::authd::v1::{self as pb, auth_service_client::AuthServiceClient},
+    store::Db,
+};
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::Connection;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::{Code, Status, transport::Channel};
+use tonic_health::pb::health_client::HealthClient;
+
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// Whether the app under test uses Redis; every behaviour is tested both ways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Redis,
+    NoRedis,
+}
+
+/// Runs an async test body once with Redis and once with `REDIS__ENABLED=false`.
+#[macro_export]
+macro_rules! both_modes {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn with_redis() {
+                super::$name($crate::helpers::Mode::Redis).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn without_redis() {
+                super::$name($crate::helpers::Mode::NoRedis).await
+            }
+        }
+    )*};
+}
+
+pub fn postgres_base_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// Settings for one test: fresh database name, own key prefix, quick background passes.
+pub fn test_settings(mode: Mode) -> Settings {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let mut s = Settings::default();
+    s.grpc.addr = "127.0.0.1:0".parse().unwrap();
+    s.grpc.shutdown_grace = Duration::from_secs(5);
+    s.database.url = SecretString::from(format!("{}/authd_test_{id}", postgres_base_url()));
+    s.database.max_connections = 5;
+    s.redis.enabled = mode == Mode::Redis;
+    s.redis.url = SecretString::from(redis_url());
+    s.redis.key_prefix = format!("authd-test:{id}:");
+    s.session.invalidation_interval = Duration::from_millis(100);
+    s.log = LogSettings {
+        level: std::env::var("TEST_LOG").unwrap_or_else(|_| "off".into()),
+        ..LogSettings::default()
+    };
+    s
+}
+
+pub struct TestApp {
+    pub auth: AuthServiceClient<Channel>,
+    pub health: HealthClient<Channel>,
+    pub channel: Channel,
+    pub db: Arc<Db>,
+    pub settings: Settings,
+    stop: Option<oneshot::Sender<()>>,
+    pub server: Option<JoinHandle<anyhow::Result<()>>>,
+    drop_database: bool,
+}
+
+pub async fn spawn_app(mode: Mode) -> TestApp {
+    spawn_with(test_settings(mode)).await
+}
+
+pub async fn spawn_with(settings: Settings) -> TestApp {
+    spawn_inner(settings, true).await
+}
+
+/// A second instance on the same database and Redis prefix as `other`.
+pub async fn spawn_sharing(other: &TestApp, adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    let mut settings = other.settings.clone();
+    adjust(&mut settings);
+    spawn_inner(settings, false).await
+}
+
+async fn spawn_inner(settings: Settings, drop_database: bool) -> TestApp {
+    authd::telemetry::init(&settings.log);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = Application::build_with_listener(settings.clone(), listener)
+        .await
+        .expect("the app builds");
+    let addr = app.local_addr();
+    let db = app.db();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("connects to the app");
+    TestApp {
+        auth: AuthServiceClient::new(channel.clone()),
+        health: HealthClient::new(channel.clone()),
+        channel,
+        db,
+        settings,
+        stop: Some(stop),
+        server: Some(server),
+        drop_database,
+    }
+}
+
+pub fn unique_email() -> String {
+    format!("user-{}@example.com", uuid::Uuid::new_v4().simple())
+}
+
+pub fn register_request(email: &str) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        email: email.to_owned(),
+        password: PASSWORD.to_owned(),
+        display_name: "Test User".to_owned(),
+        client: Some(pb::ClientInfo {
+            ip_address: "192.0.2.10".to_owned(),
+            user_agent: "authd-tests/1.0".to_owned(),
+        }),
+    }
+}
+
+impl TestApp {
+    /// Registers a new user; returns (email, response).
+    pub async fn register(&self) -> (String, pb::RegisterResponse) {
+        let email = unique_email();
+        let response = self
+            .auth
+            .clone()
+            .register(register_request(&email))
+            .await
+            .expect("register succeeds")
+            .into_inner();
+        (email, response)
+    }
+
+    pub async fn login(&self, email: &str, password: &str) -> Result<pb::LoginResponse, Status> {
+        self.auth
+            .clone()
+            .login(pb::LoginRequest {
+                email: email.to_owned(),
+                password: password.to_owned(),
+                client: None,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn validate(&self, token: &str) -> Result<pb::Session, Status> {
+        self.auth
+            .clone()
+            .validate_session(pb::ValidateSessionRequest {
+                session_token: token.to_owned(),
+            })
+            .await
+            .map(|r| {
+                r.into_inner()
+                    .session
+                    .expect("a valid session comes with its details")
+            })
+    }
+
+    pub async fn logout(&self, token: &str) -> Result<(), Status> {
+        self.auth
+            .clone()
+            .logout(pb::LogoutRequest {
+                session_token: token.to_owned(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub fn queries(&self) -> u64 {
+        self.db.queries_executed()
+    }
+
+    /// Stops the server as SIGTERM would and waits for it to finish.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.server.take() {
+            Some(server) => server.await?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if !self.drop_database {
+            return;
+        }
+        let url = self.settings.database.url.expose_secret().to_owned();
+        let Some((_, name)) = url.rsplit_once('/') else {
+            return;
+        };
+        let name = name.to_owned();
+        // Drop runs inside the test's runtime: do the async cleanup on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                if let Ok(mut conn) =
+                    sqlx::PgConnection::connect(&format!("{}/postgres", postgres_base_url())).await
+                {
+                    let sql = format!("drop database if exists \"{name}\" with (force)");
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .execute(&mut conn)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) -> Status {
+    match result {
+        Err(status) if status.code() == code => status,
+        other => panic!("expected {code:?}, got {other:?}"),
+    }
+}
+
+/// Polls `check` until it holds (for effects that are asynchronous by design, such as a
+/// reconnection); fails the test after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

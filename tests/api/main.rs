@@ -1,0 +1,10 @@
+//! Integration tests: gRPC against a real authd backed by real PostgreSQL and Redis.
+mod helpers;
+mod proxy;
+mod redis_server;
+
+mod degraded;
+mod login;
+mod register;
+mod server;
+mod sessions;

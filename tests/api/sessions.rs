@@ -1,0 +1,140 @@
+use std::time::Duration;
+
+use tonic::Code;
+
+use crate::{
+    both_modes,
+    helpers::{Mode, PASSWORD, assert_code, spawn_app, spawn_with, test_settings},
+};
+
+both_modes!(
+    logout_revokes_and_is_idempotent,
+    malformed_tokens_are_rejected_without_any_query,
+    a_cached_session_is_validated_without_postgres,
+    idle_sessions_expire,
+    activity_extends_the_idle_deadline_up_to_the_absolute_one,
+    last_seen_is_written_at_most_once_per_touch_interval,
+);
+
+async fn logout_revokes_and_is_idempotent(mode: Mode) {
+    let app = spawn_app(mode).await;
+    let (email, reg) = app.register().await;
+    let other = app.login(&email, PASSWORD).await.unwrap();
+    app.validate(&reg.session_token).await.unwrap();
+
+    app.logout(&reg.session_token).await.unwrap();
+    assert_code(
+        app.validate(&reg.session_token).await,
+        Code::Unauthenticated,
+    );
+    // Again, and for a well-formed token nobody issued: still OK.
+    app.logout(&reg.session_token).await.unwrap();
+    let (never_issued, _) = authd::auth::token::generate();
+    app.logout(&never_issued).await.unwrap();
+    assert_code(
+        app.validate(&reg.session_token).await,
+        Code::Unauthenticated,
+    );
+    // Only that session ended.
+    app.validate(&other.session_token).await.unwrap();
+}
+
+async fn malformed_tokens_are_rejected_without_any_query(mode: Mode) {
+    let app = spawn_app(mode).await;
+    let (_, reg) = app.register().await;
+    let before = app.queries();
+    let valid = &reg.session_token;
+    for bad in [
+        String::new(),
+        "authd_".into(),
+        "Bearer xyz".into(),
+        valid[..valid.len() - 1].into(),
+        format!("{valid}x"),
+        valid.replacen("authd_", "authz_", 1),
+        format!("{}*", &valid[..valid.len() - 1]),
+    ] {
+        let status = assert_code(app.validate(&bad).await, Code::Unauthenticated);
+        assert_eq!(status.message(), "invalid or expired session");
+        assert_code(app.logout(&bad).await, Code::Unauthenticated);
+    }
+    assert_eq!(app.queries(), before, "rejected before reaching PostgreSQL");
+}
+
+async fn a_cached_session_is_validated_without_postgres(mode: Mode) {
+    let app = spawn_app(mode).await;
+    let (_, reg) = app.register().await;
+    let before = app.queries();
+    for _ in 0..20 {
+        app.validate(&reg.session_token).await.unwrap();
+    }
+    let per_validation = (app.queries() - before) as f64 / 20.0;
+    match mode {
+        Mode::Redis => assert_eq!(per_validation, 0.0),
+        Mode::NoRedis => assert_eq!(per_validation, 1.0),
+    }
+}
+
+async fn idle_sessions_expire(mode: Mode) {
+    let mut settings = test_settings(mode);
+    settings.session.idle_timeout = Duration::from_secs(2);
+    settings.session.touch_interval = Duration::from_secs(1);
+    let app = spawn_with(settings).await;
+    let (_, reg) = app.register().await;
+    let session = app.validate(&reg.session_token).await.unwrap();
+    assert_eq!(
+        session.expires_at.unwrap().seconds - session.created_at.unwrap().seconds,
+        2
+    );
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_code(
+        app.validate(&reg.session_token).await,
+        Code::Unauthenticated,
+    );
+}
+
+async fn activity_extends_the_idle_deadline_up_to_the_absolute_one(mode: Mode) {
+    let mut settings = test_settings(mode);
+    settings.session.idle_timeout = Duration::from_millis(1500);
+    settings.session.absolute_timeout = Duration::from_secs(4);
+    settings.session.touch_interval = Duration::from_millis(500);
+    let app = spawn_with(settings).await;
+    let (_, reg) = app.register().await;
+    // Used every 0.7 s, the session outlives its 1.5 s idle timeout...
+    let mut last = None;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        last = Some(app.validate(&reg.session_token).await.unwrap());
+    }
+    // ...and its deadline is now capped by the absolute lifetime (created + 4 s).
+    let last = last.unwrap();
+    let created = last.created_at.unwrap();
+    let expires = last.expires_at.unwrap();
+    let lifetime =
+        (expires.seconds - created.seconds) as f64 + f64::from(expires.nanos - created.nanos) / 1e9;
+    assert!((lifetime - 4.0).abs() < 1e-3, "lifetime {lifetime}");
+    // Past the absolute deadline, activity no longer helps.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_code(
+        app.validate(&reg.session_token).await,
+        Code::Unauthenticated,
+    );
+}
+
+async fn last_seen_is_written_at_most_once_per_touch_interval(mode: Mode) {
+    let mut settings = test_settings(mode);
+    settings.session.touch_interval = Duration::from_secs(1);
+    let app = spawn_with(settings).await;
+    let (_, reg) = app.register().await;
+    let created = reg.session.unwrap().created_at;
+    for _ in 0..5 {
+        let session = app.validate(&reg.session_token).await.unwrap();
+        assert_eq!(session.last_seen_at, created, "not yet due");
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let touched = app.validate(&reg.session_token).await.unwrap();
+    assert!(touched.last_seen_at.unwrap().seconds > created.unwrap().seconds);
+    // The write is durable and visible on the next read, cached or not.
+    let again = app.validate(&reg.session_token).await.unwrap();
+    assert_eq!(again.last_seen_at, touched.last_seen_at);
+    assert_eq!(again.expires_at, touched.expires_at);
+}
