@@ -359,7 +359,7 @@ mod tests {
     }
 
     #[test]
-    fn database_url_is_honoured_below_database__url() {
+    fn database_url_is_honoured_below_the_sectioned_name() {
         Jail::expect_with(|jail| {
             jail.set_env("DATABASE_URL", "postgres://a@h/x");
             let s = Settings::load(None).unwrap();
