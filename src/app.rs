@@ -10,7 +10,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     auth::{AuthService, password::PasswordHasher, session::SessionPolicy},
-    cache::{Redis, SessionStore},
+    cache::{RateLimiter, Redis, SessionStore},
     config::Settings,
     grpc::auth::{AuthGrpc, AuthServiceServer},
     proto,
@@ -61,6 +61,8 @@ impl Application {
             SessionStore::new(redis.clone(), settings.session.absolute_timeout),
             hasher,
             SessionPolicy::from(&settings.session),
+            RateLimiter::new(redis.clone()),
+            settings.rate_limit.clone(),
         ));
         Ok(Self {
             listener,
@@ -85,15 +87,41 @@ impl Application {
         self.db.clone()
     }
 
+    /// The auth service (tests install hooks on it).
+    pub fn auth(&self) -> Arc<AuthService> {
+        self.auth.clone()
+    }
+
     /// Serves until `shutdown` completes, then: health NOT_SERVING, stop accepting, let in-flight
     /// calls finish within `GRPC__SHUTDOWN_GRACE`, close the pools.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let (health, health_service) = tonic_health::server::health_reporter();
         let background = CancellationToken::new();
-        let drainer = tokio::spawn(drain_invalidations(
-            self.auth.clone(),
+        let auth = self.auth.clone();
+        let drainer = tokio::spawn(every(
             self.settings.session.invalidation_interval,
             background.clone(),
+            move || {
+                let auth = auth.clone();
+                async move {
+                    if let Err(error) = auth.drain_invalidations().await {
+                        tracing::debug!(%error, "could not drain queued invalidations; retrying");
+                    }
+                }
+            },
+        ));
+        let (auth, retention) = (self.auth.clone(), self.settings.session.retention);
+        let purger = tokio::spawn(every(
+            self.settings.session.purge_interval,
+            background.clone(),
+            move || {
+                let auth = auth.clone();
+                async move {
+                    if let Err(error) = auth.purge_sessions(retention).await {
+                        tracing::warn!(%error, "session purge failed; retrying next time");
+                    }
+                }
+            },
         ));
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -137,7 +165,7 @@ impl Application {
             }
         }
         background.cancel();
-        let _ = drainer.await;
+        let _ = tokio::join!(drainer, purger);
         self.redis.quit().await;
         self.db.close().await;
         tracing::info!("authd stopped");
@@ -160,17 +188,23 @@ async fn set_status(health: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// Re-applies revocations whose Redis step failed on any instance (see `AuthService`).
-async fn drain_invalidations(auth: Arc<AuthService>, every: Duration, stop: CancellationToken) {
-    let mut ticker = tokio::time::interval(every);
+/// Runs `job` every `period` until `stop` (a background job of every instance: the invalidation
+/// drain, the session purge).
+async fn every<F, Fut>(period: Duration, stop: CancellationToken, job: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        if let Err(error) = auth.drain_invalidations().await {
-            tracing::debug!(%error, "could not drain queued invalidations; retrying");
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = job() => {}
         }
     }
 }

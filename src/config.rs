@@ -11,7 +11,15 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 /// Top-level sections; environment variables outside them are ignored.
-const SECTIONS: [&str; 6] = ["grpc", "database", "redis", "session", "auth", "log"];
+const SECTIONS: [&str; 7] = [
+    "grpc",
+    "database",
+    "redis",
+    "session",
+    "auth",
+    "rate_limit",
+    "log",
+];
 
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(default)]
@@ -21,6 +29,7 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub session: SessionSettings,
     pub auth: AuthSettings,
+    pub rate_limit: RateLimitSettings,
     pub log: LogSettings,
 }
 
@@ -83,6 +92,14 @@ pub struct SessionSettings {
     /// How often each instance re-applies revocations whose Redis step failed.
     #[serde(with = "humantime_serde")]
     pub invalidation_interval: Duration,
+    /// Active sessions a user may have; a new login beyond it revokes the least recently used.
+    pub max_per_user: u32,
+    /// Revoked and expired sessions are deleted this long after they ended.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often the purge job runs.
+    #[serde(with = "humantime_serde")]
+    pub purge_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +109,22 @@ pub struct AuthSettings {
     pub hash_concurrency: usize,
     /// Hash requests allowed to wait for a slot; beyond this, RESOURCE_EXHAUSTED at once.
     pub hash_queue: usize,
+}
+
+/// Brute-force protection. Counts are per fixed window; 0 turns a limit off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitSettings {
+    /// Failed logins per (normalised) email per login window.
+    pub login_per_email: u32,
+    /// Failed logins per client IP per login window.
+    pub login_per_ip: u32,
+    #[serde(with = "humantime_serde")]
+    pub login_window: Duration,
+    /// Registrations per client IP per register window.
+    pub register_per_ip: u32,
+    #[serde(with = "humantime_serde")]
+    pub register_window: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -153,6 +186,9 @@ impl Default for SessionSettings {
             absolute_timeout: Duration::from_secs(30 * 24 * 3600),
             touch_interval: Duration::from_secs(5 * 60),
             invalidation_interval: Duration::from_secs(1),
+            max_per_user: 50,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            purge_interval: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -163,6 +199,18 @@ impl Default for AuthSettings {
         Self {
             hash_concurrency: (cores / 2).max(1),
             hash_queue: 32,
+        }
+    }
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self {
+            login_per_email: 10,
+            login_per_ip: 100,
+            login_window: Duration::from_secs(15 * 60),
+            register_per_ip: 20,
+            register_window: Duration::from_secs(3600),
         }
     }
 }
@@ -293,6 +341,19 @@ impl Settings {
                 "SESSION__INVALIDATION_INTERVAL",
                 "must be greater than zero",
             );
+        }
+        if s.max_per_user == 0 {
+            return invalid("SESSION__MAX_PER_USER", "must be at least 1");
+        }
+        if s.purge_interval.is_zero() {
+            return invalid("SESSION__PURGE_INTERVAL", "must be greater than zero");
+        }
+        let rl = &self.rate_limit;
+        if rl.login_window.is_zero() {
+            return invalid("RATE_LIMIT__LOGIN_WINDOW", "must be greater than zero");
+        }
+        if rl.register_window.is_zero() {
+            return invalid("RATE_LIMIT__REGISTER_WINDOW", "must be greater than zero");
         }
         if self.auth.hash_concurrency == 0 {
             return invalid("AUTH__HASH_CONCURRENCY", "must be at least 1");

@@ -129,6 +129,14 @@ pub fn user_agent(raw: &str) -> Result<String, String> {
     Ok(raw.to_owned())
 }
 
+/// A UUID in its usual hyphenated text form.
+pub fn uuid(raw: &str) -> Result<uuid::Uuid, String> {
+    if raw.is_empty() {
+        return Err("is required".into());
+    }
+    uuid::Uuid::try_parse(raw).map_err(|_| "must be a UUID".into())
+}
+
 /// Parses both client fields, naming them under `prefix` (e.g. `client`).
 pub fn client_info(
     violations: &mut Violations,

@@ -1,15 +1,23 @@
 //! Authentication: accounts' credentials and sessions. No transport or SQL here, only the rules.
 pub mod input;
+mod maintenance;
+mod manage;
 pub mod password;
 mod service;
 pub mod session;
 pub mod token;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
+use futures::future::BoxFuture;
+
+pub use manage::SessionList;
 pub use service::{AuthService, Credentials, IssuedSession, Registration, SessionView};
 
 use crate::store::StoreError;
+
+/// See [`AuthService::set_fill_hook`]; called with the session id.
+pub type FillHook = Arc<dyn Fn(uuid::Uuid) -> BoxFuture<'static, ()> + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -23,6 +31,13 @@ pub enum AuthError {
     InvalidSession,
     #[error("an account with this email already exists")]
     EmailTaken,
+    /// The current password given to ChangePassword is wrong.
+    #[error("the current password is incorrect")]
+    WrongPassword,
+    #[error("session not found")]
+    SessionNotFound,
+    #[error("too many attempts; retry later")]
+    RateLimited { retry_after: Duration },
     #[error("too many requests; retry later")]
     Overloaded { retry_after: Duration },
     #[error(transparent)]

@@ -1,31 +1,31 @@
 //! The AuthService rules: registration, login, validation and logout, with PostgreSQL as the
-//! source of truth and Redis as the hot copy.
+//! source of truth and Redis as the hot copy. Session management lives in `manage.rs`, the
+//! background jobs in `maintenance.rs`.
 //!
-//! Consistency: PostgreSQL commits first, Redis follows. A revocation is queued in PostgreSQL in
-//! the same statement that revokes (see `store::sessions`), so a failed Redis step is retried by
-//! [`AuthService::drain_invalidations`] on any instance; until a drain pass succeeds after a Redis
-//! failure, this instance does not trust cached copies.
+//! Consistency: PostgreSQL commits first, Redis follows. Every revocation is queued in
+//! PostgreSQL in the same statement that revokes (see `store::sessions`), so a failed Redis step
+//! is retried by the invalidation drain on any instance; until a drain pass succeeds after a
+//! Redis failure, this instance does not trust cached copies.
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
+use sha2::{Digest, Sha256};
 use tracing::instrument;
 use uuid::Uuid;
 
 use super::{
-    AuthError,
+    AuthError, FillHook,
     input::Email,
     password::PasswordHasher,
     session::{self, ClientInfo, SessionPolicy, SessionRecord},
     token::{self, TokenHash},
 };
 use crate::{
-    cache::{Cached, SessionStore},
+    cache::{Bucket, Cached, RateLimiter, SessionStore},
+    config::RateLimitSettings,
     store::{Db, EMAIL_UNIQUE, Invalidation, NewUser, StoreError},
 };
-
-/// At most this many queued invalidations are applied per drain pass.
-const DRAIN_BATCH: i64 = 500;
 
 pub struct Registration {
     pub email: Email,
@@ -54,10 +54,13 @@ pub struct IssuedSession {
 }
 
 pub struct AuthService {
-    db: Arc<Db>,
-    cache: SessionStore,
-    hasher: PasswordHasher,
-    policy: SessionPolicy,
+    pub(super) db: Arc<Db>,
+    pub(super) cache: SessionStore,
+    pub(super) hasher: PasswordHasher,
+    pub(super) policy: SessionPolicy,
+    pub(super) limiter: RateLimiter,
+    pub(super) limits: RateLimitSettings,
+    pub(super) fill_hook: std::sync::OnceLock<FillHook>,
 }
 
 impl AuthService {
@@ -66,17 +69,52 @@ impl AuthService {
         cache: SessionStore,
         hasher: PasswordHasher,
         policy: SessionPolicy,
+        limiter: RateLimiter,
+        limits: RateLimitSettings,
     ) -> Self {
         Self {
             db,
             cache,
             hasher,
             policy,
+            limiter,
+            limits,
+            fill_hook: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Test hook: runs after a validation has read a session from PostgreSQL and before it
+    /// writes it to Redis, to pause a fill deterministically. Only the first call takes effect.
+    #[doc(hidden)]
+    pub fn set_fill_hook(&self, hook: FillHook) {
+        let _ = self.fill_hook.set(hook);
+    }
+
+    fn ip_bucket(
+        kind: &str,
+        client: &ClientInfo,
+        limit: u32,
+        window: std::time::Duration,
+    ) -> Option<Bucket> {
+        (!client.ip_address.is_empty())
+            .then(|| Bucket::new(kind, &client.ip_address, limit, window))
     }
 
     #[instrument(skip_all)]
     pub async fn register(&self, r: Registration) -> Result<(Uuid, IssuedSession), AuthError> {
+        let l = &self.limits;
+        let buckets: Vec<Bucket> = Self::ip_bucket(
+            "register_ip",
+            &r.client,
+            l.register_per_ip,
+            l.register_window,
+        )
+        .into_iter()
+        .collect();
+        self.limiter
+            .acquire(&buckets)
+            .await
+            .map_err(|retry_after| AuthError::RateLimited { retry_after })?;
         let password_hash = self.hasher.hash(r.password).await?;
         let user_id = Uuid::now_v7();
         let record = self.policy.start(user_id, r.client);
@@ -103,40 +141,102 @@ impl AuthService {
         Ok((user_id, self.issued(token, hash, record).await))
     }
 
+    /// Failed logins count against the email and the client IP; past either limit the
+    /// password is not even checked. Success clears the email's count.
     #[instrument(skip_all)]
     pub async fn login(&self, c: Credentials) -> Result<IssuedSession, AuthError> {
-        let found = self
-            .db
-            .users()
-            .find_credentials(&c.email.normalized)
-            .await?;
-        let (user_id, phc) = found.unzip();
-        if !self.hasher.verify(c.password, phc).await? {
-            return Err(AuthError::InvalidCredentials);
-        }
-        let user_id = user_id.ok_or(AuthError::InvalidCredentials)?;
+        let l = &self.limits;
+        let email_key = hex::encode(Sha256::digest(c.email.normalized.as_bytes()));
+        let email_bucket =
+            Bucket::new("login_email", &email_key, l.login_per_email, l.login_window);
+        let mut buckets = vec![email_bucket];
+        buckets.extend(Self::ip_bucket(
+            "login_ip",
+            &c.client,
+            l.login_per_ip,
+            l.login_window,
+        ));
+        self.limiter
+            .acquire(&buckets)
+            .await
+            .map_err(|retry_after| AuthError::RateLimited { retry_after })?;
+
+        let user_id = match self.check_password(&c.email, c.password).await {
+            Ok(user_id) => user_id,
+            Err(AuthError::InvalidCredentials) => {
+                tracing::info!("failed login");
+                return Err(AuthError::InvalidCredentials);
+            }
+            Err(other) => {
+                // Not an evaluation (overload, outage): the attempt does not count.
+                self.limiter.forgive(&buckets).await;
+                return Err(other);
+            }
+        };
+        self.limiter.settle(&buckets[..1], &buckets[1..]).await;
+
         let record = self.policy.start(user_id, c.client);
         let (token, hash) = token::generate();
-        self.db.sessions().insert(&record, hash.as_bytes()).await?;
-        tracing::info!(%user_id, session_id = %record.id, "session created");
+        let now = record.created_at;
+        let evicted = self
+            .db
+            .sessions()
+            .insert_capped(
+                &record,
+                hash.as_bytes(),
+                self.policy.idle_cutoff(now),
+                i64::from(self.policy.max_per_user),
+            )
+            .await?;
+        tracing::info!(%user_id, session_id = %record.id, evicted = evicted.len(), "session created");
+        self.invalidate(&evicted, now).await;
         Ok(self.issued(token, hash, record).await)
+    }
+
+    /// The user's id when the password is right (the same cost whether or not the user exists).
+    async fn check_password(
+        &self,
+        email: &Email,
+        password: SecretString,
+    ) -> Result<Uuid, AuthError> {
+        let (user_id, phc) = self
+            .db
+            .users()
+            .find_credentials(&email.normalized)
+            .await?
+            .unzip();
+        match self.hasher.verify(password, phc).await {
+            Ok(true) => user_id.ok_or(AuthError::InvalidCredentials),
+            Ok(false) => Err(AuthError::InvalidCredentials),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn issued(&self, token: String, hash: TokenHash, record: SessionRecord) -> IssuedSession {
         let view = self.view(record);
-        if let Some(ttl) = self.policy.time_left(&view.record, session::now()) {
-            self.cache.put(&hash, &view.record, ttl).await;
-        }
+        self.cache_copy(&hash, &view.record, session::now()).await;
         IssuedSession {
             token: SecretString::from(token),
             session: view,
         }
     }
 
-    fn view(&self, record: SessionRecord) -> SessionView {
+    pub(super) fn view(&self, record: SessionRecord) -> SessionView {
         SessionView {
             expires_at: self.policy.expires_at(&record),
             record,
+        }
+    }
+
+    /// Writes a copy to Redis for as long as the session has left (never over a tombstone).
+    pub(super) async fn cache_copy(
+        &self,
+        hash: &TokenHash,
+        record: &SessionRecord,
+        now: DateTime<Utc>,
+    ) {
+        if let Some(ttl) = self.policy.time_left(record, now) {
+            self.cache.put(hash, record, ttl).await;
         }
     }
 
@@ -145,21 +245,26 @@ impl AuthService {
     #[instrument(skip_all)]
     pub async fn validate(&self, token: &str) -> Result<SessionView, AuthError> {
         let hash = TokenHash::of_token(token).ok_or(AuthError::InvalidSession)?;
+        self.validate_hash(&hash).await
+    }
+
+    pub(super) async fn validate_hash(&self, hash: &TokenHash) -> Result<SessionView, AuthError> {
         let now = session::now();
-        let (record, fill) = match self.cache.get(&hash).await {
+        let (record, fill) = match self.cache.get(hash).await {
             Cached::Hit(record) if self.cache.redis().trusted() => (record, false),
             Cached::Revoked => return Err(AuthError::InvalidSession),
-            Cached::Miss => (self.load(&hash).await?, true),
-            Cached::Hit(_) | Cached::Unavailable => (self.load(&hash).await?, false),
+            Cached::Miss => (self.load(hash).await?, true),
+            Cached::Hit(_) | Cached::Unavailable => (self.load(hash).await?, false),
         };
         if self.policy.is_expired(&record, now) {
             return Err(AuthError::InvalidSession);
         }
         let (record, touched) = self.touch(record, now).await?;
-        if (fill || touched)
-            && let Some(ttl) = self.policy.time_left(&record, now)
-        {
-            self.cache.put(&hash, &record, ttl).await;
+        if fill || touched {
+            if fill && let Some(hook) = self.fill_hook.get() {
+                hook(record.id).await;
+            }
+            self.cache_copy(hash, &record, now).await;
         }
         Ok(self.view(record))
     }
@@ -218,8 +323,13 @@ impl AuthService {
         Ok(())
     }
 
-    /// Writes the tombstones and forgets the queued invalidations Redis confirmed.
-    async fn invalidate(&self, invalidations: &[Invalidation], now: DateTime<Utc>) -> bool {
+    /// Writes the tombstones and forgets the queued invalidations Redis confirmed. `true` when
+    /// every one was confirmed.
+    pub(super) async fn invalidate(
+        &self,
+        invalidations: &[Invalidation],
+        now: DateTime<Utc>,
+    ) -> bool {
         let mut done = Vec::with_capacity(invalidations.len());
         for invalidation in invalidations {
             if self.cache.bury(invalidation, now).await {
@@ -233,22 +343,5 @@ impl AuthService {
             tracing::warn!(%error, "could not clear applied invalidations; they will be re-applied");
         }
         all
-    }
-
-    /// One pass over the invalidations queued by any instance. When everything queued has
-    /// reached Redis, cached copies are trusted again.
-    pub async fn drain_invalidations(&self) -> Result<(), StoreError> {
-        let mark = self.cache.redis().failure_mark();
-        let now = session::now();
-        let pending = self
-            .db
-            .sessions()
-            .pending_invalidations(DRAIN_BATCH)
-            .await?;
-        let complete = self.invalidate(&pending, now).await;
-        if complete && (pending.len() as i64) < DRAIN_BATCH {
-            self.cache.redis().trust(mark);
-        }
-        Ok(())
     }
 }

@@ -28,12 +28,14 @@ pub struct SessionRecord {
     pub user_agent: String,
 }
 
-/// The idle and absolute lifetimes and how often activity is written.
+/// The idle and absolute lifetimes, how often activity is written, how many sessions a user
+/// may hold.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionPolicy {
     pub idle_timeout: Duration,
     pub absolute_timeout: Duration,
     pub touch_interval: Duration,
+    pub max_per_user: u32,
 }
 
 impl From<&SessionSettings> for SessionPolicy {
@@ -42,6 +44,7 @@ impl From<&SessionSettings> for SessionPolicy {
             idle_timeout: s.idle_timeout,
             absolute_timeout: s.absolute_timeout,
             touch_interval: s.touch_interval,
+            max_per_user: s.max_per_user,
         }
     }
 }
@@ -67,6 +70,11 @@ impl SessionPolicy {
             ip_address: client.ip_address,
             user_agent: client.user_agent,
         }
+    }
+
+    /// Sessions last seen before this instant are idle-expired at `now`.
+    pub fn idle_cutoff(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        now - self.idle_timeout
     }
 
     /// The earlier of the idle and the absolute deadline.
@@ -104,6 +112,7 @@ mod tests {
             idle_timeout: Duration::from_secs(60),
             absolute_timeout: Duration::from_secs(600),
             touch_interval: Duration::from_secs(10),
+            max_per_user: 5,
         }
     }
 

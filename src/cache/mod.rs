@@ -3,6 +3,7 @@
 //! Redis only ever holds copies of PostgreSQL state, so every failure here is survivable: a
 //! command that fails or times out is treated as a miss and the request goes to PostgreSQL.
 //! "Disabled" is a real mode of [`Redis`] (no client at all), not a branch in each caller.
+mod rate_limit;
 mod session_store;
 
 use std::{
@@ -21,6 +22,7 @@ use fred::{
 };
 use secrecy::ExposeSecret;
 
+pub use rate_limit::{Bucket, RateLimiter};
 pub use session_store::{Cached, SessionStore};
 
 use crate::config::RedisSettings;

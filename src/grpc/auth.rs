@@ -124,6 +124,7 @@ impl AuthServiceRpc for AuthGrpc {
             .validate(&request.get_ref().session_token)
             .await?;
         Ok(Response::new(pb::ValidateSessionResponse {
+            authenticated_at: Some(timestamp(view.record.authenticated_at)),
             session: Some(view.into()),
         }))
     }
@@ -137,4 +138,70 @@ impl AuthServiceRpc for AuthGrpc {
             .await?;
         Ok(Response::new(pb::LogoutResponse {}))
     }
+
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let list = self
+            .service
+            .list_sessions(&request.get_ref().session_token)
+            .await?;
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: list.sessions.into_iter().map(Into::into).collect(),
+            current_session_id: list.current_session_id.to_string(),
+        }))
+    }
+
+    async fn revoke_session(
+        &self,
+        request: Request<pb::RevokeSessionRequest>,
+    ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
+        let req = request.get_ref();
+        let mut v = Violations::default();
+        let session_id = v.check("session_id", input::uuid(&req.session_id));
+        let session_id = v.finish(|| session_id).map_err(AuthError::InvalidInput)?;
+        self.service
+            .revoke_session(&req.session_token, session_id)
+            .await?;
+        Ok(Response::new(pb::RevokeSessionResponse {}))
+    }
+
+    async fn revoke_all_sessions(
+        &self,
+        request: Request<pb::RevokeAllSessionsRequest>,
+    ) -> Result<Response<pb::RevokeAllSessionsResponse>, Status> {
+        let req = request.get_ref();
+        let revoked = self
+            .service
+            .revoke_all_sessions(&req.session_token, req.include_current)
+            .await?;
+        Ok(Response::new(pb::RevokeAllSessionsResponse {
+            revoked_count: count(revoked),
+        }))
+    }
+
+    async fn change_password(
+        &self,
+        request: Request<pb::ChangePasswordRequest>,
+    ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
+        let req = request.get_ref();
+        let mut v = Violations::default();
+        let current = v.check("current_password", input::password(&req.current_password));
+        let new = v.check("new_password", input::new_password(&req.new_password));
+        let (current, new) = v
+            .finish(|| Some((current?, new?)))
+            .map_err(AuthError::InvalidInput)?;
+        let revoked = self
+            .service
+            .change_password(&req.session_token, current, new)
+            .await?;
+        Ok(Response::new(pb::ChangePasswordResponse {
+            revoked_count: count(revoked),
+        }))
+    }
+}
+
+fn count(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
 }

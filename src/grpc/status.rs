@@ -52,15 +52,18 @@ impl From<AuthError> for Status {
     fn from(error: AuthError) -> Self {
         match &error {
             AuthError::InvalidInput(violations) => invalid_argument(violations),
-            AuthError::InvalidCredentials | AuthError::InvalidSession => {
-                Status::unauthenticated(error.to_string())
-            }
+            AuthError::InvalidCredentials
+            | AuthError::InvalidSession
+            | AuthError::WrongPassword => Status::unauthenticated(error.to_string()),
             AuthError::EmailTaken => Status::already_exists(error.to_string()),
-            AuthError::Overloaded { retry_after } => Status::with_error_details(
-                Code::ResourceExhausted,
-                error.to_string(),
-                ErrorDetails::with_retry_info(Some(*retry_after)),
-            ),
+            AuthError::SessionNotFound => Status::not_found(error.to_string()),
+            AuthError::Overloaded { retry_after } | AuthError::RateLimited { retry_after } => {
+                Status::with_error_details(
+                    Code::ResourceExhausted,
+                    error.to_string(),
+                    ErrorDetails::with_retry_info(Some(*retry_after)),
+                )
+            }
             AuthError::Store(store) => store_status(store),
             AuthError::Internal(_) => internal(&error),
         }

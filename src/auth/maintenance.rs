@@ -1,0 +1,54 @@
+//! Background work every instance does: re-applying queued invalidations to Redis, and purging
+//! sessions that ended long ago.
+use std::time::Duration;
+
+use super::{AuthService, session};
+use crate::store::StoreError;
+
+/// At most this many queued invalidations are applied per drain pass.
+const DRAIN_BATCH: i64 = 500;
+/// Rows deleted per purge statement: small enough to never hold locks for long.
+const PURGE_BATCH: i64 = 1000;
+
+impl AuthService {
+    /// One pass over the invalidations queued by any instance. When everything queued has
+    /// reached Redis, cached copies are trusted again.
+    pub async fn drain_invalidations(&self) -> Result<(), StoreError> {
+        let mark = self.cache.redis().failure_mark();
+        let now = session::now();
+        let pending = self
+            .db
+            .sessions()
+            .pending_invalidations(DRAIN_BATCH)
+            .await?;
+        let complete = self.invalidate(&pending, now).await;
+        if complete && (pending.len() as i64) < DRAIN_BATCH {
+            self.cache.redis().trust(mark);
+        }
+        Ok(())
+    }
+
+    /// Deletes sessions revoked or expired more than `retention` ago, in small batches; returns
+    /// how many.
+    pub async fn purge_sessions(&self, retention: Duration) -> Result<u64, StoreError> {
+        let now = session::now();
+        let cutoff = now - retention;
+        let mut total = 0;
+        loop {
+            let deleted = self
+                .db
+                .sessions()
+                .purge(cutoff, self.policy.idle_cutoff(cutoff), now, PURGE_BATCH)
+                .await?;
+            total += deleted;
+            if deleted < PURGE_BATCH.unsigned_abs() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        if total > 0 {
+            tracing::info!(deleted = total, "purged ended sessions");
+        }
+        Ok(total)
+    }
+}

@@ -1,0 +1,129 @@
+//! Session management for the owner of a session: list, revoke one, revoke all, change password.
+//! Each call first validates the caller's token exactly as ValidateSession does.
+use secrecy::SecretString;
+use tracing::instrument;
+use uuid::Uuid;
+
+use super::{AuthError, AuthService, SessionView, session, token::TokenHash};
+use crate::cache::Bucket;
+
+/// The caller's own sessions, as ListSessions answers.
+pub struct SessionList {
+    pub sessions: Vec<SessionView>,
+    pub current_session_id: Uuid,
+}
+
+impl AuthService {
+    #[instrument(skip_all)]
+    pub async fn list_sessions(&self, token: &str) -> Result<SessionList, AuthError> {
+        let current = self.validate(token).await?;
+        let now = session::now();
+        let records = self
+            .db
+            .sessions()
+            .list_active(current.record.user_id, now, self.policy.idle_cutoff(now))
+            .await?;
+        Ok(SessionList {
+            sessions: records.into_iter().map(|r| self.view(r)).collect(),
+            current_session_id: current.record.id,
+        })
+    }
+
+    /// Revokes one of the caller's sessions. Another user's session, or an unknown id, is
+    /// NOT_FOUND, so ids cannot be probed; the caller's own already-ended session is OK.
+    #[instrument(skip_all)]
+    pub async fn revoke_session(&self, token: &str, session_id: Uuid) -> Result<(), AuthError> {
+        let current = self.validate(token).await?;
+        let user_id = current.record.user_id;
+        let now = session::now();
+        let sessions = self.db.sessions();
+        match sessions.revoke_by_id(user_id, session_id, now).await? {
+            Some(invalidation) => {
+                tracing::info!(%user_id, %session_id, "session revoked");
+                self.invalidate(&[invalidation], now).await;
+                Ok(())
+            }
+            None if sessions.belongs_to(user_id, session_id).await? => Ok(()),
+            None => Err(AuthError::SessionNotFound),
+        }
+    }
+
+    /// "Log out everywhere"; the number of sessions revoked.
+    #[instrument(skip_all)]
+    pub async fn revoke_all_sessions(
+        &self,
+        token: &str,
+        include_current: bool,
+    ) -> Result<usize, AuthError> {
+        let current = self.validate(token).await?;
+        let now = session::now();
+        let keep = (!include_current).then_some(current.record.id);
+        let revoked = self
+            .db
+            .sessions()
+            .revoke_all(
+                current.record.user_id,
+                keep,
+                now,
+                self.policy.idle_cutoff(now),
+            )
+            .await?;
+        tracing::info!(user_id = %current.record.user_id, count = revoked.len(), "sessions revoked");
+        self.invalidate(&revoked, now).await;
+        Ok(revoked.len())
+    }
+
+    /// Requires the current password (its failures are rate limited like logins), sets the new
+    /// one, revokes every other session and marks the calling one as freshly authenticated.
+    #[instrument(skip_all)]
+    pub async fn change_password(
+        &self,
+        token: &str,
+        current_password: SecretString,
+        new_password: SecretString,
+    ) -> Result<usize, AuthError> {
+        let hash = TokenHash::of_token(token).ok_or(AuthError::InvalidSession)?;
+        let current = self.validate_hash(&hash).await?;
+        let user_id = current.record.user_id;
+        let l = &self.limits;
+        let bucket = [Bucket::new(
+            "change_password",
+            &user_id.to_string(),
+            l.login_per_email,
+            l.login_window,
+        )];
+        self.limiter
+            .acquire(&bucket)
+            .await
+            .map_err(|retry_after| AuthError::RateLimited { retry_after })?;
+        let phc = self.db.users().find_password_hash(user_id).await?;
+        match self.hasher.verify(current_password, phc).await {
+            Ok(true) => self.limiter.settle(&bucket, &[]).await,
+            Ok(false) => return Err(AuthError::WrongPassword),
+            Err(e) => {
+                self.limiter.forgive(&bucket).await;
+                return Err(e.into());
+            }
+        }
+        let new_hash = self.hasher.hash(new_password).await?;
+        let now = session::now();
+        let revoked = self
+            .db
+            .users()
+            .change_password(
+                user_id,
+                &new_hash,
+                current.record.id,
+                now,
+                self.policy.idle_cutoff(now),
+            )
+            .await?
+            .ok_or(AuthError::InvalidSession)?;
+        tracing::info!(%user_id, revoked = revoked.len(), "password changed");
+        self.invalidate(&revoked, now).await;
+        let mut record = current.record;
+        record.authenticated_at = now;
+        self.cache_copy(&hash, &record, now).await;
+        Ok(revoked.len())
+    }
+}
