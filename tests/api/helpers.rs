@@ -4,6 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use authd::{
     app::Application,
+    auth::FillHook,
     config::{LogSettings, Settings},
     proto::authd::v1::{self as pb, auth_service_client::AuthServiceClient},
     store::Db,
@@ -84,17 +85,22 @@ pub async fn spawn_app(mode: Mode) -> TestApp {
 }
 
 pub async fn spawn_with(settings: Settings) -> TestApp {
-    spawn_inner(settings, true).await
+    spawn_inner(settings, true, None).await
+}
+
+/// An app whose cache fills call `hook` between their PostgreSQL read and their Redis write.
+pub async fn spawn_with_fill_hook(settings: Settings, hook: FillHook) -> TestApp {
+    spawn_inner(settings, true, Some(hook)).await
 }
 
 /// A second instance on the same database and Redis prefix as `other`.
 pub async fn spawn_sharing(other: &TestApp, adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = other.settings.clone();
     adjust(&mut settings);
-    spawn_inner(settings, false).await
+    spawn_inner(settings, false, None).await
 }
 
-async fn spawn_inner(settings: Settings, drop_database: bool) -> TestApp {
+async fn spawn_inner(settings: Settings, drop_database: bool, hook: Option<FillHook>) -> TestApp {
     authd::telemetry::init(&settings.log);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app = Application::build_with_listener(settings.clone(), listener)
@@ -102,6 +108,9 @@ async fn spawn_inner(settings: Settings, drop_database: bool) -> TestApp {
         .expect("the app builds");
     let addr = app.local_addr();
     let db = app.db();
+    if let Some(hook) = hook {
+        app.auth().set_fill_hook(hook);
+    }
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async {
         let _ = stopped.await;
@@ -237,6 +246,107 @@ impl Drop for TestApp {
             });
         })
         .join();
+    }
+}
+
+/// A direct Redis connection, to look at or tamper with what authd stored.
+pub async fn redis_client(url: &str) -> fred::clients::Client {
+    use fred::interfaces::ClientLike;
+    let config = fred::types::config::Config::from_url(url).unwrap();
+    let client = fred::prelude::Builder::from_config(config).build().unwrap();
+    client.init().await.expect("redis is reachable");
+    client
+}
+
+/// The Redis key of a token's cached session in `app`'s namespace.
+pub fn session_key(app: &TestApp, token: &str) -> String {
+    let hash = authd::auth::token::TokenHash::of_token(token).expect("a well-formed token");
+    format!(
+        "{}session:v1:{}",
+        app.settings.redis.key_prefix,
+        hash.to_hex()
+    )
+}
+
+impl TestApp {
+    pub async fn list_sessions(&self, token: &str) -> Result<pb::ListSessionsResponse, Status> {
+        self.auth
+            .clone()
+            .list_sessions(pb::ListSessionsRequest {
+                session_token: token.to_owned(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn revoke_session(&self, token: &str, session_id: &str) -> Result<(), Status> {
+        self.auth
+            .clone()
+            .revoke_session(pb::RevokeSessionRequest {
+                session_token: token.to_owned(),
+                session_id: session_id.to_owned(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn revoke_all(&self, token: &str, include_current: bool) -> Result<i32, Status> {
+        self.auth
+            .clone()
+            .revoke_all_sessions(pb::RevokeAllSessionsRequest {
+                session_token: token.to_owned(),
+                include_current,
+            })
+            .await
+            .map(|r| r.into_inner().revoked_count)
+    }
+
+    pub async fn change_password(
+        &self,
+        token: &str,
+        current: &str,
+        new: &str,
+    ) -> Result<i32, Status> {
+        self.auth
+            .clone()
+            .change_password(pb::ChangePasswordRequest {
+                session_token: token.to_owned(),
+                current_password: current.to_owned(),
+                new_password: new.to_owned(),
+            })
+            .await
+            .map(|r| r.into_inner().revoked_count)
+    }
+
+    /// The full ValidateSession answer (with `authenticated_at`).
+    pub async fn validate_full(&self, token: &str) -> Result<pb::ValidateSessionResponse, Status> {
+        self.auth
+            .clone()
+            .validate_session(pb::ValidateSessionRequest {
+                session_token: token.to_owned(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn login_from(
+        &self,
+        email: &str,
+        password: &str,
+        ip: &str,
+    ) -> Result<pb::LoginResponse, Status> {
+        self.auth
+            .clone()
+            .login(pb::LoginRequest {
+                email: email.to_owned(),
+                password: password.to_owned(),
+                client: Some(pb::ClientInfo {
+                    ip_address: ip.to_owned(),
+                    user_agent: String::new(),
+                }),
+            })
+            .await
+            .map(|r| r.into_inner())
     }
 }
 

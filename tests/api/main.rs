@@ -5,6 +5,9 @@ mod redis_server;
 
 mod degraded;
 mod login;
+mod manage;
+mod rate_limit;
 mod register;
+mod revocation;
 mod server;
 mod sessions;

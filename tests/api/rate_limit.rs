@@ -1,0 +1,174 @@
+//! Brute-force protection: failed logins per email and per IP, registrations per IP.
+use std::time::Duration;
+
+use futures::future::join_all;
+use secrecy::SecretString;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+use crate::{
+    both_modes,
+    helpers::{
+        Mode, PASSWORD, TestApp, assert_code, register_request, spawn_sharing, spawn_with,
+        test_settings, unique_email,
+    },
+    redis_server::RedisServer,
+};
+
+both_modes!(
+    parallel_guesses_past_the_limit_are_not_evaluated,
+    the_lock_ends_with_the_window,
+    a_successful_login_resets_the_email_count,
+    failures_are_limited_per_client_ip,
+    registrations_are_limited_per_client_ip,
+);
+
+fn assert_rate_limited(result: Result<impl std::fmt::Debug, Status>) {
+    let status = assert_code(result, Code::ResourceExhausted);
+    let retry = status.get_details_retry_info().expect("RetryInfo attached");
+    assert!(
+        retry.retry_delay.is_some_and(|d| d > Duration::ZERO),
+        "{retry:?}"
+    );
+}
+
+/// 200 wrong guesses at once: at most the limit reach the password check.
+async fn guess_storm(app: &TestApp, email: &str, limit: usize) {
+    let guesses = join_all((0..200).map(|i| {
+        app.login(
+            email,
+            if i % 2 == 0 {
+                "wrong guess 1"
+            } else {
+                "wrong guess 2"
+            },
+        )
+    }))
+    .await;
+    let mut evaluated = 0;
+    for guess in guesses {
+        match guess {
+            Err(s) if s.code() == Code::Unauthenticated => evaluated += 1,
+            Err(s) if s.code() == Code::ResourceExhausted => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        evaluated <= limit,
+        "{evaluated} guesses evaluated, limit {limit}"
+    );
+    assert!(evaluated >= 1);
+}
+
+async fn parallel_guesses_past_the_limit_are_not_evaluated(mode: Mode) {
+    let app = spawn_with(test_settings(mode)).await;
+    let (email, _) = app.register().await;
+    guess_storm(&app, &email, 10).await;
+    // Even the right password is refused until the window ends; other accounts are untouched.
+    assert_rate_limited(app.login(&email, PASSWORD).await);
+    let (other, _) = app.register().await;
+    app.login(&other, PASSWORD).await.unwrap();
+}
+
+async fn the_lock_ends_with_the_window(mode: Mode) {
+    let mut settings = test_settings(mode);
+    settings.rate_limit.login_per_email = 3;
+    settings.rate_limit.login_window = Duration::from_secs(2);
+    let app = spawn_with(settings).await;
+    let (email, _) = app.register().await;
+    for _ in 0..3 {
+        assert_code(
+            app.login(&email, "wrong guess").await,
+            Code::Unauthenticated,
+        );
+    }
+    assert_rate_limited(app.login(&email, PASSWORD).await);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    app.login(&email, PASSWORD).await.unwrap();
+}
+
+async fn a_successful_login_resets_the_email_count(mode: Mode) {
+    let mut settings = test_settings(mode);
+    settings.rate_limit.login_per_email = 3;
+    let app = spawn_with(settings).await;
+    let (email, _) = app.register().await;
+    for _ in 0..2 {
+        assert_code(
+            app.login(&email, "wrong guess").await,
+            Code::Unauthenticated,
+        );
+    }
+    app.login(&email, PASSWORD).await.unwrap();
+    for _ in 0..3 {
+        assert_code(
+            app.login(&email, "wrong guess").await,
+            Code::Unauthenticated,
+        );
+    }
+    assert_rate_limited(app.login(&email, "wrong guess").await);
+}
+
+async fn failures_are_limited_per_client_ip(mode: Mode) {
+    let mut settings = test_settings(mode);
+    settings.rate_limit.login_per_ip = 4;
+    let app = spawn_with(settings).await;
+    let (email, _) = app.register().await;
+    for _ in 0..4 {
+        let stranger = unique_email();
+        assert_code(
+            app.login_from(&stranger, PASSWORD, "198.51.100.9").await,
+            Code::Unauthenticated,
+        );
+    }
+    assert_rate_limited(app.login_from(&email, PASSWORD, "198.51.100.9").await);
+    app.login_from(&email, PASSWORD, "198.51.100.10")
+        .await
+        .unwrap();
+}
+
+async fn registrations_are_limited_per_client_ip(mode: Mode) {
+    let mut settings = test_settings(mode);
+    settings.rate_limit.register_per_ip = 2;
+    let app = spawn_with(settings).await;
+    for _ in 0..2 {
+        app.register().await;
+    }
+    assert_rate_limited(
+        app.auth
+            .clone()
+            .register(register_request(&unique_email()))
+            .await,
+    );
+    let mut elsewhere = register_request(&unique_email());
+    elsewhere.client.as_mut().unwrap().ip_address = "192.0.2.99".into();
+    app.auth.clone().register(elsewhere).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_are_shared_by_every_instance() {
+    let mut settings = test_settings(Mode::Redis);
+    settings.rate_limit.login_per_email = 4;
+    let a = spawn_with(settings).await;
+    let b = spawn_sharing(&a, |_| {}).await;
+    let (email, _) = a.register().await;
+    for app in [&a, &b, &a, &b] {
+        assert_code(
+            app.login(&email, "wrong guess").await,
+            Code::Unauthenticated,
+        );
+    }
+    assert_rate_limited(a.login(&email, PASSWORD).await);
+    assert_rate_limited(b.login(&email, PASSWORD).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_the_limit_holds_in_process() {
+    let mut redis = RedisServer::start().await;
+    let mut settings = test_settings(Mode::Redis);
+    settings.redis.url = SecretString::from(redis.url());
+    let app = spawn_with(settings).await;
+    let (email, _) = app.register().await;
+    redis.kill();
+    guess_storm(&app, &email, 10).await;
+    assert_rate_limited(app.login(&email, PASSWORD).await);
+}
