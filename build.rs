@@ -8,6 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("authd_descriptor.bin"))
-        .compile_with_config(config, &["proto/authd/v1/auth.proto"], &["proto"])?;
+        .compile_with_config(
+            config,
+            &["proto/authd/v1/auth.proto", "proto/authd/v1/profile.proto"],
+            &["proto"],
+        )?;
     Ok(())
 }

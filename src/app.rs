@@ -10,15 +10,19 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     auth::{AuthService, password::PasswordHasher, session::SessionPolicy},
-    cache::{RateLimiter, Redis, SessionStore},
+    cache::{ProfileCache, RateLimiter, Redis, SessionStore},
     config::Settings,
-    grpc::auth::{AuthGrpc, AuthServiceServer},
+    grpc::{
+        auth::{AuthGrpc, AuthServiceServer},
+        profile::{ProfileGrpc, ProfileServiceServer},
+    },
+    profile::ProfileService,
     proto,
-    store::Db,
+    store::{self, Db},
 };
 
 /// Health service names authd reports besides the overall "".
-const AUTH_SERVICE: &str = "authd.v1.AuthService";
+const SERVICES: [&str; 2] = ["authd.v1.AuthService", "authd.v1.ProfileService"];
 
 pub struct Application {
     listener: TcpListener,
@@ -27,6 +31,7 @@ pub struct Application {
     db: Arc<Db>,
     redis: Redis,
     auth: Arc<AuthService>,
+    profiles: Arc<ProfileService>,
 }
 
 impl Application {
@@ -64,6 +69,11 @@ impl Application {
             RateLimiter::new(redis.clone()),
             settings.rate_limit.clone(),
         ));
+        let profiles = Arc::new(ProfileService::new(
+            db.clone(),
+            ProfileCache::new(redis.clone(), settings.profile_cache.clone()),
+            auth.clone(),
+        ));
         Ok(Self {
             listener,
             addr,
@@ -71,6 +81,7 @@ impl Application {
             db,
             redis,
             auth,
+            profiles,
         })
     }
 
@@ -92,23 +103,22 @@ impl Application {
         self.auth.clone()
     }
 
+    /// The profile service (tests install hooks on it).
+    pub fn profiles(&self) -> Arc<ProfileService> {
+        self.profiles.clone()
+    }
+
     /// Serves until `shutdown` completes, then: health NOT_SERVING, stop accepting, let in-flight
     /// calls finish within `GRPC__SHUTDOWN_GRACE`, close the pools.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let (health, health_service) = tonic_health::server::health_reporter();
         let background = CancellationToken::new();
-        let auth = self.auth.clone();
+        let (auth, profiles, redis) =
+            (self.auth.clone(), self.profiles.clone(), self.redis.clone());
         let drainer = tokio::spawn(every(
             self.settings.session.invalidation_interval,
             background.clone(),
-            move || {
-                let auth = auth.clone();
-                async move {
-                    if let Err(error) = auth.drain_invalidations().await {
-                        tracing::debug!(%error, "could not drain queued invalidations; retrying");
-                    }
-                }
-            },
+            move || drain_invalidations(auth.clone(), profiles.clone(), redis.clone()),
         ));
         let (auth, retention) = (self.auth.clone(), self.settings.session.retention);
         let purger = tokio::spawn(every(
@@ -132,7 +142,10 @@ impl Application {
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
-            .add_service(AuthServiceServer::new(AuthGrpc::new(self.auth.clone())));
+            .add_service(AuthServiceServer::new(AuthGrpc::new(self.auth.clone())))
+            .add_service(ProfileServiceServer::new(ProfileGrpc::new(
+                self.profiles.clone(),
+            )));
         let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
             TcpListenerStream::new(self.listener),
             async {
@@ -182,8 +195,24 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }
 
+/// Re-applies, to Redis, revocations and profile versions whose Redis step failed on any
+/// instance. When everything queued before the pass began has been applied, this instance trusts
+/// cached copies again (see `cache::Redis::trusted`).
+async fn drain_invalidations(auth: Arc<AuthService>, profiles: Arc<ProfileService>, redis: Redis) {
+    let mark = redis.failure_mark();
+    let sessions = auth.drain_invalidations().await;
+    let profiles = profiles.drain_invalidations().await;
+    match (sessions, profiles) {
+        (Ok(true), Ok(true)) => redis.trust(mark),
+        (Ok(_), Ok(_)) => {}
+        (Err(error), _) | (_, Err(error)) => {
+            tracing::debug!(%error, "could not drain queued invalidations; retrying");
+        }
+    }
+}
+
 async fn set_status(health: &HealthReporter, status: ServingStatus) {
-    for service in ["", AUTH_SERVICE] {
+    for service in std::iter::once("").chain(SERVICES) {
         health.set_service_status(service, status).await;
     }
 }
@@ -204,7 +233,7 @@ where
         }
         tokio::select! {
             () = stop.cancelled() => return,
-            () = job() => {}
+            () = store::in_background(job()) => {}
         }
     }
 }

@@ -11,13 +11,14 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 /// Top-level sections; environment variables outside them are ignored.
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "grpc",
     "database",
     "redis",
     "session",
     "auth",
     "rate_limit",
+    "profile_cache",
     "log",
 ];
 
@@ -30,6 +31,7 @@ pub struct Settings {
     pub session: SessionSettings,
     pub auth: AuthSettings,
     pub rate_limit: RateLimitSettings,
+    pub profile_cache: ProfileCacheSettings,
     pub log: LogSettings,
 }
 
@@ -127,6 +129,19 @@ pub struct RateLimitSettings {
     pub register_window: Duration,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfileCacheSettings {
+    /// How long a cached profile lives (plus jitter).
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// How long "no such user" is cached, so a stream of bad ids cannot hammer PostgreSQL.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    /// Each TTL is lengthened by a random fraction up to this (0.1 = up to 10%).
+    pub jitter: f64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -211,6 +226,16 @@ impl Default for RateLimitSettings {
             login_window: Duration::from_secs(15 * 60),
             register_per_ip: 20,
             register_window: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Default for ProfileCacheSettings {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(600),
+            negative_ttl: Duration::from_secs(30),
+            jitter: 0.1,
         }
     }
 }
@@ -354,6 +379,16 @@ impl Settings {
         }
         if rl.register_window.is_zero() {
             return invalid("RATE_LIMIT__REGISTER_WINDOW", "must be greater than zero");
+        }
+        let pc = &self.profile_cache;
+        if pc.ttl.is_zero() {
+            return invalid("PROFILE_CACHE__TTL", "must be greater than zero");
+        }
+        if pc.negative_ttl.is_zero() {
+            return invalid("PROFILE_CACHE__NEGATIVE_TTL", "must be greater than zero");
+        }
+        if !(0.0..=1.0).contains(&pc.jitter) {
+            return invalid("PROFILE_CACHE__JITTER", "must be between 0 and 1");
         }
         if self.auth.hash_concurrency == 0 {
             return invalid("AUTH__HASH_CONCURRENCY", "must be at least 1");

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod config;
 pub mod grpc;
 pub mod healthcheck;
+pub mod profile;
 pub mod proto;
 pub mod store;
 pub mod telemetry;

@@ -11,10 +11,9 @@ const DRAIN_BATCH: i64 = 500;
 const PURGE_BATCH: i64 = 1000;
 
 impl AuthService {
-    /// One pass over the invalidations queued by any instance. When everything queued has
-    /// reached Redis, cached copies are trusted again.
-    pub async fn drain_invalidations(&self) -> Result<(), StoreError> {
-        let mark = self.cache.redis().failure_mark();
+    /// One pass over the session invalidations queued by any instance; `true` when everything
+    /// queued has reached Redis.
+    pub async fn drain_invalidations(&self) -> Result<bool, StoreError> {
         let now = session::now();
         let pending = self
             .db
@@ -22,10 +21,7 @@ impl AuthService {
             .pending_invalidations(DRAIN_BATCH)
             .await?;
         let complete = self.invalidate(&pending, now).await;
-        if complete && (pending.len() as i64) < DRAIN_BATCH {
-            self.cache.redis().trust(mark);
-        }
-        Ok(())
+        Ok(complete && (pending.len() as i64) < DRAIN_BATCH)
     }
 
     /// Deletes sessions revoked or expired more than `retention` ago, in small batches; returns

@@ -3,6 +3,7 @@
 //! Redis only ever holds copies of PostgreSQL state, so every failure here is survivable: a
 //! command that fails or times out is treated as a miss and the request goes to PostgreSQL.
 //! "Disabled" is a real mode of [`Redis`] (no client at all), not a branch in each caller.
+mod profile_cache;
 mod rate_limit;
 mod session_store;
 
@@ -22,6 +23,7 @@ use fred::{
 };
 use secrecy::ExposeSecret;
 
+pub use profile_cache::{CachedProfile, Entry, ProfileCache};
 pub use rate_limit::{Bucket, RateLimiter};
 pub use session_store::{Cached, SessionStore};
 

@@ -5,6 +5,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
     auth::{AuthError, input::FieldViolation},
+    profile::ProfileError,
     store::StoreError,
 };
 
@@ -66,6 +67,18 @@ impl From<AuthError> for Status {
             }
             AuthError::Store(store) => store_status(store),
             AuthError::Internal(_) => internal(&error),
+        }
+    }
+}
+
+impl From<ProfileError> for Status {
+    fn from(error: ProfileError) -> Self {
+        match error {
+            ProfileError::InvalidInput(violations) => invalid_argument(&violations),
+            ProfileError::NotFound => Status::not_found(error.to_string()),
+            ProfileError::VersionMismatch => Status::aborted(error.to_string()),
+            ProfileError::Auth(auth) => auth.into(),
+            ProfileError::Store(store) => store_status(&store),
         }
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! Every operation goes through [`Db::run`], which bounds it in time and classifies its error, so
 //! an outage answers UNAVAILABLE within `DATABASE__QUERY_TIMEOUT` instead of hanging.
+mod profiles;
 mod sessions;
 mod users;
 
@@ -19,6 +20,7 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
+pub use profiles::{ProfileInvalidation, ProfileRepo, UpdateOutcome};
 pub use sessions::{Invalidation, SessionRepo, StoredSession};
 pub use users::{EMAIL_UNIQUE, NewUser, UserRepo};
 
@@ -66,8 +68,19 @@ fn is_unavailable_sqlstate(code: &str) -> bool {
     code.starts_with("08") || code.starts_with("57P") || code == "57014" || code == "53300"
 }
 
-/// The pool plus what every query shares: its time bound and a count of queries run (which the
-/// tests and the benchmark read to prove what a cached path does not do).
+tokio::task_local! {
+    /// Set for background jobs, whose queries are not counted as requests' queries.
+    static BACKGROUND: ();
+}
+
+/// Runs `job` as background work: its queries are left out of [`Db::queries_executed`].
+pub async fn in_background<F: Future>(job: F) -> F::Output {
+    BACKGROUND.scope((), job).await
+}
+
+/// The pool plus what every query shares: its time bound and a count of the queries run while
+/// serving requests (which the tests and the benchmark read to prove what a cached path does not
+/// do).
 #[derive(Debug)]
 pub struct Db {
     pool: PgPool,
@@ -111,7 +124,8 @@ impl Db {
         self.pool.close().await;
     }
 
-    /// Queries sent to PostgreSQL by this process so far.
+    /// Queries sent to PostgreSQL so far by this process while serving requests (background jobs
+    /// excluded).
     pub fn queries_executed(&self) -> u64 {
         self.queries.load(Ordering::Relaxed)
     }
@@ -121,7 +135,9 @@ impl Db {
         &self,
         operation: impl Future<Output = Result<T, sqlx::Error>>,
     ) -> Result<T, StoreError> {
-        self.queries.fetch_add(1, Ordering::Relaxed);
+        if BACKGROUND.try_with(|_| ()).is_err() {
+            self.queries.fetch_add(1, Ordering::Relaxed);
+        }
         match tokio::time::timeout(self.query_timeout, operation).await {
             Ok(result) => result.map_err(StoreError::from),
             Err(_elapsed) => Err(StoreError::Unavailable(None)),

@@ -6,7 +6,10 @@ use authd::{
     app::Application,
     auth::FillHook,
     config::{LogSettings, Settings},
-    proto::authd::v1::{self as pb, auth_service_client::AuthServiceClient},
+    proto::authd::v1::{
+        self as pb, auth_service_client::AuthServiceClient,
+        profile_service_client::ProfileServiceClient,
+    },
     store::Db,
 };
 use secrecy::{ExposeSecret, SecretString};
@@ -71,6 +74,7 @@ pub fn test_settings(mode: Mode) -> Settings {
 
 pub struct TestApp {
     pub auth: AuthServiceClient<Channel>,
+    pub profiles: ProfileServiceClient<Channel>,
     pub health: HealthClient<Channel>,
     pub channel: Channel,
     pub db: Arc<Db>,
@@ -85,22 +89,41 @@ pub async fn spawn_app(mode: Mode) -> TestApp {
 }
 
 pub async fn spawn_with(settings: Settings) -> TestApp {
-    spawn_inner(settings, true, None).await
+    spawn_inner(settings, true, Hooks::default()).await
 }
 
-/// An app whose cache fills call `hook` between their PostgreSQL read and their Redis write.
+/// Hooks called between a cache miss's PostgreSQL read and its Redis write.
+#[derive(Default)]
+pub struct Hooks {
+    pub session_fill: Option<FillHook>,
+    pub profile_fill: Option<FillHook>,
+}
+
+pub async fn spawn_with_hooks(settings: Settings, hooks: Hooks) -> TestApp {
+    spawn_inner(settings, true, hooks).await
+}
+
+/// An app whose session cache fills call `hook` between their PostgreSQL read and their Redis
+/// write.
 pub async fn spawn_with_fill_hook(settings: Settings, hook: FillHook) -> TestApp {
-    spawn_inner(settings, true, Some(hook)).await
+    spawn_with_hooks(
+        settings,
+        Hooks {
+            session_fill: Some(hook),
+            ..Hooks::default()
+        },
+    )
+    .await
 }
 
 /// A second instance on the same database and Redis prefix as `other`.
 pub async fn spawn_sharing(other: &TestApp, adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = other.settings.clone();
     adjust(&mut settings);
-    spawn_inner(settings, false, None).await
+    spawn_inner(settings, false, Hooks::default()).await
 }
 
-async fn spawn_inner(settings: Settings, drop_database: bool, hook: Option<FillHook>) -> TestApp {
+async fn spawn_inner(settings: Settings, drop_database: bool, hooks: Hooks) -> TestApp {
     authd::telemetry::init(&settings.log);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app = Application::build_with_listener(settings.clone(), listener)
@@ -108,8 +131,11 @@ async fn spawn_inner(settings: Settings, drop_database: bool, hook: Option<FillH
         .expect("the app builds");
     let addr = app.local_addr();
     let db = app.db();
-    if let Some(hook) = hook {
+    if let Some(hook) = hooks.session_fill {
         app.auth().set_fill_hook(hook);
+    }
+    if let Some(hook) = hooks.profile_fill {
+        app.profiles().set_fill_hook(hook);
     }
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async {
@@ -123,6 +149,7 @@ async fn spawn_inner(settings: Settings, drop_database: bool, hook: Option<FillH
         .expect("connects to the app");
     TestApp {
         auth: AuthServiceClient::new(channel.clone()),
+        profiles: ProfileServiceClient::new(channel.clone()),
         health: HealthClient::new(channel.clone()),
         channel,
         db,
@@ -258,6 +285,24 @@ pub async fn redis_client(url: &str) -> fred::clients::Client {
     client
 }
 
+/// Calls of each Redis command so far (from INFO commandstats), e.g. `get`, `mget`, `evalsha`.
+pub async fn redis_command_calls(
+    client: &fred::clients::Client,
+) -> std::collections::HashMap<String, u64> {
+    use fred::interfaces::ClientLike;
+    let info: String = client
+        .info(Some(fred::types::InfoKind::CommandStats))
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+            Some((name.to_owned(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
 /// The Redis key of a token's cached session in `app`'s namespace.
 pub fn session_key(app: &TestApp, token: &str) -> String {
     let hash = authd::auth::token::TokenHash::of_token(token).expect("a well-formed token");
@@ -269,6 +314,48 @@ pub fn session_key(app: &TestApp, token: &str) -> String {
 }
 
 impl TestApp {
+    pub async fn get_profile(&self, user_id: &str) -> Result<pb::Profile, Status> {
+        self.profiles
+            .clone()
+            .get_profile(pb::GetProfileRequest {
+                user_id: user_id.to_owned(),
+            })
+            .await
+            .map(|r| r.into_inner().profile.expect("a profile"))
+    }
+
+    pub async fn batch_get(&self, ids: &[String]) -> Result<pb::BatchGetProfilesResponse, Status> {
+        self.profiles
+            .clone()
+            .batch_get_profiles(pb::BatchGetProfilesRequest {
+                user_ids: ids.to_vec(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Updates the named fields to the values in `profile`.
+    pub async fn update_profile(
+        &self,
+        token: &str,
+        profile: pb::Profile,
+        paths: &[&str],
+        expected_version: i64,
+    ) -> Result<pb::Profile, Status> {
+        self.profiles
+            .clone()
+            .update_profile(pb::UpdateProfileRequest {
+                session_token: token.to_owned(),
+                profile: Some(profile),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+                }),
+                expected_version,
+            })
+            .await
+            .map(|r| r.into_inner().profile.expect("a profile"))
+    }
+
     pub async fn list_sessions(&self, token: &str) -> Result<pb::ListSessionsResponse, Status> {
         self.auth
             .clone()

@@ -53,6 +53,7 @@ async fn reflection_lists_every_service() {
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
     for expected in [
         "authd.v1.AuthService",
+        "authd.v1.ProfileService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
     ] {

@@ -1,0 +1,6 @@
+//! Profiles: read-mostly data served from a Redis cache in front of PostgreSQL.
+pub mod model;
+mod service;
+
+pub use model::{ProfileChanges, ProfileRecord};
+pub use service::{BatchProfiles, ProfileError, ProfileService};

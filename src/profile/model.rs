@@ -1,0 +1,94 @@
+//! The profile model and the rules for its fields.
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub const BIO_MAX_CHARS: usize = 500;
+pub const AVATAR_URL_MAX_CHARS: usize = 2048;
+
+/// A profile as stored in PostgreSQL and copied into Redis.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct ProfileRecord {
+    pub user_id: Uuid,
+    pub display_name: String,
+    pub bio: String,
+    pub avatar_url: String,
+    pub locale: String,
+    pub time_zone: String,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// New values for some fields (`None` = untouched), already validated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProfileChanges {
+    pub display_name: Option<String>,
+    pub bio: Option<String>,
+    pub avatar_url: Option<String>,
+    pub locale: Option<String>,
+    pub time_zone: Option<String>,
+}
+
+pub fn bio(raw: &str) -> Result<String, String> {
+    if raw.chars().count() > BIO_MAX_CHARS {
+        return Err(format!("must be at most {BIO_MAX_CHARS} characters"));
+    }
+    Ok(raw.to_owned())
+}
+
+pub fn avatar_url(raw: &str) -> Result<String, String> {
+    if raw.is_empty() {
+        return Ok(String::new());
+    }
+    if raw.chars().count() > AVATAR_URL_MAX_CHARS {
+        return Err(format!("must be at most {AVATAR_URL_MAX_CHARS} characters"));
+    }
+    match url::Url::parse(raw) {
+        Ok(url) if url.scheme() == "https" && url.host_str().is_some_and(|h| !h.is_empty()) => {
+            Ok(raw.to_owned())
+        }
+        _ => Err("must be empty or an https:// URL".into()),
+    }
+}
+
+/// Empty, or a well-formed BCP 47 language tag (kept as given).
+pub fn locale(raw: &str) -> Result<String, String> {
+    if raw.is_empty() {
+        return Ok(String::new());
+    }
+    oxilangtag::LanguageTag::parse(raw)
+        .map(|_| raw.to_owned())
+        .map_err(|_| "must be empty or a BCP 47 language tag such as en-GB".into())
+}
+
+/// Empty, or a zone of the IANA time zone database.
+pub fn time_zone(raw: &str) -> Result<String, String> {
+    if raw.is_empty() {
+        return Ok(String::new());
+    }
+    raw.parse::<chrono_tz::Tz>()
+        .map(|_| raw.to_owned())
+        .map_err(|_| "must be empty or an IANA time zone such as Europe/Berlin".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_rules() {
+        assert!(bio(&"b".repeat(500)).is_ok());
+        assert!(bio(&"b".repeat(501)).is_err());
+        assert!(avatar_url("").is_ok());
+        assert!(avatar_url("https://cdn.example.com/a.png").is_ok());
+        assert!(avatar_url("http://cdn.example.com/a.png").is_err());
+        assert!(avatar_url("javascript:alert(1)").is_err());
+        assert!(avatar_url(&format!("https://e.com/{}", "a".repeat(2040))).is_err());
+        assert!(locale("en-GB").is_ok());
+        assert!(locale("zh-Hant-TW").is_ok());
+        assert!(locale("english please").is_err());
+        assert!(time_zone("Europe/Berlin").is_ok());
+        assert!(time_zone("Mars/Olympus").is_err());
+    }
+}

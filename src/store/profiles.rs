@@ -1,0 +1,129 @@
+//! Profiles and the outbox of profile versions still to be mirrored into Redis.
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{Db, StoreError};
+use crate::profile::{ProfileChanges, ProfileRecord};
+
+/// A profile version that Redis may not have yet.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ProfileInvalidation {
+    pub id: i64,
+    pub user_id: Uuid,
+    pub version: i64,
+}
+
+/// What an update found.
+pub enum UpdateOutcome {
+    Updated {
+        profile: ProfileRecord,
+        invalidation_id: i64,
+    },
+    VersionMismatch,
+    NotFound,
+}
+
+#[derive(sqlx::FromRow)]
+struct UpdatedRow {
+    #[sqlx(flatten)]
+    profile: ProfileRecord,
+    invalidation_id: i64,
+}
+
+#[derive(Clone, Copy)]
+pub struct ProfileRepo<'a>(&'a Db);
+
+impl Db {
+    pub fn profiles(&self) -> ProfileRepo<'_> {
+        ProfileRepo(self)
+    }
+}
+
+impl ProfileRepo<'_> {
+    pub async fn get(&self, user_id: Uuid) -> Result<Option<ProfileRecord>, StoreError> {
+        let query = sqlx::query_as::<_, ProfileRecord>(
+            "select user_id, display_name, bio, avatar_url, locale, time_zone, version,
+                    created_at, updated_at
+             from profiles where user_id = $1",
+        )
+        .bind(user_id);
+        self.0.run(query.fetch_optional(&self.0.pool)).await
+    }
+
+    /// All the profiles among `user_ids` that exist, in one query.
+    pub async fn get_many(&self, user_ids: &[Uuid]) -> Result<Vec<ProfileRecord>, StoreError> {
+        let query = sqlx::query_as::<_, ProfileRecord>(
+            "select user_id, display_name, bio, avatar_url, locale, time_zone, version,
+                    created_at, updated_at
+             from profiles where user_id = any($1)",
+        )
+        .bind(user_ids);
+        self.0.run(query.fetch_all(&self.0.pool)).await
+    }
+
+    /// Applies the changes (and bumps the version) when `expected_version` is `None` or
+    /// matches, queueing the new version's cache update in the same statement.
+    pub async fn update(
+        &self,
+        user_id: Uuid,
+        changes: &ProfileChanges,
+        expected_version: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> Result<UpdateOutcome, StoreError> {
+        let query = sqlx::query_as::<_, UpdatedRow>(
+            "with updated as (
+                 update profiles set
+                     display_name = coalesce($3, display_name),
+                     bio = coalesce($4, bio),
+                     avatar_url = coalesce($5, avatar_url),
+                     locale = coalesce($6, locale),
+                     time_zone = coalesce($7, time_zone),
+                     version = version + 1,
+                     updated_at = $2
+                 where user_id = $1 and ($8::bigint is null or version = $8)
+                 returning user_id, display_name, bio, avatar_url, locale, time_zone, version,
+                           created_at, updated_at
+             ), queued as (
+                 insert into profile_invalidations (user_id, version)
+                 select user_id, version from updated
+                 returning id
+             )
+             select updated.*, queued.id as invalidation_id from updated, queued",
+        )
+        .bind(user_id)
+        .bind(now)
+        .bind(&changes.display_name)
+        .bind(&changes.bio)
+        .bind(&changes.avatar_url)
+        .bind(&changes.locale)
+        .bind(&changes.time_zone)
+        .bind(expected_version);
+        if let Some(row) = self.0.run(query.fetch_optional(&self.0.pool)).await? {
+            return Ok(UpdateOutcome::Updated {
+                profile: row.profile,
+                invalidation_id: row.invalidation_id,
+            });
+        }
+        Ok(match self.get(user_id).await? {
+            Some(_) => UpdateOutcome::VersionMismatch,
+            None => UpdateOutcome::NotFound,
+        })
+    }
+
+    pub async fn pending_invalidations(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<ProfileInvalidation>, StoreError> {
+        let query = sqlx::query_as::<_, ProfileInvalidation>(
+            "select id, user_id, version from profile_invalidations order by id limit $1",
+        )
+        .bind(limit);
+        self.0.run(query.fetch_all(&self.0.pool)).await
+    }
+
+    pub async fn delete_invalidations(&self, ids: &[i64]) -> Result<(), StoreError> {
+        let query = sqlx::query("delete from profile_invalidations where id = any($1)").bind(ids);
+        self.0.run(query.execute(&self.0.pool)).await?;
+        Ok(())
+    }
+}
