@@ -67,9 +67,15 @@ async fn get_rejects_bad_ids_and_reports_unknown_ones(mode: Mode) {
         "user_id"
     );
     let unknown = uuid::Uuid::now_v7().to_string();
-    for _ in 0..3 {
-        // Asked again: still NOT_FOUND (possibly from the negative cache).
+    let before = app.queries();
+    for _ in 0..10 {
         assert_code(app.get_profile(&unknown).await, Code::NotFound);
+    }
+    // "Not found" is cached too: a stream of bad ids does not reach PostgreSQL each time.
+    let queries = app.queries() - before;
+    match mode {
+        Mode::Redis => assert_eq!(queries, 1),
+        Mode::NoRedis => assert_eq!(queries, 10),
     }
 }
 
