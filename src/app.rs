@@ -3,9 +3,8 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio::{net::TcpListener, sync::oneshot};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
@@ -136,7 +135,6 @@ impl Application {
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let router = Server::builder()
-            .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
             .add_service(health_service)
@@ -146,12 +144,14 @@ impl Application {
             .add_service(ProfileServiceServer::new(ProfileGrpc::new(
                 self.profiles.clone(),
             )));
-        let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
-            TcpListenerStream::new(self.listener),
-            async {
-                let _ = stop_rx.await;
-            },
-        ));
+        // Our own listener: the builder's TCP options do not reach it, so set them here (without
+        // TCP_NODELAY, small responses wait for delayed ACKs: 40 ms stalls).
+        let incoming = TcpIncoming::from(self.listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60)));
+        let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        }));
         set_status(&health, ServingStatus::Serving).await;
         tracing::info!(addr = %self.addr, redis = self.redis.is_enabled(), "authd serving");
 

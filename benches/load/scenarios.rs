@@ -1,0 +1,374 @@
+//! The scenarios, each measured with the servers' own counters: PostgreSQL queries made while
+//! serving requests (authd's counter) and Redis commands processed (Redis INFO).
+use std::{sync::Arc, time::Duration};
+
+use authd::{
+    auth::password::PasswordHasher,
+    proto::authd::v1::{
+        self as pb, auth_service_client::AuthServiceClient,
+        profile_service_client::ProfileServiceClient,
+    },
+};
+use secrecy::SecretString;
+use tonic::{Code, transport::Channel};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::{
+    Opts,
+    driver::{self, Load, Outcome, Pace},
+    report::{Report, Row},
+    setup::{Env, PASSWORD, Server},
+};
+
+/// Runs one scenario against `server` and turns what it saw into a row.
+async fn measure(
+    env: &Env,
+    server: &Server,
+    name: &str,
+    load: Load,
+    pace: Pace,
+    expected: &[Code],
+    call: impl driver::Call,
+) -> anyhow::Result<(Row, Outcome)> {
+    let channels = server.channels(load.connections).await?;
+    let (queries, commands) = (server.db.queries_executed(), env.redis_commands().await?);
+    let outcome = driver::run(&channels, load, pace, call).await;
+    let queries = server.db.queries_executed() - queries;
+    // The second INFO counts the first one.
+    let commands = env.redis_commands().await?.saturating_sub(commands + 1);
+    let per = |n: u64| n as f64 / outcome.total.max(1) as f64;
+    let unexpected = outcome.unexpected(expected);
+    let row = Row {
+        scenario: name.to_owned(),
+        pace: match pace {
+            Pace::Closed => "closed".into(),
+            Pace::Open(rate) => format!("open@{rate:.0}/s"),
+        },
+        requests_per_s: outcome.rate(),
+        p50_ms: outcome.quantile_ms(0.5),
+        p99_ms: outcome.quantile_ms(0.99),
+        p999_ms: outcome.quantile_ms(0.999),
+        unexpected_errors: unexpected,
+        expected_errors: outcome.requests() - outcome.ok - unexpected,
+        ratio_to_baseline: None,
+        pg_queries_per_request: per(queries),
+        redis_commands_per_request: per(commands),
+        note: if outcome.statuses.is_empty() {
+            String::new()
+        } else {
+            format!("non-OK: {:?}", outcome.statuses)
+        },
+    };
+    println!("  {name}: {:.0} req/s", row.requests_per_s);
+    Ok((row, outcome))
+}
+
+fn tokens(env: &Env) -> Arc<Vec<String>> {
+    Arc::new(env.users.iter().map(|u| u.token.clone()).collect())
+}
+
+fn user_ids(env: &Env) -> Arc<Vec<String>> {
+    Arc::new(env.users.iter().map(|u| u.user_id.clone()).collect())
+}
+
+fn health_call() -> impl driver::Call {
+    |ch: Channel, _| async move {
+        HealthClient::new(ch)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
+fn validate_call(tokens: Arc<Vec<String>>) -> impl driver::Call {
+    move |ch: Channel, seq| {
+        let token = tokens[seq as usize % tokens.len()].clone();
+        async move {
+            AuthServiceClient::new(ch)
+                .validate_session(pb::ValidateSessionRequest {
+                    session_token: token,
+                })
+                .await
+                .map(|_| ())
+        }
+    }
+}
+
+fn get_profile_call(ids: Arc<Vec<String>>) -> impl driver::Call {
+    move |ch: Channel, seq| {
+        let user_id = ids[seq as usize % ids.len()].clone();
+        async move {
+            ProfileServiceClient::new(ch)
+                .get_profile(pb::GetProfileRequest { user_id })
+                .await
+                .map(|_| ())
+        }
+    }
+}
+
+fn batch_call(ids: Arc<Vec<String>>) -> impl driver::Call {
+    move |ch: Channel, seq| {
+        let start = (seq as usize * 100) % (ids.len() - 99);
+        let user_ids = ids[start..start + 100].to_vec();
+        async move {
+            ProfileServiceClient::new(ch)
+                .batch_get_profiles(pb::BatchGetProfilesRequest { user_ids })
+                .await
+                .map(|_| ())
+        }
+    }
+}
+
+fn login_call(emails: Arc<Vec<String>>) -> impl driver::Call {
+    move |ch: Channel, seq| {
+        let email = emails[seq as usize % emails.len()].clone();
+        async move {
+            AuthServiceClient::new(ch)
+                .login(pb::LoginRequest {
+                    email,
+                    password: PASSWORD.into(),
+                    client: None,
+                })
+                .await
+                .map(|_| ())
+        }
+    }
+}
+
+/// argon2id verifications per second with the server's parameters and concurrency limit,
+/// measured the way the server runs them (blocking pool, behind the same semaphore).
+async fn raw_verify_rate(server: &Server, seconds: f64) -> anyhow::Result<f64> {
+    let hasher = Arc::new(PasswordHasher::new(&server.settings.auth)?);
+    let phc = hasher.hash(SecretString::from(PASSWORD)).await?;
+    let end = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
+    let workers = server.settings.auth.hash_concurrency;
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (hasher, phc) = (hasher.clone(), phc.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while tokio::time::Instant::now() < end {
+                let ok = hasher
+                    .verify(SecretString::from(PASSWORD), Some(phc.clone()))
+                    .await;
+                assert!(matches!(ok, Ok(true)));
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await?;
+    }
+    Ok(total as f64 / seconds)
+}
+
+/// Warms the caches the cached scenarios read: every session and profile once.
+async fn warm(env: &Env) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let channel = env.cached.channels(1).await?.remove(0);
+    let results: Vec<Result<(), tonic::Status>> = futures::stream::iter(&env.users)
+        .map(|user| {
+            let channel = channel.clone();
+            async move {
+                AuthServiceClient::new(channel.clone())
+                    .validate_session(pb::ValidateSessionRequest {
+                        session_token: user.token.clone(),
+                    })
+                    .await?;
+                ProfileServiceClient::new(channel)
+                    .get_profile(pb::GetProfileRequest {
+                        user_id: user.user_id.clone(),
+                    })
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<(), _>>()?;
+    Ok(())
+}
+
+pub async fn run_all(opts: &Opts) -> anyhow::Result<Report> {
+    println!("seeding {} users…", opts.users);
+    let env = Env::start(opts.users).await?;
+    println!("warming caches…");
+    warm(&env).await?;
+    let load = opts.load();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut peaks = std::collections::HashMap::new();
+    let (cached, pg) = (&env.cached, &env.pg_only);
+    let closed = Pace::Closed;
+
+    macro_rules! scenario {
+        ($name:expr, $server:expr, $load:expr, $pace:expr, $expected:expr, $call:expr) => {
+            if opts.wants($name) {
+                let (row, outcome) =
+                    measure(&env, $server, $name, $load, $pace, $expected, $call).await?;
+                peaks.insert($name.to_string(), outcome.ok_rate());
+                rows.push(row);
+            }
+        };
+    }
+
+    scenario!("health_check", cached, load, closed, &[], health_call());
+    scenario!(
+        "validate_cached",
+        cached,
+        load,
+        closed,
+        &[],
+        validate_call(tokens(&env))
+    );
+    if opts.wants("validate_cached_open") {
+        let peak = match peaks.get("validate_cached") {
+            Some(p) => *p,
+            None => measure(
+                &env,
+                cached,
+                "validate_cached",
+                load,
+                closed,
+                &[],
+                validate_call(tokens(&env)),
+            )
+            .await?
+            .1
+            .ok_rate(),
+        };
+        let rate = peak * opts.open_loop_fraction;
+        scenario!(
+            "validate_cached_open",
+            cached,
+            load,
+            Pace::Open(rate),
+            &[],
+            validate_call(tokens(&env))
+        );
+    }
+    scenario!(
+        "validate_pg_only",
+        pg,
+        load,
+        closed,
+        &[],
+        validate_call(tokens(&env))
+    );
+    scenario!(
+        "get_profile_cached",
+        cached,
+        load,
+        closed,
+        &[],
+        get_profile_call(user_ids(&env))
+    );
+    scenario!(
+        "get_profile_uncached",
+        pg,
+        load,
+        closed,
+        &[],
+        get_profile_call(user_ids(&env))
+    );
+    scenario!(
+        "batch_get_profiles_100",
+        cached,
+        load,
+        closed,
+        &[],
+        batch_call(user_ids(&env))
+    );
+
+    let emails: Arc<Vec<String>> = Arc::new(env.users.iter().map(|u| u.email.clone()).collect());
+    let slots = cached.settings.auth.hash_concurrency;
+    let login_load = Load {
+        connections: 1,
+        concurrency: slots * 2,
+        ..load
+    };
+    scenario!(
+        "login",
+        cached,
+        login_load,
+        closed,
+        &[],
+        login_call(emails.clone())
+    );
+    let mut verify_rate = None;
+    if opts.wants("login") {
+        let rate = raw_verify_rate(cached, load.duration.as_secs_f64()).await?;
+        println!("  raw argon2id verify: {rate:.1}/s with {slots} slot(s)");
+        verify_rate = Some(rate);
+    }
+    if opts.wants("validate_during_login_storm") {
+        let login_rate = match peaks.get("login") {
+            Some(r) => *r,
+            None => verify_rate.unwrap_or(40.0),
+        };
+        let storm_rate = (login_rate * 5.0).max(1.0);
+        let storm_load = Load {
+            connections: 1,
+            concurrency: 64,
+            ..load
+        };
+        let storm = {
+            let channels = cached.channels(1).await?;
+            let emails = emails.clone();
+            tokio::spawn(async move {
+                driver::run(
+                    &channels,
+                    storm_load,
+                    Pace::Open(storm_rate),
+                    login_call(emails),
+                )
+                .await
+            })
+        };
+        let (mut row, outcome) = measure(
+            &env,
+            cached,
+            "validate_during_login_storm",
+            load,
+            closed,
+            &[],
+            validate_call(tokens(&env)),
+        )
+        .await?;
+        let storm = storm.await?;
+        let timeouts = storm.unexpected(&[Code::ResourceExhausted]);
+        row.note = format!(
+            "logins offered {storm_rate:.0}/s: {} OK, {} RESOURCE_EXHAUSTED, {} other; {}",
+            storm.ok,
+            storm
+                .statuses
+                .get("ResourceExhausted")
+                .copied()
+                .unwrap_or(0),
+            timeouts,
+            row.note
+        );
+        row.unexpected_errors += timeouts;
+        peaks.insert("validate_during_login_storm".into(), outcome.ok_rate());
+        rows.push(row);
+    }
+
+    let baseline = peaks.get("health_check").copied();
+    for row in &mut rows {
+        if row.pace == "closed" {
+            row.ratio_to_baseline = baseline.map(|b| row.requests_per_s / b);
+        }
+    }
+    let targets = crate::report::targets(&rows, &peaks, verify_rate, slots);
+    let settings = serde_json::to_value(opts)?;
+    env.cleanup().await;
+    Ok(Report {
+        settings,
+        rows,
+        targets,
+    })
+}

@@ -1,0 +1,174 @@
+//! The system under test: two authd servers in this process on 127.0.0.1:0 (one with Redis, one
+//! with REDIS__ENABLED=false) sharing a fresh database, seeded with users, sessions and profiles.
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use authd::{
+    app::Application,
+    auth::{
+        password::PasswordHasher,
+        session::{ClientInfo, SessionPolicy},
+        token,
+    },
+    config::{LogSettings, Settings},
+    store::{Db, NewUser},
+};
+use fred::interfaces::ClientLike;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::{net::TcpListener, sync::oneshot};
+use tonic::transport::{Channel, Endpoint};
+
+pub const PASSWORD: &str = "benchmark passphrase";
+
+pub struct Server {
+    pub db: Arc<Db>,
+    pub addr: std::net::SocketAddr,
+    pub settings: Settings,
+    _stop: oneshot::Sender<()>,
+}
+
+pub struct User {
+    pub email: String,
+    pub user_id: String,
+    pub token: String,
+}
+
+pub struct Env {
+    pub cached: Server,
+    pub pg_only: Server,
+    pub users: Vec<User>,
+    pub redis: fred::clients::Client,
+    database_url: String,
+}
+
+fn settings(redis: bool, db_name: &str, prefix: &str) -> Settings {
+    let mut s = Settings::default();
+    s.grpc.addr = "127.0.0.1:0".parse().expect("a socket address");
+    let base = std::env::var("BENCH_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    s.database.url = SecretString::from(format!("{base}/{db_name}"));
+    s.redis.enabled = redis;
+    if let Ok(url) = std::env::var("BENCH_REDIS_URL") {
+        s.redis.url = SecretString::from(url);
+    }
+    s.redis.key_prefix = prefix.to_owned();
+    // The benchmark logs in the same users over and over: no limit should get in the way.
+    s.rate_limit.login_per_email = 0;
+    s.rate_limit.login_per_ip = 0;
+    s.log = LogSettings {
+        level: std::env::var("BENCH_LOG").unwrap_or_else(|_| "off".into()),
+        ..LogSettings::default()
+    };
+    s
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<Server> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let app = Application::build_with_listener(settings.clone(), listener).await?;
+    let (addr, db) = (app.local_addr(), app.db());
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    Ok(Server {
+        db,
+        addr,
+        settings,
+        _stop: stop,
+    })
+}
+
+impl Server {
+    /// `n` HTTP/2 connections to this server.
+    pub async fn channels(&self, n: usize) -> anyhow::Result<Vec<Channel>> {
+        let mut channels = Vec::with_capacity(n);
+        for _ in 0..n {
+            let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))?
+                .tcp_nodelay(true)
+                .timeout(Duration::from_secs(10));
+            channels.push(endpoint.connect().await?);
+        }
+        Ok(channels)
+    }
+}
+
+impl Env {
+    pub async fn start(users: usize) -> anyhow::Result<Self> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let (db_name, prefix) = (format!("authd_bench_{id}"), format!("authd-bench:{id}:"));
+        let cached = serve(settings(true, &db_name, &prefix)).await?;
+        let pg_only = serve(settings(false, &db_name, &prefix)).await?;
+        let redis_url = cached.settings.redis.url.expose_secret().to_owned();
+        let config = fred::types::config::Config::from_url(&redis_url)?;
+        let redis = fred::prelude::Builder::from_config(config).build()?;
+        redis.init().await.context("the benchmark needs Redis")?;
+        let users = seed(&cached, users).await?;
+        Ok(Self {
+            database_url: cached.settings.database.url.expose_secret().to_owned(),
+            cached,
+            pg_only,
+            users,
+            redis,
+        })
+    }
+
+    /// Commands Redis has processed so far (INFO stats), not counting this query itself.
+    pub async fn redis_commands(&self) -> anyhow::Result<u64> {
+        let info: String = self.redis.info(Some(fred::types::InfoKind::Stats)).await?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_commands_processed:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("INFO stats has total_commands_processed")
+    }
+
+    /// Drops the benchmark's database.
+    pub async fn cleanup(self) {
+        let Some((base, name)) = self.database_url.rsplit_once('/') else {
+            return;
+        };
+        drop(self.cached);
+        drop(self.pg_only);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Ok(mut conn) =
+            <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{base}/postgres")).await
+        {
+            let sql = format!("drop database if exists \"{name}\" with (force)");
+            let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut conn)
+                .await;
+        }
+    }
+}
+
+/// Users with one session each, written straight to the store (registering through the API
+/// would spend ~20 ms of CPU per user on password hashing).
+async fn seed(server: &Server, count: usize) -> anyhow::Result<Vec<User>> {
+    let hasher = PasswordHasher::new(&server.settings.auth)?;
+    let phc = hasher.hash(SecretString::from(PASSWORD)).await?;
+    let policy = SessionPolicy::from(&server.settings.session);
+    let mut users = Vec::with_capacity(count);
+    for i in 0..count {
+        let email = format!("user{i}@bench.example");
+        let user_id = uuid::Uuid::now_v7();
+        let record = policy.start(user_id, ClientInfo::default());
+        let (token, hash) = token::generate();
+        let user = NewUser {
+            id: user_id,
+            email: &email,
+            email_normalized: &email,
+            password_hash: &phc,
+            display_name: &format!("Bench User {i}"),
+        };
+        server
+            .db
+            .users()
+            .create_with_session(&user, &record, hash.as_bytes())
+            .await?;
+        users.push(User {
+            email,
+            user_id: user_id.to_string(),
+            token,
+        });
+    }
+    Ok(users)
+}
