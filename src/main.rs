@@ -5,6 +5,11 @@ use anyhow::Context;
 use authd::{app::Application, config::Settings, store::Db, telemetry};
 use clap::{Parser, Subcommand};
 
+/// glibc's malloc serialises on arena locks under many small concurrent allocations (HTTP/2
+/// frames, protobuf messages); mimalloc keeps per-thread heaps.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     version,

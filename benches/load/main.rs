@@ -10,6 +10,10 @@ use std::time::Duration;
 
 use clap::Parser;
 
+/// The same allocator as the `authd` binary, so the numbers are the service's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug, Clone, serde::Serialize)]
 #[command(about = "authd load benchmark")]
 pub struct Opts {

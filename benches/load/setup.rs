@@ -41,16 +41,15 @@ pub struct Env {
     database_url: String,
 }
 
+/// The usual settings (defaults, then `SECTION__KEY` environment variables, so any setting can be
+/// benchmarked), with the benchmark's own database, key prefix and no rate limits.
 fn settings(redis: bool, db_name: &str, prefix: &str) -> Settings {
-    let mut s = Settings::default();
+    let mut s = Settings::load(None).expect("valid settings in the environment");
     s.grpc.addr = "127.0.0.1:0".parse().expect("a socket address");
-    let base = std::env::var("BENCH_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let url = s.database.url.expose_secret().to_owned();
+    let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
     s.database.url = SecretString::from(format!("{base}/{db_name}"));
     s.redis.enabled = redis;
-    if let Ok(url) = std::env::var("BENCH_REDIS_URL") {
-        s.redis.url = SecretString::from(url);
-    }
     s.redis.key_prefix = prefix.to_owned();
     // The benchmark logs in the same users over and over: no limit should get in the way.
     s.rate_limit.login_per_email = 0;

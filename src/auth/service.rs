@@ -241,8 +241,8 @@ impl AuthService {
     }
 
     /// The hot path: one Redis GET when cached, no PostgreSQL query unless activity is due to be
-    /// recorded (once per touch interval per session).
-    #[instrument(skip_all)]
+    /// recorded (once per touch interval per session). No span of its own: the RPC's span says
+    /// enough, and this runs on every request other services serve.
     pub async fn validate(&self, token: &str) -> Result<SessionView, AuthError> {
         let hash = TokenHash::of_token(token).ok_or(AuthError::InvalidSession)?;
         self.validate_hash(&hash).await

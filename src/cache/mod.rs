@@ -19,7 +19,7 @@ use fred::{
     clients::Pool,
     interfaces::ClientLike,
     prelude::{Builder, Config, ReconnectPolicy},
-    types::config::{Options, TcpConfig, UnresponsiveConfig},
+    types::config::{TcpConfig, UnresponsiveConfig},
 };
 use secrecy::ExposeSecret;
 
@@ -40,9 +40,6 @@ pub struct Redis {
 struct Inner {
     pool: Pool,
     prefix: String,
-    /// Per-command options: fail at once while disconnected, one attempt only (a command that
-    /// may have run is never re-sent), bounded wait.
-    options: Options,
     /// Whether the last command succeeded; flips are logged, so an outage is logged once.
     healthy: AtomicBool,
     /// Count of failed commands. A failure may have been a lost tombstone, so cached copies are
@@ -99,17 +96,10 @@ impl Redis {
                 "redis is unreachable at startup; serving from PostgreSQL until it is back"
             );
         }
-        let options = Options {
-            fail_fast: true,
-            timeout: Some(settings.command_timeout),
-            max_attempts: Some(1),
-            ..Options::default()
-        };
         Ok(Self {
             inner: Some(Arc::new(Inner {
                 pool,
                 prefix: settings.key_prefix.clone(),
-                options,
                 healthy: AtomicBool::new(connected),
                 failures: AtomicU64::new(0),
                 trusted_through: AtomicU64::new(0),
@@ -137,6 +127,19 @@ impl Redis {
         self.inner.as_deref()
     }
 
+    /// A connected client, or `None` when Redis is disabled or no connection is up: callers then
+    /// fall back at once instead of queueing behind a reconnection. Commands sent on it are
+    /// bounded by `REDIS__COMMAND_TIMEOUT` and never re-sent (`max_command_attempts = 1`).
+    fn connected(&self) -> Option<&fred::clients::Client> {
+        let client = self.inner()?.pool.next_connected();
+        if client.is_connected() {
+            return Some(client);
+        }
+        let down = fred::error::Error::new(fred::error::ErrorKind::IO, "no connection to redis");
+        self.observe::<()>(Err(down));
+        None
+    }
+
     /// Records the outcome of a command, logging when Redis becomes unusable or usable again.
     fn observe<T>(&self, result: Result<T, fred::error::Error>) -> Option<T> {
         let inner = self.inner()?;
@@ -148,7 +151,7 @@ impl Redis {
                 Some(value)
             }
             Err(error) => {
-                inner.note_failure();
+                inner.failures.fetch_add(1, Ordering::AcqRel);
                 if inner.healthy.swap(false, Ordering::Relaxed) {
                     tracing::warn!(%error, "redis is unreachable; serving from PostgreSQL until it returns");
                 } else {
@@ -157,12 +160,6 @@ impl Redis {
                 None
             }
         }
-    }
-}
-
-impl Inner {
-    fn note_failure(&self) {
-        self.failures.fetch_add(1, Ordering::AcqRel);
     }
 }
 

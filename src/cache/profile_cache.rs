@@ -7,10 +7,7 @@
 //! not put N back after the update wrote N+1, whichever reaches Redis first.
 use std::sync::LazyLock;
 
-use fred::{
-    interfaces::{ClientLike, KeysInterface},
-    types::scripts::Script,
-};
+use fred::{interfaces::KeysInterface, types::scripts::Script};
 use uuid::Uuid;
 
 use super::Redis;
@@ -96,10 +93,9 @@ impl ProfileCache {
 
     /// One GET.
     pub async fn get(&self, user_id: &Uuid) -> CachedProfile {
-        let (Some(inner), Some(key)) = (self.redis.inner(), self.key(user_id)) else {
+        let (Some(key), Some(client)) = (self.key(user_id), self.redis.connected()) else {
             return CachedProfile::Unavailable;
         };
-        let client = inner.pool.next_connected().with_options(&inner.options);
         match self
             .redis
             .observe(client.get::<Option<String>, _>(key).await)
@@ -111,12 +107,11 @@ impl ProfileCache {
 
     /// One MGET for all of `user_ids`; `None` when Redis is unavailable.
     pub async fn get_many(&self, user_ids: &[Uuid]) -> Option<Vec<CachedProfile>> {
-        let inner = self.redis.inner()?;
         let keys: Vec<String> = user_ids
             .iter()
             .map(|id| self.key(id))
             .collect::<Option<_>>()?;
-        let client = inner.pool.next_connected().with_options(&inner.options);
+        let client = self.redis.connected()?;
         let values: Vec<Option<String>> = self.redis.observe(client.mget(keys).await)?;
         Some(values.into_iter().map(Self::decode).collect())
     }
@@ -135,10 +130,7 @@ impl ProfileCache {
     /// Writes all entries in one round trip (never an older version over a newer one). `false`
     /// when Redis could not confirm.
     pub async fn store(&self, entries: &[Entry<'_>]) -> bool {
-        let Some(inner) = self.redis.inner() else {
-            return true;
-        };
-        if entries.is_empty() {
+        if !self.redis.is_enabled() || entries.is_empty() {
             return true;
         }
         let mut keys = Vec::with_capacity(entries.len());
@@ -161,11 +153,9 @@ impl ProfileCache {
             keys.push(key);
             args.extend([version.to_string(), payload, self.ttl_ms(entry)]);
         }
-        let client = inner.pool.next_connected();
-        if !client.is_connected() {
-            inner.note_failure();
+        let Some(client) = self.redis.connected() else {
             return false;
-        }
+        };
         let result = STORE
             .evalsha_with_reload::<i64, _, _>(client, keys, args)
             .await;

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fred::{interfaces::ClientLike, types::scripts::Script};
+use fred::types::scripts::Script;
 
 use super::Redis;
 
@@ -151,15 +151,11 @@ impl RateLimiter {
         buckets: &[&Bucket],
         args: Vec<String>,
     ) -> Option<i64> {
-        let inner = self.redis.inner()?;
         let keys: Vec<String> = buckets
             .iter()
             .map(|b| self.redis.key("ratelimit", &b.id))
             .collect::<Option<_>>()?;
-        let client = inner.pool.next_connected();
-        if !client.is_connected() {
-            return None;
-        }
+        let client = self.redis.connected()?;
         self.redis.observe(
             script
                 .evalsha_with_reload::<i64, _, _>(client, keys, args)

@@ -8,7 +8,7 @@
 //! cannot put it back after the revocation, whichever of the two reaches Redis first.
 use std::{sync::LazyLock, time::Duration};
 
-use fred::{interfaces::ClientLike, prelude::KeysInterface, types::scripts::Script};
+use fred::{prelude::KeysInterface, types::scripts::Script};
 
 use super::Redis;
 use crate::{
@@ -74,10 +74,9 @@ impl SessionStore {
 
     /// One GET; never waits for a disconnected Redis.
     pub async fn get(&self, hash: &TokenHash) -> Cached {
-        let (Some(inner), Some(key)) = (self.redis.inner(), self.session_key(hash)) else {
+        let (Some(key), Some(client)) = (self.session_key(hash), self.redis.connected()) else {
             return Cached::Unavailable;
         };
-        let client = inner.pool.next_connected().with_options(&inner.options);
         let Some(value) = self
             .redis
             .observe(client.get::<Option<String>, _>(key).await)
@@ -100,17 +99,13 @@ impl SessionStore {
 
     /// Caches `record` for `ttl` unless the session was revoked meanwhile (tombstone present).
     pub async fn put(&self, hash: &TokenHash, record: &SessionRecord, ttl: Duration) {
-        let (Some(inner), Some(key), Some(index)) = (
-            self.redis.inner(),
-            self.session_key(hash),
-            self.index_key(&record.user_id),
-        ) else {
+        let (Some(key), Some(index)) = (self.session_key(hash), self.index_key(&record.user_id))
+        else {
             return;
         };
-        let client = inner.pool.next_connected();
-        if !client.is_connected() {
+        let Some(client) = self.redis.connected() else {
             return;
-        }
+        };
         let json = match serde_json::to_string(record) {
             Ok(json) => json,
             Err(error) => return tracing::error!(%error, "cannot serialise a session"),
@@ -134,9 +129,9 @@ impl SessionStore {
         invalidation: &Invalidation,
         now: chrono::DateTime<chrono::Utc>,
     ) -> bool {
-        let Some(inner) = self.redis.inner() else {
+        if !self.redis.is_enabled() {
             return true;
-        };
+        }
         let Some(hash) = TokenHash::from_bytes(&invalidation.token_hash) else {
             tracing::error!(
                 id = invalidation.id,
@@ -153,11 +148,9 @@ impl SessionStore {
         ) else {
             return true;
         };
-        let client = inner.pool.next_connected();
-        if !client.is_connected() {
-            inner.note_failure();
+        let Some(client) = self.redis.connected() else {
             return false;
-        }
+        };
         let args = vec![ttl.as_millis().max(1).to_string(), hash.to_hex()];
         let result = BURY
             .evalsha_with_reload::<i64, _, _>(client, vec![key, index], args)

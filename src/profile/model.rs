@@ -6,7 +6,8 @@ use uuid::Uuid;
 pub const BIO_MAX_CHARS: usize = 500;
 pub const AVATAR_URL_MAX_CHARS: usize = 2048;
 
-/// A profile as stored in PostgreSQL and copied into Redis.
+/// A profile as stored in PostgreSQL and copied into Redis (timestamps as integer microseconds,
+/// cheap to decode on the hot path).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct ProfileRecord {
     pub user_id: Uuid,
@@ -16,7 +17,9 @@ pub struct ProfileRecord {
     pub locale: String,
     pub time_zone: String,
     pub version: i64,
+    #[serde(with = "chrono::serde::ts_microseconds")]
     pub created_at: DateTime<Utc>,
+    #[serde(with = "chrono::serde::ts_microseconds")]
     pub updated_at: DateTime<Utc>,
 }
 

@@ -70,7 +70,7 @@ impl ProfileService {
         let _ = self.fill_hook.set(hook);
     }
 
-    #[instrument(skip_all)]
+    /// The hot read path (no span of its own; the RPC's span covers it).
     pub async fn get(&self, user_id: Uuid) -> Result<ProfileRecord, ProfileError> {
         let trusted = self.cache.redis().trusted();
         let loaded = match self.cache.get(&user_id).await {
