@@ -5,7 +5,6 @@ use anyhow::Context;
 use tokio::{net::TcpListener, sync::oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, server::TcpIncoming};
-use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     auth::{AuthService, password::PasswordHasher, session::SessionPolicy},
@@ -13,20 +12,23 @@ use crate::{
     config::Settings,
     grpc::{
         auth::{AuthGrpc, AuthServiceServer},
+        observe::ObserveLayer,
         profile::{ProfileGrpc, ProfileServiceServer},
     },
+    health::Health,
+    jobs::Jobs,
+    metrics::Metrics,
     profile::ProfileService,
     proto,
-    store::{self, Db},
+    store::Db,
 };
-
-/// Health service names authd reports besides the overall "".
-const SERVICES: [&str; 2] = ["authd.v1.AuthService", "authd.v1.ProfileService"];
 
 pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
+    metrics_listener: Option<TcpListener>,
     settings: Settings,
+    metrics: Arc<Metrics>,
     db: Arc<Db>,
     redis: Redis,
     auth: Arc<AuthService>,
@@ -48,18 +50,29 @@ impl Application {
         listener: TcpListener,
     ) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
+        let metrics_listener = match settings.metrics.enabled {
+            true => Some(
+                TcpListener::bind(settings.metrics.addr)
+                    .await
+                    .with_context(|| {
+                        format!("cannot listen on METRICS__ADDR={}", settings.metrics.addr)
+                    })?,
+            ),
+            false => None,
+        };
+        let metrics = Metrics::new();
         let db = Arc::new(
-            Db::connect(&settings.database)
+            Db::connect(&settings.database, metrics.clone())
                 .await
                 .context("cannot reach PostgreSQL at DATABASE__URL")?,
         );
         if settings.database.migrate {
             db.migrate().await.context("database migrations failed")?;
         }
-        let redis = Redis::connect(&settings.redis)
+        let redis = Redis::connect(&settings.redis, metrics.clone())
             .await
             .context("invalid Redis configuration")?;
-        let hasher = PasswordHasher::new(&settings.auth)?;
+        let hasher = PasswordHasher::new(&settings.auth, metrics.clone())?;
         let auth = Arc::new(AuthService::new(
             db.clone(),
             SessionStore::new(redis.clone(), settings.session.absolute_timeout),
@@ -76,7 +89,9 @@ impl Application {
         Ok(Self {
             listener,
             addr,
+            metrics_listener,
             settings,
+            metrics,
             db,
             redis,
             auth,
@@ -90,6 +105,13 @@ impl Application {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// Where `/metrics` is served, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The database handle (its query counter tells what a request cost).
@@ -108,35 +130,33 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes, then: health NOT_SERVING, stop accepting, let in-flight
-    /// calls finish within `GRPC__SHUTDOWN_GRACE`, close the pools.
+    /// calls finish within `GRPC__SHUTDOWN_GRACE` (open Watch streams cannot hold it longer),
+    /// close the pools.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let health = Arc::new(Health::new(reporter, self.metrics.clone()));
         let background = CancellationToken::new();
-        let (auth, profiles, redis) =
-            (self.auth.clone(), self.profiles.clone(), self.redis.clone());
-        let drainer = tokio::spawn(every(
-            self.settings.session.invalidation_interval,
-            background.clone(),
-            move || drain_invalidations(auth.clone(), profiles.clone(), redis.clone()),
-        ));
-        let (auth, retention) = (self.auth.clone(), self.settings.session.retention);
-        let purger = tokio::spawn(every(
-            self.settings.session.purge_interval,
-            background.clone(),
-            move || {
-                let auth = auth.clone();
-                async move {
-                    if let Err(error) = auth.purge_sessions(retention).await {
-                        tracing::warn!(%error, "session purge failed; retrying next time");
-                    }
-                }
-            },
-        ));
+        let mut jobs = Jobs {
+            auth: self.auth.clone(),
+            profiles: self.profiles.clone(),
+            redis: self.redis.clone(),
+            db: self.db.clone(),
+            health: health.clone(),
+        }
+        .spawn(&self.settings, &background);
+        if let Some(listener) = self.metrics_listener {
+            jobs.push(tokio::spawn(serve_metrics(
+                listener,
+                self.metrics.clone(),
+                self.db.clone(),
+                background.clone(),
+            )));
+        }
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let router = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
+            .layer(ObserveLayer::new(self.metrics.clone()))
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
@@ -152,7 +172,7 @@ impl Application {
         let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         }));
-        set_status(&health, ServingStatus::Serving).await;
+        health.start_serving().await;
         tracing::info!(addr = %self.addr, redis = self.redis.is_enabled(), "authd serving");
 
         tokio::select! {
@@ -164,7 +184,7 @@ impl Application {
             }
         }
         tracing::info!("shutting down: draining in-flight calls");
-        set_status(&health, ServingStatus::NotServing).await;
+        health.drain().await;
         let _ = stop_tx.send(());
         let grace = self.settings.grpc.shutdown_grace;
         match tokio::time::timeout(grace, &mut server).await {
@@ -178,7 +198,9 @@ impl Application {
             }
         }
         background.cancel();
-        let _ = tokio::join!(drainer, purger);
+        for job in jobs {
+            let _ = job.await;
+        }
         self.redis.quit().await;
         self.db.close().await;
         tracing::info!("authd stopped");
@@ -195,45 +217,30 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }
 
-/// Re-applies, to Redis, revocations and profile versions whose Redis step failed on any
-/// instance. When everything queued before the pass began has been applied, this instance trusts
-/// cached copies again (see `cache::Redis::trusted`).
-async fn drain_invalidations(auth: Arc<AuthService>, profiles: Arc<ProfileService>, redis: Redis) {
-    let mark = redis.failure_mark();
-    let sessions = auth.drain_invalidations().await;
-    let profiles = profiles.drain_invalidations().await;
-    match (sessions, profiles) {
-        (Ok(true), Ok(true)) => redis.trust(mark),
-        (Ok(_), Ok(_)) => {}
-        (Err(error), _) | (_, Err(error)) => {
-            tracing::debug!(%error, "could not drain queued invalidations; retrying");
-        }
-    }
-}
-
-async fn set_status(health: &HealthReporter, status: ServingStatus) {
-    for service in std::iter::once("").chain(SERVICES) {
-        health.set_service_status(service, status).await;
-    }
-}
-
-/// Runs `job` every `period` until `stop` (a background job of every instance: the invalidation
-/// drain, the session purge).
-async fn every<F, Fut>(period: Duration, stop: CancellationToken, job: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let mut ticker = tokio::time::interval(period);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = store::in_background(job()) => {}
-        }
+/// `GET /metrics` in the Prometheus text format.
+async fn serve_metrics(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    db: Arc<Db>,
+    stop: CancellationToken,
+) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let (metrics, db) = (metrics.clone(), db.clone());
+            async move {
+                db.record_pool_metrics();
+                (
+                    [("content-type", "text/plain; version=0.0.4")],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+    if let Err(error) = served {
+        tracing::error!(%error, "the metrics endpoint failed");
     }
 }

@@ -11,8 +11,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 /// Top-level sections; environment variables outside them are ignored.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 10] = [
     "grpc",
+    "metrics",
+    "health",
     "database",
     "redis",
     "session",
@@ -26,6 +28,8 @@ const SECTIONS: [&str; 8] = [
 #[serde(default)]
 pub struct Settings {
     pub grpc: GrpcSettings,
+    pub metrics: MetricsSettings,
+    pub health: HealthSettings,
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
     pub session: SessionSettings,
@@ -42,6 +46,25 @@ pub struct GrpcSettings {
     /// How long in-flight calls may take to finish after SIGTERM before the server stops anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Serve Prometheus metrics at `http://<addr>/metrics`.
+    pub enabled: bool,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthSettings {
+    /// PostgreSQL unreachable for longer than this turns health NOT_SERVING (until it answers).
+    #[serde(with = "humantime_serde")]
+    pub db_grace: Duration,
+    /// How often PostgreSQL is pinged for health.
+    #[serde(with = "humantime_serde")]
+    pub db_check_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -162,6 +185,24 @@ impl Default for GrpcSettings {
         Self {
             addr: SocketAddr::from(([0, 0, 0, 0], 50051)),
             shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            addr: SocketAddr::from(([0, 0, 0, 0], 9090)),
+        }
+    }
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            db_grace: Duration::from_secs(10),
+            db_check_interval: Duration::from_secs(1),
         }
     }
 }
@@ -311,6 +352,12 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |setting, reason: &str| Err(ConfigError::invalid(setting, reason));
+        if self.health.db_check_interval.is_zero() {
+            return invalid("HEALTH__DB_CHECK_INTERVAL", "must be greater than zero");
+        }
+        if self.metrics.enabled && self.metrics.addr == self.grpc.addr {
+            return invalid("METRICS__ADDR", "must differ from GRPC__ADDR");
+        }
         let d = &self.database;
         if !d.url.expose_secret().starts_with("postgres://")
             && !d.url.expose_secret().starts_with("postgresql://")

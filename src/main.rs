@@ -86,7 +86,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 }
 
 async fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    let db = Db::connect(&settings.database)
+    let db = Db::connect(&settings.database, authd::metrics::Metrics::new())
         .await
         .context("cannot reach PostgreSQL at DATABASE__URL")?;
     db.migrate().await.context("database migrations failed")?;

@@ -140,7 +140,10 @@ fn login_call(emails: Arc<Vec<String>>) -> impl driver::Call {
 /// argon2id verifications per second with the server's parameters and concurrency limit,
 /// measured the way the server runs them (blocking pool, behind the same semaphore).
 async fn raw_verify_rate(server: &Server, seconds: f64) -> anyhow::Result<f64> {
-    let hasher = Arc::new(PasswordHasher::new(&server.settings.auth)?);
+    let hasher = Arc::new(PasswordHasher::new(
+        &server.settings.auth,
+        authd::metrics::Metrics::new(),
+    )?);
     let phc = hasher.hash(SecretString::from(PASSWORD)).await?;
     let end = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
     let workers = server.settings.auth.hash_concurrency;

@@ -50,6 +50,7 @@ fn settings(redis: bool, db_name: &str, prefix: &str) -> Settings {
     let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
     s.database.url = SecretString::from(format!("{base}/{db_name}"));
     s.redis.enabled = redis;
+    s.metrics.addr = "127.0.0.1:0".parse().expect("a socket address");
     s.redis.key_prefix = prefix.to_owned();
     // The benchmark logs in the same users over and over: no limit should get in the way.
     s.rate_limit.login_per_email = 0;
@@ -142,7 +143,7 @@ impl Env {
 /// Users with one session each, written straight to the store (registering through the API
 /// would spend ~20 ms of CPU per user on password hashing).
 async fn seed(server: &Server, count: usize) -> anyhow::Result<Vec<User>> {
-    let hasher = PasswordHasher::new(&server.settings.auth)?;
+    let hasher = PasswordHasher::new(&server.settings.auth, authd::metrics::Metrics::new())?;
     let phc = hasher.hash(SecretString::from(PASSWORD)).await?;
     let policy = SessionPolicy::from(&server.settings.session);
     let mut users = Vec::with_capacity(count);

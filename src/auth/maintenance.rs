@@ -20,7 +20,7 @@ impl AuthService {
             .sessions()
             .pending_invalidations(DRAIN_BATCH)
             .await?;
-        let complete = self.invalidate(&pending, now).await;
+        let complete = self.invalidate(None, &pending, now).await;
         Ok(complete && (pending.len() as i64) < DRAIN_BATCH)
     }
 

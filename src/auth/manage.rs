@@ -40,7 +40,7 @@ impl AuthService {
         match sessions.revoke_by_id(user_id, session_id, now).await? {
             Some(invalidation) => {
                 tracing::info!(%user_id, %session_id, "session revoked");
-                self.invalidate(&[invalidation], now).await;
+                self.invalidate(Some("revoke"), &[invalidation], now).await;
                 Ok(())
             }
             None if sessions.belongs_to(user_id, session_id).await? => Ok(()),
@@ -69,7 +69,7 @@ impl AuthService {
             )
             .await?;
         tracing::info!(user_id = %current.record.user_id, count = revoked.len(), "sessions revoked");
-        self.invalidate(&revoked, now).await;
+        self.invalidate(Some("revoke_all"), &revoked, now).await;
         Ok(revoked.len())
     }
 
@@ -92,10 +92,7 @@ impl AuthService {
             l.login_per_email,
             l.login_window,
         )];
-        self.limiter
-            .acquire(&bucket)
-            .await
-            .map_err(|retry_after| AuthError::RateLimited { retry_after })?;
+        self.limit("change_password", &bucket).await?;
         let phc = self.db.users().find_password_hash(user_id).await?;
         match self.hasher.verify(current_password, phc).await {
             Ok(true) => self.limiter.settle(&bucket, &[]).await,
@@ -120,7 +117,8 @@ impl AuthService {
             .await?
             .ok_or(AuthError::InvalidSession)?;
         tracing::info!(%user_id, revoked = revoked.len(), "password changed");
-        self.invalidate(&revoked, now).await;
+        self.invalidate(Some("password_change"), &revoked, now)
+            .await;
         let mut record = current.record;
         record.authenticated_at = now;
         self.cache_copy(&hash, &record, now).await;

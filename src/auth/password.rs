@@ -17,7 +17,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Semaphore;
 use unicode_normalization::UnicodeNormalization;
 
-use crate::config::AuthSettings;
+use crate::{config::AuthSettings, metrics::Metrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HashError {
@@ -62,25 +62,28 @@ pub struct PasswordHasher {
     /// Verified against when the user does not exist, so an unknown email costs as much time as
     /// a wrong password.
     dummy_hash: String,
+    metrics: Arc<Metrics>,
 }
 
 /// Releases a place in the queue however the call ends (including cancellation).
-struct Admission(Arc<AtomicUsize>);
+struct Admission(Arc<AtomicUsize>, Arc<Metrics>);
 
 impl Drop for Admission {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+        self.1.hash_queue_depth.dec();
     }
 }
 
 impl PasswordHasher {
-    pub fn new(settings: &AuthSettings) -> Result<Self, HashError> {
+    pub fn new(settings: &AuthSettings, metrics: Arc<Metrics>) -> Result<Self, HashError> {
         let dummy_hash = hash_blocking(&SecretString::from("authd dummy password"))?;
         Ok(Self {
             slots: Arc::new(Semaphore::new(settings.hash_concurrency)),
             admitted: Arc::new(AtomicUsize::new(0)),
             capacity: settings.hash_concurrency + settings.hash_queue,
             dummy_hash,
+            metrics,
         })
     }
 
@@ -122,8 +125,10 @@ impl PasswordHasher {
 
     fn admit(&self) -> Result<Admission, HashError> {
         let previous = self.admitted.fetch_add(1, Ordering::AcqRel);
-        let admission = Admission(self.admitted.clone());
+        self.metrics.hash_queue_depth.inc();
+        let admission = Admission(self.admitted.clone(), self.metrics.clone());
         if previous >= self.capacity {
+            self.metrics.hash_rejections.inc();
             return Err(HashError::Overloaded);
         }
         Ok(admission)
@@ -158,10 +163,13 @@ mod tests {
     #[tokio::test]
     async fn past_the_queue_callers_are_refused_at_once() {
         let hasher = Arc::new(
-            PasswordHasher::new(&AuthSettings {
-                hash_concurrency: 1,
-                hash_queue: 1,
-            })
+            PasswordHasher::new(
+                &AuthSettings {
+                    hash_concurrency: 1,
+                    hash_queue: 1,
+                },
+                Metrics::new(),
+            )
             .unwrap(),
         );
         let calls: Vec<_> = (0..6)

@@ -24,6 +24,7 @@ use super::{
 use crate::{
     cache::{Bucket, Cached, RateLimiter, SessionStore},
     config::RateLimitSettings,
+    metrics::Metrics,
     store::{Db, EMAIL_UNIQUE, Invalidation, NewUser, StoreError},
 };
 
@@ -90,6 +91,22 @@ impl AuthService {
         let _ = self.fill_hook.set(hook);
     }
 
+    pub(super) fn metrics(&self) -> &Metrics {
+        self.cache.redis().metrics()
+    }
+
+    /// Counts an attempt of `operation` in `buckets`; refused (and counted in metrics) past a
+    /// limit.
+    pub(super) async fn limit(&self, operation: &str, buckets: &[Bucket]) -> Result<(), AuthError> {
+        self.limiter.acquire(buckets).await.map_err(|retry_after| {
+            self.metrics()
+                .rate_limited
+                .with_label_values(&[operation])
+                .inc();
+            AuthError::RateLimited { retry_after }
+        })
+    }
+
     fn ip_bucket(
         kind: &str,
         client: &ClientInfo,
@@ -111,10 +128,7 @@ impl AuthService {
         )
         .into_iter()
         .collect();
-        self.limiter
-            .acquire(&buckets)
-            .await
-            .map_err(|retry_after| AuthError::RateLimited { retry_after })?;
+        self.limit("register", &buckets).await?;
         let password_hash = self.hasher.hash(r.password).await?;
         let user_id = Uuid::now_v7();
         let record = self.policy.start(user_id, r.client);
@@ -156,14 +170,12 @@ impl AuthService {
             l.login_per_ip,
             l.login_window,
         ));
-        self.limiter
-            .acquire(&buckets)
-            .await
-            .map_err(|retry_after| AuthError::RateLimited { retry_after })?;
+        self.limit("login", &buckets).await?;
 
         let user_id = match self.check_password(&c.email, c.password).await {
             Ok(user_id) => user_id,
             Err(AuthError::InvalidCredentials) => {
+                self.metrics().failed_logins.inc();
                 tracing::info!("failed login");
                 return Err(AuthError::InvalidCredentials);
             }
@@ -189,7 +201,7 @@ impl AuthService {
             )
             .await?;
         tracing::info!(%user_id, session_id = %record.id, evicted = evicted.len(), "session created");
-        self.invalidate(&evicted, now).await;
+        self.invalidate(Some("session_cap"), &evicted, now).await;
         Ok(self.issued(token, hash, record).await)
     }
 
@@ -214,6 +226,7 @@ impl AuthService {
 
     async fn issued(&self, token: String, hash: TokenHash, record: SessionRecord) -> IssuedSession {
         let view = self.view(record);
+        self.metrics().sessions_created.inc();
         self.cache_copy(&hash, &view.record, session::now()).await;
         IssuedSession {
             token: SecretString::from(token),
@@ -318,18 +331,24 @@ impl AuthService {
             .await?
         {
             tracing::info!(user_id = %invalidation.user_id, "session revoked");
-            self.invalidate(&[invalidation], now).await;
+            self.invalidate(Some("logout"), &[invalidation], now).await;
         }
         Ok(())
     }
 
     /// Writes the tombstones and forgets the queued invalidations Redis confirmed. `true` when
-    /// every one was confirmed.
+    /// every one was confirmed. `reason` (absent when re-applying) labels the revocations in
+    /// metrics.
     pub(super) async fn invalidate(
         &self,
+        reason: Option<&str>,
         invalidations: &[Invalidation],
         now: DateTime<Utc>,
     ) -> bool {
+        if let Some(reason) = reason {
+            let revoked = self.metrics().sessions_revoked.with_label_values(&[reason]);
+            revoked.inc_by(invalidations.len() as u64);
+        }
         let mut done = Vec::with_capacity(invalidations.len());
         for invalidation in invalidations {
             if self.cache.bury(invalidation, now).await {

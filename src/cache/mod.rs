@@ -27,7 +27,7 @@ pub use profile_cache::{CachedProfile, Entry, ProfileCache};
 pub use rate_limit::{Bucket, RateLimiter};
 pub use session_store::{Cached, SessionStore};
 
-use crate::config::RedisSettings;
+use crate::{config::RedisSettings, metrics::Metrics};
 
 /// Kinds of keys; with the schema version they form `<prefix><kind>:v1:<id>`.
 const SCHEMA_VERSION: &str = "v1";
@@ -35,6 +35,7 @@ const SCHEMA_VERSION: &str = "v1";
 #[derive(Clone)]
 pub struct Redis {
     inner: Option<Arc<Inner>>,
+    metrics: Arc<Metrics>,
 }
 
 struct Inner {
@@ -50,16 +51,27 @@ struct Inner {
 }
 
 impl Redis {
-    pub fn disabled() -> Self {
-        Self { inner: None }
+    pub fn disabled(metrics: Arc<Metrics>) -> Self {
+        metrics.redis_up.set(0);
+        Self {
+            inner: None,
+            metrics,
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Builds the pool and connects, waiting at most `REDIS__CONNECT_TIMEOUT`. The service does
     /// not need Redis to start: while it is unreachable every command fails fast and requests use
     /// PostgreSQL; the reconnect policy never gives up, so Redis is used as soon as it is back.
-    pub async fn connect(settings: &RedisSettings) -> Result<Self, fred::error::Error> {
+    pub async fn connect(
+        settings: &RedisSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, fred::error::Error> {
         if !settings.enabled {
-            return Ok(Self::disabled());
+            return Ok(Self::disabled(metrics));
         }
         let mut config = Config::from_url(settings.url.expose_secret())?;
         config.fail_fast = false;
@@ -96,6 +108,7 @@ impl Redis {
                 "redis is unreachable at startup; serving from PostgreSQL until it is back"
             );
         }
+        metrics.redis_up.set(i64::from(connected));
         Ok(Self {
             inner: Some(Arc::new(Inner {
                 pool,
@@ -104,6 +117,7 @@ impl Redis {
                 failures: AtomicU64::new(0),
                 trusted_through: AtomicU64::new(0),
             })),
+            metrics,
         })
     }
 
@@ -146,13 +160,21 @@ impl Redis {
         match result {
             Ok(value) => {
                 if !inner.healthy.swap(true, Ordering::Relaxed) {
+                    self.metrics.redis_up.set(1);
                     tracing::info!("redis is reachable again; using the cache");
                 }
                 Some(value)
             }
             Err(error) => {
                 inner.failures.fetch_add(1, Ordering::AcqRel);
+                let kind = match error.kind() {
+                    fred::error::ErrorKind::Timeout => "timeout",
+                    fred::error::ErrorKind::IO | fred::error::ErrorKind::Canceled => "disconnected",
+                    _ => "error",
+                };
+                self.metrics.redis_errors.with_label_values(&[kind]).inc();
                 if inner.healthy.swap(false, Ordering::Relaxed) {
+                    self.metrics.redis_up.set(0);
                     tracing::warn!(%error, "redis is unreachable; serving from PostgreSQL until it returns");
                 } else {
                     tracing::debug!(%error, "redis command failed");

@@ -91,18 +91,35 @@ impl ProfileCache {
         }
     }
 
+    fn count(&self, cached: &CachedProfile) {
+        let result = match cached {
+            CachedProfile::Hit(_) => "hit",
+            CachedProfile::NotFound => "negative",
+            CachedProfile::Miss => "miss",
+            CachedProfile::Unavailable => "unavailable",
+        };
+        let lookups = &self.redis.metrics().cache_lookups;
+        lookups.with_label_values(&["profiles", result]).inc();
+    }
+
     /// One GET.
     pub async fn get(&self, user_id: &Uuid) -> CachedProfile {
-        let (Some(key), Some(client)) = (self.key(user_id), self.redis.connected()) else {
-            return CachedProfile::Unavailable;
+        let cached = match (self.key(user_id), self.redis.connected()) {
+            (Some(key), Some(client)) => {
+                match self
+                    .redis
+                    .observe(client.get::<Option<String>, _>(key).await)
+                {
+                    Some(value) => Self::decode(value),
+                    None => CachedProfile::Unavailable,
+                }
+            }
+            _ => CachedProfile::Unavailable,
         };
-        match self
-            .redis
-            .observe(client.get::<Option<String>, _>(key).await)
-        {
-            Some(value) => Self::decode(value),
-            None => CachedProfile::Unavailable,
+        if self.redis.is_enabled() {
+            self.count(&cached);
         }
+        cached
     }
 
     /// One MGET for all of `user_ids`; `None` when Redis is unavailable.
@@ -113,7 +130,9 @@ impl ProfileCache {
             .collect::<Option<_>>()?;
         let client = self.redis.connected()?;
         let values: Vec<Option<String>> = self.redis.observe(client.mget(keys).await)?;
-        Some(values.into_iter().map(Self::decode).collect())
+        let cached: Vec<CachedProfile> = values.into_iter().map(Self::decode).collect();
+        cached.iter().for_each(|c| self.count(c));
+        Some(cached)
     }
 
     /// The entry's lifetime: the TTL plus up to `jitter` of it, so entries filled together do

@@ -196,7 +196,7 @@ mod tests {
 
     #[tokio::test]
     async fn in_process_counters_limit_reset_by_window_and_forgive() {
-        let limiter = RateLimiter::new(Redis::disabled());
+        let limiter = RateLimiter::new(Redis::disabled(crate::metrics::Metrics::new()));
         let b = [Bucket::new("t", "x", 2, Duration::from_millis(300))];
         assert!(limiter.acquire(&b).await.is_ok());
         assert!(limiter.acquire(&b).await.is_ok());
@@ -225,7 +225,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_zero_limit_is_unlimited() {
-        let limiter = RateLimiter::new(Redis::disabled());
+        let limiter = RateLimiter::new(Redis::disabled(crate::metrics::Metrics::new()));
         let b = [Bucket::new("t", "x", 0, Duration::from_secs(1))];
         for _ in 0..100 {
             assert!(limiter.acquire(&b).await.is_ok());

@@ -74,27 +74,39 @@ impl SessionStore {
 
     /// One GET; never waits for a disconnected Redis.
     pub async fn get(&self, hash: &TokenHash) -> Cached {
-        let (Some(key), Some(client)) = (self.session_key(hash), self.redis.connected()) else {
-            return Cached::Unavailable;
-        };
-        let Some(value) = self
-            .redis
-            .observe(client.get::<Option<String>, _>(key).await)
-        else {
-            return Cached::Unavailable;
-        };
-        match value.as_deref() {
-            None => Cached::Miss,
-            Some(TOMBSTONE) => Cached::Revoked,
-            Some(json) => match serde_json::from_str(json) {
-                Ok(record) => Cached::Hit(record),
-                Err(error) => {
-                    // Another schema under the same key: treat as absent, it will be replaced.
-                    tracing::warn!(%error, "unreadable cached session; reading PostgreSQL");
-                    Cached::Miss
+        let cached = match (self.session_key(hash), self.redis.connected()) {
+            (Some(key), Some(client)) => {
+                match self
+                    .redis
+                    .observe(client.get::<Option<String>, _>(key).await)
+                {
+                    None => Cached::Unavailable,
+                    Some(None) => Cached::Miss,
+                    Some(Some(value)) if value == TOMBSTONE => Cached::Revoked,
+                    Some(Some(json)) => match serde_json::from_str(&json) {
+                        Ok(record) => Cached::Hit(record),
+                        Err(error) => {
+                            // Another schema under the same key: treat as absent, it will be
+                            // replaced.
+                            tracing::warn!(%error, "unreadable cached session; reading PostgreSQL");
+                            Cached::Miss
+                        }
+                    },
                 }
-            },
+            }
+            _ => Cached::Unavailable,
+        };
+        if self.redis.is_enabled() {
+            let result = match cached {
+                Cached::Hit(_) => "hit",
+                Cached::Revoked => "negative",
+                Cached::Miss => "miss",
+                Cached::Unavailable => "unavailable",
+            };
+            let lookups = &self.redis.metrics().cache_lookups;
+            lookups.with_label_values(&["sessions", result]).inc();
         }
+        cached
     }
 
     /// Caches `record` for `ttl` unless the session was revoked meanwhile (tombstone present).

@@ -9,7 +9,10 @@ mod users;
 use std::{
     future::Future,
     str::FromStr,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -24,7 +27,7 @@ pub use profiles::{ProfileInvalidation, ProfileRepo, UpdateOutcome};
 pub use sessions::{Invalidation, SessionRepo, StoredSession};
 pub use users::{EMAIL_UNIQUE, NewUser, UserRepo};
 
-use crate::config::DatabaseSettings;
+use crate::{config::DatabaseSettings, metrics::Metrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -81,17 +84,31 @@ pub async fn in_background<F: Future>(job: F) -> F::Output {
 /// The pool plus what every query shares: its time bound and a count of the queries run while
 /// serving requests (which the tests and the benchmark read to prove what a cached path does not
 /// do).
-#[derive(Debug)]
 pub struct Db {
     pool: PgPool,
     query_timeout: Duration,
     queries: AtomicU64,
+    /// Operations started and not finished (holding or waiting for a connection).
+    in_flight: AtomicI64,
+    metrics: Arc<Metrics>,
+}
+
+/// Counts an operation in flight for as long as it lives (including when cancelled).
+struct InFlight<'a>(&'a AtomicI64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Db {
     /// Creates the database when allowed and missing, then builds the pool. Connections are made
     /// lazily, so a database that goes away later is reconnected by itself.
-    pub async fn connect(settings: &DatabaseSettings) -> Result<Self, StoreError> {
+    pub async fn connect(
+        settings: &DatabaseSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
         let url = settings.url.expose_secret();
         if settings.create_if_missing && !sqlx::Postgres::database_exists(url).await? {
             match sqlx::Postgres::create_database(url).await {
@@ -113,6 +130,8 @@ impl Db {
             pool,
             query_timeout: settings.query_timeout,
             queries: AtomicU64::new(0),
+            in_flight: AtomicI64::new(0),
+            metrics,
         })
     }
 
@@ -130,14 +149,39 @@ impl Db {
         self.queries.load(Ordering::Relaxed)
     }
 
+    /// Publishes the pool's state (called when metrics are scraped).
+    pub fn record_pool_metrics(&self) {
+        let size = i64::from(self.pool.size());
+        let idle = i64::try_from(self.pool.num_idle()).unwrap_or(i64::MAX);
+        let in_use = (size - idle).max(0);
+        let m = &self.metrics;
+        m.db_connections.with_label_values(&["in_use"]).set(in_use);
+        m.db_connections.with_label_values(&["idle"]).set(idle);
+        m.db_waiting
+            .set((self.in_flight.load(Ordering::Relaxed) - in_use).max(0));
+    }
+
+    /// A trivial query, to tell whether PostgreSQL answers (health).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.run(sqlx::query("select 1").execute(&self.pool))
+            .await
+            .map(|_| ())
+    }
+
     /// Runs one store operation (one round trip) within the query timeout.
     async fn run<T>(
         &self,
         operation: impl Future<Output = Result<T, sqlx::Error>>,
     ) -> Result<T, StoreError> {
-        if BACKGROUND.try_with(|_| ()).is_err() {
+        let origin = if BACKGROUND.try_with(|_| ()).is_err() {
             self.queries.fetch_add(1, Ordering::Relaxed);
-        }
+            "request"
+        } else {
+            "background"
+        };
+        self.metrics.db_queries.with_label_values(&[origin]).inc();
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(&self.in_flight);
         match tokio::time::timeout(self.query_timeout, operation).await {
             Ok(result) => result.map_err(StoreError::from),
             Err(_elapsed) => Err(StoreError::Unavailable(None)),

@@ -58,6 +58,7 @@ pub fn test_settings(mode: Mode) -> Settings {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let mut s = Settings::default();
     s.grpc.addr = "127.0.0.1:0".parse().unwrap();
+    s.metrics.addr = "127.0.0.1:0".parse().unwrap();
     s.grpc.shutdown_grace = Duration::from_secs(5);
     s.database.url = SecretString::from(format!("{}/authd_test_{id}", postgres_base_url()));
     s.database.max_connections = 5;
@@ -73,6 +74,7 @@ pub fn test_settings(mode: Mode) -> Settings {
 }
 
 pub struct TestApp {
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub auth: AuthServiceClient<Channel>,
     pub profiles: ProfileServiceClient<Channel>,
     pub health: HealthClient<Channel>,
@@ -130,6 +132,7 @@ async fn spawn_inner(settings: Settings, drop_database: bool, hooks: Hooks) -> T
         .await
         .expect("the app builds");
     let addr = app.local_addr();
+    let metrics_addr = app.metrics_addr();
     let db = app.db();
     if let Some(hook) = hooks.session_fill {
         app.auth().set_fill_hook(hook);
@@ -148,6 +151,7 @@ async fn spawn_inner(settings: Settings, drop_database: bool, hooks: Hooks) -> T
         .await
         .expect("connects to the app");
     TestApp {
+        metrics_addr,
         auth: AuthServiceClient::new(channel.clone()),
         profiles: ProfileServiceClient::new(channel.clone()),
         health: HealthClient::new(channel.clone()),
@@ -314,6 +318,40 @@ pub fn session_key(app: &TestApp, token: &str) -> String {
 }
 
 impl TestApp {
+    /// The Prometheus text from `/metrics`.
+    pub async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics_addr.expect("metrics are enabled");
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: authd\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(
+            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+            "{head}"
+        );
+        body.to_owned()
+    }
+
+    /// The value of one sample (`name{labels}`) in `/metrics`, 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(sample)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    }
+
     pub async fn get_profile(&self, user_id: &str) -> Result<pb::Profile, Status> {
         self.profiles
             .clone()

@@ -124,6 +124,7 @@ fn binary_env(cmd: &mut Command, settings: &authd::config::Settings) {
         .env("REDIS__KEY_PREFIX", &settings.redis.key_prefix)
         .env("REDIS__URL", crate::helpers::redis_url())
         .env("LOG__LEVEL", "warn")
+        .env("METRICS__ADDR", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
 }

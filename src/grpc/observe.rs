@@ -1,0 +1,132 @@
+//! Around every RPC: a request id (the caller's `x-request-id`, or a new one, returned in the
+//! response metadata), a span carrying it, one log line when the RPC answers (method, code,
+//! latency, request id), and the RPC metrics.
+//!
+//! The status of an error is in the response headers (gRPC "trailers-only"); a response without
+//! one is OK, its status following in the trailers. Streams (health Watch) are recorded when they
+//! start.
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use http::{HeaderValue, Request, Response};
+use tonic::Code;
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::metrics::Metrics;
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+#[derive(Clone)]
+pub struct ObserveLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl ObserveLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+/// The caller's request id when it is reasonable (printable ASCII, at most 128 bytes).
+fn request_id<B>(request: &Request<B>) -> HeaderValue {
+    request
+        .headers()
+        .get(REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.to_str().is_ok())
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+                .expect("a UUID is a valid header value")
+        })
+}
+
+fn status_code<B>(response: &Response<B>) -> Code {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(Code::Ok, Code::from_i32)
+}
+
+impl<S, B, RB> Service<Request<B>> for Observe<S>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let start = Instant::now();
+        let id = request_id(&request);
+        let path = request.uri().path().to_owned();
+        let span = tracing::info_span!(
+            "rpc",
+            method = %path,
+            request_id = %id.to_str().unwrap_or_default(),
+        );
+        // The clone that was made ready serves this call; a fresh clone waits for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let mut response = inner.call(request).instrument(span.clone()).await?;
+            let code = status_code(&response);
+            response.headers_mut().insert(REQUEST_ID, id);
+            let elapsed = start.elapsed();
+            // Unknown paths answer UNIMPLEMENTED; keep them out of the label values (callers
+            // choose paths, and each label value is a new time series).
+            let (service, method) = match path.trim_start_matches('/').split_once('/') {
+                Some(parts) if code != Code::Unimplemented => parts,
+                _ => ("unknown", "unknown"),
+            };
+            let code_name = format!("{code:?}");
+            metrics
+                .rpc_requests
+                .with_label_values(&[service, method, &code_name])
+                .inc();
+            metrics
+                .rpc_duration
+                .with_label_values(&[service, method])
+                .observe(elapsed.as_secs_f64());
+            span.in_scope(|| {
+                tracing::info!(
+                    target: "authd::rpc",
+                    code = %code_name,
+                    latency_ms = elapsed.as_secs_f64() * 1000.0,
+                    "rpc"
+                );
+            });
+            Ok(response)
+        })
+    }
+}

@@ -1,0 +1,175 @@
+//! Prometheus metrics: one registry per application (so several instances in one process, as in
+//! the tests, never mix their numbers), served as text on `METRICS__ADDR` `/metrics`.
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric authd exports; the names are documented in README.md (Operations).
+pub struct Metrics {
+    registry: Registry,
+    /// RPCs by service, method and gRPC status code.
+    pub rpc_requests: IntCounterVec,
+    /// RPC latency by service and method (unary: until the response; streams: until they start).
+    pub rpc_duration: HistogramVec,
+    /// Cache lookups by cache (`sessions`, `profiles`) and result (`hit`, `miss`, `negative`,
+    /// `unavailable`).
+    pub cache_lookups: IntCounterVec,
+    /// Redis command failures by kind (`timeout`, `disconnected`, `error`).
+    pub redis_errors: IntCounterVec,
+    /// 1 while Redis answers, 0 while authd runs degraded (or has Redis disabled).
+    pub redis_up: IntGauge,
+    /// PostgreSQL pool connections by state (`in_use`, `idle`), read at scrape time.
+    pub db_connections: IntGaugeVec,
+    /// Store operations waiting for a pooled connection (operations in flight beyond those
+    /// holding a connection), read at scrape time.
+    pub db_waiting: IntGauge,
+    /// PostgreSQL queries by origin (`request`, `background`).
+    pub db_queries: IntCounterVec,
+    pub sessions_created: IntCounter,
+    /// Sessions revoked, by reason (`logout`, `revoke`, `revoke_all`, `password_change`,
+    /// `session_cap`).
+    pub sessions_revoked: IntCounterVec,
+    pub failed_logins: IntCounter,
+    /// Requests refused by a rate limit, by limit (`login_email`, `login_ip`, `register_ip`,
+    /// `change_password`).
+    pub rate_limited: IntCounterVec,
+    /// Password-hash calls waiting for or holding a hashing slot.
+    pub hash_queue_depth: IntGauge,
+    /// Password-hash calls refused because the queue was full.
+    pub hash_rejections: IntCounter,
+    /// 1 while PostgreSQL answered within HEALTH__DB_GRACE.
+    pub db_up: IntGauge,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("a valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("a metric registered once");
+    metric
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let metric = IntCounter::new(name, help).expect("a valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("a metric registered once");
+    metric
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let metric = IntGauge::new(name, help).expect("a valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("a metric registered once");
+    metric
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let r = Registry::new();
+        let rpc_duration = HistogramVec::new(
+            HistogramOpts::new("authd_rpc_duration_seconds", "RPC latency").buckets(
+                prometheus::exponential_buckets(0.000_05, 2.0, 18).expect("valid buckets"),
+            ),
+            &["service", "method"],
+        )
+        .expect("a valid metric");
+        r.register(Box::new(rpc_duration.clone()))
+            .expect("a metric registered once");
+        let db_connections = IntGaugeVec::new(
+            Opts::new(
+                "authd_db_connections",
+                "PostgreSQL pool connections by state",
+            ),
+            &["state"],
+        )
+        .expect("a valid metric");
+        r.register(Box::new(db_connections.clone()))
+            .expect("a metric registered once");
+        Arc::new(Self {
+            rpc_requests: counter_vec(
+                &r,
+                "authd_rpc_requests_total",
+                "RPCs by service, method and status code",
+                &["service", "method", "code"],
+            ),
+            rpc_duration,
+            cache_lookups: counter_vec(
+                &r,
+                "authd_cache_lookups_total",
+                "Cache lookups by cache and result",
+                &["cache", "result"],
+            ),
+            redis_errors: counter_vec(
+                &r,
+                "authd_redis_errors_total",
+                "Redis command failures by kind",
+                &["kind"],
+            ),
+            redis_up: gauge(
+                &r,
+                "authd_redis_up",
+                "1 while Redis is usable, 0 while degraded",
+            ),
+            db_connections,
+            db_waiting: gauge(
+                &r,
+                "authd_db_connections_waiting",
+                "Store operations waiting for a pooled connection",
+            ),
+            db_queries: counter_vec(
+                &r,
+                "authd_db_queries_total",
+                "PostgreSQL queries by origin",
+                &["origin"],
+            ),
+            sessions_created: counter(&r, "authd_sessions_created_total", "Sessions created"),
+            sessions_revoked: counter_vec(
+                &r,
+                "authd_sessions_revoked_total",
+                "Sessions revoked by reason",
+                &["reason"],
+            ),
+            failed_logins: counter(
+                &r,
+                "authd_failed_logins_total",
+                "Logins refused for bad credentials",
+            ),
+            rate_limited: counter_vec(
+                &r,
+                "authd_rate_limited_total",
+                "Requests refused by a rate limit",
+                &["limit"],
+            ),
+            hash_queue_depth: gauge(
+                &r,
+                "authd_password_hash_queue_depth",
+                "Password-hash calls waiting for or holding a slot",
+            ),
+            hash_rejections: counter(
+                &r,
+                "authd_password_hash_rejections_total",
+                "Password-hash calls refused: queue full",
+            ),
+            db_up: gauge(
+                &r,
+                "authd_db_up",
+                "1 while PostgreSQL answers within HEALTH__DB_GRACE",
+            ),
+            registry: r,
+        })
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(%error, "cannot encode metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
