@@ -33,8 +33,7 @@ pub struct Metrics {
     /// `session_cap`).
     pub sessions_revoked: IntCounterVec,
     pub failed_logins: IntCounter,
-    /// Requests refused by a rate limit, by limit (`login_email`, `login_ip`, `register_ip`,
-    /// `change_password`).
+    /// Requests refused by a rate limit, by operation (`login`, `register`, `change_password`).
     pub rate_limited: IntCounterVec,
     /// Password-hash calls waiting for or holding a hashing slot.
     pub hash_queue_depth: IntGauge,
@@ -142,8 +141,8 @@ impl Metrics {
             rate_limited: counter_vec(
                 &r,
                 "authd_rate_limited_total",
-                "Requests refused by a rate limit",
-                &["limit"],
+                "Requests refused by a rate limit, by operation",
+                &["operation"],
             ),
             hash_queue_depth: gauge(
                 &r,

@@ -6,6 +6,7 @@ mod redis_server;
 mod degraded;
 mod login;
 mod manage;
+mod operability;
 mod profiles;
 mod rate_limit;
 mod register;

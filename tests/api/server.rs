@@ -68,6 +68,7 @@ async fn shutdown_goes_not_serving_lets_calls_finish_and_stops_despite_watchers(
     settings.auth.hash_concurrency = 1;
     let mut app = spawn_with(settings).await;
     let (email, _) = app.register().await;
+    let mut health = app.health.clone();
     let mut watch = app
         .health
         .clone()
@@ -115,6 +116,30 @@ async fn shutdown_goes_not_serving_lets_calls_finish_and_stops_despite_watchers(
         .expect("stopped within the grace period")
         .unwrap()
         .expect("clean stop");
+    // After the drain, new calls are refused: the old connection is closed (the first call on
+    // it may see that as CANCELLED) and no new one is accepted.
+    for _ in 0..2 {
+        let refused = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                refused.code(),
+                tonic::Code::Unavailable | tonic::Code::Cancelled
+            ),
+            "{refused:?}"
+        );
+    }
+    let last = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(last.code(), tonic::Code::Unavailable, "{last:?}");
 }
 
 fn binary_env(cmd: &mut Command, settings: &authd::config::Settings) {
