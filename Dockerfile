@@ -6,6 +6,8 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
 COPY migrations ./migrations
 COPY src ./src
+# Cargo reads every target of the manifest, the benchmark included.
+COPY benches ./benches
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin authd \
@@ -18,7 +20,7 @@ COPY --from=builder /usr/local/bin/authd /usr/local/bin/authd
 USER authd
 ENV GRPC__ADDR=0.0.0.0:50051 \
     LOG__FORMAT=json
-EXPOSE 50051
+EXPOSE 50051 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
     CMD ["authd", "healthcheck"]
 ENTRYPOINT ["authd"]

@@ -13,7 +13,6 @@ use authd::{
     store::Db,
 };
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::Connection;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::{Code, Status, transport::Channel};
 use tonic_health::pb::health_client::HealthClient;
@@ -255,26 +254,13 @@ impl Drop for TestApp {
             return;
         }
         let url = self.settings.database.url.expose_secret().to_owned();
-        let Some((_, name)) = url.rsplit_once('/') else {
-            return;
-        };
-        let name = name.to_owned();
         // Drop runs inside the test's runtime: do the async cleanup on a thread of its own.
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
-            runtime.block_on(async {
-                if let Ok(mut conn) =
-                    sqlx::PgConnection::connect(&format!("{}/postgres", postgres_base_url())).await
-                {
-                    let sql = format!("drop database if exists \"{name}\" with (force)");
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
-                        .execute(&mut conn)
-                        .await;
-                }
-            });
+            runtime.block_on(drop_database(&url));
         })
         .join();
     }
@@ -499,5 +485,71 @@ where
             "not within {within:?}: {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A fill hook that pauses the first cache fill after [`PauseOnce::arm`] (between its PostgreSQL
+/// read and its Redis write) until [`PauseOnce::resume`].
+#[derive(Clone, Default)]
+pub struct PauseOnce {
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    reached: Arc<tokio::sync::Notify>,
+    resume: Arc<tokio::sync::Notify>,
+}
+
+impl PauseOnce {
+    pub fn hook(&self) -> FillHook {
+        let this = self.clone();
+        Arc::new(move |_| {
+            let this = this.clone();
+            Box::pin(async move {
+                if this.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    this.reached.notify_one();
+                    this.resume.notified().await;
+                }
+            })
+        })
+    }
+
+    pub fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Waits until the armed fill has paused.
+    pub async fn reached(&self) {
+        tokio::time::timeout(Duration::from_secs(10), self.reached.notified())
+            .await
+            .expect("the fill paused after reading PostgreSQL");
+    }
+
+    pub fn resume(&self) {
+        self.resume.notify_one();
+    }
+}
+
+/// The fields named by the `google.rpc.BadRequest` of an INVALID_ARGUMENT.
+pub fn violation_fields(status: &Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .expect("INVALID_ARGUMENT carries google.rpc.BadRequest")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}
+
+/// Drops the database of `url` (and every connection to it).
+pub async fn drop_database(url: &str) {
+    let Some((base, name)) = url.rsplit_once('/') else {
+        return;
+    };
+    if let Ok(mut conn) =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{base}/postgres")).await
+    {
+        let sql = format!("drop database if exists \"{name}\" with (force)");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await;
     }
 }

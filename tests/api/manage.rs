@@ -4,6 +4,7 @@ use tonic_types::StatusExt;
 
 use crate::{
     both_modes,
+    helpers::violation_fields,
     helpers::{Mode, PASSWORD, assert_code, spawn_app, spawn_with, test_settings},
 };
 
@@ -134,13 +135,7 @@ async fn change_password_requires_the_current_one_and_revokes_the_others(mode: M
             .await,
         Code::InvalidArgument,
     );
-    let fields: Vec<_> = status
-        .get_details_bad_request()
-        .unwrap()
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect();
+    let fields = violation_fields(&status);
     assert_eq!(fields, ["new_password"]);
     app.validate(&other).await.expect("nothing changed yet");
 

@@ -354,20 +354,7 @@ async fn no_secret_reaches_the_logs_at_any_level() {
             "a secret reached the logs: {secret}"
         );
     }
-    drop_database(&settings).await;
-}
-
-async fn drop_database(settings: &authd::config::Settings) {
-    let url = settings.database.url.expose_secret();
-    let (base, name) = url.rsplit_once('/').unwrap();
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{base}/postgres"))
-        .await
-        .unwrap();
-    let sql = format!("drop database if exists \"{name}\" with (force)");
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    crate::helpers::drop_database(settings.database.url.expose_secret()).await;
 }
 
 /// Every YAML file the repository ships parses, and the Kubernetes manifests agree with the

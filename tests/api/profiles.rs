@@ -7,10 +7,9 @@ use std::{
     time::Duration,
 };
 
-use authd::{auth::FillHook, proto::authd::v1 as pb};
+use authd::proto::authd::v1 as pb;
 use futures::future::join_all;
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::{Notify, oneshot};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -20,6 +19,7 @@ use crate::{
         Hooks, Mode, TestApp, assert_code, eventually, redis_client, redis_command_calls,
         spawn_sharing, spawn_with, spawn_with_hooks, test_settings,
     },
+    helpers::{PauseOnce, violation_fields},
     proxy::{Link, Proxy},
     redis_server::RedisServer,
 };
@@ -232,13 +232,7 @@ async fn update_validates_every_field_and_the_mask(mode: Mode) {
                 .await,
             Code::InvalidArgument,
         );
-        let fields: Vec<_> = status
-            .get_details_bad_request()
-            .unwrap()
-            .field_violations
-            .into_iter()
-            .map(|v| v.field)
-            .collect();
+        let fields = violation_fields(&status);
         assert_eq!(fields, [field]);
     }
     for mask in [
@@ -408,47 +402,28 @@ async fn concurrent_reads_racing_updates_never_go_back(mode: Mode) {
 /// wrote version 2 cannot bring version 1 back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_racing_an_update_cannot_bring_the_old_version_back() {
-    let armed = Arc::new(AtomicBool::new(false));
-    let (reached_tx, reached_rx) = oneshot::channel::<()>();
-    let reached_tx = Arc::new(std::sync::Mutex::new(Some(reached_tx)));
-    let resume = Arc::new(Notify::new());
-    let hook: FillHook = {
-        let (armed, resume) = (armed.clone(), resume.clone());
-        Arc::new(move |_| {
-            let (armed, resume, reached) = (armed.clone(), resume.clone(), reached_tx.clone());
-            Box::pin(async move {
-                if armed.swap(false, Ordering::SeqCst) {
-                    if let Some(tx) = reached.lock().unwrap().take() {
-                        let _ = tx.send(());
-                    }
-                    resume.notified().await;
-                }
-            })
-        })
-    };
+    let pause = PauseOnce::default();
     let app = spawn_with_hooks(
         test_settings(Mode::Redis),
         Hooks {
-            profile_fill: Some(hook),
+            profile_fill: Some(pause.hook()),
             ..Hooks::default()
         },
     )
     .await;
     let (_, reg) = app.register().await;
-    armed.store(true, Ordering::SeqCst);
+    pause.arm();
     let reader = {
         let mut client = app.profiles.clone();
         let user_id = reg.user_id.clone();
         tokio::spawn(async move { client.get_profile(pb::GetProfileRequest { user_id }).await })
     };
-    reached_rx
-        .await
-        .expect("the fill paused after reading version 1");
+    pause.reached().await;
     let v2 = app
         .update_profile(&reg.session_token, values(), &["bio"], 0)
         .await
         .unwrap();
-    resume.notify_one();
+    pause.resume();
     assert_eq!(
         reader
             .await

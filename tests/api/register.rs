@@ -4,6 +4,7 @@ use tonic_types::StatusExt;
 
 use crate::{
     both_modes,
+    helpers::violation_fields,
     helpers::{Mode, PASSWORD, assert_code, register_request, spawn_app, unique_email},
 };
 
@@ -93,13 +94,7 @@ async fn each_invalid_field_is_named_in_a_bad_request(mode: Mode) {
             .await,
         Code::InvalidArgument,
     );
-    let fields: Vec<_> = status
-        .get_details_bad_request()
-        .unwrap()
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect();
+    let fields = violation_fields(&status);
     assert_eq!(fields, ["email", "password", "display_name"]);
 }
 

@@ -8,14 +8,13 @@ use std::{
     time::Duration,
 };
 
-use authd::auth::FillHook;
 use fred::interfaces::{ClientLike, KeysInterface};
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::{Notify, oneshot};
 use tonic::Code;
 
 use crate::{
     both_modes,
+    helpers::PauseOnce,
     helpers::{
         Mode, PASSWORD, TestApp, assert_code, eventually, redis_client, session_key, spawn_sharing,
         spawn_with, spawn_with_fill_hook, test_settings,
@@ -78,32 +77,15 @@ async fn every_kind_of_revocation_is_seen_by_every_instance(mode: Mode) {
 /// after it, must not bring it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_racing_a_revocation_cannot_resurrect_it() {
-    let armed = Arc::new(AtomicBool::new(false));
-    let (reached_tx, reached_rx) = oneshot::channel::<()>();
-    let reached_tx = Arc::new(std::sync::Mutex::new(Some(reached_tx)));
-    let resume = Arc::new(Notify::new());
-    let hook: FillHook = {
-        let (armed, resume) = (armed.clone(), resume.clone());
-        Arc::new(move |_| {
-            let (armed, resume, reached) = (armed.clone(), resume.clone(), reached_tx.clone());
-            Box::pin(async move {
-                if armed.swap(false, Ordering::SeqCst) {
-                    if let Some(tx) = reached.lock().unwrap().take() {
-                        let _ = tx.send(());
-                    }
-                    resume.notified().await;
-                }
-            })
-        })
-    };
-    let app = spawn_with_fill_hook(test_settings(Mode::Redis), hook).await;
+    let pause = PauseOnce::default();
+    let app = spawn_with_fill_hook(test_settings(Mode::Redis), pause.hook()).await;
     let redis = redis_client(app.settings.redis.url.expose_secret()).await;
     let (_, reg) = app.register().await;
     let key = session_key(&app, &reg.session_token);
     // Not cached: the next validation reads PostgreSQL and fills.
     let _: i64 = redis.del(&key).await.unwrap();
 
-    armed.store(true, Ordering::SeqCst);
+    pause.arm();
     let token = reg.session_token.clone();
     let auth = app.auth.clone();
     let racing = tokio::spawn(async move {
@@ -113,11 +95,9 @@ async fn a_fill_racing_a_revocation_cannot_resurrect_it() {
         })
         .await
     });
-    reached_rx
-        .await
-        .expect("the fill paused after reading PostgreSQL");
+    pause.reached().await;
     app.logout(&reg.session_token).await.unwrap();
-    resume.notify_one();
+    pause.resume();
     // It read the session before the logout, so its own answer may be OK...
     racing.await.unwrap().ok();
     // ...but nothing it wrote may outlive the logout.

@@ -199,7 +199,7 @@ async fn the_binary_serves_reports_health_and_exits_zero_on_sigterm() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
     assert!(!healthcheck(""), "nothing answers after exit");
-    drop_database(&settings).await;
+    crate::helpers::drop_database(settings.database.url.expose_secret()).await;
 }
 
 #[tokio::test]
@@ -238,18 +238,5 @@ async fn migrate_creates_the_database_and_applies_migrations() {
         .unwrap();
     assert!(applied >= 1);
     drop(conn);
-    drop_database(&settings).await;
-}
-
-async fn drop_database(settings: &authd::config::Settings) {
-    let url = settings.database.url.expose_secret();
-    let (base, name) = url.rsplit_once('/').unwrap();
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{base}/postgres"))
-        .await
-        .unwrap();
-    let sql = format!("drop database if exists \"{name}\" with (force)");
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    crate::helpers::drop_database(settings.database.url.expose_secret()).await;
 }
