@@ -172,8 +172,8 @@ impl AuthService {
         ));
         self.limit("login", &buckets).await?;
 
-        let user_id = match self.check_password(&c.email, c.password).await {
-            Ok(user_id) => user_id,
+        let (user_id, verified_hash) = match self.check_password(&c.email, c.password).await {
+            Ok(verified) => verified,
             Err(AuthError::InvalidCredentials) => {
                 self.metrics().failed_logins.inc();
                 tracing::info!("failed login");
@@ -190,35 +190,40 @@ impl AuthService {
         let record = self.policy.start(user_id, c.client);
         let (token, hash) = token::generate();
         let now = record.created_at;
+        // Only if the password checked is still the user's: a ChangePassword that committed while
+        // the hash was being verified must not be outlived by a session of the old password.
         let evicted = self
             .db
             .sessions()
             .insert_capped(
                 &record,
                 hash.as_bytes(),
+                &verified_hash,
                 self.policy.idle_cutoff(now),
                 i64::from(self.policy.max_per_user),
             )
-            .await?;
+            .await?
+            .ok_or(AuthError::InvalidCredentials)?;
         tracing::info!(%user_id, session_id = %record.id, evicted = evicted.len(), "session created");
         self.invalidate(Some("session_cap"), &evicted, now).await;
         Ok(self.issued(token, hash, record).await)
     }
 
-    /// The user's id when the password is right (the same cost whether or not the user exists).
+    /// The user's id and the hash that matched, when the password is right (the same cost
+    /// whether or not the user exists).
     async fn check_password(
         &self,
         email: &Email,
         password: SecretString,
-    ) -> Result<Uuid, AuthError> {
+    ) -> Result<(Uuid, String), AuthError> {
         let (user_id, phc) = self
             .db
             .users()
             .find_credentials(&email.normalized)
             .await?
             .unzip();
-        match self.hasher.verify(password, phc).await {
-            Ok(true) => user_id.ok_or(AuthError::InvalidCredentials),
+        match self.hasher.verify(password, phc.clone()).await {
+            Ok(true) => user_id.zip(phc).ok_or(AuthError::InvalidCredentials),
             Ok(false) => Err(AuthError::InvalidCredentials),
             Err(e) => Err(e.into()),
         }
@@ -305,7 +310,8 @@ impl AuthService {
         if !self.policy.touch_due(&record, now) {
             return Ok((record, false));
         }
-        match self.db.sessions().touch(record.id, now).await {
+        let idle_cutoff = self.policy.idle_cutoff(now);
+        match self.db.sessions().touch(record.id, now, idle_cutoff).await {
             Ok(Some(last_seen_at)) => {
                 record.last_seen_at = last_seen_at;
                 Ok((record, true))

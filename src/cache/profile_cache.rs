@@ -44,6 +44,9 @@ pub enum CachedProfile {
     /// Cached as "no such user".
     NotFound,
     Miss,
+    /// A newer version than some cached copies exists (an update whose Redis write failed):
+    /// read PostgreSQL, and do not share a read that may have started before it.
+    Floor,
     Unavailable,
 }
 
@@ -79,7 +82,7 @@ impl ProfileCache {
         };
         match value.split_once('|') {
             Some(("0", "")) => CachedProfile::NotFound,
-            Some((_, "")) => CachedProfile::Miss,
+            Some((_, "")) => CachedProfile::Floor,
             Some((_, json)) => match serde_json::from_str(json) {
                 Ok(profile) => CachedProfile::Hit(profile),
                 Err(error) => {
@@ -95,7 +98,7 @@ impl ProfileCache {
         let result = match cached {
             CachedProfile::Hit(_) => "hit",
             CachedProfile::NotFound => "negative",
-            CachedProfile::Miss => "miss",
+            CachedProfile::Miss | CachedProfile::Floor => "miss",
             CachedProfile::Unavailable => "unavailable",
         };
         let lookups = &self.redis.metrics().cache_lookups;

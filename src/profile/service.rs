@@ -79,15 +79,26 @@ impl ProfileService {
             // A true miss: concurrent misses for this id share one PostgreSQL read.
             CachedProfile::Miss if trusted => {
                 self.flights
-                    .work(&user_id, self.load_and_fill(user_id))
+                    .work(&user_id, self.recheck_then_load(user_id))
                     .await
             }
-            // Redis down, or not trusted since a failure: read PostgreSQL for this caller alone.
+            // Redis down, not trusted since a failure, or a floor: read PostgreSQL for this
+            // caller alone.
             _ => self.load_and_fill(user_id).await,
         };
         loaded
             .map_err(ProfileError::Store)?
             .ok_or(ProfileError::NotFound)
+    }
+
+    /// A new flight's leader looks at the cache once more: a caller whose GET missed just before
+    /// the previous flight filled the cache finds the copy instead of reading PostgreSQL again.
+    async fn recheck_then_load(&self, user_id: Uuid) -> Load {
+        match self.cache.get(&user_id).await {
+            CachedProfile::Hit(profile) => Ok(Some(profile)),
+            CachedProfile::NotFound => Ok(None),
+            _ => self.load_and_fill(user_id).await,
+        }
     }
 
     async fn load_and_fill(&self, user_id: Uuid) -> Load {
@@ -124,7 +135,9 @@ impl ProfileService {
                     found.insert(*id, p);
                 }
                 CachedProfile::NotFound => known_missing.push(*id),
-                CachedProfile::Miss | CachedProfile::Unavailable => misses.push(*id),
+                CachedProfile::Miss | CachedProfile::Floor | CachedProfile::Unavailable => {
+                    misses.push(*id)
+                }
             }
         }
         if !misses.is_empty() {
@@ -193,6 +206,9 @@ impl ProfileService {
     /// One pass over the profile versions queued by any instance: each becomes a floor in
     /// Redis, so an older cached copy is never served. `true` when all of them reached Redis.
     pub async fn drain_invalidations(&self) -> Result<bool, StoreError> {
+        // A caller that gave up while leading a read leaves its key behind in the single-flight
+        // map; sweep those so ids nobody asks for again cannot accumulate.
+        self.flights.purge_stale().await;
         let pending = self
             .db
             .profiles()

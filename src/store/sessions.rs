@@ -78,16 +78,33 @@ impl Db {
 }
 
 impl SessionRepo<'_> {
-    /// Inserts a new session and, in the same statement, revokes the user's least recently used
-    /// active sessions beyond `max_per_user` (counting the new one), returning their queued
-    /// invalidations.
+    /// Inserts a new session, if the user's password hash is still `verified_hash`, and in the
+    /// same statement revokes the user's least recently used active sessions beyond
+    /// `max_per_user` (counting the new one), returning their queued invalidations. `None` when
+    /// the password changed meanwhile (nothing is written). The user row is share-locked, so a
+    /// concurrent ChangePassword either sees this session (and revokes it) or wins first.
     pub async fn insert_capped(
         &self,
         s: &SessionRecord,
         token_hash: &[u8],
+        verified_hash: &str,
         idle_cutoff: DateTime<Utc>,
         max_per_user: i64,
-    ) -> Result<Vec<Invalidation>, StoreError> {
+    ) -> Result<Option<Vec<Invalidation>>, StoreError> {
+        let mut tx = self.0.run(self.0.pool.begin()).await?;
+        let current = sqlx::query_scalar::<_, String>(
+            "select password_hash from users where id = $1 for share",
+        )
+        .bind(s.user_id);
+        if self
+            .0
+            .run(current.fetch_optional(&mut *tx))
+            .await?
+            .as_deref()
+            != Some(verified_hash)
+        {
+            return Ok(None);
+        }
         let query = sqlx::query_as::<_, Invalidation>(concat!(
             "with new_session as (
                  insert into sessions (id, user_id, token_hash, created_at, last_seen_at,
@@ -119,7 +136,9 @@ impl SessionRepo<'_> {
         .bind(&s.ip_address)
         .bind(&s.user_agent)
         .bind((max_per_user - 1).max(0));
-        self.0.run(query.fetch_all(&self.0.pool)).await
+        let evicted = self.0.run(query.fetch_all(&mut *tx)).await?;
+        self.0.run(tx.commit()).await?;
+        Ok(Some(evicted))
     }
 
     /// The user's active sessions, newest first.
@@ -240,20 +259,23 @@ impl SessionRepo<'_> {
         self.0.run(query.fetch_optional(&self.0.pool)).await
     }
 
-    /// Records activity at `now` unless the session was revoked meanwhile; `None` means revoked
-    /// (or gone), so the caller must not accept the session.
+    /// Records activity at `now` unless the session was revoked or expired meanwhile (an
+    /// expired session is never revived); `None` means the caller must not accept the session.
     pub async fn touch(
         &self,
         id: Uuid,
         now: DateTime<Utc>,
+        idle_cutoff: DateTime<Utc>,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
         let query = sqlx::query_scalar(
             "update sessions set last_seen_at = greatest(last_seen_at, $2)
-             where id = $1 and revoked_at is null
+             where id = $1 and revoked_at is null and absolute_expires_at > $2
+               and last_seen_at > $3
              returning last_seen_at",
         )
         .bind(id)
-        .bind(now);
+        .bind(now)
+        .bind(idle_cutoff);
         self.0.run(query.fetch_optional(&self.0.pool)).await
     }
 

@@ -176,3 +176,44 @@ async fn the_least_recently_used_session_goes_beyond_the_cap(mode: Mode) {
     }
     assert_eq!(app.list_sessions(&fourth).await.unwrap().sessions.len(), 3);
 }
+
+/// Logins with the old password racing a ChangePassword: none of the sessions they got may
+/// outlive the change (a login whose password check started before the change committed must
+/// not insert its session after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_login_with_the_old_password_outlives_a_password_change() {
+    let mut settings = test_settings(Mode::Redis);
+    settings.auth.hash_concurrency = 1;
+    let app = std::sync::Arc::new(spawn_with(settings).await);
+    for _ in 0..3 {
+        let (email, reg) = app.register().await;
+        let change = {
+            let (app, token) = (app.clone(), reg.session_token.clone());
+            tokio::spawn(async move {
+                app.change_password(&token, PASSWORD, NEW_PASSWORD)
+                    .await
+                    .unwrap()
+            })
+        };
+        // Logins keep arriving while the change runs: some read the old hash before it commits
+        // and check the password after.
+        let mut logins = Vec::new();
+        while !change.is_finished() {
+            let (app, email) = (app.clone(), email.clone());
+            logins.push(tokio::spawn(
+                async move { app.login(&email, PASSWORD).await },
+            ));
+            tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        }
+        change.await.unwrap();
+        for login in logins {
+            if let Ok(login) = login.await.unwrap() {
+                assert_code(
+                    app.validate(&login.session_token).await,
+                    Code::Unauthenticated,
+                );
+            }
+        }
+        app.validate(&reg.session_token).await.unwrap();
+    }
+}
