@@ -6,18 +6,47 @@ use secrecy::{ExposeSecret, SecretString};
 use tonic::Code;
 
 use crate::{
-    helpers::{Mode, PASSWORD, assert_code, eventually, spawn_sharing, spawn_with, test_settings},
+    helpers::{
+        Mode, PASSWORD, TestApp, assert_code, eventually, spawn_sharing, spawn_with, test_settings,
+    },
     proxy::{Link, Proxy},
     redis_server::RedisServer,
 };
 
 /// Validations of `token` no longer reach PostgreSQL (they are served by Redis).
-async fn served_from_redis(app: &crate::helpers::TestApp, token: &str) -> bool {
+async fn served_from_redis(app: &TestApp, token: &str) -> bool {
     if app.validate(token).await.is_err() {
         return false;
     }
     let before = app.queries();
     app.validate(token).await.is_ok() && app.queries() == before
+}
+
+/// With Redis down: a new session is logged out and rejected. Then Redis (re)starts: `token`
+/// is served from Redis again, and the logged-out session stays rejected.
+async fn logout_during_outage_then_restart(
+    app: &TestApp,
+    redis: &mut RedisServer,
+    email: &str,
+    token: &str,
+) {
+    let login = app.login(email, PASSWORD).await.unwrap();
+    app.logout(&login.session_token).await.unwrap();
+    assert_code(
+        app.validate(&login.session_token).await,
+        Code::Unauthenticated,
+    );
+    redis.restart().await;
+    eventually(
+        Duration::from_secs(10),
+        "validation served from Redis",
+        || served_from_redis(app, token),
+    )
+    .await;
+    assert_code(
+        app.validate(&login.session_token).await,
+        Code::Unauthenticated,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,25 +59,8 @@ async fn redis_unreachable_at_start_serves_from_postgres() {
 
     let (email, reg) = app.register().await;
     app.validate(&reg.session_token).await.unwrap();
-    let login = app.login(&email, PASSWORD).await.unwrap();
-    app.logout(&login.session_token).await.unwrap();
-    assert_code(
-        app.validate(&login.session_token).await,
-        Code::Unauthenticated,
-    );
-
     // Redis appears: the cache is used from then on, without a restart.
-    redis.restart().await;
-    eventually(
-        Duration::from_secs(10),
-        "validation served from Redis",
-        || served_from_redis(&app, &reg.session_token),
-    )
-    .await;
-    assert_code(
-        app.validate(&login.session_token).await,
-        Code::Unauthenticated,
-    );
+    logout_during_outage_then_restart(&app, &mut redis, &email, &reg.session_token).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,25 +80,8 @@ async fn redis_killed_mid_test_then_used_again_after_restart() {
         app.queries() > before,
         "served by PostgreSQL while Redis is down"
     );
-    let login = app.login(&email, PASSWORD).await.unwrap();
-    app.logout(&login.session_token).await.unwrap();
-    assert_code(
-        app.validate(&login.session_token).await,
-        Code::Unauthenticated,
-    );
-
     // Restarted empty: nobody is logged out, the revoked session stays revoked, the cache refills.
-    redis.restart().await;
-    eventually(
-        Duration::from_secs(10),
-        "validation served from Redis",
-        || served_from_redis(&app, &reg.session_token),
-    )
-    .await;
-    assert_code(
-        app.validate(&login.session_token).await,
-        Code::Unauthenticated,
-    );
+    logout_during_outage_then_restart(&app, &mut redis, &email, &reg.session_token).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -304,6 +304,27 @@ pub fn session_key(app: &TestApp, token: &str) -> String {
 }
 
 impl TestApp {
+    /// A health Watch stream on `service`, after its first answer (asserted SERVING).
+    pub async fn watch_serving(
+        &self,
+        service: &str,
+    ) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+        use futures::StreamExt;
+        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+        let mut watch = self
+            .health
+            .clone()
+            .watch(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = watch.next().await.unwrap().unwrap();
+        assert_eq!(first.status(), ServingStatus::Serving, "{service:?}");
+        watch
+    }
+
     /// The Prometheus text from `/metrics`.
     pub async fn metrics(&self) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

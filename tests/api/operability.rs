@@ -168,19 +168,7 @@ async fn health_follows_postgres_after_the_grace_period() {
     settings.health.db_grace = Duration::from_secs(1);
     settings.health.db_check_interval = Duration::from_millis(200);
     let app = spawn_with(settings).await;
-    let mut watch = app
-        .health
-        .clone()
-        .watch(HealthCheckRequest {
-            service: "authd.v1.ProfileService".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        watch.next().await.unwrap().unwrap().status(),
-        ServingStatus::Serving
-    );
+    let mut watch = app.watch_serving("authd.v1.ProfileService").await;
 
     postgres.set(Link::Refused);
     assert_eq!(

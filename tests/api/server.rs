@@ -69,19 +69,7 @@ async fn shutdown_goes_not_serving_lets_calls_finish_and_stops_despite_watchers(
     let mut app = spawn_with(settings).await;
     let (email, _) = app.register().await;
     let mut health = app.health.clone();
-    let mut watch = app
-        .health
-        .clone()
-        .watch(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        watch.next().await.unwrap().unwrap().status(),
-        ServingStatus::Serving
-    );
+    let mut watch = app.watch_serving("").await;
 
     // Logins queue behind one hashing slot, so several are in flight when the stop comes.
     let logins = tokio::spawn({
