@@ -7,8 +7,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, server::TcpIncoming};
 
 use crate::{
-    auth::{AuthService, password::PasswordHasher, session::SessionPolicy},
+    auth::{AuthParts, AuthService, password::PasswordHasher, session::SessionPolicy},
     cache::{ProfileCache, RateLimiter, Redis, SessionStore},
+    clock::Clock,
     config::Settings,
     grpc::{
         auth::{AuthGrpc, AuthServiceServer},
@@ -31,6 +32,7 @@ pub struct Application {
     metrics: Arc<Metrics>,
     db: Arc<Db>,
     redis: Redis,
+    clock: Arc<Clock>,
     auth: Arc<AuthService>,
     profiles: Arc<ProfileService>,
 }
@@ -72,18 +74,33 @@ impl Application {
         let redis = Redis::connect(&settings.redis, metrics.clone())
             .await
             .context("invalid Redis configuration")?;
+        if redis.is_enabled()
+            && let Err(error) = crate::jobs::establish_generation(&redis, &db).await
+        {
+            tracing::debug!(%error, "no redis generation at startup; the cache waits for one");
+        }
+        let clock = Arc::new(Clock::new(chrono::TimeDelta::milliseconds(
+            settings.test_clock_skew_ms,
+        )));
+        let sent = clock.local();
+        if let Ok(database) = db.clock_timestamp().await {
+            clock.calibrate(sent, database, clock.local());
+        }
+        // A fill lease must outlast the PostgreSQL read it covers (and the commands around it).
+        let lease_ttl = settings.database.query_timeout * 2 + settings.redis.command_timeout * 4;
         let hasher = PasswordHasher::new(&settings.auth, metrics.clone())?;
-        let auth = Arc::new(AuthService::new(
-            db.clone(),
-            SessionStore::new(redis.clone(), settings.session.absolute_timeout),
+        let auth = Arc::new(AuthService::new(AuthParts {
+            db: db.clone(),
+            cache: SessionStore::new(redis.clone(), settings.session.absolute_timeout, lease_ttl),
             hasher,
-            SessionPolicy::from(&settings.session),
-            RateLimiter::new(redis.clone()),
-            settings.rate_limit.clone(),
-        ));
+            policy: SessionPolicy::from(&settings.session),
+            limiter: RateLimiter::new(redis.clone()),
+            limits: settings.rate_limit.clone(),
+            clock: clock.clone(),
+        }));
         let profiles = Arc::new(ProfileService::new(
             db.clone(),
-            ProfileCache::new(redis.clone(), settings.profile_cache.clone()),
+            ProfileCache::new(redis.clone(), settings.profile_cache.clone(), lease_ttl),
             auth.clone(),
         ));
         Ok(Self {
@@ -94,6 +111,7 @@ impl Application {
             metrics,
             db,
             redis,
+            clock,
             auth,
             profiles,
         })
@@ -124,6 +142,11 @@ impl Application {
         self.auth.clone()
     }
 
+    /// The Redis client (tests install hooks on it).
+    pub fn redis(&self) -> Redis {
+        self.redis.clone()
+    }
+
     /// The profile service (tests install hooks on it).
     pub fn profiles(&self) -> Arc<ProfileService> {
         self.profiles.clone()
@@ -142,6 +165,7 @@ impl Application {
             redis: self.redis.clone(),
             db: self.db.clone(),
             health: health.clone(),
+            clock: self.clock.clone(),
         }
         .spawn(&self.settings, &background);
         if let Some(listener) = self.metrics_listener {

@@ -37,6 +37,11 @@ pub struct Settings {
     pub rate_limit: RateLimitSettings,
     pub profile_cache: ProfileCacheSettings,
     pub log: LogSettings,
+    /// Test-only: pretend this host's clock is off by this many milliseconds (never read from a
+    /// file or the environment).
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub test_clock_skew_ms: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -102,6 +107,10 @@ pub struct RedisSettings {
     /// Reconnection backs off exponentially up to this delay, and never gives up.
     #[serde(with = "humantime_serde")]
     pub reconnect_max_delay: Duration,
+    /// How often the identity of the Redis servers is checked (a restart or failover that no
+    /// reconnection revealed still starts a new generation).
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -231,6 +240,7 @@ impl Default for RedisSettings {
             command_timeout: Duration::from_millis(250),
             connect_timeout: Duration::from_secs(1),
             reconnect_max_delay: Duration::from_secs(2),
+            check_interval: Duration::from_secs(1),
         }
     }
 }
@@ -384,6 +394,9 @@ impl Settings {
             }
             if r.pool_size == 0 {
                 return invalid("REDIS__POOL_SIZE", "must be at least 1");
+            }
+            if r.check_interval.is_zero() {
+                return invalid("REDIS__CHECK_INTERVAL", "must be greater than zero");
             }
             if r.command_timeout.is_zero() || r.connect_timeout.is_zero() {
                 return invalid(

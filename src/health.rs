@@ -9,7 +9,7 @@ use std::{
 
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::{metrics::Metrics, store::Db};
+use crate::{clock::Clock, metrics::Metrics, store::Db};
 
 /// The services whose health follows the dependencies (besides the overall "").
 pub const SERVICES: [&str; 2] = ["authd.v1.AuthService", "authd.v1.ProfileService"];
@@ -104,9 +104,14 @@ impl Health {
         }
     }
 
-    /// One health pass: ping PostgreSQL and record the outcome.
-    pub async fn check_db(&self, db: &Db, grace: Duration) {
-        let ok = db.ping().await.is_ok();
-        self.record_db_check(ok, grace).await;
+    /// One health pass: read PostgreSQL's clock (which also calibrates the fleet clock) and
+    /// record the outcome.
+    pub async fn check_db(&self, db: &Db, clock: &Clock, grace: Duration) {
+        let sent = clock.local();
+        let answer = db.clock_timestamp().await;
+        if let Ok(database) = answer {
+            clock.calibrate(sent, database, clock.local());
+        }
+        self.record_db_check(answer.is_ok(), grace).await;
     }
 }

@@ -150,7 +150,7 @@ async fn seed(server: &Server, count: usize) -> anyhow::Result<Vec<User>> {
     for i in 0..count {
         let email = format!("user{i}@bench.example");
         let user_id = uuid::Uuid::now_v7();
-        let record = policy.start(user_id, ClientInfo::default());
+        let record = policy.start(user_id, ClientInfo::default(), chrono::Utc::now());
         let (token, hash) = token::generate();
         let user = NewUser {
             id: user_id,

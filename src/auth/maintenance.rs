@@ -2,7 +2,7 @@
 //! sessions that ended long ago.
 use std::time::Duration;
 
-use super::{AuthService, session};
+use super::AuthService;
 use crate::store::StoreError;
 
 /// At most this many queued invalidations are applied per drain pass.
@@ -11,30 +11,23 @@ const DRAIN_BATCH: i64 = 500;
 const PURGE_BATCH: i64 = 1000;
 
 impl AuthService {
-    /// One pass over the session invalidations queued by any instance; `true` when everything
-    /// queued has reached Redis.
+    /// One pass over the session invalidations queued by any instance (only instances with
+    /// Redis run it); `true` when everything queued has reached Redis.
     pub async fn drain_invalidations(&self) -> Result<bool, StoreError> {
-        let now = session::now();
-        let pending = self
-            .db
-            .sessions()
-            .pending_invalidations(DRAIN_BATCH)
-            .await?;
-        let complete = self.invalidate(None, &pending, now).await;
+        let pending = self.db.outbox().pending_sessions(DRAIN_BATCH).await?;
+        let complete = self.apply(&pending).await;
         Ok(complete && (pending.len() as i64) < DRAIN_BATCH)
     }
 
     /// Deletes sessions revoked or expired more than `retention` ago, in small batches; returns
     /// how many.
     pub async fn purge_sessions(&self, retention: Duration) -> Result<u64, StoreError> {
-        let now = session::now();
-        let cutoff = now - retention;
         let mut total = 0;
         loop {
             let deleted = self
                 .db
                 .sessions()
-                .purge(cutoff, self.policy.idle_cutoff(cutoff), now, PURGE_BATCH)
+                .purge(retention, self.policy.idle_timeout, PURGE_BATCH)
                 .await?;
             total += deleted;
             if deleted < PURGE_BATCH.unsigned_abs() {

@@ -4,7 +4,7 @@ use secrecy::SecretString;
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::{AuthError, AuthService, SessionView, session, token::TokenHash};
+use super::{AuthError, AuthService, SessionView, token::TokenHash};
 use crate::cache::Bucket;
 
 /// The caller's own sessions, as ListSessions answers.
@@ -17,11 +17,10 @@ impl AuthService {
     #[instrument(skip_all)]
     pub async fn list_sessions(&self, token: &str) -> Result<SessionList, AuthError> {
         let current = self.validate(token).await?;
-        let now = session::now();
         let records = self
             .db
             .sessions()
-            .list_active(current.record.user_id, now, self.policy.idle_cutoff(now))
+            .list_active(current.record.user_id, self.policy.idle_timeout)
             .await?;
         Ok(SessionList {
             sessions: records.into_iter().map(|r| self.view(r)).collect(),
@@ -35,20 +34,24 @@ impl AuthService {
     pub async fn revoke_session(&self, token: &str, session_id: Uuid) -> Result<(), AuthError> {
         let current = self.validate(token).await?;
         let user_id = current.record.user_id;
-        let now = session::now();
         let sessions = self.db.sessions();
-        match sessions.revoke_by_id(user_id, session_id, now).await? {
-            Some(invalidation) => {
-                tracing::info!(%user_id, %session_id, "session revoked");
-                self.invalidate(Some("revoke"), &[invalidation], now).await;
-                Ok(())
-            }
-            None if sessions.belongs_to(user_id, session_id).await? => Ok(()),
-            None => Err(AuthError::SessionNotFound),
+        let revocation = sessions
+            .revoke_by_id(user_id, session_id, self.policy.idle_timeout)
+            .await?;
+        // Whatever it found, what is still queued for the user is applied before answering.
+        self.invalidate(Some("revoke"), &revocation).await;
+        if revocation.revoked > 0 {
+            tracing::info!(%user_id, %session_id, "session revoked");
+            Ok(())
+        } else if sessions.belongs_to(user_id, session_id).await? {
+            Ok(())
+        } else {
+            Err(AuthError::SessionNotFound)
         }
     }
 
-    /// "Log out everywhere"; the number of sessions revoked.
+    /// "Log out everywhere": every session of the user not yet revoked, whatever its expiry;
+    /// the number of those that were still active.
     #[instrument(skip_all)]
     pub async fn revoke_all_sessions(
         &self,
@@ -56,21 +59,15 @@ impl AuthService {
         include_current: bool,
     ) -> Result<usize, AuthError> {
         let current = self.validate(token).await?;
-        let now = session::now();
         let keep = (!include_current).then_some(current.record.id);
-        let revoked = self
+        let revocation = self
             .db
             .sessions()
-            .revoke_all(
-                current.record.user_id,
-                keep,
-                now,
-                self.policy.idle_cutoff(now),
-            )
+            .revoke_all(current.record.user_id, keep, self.policy.idle_timeout)
             .await?;
-        tracing::info!(user_id = %current.record.user_id, count = revoked.len(), "sessions revoked");
-        self.invalidate(Some("revoke_all"), &revoked, now).await;
-        Ok(revoked.len())
+        tracing::info!(user_id = %current.record.user_id, count = revocation.revoked, "sessions revoked");
+        self.invalidate(Some("revoke_all"), &revocation).await;
+        Ok(revocation.active)
     }
 
     /// Requires the current password (its failures are rate limited like logins), sets the new
@@ -103,8 +100,8 @@ impl AuthService {
             }
         }
         let new_hash = self.hasher.hash(new_password).await?;
-        let now = session::now();
-        let revoked = self
+        let now = self.clock.now();
+        let revocation = self
             .db
             .users()
             .change_password(
@@ -112,16 +109,15 @@ impl AuthService {
                 &new_hash,
                 current.record.id,
                 now,
-                self.policy.idle_cutoff(now),
+                self.policy.idle_timeout,
             )
             .await?
             .ok_or(AuthError::InvalidSession)?;
-        tracing::info!(%user_id, revoked = revoked.len(), "password changed");
-        self.invalidate(Some("password_change"), &revoked, now)
-            .await;
+        tracing::info!(%user_id, revoked = revocation.revoked, "password changed");
+        self.invalidate(Some("password_change"), &revocation).await;
         let mut record = current.record;
         record.authenticated_at = now;
-        self.cache_copy(&hash, &record, now).await;
-        Ok(revoked.len())
+        self.refresh_copy(&hash, &record).await;
+        Ok(revocation.active)
     }
 }

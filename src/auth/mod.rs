@@ -5,16 +5,25 @@ mod manage;
 pub mod password;
 mod service;
 pub mod session;
-pub mod token;
+
+/// Session tokens and their hashes (they live in `model`, which the stores share).
+pub use crate::model::token;
 
 use std::{sync::Arc, time::Duration};
 
 use futures::future::BoxFuture;
 
 pub use manage::SessionList;
-pub use service::{AuthService, Credentials, IssuedSession, Registration, SessionView};
+pub use service::{AuthParts, AuthService, Credentials, IssuedSession, Registration, SessionView};
 
 use crate::store::StoreError;
+
+/// The fleet's clock (see [`crate::clock`]).
+impl AuthService {
+    pub fn clock(&self) -> &crate::clock::Clock {
+        &self.clock
+    }
+}
 
 /// See [`AuthService::set_fill_hook`]; called with the session id.
 pub type FillHook = Arc<dyn Fn(uuid::Uuid) -> BoxFuture<'static, ()> + Send + Sync>;

@@ -3,9 +3,12 @@
 //! background jobs in `maintenance.rs`.
 //!
 //! Consistency: PostgreSQL commits first, Redis follows. Every revocation is queued in
-//! PostgreSQL in the same statement that revokes (see `store::sessions`), so a failed Redis step
-//! is retried by the invalidation drain on any instance; until a drain pass succeeds after a
-//! Redis failure, this instance does not trust cached copies.
+//! PostgreSQL in the same statement that revokes (see `store::outbox`), and every revoking call
+//! writes the tombstones of everything still queued for the sessions it concerns — an earlier
+//! attempt's included — before it returns. What Redis could not confirm stays queued for the
+//! drain of any instance with Redis; until a drain pass succeeds after a Redis failure, this
+//! instance does not serve cached copies. Copies are written only under a lease taken before the
+//! PostgreSQL read (see `cache`).
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -18,14 +21,15 @@ use super::{
     AuthError, FillHook,
     input::Email,
     password::PasswordHasher,
-    session::{self, ClientInfo, SessionPolicy, SessionRecord},
+    session::{ClientInfo, SessionPolicy, SessionRecord},
     token::{self, TokenHash},
 };
 use crate::{
-    cache::{Bucket, Cached, RateLimiter, SessionStore},
+    cache::{Bucket, Cached, Lease, RateLimiter, SessionStore},
+    clock::Clock,
     config::RateLimitSettings,
     metrics::Metrics,
-    store::{Db, EMAIL_UNIQUE, Invalidation, NewUser, StoreError},
+    store::{Db, EMAIL_UNIQUE, Invalidation, NewSession, NewUser, Revocation, StoreError},
 };
 
 pub struct Registration {
@@ -61,18 +65,32 @@ pub struct AuthService {
     pub(super) policy: SessionPolicy,
     pub(super) limiter: RateLimiter,
     pub(super) limits: RateLimitSettings,
+    pub(super) clock: Arc<Clock>,
     pub(super) fill_hook: std::sync::OnceLock<FillHook>,
 }
 
+/// What AuthService is built from.
+pub struct AuthParts {
+    pub db: Arc<Db>,
+    pub cache: SessionStore,
+    pub hasher: PasswordHasher,
+    pub policy: SessionPolicy,
+    pub limiter: RateLimiter,
+    pub limits: RateLimitSettings,
+    pub clock: Arc<Clock>,
+}
+
 impl AuthService {
-    pub fn new(
-        db: Arc<Db>,
-        cache: SessionStore,
-        hasher: PasswordHasher,
-        policy: SessionPolicy,
-        limiter: RateLimiter,
-        limits: RateLimitSettings,
-    ) -> Self {
+    pub fn new(parts: AuthParts) -> Self {
+        let AuthParts {
+            db,
+            cache,
+            hasher,
+            policy,
+            limiter,
+            limits,
+            clock,
+        } = parts;
         Self {
             db,
             cache,
@@ -80,6 +98,7 @@ impl AuthService {
             policy,
             limiter,
             limits,
+            clock,
             fill_hook: std::sync::OnceLock::new(),
         }
     }
@@ -131,8 +150,9 @@ impl AuthService {
         self.limit("register", &buckets).await?;
         let password_hash = self.hasher.hash(r.password).await?;
         let user_id = Uuid::now_v7();
-        let record = self.policy.start(user_id, r.client);
+        let record = self.policy.start(user_id, r.client, self.clock.now());
         let (token, hash) = token::generate();
+        let lease = self.cache.lease(&hash).await;
         let user = NewUser {
             id: user_id,
             email: &r.email.display,
@@ -152,7 +172,7 @@ impl AuthService {
             other => other?,
         }
         tracing::info!(%user_id, session_id = %record.id, "user registered");
-        Ok((user_id, self.issued(token, hash, record).await))
+        Ok((user_id, self.issued(token, hash, record, lease).await))
     }
 
     /// Failed logins count against the email and the client IP; past either limit the
@@ -187,26 +207,26 @@ impl AuthService {
         };
         self.limiter.settle(&buckets[..1], &buckets[1..]).await;
 
-        let record = self.policy.start(user_id, c.client);
+        let record = self.policy.start(user_id, c.client, self.clock.now());
         let (token, hash) = token::generate();
-        let now = record.created_at;
+        let lease = self.cache.lease(&hash).await;
         // Only if the password checked is still the user's: a ChangePassword that committed while
         // the hash was being verified must not be outlived by a session of the old password.
+        let session = NewSession {
+            record: &record,
+            token_hash: hash.as_bytes(),
+            verified_hash: &verified_hash,
+            max_per_user: i64::from(self.policy.max_per_user),
+        };
         let evicted = self
             .db
             .sessions()
-            .insert_capped(
-                &record,
-                hash.as_bytes(),
-                &verified_hash,
-                self.policy.idle_cutoff(now),
-                i64::from(self.policy.max_per_user),
-            )
+            .insert_capped(&session, self.policy.idle_timeout)
             .await?
             .ok_or(AuthError::InvalidCredentials)?;
-        tracing::info!(%user_id, session_id = %record.id, evicted = evicted.len(), "session created");
-        self.invalidate(Some("session_cap"), &evicted, now).await;
-        Ok(self.issued(token, hash, record).await)
+        tracing::info!(%user_id, session_id = %record.id, evicted = evicted.revoked, "session created");
+        self.invalidate(Some("session_cap"), &evicted).await;
+        Ok(self.issued(token, hash, record, lease).await)
     }
 
     /// The user's id and the hash that matched, when the password is right (the same cost
@@ -229,10 +249,18 @@ impl AuthService {
         }
     }
 
-    async fn issued(&self, token: String, hash: TokenHash, record: SessionRecord) -> IssuedSession {
+    async fn issued(
+        &self,
+        token: String,
+        hash: TokenHash,
+        record: SessionRecord,
+        lease: Option<Lease>,
+    ) -> IssuedSession {
         let view = self.view(record);
         self.metrics().sessions_created.inc();
-        self.cache_copy(&hash, &view.record, session::now()).await;
+        if let Some(lease) = lease {
+            self.fill(lease, &hash, &view.record).await;
+        }
         IssuedSession {
             token: SecretString::from(token),
             session: view,
@@ -246,15 +274,17 @@ impl AuthService {
         }
     }
 
-    /// Writes a copy to Redis for as long as the session has left (never over a tombstone).
-    pub(super) async fn cache_copy(
-        &self,
-        hash: &TokenHash,
-        record: &SessionRecord,
-        now: DateTime<Utc>,
-    ) {
-        if let Some(ttl) = self.policy.time_left(record, now) {
-            self.cache.put(hash, record, ttl).await;
+    /// Writes a copy under `lease` for as long as the session has left.
+    async fn fill(&self, lease: Lease, hash: &TokenHash, record: &SessionRecord) {
+        if let Some(ttl) = self.policy.time_left(record, self.clock.now()) {
+            self.cache.fill(lease, hash, record, ttl).await;
+        }
+    }
+
+    /// Replaces the live cached copy (if any) with `record`.
+    pub(super) async fn refresh_copy(&self, hash: &TokenHash, record: &SessionRecord) {
+        if let Some(ttl) = self.policy.time_left(record, self.clock.now()) {
+            self.cache.refresh(hash, record, ttl).await;
         }
     }
 
@@ -267,22 +297,28 @@ impl AuthService {
     }
 
     pub(super) async fn validate_hash(&self, hash: &TokenHash) -> Result<SessionView, AuthError> {
-        let now = session::now();
-        let (record, fill) = match self.cache.get(hash).await {
-            Cached::Hit(record) if self.cache.redis().trusted() => (record, false),
+        let (record, lease, from_db) = match self.cache.get(hash).await {
+            Cached::Hit(record) => (record, None, false),
             Cached::Revoked => return Err(AuthError::InvalidSession),
-            Cached::Miss => (self.load(hash).await?, true),
-            Cached::Hit(_) | Cached::Unavailable => (self.load(hash).await?, false),
+            // The lease is taken before PostgreSQL is read: whatever revokes the session, or
+            // flushes Redis, after this point makes the fill a no-op.
+            Cached::Miss => {
+                let lease = self.cache.lease(hash).await;
+                (self.load(hash).await?, lease, true)
+            }
+            Cached::Unavailable => (self.load(hash).await?, None, true),
         };
-        if self.policy.is_expired(&record, now) {
+        if self.policy.is_expired(&record, self.clock.now()) {
             return Err(AuthError::InvalidSession);
         }
-        let (record, touched) = self.touch(record, now).await?;
-        if fill || touched {
-            if fill && let Some(hook) = self.fill_hook.get() {
-                hook(record.id).await;
-            }
-            self.cache_copy(hash, &record, now).await;
+        let (record, touched) = self.touch(record).await?;
+        if from_db && let Some(hook) = self.fill_hook.get() {
+            hook(record.id).await;
+        }
+        match lease {
+            Some(lease) => self.fill(lease, hash, &record).await,
+            None if touched => self.refresh_copy(hash, &record).await,
+            None => {}
         }
         Ok(self.view(record))
     }
@@ -302,16 +338,12 @@ impl AuthService {
 
     /// Records activity when due. A session revoked meanwhile is rejected; a PostgreSQL outage
     /// only postpones the write (the session is still valid by its own data).
-    async fn touch(
-        &self,
-        mut record: SessionRecord,
-        now: DateTime<Utc>,
-    ) -> Result<(SessionRecord, bool), AuthError> {
-        if !self.policy.touch_due(&record, now) {
+    async fn touch(&self, mut record: SessionRecord) -> Result<(SessionRecord, bool), AuthError> {
+        if !self.policy.touch_due(&record, self.clock.now()) {
             return Ok((record, false));
         }
-        let idle_cutoff = self.policy.idle_cutoff(now);
-        match self.db.sessions().touch(record.id, now, idle_cutoff).await {
+        let idle = self.policy.idle_timeout;
+        match self.db.sessions().touch(record.id, idle).await {
             Ok(Some(last_seen_at)) => {
                 record.last_seen_at = last_seen_at;
                 Ok((record, true))
@@ -325,45 +357,63 @@ impl AuthService {
         }
     }
 
-    /// Revokes the token's session. Unknown or already revoked tokens are fine (idempotent).
+    /// Revokes the token's session. Unknown or already revoked tokens are fine (idempotent), and
+    /// a repeated call re-applies the tombstone an earlier attempt may not have written.
     #[instrument(skip_all)]
     pub async fn logout(&self, token: &str) -> Result<(), AuthError> {
         let hash = TokenHash::of_token(token).ok_or(AuthError::InvalidSession)?;
-        let now = session::now();
-        if let Some(invalidation) = self
+        let revocation = self
             .db
             .sessions()
-            .revoke_by_token_hash(hash.as_bytes(), now)
-            .await?
-        {
-            tracing::info!(user_id = %invalidation.user_id, "session revoked");
-            self.invalidate(Some("logout"), &[invalidation], now).await;
+            .revoke_by_token_hash(hash.as_bytes(), self.policy.idle_timeout)
+            .await?;
+        if revocation.revoked > 0 {
+            tracing::info!("session revoked");
         }
+        self.invalidate(Some("logout"), &revocation).await;
         Ok(())
     }
 
-    /// Writes the tombstones and forgets the queued invalidations Redis confirmed. `true` when
-    /// every one was confirmed. `reason` (absent when re-applying) labels the revocations in
-    /// metrics.
-    pub(super) async fn invalidate(
-        &self,
-        reason: Option<&str>,
-        invalidations: &[Invalidation],
-        now: DateTime<Utc>,
-    ) -> bool {
+    /// Writes the tombstones of everything `revocation` left queued and forgets the queued
+    /// invalidations Redis confirmed. `true` when every one was confirmed. `reason` (absent when
+    /// re-applying) labels the new revocations in metrics.
+    pub(super) async fn invalidate(&self, reason: Option<&str>, revocation: &Revocation) -> bool {
         if let Some(reason) = reason {
             let revoked = self.metrics().sessions_revoked.with_label_values(&[reason]);
-            revoked.inc_by(invalidations.len() as u64);
+            revoked.inc_by(revocation.revoked as u64);
         }
-        let mut done = Vec::with_capacity(invalidations.len());
-        for invalidation in invalidations {
-            if self.cache.bury(invalidation, now).await {
-                done.push(invalidation.id);
-            }
+        self.apply(&revocation.pending).await
+    }
+
+    /// Writes these tombstones (concurrently) and deletes the queued invalidations Redis
+    /// confirmed; `true` when all were.
+    pub(super) async fn apply(&self, pending: &[Invalidation]) -> bool {
+        if pending.is_empty() {
+            return true;
         }
-        let all = done.len() == invalidations.len();
+        let now = self.clock.now();
+        let confirmed = futures::future::join_all(pending.iter().map(|invalidation| async move {
+            let Some(hash) = TokenHash::from_bytes(&invalidation.token_hash) else {
+                tracing::error!(
+                    id = invalidation.id,
+                    "invalidation with a malformed token hash"
+                );
+                return Some(invalidation.id);
+            };
+            let confirmed = match (invalidation.expires_at - now).to_std() {
+                Ok(ttl) if !ttl.is_zero() => {
+                    self.cache.bury(&hash, &invalidation.user_id, ttl).await
+                }
+                // Expired anyway: no copy can outlive it, and none would be accepted.
+                _ => true,
+            };
+            confirmed.then_some(invalidation.id)
+        }))
+        .await;
+        let done: Vec<i64> = confirmed.into_iter().flatten().collect();
+        let all = done.len() == pending.len();
         if !done.is_empty()
-            && let Err(error) = self.db.sessions().delete_invalidations(&done).await
+            && let Err(error) = self.db.outbox().confirm_sessions(&done).await
         {
             tracing::warn!(%error, "could not clear applied invalidations; they will be re-applied");
         }

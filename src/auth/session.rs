@@ -1,37 +1,13 @@
-//! The session model and its rules: when a session expires and when its activity is recorded.
-//! Expiry lives in the data, not in Redis TTLs: every read, cached or not, checks both deadlines.
+//! The session rules: when a session expires and when its activity is recorded. Expiry lives in
+//! the data, not in Redis TTLs: every read, cached or not, checks both deadlines, by the fleet's
+//! clock (PostgreSQL's, see `crate::clock`).
 use std::time::Duration;
 
-use chrono::{DateTime, SubsecRound, Utc};
-use serde::{Deserialize, Serialize};
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::config::SessionSettings;
-
-/// The clock, truncated to PostgreSQL's microsecond precision so a cached copy of a row equals
-/// the row.
-pub fn now() -> DateTime<Utc> {
-    Utc::now().trunc_subsecs(6)
-}
-
-/// A live session as stored in PostgreSQL and copied into Redis (never the token). Timestamps are
-/// cached as integer microseconds: decoding them is on the hot path.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SessionRecord {
-    pub id: Uuid,
-    pub user_id: Uuid,
-    #[serde(with = "chrono::serde::ts_microseconds")]
-    pub created_at: DateTime<Utc>,
-    #[serde(with = "chrono::serde::ts_microseconds")]
-    pub last_seen_at: DateTime<Utc>,
-    #[serde(with = "chrono::serde::ts_microseconds")]
-    pub absolute_expires_at: DateTime<Utc>,
-    /// When the password was last checked for this session.
-    #[serde(with = "chrono::serde::ts_microseconds")]
-    pub authenticated_at: DateTime<Utc>,
-    pub ip_address: String,
-    pub user_agent: String,
-}
+pub use crate::model::SessionRecord;
 
 /// The idle and absolute lifetimes, how often activity is written, how many sessions a user
 /// may hold.
@@ -62,9 +38,8 @@ pub struct ClientInfo {
 }
 
 impl SessionPolicy {
-    /// A fresh session for a user who has just proven their password.
-    pub fn start(&self, user_id: Uuid, client: ClientInfo) -> SessionRecord {
-        let now = now();
+    /// A fresh session, starting `now`, for a user who has just proven their password.
+    pub fn start(&self, user_id: Uuid, client: ClientInfo, now: DateTime<Utc>) -> SessionRecord {
         SessionRecord {
             id: Uuid::now_v7(),
             user_id,
@@ -75,11 +50,6 @@ impl SessionPolicy {
             ip_address: client.ip_address,
             user_agent: client.user_agent,
         }
-    }
-
-    /// Sessions last seen before this instant are idle-expired at `now`.
-    pub fn idle_cutoff(&self, now: DateTime<Utc>) -> DateTime<Utc> {
-        now - self.idle_timeout
     }
 
     /// The earlier of the idle and the absolute deadline.
@@ -124,7 +94,7 @@ mod tests {
     #[test]
     fn idle_deadline_moves_with_activity_but_never_past_the_absolute_one() {
         let p = policy();
-        let mut s = p.start(Uuid::now_v7(), ClientInfo::default());
+        let mut s = p.start(Uuid::now_v7(), ClientInfo::default(), Utc::now());
         let start = s.created_at;
         assert_eq!(p.expires_at(&s), start + Duration::from_secs(60));
         assert!(!p.is_expired(&s, start + Duration::from_secs(59)));
@@ -139,7 +109,7 @@ mod tests {
     #[test]
     fn touch_is_due_once_per_interval() {
         let p = policy();
-        let s = p.start(Uuid::now_v7(), ClientInfo::default());
+        let s = p.start(Uuid::now_v7(), ClientInfo::default(), Utc::now());
         assert!(!p.touch_due(&s, s.last_seen_at + Duration::from_secs(9)));
         assert!(p.touch_due(&s, s.last_seen_at + Duration::from_secs(10)));
     }

@@ -3,34 +3,68 @@
 //! Redis only ever holds copies of PostgreSQL state, so every failure here is survivable: a
 //! command that fails or times out is treated as a miss and the request goes to PostgreSQL.
 //! "Disabled" is a real mode of [`Redis`] (no client at all), not a branch in each caller.
+//!
+//! # When a cached copy may be served
+//!
+//! Redis may forget: FLUSHALL, a restart (empty, or from an old snapshot), a failover to a replica
+//! that missed writes. Tombstones and newer profile versions can be lost that way while older
+//! copies survive or come back. Three mechanisms keep every copy that is served at least as new as
+//! every revocation and update that has returned:
+//!
+//! 1. **Generations** (see [`generation`]). Every value authd writes starts with the number of
+//!    the generation it was written in. A generation names one history of the Redis data: it is
+//!    bound, in PostgreSQL, to the identity of the serving Redis processes (run id and replication
+//!    id of each primary), which every restart, restore and failover changes. A copy is served only
+//!    when its generation is the one this instance has established for the servers it is talking
+//!    to *now*: after a reconnection or a cluster topology change nothing is served until the new
+//!    identity has been bound to a generation, and copies of older generations are ignored
+//!    forever. The check is synchronous: the events fred broadcasts before it uses a new
+//!    connection are looked at after every reply (see [`Latch`]).
+//! 2. **Fill leases.** A copy read from PostgreSQL is written to Redis only under a lease taken
+//!    *before* the PostgreSQL read (compare-and-set on the lease value). A revocation or update
+//!    replaces the lease, and FLUSHALL or a restart deletes it, so a fill that raced either can
+//!    never write the state it read.
+//! 3. **Gen-less invalidation.** Tombstones are authoritative in any generation (a revoked session
+//!    never comes back), and profile updates lower nothing: they replace older versions in
+//!    whatever generation the key holds. Revocations therefore never depend on knowing the
+//!    generation.
+//!
+//! FLUSHALL needs no new generation: it deletes copies and tombstones together, and leases stop
+//! the fills that were in flight.
+mod generation;
 mod profile_cache;
 mod rate_limit;
 mod session_store;
+mod values;
 
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
 use fred::{
-    clients::Pool,
+    clients::{Client, Pool},
     interfaces::ClientLike,
     prelude::{Builder, Config, ReconnectPolicy},
     types::config::{TcpConfig, UnresponsiveConfig},
 };
 use secrecy::ExposeSecret;
+use tokio::sync::Notify;
 
-pub use profile_cache::{CachedProfile, Entry, ProfileCache};
+pub use generation::Fingerprint;
+pub use profile_cache::{CachedProfile, ProfileCache, ProfileWrite};
 pub use rate_limit::{Bucket, RateLimiter};
-pub use session_store::{Cached, SessionStore};
+pub use session_store::{Cached, Lease, SessionStore};
 
 use crate::{config::RedisSettings, metrics::Metrics};
+use generation::Latch;
 
-/// Kinds of keys; with the schema version they form `<prefix><kind>:v1:<id>`.
-const SCHEMA_VERSION: &str = "v1";
+/// Kinds of keys; with the schema version they form `<prefix><kind>:v2:<id>`. v2: every value
+/// carries its generation.
+const SCHEMA_VERSION: &str = "v2";
 
 #[derive(Clone)]
 pub struct Redis {
@@ -40,6 +74,9 @@ pub struct Redis {
 
 struct Inner {
     pool: Pool,
+    /// One per pooled client, in the same order.
+    latches: Vec<Latch>,
+    next: AtomicUsize,
     prefix: String,
     /// Whether the last command succeeded; flips are logged, so an outage is logged once.
     healthy: AtomicBool,
@@ -48,7 +85,19 @@ struct Inner {
     /// failure has completed (`trusted_through` caught up).
     failures: AtomicU64,
     trusted_through: AtomicU64,
+    /// The generation established for the servers the pool talks to; 0 while none is.
+    generation: AtomicU64,
+    /// The identity that generation was established for.
+    fingerprint: std::sync::Mutex<Option<Fingerprint>>,
+    /// Woken by every reconnection and topology change (and by the read path when it finds no
+    /// generation), so the generation job runs at once.
+    changed: Arc<Notify>,
+    /// Test hook: runs when the generation job is about to react to an event.
+    establish_hook: std::sync::OnceLock<Hook>,
 }
+
+/// A test hook (see [`Redis::set_establish_hook`]).
+pub type Hook = Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
 
 impl Redis {
     pub fn disabled(metrics: Arc<Metrics>) -> Self {
@@ -98,7 +147,13 @@ impl Redis {
                 2,
             ))
             .build_pool(settings.pool_size)?;
-        pool.prefer_connected(true);
+        // Subscribed before connecting: the first connection is an event like any other.
+        let changed = Arc::new(Notify::new());
+        let latches = pool
+            .clients()
+            .iter()
+            .map(|client| Latch::new(client, &changed))
+            .collect();
         drop(pool.connect());
         let connected =
             tokio::time::timeout(settings.connect_timeout, pool.wait_for_connect()).await;
@@ -112,10 +167,16 @@ impl Redis {
         Ok(Self {
             inner: Some(Arc::new(Inner {
                 pool,
+                latches,
+                next: AtomicUsize::new(0),
                 prefix: settings.key_prefix.clone(),
                 healthy: AtomicBool::new(connected),
                 failures: AtomicU64::new(0),
                 trusted_through: AtomicU64::new(0),
+                generation: AtomicU64::new(0),
+                fingerprint: std::sync::Mutex::new(None),
+                changed,
+                establish_hook: std::sync::OnceLock::new(),
             })),
             metrics,
         })
@@ -131,7 +192,7 @@ impl Redis {
         }
     }
 
-    /// `<prefix><kind>:v1:<id>`
+    /// `<prefix><kind>:v2:<id>`
     fn key(&self, kind: &str, id: &str) -> Option<String> {
         let inner = self.inner.as_ref()?;
         Some(format!("{}{kind}:{SCHEMA_VERSION}:{id}", inner.prefix))
@@ -144,14 +205,19 @@ impl Redis {
     /// A connected client, or `None` when Redis is disabled or no connection is up: callers then
     /// fall back at once instead of queueing behind a reconnection. Commands sent on it are
     /// bounded by `REDIS__COMMAND_TIMEOUT` and never re-sent (`max_command_attempts = 1`).
-    fn connected(&self) -> Option<&fred::clients::Client> {
-        let client = self.inner()?.pool.next_connected();
-        if client.is_connected() {
-            return Some(client);
+    fn connected(&self) -> Option<&Client> {
+        let inner = self.inner()?;
+        let clients = inner.pool.clients();
+        let start = inner.next.fetch_add(1, Ordering::Relaxed);
+        let found = (0..clients.len())
+            .map(|i| &clients[(start + i) % clients.len()])
+            .find(|c| c.is_connected());
+        if found.is_none() {
+            let down =
+                fred::error::Error::new(fred::error::ErrorKind::IO, "no connection to redis");
+            self.observe::<()>(Err(down));
         }
-        let down = fred::error::Error::new(fred::error::ErrorKind::IO, "no connection to redis");
-        self.observe::<()>(Err(down));
-        None
+        found
     }
 
     /// Records the outcome of a command, logging when Redis becomes unusable or usable again.
@@ -199,10 +265,24 @@ impl Redis {
         }
     }
 
-    /// Whether cached copies may be served: no command failed since the last complete drain.
-    pub fn trusted(&self) -> bool {
-        self.inner().is_none_or(|i| {
-            i.trusted_through.load(Ordering::Acquire) >= i.failures.load(Ordering::Acquire)
-        })
+    /// The generation whose copies may be served *now*: `None` when Redis is disabled, when no
+    /// generation is established for the servers currently connected (a reconnection or topology
+    /// change not yet looked at), or when a command failed since the last complete drain of the
+    /// invalidation queue. Call it after the reply whose value is to be judged.
+    pub fn serving_generation(&self) -> Option<u64> {
+        let inner = self.inner()?;
+        let generation = inner.generation.load(Ordering::SeqCst);
+        if generation == 0 || inner.latches.iter().any(Latch::tripped) {
+            inner.changed.notify_one();
+            return None;
+        }
+        let failures = inner.failures.load(Ordering::Acquire);
+        (inner.trusted_through.load(Ordering::Acquire) >= failures).then_some(generation)
+    }
+
+    /// The established generation, trusted or not (fills carry it; 0 when none).
+    fn write_generation(&self) -> u64 {
+        self.inner()
+            .map_or(0, |i| i.generation.load(Ordering::SeqCst))
     }
 }

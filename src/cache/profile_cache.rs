@@ -1,59 +1,38 @@
-//! The Redis profile cache: `<prefix>profile:v1:<user_id>` holds `<version>|<profile JSON>`, or
-//! `0|` for a user that does not exist (cached briefly), or `<version>|` as a floor (the profile
-//! is at least at that version; read PostgreSQL).
+//! The Redis profile cache: `<prefix>profile:v2:<user_id>` holds a copy of the profile with its
+//! version, "no such user" (cached briefly), a floor (the profile is at least at that version;
+//! read PostgreSQL) or a fill lease — each in its generation (see `values`).
 //!
-//! Every write goes through one guarded script that never replaces a newer version with an older
-//! one. A read that fetched version N from PostgreSQL just before an update to N+1 can therefore
-//! not put N back after the update wrote N+1, whichever reaches Redis first.
-use std::sync::LazyLock;
-
-use fred::{interfaces::KeysInterface, types::scripts::Script};
+//! Reads fill under a lease taken before their PostgreSQL read; updates replace older versions
+//! and leases (never a newer version, never an absent key). A read that fetched version N just
+//! before an update to N+1 can therefore not put N back after the update, whichever reaches Redis
+//! first, and neither can one that read it before Redis lost its data.
+use fred::interfaces::KeysInterface;
+use futures::future::join_all;
 use uuid::Uuid;
 
-use super::Redis;
-use crate::{config::ProfileCacheSettings, profile::ProfileRecord};
-
-/// KEYS: profile keys. ARGV: version, payload, TTL ms for each key, in order.
-static STORE: LazyLock<Script> = LazyLock::new(|| {
-    Script::from_lua(
-        "local written = 0
-         for i, key in ipairs(KEYS) do
-           local version = tonumber(ARGV[3 * i - 2])
-           local payload = ARGV[3 * i - 1]
-           local cur = redis.call('GET', key)
-           local newer = true
-           if cur then
-             local sep = string.find(cur, '|', 1, true) or 0
-             local cur_version = tonumber(string.sub(cur, 1, sep - 1)) or -1
-             newer = cur_version < version
-               or (cur_version == version and sep == #cur and payload ~= '')
-           end
-           if newer then
-             redis.call('SET', key, version .. '|' .. payload, 'PX', ARGV[3 * i])
-             written = written + 1
-           end
-         end
-         return written",
-    )
-});
+use super::{
+    Lease, Redis,
+    values::{self, RAISE, Value},
+};
+use crate::{config::ProfileCacheSettings, model::ProfileRecord};
 
 /// What Redis knows about a profile.
 #[derive(Debug)]
 pub enum CachedProfile {
+    /// A copy of the generation being served.
     Hit(ProfileRecord),
     /// Cached as "no such user".
     NotFound,
+    /// Nothing servable: read PostgreSQL, and fill under a lease.
     Miss,
-    /// A newer version than some cached copies exists (an update whose Redis write failed):
-    /// read PostgreSQL, and do not share a read that may have started before it.
-    Floor,
     Unavailable,
 }
 
-/// One write: a profile, "not found", or a version floor.
-pub enum Entry<'a> {
-    Profile(&'a ProfileRecord),
-    NotFound(Uuid),
+/// A version PostgreSQL committed, to be made visible in Redis.
+pub enum ProfileWrite<'a> {
+    /// The new profile, written in full where the key holds an older copy.
+    Updated(&'a ProfileRecord),
+    /// Only the version: older copies become floors (drains of the outbox).
     Floor(Uuid, i64),
 }
 
@@ -61,11 +40,21 @@ pub enum Entry<'a> {
 pub struct ProfileCache {
     redis: Redis,
     settings: ProfileCacheSettings,
+    /// How long a lease holds a key for a fill.
+    lease_ttl: std::time::Duration,
 }
 
 impl ProfileCache {
-    pub fn new(redis: Redis, settings: ProfileCacheSettings) -> Self {
-        Self { redis, settings }
+    pub fn new(
+        redis: Redis,
+        settings: ProfileCacheSettings,
+        lease_ttl: std::time::Duration,
+    ) -> Self {
+        Self {
+            redis,
+            settings,
+            lease_ttl,
+        }
     }
 
     pub fn redis(&self) -> &Redis {
@@ -76,21 +65,23 @@ impl ProfileCache {
         self.redis.key("profile", &user_id.to_string())
     }
 
-    fn decode(value: Option<String>) -> CachedProfile {
-        let Some(value) = value else {
+    fn judge(&self, raw: Option<String>) -> CachedProfile {
+        let Some(raw) = raw else {
             return CachedProfile::Miss;
         };
-        match value.split_once('|') {
-            Some(("0", "")) => CachedProfile::NotFound,
-            Some((_, "")) => CachedProfile::Floor,
-            Some((_, json)) => match serde_json::from_str(json) {
-                Ok(profile) => CachedProfile::Hit(profile),
-                Err(error) => {
-                    tracing::warn!(%error, "unreadable cached profile; reading PostgreSQL");
-                    CachedProfile::Miss
+        let serving = self.redis.serving_generation();
+        match values::decode(&raw) {
+            Value::Profile(generation, json) if Some(generation) == serving => {
+                match serde_json::from_str(json) {
+                    Ok(profile) => CachedProfile::Hit(profile),
+                    Err(error) => {
+                        tracing::warn!(%error, "unreadable cached profile; reading PostgreSQL");
+                        CachedProfile::Miss
+                    }
                 }
-            },
-            None => CachedProfile::Miss,
+            }
+            Value::NotFound(generation) if Some(generation) == serving => CachedProfile::NotFound,
+            _ => CachedProfile::Miss,
         }
     }
 
@@ -98,7 +89,7 @@ impl ProfileCache {
         let result = match cached {
             CachedProfile::Hit(_) => "hit",
             CachedProfile::NotFound => "negative",
-            CachedProfile::Miss | CachedProfile::Floor => "miss",
+            CachedProfile::Miss => "miss",
             CachedProfile::Unavailable => "unavailable",
         };
         let lookups = &self.redis.metrics().cache_lookups;
@@ -113,7 +104,7 @@ impl ProfileCache {
                     .redis
                     .observe(client.get::<Option<String>, _>(key).await)
                 {
-                    Some(value) => Self::decode(value),
+                    Some(value) => self.judge(value),
                     None => CachedProfile::Unavailable,
                 }
             }
@@ -133,53 +124,82 @@ impl ProfileCache {
             .collect::<Option<_>>()?;
         let client = self.redis.connected()?;
         let values: Vec<Option<String>> = self.redis.observe(client.mget(keys).await)?;
-        let cached: Vec<CachedProfile> = values.into_iter().map(Self::decode).collect();
+        let cached: Vec<CachedProfile> = values.into_iter().map(|v| self.judge(v)).collect();
         cached.iter().for_each(|c| self.count(c));
         Some(cached)
     }
 
-    /// The entry's lifetime: the TTL plus up to `jitter` of it, so entries filled together do
-    /// not expire together.
-    fn ttl_ms(&self, entry: &Entry<'_>) -> String {
-        let base = match entry {
-            Entry::NotFound(_) => self.settings.negative_ttl,
-            Entry::Profile(_) | Entry::Floor(..) => self.settings.ttl,
-        };
-        let jitter = base.mul_f64(self.settings.jitter * fastrand::f64());
-        (base + jitter).as_millis().max(1).to_string()
+    /// Takes the right to fill `user_id`'s key, before reading PostgreSQL.
+    pub async fn lease(&self, user_id: &Uuid) -> Option<Lease> {
+        let key = self.key(user_id)?;
+        self.redis.take_lease(key, self.lease_ttl, true).await
     }
 
-    /// Writes all entries in one round trip (never an older version over a newer one). `false`
-    /// when Redis could not confirm.
-    pub async fn store(&self, entries: &[Entry<'_>]) -> bool {
-        if !self.redis.is_enabled() || entries.is_empty() {
-            return true;
+    /// Leases for several keys at once (concurrent commands, pipelined on the connection).
+    pub async fn lease_many(&self, user_ids: &[Uuid]) -> Vec<Option<Lease>> {
+        join_all(user_ids.iter().map(|id| self.lease(id))).await
+    }
+
+    /// Fills a leased key with what PostgreSQL answered (`None`: no such user).
+    pub async fn fill(&self, lease: Lease, user_id: Uuid, profile: Option<&ProfileRecord>) {
+        let generation = lease.generation();
+        let (value, base) = match profile {
+            Some(p) => match serde_json::to_string(p) {
+                Ok(json) => (
+                    values::profile(generation, p.version, &json),
+                    self.settings.ttl,
+                ),
+                Err(error) => {
+                    return tracing::error!(%error, %user_id, "cannot serialise a profile");
+                }
+            },
+            None => (values::not_found(generation), self.settings.negative_ttl),
+        };
+        self.redis.swap(&lease, value, self.jittered(base)).await;
+    }
+
+    /// The entry's lifetime: the TTL plus up to `jitter` of it, so entries filled together do
+    /// not expire together.
+    fn jittered(&self, base: std::time::Duration) -> std::time::Duration {
+        base + base.mul_f64(self.settings.jitter * fastrand::f64())
+    }
+
+    /// Makes committed versions visible: each replaces older versions, "not found" and leases
+    /// where its key holds them (never a newer version, never an absent key). `false` when Redis
+    /// is disabled or could not confirm every write.
+    pub async fn raise(&self, writes: &[ProfileWrite<'_>]) -> bool {
+        if writes.is_empty() {
+            return self.redis.is_enabled();
         }
-        let mut keys = Vec::with_capacity(entries.len());
-        let mut args = Vec::with_capacity(entries.len() * 3);
-        for entry in entries {
-            let (user_id, version, payload) = match entry {
-                Entry::Profile(p) => match serde_json::to_string(p) {
-                    Ok(json) => (p.user_id, p.version, json),
-                    Err(error) => {
-                        tracing::error!(%error, "cannot serialise a profile");
-                        continue;
-                    }
-                },
-                Entry::NotFound(id) => (*id, 0, String::new()),
-                Entry::Floor(id, version) => (*id, *version, String::new()),
-            };
-            let Some(key) = self.key(&user_id) else {
-                return true;
-            };
-            keys.push(key);
-            args.extend([version.to_string(), payload, self.ttl_ms(entry)]);
-        }
-        let Some(client) = self.redis.connected() else {
+        let results = join_all(writes.iter().map(|w| self.raise_one(w))).await;
+        results.into_iter().all(|confirmed| confirmed)
+    }
+
+    async fn raise_one(&self, write: &ProfileWrite<'_>) -> bool {
+        let (user_id, version, json) = match write {
+            ProfileWrite::Updated(p) => match serde_json::to_string(p) {
+                Ok(json) => (p.user_id, p.version, json),
+                Err(error) => {
+                    tracing::error!(%error, "cannot serialise a profile");
+                    (p.user_id, p.version, String::new())
+                }
+            },
+            ProfileWrite::Floor(id, version) => (*id, *version, String::new()),
+        };
+        let (Some(key), Some(client)) = (self.key(&user_id), self.redis.connected()) else {
             return false;
         };
-        let result = STORE
-            .evalsha_with_reload::<i64, _, _>(client, keys, args)
+        let args = vec![
+            self.redis.write_generation().to_string(),
+            version.to_string(),
+            json,
+            self.jittered(self.settings.ttl)
+                .as_millis()
+                .max(1)
+                .to_string(),
+        ];
+        let result = RAISE
+            .evalsha_with_reload::<i64, _, _>(client, vec![key], args)
             .await;
         self.redis.observe(result).is_some()
     }

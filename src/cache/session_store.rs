@@ -1,52 +1,44 @@
 //! The Redis session store: a copy of each live session keyed by its token hash
-//! (`<prefix>session:v1:<sha256>`), a per-user index of the user's token hashes
-//! (`<prefix>user_sessions:v1:<user_id>`), and tombstones for revoked sessions.
+//! (`<prefix>session:v2:<sha256>`), a per-user index of the user's token hashes
+//! (`<prefix>user_sessions:v2:<user_id>`), and tombstones for revoked sessions.
 //!
-//! A tombstone is what makes revocation stick: it is written over the cached copy when a session
-//! is revoked, and the only write that creates a cached copy (the fill script) refuses to replace
-//! one. A validation that read the session from PostgreSQL just before a revocation therefore
-//! cannot put it back after the revocation, whichever of the two reaches Redis first.
-use std::{sync::LazyLock, time::Duration};
+//! A tombstone is what makes revocation stick: it is written over whatever the key holds when a
+//! session is revoked, it is honoured in every generation, and the only writes that create a copy
+//! (a fill under a lease, see [`SessionStore::lease`]) need the key to still hold their lease. A
+//! validation that read the session from PostgreSQL just before a revocation therefore cannot put
+//! it back afterwards, whichever of the two reaches Redis first, and neither can one that read it
+//! before Redis lost its data.
+use std::time::Duration;
 
-use fred::{prelude::KeysInterface, types::scripts::Script};
-
-use super::Redis;
-use crate::{
-    auth::{session::SessionRecord, token::TokenHash},
-    store::Invalidation,
+use fred::{
+    prelude::{KeysInterface, SetsInterface},
+    types::Expiration,
 };
 
-const TOMBSTONE: &str = "revoked";
-
-/// KEYS: session key, user index. ARGV: record JSON, TTL ms, member, index TTL s.
-static FILL: LazyLock<Script> = LazyLock::new(|| {
-    Script::from_lua(
-        "if redis.call('GET', KEYS[1]) == 'revoked' then return 0 end
-         redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-         redis.call('SADD', KEYS[2], ARGV[3])
-         redis.call('EXPIRE', KEYS[2], ARGV[4])
-         return 1",
-    )
-});
-
-/// KEYS: session key, user index. ARGV: TTL ms, member.
-static BURY: LazyLock<Script> = LazyLock::new(|| {
-    Script::from_lua(
-        "redis.call('SET', KEYS[1], 'revoked', 'PX', ARGV[1])
-         redis.call('SREM', KEYS[2], ARGV[2])
-         return 1",
-    )
-});
+use super::{
+    Redis,
+    values::{self, INDEX, LEASE, REFRESH, SWAP, Value},
+};
+use crate::model::{SessionRecord, TokenHash};
 
 /// What Redis knows about a token.
 #[derive(Debug)]
 pub enum Cached {
+    /// A copy of the generation being served.
     Hit(SessionRecord),
     Revoked,
-    /// Not cached: read PostgreSQL, then fill.
+    /// Nothing servable is cached: read PostgreSQL, and fill under a lease.
     Miss,
     /// Redis is disabled or did not answer: read PostgreSQL, do not try to fill.
     Unavailable,
+}
+
+/// The right to fill one key, taken before the PostgreSQL read.
+#[derive(Debug)]
+pub struct Lease {
+    key: String,
+    generation: u64,
+    value: String,
 }
 
 #[derive(Clone)]
@@ -54,14 +46,21 @@ pub struct SessionStore {
     redis: Redis,
     /// Lifetime of the per-user index: no member outlives it.
     index_ttl: Duration,
+    /// How long a lease holds a key for a fill.
+    lease_ttl: Duration,
 }
 
 impl SessionStore {
-    pub fn new(redis: Redis, absolute_timeout: Duration) -> Self {
+    pub fn new(redis: Redis, absolute_timeout: Duration, lease_ttl: Duration) -> Self {
         Self {
             redis,
             index_ttl: absolute_timeout,
+            lease_ttl,
         }
+    }
+
+    pub fn redis(&self) -> &Redis {
+        &self.redis
     }
 
     fn session_key(&self, hash: &TokenHash) -> Option<String> {
@@ -82,16 +81,7 @@ impl SessionStore {
                 {
                     None => Cached::Unavailable,
                     Some(None) => Cached::Miss,
-                    Some(Some(value)) if value == TOMBSTONE => Cached::Revoked,
-                    Some(Some(json)) => match serde_json::from_str(&json) {
-                        Ok(record) => Cached::Hit(record),
-                        Err(error) => {
-                            // Another schema under the same key: treat as absent, it will be
-                            // replaced.
-                            tracing::warn!(%error, "unreadable cached session; reading PostgreSQL");
-                            Cached::Miss
-                        }
-                    },
+                    Some(Some(raw)) => self.judge(&raw),
                 }
             }
             _ => Cached::Unavailable,
@@ -109,70 +99,170 @@ impl SessionStore {
         cached
     }
 
-    /// Caches `record` for `ttl` unless the session was revoked meanwhile (tombstone present).
-    pub async fn put(&self, hash: &TokenHash, record: &SessionRecord, ttl: Duration) {
-        let (Some(key), Some(index)) = (self.session_key(hash), self.index_key(&record.user_id))
-        else {
+    /// A tombstone counts whatever its generation; a copy only when its generation is the one
+    /// served now (judged after the reply arrived).
+    fn judge(&self, raw: &str) -> Cached {
+        match values::decode(raw) {
+            Value::Tombstone => Cached::Revoked,
+            Value::Session(generation, json)
+                if Some(generation) == self.redis.serving_generation() =>
+            {
+                match serde_json::from_str(json) {
+                    Ok(record) => Cached::Hit(record),
+                    Err(error) => {
+                        tracing::warn!(%error, "unreadable cached session; reading PostgreSQL");
+                        Cached::Miss
+                    }
+                }
+            }
+            _ => Cached::Miss,
+        }
+    }
+
+    /// Takes the right to fill this token's key, before reading PostgreSQL. `None` when no
+    /// generation is established, Redis does not answer, or the key holds a tombstone or someone
+    /// else's copy or lease.
+    pub async fn lease(&self, hash: &TokenHash) -> Option<Lease> {
+        let key = self.session_key(hash)?;
+        self.redis.take_lease(key, self.lease_ttl, false).await
+    }
+
+    /// Writes `record` for `ttl` if `lease` still holds the key (nothing revoked, flushed or
+    /// replaced it since it was taken), and adds it to the user's index.
+    pub async fn fill(
+        &self,
+        lease: Lease,
+        hash: &TokenHash,
+        record: &SessionRecord,
+        ttl: Duration,
+    ) {
+        let Some(value) = encode(lease.generation, record) else {
             return;
         };
-        let Some(client) = self.redis.connected() else {
+        if self.redis.swap(&lease, value, ttl).await {
+            self.index(hash, record).await;
+        }
+    }
+
+    /// Replaces the live copy of the session with `record` (after activity was recorded, or the
+    /// session re-authenticated). Nothing is written where no live copy of the current
+    /// generation is: a flushed or revoked key stays so.
+    pub async fn refresh(&self, hash: &TokenHash, record: &SessionRecord, ttl: Duration) {
+        let (Some(key), Some(client)) = (self.session_key(hash), self.redis.connected()) else {
             return;
         };
-        let json = match serde_json::to_string(record) {
-            Ok(json) => json,
-            Err(error) => return tracing::error!(%error, "cannot serialise a session"),
+        let generation = self.redis.write_generation();
+        let Some(value) = encode(generation, record) else {
+            return;
         };
         let args = vec![
-            json,
+            format!("{generation}|S|"),
+            value,
             ttl.as_millis().max(1).to_string(),
-            hash.to_hex(),
-            self.index_ttl.as_secs().max(1).to_string(),
         ];
-        let result = FILL
-            .evalsha_with_reload::<i64, _, _>(client, vec![key, index], args)
+        let result = REFRESH
+            .evalsha_with_reload::<i64, _, _>(client, vec![key], args)
             .await;
         self.redis.observe(result);
     }
 
-    /// Writes the tombstone of a revoked session. `false` when Redis could not confirm it (the
-    /// invalidation then stays queued in PostgreSQL and is retried).
-    pub async fn bury(
-        &self,
-        invalidation: &Invalidation,
-        now: chrono::DateTime<chrono::Utc>,
-    ) -> bool {
-        if !self.redis.is_enabled() {
-            return true;
-        }
-        let Some(hash) = TokenHash::from_bytes(&invalidation.token_hash) else {
-            tracing::error!(
-                id = invalidation.id,
-                "invalidation with a malformed token hash"
-            );
-            return true;
+    async fn index(&self, hash: &TokenHash, record: &SessionRecord) {
+        let (Some(index), Some(client)) = (self.index_key(&record.user_id), self.redis.connected())
+        else {
+            return;
         };
-        let Ok(ttl) = (invalidation.expires_at - now).to_std() else {
-            return true; // expired anyway: nothing can serve it
-        };
-        let (Some(key), Some(index)) = (
-            self.session_key(&hash),
-            self.index_key(&invalidation.user_id),
-        ) else {
-            return true;
+        let args = vec![hash.to_hex(), self.index_ttl.as_secs().max(1).to_string()];
+        let result = INDEX
+            .evalsha_with_reload::<i64, _, _>(client, vec![index], args)
+            .await;
+        self.redis.observe(result);
+    }
+
+    /// Writes the tombstone of a revoked session, for `ttl` (until it would have expired
+    /// anyway). `false` when Redis is disabled or could not confirm it: the invalidation then
+    /// stays queued in PostgreSQL for an instance with Redis to apply.
+    pub async fn bury(&self, hash: &TokenHash, user_id: &uuid::Uuid, ttl: Duration) -> bool {
+        let (Some(key), Some(index)) = (self.session_key(hash), self.index_key(user_id)) else {
+            return false;
         };
         let Some(client) = self.redis.connected() else {
             return false;
         };
-        let args = vec![ttl.as_millis().max(1).to_string(), hash.to_hex()];
-        let result = BURY
-            .evalsha_with_reload::<i64, _, _>(client, vec![key, index], args)
+        let tombstone = values::tombstone(self.redis.write_generation());
+        let px = Expiration::PX(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1));
+        let buried = client
+            .set::<(), _, _>(key, tombstone, Some(px), None, false)
             .await;
-        self.redis.observe(result).is_some()
+        if self.redis.observe(buried).is_none() {
+            return false;
+        }
+        // The index is a convenience; a member left behind expires with it.
+        let removed = client.srem::<i64, _, _>(index, hash.to_hex()).await;
+        self.redis.observe(removed);
+        true
     }
 }
 
-impl SessionStore {
-    pub fn redis(&self) -> &Redis {
-        &self.redis
+fn encode(generation: u64, record: &SessionRecord) -> Option<String> {
+    match serde_json::to_string(record) {
+        Ok(json) => Some(values::session(generation, &json)),
+        Err(error) => {
+            tracing::error!(%error, "cannot serialise a session");
+            None
+        }
+    }
+}
+
+impl Redis {
+    /// Takes a fill lease on `key` in the established generation. `replace_floor`: a floor of that
+    /// generation may be replaced (profiles).
+    pub(super) async fn take_lease(
+        &self,
+        key: String,
+        ttl: Duration,
+        replace_floor: bool,
+    ) -> Option<Lease> {
+        let generation = self.write_generation();
+        if generation == 0 {
+            return None;
+        }
+        let client = self.connected()?;
+        let value = values::lease(generation, fastrand::u64(..));
+        let args = vec![
+            generation.to_string(),
+            value.clone(),
+            ttl.as_millis().max(1).to_string(),
+            if replace_floor { "1" } else { "0" }.to_owned(),
+        ];
+        let taken = LEASE
+            .evalsha_with_reload::<i64, _, _>(client, vec![key.clone()], args)
+            .await;
+        (self.observe(taken)? == 1).then_some(Lease {
+            key,
+            generation,
+            value,
+        })
+    }
+
+    /// Replaces `lease` with `value` if the key still holds it. `true` when written.
+    pub(super) async fn swap(&self, lease: &Lease, value: String, ttl: Duration) -> bool {
+        let Some(client) = self.connected() else {
+            return false;
+        };
+        let args = vec![
+            lease.value.clone(),
+            value,
+            ttl.as_millis().max(1).to_string(),
+        ];
+        let swapped = SWAP
+            .evalsha_with_reload::<i64, _, _>(client, vec![lease.key.clone()], args)
+            .await;
+        self.observe(swapped) == Some(1)
+    }
+}
+
+impl Lease {
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 }

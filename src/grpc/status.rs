@@ -28,6 +28,11 @@ fn store_status(error: &StoreError) -> Status {
             tracing::warn!(error = %chain(error), "database unavailable");
             Status::unavailable("the database is unavailable; retry later")
         }
+        // Conflicting writes to one account that outlasted the retries: retrying succeeds.
+        StoreError::Contention(_) => {
+            tracing::warn!(error = %chain(error), "database contention");
+            Status::unavailable("the database is busy; retry")
+        }
         StoreError::Conflict { .. } | StoreError::Other(_) => internal(error),
     }
 }

@@ -1,37 +1,8 @@
-//! The profile model and the rules for its fields.
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
-use uuid::Uuid;
+//! The rules for a profile's fields (the record itself is in `crate::model`).
+pub use crate::model::profile::{ProfileChanges, ProfileRecord};
 
 pub const BIO_MAX_CHARS: usize = 500;
 pub const AVATAR_URL_MAX_CHARS: usize = 2048;
-
-/// A profile as stored in PostgreSQL and copied into Redis (timestamps as integer microseconds,
-/// cheap to decode on the hot path).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
-pub struct ProfileRecord {
-    pub user_id: Uuid,
-    pub display_name: String,
-    pub bio: String,
-    pub avatar_url: String,
-    pub locale: String,
-    pub time_zone: String,
-    pub version: i64,
-    #[serde(with = "chrono::serde::ts_microseconds")]
-    pub created_at: DateTime<Utc>,
-    #[serde(with = "chrono::serde::ts_microseconds")]
-    pub updated_at: DateTime<Utc>,
-}
-
-/// New values for some fields (`None` = untouched), already validated.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ProfileChanges {
-    pub display_name: Option<String>,
-    pub bio: Option<String>,
-    pub avatar_url: Option<String>,
-    pub locale: Option<String>,
-    pub time_zone: Option<String>,
-}
 
 pub fn bio(raw: &str) -> Result<String, String> {
     if raw.chars().count() > BIO_MAX_CHARS {

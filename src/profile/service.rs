@@ -1,16 +1,16 @@
 //! ProfileService rules: reads from the cache (one GET or one MGET), misses from PostgreSQL (one
-//! query, coalesced per key on this instance), updates committed to PostgreSQL first and then
-//! written to Redis as the new version.
+//! query, coalesced per key on this instance without ever answering a caller with a read older
+//! than its call), filled under leases; updates committed to PostgreSQL first and then written to
+//! Redis as the new version.
 use std::{collections::HashMap, sync::Arc};
 
-use async_singleflight::UnaryGroup;
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::{ProfileChanges, ProfileRecord};
+use super::{ProfileChanges, ProfileRecord, coalesce::Coalescer};
 use crate::{
-    auth::{AuthError, AuthService, FillHook, input::FieldViolation, session},
-    cache::{CachedProfile, Entry, ProfileCache},
+    auth::{AuthError, AuthService, FillHook, input::FieldViolation},
+    cache::{CachedProfile, ProfileCache, ProfileWrite},
     store::{Db, StoreError, UpdateOutcome},
 };
 
@@ -49,7 +49,7 @@ pub struct ProfileService {
     db: Arc<Db>,
     cache: ProfileCache,
     auth: Arc<AuthService>,
-    flights: UnaryGroup<Uuid, Load>,
+    flights: Coalescer<Uuid, Load>,
     fill_hook: std::sync::OnceLock<FillHook>,
 }
 
@@ -59,7 +59,7 @@ impl ProfileService {
             db,
             cache,
             auth,
-            flights: UnaryGroup::new(),
+            flights: Coalescer::default(),
             fill_hook: std::sync::OnceLock::new(),
         }
     }
@@ -72,85 +72,85 @@ impl ProfileService {
 
     /// The hot read path (no span of its own; the RPC's span covers it).
     pub async fn get(&self, user_id: Uuid) -> Result<ProfileRecord, ProfileError> {
-        let trusted = self.cache.redis().trusted();
         let loaded = match self.cache.get(&user_id).await {
-            CachedProfile::Hit(profile) if trusted => return Ok(profile),
-            CachedProfile::NotFound if trusted => return Err(ProfileError::NotFound),
-            // A true miss: concurrent misses for this id share one PostgreSQL read.
-            CachedProfile::Miss if trusted => {
-                self.flights
-                    .work(&user_id, self.recheck_then_load(user_id))
-                    .await
+            CachedProfile::Hit(profile) => return Ok(profile),
+            CachedProfile::NotFound => return Err(ProfileError::NotFound),
+            // Concurrent misses for this id share one PostgreSQL read (one begun after them).
+            CachedProfile::Miss => {
+                let load = || self.recheck_then_load(user_id);
+                self.flights.run(user_id, load).await
             }
-            // Redis down, not trusted since a failure, or a floor: read PostgreSQL for this
-            // caller alone.
-            _ => self.load_and_fill(user_id).await,
+            // Redis down or disabled: read PostgreSQL for this caller alone.
+            CachedProfile::Unavailable => self.load(user_id, None).await,
         };
         loaded
             .map_err(ProfileError::Store)?
             .ok_or(ProfileError::NotFound)
     }
 
-    /// A new flight's leader looks at the cache once more: a caller whose GET missed just before
-    /// the previous flight filled the cache finds the copy instead of reading PostgreSQL again.
+    /// A flight first looks at the cache again (the previous flight has usually just filled
+    /// it), then reads PostgreSQL under a lease.
     async fn recheck_then_load(&self, user_id: Uuid) -> Load {
         match self.cache.get(&user_id).await {
             CachedProfile::Hit(profile) => Ok(Some(profile)),
             CachedProfile::NotFound => Ok(None),
-            _ => self.load_and_fill(user_id).await,
+            CachedProfile::Miss => {
+                let lease = self.cache.lease(&user_id).await;
+                self.load(user_id, lease).await
+            }
+            CachedProfile::Unavailable => self.load(user_id, None).await,
         }
     }
 
-    async fn load_and_fill(&self, user_id: Uuid) -> Load {
+    /// Reads PostgreSQL and, holding a lease taken before the read, fills the cache.
+    async fn load(&self, user_id: Uuid, lease: Option<crate::cache::Lease>) -> Load {
         let profile = self.db.profiles().get(user_id).await.map_err(Arc::new)?;
         if let Some(hook) = self.fill_hook.get() {
             hook(user_id).await;
         }
-        let entry = match &profile {
-            Some(p) => Entry::Profile(p),
-            None => Entry::NotFound(user_id),
-        };
-        self.cache.store(&[entry]).await;
+        if let Some(lease) = lease {
+            self.cache.fill(lease, user_id, profile.as_ref()).await;
+        }
         Ok(profile)
     }
 
-    /// One MGET for every id, one PostgreSQL query for all the misses, one write for all fills.
-    /// `user_ids` must be distinct; the answer keeps their order.
+    /// One MGET for every id, one PostgreSQL query for all the misses (under leases taken
+    /// before it), one fill per miss. `user_ids` must be distinct; the answer keeps their order.
     #[instrument(skip_all, fields(count = user_ids.len()))]
     pub async fn batch_get(&self, user_ids: &[Uuid]) -> Result<BatchProfiles, ProfileError> {
-        let trusted = self.cache.redis().trusted();
         let cached = match self.cache.get_many(user_ids).await {
-            Some(cached) if trusted => cached,
-            _ => user_ids
+            Some(cached) => cached,
+            None => user_ids
                 .iter()
                 .map(|_| CachedProfile::Unavailable)
                 .collect(),
         };
         let mut found: HashMap<Uuid, ProfileRecord> = HashMap::with_capacity(user_ids.len());
-        let mut known_missing = Vec::new();
         let mut misses = Vec::new();
+        let mut fill = Vec::new();
         for (id, cached) in user_ids.iter().zip(cached) {
             match cached {
                 CachedProfile::Hit(p) => {
                     found.insert(*id, p);
                 }
-                CachedProfile::NotFound => known_missing.push(*id),
-                CachedProfile::Miss | CachedProfile::Floor | CachedProfile::Unavailable => {
-                    misses.push(*id)
+                CachedProfile::NotFound => {}
+                CachedProfile::Miss => {
+                    misses.push(*id);
+                    fill.push(*id);
                 }
+                CachedProfile::Unavailable => misses.push(*id),
             }
         }
         if !misses.is_empty() {
+            let leases = self.cache.lease_many(&fill).await;
             let loaded = self.db.profiles().get_many(&misses).await?;
-            let mut entries: Vec<Entry<'_>> = loaded.iter().map(Entry::Profile).collect();
-            let loaded_ids: Vec<Uuid> = loaded.iter().map(|p| p.user_id).collect();
-            entries.extend(
-                misses
-                    .iter()
-                    .filter(|id| !loaded_ids.contains(id))
-                    .map(|id| Entry::NotFound(*id)),
-            );
-            self.cache.store(&entries).await;
+            let by_id: HashMap<Uuid, &ProfileRecord> =
+                loaded.iter().map(|p| (p.user_id, p)).collect();
+            let fills = fill.iter().zip(leases).filter_map(|(id, lease)| {
+                let lease = lease?;
+                Some(self.cache.fill(lease, *id, by_id.get(id).copied()))
+            });
+            futures::future::join_all(fills).await;
             found.extend(loaded.into_iter().map(|p| (p.user_id, p)));
         }
         let mut answer = BatchProfiles {
@@ -180,7 +180,7 @@ impl ProfileService {
         let outcome = self
             .db
             .profiles()
-            .update(user_id, &changes, expected_version, session::now())
+            .update(user_id, &changes, expected_version, self.auth.clock().now())
             .await?;
         let (profile, invalidation_id) = match outcome {
             UpdateOutcome::Updated {
@@ -191,37 +191,31 @@ impl ProfileService {
             UpdateOutcome::NotFound => return Err(ProfileError::NotFound),
         };
         tracing::info!(%user_id, version = profile.version, "profile updated");
-        if self.cache.store(&[Entry::Profile(&profile)]).await {
+        if self.cache.raise(&[ProfileWrite::Updated(&profile)]).await {
             self.forget(&[invalidation_id]).await;
         }
         Ok(profile)
     }
 
     async fn forget(&self, ids: &[i64]) {
-        if let Err(error) = self.db.profiles().delete_invalidations(ids).await {
+        if let Err(error) = self.db.outbox().confirm_profiles(ids).await {
             tracing::warn!(%error, "could not clear applied profile versions; they will be re-applied");
         }
     }
 
-    /// One pass over the profile versions queued by any instance: each becomes a floor in
-    /// Redis, so an older cached copy is never served. `true` when all of them reached Redis.
+    /// One pass over the profile versions queued by any instance (only instances with Redis run
+    /// it): older cached copies of each become floors, so they are never served. `true` when all
+    /// of them reached Redis.
     pub async fn drain_invalidations(&self) -> Result<bool, StoreError> {
-        // A caller that gave up while leading a read leaves its key behind in the single-flight
-        // map; sweep those so ids nobody asks for again cannot accumulate.
-        self.flights.purge_stale().await;
-        let pending = self
-            .db
-            .profiles()
-            .pending_invalidations(DRAIN_BATCH)
-            .await?;
+        let pending = self.db.outbox().pending_profiles(DRAIN_BATCH).await?;
         if pending.is_empty() {
             return Ok(true);
         }
-        let entries: Vec<Entry<'_>> = pending
+        let writes: Vec<ProfileWrite<'_>> = pending
             .iter()
-            .map(|p| Entry::Floor(p.user_id, p.version))
+            .map(|p| ProfileWrite::Floor(p.user_id, p.version))
             .collect();
-        if !self.cache.store(&entries).await {
+        if !self.cache.raise(&writes).await {
             return Ok(false);
         }
         let ids: Vec<i64> = pending.iter().map(|p| p.id).collect();

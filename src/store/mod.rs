@@ -2,6 +2,8 @@
 //!
 //! Every operation goes through [`Db::run`], which bounds it in time and classifies its error, so
 //! an outage answers UNAVAILABLE within `DATABASE__QUERY_TIMEOUT` instead of hanging.
+mod generations;
+mod outbox;
 mod profiles;
 mod sessions;
 mod users;
@@ -16,6 +18,7 @@ use std::{
     time::Duration,
 };
 
+use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
 use sqlx::{
     PgPool,
@@ -23,8 +26,9 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
-pub use profiles::{ProfileInvalidation, ProfileRepo, UpdateOutcome};
-pub use sessions::{Invalidation, SessionRepo, StoredSession};
+pub use outbox::{Invalidation, OutboxRepo, ProfileInvalidation, Revocation};
+pub use profiles::{ProfileRepo, UpdateOutcome};
+pub use sessions::{NewSession, SessionRepo, StoredSession};
 pub use users::{EMAIL_UNIQUE, NewUser, UserRepo};
 
 use crate::{config::DatabaseSettings, metrics::Metrics};
@@ -37,6 +41,9 @@ pub enum StoreError {
     /// A unique constraint rejected the write.
     #[error("unique constraint {constraint} violated")]
     Conflict { constraint: String },
+    /// A deadlock or serialization failure that persisted through the retries: retryable.
+    #[error("database contention")]
+    Contention(#[source] sqlx::Error),
     #[error("database error")]
     Other(#[source] sqlx::Error),
 }
@@ -54,6 +61,8 @@ impl From<sqlx::Error> for StoreError {
                     StoreError::Conflict {
                         constraint: db.constraint().unwrap_or_default().to_owned(),
                     }
+                } else if code == "40P01" || code == "40001" {
+                    StoreError::Contention(error)
                 } else if is_unavailable_sqlstate(&code) {
                     StoreError::Unavailable(Some(error))
                 } else {
@@ -161,11 +170,33 @@ impl Db {
             .set((self.in_flight.load(Ordering::Relaxed) - in_use).max(0));
     }
 
-    /// A trivial query, to tell whether PostgreSQL answers (health).
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        self.run(sqlx::query("select 1").execute(&self.pool))
-            .await
-            .map(|_| ())
+    /// PostgreSQL's clock, read by a trivial query: whether PostgreSQL answers (health), and the
+    /// offset of this host's clock to the fleet's (see `clock`).
+    pub async fn clock_timestamp(&self) -> Result<DateTime<Utc>, StoreError> {
+        let query = sqlx::query_scalar("select clock_timestamp()");
+        self.run(query.fetch_one(&self.pool)).await
+    }
+
+    /// Runs a transactional operation again when it lost a deadlock or a serialization conflict
+    /// (at most three times in all, after a short random pause); what still fails is
+    /// [`StoreError::Contention`], which callers answer as retryable.
+    pub(crate) async fn retrying<T, F, Fut>(&self, mut operation: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match operation().await {
+                Err(StoreError::Contention(error)) if attempt < 3 => {
+                    tracing::debug!(%error, attempt, "retrying after a database conflict");
+                    attempt += 1;
+                    let pause = Duration::from_millis(fastrand::u64(1..=10 * attempt));
+                    tokio::time::sleep(pause).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Runs one store operation (one round trip) within the query timeout.
@@ -187,4 +218,10 @@ impl Db {
             Err(_elapsed) => Err(StoreError::Unavailable(None)),
         }
     }
+}
+
+/// A duration as the microseconds PostgreSQL intervals are built from (`$n::bigint * interval '1
+/// microsecond'`).
+pub(crate) fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }

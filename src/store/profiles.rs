@@ -1,17 +1,9 @@
-//! Profiles and the outbox of profile versions still to be mirrored into Redis.
+//! Profiles (their outbox of versions still to be mirrored into Redis is in `outbox`).
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{Db, StoreError};
-use crate::profile::{ProfileChanges, ProfileRecord};
-
-/// A profile version that Redis may not have yet.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct ProfileInvalidation {
-    pub id: i64,
-    pub user_id: Uuid,
-    pub version: i64,
-}
+use crate::model::{ProfileChanges, ProfileRecord};
 
 /// What an update found.
 pub enum UpdateOutcome {
@@ -108,22 +100,5 @@ impl ProfileRepo<'_> {
             Some(_) => UpdateOutcome::VersionMismatch,
             None => UpdateOutcome::NotFound,
         })
-    }
-
-    pub async fn pending_invalidations(
-        &self,
-        limit: i64,
-    ) -> Result<Vec<ProfileInvalidation>, StoreError> {
-        let query = sqlx::query_as::<_, ProfileInvalidation>(
-            "select id, user_id, version from profile_invalidations order by id limit $1",
-        )
-        .bind(limit);
-        self.0.run(query.fetch_all(&self.0.pool)).await
-    }
-
-    pub async fn delete_invalidations(&self, ids: &[i64]) -> Result<(), StoreError> {
-        let query = sqlx::query("delete from profile_invalidations where id = any($1)").bind(ids);
-        self.0.run(query.execute(&self.0.pool)).await?;
-        Ok(())
     }
 }

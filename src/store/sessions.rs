@@ -1,46 +1,65 @@
-//! Sessions and the outbox of revocations still to be mirrored into Redis.
+//! Sessions. Every statement that revokes also queues the Redis invalidations in the same
+//! statement (see `outbox`), and answers with every invalidation of the user still queued, so a
+//! retried revocation re-applies what an earlier attempt committed but never confirmed.
+//!
+//! Deadlines are judged by PostgreSQL's clock (`clock_timestamp()`, read when the row is locked,
+//! not when the statement started), and statements that revoke several sessions of a user first
+//! lock the user's row: they serialise per user instead of deadlocking on each other's session
+//! rows (ChangePassword against a login at the session cap, two logins at the cap).
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, postgres::PgRow};
 use uuid::Uuid;
 
-use super::{Db, StoreError};
-use crate::auth::session::SessionRecord;
+use super::{Db, Revocation, StoreError, micros};
+use crate::model::SessionRecord;
 
-/// Revokes the sessions matching `$cond` (with `$1` the revocation time) and, in the same
-/// statement, queues their Redis invalidations, returning them.
-macro_rules! revoke_where {
-    ($cond:literal) => {
+/// Revokes the sessions matching `$cond` (with `$1` the idle timeout in microseconds), queues
+/// their invalidations, and returns them with every older invalidation still queued matching
+/// `$pending`. `active` tells whether a revoked session was still usable.
+macro_rules! revoke {
+    ($cond:literal, $pending:literal) => {
         concat!(
             "with revoked as (
-                 update sessions set revoked_at = $1
+                 update sessions set revoked_at = clock_timestamp()
                  where revoked_at is null and ",
             $cond,
-            " returning token_hash, user_id, absolute_expires_at
-             )
-             insert into session_invalidations (token_hash, user_id, expires_at)
-             select token_hash, user_id, absolute_expires_at from revoked
-             returning id, token_hash, user_id, expires_at"
+            " returning token_hash, user_id, absolute_expires_at,
+                    absolute_expires_at > clock_timestamp()
+                    and last_seen_at > clock_timestamp() - $1::bigint * interval '1 microsecond'
+                    as active
+             ), ",
+            queue!(),
+            " union all
+             select id, token_hash, user_id, expires_at, false, false from session_invalidations
+             where ",
+            $pending
         )
     };
 }
 
-/// A session is active while not revoked and before both deadlines; `$2` is now and `$3` is
-/// the idle cutoff (now - idle timeout).
-macro_rules! active {
+/// The `queued` CTE and the select of what `revoked` produced.
+macro_rules! queue {
     () => {
-        "revoked_at is null and absolute_expires_at > $2 and last_seen_at > $3"
+        "queued as (
+             insert into session_invalidations (token_hash, user_id, expires_at)
+             select token_hash, user_id, absolute_expires_at from revoked
+             returning id, token_hash, user_id, expires_at
+         )
+         select q.id, q.token_hash, q.user_id, q.expires_at, true as fresh, r.active
+         from queued q join revoked r on r.token_hash = q.token_hash"
     };
 }
 
-/// A revocation whose Redis tombstone may not be in place yet.
-#[derive(Debug, Clone, FromRow)]
-pub struct Invalidation {
-    pub id: i64,
-    pub token_hash: Vec<u8>,
-    pub user_id: Uuid,
-    /// The tombstone is useless after this: the session would have expired anyway.
-    pub expires_at: DateTime<Utc>,
+/// Active: not revoked, before the absolute deadline, used within the idle timeout (`$1`, µs).
+macro_rules! active {
+    () => {
+        "revoked_at is null and absolute_expires_at > clock_timestamp()
+         and last_seen_at > clock_timestamp() - $1::bigint * interval '1 microsecond'"
+    };
 }
+
+const COLUMNS: &str = "id, user_id, created_at, last_seen_at, absolute_expires_at, \
+                       authenticated_at, ip_address, user_agent, revoked_at";
 
 /// A session row: the record plus whether it was revoked.
 pub struct StoredSession {
@@ -69,7 +88,7 @@ impl FromRow<'_, PgRow> for StoredSession {
 }
 
 #[derive(Clone, Copy)]
-pub struct SessionRepo<'a>(&'a Db);
+pub struct SessionRepo<'a>(pub(super) &'a Db);
 
 impl Db {
     pub fn sessions(&self) -> SessionRepo<'_> {
@@ -77,103 +96,116 @@ impl Db {
     }
 }
 
+/// What a login needs to store its session.
+pub struct NewSession<'a> {
+    pub record: &'a SessionRecord,
+    pub token_hash: &'a [u8],
+    /// The PHC hash the password was verified against: the session is stored only if it is
+    /// still the user's.
+    pub verified_hash: &'a str,
+    pub max_per_user: i64,
+}
+
 impl SessionRepo<'_> {
-    /// Inserts a new session, if the user's password hash is still `verified_hash`, and in the
-    /// same statement revokes the user's least recently used active sessions beyond
-    /// `max_per_user` (counting the new one), returning their queued invalidations. `None` when
-    /// the password changed meanwhile (nothing is written). The user row is share-locked, so a
-    /// concurrent ChangePassword either sees this session (and revokes it) or wins first.
+    /// Inserts a new session, if the user's password hash is still the verified one, and in the
+    /// same transaction revokes the user's least recently used active sessions beyond
+    /// `max_per_user` (counting the new one). `None` when the password changed meanwhile (nothing
+    /// is written). The user row is locked first, so a concurrent ChangePassword either sees this
+    /// session (and revokes it) or wins first.
     pub async fn insert_capped(
         &self,
-        s: &SessionRecord,
-        token_hash: &[u8],
-        verified_hash: &str,
-        idle_cutoff: DateTime<Utc>,
-        max_per_user: i64,
-    ) -> Result<Option<Vec<Invalidation>>, StoreError> {
+        s: &NewSession<'_>,
+        idle: std::time::Duration,
+    ) -> Result<Option<Revocation>, StoreError> {
+        self.0.retrying(|| self.insert_capped_once(s, idle)).await
+    }
+
+    async fn insert_capped_once(
+        &self,
+        s: &NewSession<'_>,
+        idle: std::time::Duration,
+    ) -> Result<Option<Revocation>, StoreError> {
+        let r = s.record;
         let mut tx = self.0.run(self.0.pool.begin()).await?;
-        let current = sqlx::query_scalar::<_, String>(
-            "select password_hash from users where id = $1 for share",
-        )
-        .bind(s.user_id);
         if self
             .0
-            .run(current.fetch_optional(&mut *tx))
+            .users()
+            .lock_password(&mut tx, r.user_id)
             .await?
             .as_deref()
-            != Some(verified_hash)
+            != Some(s.verified_hash)
         {
             return Ok(None);
         }
-        let query = sqlx::query_as::<_, Invalidation>(concat!(
+        let query = sqlx::query_as::<_, super::outbox::QueuedRow>(concat!(
             "with new_session as (
                  insert into sessions (id, user_id, token_hash, created_at, last_seen_at,
                                        absolute_expires_at, authenticated_at, ip_address, user_agent)
-                 values ($4, $5, $6, $2, $2, $7, $2, $8, $9)
+                 values ($2, $3, $4, $5, $5, $6, $5, $7, $8)
              ), ",
             // The new row is invisible to the rest of the statement: keep max - 1 others.
             "least_recent as (
-                 select id from sessions where user_id = $5 and ",
+                 select id from sessions where user_id = $3 and ",
             active!(),
-            " order by last_seen_at desc, created_at desc offset $10
-             ), ",
-            "revoked as (
-                 update sessions set revoked_at = $1
+            " order by last_seen_at desc, created_at desc offset $9
+             ), revoked as (
+                 update sessions set revoked_at = clock_timestamp()
                  where id in (select id from least_recent) and revoked_at is null
-                 returning token_hash, user_id, absolute_expires_at
-             )
-             insert into session_invalidations (token_hash, user_id, expires_at)
-             select token_hash, user_id, absolute_expires_at from revoked
-             returning id, token_hash, user_id, expires_at"
+                 returning token_hash, user_id, absolute_expires_at, true as active
+             ), ",
+            queue!(),
+            " union all
+             select id, token_hash, user_id, expires_at, false, false from session_invalidations
+             where user_id = $3"
         ))
-        .bind(s.created_at)
-        .bind(s.created_at)
-        .bind(idle_cutoff)
-        .bind(s.id)
-        .bind(s.user_id)
-        .bind(token_hash)
-        .bind(s.absolute_expires_at)
-        .bind(&s.ip_address)
-        .bind(&s.user_agent)
-        .bind((max_per_user - 1).max(0));
-        let evicted = self.0.run(query.fetch_all(&mut *tx)).await?;
+        .bind(micros(idle))
+        .bind(r.id)
+        .bind(r.user_id)
+        .bind(s.token_hash)
+        .bind(r.created_at)
+        .bind(r.absolute_expires_at)
+        .bind(&r.ip_address)
+        .bind(&r.user_agent)
+        .bind((s.max_per_user - 1).max(0));
+        let rows = self.0.run(query.fetch_all(&mut *tx)).await?;
         self.0.run(tx.commit()).await?;
-        Ok(Some(evicted))
+        Ok(Some(Revocation::from_rows(rows)))
     }
 
     /// The user's active sessions, newest first.
     pub async fn list_active(
         &self,
         user_id: Uuid,
-        now: DateTime<Utc>,
-        idle_cutoff: DateTime<Utc>,
+        idle: std::time::Duration,
     ) -> Result<Vec<SessionRecord>, StoreError> {
-        let query = sqlx::query_as::<_, StoredSession>(concat!(
-            "select id, user_id, created_at, last_seen_at, absolute_expires_at, authenticated_at,
-                    ip_address, user_agent, revoked_at
-             from sessions where user_id = $1 and ",
-            active!(),
-            " order by created_at desc, id desc"
-        ))
-        .bind(user_id)
-        .bind(now)
-        .bind(idle_cutoff);
+        let sql = format!(
+            "select {COLUMNS} from sessions where user_id = $2 and {} \
+             order by created_at desc, id desc",
+            active!()
+        );
+        let query = sqlx::query_as::<_, StoredSession>(sqlx::AssertSqlSafe(sql))
+            .bind(micros(idle))
+            .bind(user_id);
         let rows = self.0.run(query.fetch_all(&self.0.pool)).await?;
         Ok(rows.into_iter().map(|s| s.record).collect())
     }
 
-    /// Revokes one of the user's sessions. `Ok(None)` when there was nothing to revoke.
+    /// Revokes one of the user's sessions.
     pub async fn revoke_by_id(
         &self,
         user_id: Uuid,
         session_id: Uuid,
-        now: DateTime<Utc>,
-    ) -> Result<Option<Invalidation>, StoreError> {
-        let query = sqlx::query_as::<_, Invalidation>(revoke_where!("user_id = $2 and id = $3"))
-            .bind(now)
-            .bind(user_id)
-            .bind(session_id);
-        self.0.run(query.fetch_optional(&self.0.pool)).await
+        idle: std::time::Duration,
+    ) -> Result<Revocation, StoreError> {
+        let query = sqlx::query_as::<_, super::outbox::QueuedRow>(revoke!(
+            "user_id = $2 and id = $3",
+            "user_id = $2"
+        ))
+        .bind(micros(idle))
+        .bind(user_id)
+        .bind(session_id);
+        let rows = self.0.run(query.fetch_all(&self.0.pool)).await?;
+        Ok(Revocation::from_rows(rows))
     }
 
     /// Whether this session (in any state) belongs to this user.
@@ -186,125 +218,116 @@ impl SessionRepo<'_> {
         self.0.run(query.fetch_one(&self.0.pool)).await
     }
 
-    /// Revokes every active session of the user except `keep`.
+    /// Revokes every session of the user not yet revoked, whatever its expiry (so that no later
+    /// setting change or racing touch can bring one back), except `keep`.
     pub async fn revoke_all(
         &self,
         user_id: Uuid,
         keep: Option<Uuid>,
-        now: DateTime<Utc>,
-        idle_cutoff: DateTime<Utc>,
-    ) -> Result<Vec<Invalidation>, StoreError> {
-        self.revoke_all_in(&self.0.pool, user_id, keep, now, idle_cutoff)
+        idle: std::time::Duration,
+    ) -> Result<Revocation, StoreError> {
+        self.0
+            .retrying(|| async {
+                let mut tx = self.0.run(self.0.pool.begin()).await?;
+                self.0.users().lock_password(&mut tx, user_id).await?;
+                let revoked = self.revoke_all_in(&mut tx, user_id, keep, idle).await?;
+                self.0.run(tx.commit()).await?;
+                Ok(revoked)
+            })
             .await
     }
 
-    /// [`SessionRepo::revoke_all`] on a given connection (possibly inside a transaction).
-    pub(super) async fn revoke_all_in<'c>(
+    /// [`SessionRepo::revoke_all`] inside a transaction that holds the user's row.
+    pub(super) async fn revoke_all_in(
         &self,
-        executor: impl sqlx::PgExecutor<'c>,
+        tx: &mut sqlx::PgConnection,
         user_id: Uuid,
         keep: Option<Uuid>,
-        now: DateTime<Utc>,
-        idle_cutoff: DateTime<Utc>,
-    ) -> Result<Vec<Invalidation>, StoreError> {
-        let query = sqlx::query_as::<_, Invalidation>(revoke_where!(
-            "user_id = $2 and id is distinct from $3 and absolute_expires_at > $1 \
-             and last_seen_at > $4"
+        idle: std::time::Duration,
+    ) -> Result<Revocation, StoreError> {
+        let query = sqlx::query_as::<_, super::outbox::QueuedRow>(revoke!(
+            "user_id = $2 and id is distinct from $3",
+            "user_id = $2"
         ))
-        .bind(now)
+        .bind(micros(idle))
         .bind(user_id)
-        .bind(keep)
-        .bind(idle_cutoff);
-        self.0.run(query.fetch_all(executor)).await
-    }
-
-    /// Deletes up to `batch` sessions revoked or expired before `cutoff` (idle expiry computed
-    /// with `idle_cutoff` = cutoff - idle timeout), and invalidations no longer needed.
-    /// Each batch is its own short statement, and rows locked by requests are skipped.
-    pub async fn purge(
-        &self,
-        cutoff: DateTime<Utc>,
-        idle_cutoff: DateTime<Utc>,
-        now: DateTime<Utc>,
-        batch: i64,
-    ) -> Result<u64, StoreError> {
-        let query = sqlx::query(
-            "with doomed as (
-                 select id from sessions
-                 where revoked_at < $1 or absolute_expires_at < $1 or last_seen_at < $2
-                 limit $4 for update skip locked
-             ), gone as (
-                 delete from session_invalidations where expires_at < $3
-             )
-             delete from sessions where id in (select id from doomed)",
-        )
-        .bind(cutoff)
-        .bind(idle_cutoff)
-        .bind(now)
-        .bind(batch);
-        let done = self.0.run(query.execute(&self.0.pool)).await?;
-        Ok(done.rows_affected())
+        .bind(keep);
+        let rows = self.0.run(query.fetch_all(tx)).await?;
+        Ok(Revocation::from_rows(rows))
     }
 
     pub async fn find_by_token_hash(
         &self,
         token_hash: &[u8],
     ) -> Result<Option<StoredSession>, StoreError> {
-        let query = sqlx::query_as::<_, StoredSession>(
-            "select id, user_id, created_at, last_seen_at, absolute_expires_at, authenticated_at,
-                    ip_address, user_agent, revoked_at
-             from sessions where token_hash = $1",
-        )
-        .bind(token_hash);
+        let sql = format!("select {COLUMNS} from sessions where token_hash = $1");
+        let query = sqlx::query_as::<_, StoredSession>(sqlx::AssertSqlSafe(sql)).bind(token_hash);
         self.0.run(query.fetch_optional(&self.0.pool)).await
     }
 
-    /// Records activity at `now` unless the session was revoked or expired meanwhile (an
-    /// expired session is never revived); `None` means the caller must not accept the session.
+    /// Records activity now (PostgreSQL's time when the row is locked) unless the session was
+    /// revoked or has expired (an expired session is never revived, however long the statement
+    /// waited for the row); `None` means the caller must not accept the session.
     pub async fn touch(
         &self,
         id: Uuid,
-        now: DateTime<Utc>,
-        idle_cutoff: DateTime<Utc>,
+        idle: std::time::Duration,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let query = sqlx::query_scalar(
-            "update sessions set last_seen_at = greatest(last_seen_at, $2)
-             where id = $1 and revoked_at is null and absolute_expires_at > $2
-               and last_seen_at > $3
+        let sql = format!(
+            "update sessions set last_seen_at = greatest(last_seen_at, clock_timestamp())
+             where id = $2 and {}
              returning last_seen_at",
-        )
-        .bind(id)
-        .bind(now)
-        .bind(idle_cutoff);
+            active!()
+        );
+        let query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(micros(idle))
+            .bind(id);
         self.0.run(query.fetch_optional(&self.0.pool)).await
     }
 
-    /// Revokes the session of this token and, in the same statement, queues its Redis
-    /// invalidation. `None` when there was nothing to revoke.
+    /// Revokes the session of this token (if it is not already) and returns its invalidations
+    /// still queued, a fresh one included.
     pub async fn revoke_by_token_hash(
         &self,
         token_hash: &[u8],
-        now: DateTime<Utc>,
-    ) -> Result<Option<Invalidation>, StoreError> {
-        let query = sqlx::query_as::<_, Invalidation>(revoke_where!("token_hash = $2"))
-            .bind(now)
-            .bind(token_hash);
-        self.0.run(query.fetch_optional(&self.0.pool)).await
+        idle: std::time::Duration,
+    ) -> Result<Revocation, StoreError> {
+        let query = sqlx::query_as::<_, super::outbox::QueuedRow>(revoke!(
+            "token_hash = $2",
+            "token_hash = $2"
+        ))
+        .bind(micros(idle))
+        .bind(token_hash);
+        let rows = self.0.run(query.fetch_all(&self.0.pool)).await?;
+        Ok(Revocation::from_rows(rows))
     }
 
-    /// The oldest invalidations not yet confirmed in Redis.
-    pub async fn pending_invalidations(&self, limit: i64) -> Result<Vec<Invalidation>, StoreError> {
-        let query = sqlx::query_as::<_, Invalidation>(
-            "select id, token_hash, user_id, expires_at from session_invalidations
-             order by id limit $1",
+    /// Deletes sessions revoked or expired more than `retention` ago (idle expiry judged with
+    /// `idle`), and queued invalidations no longer needed, by PostgreSQL's clock. One short
+    /// statement of at most `batch` rows that skips rows locked by requests.
+    pub async fn purge(
+        &self,
+        retention: std::time::Duration,
+        idle: std::time::Duration,
+        batch: i64,
+    ) -> Result<u64, StoreError> {
+        let query = sqlx::query(
+            "with doomed as (
+                 select id from sessions
+                 where revoked_at < clock_timestamp() - $1::bigint * interval '1 microsecond'
+                    or absolute_expires_at < clock_timestamp() - $1::bigint * interval '1 microsecond'
+                    or last_seen_at < clock_timestamp()
+                         - ($1::bigint + $2::bigint) * interval '1 microsecond'
+                 limit $3 for update skip locked
+             ), gone as (
+                 delete from session_invalidations where expires_at < clock_timestamp()
+             )
+             delete from sessions where id in (select id from doomed)",
         )
-        .bind(limit);
-        self.0.run(query.fetch_all(&self.0.pool)).await
-    }
-
-    pub async fn delete_invalidations(&self, ids: &[i64]) -> Result<(), StoreError> {
-        let query = sqlx::query("delete from session_invalidations where id = any($1)").bind(ids);
-        self.0.run(query.execute(&self.0.pool)).await?;
-        Ok(())
+        .bind(micros(retention))
+        .bind(micros(idle))
+        .bind(batch);
+        let done = self.0.run(query.execute(&self.0.pool)).await?;
+        Ok(done.rows_affected())
     }
 }

@@ -1,10 +1,9 @@
 //! Users and their profile rows.
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use chrono::{DateTime, Utc};
-
-use super::{Db, Invalidation, StoreError};
-use crate::auth::session::SessionRecord;
+use super::{Db, Revocation, StoreError};
+use crate::model::SessionRecord;
 
 /// The constraint that makes emails unique; its violation means "already registered".
 pub const EMAIL_UNIQUE: &str = "users_email_normalized_key";
@@ -80,46 +79,68 @@ impl UserRepo<'_> {
         self.0.run(query.fetch_optional(&self.0.pool)).await
     }
 
+    /// Locks the user's row for the rest of the transaction (every statement that changes several
+    /// of a user's sessions takes it first, so they serialise instead of deadlocking) and returns
+    /// the password hash; `None` when there is no such user.
+    pub(super) async fn lock_password(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        user_id: Uuid,
+    ) -> Result<Option<String>, StoreError> {
+        let query = sqlx::query_scalar::<_, String>(
+            "select password_hash from users where id = $1 for update",
+        )
+        .bind(user_id);
+        self.0.run(query.fetch_optional(tx)).await
+    }
+
     /// Sets the new password hash, marks the calling session as freshly authenticated and
-    /// revokes every other session of the user, all in one statement. `None` when the calling
-    /// session was revoked meanwhile (then nothing changed).
+    /// revokes every other session of the user not yet revoked, in one transaction that locks the
+    /// user's row first. `None` when the calling session was revoked meanwhile (then nothing
+    /// changed).
     pub async fn change_password(
         &self,
         user_id: Uuid,
         password_hash: &str,
         current_session: Uuid,
         now: DateTime<Utc>,
-        idle_cutoff: DateTime<Utc>,
-    ) -> Result<Option<Vec<Invalidation>>, StoreError> {
-        let mut tx = self.0.run(self.0.pool.begin()).await?;
-        let current = sqlx::query_scalar::<_, Uuid>(
-            "update sessions set authenticated_at = $1
-             where id = $2 and user_id = $3 and revoked_at is null
-             returning id",
-        )
-        .bind(now)
-        .bind(current_session)
-        .bind(user_id);
-        if self
-            .0
-            .run(current.fetch_optional(&mut *tx))
-            .await?
-            .is_none()
-        {
-            return Ok(None);
-        }
-        let update =
-            sqlx::query("update users set password_hash = $1, updated_at = $2 where id = $3")
+        idle: std::time::Duration,
+    ) -> Result<Option<Revocation>, StoreError> {
+        self.0
+            .retrying(|| async {
+                let mut tx = self.0.run(self.0.pool.begin()).await?;
+                self.lock_password(&mut tx, user_id).await?;
+                let current = sqlx::query_scalar::<_, Uuid>(
+                    "update sessions set authenticated_at = $1
+                     where id = $2 and user_id = $3 and revoked_at is null
+                     returning id",
+                )
+                .bind(now)
+                .bind(current_session)
+                .bind(user_id);
+                if self
+                    .0
+                    .run(current.fetch_optional(&mut *tx))
+                    .await?
+                    .is_none()
+                {
+                    return Ok(None);
+                }
+                let update = sqlx::query(
+                    "update users set password_hash = $1, updated_at = $2 where id = $3",
+                )
                 .bind(password_hash)
                 .bind(now)
                 .bind(user_id);
-        self.0.run(update.execute(&mut *tx)).await?;
-        let revoked = self
-            .0
-            .sessions()
-            .revoke_all_in(&mut *tx, user_id, Some(current_session), now, idle_cutoff)
-            .await?;
-        self.0.run(tx.commit()).await?;
-        Ok(Some(revoked))
+                self.0.run(update.execute(&mut *tx)).await?;
+                let revoked = self
+                    .0
+                    .sessions()
+                    .revoke_all_in(&mut tx, user_id, Some(current_session), idle)
+                    .await?;
+                self.0.run(tx.commit()).await?;
+                Ok(Some(revoked))
+            })
+            .await
     }
 }

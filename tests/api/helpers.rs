@@ -98,6 +98,8 @@ pub async fn spawn_with(settings: Settings) -> TestApp {
 pub struct Hooks {
     pub session_fill: Option<FillHook>,
     pub profile_fill: Option<FillHook>,
+    /// Runs when the generation job is about to react to a reconnection.
+    pub establish: Option<authd::cache::Hook>,
 }
 
 pub async fn spawn_with_hooks(settings: Settings, hooks: Hooks) -> TestApp {
@@ -138,6 +140,9 @@ async fn spawn_inner(settings: Settings, drop_database: bool, hooks: Hooks) -> T
     }
     if let Some(hook) = hooks.profile_fill {
         app.profiles().set_fill_hook(hook);
+    }
+    if let Some(hook) = hooks.establish {
+        app.redis().set_establish_hook(hook);
     }
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async {
@@ -297,10 +302,15 @@ pub async fn redis_command_calls(
 pub fn session_key(app: &TestApp, token: &str) -> String {
     let hash = authd::auth::token::TokenHash::of_token(token).expect("a well-formed token");
     format!(
-        "{}session:v1:{}",
+        "{}session:v2:{}",
         app.settings.redis.key_prefix,
         hash.to_hex()
     )
+}
+
+/// The Redis key of a user's cached profile in `app`'s namespace.
+pub fn profile_key(app: &TestApp, user_id: &str) -> String {
+    format!("{}profile:v2:{}", app.settings.redis.key_prefix, user_id)
 }
 
 impl TestApp {
@@ -530,6 +540,12 @@ impl PauseOnce {
                 }
             })
         })
+    }
+
+    /// The same pause as a generation-job hook.
+    pub fn establish_hook(&self) -> authd::cache::Hook {
+        let hook = self.hook();
+        Arc::new(move || hook(uuid::Uuid::nil()))
     }
 
     pub fn arm(&self) {

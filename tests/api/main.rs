@@ -3,6 +3,7 @@ mod helpers;
 mod proxy;
 mod redis_server;
 
+mod consistency;
 mod degraded;
 mod login;
 mod manage;

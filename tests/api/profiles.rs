@@ -377,8 +377,10 @@ async fn concurrent_reads_racing_updates_never_go_back(mode: Mode) {
         if let Some(redis) = &redis {
             // Force misses, so reads race the update through PostgreSQL and the fill.
             use fred::interfaces::KeysInterface;
-            let key = format!("{}profile:v1:{}", a.settings.redis.key_prefix, reg.user_id);
-            let _: i64 = redis.del(key).await.unwrap();
+            let _: i64 = redis
+                .del(crate::helpers::profile_key(&a, &reg.user_id))
+                .await
+                .unwrap();
         }
         let p = a
             .update_profile(&reg.session_token, values(), &["bio"], 0)

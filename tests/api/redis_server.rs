@@ -1,6 +1,8 @@
-//! A redis-server of the test's own, which it may kill and restart.
+//! A redis-server of the test's own, which it may kill, restart (empty, or from a snapshot it
+//! saved) and configure.
 use std::{
     net::{SocketAddr, TcpListener},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -8,16 +10,47 @@ use std::{
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// Where `SAVE` writes its snapshot and a restart loads it from (when persistent).
+    dir: Option<PathBuf>,
+    extra: Vec<String>,
+}
+
+/// A port nobody listens on now (the OS picks it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl RedisServer {
+    /// A server that keeps nothing on disk.
     pub async fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut server = Self { port, child: None };
+        Self::start_with(false, &[]).await
+    }
+
+    /// A server that snapshots to a directory of its own on `SAVE` and loads the snapshot when
+    /// restarted.
+    pub async fn start_persistent() -> Self {
+        Self::start_with(true, &[]).await
+    }
+
+    /// `extra`: more `redis-server` arguments, e.g. `["--maxmemory", "2mb"]`.
+    pub async fn start_with(persistent: bool, extra: &[&str]) -> Self {
+        let port = free_port();
+        let dir = persistent.then(|| {
+            let dir =
+                std::env::temp_dir().join(format!("authd-redis-{port}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            dir
+        });
+        let mut server = Self {
+            port,
+            child: None,
+            dir,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+        };
         server.restart().await;
         server
     }
@@ -30,11 +63,22 @@ impl RedisServer {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
-    /// (Re)starts the server on the same port, empty, and waits until it accepts connections.
+    /// (Re)starts the server on the same port — empty, or from the last snapshot when
+    /// persistent — and waits until it accepts connections.
     pub async fn restart(&mut self) {
-        let child = Command::new("redis-server")
+        self.kill();
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(["--appendonly", "no", "--save", ""]);
+        if let Some(dir) = &self.dir {
+            command
+                .arg("--dir")
+                .arg(dir)
+                .args(["--dbfilename", "dump.rdb"]);
+        }
+        let child = command
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -60,5 +104,8 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }

@@ -102,7 +102,10 @@ async fn a_fill_racing_a_revocation_cannot_resurrect_it() {
     racing.await.unwrap().ok();
     // ...but nothing it wrote may outlive the logout.
     let cached: Option<String> = redis.get(&key).await.unwrap();
-    assert_eq!(cached.as_deref(), Some("revoked"));
+    assert!(
+        cached.as_deref().is_some_and(|v| v.ends_with("|R")),
+        "a tombstone: {cached:?}"
+    );
     assert_code(
         app.validate(&reg.session_token).await,
         Code::Unauthenticated,
@@ -283,7 +286,11 @@ async fn ended_sessions_are_purged_after_retention(mode: Mode) {
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(invalidations, 0);
+    // With Redis the tombstone was confirmed and its queue entry deleted. Without, the entry
+    // stays (until the session would have expired) for an instance with Redis to apply: this one
+    // cannot know whether a copy is cached.
+    let expected = i64::from(mode == Mode::NoRedis);
+    assert_eq!(invalidations, expected);
 }
 
 /// Until the queue of failed invalidations has been re-applied, an instance that saw Redis fail
@@ -308,7 +315,7 @@ async fn after_a_redis_failure_cached_copies_wait_for_the_queue() {
         .await
         .unwrap();
     assert!(
-        stale.is_some_and(|v| v.starts_with('{')),
+        stale.is_some_and(|v| v.contains("|S|")),
         "the stale copy is still in Redis"
     );
     for _ in 0..20 {

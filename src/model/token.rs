@@ -1,6 +1,6 @@
 //! Session tokens: 256 bits from the OS CSPRNG, shown to the client once as
-//! `authd_<43 base64url characters>`. Only their SHA-256 is ever stored, so a leak of PostgreSQL
-//! or Redis does not leak usable tokens.
+//! `authd_<43 base64url characters>`. Only their SHA-256 ([`TokenHash`]) is ever stored, so a
+//! leak of PostgreSQL or Redis does not leak usable tokens.
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use sha2::{Digest, Sha256};
 

@@ -1,0 +1,22 @@
+//! A session as stored in PostgreSQL and copied into Redis (never the token).
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Timestamps are cached as integer microseconds: decoding them is on the hot path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    #[serde(with = "chrono::serde::ts_microseconds")]
+    pub created_at: DateTime<Utc>,
+    #[serde(with = "chrono::serde::ts_microseconds")]
+    pub last_seen_at: DateTime<Utc>,
+    #[serde(with = "chrono::serde::ts_microseconds")]
+    pub absolute_expires_at: DateTime<Utc>,
+    /// When the password was last checked for this session.
+    #[serde(with = "chrono::serde::ts_microseconds")]
+    pub authenticated_at: DateTime<Utc>,
+    pub ip_address: String,
+    pub user_agent: String,
+}
