@@ -17,7 +17,7 @@ use crate::{
         profile::{ProfileGrpc, ProfileServiceServer},
     },
     health::Health,
-    jobs::Jobs,
+    jobs::{Jobs, follow::Follower},
     metrics::Metrics,
     profile::ProfileService,
     proto,
@@ -35,6 +35,7 @@ pub struct Application {
     clock: Arc<Clock>,
     auth: Arc<AuthService>,
     profiles: Arc<ProfileService>,
+    follower: Arc<Follower>,
 }
 
 impl Application {
@@ -75,7 +76,7 @@ impl Application {
             .await
             .context("invalid Redis configuration")?;
         if redis.is_enabled()
-            && let Err(error) = crate::jobs::establish_generation(&redis, &db).await
+            && let Err(error) = crate::jobs::generation::establish(&redis, &db).await
         {
             tracing::debug!(%error, "no redis generation at startup; the cache waits for one");
         }
@@ -103,6 +104,20 @@ impl Application {
             ProfileCache::new(redis.clone(), settings.profile_cache.clone(), lease_ttl),
             auth.clone(),
         ));
+        let follower = Arc::new(Follower::new(
+            auth.clone(),
+            profiles.clone(),
+            redis.clone(),
+            db.clone(),
+            crate::store::in_flight(settings.database.query_timeout),
+            settings.session.invalidation_interval + settings.redis.command_timeout,
+        ));
+        // Cached copies are served only after a first complete pass over the outbox logs.
+        if redis.is_enabled()
+            && let Err(error) = crate::store::in_background(follower.pass()).await
+        {
+            tracing::debug!(%error, "the outbox logs are not followed yet; the cache waits");
+        }
         Ok(Self {
             listener,
             addr,
@@ -114,6 +129,7 @@ impl Application {
             clock,
             auth,
             profiles,
+            follower,
         })
     }
 
@@ -161,11 +177,12 @@ impl Application {
         let background = CancellationToken::new();
         let mut jobs = Jobs {
             auth: self.auth.clone(),
-            profiles: self.profiles.clone(),
+            follower: self.follower.clone(),
             redis: self.redis.clone(),
             db: self.db.clone(),
             health: health.clone(),
             clock: self.clock.clone(),
+            metrics: self.metrics.clone(),
         }
         .spawn(&self.settings, &background);
         if let Some(listener) = self.metrics_listener {

@@ -5,13 +5,20 @@
 //! the skew and one whose clock jumps forward extends deadlines for everyone. Statements that
 //! decide under a lock (touch, revocation) use PostgreSQL's `clock_timestamp()` directly; the rest
 //! use [`Clock::now`]: this host's clock corrected by the offset to PostgreSQL's, measured on
-//! every health check (each sample's error is at most half its round trip).
-use std::sync::atomic::{AtomicI64, Ordering};
+//! every health check. Each sample's error is at most half its round trip, so the offset in use
+//! is that of the quickest of the recent samples.
+use std::{
+    collections::VecDeque,
+    sync::{
+        Mutex,
+        atomic::{AtomicI64, Ordering},
+    },
+};
 
 use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 
-/// Samples whose round trip took longer than this say too little about the offset.
-const MAX_SAMPLE_RTT: TimeDelta = TimeDelta::milliseconds(100);
+/// Samples kept; the quickest decides.
+const SAMPLES: usize = 8;
 
 #[derive(Debug)]
 pub struct Clock {
@@ -19,6 +26,8 @@ pub struct Clock {
     offset_us: AtomicI64,
     /// Test-only: pretend this host's clock is off by this much.
     skew: TimeDelta,
+    /// Recent samples: (round trip, offset), newest last.
+    samples: Mutex<VecDeque<(TimeDelta, i64)>>,
 }
 
 impl Clock {
@@ -26,6 +35,7 @@ impl Clock {
         Self {
             offset_us: AtomicI64::new(0),
             skew,
+            samples: Mutex::new(VecDeque::with_capacity(SAMPLES)),
         }
     }
 
@@ -44,12 +54,19 @@ impl Clock {
     /// Records one sample: `database` was read between `sent` and `received` (local times).
     pub fn calibrate(&self, sent: DateTime<Utc>, database: DateTime<Utc>, received: DateTime<Utc>) {
         let rtt = received - sent;
-        if rtt < TimeDelta::zero() || rtt > MAX_SAMPLE_RTT {
+        if rtt < TimeDelta::zero() {
             return;
         }
         let midpoint = sent + rtt / 2;
         let offset = (database - midpoint).num_microseconds().unwrap_or(0);
-        self.offset_us.store(offset, Ordering::Relaxed);
+        let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        if samples.len() == SAMPLES {
+            samples.pop_front();
+        }
+        samples.push_back((rtt, offset));
+        if let Some((_, best)) = samples.iter().min_by_key(|(rtt, _)| *rtt) {
+            self.offset_us.store(*best, Ordering::Relaxed);
+        }
     }
 
     /// The current correction (PostgreSQL minus this host), for the logs and tests.
@@ -74,14 +91,19 @@ mod tests {
     }
 
     #[test]
-    fn slow_samples_are_ignored() {
+    fn the_quickest_recent_sample_decides() {
         let clock = Clock::new(TimeDelta::zero());
         let sent = clock.local();
-        clock.calibrate(
-            sent,
-            sent + TimeDelta::hours(1),
-            sent + TimeDelta::seconds(1),
-        );
-        assert_eq!(clock.offset(), TimeDelta::zero());
+        // A slow sample is used while it is all there is...
+        let database = sent + TimeDelta::seconds(10);
+        clock.calibrate(sent, database, sent + TimeDelta::seconds(2));
+        assert_eq!(clock.offset(), TimeDelta::seconds(9));
+        // ...and gives way to a quicker one, which a slower one does not displace.
+        let offset = TimeDelta::milliseconds(5);
+        clock.calibrate(sent, sent + offset, sent);
+        assert_eq!(clock.offset(), offset);
+        let database = sent + TimeDelta::hours(1);
+        clock.calibrate(sent, database, sent + TimeDelta::seconds(1));
+        assert_eq!(clock.offset(), offset);
     }
 }

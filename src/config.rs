@@ -1,7 +1,11 @@
 //! Settings: built-in defaults, then an optional TOML file, then environment variables named
 //! `SECTION__KEY` (for example `REDIS__ENABLED=false`). Durations are human-readable (`250ms`,
 //! `30m`, `7d`). Anything invalid stops startup with a message naming the setting.
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use figment::{
     Figment,
@@ -95,7 +99,22 @@ pub struct DatabaseSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSettings {
     pub enabled: bool,
+    /// `redis://`, `rediss://`, `redis-cluster://h1:p1,h2:p2`, `redis-sentinel://s1,s2/?service_name=N`
+    /// (and their TLS forms).
     pub url: SecretString,
+    /// ACL user name; wins over the URL's.
+    pub username: Option<String>,
+    /// ACL password; wins over the URL's.
+    pub password: Option<SecretString>,
+    pub tls: RedisTlsSettings,
+    /// Credentials for the sentinels, where they differ from the data nodes'.
+    pub sentinel: SentinelSettings,
+    /// Replicas that must hold a tombstone or profile version before it counts as written
+    /// (`WAIT`); unset: 1 for Cluster and Sentinel deployments, 0 for one server.
+    pub replica_acks: Option<u32>,
+    /// How long a write waits for those replicas.
+    #[serde(with = "humantime_serde")]
+    pub replica_ack_timeout: Duration,
     /// Every key authd writes starts with this.
     pub key_prefix: String,
     pub pool_size: usize,
@@ -111,6 +130,24 @@ pub struct RedisSettings {
     /// reconnection revealed still starts a new generation).
     #[serde(with = "humantime_serde")]
     pub check_interval: Duration,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisTlsSettings {
+    /// PEM roots to verify the servers with (otherwise the system's).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain), for servers that ask for one.
+    pub cert_file: Option<PathBuf>,
+    /// Its PEM private key.
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SentinelSettings {
+    pub username: Option<String>,
+    pub password: Option<SecretString>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -241,6 +278,12 @@ impl Default for RedisSettings {
             connect_timeout: Duration::from_secs(1),
             reconnect_max_delay: Duration::from_secs(2),
             check_interval: Duration::from_secs(1),
+            username: None,
+            password: None,
+            tls: RedisTlsSettings::default(),
+            sentinel: SentinelSettings::default(),
+            replica_acks: None,
+            replica_ack_timeout: Duration::from_millis(100),
         }
     }
 }
@@ -388,9 +431,8 @@ impl Settings {
         }
         let r = &self.redis;
         if r.enabled {
-            let url = r.url.expose_secret();
-            if !url.starts_with("redis://") || fred::types::config::Config::from_url(url).is_err() {
-                return invalid("REDIS__URL", "must be a redis:// URL");
+            if let Err(e) = crate::cache::fred_config(r) {
+                return Err(ConfigError::invalid(e.setting, e.reason));
             }
             if r.pool_size == 0 {
                 return invalid("REDIS__POOL_SIZE", "must be at least 1");

@@ -41,6 +41,31 @@ pub struct Metrics {
     pub hash_rejections: IntCounter,
     /// 1 while PostgreSQL answered within HEALTH__DB_GRACE.
     pub db_up: IntGauge,
+    /// Tombstones and profile versions the replicas did not confirm in time (retried).
+    pub redis_unreplicated: IntCounter,
+    /// Per Redis primary (`node` = host:port), from the periodic check: reachable (1/0), memory
+    /// in use, maxmemory, evicted keys (Redis' own counter), connected clients.
+    pub redis_node_up: IntGaugeVec,
+    pub redis_used_memory: IntGaugeVec,
+    pub redis_maxmemory: IntGaugeVec,
+    pub redis_evicted_keys: IntGaugeVec,
+    pub redis_connected_clients: IntGaugeVec,
+    /// 1 for the node's `maxmemory-policy` (label `policy`).
+    pub redis_maxmemory_policy: IntGaugeVec,
+    /// The generation of cached data being served (see README, Consistency guarantees).
+    pub redis_generation: IntGauge,
+    /// New generations established after the first: Redis restarted, was restored or failed over.
+    pub redis_generation_changes: IntCounter,
+    /// Sessions not revoked and not expired, counted in PostgreSQL periodically.
+    pub sessions_live: IntGauge,
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("a valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("a metric registered once");
+    metric
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -79,16 +104,12 @@ impl Metrics {
         .expect("a valid metric");
         r.register(Box::new(rpc_duration.clone()))
             .expect("a metric registered once");
-        let db_connections = IntGaugeVec::new(
-            Opts::new(
-                "authd_db_connections",
-                "PostgreSQL pool connections by state",
-            ),
+        let db_connections = gauge_vec(
+            &r,
+            "authd_db_connections",
+            "PostgreSQL pool connections by state",
             &["state"],
-        )
-        .expect("a valid metric");
-        r.register(Box::new(db_connections.clone()))
-            .expect("a metric registered once");
+        );
         Arc::new(Self {
             rpc_requests: counter_vec(
                 &r,
@@ -158,6 +179,62 @@ impl Metrics {
                 &r,
                 "authd_db_up",
                 "1 while PostgreSQL answers within HEALTH__DB_GRACE",
+            ),
+            redis_unreplicated: counter(
+                &r,
+                "authd_redis_unreplicated_writes_total",
+                "Tombstones and profile versions not confirmed by the replicas in time",
+            ),
+            redis_node_up: gauge_vec(
+                &r,
+                "authd_redis_node_up",
+                "1 while the Redis primary answers the periodic check",
+                &["node"],
+            ),
+            redis_used_memory: gauge_vec(
+                &r,
+                "authd_redis_used_memory_bytes",
+                "Redis used_memory, per primary",
+                &["node"],
+            ),
+            redis_maxmemory: gauge_vec(
+                &r,
+                "authd_redis_maxmemory_bytes",
+                "Redis maxmemory (0 = none), per primary",
+                &["node"],
+            ),
+            redis_evicted_keys: gauge_vec(
+                &r,
+                "authd_redis_evicted_keys",
+                "Redis evicted_keys since the node started, per primary",
+                &["node"],
+            ),
+            redis_connected_clients: gauge_vec(
+                &r,
+                "authd_redis_connected_clients",
+                "Redis connected_clients, per primary",
+                &["node"],
+            ),
+            redis_maxmemory_policy: gauge_vec(
+                &r,
+                "authd_redis_maxmemory_policy",
+                "1 for the primary's maxmemory-policy",
+                &["node", "policy"],
+            ),
+            redis_generation: gauge(
+                &r,
+                "authd_redis_generation",
+                "The generation of cached data being served (0: none)",
+            ),
+            redis_generation_changes: counter(
+                &r,
+                "authd_redis_generation_changes_total",
+                "New Redis generations after the first: a restart, restore or failover",
+            ),
+            sessions_live: gauge(
+                &r,
+                "authd_sessions_live",
+                "Sessions neither revoked nor expired (counted in PostgreSQL)",
             ),
             registry: r,
         })

@@ -36,7 +36,7 @@ impl AuthService {
         let user_id = current.record.user_id;
         let sessions = self.db.sessions();
         let revocation = sessions
-            .revoke_by_id(user_id, session_id, self.policy.idle_timeout)
+            .revoke_by_id(user_id, session_id, self.since())
             .await?;
         // Whatever it found, what is still queued for the user is applied before answering.
         self.invalidate(Some("revoke"), &revocation).await;
@@ -63,7 +63,7 @@ impl AuthService {
         let revocation = self
             .db
             .sessions()
-            .revoke_all(current.record.user_id, keep, self.policy.idle_timeout)
+            .revoke_all(current.record.user_id, keep, self.since())
             .await?;
         tracing::info!(user_id = %current.record.user_id, count = revocation.revoked, "sessions revoked");
         self.invalidate(Some("revoke_all"), &revocation).await;
@@ -104,13 +104,7 @@ impl AuthService {
         let revocation = self
             .db
             .users()
-            .change_password(
-                user_id,
-                &new_hash,
-                current.record.id,
-                now,
-                self.policy.idle_timeout,
-            )
+            .change_password(user_id, &new_hash, current.record.id, now, self.since())
             .await?
             .ok_or(AuthError::InvalidSession)?;
         tracing::info!(%user_id, revoked = revocation.revoked, "password changed");

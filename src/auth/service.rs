@@ -29,7 +29,7 @@ use crate::{
     clock::Clock,
     config::RateLimitSettings,
     metrics::Metrics,
-    store::{Db, EMAIL_UNIQUE, Invalidation, NewSession, NewUser, Revocation, StoreError},
+    store::{Db, EMAIL_UNIQUE, Invalidation, NewSession, NewUser, Revocation, Since, StoreError},
 };
 
 pub struct Registration {
@@ -221,7 +221,7 @@ impl AuthService {
         let evicted = self
             .db
             .sessions()
-            .insert_capped(&session, self.policy.idle_timeout)
+            .insert_capped(&session, self.since())
             .await?
             .ok_or(AuthError::InvalidCredentials)?;
         tracing::info!(%user_id, session_id = %record.id, evicted = evicted.revoked, "session created");
@@ -297,30 +297,52 @@ impl AuthService {
     }
 
     pub(super) async fn validate_hash(&self, hash: &TokenHash) -> Result<SessionView, AuthError> {
-        let (record, lease, from_db) = match self.cache.get(hash).await {
-            Cached::Hit(record) => (record, None, false),
+        let record = match self.cache.get(hash).await {
+            Cached::Hit(record) => record,
             Cached::Revoked => return Err(AuthError::InvalidSession),
             // The lease is taken before PostgreSQL is read: whatever revokes the session, or
             // flushes Redis, after this point makes the fill a no-op.
             Cached::Miss => {
                 let lease = self.cache.lease(hash).await;
-                (self.load(hash).await?, lease, true)
+                let checked = self.load_and_check(hash).await;
+                return match (checked, lease) {
+                    (Ok(record), Some(lease)) => {
+                        self.fill(lease, hash, &record).await;
+                        Ok(self.view(record))
+                    }
+                    (Ok(record), None) => Ok(self.view(record)),
+                    // Nothing to fill: leave no key behind (bad tokens must not fill Redis).
+                    (Err(error), Some(lease)) => {
+                        self.cache.release(lease).await;
+                        Err(error)
+                    }
+                    (Err(error), None) => Err(error),
+                };
             }
-            Cached::Unavailable => (self.load(hash).await?, None, true),
+            Cached::Unavailable => return Ok(self.view(self.load_and_check(hash).await?)),
         };
         if self.policy.is_expired(&record, self.clock.now()) {
             return Err(AuthError::InvalidSession);
         }
         let (record, touched) = self.touch(record).await?;
-        if from_db && let Some(hook) = self.fill_hook.get() {
-            hook(record.id).await;
-        }
-        match lease {
-            Some(lease) => self.fill(lease, hash, &record).await,
-            None if touched => self.refresh_copy(hash, &record).await,
-            None => {}
+        if touched {
+            self.refresh_copy(hash, &record).await;
         }
         Ok(self.view(record))
+    }
+
+    /// The session from PostgreSQL, checked and its activity recorded when due; the fill hook
+    /// runs after (tests pause there).
+    async fn load_and_check(&self, hash: &TokenHash) -> Result<SessionRecord, AuthError> {
+        let record = self.load(hash).await?;
+        if self.policy.is_expired(&record, self.clock.now()) {
+            return Err(AuthError::InvalidSession);
+        }
+        let (record, _) = self.touch(record).await?;
+        if let Some(hook) = self.fill_hook.get() {
+            hook(record.id).await;
+        }
+        Ok(record)
     }
 
     /// The session from PostgreSQL, if it exists and was not revoked.
@@ -365,7 +387,7 @@ impl AuthService {
         let revocation = self
             .db
             .sessions()
-            .revoke_by_token_hash(hash.as_bytes(), self.policy.idle_timeout)
+            .revoke_by_token_hash(hash.as_bytes(), self.since())
             .await?;
         if revocation.revoked > 0 {
             tracing::info!("session revoked");
@@ -374,9 +396,9 @@ impl AuthService {
         Ok(())
     }
 
-    /// Writes the tombstones of everything `revocation` left queued and forgets the queued
-    /// invalidations Redis confirmed. `true` when every one was confirmed. `reason` (absent when
-    /// re-applying) labels the new revocations in metrics.
+    /// Writes the tombstones of everything `revocation` returned (its own invalidations and the
+    /// earlier ones this instance's cache may lack). `true` when every one was confirmed. `reason`
+    /// labels the new revocations in metrics.
     pub(super) async fn invalidate(&self, reason: Option<&str>, revocation: &Revocation) -> bool {
         if let Some(reason) = reason {
             let revoked = self.metrics().sessions_revoked.with_label_values(&[reason]);
@@ -385,38 +407,38 @@ impl AuthService {
         self.apply(&revocation.pending).await
     }
 
-    /// Writes these tombstones (concurrently) and deletes the queued invalidations Redis
-    /// confirmed; `true` when all were.
-    pub(super) async fn apply(&self, pending: &[Invalidation]) -> bool {
-        if pending.is_empty() {
-            return true;
-        }
+    /// Writes these tombstones (concurrently); `true` when Redis confirmed all of them (`false`
+    /// when Redis is disabled: such an instance has no cache to invalidate, and the log keeps
+    /// every row for the instances that have one).
+    pub async fn apply(&self, invalidations: &[Invalidation]) -> bool {
         let now = self.clock.now();
-        let confirmed = futures::future::join_all(pending.iter().map(|invalidation| async move {
-            let Some(hash) = TokenHash::from_bytes(&invalidation.token_hash) else {
-                tracing::error!(
-                    id = invalidation.id,
-                    "invalidation with a malformed token hash"
-                );
-                return Some(invalidation.id);
-            };
-            let confirmed = match (invalidation.expires_at - now).to_std() {
-                Ok(ttl) if !ttl.is_zero() => {
-                    self.cache.bury(&hash, &invalidation.user_id, ttl).await
+        let confirmed =
+            futures::future::join_all(invalidations.iter().map(|invalidation| async move {
+                let Some(hash) = TokenHash::from_bytes(&invalidation.token_hash) else {
+                    tracing::error!(
+                        id = invalidation.id,
+                        "invalidation with a malformed token hash"
+                    );
+                    return true;
+                };
+                match (invalidation.expires_at - now).to_std() {
+                    Ok(ttl) if !ttl.is_zero() => {
+                        self.cache.bury(&hash, &invalidation.user_id, ttl).await
+                    }
+                    // Expired anyway: no copy can outlive it, and none would be accepted.
+                    _ => true,
                 }
-                // Expired anyway: no copy can outlive it, and none would be accepted.
-                _ => true,
-            };
-            confirmed.then_some(invalidation.id)
-        }))
-        .await;
-        let done: Vec<i64> = confirmed.into_iter().flatten().collect();
-        let all = done.len() == pending.len();
-        if !done.is_empty()
-            && let Err(error) = self.db.outbox().confirm_sessions(&done).await
-        {
-            tracing::warn!(%error, "could not clear applied invalidations; they will be re-applied");
+            }))
+            .await;
+        self.cache.redis().is_enabled() && confirmed.into_iter().all(|c| c)
+    }
+
+    /// What a revoking statement needs to return the invalidations this instance's cache may
+    /// still lack (see `store::Since`).
+    pub(super) fn since(&self) -> Since {
+        Since {
+            idle: self.policy.idle_timeout,
+            pending_after: self.cache.redis().log_position(),
         }
-        all
     }
 }

@@ -68,25 +68,44 @@ impl Latch {
     }
 }
 
-/// `run_id/master_replid` of the server answering `client` (or the node it is addressed to).
-async fn identity(client: &impl ClientLike) -> Result<String, fred::error::Error> {
-    let server: String = client.info(Some(InfoKind::Server)).await?;
-    let replication: String = client.info(Some(InfoKind::Replication)).await?;
-    let field = |text: &str, name: &str| {
+/// What one INFO of a primary tells.
+#[derive(Debug, Default)]
+struct NodeInfo {
+    /// `run_id/master_replid`.
+    identity: String,
+    used_memory: i64,
+    maxmemory: i64,
+    maxmemory_policy: String,
+    evicted_keys: i64,
+    connected_clients: i64,
+}
+
+/// One INFO (all default sections) of the server answering `client`, or the node it is addressed
+/// to.
+async fn node_info(client: &impl ClientLike) -> Result<NodeInfo, fred::error::Error> {
+    let text: String = client.info(None::<InfoKind>).await?;
+    let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
             .map(|v| v.trim().to_owned())
             .unwrap_or_default()
     };
-    let run_id = field(&server, "run_id");
-    let replid = field(&replication, "master_replid");
+    let number = |name: &str| field(name).parse::<i64>().unwrap_or(0);
+    let run_id = field("run_id");
     if run_id.is_empty() {
         return Err(fred::error::Error::new(
             fred::error::ErrorKind::Protocol,
             "INFO did not report a run_id",
         ));
     }
-    Ok(format!("{run_id}/{replid}"))
+    Ok(NodeInfo {
+        identity: format!("{run_id}/{}", field("master_replid")),
+        used_memory: number("used_memory"),
+        maxmemory: number("maxmemory"),
+        maxmemory_policy: field("maxmemory_policy"),
+        evicted_keys: number("evicted_keys"),
+        connected_clients: number("connected_clients"),
+    })
 }
 
 impl Redis {
@@ -128,6 +147,7 @@ impl Redis {
             inner
                 .generation
                 .store(0, std::sync::atomic::Ordering::SeqCst);
+            self.metrics.redis_generation.set(0);
             inner.latches.iter().for_each(Latch::reset);
         }
     }
@@ -137,13 +157,65 @@ impl Redis {
     pub fn adopt(&self, generation: u64, fingerprint: Fingerprint) {
         if let Some(inner) = self.inner() {
             *inner.fingerprint.lock().unwrap_or_else(|e| e.into_inner()) = Some(fingerprint);
-            let previous = inner
+            inner
                 .generation
+                .store(generation, std::sync::atomic::Ordering::SeqCst);
+            let previous = inner
+                .last_generation
                 .swap(generation, std::sync::atomic::Ordering::SeqCst);
+            self.metrics
+                .redis_generation
+                .set(i64::try_from(generation).unwrap_or(i64::MAX));
             if previous != generation {
-                tracing::info!(generation, "redis generation established");
+                if previous != 0 {
+                    self.metrics.redis_generation_changes.inc();
+                    tracing::warn!(
+                        generation,
+                        "redis restarted, was restored or failed over: a new generation of cached \
+                         data starts (the cache is cold)"
+                    );
+                } else {
+                    tracing::info!(generation, "redis generation established");
+                }
             }
         }
+    }
+
+    /// The generation last established and its identity, whether or not it is served now.
+    pub fn established_any(&self) -> Option<(u64, Fingerprint)> {
+        let inner = self.inner()?;
+        let generation = inner
+            .last_generation
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let fingerprint = inner
+            .fingerprint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        (generation != 0).then_some((generation, fingerprint))
+    }
+
+    /// Says, once a minute at most, why no generation can be established: without one the
+    /// cache is not used at all.
+    pub fn explain_identity_failure(&self, error: &fred::error::Error) {
+        let Some(inner) = self.inner() else {
+            return;
+        };
+        let now = super::monotonic_ms(std::time::Instant::now());
+        let last = inner
+            .identity_warned
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < 60_000 {
+            return;
+        }
+        inner
+            .identity_warned
+            .store(now.max(1), std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            %error,
+            "cannot read the identity of the redis servers (INFO); the cache is not used until \
+             it can (an ACL must allow INFO)"
+        );
     }
 
     /// The identity the current generation was established for.
@@ -159,22 +231,69 @@ impl Redis {
             .clone()
     }
 
-    /// The identities of every primary behind the pool.
+    /// The identities of every primary behind every client (one INFO each), publishing each
+    /// node's health and memory figures on the way. Fails when any client is not connected or any
+    /// node does not answer: a partial view must not pass for a new identity.
     pub async fn fingerprint(&self) -> Result<Fingerprint, fred::error::Error> {
         let Some(inner) = self.inner() else {
             return Ok(Fingerprint(String::new()));
         };
         let mut ids = Vec::new();
-        for client in inner.pool.clients() {
-            if client.is_clustered() {
-                for server in client.active_connections() {
-                    let node = client.with_cluster_node(server);
-                    ids.push(self.observe(identity(&node).await).ok_or_else(down)?);
+        let mut failed = None;
+        for client in inner.pool.clients().iter().chain([&inner.durable]) {
+            if !client.is_connected() {
+                failed = Some(down());
+                continue;
+            }
+            let mut nodes = client.active_connections();
+            if !client.is_clustered() {
+                nodes.truncate(1);
+            }
+            if nodes.is_empty() {
+                failed = Some(down());
+            }
+            for server in nodes {
+                let info = if client.is_clustered() {
+                    node_info(&client.with_cluster_node(server.clone())).await
+                } else {
+                    node_info(client).await
+                };
+                let node = server.to_string();
+                let m = &self.metrics;
+                match info {
+                    Ok(info) => {
+                        m.redis_node_up.with_label_values(&[&node]).set(1);
+                        m.redis_used_memory
+                            .with_label_values(&[&node])
+                            .set(info.used_memory);
+                        m.redis_maxmemory
+                            .with_label_values(&[&node])
+                            .set(info.maxmemory);
+                        m.redis_evicted_keys
+                            .with_label_values(&[&node])
+                            .set(info.evicted_keys);
+                        let clients = &m.redis_connected_clients;
+                        clients
+                            .with_label_values(&[&node])
+                            .set(info.connected_clients);
+                        let policy = &m.redis_maxmemory_policy;
+                        policy
+                            .with_label_values(&[&node, &info.maxmemory_policy])
+                            .set(1);
+                        ids.push(info.identity);
+                    }
+                    Err(error) => {
+                        m.redis_node_up.with_label_values(&[&node]).set(0);
+                        failed = Some(error);
+                    }
                 }
-            } else {
-                ids.push(self.observe(identity(client).await).ok_or_else(down)?);
             }
         }
+        if let Some(error) = failed {
+            self.observe::<()>(Err(error.clone()));
+            return Err(error);
+        }
+        self.observe(Ok(()));
         ids.sort();
         ids.dedup();
         Ok(Fingerprint(ids.join(",")))

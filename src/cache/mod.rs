@@ -31,6 +31,7 @@
 //!
 //! FLUSHALL needs no new generation: it deletes copies and tombstones together, and leases stop
 //! the fills that were in flight.
+mod connect;
 mod generation;
 mod profile_cache;
 mod rate_limit;
@@ -47,13 +48,13 @@ use std::{
 
 use fred::{
     clients::{Client, Pool},
-    interfaces::ClientLike,
-    prelude::{Builder, Config, ReconnectPolicy},
+    interfaces::{ClientLike, ClusterInterface, EventInterface, ServerInterface},
+    prelude::{Builder, ReconnectPolicy},
     types::config::{TcpConfig, UnresponsiveConfig},
 };
-use secrecy::ExposeSecret;
 use tokio::sync::Notify;
 
+pub use connect::{Deployment, Invalid, fred_config, normalize_url};
 pub use generation::Fingerprint;
 pub use profile_cache::{CachedProfile, ProfileCache, ProfileWrite};
 pub use rate_limit::{Bucket, RateLimiter};
@@ -74,21 +75,43 @@ pub struct Redis {
 
 struct Inner {
     pool: Pool,
+    /// Writes that must survive a failover (tombstones, profile versions) go through a client of
+    /// their own: `WAIT`, which follows them, blocks the connection it is sent on, and must never
+    /// hold up reads.
+    durable: Client,
+    /// Replicas that must acknowledge such a write before it counts (`WAIT`), and for how long
+    /// (ms) to wait for them.
+    replica_acks: i64,
+    ack_timeout_ms: i64,
+    deployment: Deployment,
     /// One per pooled client, in the same order.
     latches: Vec<Latch>,
     next: AtomicUsize,
     prefix: String,
     /// Whether the last command succeeded; flips are logged, so an outage is logged once.
     healthy: AtomicBool,
-    /// Count of failed commands. A failure may have been a lost tombstone, so cached copies are
-    /// not trusted again until a drain of the invalidation queue that started after the last
-    /// failure has completed (`trusted_through` caught up).
+    /// Count of invalidations (tombstones, profile versions) this instance failed to write. Each
+    /// may have left a stale copy, so cached copies are not served again until a pass over the
+    /// outbox logs that started after the last failure has completed (`trusted_through` caught
+    /// up).
     failures: AtomicU64,
     trusted_through: AtomicU64,
+    /// Cached copies are served only until this instant (ms since [`EPOCH`]): one
+    /// `SESSION__INVALIDATION_INTERVAL` plus one `REDIS__COMMAND_TIMEOUT` after the start of the
+    /// last complete pass over the logs. An instance that cannot read them (PostgreSQL out of
+    /// reach) stops serving copies, since it cannot know what was revoked meanwhile.
+    trusted_until: AtomicU64,
+    /// Where this instance's namespace stands in the session log (µs since the Unix epoch; 0
+    /// while unknown): every invalidation logged before it has reached this cache.
+    log_position: std::sync::atomic::AtomicI64,
     /// The generation established for the servers the pool talks to; 0 while none is.
     generation: AtomicU64,
     /// The identity that generation was established for.
     fingerprint: std::sync::Mutex<Option<Fingerprint>>,
+    /// The last generation established (kept while none is), to tell a change from the first.
+    last_generation: AtomicU64,
+    /// When a failure to read the servers' identity was last logged (ms since [`EPOCH`]).
+    identity_warned: AtomicU64,
     /// Woken by every reconnection and topology change (and by the read path when it finds no
     /// generation), so the generation job runs at once.
     changed: Arc<Notify>,
@@ -122,10 +145,15 @@ impl Redis {
         if !settings.enabled {
             return Ok(Self::disabled(metrics));
         }
-        let mut config = Config::from_url(settings.url.expose_secret())?;
+        let (mut config, deployment) = fred_config(settings).map_err(|e| {
+            fred::error::Error::new(
+                fred::error::ErrorKind::Config,
+                format!("{} {}", e.setting, e.reason),
+            )
+        })?;
         config.fail_fast = false;
         let max_delay = u32::try_from(settings.reconnect_max_delay.as_millis()).unwrap_or(u32::MAX);
-        let pool = Builder::from_config(config)
+        let builder = Builder::from_config(config)
             .with_performance_config(|p| p.default_command_timeout = settings.command_timeout)
             .with_connection_config(|c| {
                 c.connection_timeout = settings.connect_timeout;
@@ -146,7 +174,9 @@ impl Redis {
                 max_delay.max(50),
                 2,
             ))
-            .build_pool(settings.pool_size)?;
+            .to_owned();
+        let pool = builder.build_pool(settings.pool_size)?;
+        let durable = builder.build()?;
         // Subscribed before connecting: the first connection is an event like any other.
         let changed = Arc::new(Notify::new());
         let latches = pool
@@ -154,9 +184,21 @@ impl Redis {
             .iter()
             .map(|client| Latch::new(client, &changed))
             .collect();
+        let explain = Arc::new(std::sync::Mutex::new(None));
+        for client in pool.clients().iter().chain([&durable]) {
+            let explain = explain.clone();
+            client.on_error(move |(error, _)| {
+                explain_connection_error(&explain, &error);
+                async { Ok(()) }
+            });
+        }
         drop(pool.connect());
-        let connected =
-            tokio::time::timeout(settings.connect_timeout, pool.wait_for_connect()).await;
+        drop(durable.connect());
+        let connected = tokio::time::timeout(settings.connect_timeout, async {
+            pool.wait_for_connect().await?;
+            durable.wait_for_connect().await
+        })
+        .await;
         let connected = matches!(connected, Ok(Ok(())));
         if !connected {
             tracing::warn!(
@@ -164,17 +206,30 @@ impl Redis {
             );
         }
         metrics.redis_up.set(i64::from(connected));
+        let replica_acks = settings.replica_acks.unwrap_or(match deployment {
+            Deployment::Single => 0,
+            Deployment::Cluster | Deployment::Sentinel => 1,
+        });
         Ok(Self {
             inner: Some(Arc::new(Inner {
                 pool,
+                durable,
+                replica_acks: i64::from(replica_acks),
+                ack_timeout_ms: i64::try_from(settings.replica_ack_timeout.as_millis())
+                    .unwrap_or(i64::MAX),
+                deployment,
                 latches,
                 next: AtomicUsize::new(0),
                 prefix: settings.key_prefix.clone(),
                 healthy: AtomicBool::new(connected),
                 failures: AtomicU64::new(0),
                 trusted_through: AtomicU64::new(0),
+                trusted_until: AtomicU64::new(0),
+                log_position: std::sync::atomic::AtomicI64::new(0),
                 generation: AtomicU64::new(0),
                 fingerprint: std::sync::Mutex::new(None),
+                last_generation: AtomicU64::new(0),
+                identity_warned: AtomicU64::new(0),
                 changed,
                 establish_hook: std::sync::OnceLock::new(),
             })),
@@ -189,6 +244,66 @@ impl Redis {
     pub async fn quit(&self) {
         if let Some(inner) = &self.inner {
             let _ = inner.pool.quit().await;
+            let _ = inner.durable.quit().await;
+        }
+    }
+
+    /// The deployment `REDIS__URL` names (`None` when disabled).
+    pub fn deployment(&self) -> Option<Deployment> {
+        self.inner().map(|i| i.deployment)
+    }
+
+    /// The client for writes that must survive a failover (see [`Redis::replicated`]).
+    fn durable(&self) -> Option<&Client> {
+        let durable = &self.inner()?.durable;
+        if durable.is_connected() {
+            return Some(durable);
+        }
+        let down = fred::error::Error::new(fred::error::ErrorKind::IO, "no connection to redis");
+        self.observe::<()>(Err(down));
+        None
+    }
+
+    /// After a durable write of `key`: whether `REDIS__REPLICA_ACKS` replicas hold it (`WAIT`
+    /// on the connection that wrote it). A write the replicas did not confirm stays queued in
+    /// PostgreSQL and is written again by the drain; it is not a failure of Redis (the primary has
+    /// it, and reads go to the primary).
+    async fn replicated(&self, key: &str) -> bool {
+        let Some(inner) = self.inner() else {
+            return false;
+        };
+        if inner.replica_acks == 0 {
+            return true;
+        }
+        let durable = &inner.durable;
+        let (acks, timeout) = (inner.replica_acks, inner.ack_timeout_ms);
+        let acked = if durable.is_clustered() {
+            let slot = fred::util::redis_keyslot(key.as_bytes());
+            let Some(owner) = durable
+                .cached_cluster_state()
+                .and_then(|state| state.get_server(slot).cloned())
+            else {
+                return false;
+            };
+            durable
+                .with_cluster_node(owner)
+                .wait::<i64>(acks, timeout)
+                .await
+        } else {
+            durable.wait::<i64>(acks, timeout).await
+        };
+        match self.observe(acked) {
+            Some(n) if n >= acks => true,
+            Some(n) => {
+                self.metrics.redis_unreplicated.inc();
+                tracing::debug!(
+                    replicas = n,
+                    wanted = acks,
+                    "a write was not replicated in time"
+                );
+                false
+            }
+            None => false,
         }
     }
 
@@ -196,6 +311,13 @@ impl Redis {
     fn key(&self, kind: &str, id: &str) -> Option<String> {
         let inner = self.inner.as_ref()?;
         Some(format!("{}{kind}:{SCHEMA_VERSION}:{id}", inner.prefix))
+    }
+
+    /// The key the previous release used for the same thing (`<prefix><kind>:v1:<id>`): still
+    /// invalidated, for rolling upgrades.
+    fn key_v1(&self, kind: &str, id: &str) -> Option<String> {
+        let inner = self.inner.as_ref()?;
+        Some(format!("{}{kind}:v1:{id}", inner.prefix))
     }
 
     fn inner(&self) -> Option<&Inner> {
@@ -232,7 +354,6 @@ impl Redis {
                 Some(value)
             }
             Err(error) => {
-                inner.failures.fetch_add(1, Ordering::AcqRel);
                 let kind = match error.kind() {
                     fred::error::ErrorKind::Timeout => "timeout",
                     fred::error::ErrorKind::IO | fred::error::ErrorKind::Canceled => "disconnected",
@@ -251,33 +372,128 @@ impl Redis {
     }
 }
 
+/// Logs why connections fail, naming the setting to check for TLS and credential errors; each
+/// distinct reason once a minute at most (reconnection retries forever).
+fn explain_connection_error(
+    last: &std::sync::Mutex<Option<(String, std::time::Instant)>>,
+    error: &fred::error::Error,
+) {
+    let details = error.details().to_owned();
+    let lower = details.to_ascii_lowercase();
+    let setting = if matches!(error.kind(), fred::error::ErrorKind::Tls)
+        || lower.contains("certificate")
+        || lower.contains("tls")
+    {
+        Some("REDIS__TLS__CA_FILE (and REDIS__TLS__CERT_FILE, REDIS__TLS__KEY_FILE)")
+    } else if matches!(error.kind(), fred::error::ErrorKind::Auth)
+        || lower.contains("wrongpass")
+        || lower.contains("noauth")
+        || lower.contains("noperm")
+    {
+        Some("REDIS__USERNAME and REDIS__PASSWORD (or the credentials in REDIS__URL)")
+    } else {
+        None
+    };
+    let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+    let repeated = last
+        .as_ref()
+        .is_some_and(|(seen, at)| *seen == details && at.elapsed() < Duration::from_secs(60));
+    if repeated {
+        return;
+    }
+    *last = Some((details.clone(), std::time::Instant::now()));
+    match setting {
+        Some(setting) => tracing::error!(
+            error = %details,
+            "cannot connect to redis: check {setting}; serving from PostgreSQL meanwhile"
+        ),
+        None => tracing::warn!(error = %details, "redis connection error; retrying"),
+    }
+}
+
+/// The origin of the monotonic instants kept in atomics.
+static EPOCH: std::sync::LazyLock<std::time::Instant> =
+    std::sync::LazyLock::new(std::time::Instant::now);
+
+fn monotonic_ms(at: std::time::Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(*EPOCH).as_millis()).unwrap_or(u64::MAX)
+}
+
 impl Redis {
-    /// Where the failure count stands now; pass it to [`Redis::trust`] once every invalidation
-    /// queued before this moment has reached Redis.
+    /// An invalidation could not be written: copies are not served until a pass over the logs
+    /// that starts after this has completed.
+    fn invalidation_failed(&self) {
+        if let Some(inner) = self.inner() {
+            inner.failures.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Where the failure count stands now; pass it to [`Redis::trust`] with the start of a pass
+    /// over the logs that then completes.
     pub fn failure_mark(&self) -> u64 {
         self.inner()
             .map_or(0, |i| i.failures.load(Ordering::Acquire))
     }
 
-    pub fn trust(&self, mark: u64) {
+    /// A pass over the logs that started at `started` (and at failure count `mark`) has
+    /// completed: copies may be served until `started + valid_for`.
+    pub fn trust(&self, mark: u64, started: std::time::Instant, valid_for: Duration) {
         if let Some(inner) = self.inner() {
             inner.trusted_through.fetch_max(mark, Ordering::AcqRel);
+            let until = monotonic_ms(started + valid_for);
+            inner.trusted_until.fetch_max(until, Ordering::AcqRel);
+        }
+    }
+
+    /// The cache namespace that follows the logs: key prefix and generation (`None` while no
+    /// generation is established, or Redis is disabled).
+    pub fn namespace(&self) -> Option<String> {
+        let inner = self.inner()?;
+        match inner.generation.load(Ordering::SeqCst) {
+            0 => None,
+            generation => Some(format!("{}{SCHEMA_VERSION}|{generation}", inner.prefix)),
+        }
+    }
+
+    /// From when revocations may not have reached this cache: where its namespace stands in the
+    /// session log (`None` when Redis is disabled: such an instance applies nothing; the Unix
+    /// epoch while unknown).
+    pub fn log_position(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let inner = self.inner()?;
+        let micros = inner.log_position.load(Ordering::Acquire);
+        Some(chrono::DateTime::from_timestamp_micros(micros).unwrap_or_default())
+    }
+
+    pub fn set_log_position(&self, position: chrono::DateTime<chrono::Utc>) {
+        if let Some(inner) = self.inner() {
+            let micros = position.timestamp_micros();
+            inner.log_position.fetch_max(micros, Ordering::AcqRel);
         }
     }
 
     /// The generation whose copies may be served *now*: `None` when Redis is disabled, when no
     /// generation is established for the servers currently connected (a reconnection or topology
-    /// change not yet looked at), or when a command failed since the last complete drain of the
-    /// invalidation queue. Call it after the reply whose value is to be judged.
+    /// change not yet looked at), when an invalidation failed since the last complete pass over
+    /// the logs, or when no pass completed recently. Call it after the reply whose value is to be
+    /// judged.
     pub fn serving_generation(&self) -> Option<u64> {
         let inner = self.inner()?;
+        // The latches first: the generation job zeroes the generation *before* it resets them,
+        // so a generation read after clean latches is never one they had already disowned.
+        if inner.latches.iter().any(Latch::tripped) {
+            inner.changed.notify_one();
+            return None;
+        }
         let generation = inner.generation.load(Ordering::SeqCst);
-        if generation == 0 || inner.latches.iter().any(Latch::tripped) {
+        if generation == 0 {
             inner.changed.notify_one();
             return None;
         }
         let failures = inner.failures.load(Ordering::Acquire);
-        (inner.trusted_through.load(Ordering::Acquire) >= failures).then_some(generation)
+        let caught_up = inner.trusted_through.load(Ordering::Acquire) >= failures;
+        let fresh =
+            monotonic_ms(std::time::Instant::now()) < inner.trusted_until.load(Ordering::Acquire);
+        (caught_up && fresh).then_some(generation)
     }
 
     /// The established generation, trusted or not (fills carry it; 0 when none).

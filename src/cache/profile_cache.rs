@@ -6,7 +6,10 @@
 //! and leases (never a newer version, never an absent key). A read that fetched version N just
 //! before an update to N+1 can therefore not put N back after the update, whichever reaches Redis
 //! first, and neither can one that read it before Redis lost its data.
-use fred::interfaces::KeysInterface;
+use fred::{
+    interfaces::{ClientLike, KeysInterface},
+    types::Expiration,
+};
 use futures::future::join_all;
 use uuid::Uuid;
 
@@ -65,11 +68,11 @@ impl ProfileCache {
         self.redis.key("profile", &user_id.to_string())
     }
 
-    fn judge(&self, raw: Option<String>) -> CachedProfile {
+    /// `serving`: the generation served now, read once per reply.
+    fn judge(&self, raw: Option<String>, serving: Option<u64>) -> CachedProfile {
         let Some(raw) = raw else {
             return CachedProfile::Miss;
         };
-        let serving = self.redis.serving_generation();
         match values::decode(&raw) {
             Value::Profile(generation, json) if Some(generation) == serving => {
                 match serde_json::from_str(json) {
@@ -104,7 +107,7 @@ impl ProfileCache {
                     .redis
                     .observe(client.get::<Option<String>, _>(key).await)
                 {
-                    Some(value) => self.judge(value),
+                    Some(value) => self.judge(value, self.redis.serving_generation()),
                     None => CachedProfile::Unavailable,
                 }
             }
@@ -116,15 +119,27 @@ impl ProfileCache {
         cached
     }
 
-    /// One MGET for all of `user_ids`; `None` when Redis is unavailable.
+    /// All of `user_ids` in one round trip: one MGET, or on a cluster (where one command cannot
+    /// span slots) one GET per key, sent together (fred pipelines them on each node's
+    /// connection, and the nodes answer in parallel); `None` when Redis is unavailable.
     pub async fn get_many(&self, user_ids: &[Uuid]) -> Option<Vec<CachedProfile>> {
         let keys: Vec<String> = user_ids
             .iter()
             .map(|id| self.key(id))
             .collect::<Option<_>>()?;
         let client = self.redis.connected()?;
-        let values: Vec<Option<String>> = self.redis.observe(client.mget(keys).await)?;
-        let cached: Vec<CachedProfile> = values.into_iter().map(|v| self.judge(v)).collect();
+        let values: Vec<Option<String>> = if client.is_clustered() {
+            let gets = keys
+                .into_iter()
+                .map(|key| client.get::<Option<String>, _>(key));
+            let replies: Result<Vec<_>, _> = join_all(gets).await.into_iter().collect();
+            self.redis.observe(replies)?
+        } else {
+            self.redis.observe(client.mget(keys).await)?
+        };
+        let serving = self.redis.serving_generation();
+        let cached: Vec<CachedProfile> =
+            values.into_iter().map(|v| self.judge(v, serving)).collect();
         cached.iter().for_each(|c| self.count(c));
         Some(cached)
     }
@@ -186,7 +201,8 @@ impl ProfileCache {
             },
             ProfileWrite::Floor(id, version) => (*id, *version, String::new()),
         };
-        let (Some(key), Some(client)) = (self.key(&user_id), self.redis.connected()) else {
+        let (Some(key), Some(client)) = (self.key(&user_id), self.redis.durable()) else {
+            self.redis.invalidation_failed();
             return false;
         };
         let args = vec![
@@ -199,8 +215,26 @@ impl ProfileCache {
                 .to_string(),
         ];
         let result = RAISE
-            .evalsha_with_reload::<i64, _, _>(client, vec![key], args)
+            .evalsha_with_reload::<i64, _, _>(client, vec![key.clone()], args)
             .await;
-        self.redis.observe(result).is_some()
+        if self.redis.observe(result).is_none() {
+            self.redis.invalidation_failed();
+            return false;
+        }
+        // Instances of the previous release read `profile:v1:` keys (`<version>|<json>`); until
+        // none runs, they get a floor in their format ("at least this version: read PostgreSQL").
+        if let Some(v1) = self.redis.key_v1("profile", &user_id.to_string()) {
+            let ttl = self.jittered(self.settings.ttl);
+            let px = Expiration::PX(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1));
+            let floor = format!("{version}|");
+            let compat = client
+                .set::<(), _, _>(v1, floor, Some(px), None, false)
+                .await;
+            if self.redis.observe(compat).is_none() {
+                self.redis.invalidation_failed();
+                return false;
+            }
+        }
+        self.redis.replicated(&key).await
     }
 }

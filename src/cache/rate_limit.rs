@@ -12,38 +12,34 @@ use std::{
 };
 
 use fred::types::scripts::Script;
+use futures::future::join_all;
 
 use super::Redis;
 
-/// KEYS: counters. ARGV: limit and window (ms) for each key, in order. Returns 0 when every
-/// counter is within its limit, else the milliseconds until the latest exceeded window ends.
+/// KEYS: one counter. ARGV: limit, window (ms). Returns 0 when the counter is within its limit,
+/// else the milliseconds until its window ends. One key per script, so each bucket is atomic on
+/// its own on a Redis Cluster too.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
-        "local wait = 0
-         for i, key in ipairs(KEYS) do
-           local n = redis.call('INCR', key)
-           local ttl = redis.call('PTTL', key)
-           if ttl < 0 then
-             ttl = tonumber(ARGV[2 * i])
-             redis.call('PEXPIRE', key, ttl)
-           end
-           if n > tonumber(ARGV[2 * i - 1]) and ttl > wait then wait = ttl end
+        "local n = redis.call('INCR', KEYS[1])
+         local ttl = redis.call('PTTL', KEYS[1])
+         if ttl < 0 then
+           ttl = tonumber(ARGV[2])
+           redis.call('PEXPIRE', KEYS[1], ttl)
          end
-         return wait",
+         if n > tonumber(ARGV[1]) then return ttl end
+         return 0",
     )
 });
 
-/// KEYS: the first ARGV[1] counters are cleared, the rest get one attempt back (never below
+/// KEYS: one counter. ARGV: `reset` clears it; anything else gives one attempt back (never below
 /// zero, never creating a key).
 static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
-        "local resets = tonumber(ARGV[1])
-         for i, key in ipairs(KEYS) do
-           if i <= resets then
-             redis.call('DEL', key)
-           elseif tonumber(redis.call('GET', key) or '0') > 0 then
-             redis.call('DECR', key)
-           end
+        "if ARGV[1] == 'reset' then
+           redis.call('DEL', KEYS[1])
+         elseif tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then
+           redis.call('DECR', KEYS[1])
          end
          return 0",
     )
@@ -119,9 +115,13 @@ impl RateLimiter {
         if reset.is_empty() && forgive.is_empty() {
             return;
         }
-        let all: Vec<&Bucket> = reset.iter().chain(&forgive).copied().collect();
-        let args = vec![reset.len().to_string()];
-        if self.redis_run(&SETTLE, &all, args).await.is_some() {
+        let settled = join_all(
+            (reset.iter().map(|b| (*b, "reset")))
+                .chain(forgive.iter().map(|b| (*b, "forgive")))
+                .map(|(bucket, how)| self.redis_run(&SETTLE, bucket, vec![how.to_owned()])),
+        )
+        .await;
+        if settled.iter().all(Option::is_some) {
             return;
         }
         let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
@@ -135,30 +135,27 @@ impl RateLimiter {
         }
     }
 
+    /// Counts the attempt in every bucket (each atomically, all at once); the longest wait of
+    /// those past their limit. `None` when Redis did not answer for every bucket.
     async fn redis_acquire(&self, buckets: &[&Bucket]) -> Option<u64> {
-        let args = buckets
-            .iter()
-            .flat_map(|b| [b.limit.to_string(), b.window.as_millis().max(1).to_string()])
-            .collect();
-        self.redis_run(&ACQUIRE, buckets, args)
-            .await
-            .map(|wait: i64| wait.max(0).unsigned_abs())
+        let waits = join_all(buckets.iter().map(|b| {
+            let args = vec![b.limit.to_string(), b.window.as_millis().max(1).to_string()];
+            self.redis_run(&ACQUIRE, b, args)
+        }))
+        .await;
+        waits
+            .into_iter()
+            .map(|wait| wait.map(|ms| ms.max(0).unsigned_abs()))
+            .collect::<Option<Vec<u64>>>()
+            .map(|waits| waits.into_iter().max().unwrap_or(0))
     }
 
-    async fn redis_run(
-        &self,
-        script: &Script,
-        buckets: &[&Bucket],
-        args: Vec<String>,
-    ) -> Option<i64> {
-        let keys: Vec<String> = buckets
-            .iter()
-            .map(|b| self.redis.key("ratelimit", &b.id))
-            .collect::<Option<_>>()?;
+    async fn redis_run(&self, script: &Script, bucket: &Bucket, args: Vec<String>) -> Option<i64> {
+        let key = self.redis.key("ratelimit", &bucket.id)?;
         let client = self.redis.connected()?;
         self.redis.observe(
             script
-                .evalsha_with_reload::<i64, _, _>(client, keys, args)
+                .evalsha_with_reload::<i64, _, _>(client, vec![key], args)
                 .await,
         )
     }

@@ -17,7 +17,7 @@ use fred::{
 
 use super::{
     Redis,
-    values::{self, INDEX, LEASE, REFRESH, SWAP, Value},
+    values::{self, INDEX, LEASE, REFRESH, RELEASE, SWAP, Value},
 };
 use crate::model::{SessionRecord, TokenHash};
 
@@ -144,6 +144,12 @@ impl SessionStore {
         }
     }
 
+    /// Gives up a lease whose fill has nothing to write (the token is unknown or revoked), so a
+    /// stream of bad tokens leaves no keys behind.
+    pub async fn release(&self, lease: Lease) {
+        self.redis.release(&lease).await;
+    }
+
     /// Replaces the live copy of the session with `record` (after activity was recorded, or the
     /// session re-authenticated). Nothing is written where no live copy of the current
     /// generation is: a flushed or revoked key stays so.
@@ -179,27 +185,41 @@ impl SessionStore {
     }
 
     /// Writes the tombstone of a revoked session, for `ttl` (until it would have expired
-    /// anyway). `false` when Redis is disabled or could not confirm it: the invalidation then
-    /// stays queued in PostgreSQL for an instance with Redis to apply.
+    /// anyway). `false` when Redis is disabled or could not confirm it — the primary did not take
+    /// it, or the replicas did not (see [`Redis::replicated`]): the invalidation then stays queued
+    /// in PostgreSQL for an instance with Redis to apply again.
     pub async fn bury(&self, hash: &TokenHash, user_id: &uuid::Uuid, ttl: Duration) -> bool {
         let (Some(key), Some(index)) = (self.session_key(hash), self.index_key(user_id)) else {
             return false;
         };
-        let Some(client) = self.redis.connected() else {
+        let Some(client) = self.redis.durable() else {
+            self.redis.invalidation_failed();
             return false;
         };
         let tombstone = values::tombstone(self.redis.write_generation());
         let px = Expiration::PX(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1));
         let buried = client
-            .set::<(), _, _>(key, tombstone, Some(px), None, false)
+            .set::<(), _, _>(&key, tombstone, Some(px.clone()), None, false)
             .await;
         if self.redis.observe(buried).is_none() {
+            self.redis.invalidation_failed();
             return false;
+        }
+        // Instances of the previous release read `session:v1:` keys; until none runs, they get
+        // the tombstone in their format too (a rolling upgrade). Remove with the next schema.
+        if let Some(v1) = self.redis.key_v1("session", &hash.to_hex()) {
+            let compat = client
+                .set::<(), _, _>(v1, "revoked", Some(px), None, false)
+                .await;
+            if self.redis.observe(compat).is_none() {
+                self.redis.invalidation_failed();
+                return false;
+            }
         }
         // The index is a convenience; a member left behind expires with it.
         let removed = client.srem::<i64, _, _>(index, hash.to_hex()).await;
         self.redis.observe(removed);
-        true
+        self.redis.replicated(&key).await
     }
 }
 
@@ -242,6 +262,21 @@ impl Redis {
             generation,
             value,
         })
+    }
+
+    /// Deletes the key if it still holds `lease`.
+    pub(super) async fn release(&self, lease: &Lease) {
+        let Some(client) = self.connected() else {
+            return;
+        };
+        let released = RELEASE
+            .evalsha_with_reload::<i64, _, _>(
+                client,
+                vec![lease.key.clone()],
+                vec![lease.value.clone()],
+            )
+            .await;
+        self.observe(released);
     }
 
     /// Replaces `lease` with `value` if the key still holds it. `true` when written.

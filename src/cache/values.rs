@@ -98,6 +98,15 @@ pub(super) static SWAP: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
+/// KEYS: the key. ARGV: expected value. Deletes the key only while it holds that value (a lease
+/// whose fill has nothing to write). 1 when deleted.
+pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+         return redis.call('DEL', KEYS[1])",
+    )
+});
+
 /// KEYS: the key. ARGV: value prefix (`<generation>|S|`), new value, TTL ms. Replaces a live copy
 /// of that generation, nothing else (a touch must not recreate a flushed or revoked key).
 pub(super) static REFRESH: LazyLock<Script> = LazyLock::new(|| {

@@ -11,11 +11,8 @@ use super::{ProfileChanges, ProfileRecord, coalesce::Coalescer};
 use crate::{
     auth::{AuthError, AuthService, FillHook, input::FieldViolation},
     cache::{CachedProfile, ProfileCache, ProfileWrite},
-    store::{Db, StoreError, UpdateOutcome},
+    store::{Db, ProfileInvalidation, StoreError, UpdateOutcome},
 };
-
-/// At most this many queued profile versions are applied per drain pass.
-const DRAIN_BATCH: i64 = 500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
@@ -182,44 +179,25 @@ impl ProfileService {
             .profiles()
             .update(user_id, &changes, expected_version, self.auth.clock().now())
             .await?;
-        let (profile, invalidation_id) = match outcome {
-            UpdateOutcome::Updated {
-                profile,
-                invalidation_id,
-            } => (profile, invalidation_id),
+        let profile = match outcome {
+            UpdateOutcome::Updated(profile) => profile,
             UpdateOutcome::VersionMismatch => return Err(ProfileError::VersionMismatch),
             UpdateOutcome::NotFound => return Err(ProfileError::NotFound),
         };
         tracing::info!(%user_id, version = profile.version, "profile updated");
-        if self.cache.raise(&[ProfileWrite::Updated(&profile)]).await {
-            self.forget(&[invalidation_id]).await;
-        }
+        // Not confirmed (Redis down, disabled, or the replicas late): the log has it, and every
+        // instance with Redis applies it on its next pass.
+        self.cache.raise(&[ProfileWrite::Updated(&profile)]).await;
         Ok(profile)
     }
 
-    async fn forget(&self, ids: &[i64]) {
-        if let Err(error) = self.db.outbox().confirm_profiles(ids).await {
-            tracing::warn!(%error, "could not clear applied profile versions; they will be re-applied");
-        }
-    }
-
-    /// One pass over the profile versions queued by any instance (only instances with Redis run
-    /// it): older cached copies of each become floors, so they are never served. `true` when all
-    /// of them reached Redis.
-    pub async fn drain_invalidations(&self) -> Result<bool, StoreError> {
-        let pending = self.db.outbox().pending_profiles(DRAIN_BATCH).await?;
-        if pending.is_empty() {
-            return Ok(true);
-        }
-        let writes: Vec<ProfileWrite<'_>> = pending
+    /// Makes these logged versions visible in the cache as floors (older copies are never
+    /// served); `true` when Redis confirmed all of them.
+    pub async fn apply(&self, versions: &[ProfileInvalidation]) -> bool {
+        let writes: Vec<ProfileWrite<'_>> = versions
             .iter()
             .map(|p| ProfileWrite::Floor(p.user_id, p.version))
             .collect();
-        if !self.cache.raise(&writes).await {
-            return Ok(false);
-        }
-        let ids: Vec<i64> = pending.iter().map(|p| p.id).collect();
-        self.forget(&ids).await;
-        Ok(pending.len() < DRAIN_BATCH.unsigned_abs() as usize)
+        self.cache.raise(&writes).await
     }
 }

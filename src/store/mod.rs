@@ -26,9 +26,11 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
-pub use outbox::{Invalidation, OutboxRepo, ProfileInvalidation, Revocation};
+pub use outbox::{
+    Cursor, Invalidation, Logged, OutboxRepo, ProfileInvalidation, Revocation, in_flight,
+};
 pub use profiles::{ProfileRepo, UpdateOutcome};
-pub use sessions::{NewSession, SessionRepo, StoredSession};
+pub use sessions::{NewSession, SessionRepo, Since, StoredSession};
 pub use users::{EMAIL_UNIQUE, NewUser, UserRepo};
 
 use crate::{config::DatabaseSettings, metrics::Metrics};
@@ -129,7 +131,15 @@ impl Db {
         let statement_timeout = settings.query_timeout.as_millis().to_string();
         let options = PgConnectOptions::from_str(url)?
             .application_name("authd")
-            .options([("statement_timeout", statement_timeout.as_str())]);
+            // A transaction left idle (a paused or partitioned client) is ended too: the outbox
+            // readers rely on every transaction lasting less than their in-flight allowance.
+            .options([
+                ("statement_timeout", statement_timeout.as_str()),
+                (
+                    "idle_in_transaction_session_timeout",
+                    statement_timeout.as_str(),
+                ),
+            ]);
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .min_connections(settings.min_connections)

@@ -1,15 +1,25 @@
-//! The outboxes: revocations and profile versions committed in PostgreSQL whose Redis step has
-//! not been confirmed yet. A row is written in the same statement as the change it mirrors, and
-//! deleted only by an instance that has Redis once Redis confirmed the step — never by an instance
-//! with Redis disabled, whose "nothing to do" would throw away what a Redis-backed instance still
-//! has to apply. Every instance with Redis drains what is left.
-use chrono::{DateTime, Utc};
+//! The outboxes: logs of the revocations and profile versions committed in PostgreSQL, each row
+//! written in the same statement as the change it mirrors.
+//!
+//! Several caches may share the database: instances on different Redis deployments or key
+//! prefixes (a rolling change of `REDIS__URL` or `REDIS__KEY_PREFIX`), of different releases, or
+//! with Redis disabled. A row applied to one cache is still owed to the others, so rows are never
+//! deleted when applied: each cache ("namespace": key prefix + generation) follows the logs with a
+//! cursor of its own ([`OutboxRepo::cursor`]), and rows are purged only once nothing they
+//! invalidate can still be cached anywhere (session rows at the session's absolute expiry, profile
+//! rows after the longest profile TTL).
+//!
+//! Cursors are timestamps (PostgreSQL's), and a row's timestamp is taken before its transaction
+//! commits; readers therefore re-read an [`in_flight`] allowance before their cursor, which is longer than any
+//! transaction that writes these rows can last (statements and idle time in a transaction are
+//! both bounded by `DATABASE__QUERY_TIMEOUT`).
+use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::FromRow;
 use uuid::Uuid;
 
 use super::{Db, StoreError};
 
-/// A revocation whose Redis tombstone may not be in place yet.
+/// A revocation, to be made visible in a cache as a tombstone.
 #[derive(Debug, Clone, FromRow)]
 pub struct Invalidation {
     pub id: i64,
@@ -17,6 +27,21 @@ pub struct Invalidation {
     pub user_id: Uuid,
     /// The tombstone is useless after this: the session would have expired anyway.
     pub expires_at: DateTime<Utc>,
+}
+
+/// A row as a cache follows the log: what it holds and when it was logged.
+#[derive(Debug, Clone, FromRow)]
+pub struct Logged<T> {
+    #[sqlx(flatten)]
+    pub row: T,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Where a namespace stands in the two logs.
+#[derive(Debug, Clone, Copy, FromRow)]
+pub struct Cursor {
+    pub sessions_after: DateTime<Utc>,
+    pub profiles_after: DateTime<Utc>,
 }
 
 /// One row of a revoking statement's answer.
@@ -37,8 +62,9 @@ pub struct Revocation {
     pub revoked: usize,
     /// Of those, the ones that were still usable (not expired).
     pub active: usize,
-    /// Every invalidation still queued for the sessions concerned, its own included: all of them
-    /// must reach Redis before the revoking call returns.
+    /// Every invalidation logged for the sessions concerned since the caller's cache last
+    /// followed the log, its own included: all of them must reach the cache before the revoking
+    /// call returns.
     pub pending: Vec<Invalidation>,
 }
 
@@ -72,37 +98,127 @@ impl Db {
 }
 
 impl OutboxRepo<'_> {
-    /// The oldest session invalidations not yet confirmed in Redis.
-    pub async fn pending_sessions(&self, limit: i64) -> Result<Vec<Invalidation>, StoreError> {
-        let query = sqlx::query_as::<_, Invalidation>(
-            "select id, token_hash, user_id, expires_at from session_invalidations
-             order by id limit $1",
+    /// The namespace's cursor, created at `start` (PostgreSQL's time when `None`) if it has none.
+    pub async fn cursor(&self, namespace: &str) -> Result<Cursor, StoreError> {
+        let query = sqlx::query_as::<_, Cursor>(
+            "with created as (
+                 insert into outbox_cursors (namespace, sessions_after, profiles_after)
+                 values ($1, clock_timestamp(), clock_timestamp())
+                 on conflict (namespace) do nothing
+                 returning sessions_after, profiles_after
+             )
+             select * from created
+             union all
+             select sessions_after, profiles_after from outbox_cursors where namespace = $1",
         )
-        .bind(limit);
-        self.0.run(query.fetch_all(&self.0.pool)).await
+        .bind(namespace);
+        match self.0.run(query.fetch_optional(&self.0.pool)).await? {
+            Some(cursor) => Ok(cursor),
+            // Created concurrently by another instance: visible now.
+            None => {
+                let query = sqlx::query_as::<_, Cursor>(
+                    "select sessions_after, profiles_after from outbox_cursors where namespace = $1",
+                )
+                .bind(namespace);
+                self.0.run(query.fetch_one(&self.0.pool)).await
+            }
+        }
     }
 
-    pub async fn confirm_sessions(&self, ids: &[i64]) -> Result<(), StoreError> {
-        let query = sqlx::query("delete from session_invalidations where id = any($1)").bind(ids);
+    /// Moves the namespace's cursor forward (never back).
+    pub async fn advance(&self, namespace: &str, to: Cursor) -> Result<(), StoreError> {
+        let query = sqlx::query(
+            "update outbox_cursors
+             set sessions_after = greatest(sessions_after, $2),
+                 profiles_after = greatest(profiles_after, $3),
+                 updated_at = now()
+             where namespace = $1",
+        )
+        .bind(namespace)
+        .bind(to.sessions_after)
+        .bind(to.profiles_after);
         self.0.run(query.execute(&self.0.pool)).await?;
         Ok(())
     }
 
-    /// The oldest profile versions not yet confirmed in Redis.
-    pub async fn pending_profiles(
+    /// Session invalidations logged after `(after, after_id)` (keyset order), at most `limit`.
+    pub async fn sessions_after(
         &self,
+        after: (DateTime<Utc>, i64),
         limit: i64,
-    ) -> Result<Vec<ProfileInvalidation>, StoreError> {
-        let query = sqlx::query_as::<_, ProfileInvalidation>(
-            "select id, user_id, version from profile_invalidations order by id limit $1",
+    ) -> Result<Vec<Logged<Invalidation>>, StoreError> {
+        let query = sqlx::query_as::<_, Logged<Invalidation>>(
+            "select id, token_hash, user_id, expires_at, created_at from session_invalidations
+             where (created_at, id) > ($1, $2) order by created_at, id limit $3",
         )
+        .bind(after.0)
+        .bind(after.1)
         .bind(limit);
         self.0.run(query.fetch_all(&self.0.pool)).await
     }
 
-    pub async fn confirm_profiles(&self, ids: &[i64]) -> Result<(), StoreError> {
-        let query = sqlx::query("delete from profile_invalidations where id = any($1)").bind(ids);
-        self.0.run(query.execute(&self.0.pool)).await?;
-        Ok(())
+    /// Profile versions logged after `(after, after_id)` (keyset order), at most `limit`.
+    pub async fn profiles_after(
+        &self,
+        after: (DateTime<Utc>, i64),
+        limit: i64,
+    ) -> Result<Vec<Logged<ProfileInvalidation>>, StoreError> {
+        let query = sqlx::query_as::<_, Logged<ProfileInvalidation>>(
+            "select id, user_id, version, created_at from profile_invalidations
+             where (created_at, id) > ($1, $2) order by created_at, id limit $3",
+        )
+        .bind(after.0)
+        .bind(after.1)
+        .bind(limit);
+        self.0.run(query.fetch_all(&self.0.pool)).await
     }
+
+    /// Deletes what no cache can need any more: session rows past the session's expiry, profile
+    /// rows older than `profile_retention`, and cursors untouched for `cursor_retention`
+    /// (namespaces gone). The rules that keep rows from older releases' deletes let this through.
+    pub async fn purge(
+        &self,
+        profile_retention: std::time::Duration,
+        cursor_retention: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.0.run(self.0.pool.begin()).await?;
+        let allow = sqlx::query("select set_config('authd.purge', 'on', true)");
+        self.0.run(allow.execute(&mut *tx)).await?;
+        let sessions = sqlx::query(
+            "delete from session_invalidations where id in (
+                 select id from session_invalidations where expires_at < clock_timestamp()
+                 limit 10000)",
+        );
+        let mut deleted = self
+            .0
+            .run(sessions.execute(&mut *tx))
+            .await?
+            .rows_affected();
+        let profiles = sqlx::query(
+            "delete from profile_invalidations where id in (
+                 select id from profile_invalidations
+                 where created_at < clock_timestamp() - $1::bigint * interval '1 microsecond'
+                 limit 10000)",
+        )
+        .bind(super::micros(profile_retention));
+        deleted += self
+            .0
+            .run(profiles.execute(&mut *tx))
+            .await?
+            .rows_affected();
+        let cursors = sqlx::query(
+            "delete from outbox_cursors
+             where updated_at < clock_timestamp() - $1::bigint * interval '1 microsecond'",
+        )
+        .bind(super::micros(cursor_retention));
+        self.0.run(cursors.execute(&mut *tx)).await?;
+        self.0.run(tx.commit()).await?;
+        Ok(deleted)
+    }
+}
+
+/// How long before a cursor readers look again: longer than any transaction writing these logs
+/// can last (see the module comment), given `query_timeout`.
+pub fn in_flight(query_timeout: std::time::Duration) -> TimeDelta {
+    TimeDelta::from_std(query_timeout * 10).unwrap_or(TimeDelta::MAX) + TimeDelta::seconds(1)
 }

@@ -7,19 +7,9 @@ use crate::model::{ProfileChanges, ProfileRecord};
 
 /// What an update found.
 pub enum UpdateOutcome {
-    Updated {
-        profile: ProfileRecord,
-        invalidation_id: i64,
-    },
+    Updated(ProfileRecord),
     VersionMismatch,
     NotFound,
-}
-
-#[derive(sqlx::FromRow)]
-struct UpdatedRow {
-    #[sqlx(flatten)]
-    profile: ProfileRecord,
-    invalidation_id: i64,
 }
 
 #[derive(Clone, Copy)]
@@ -62,7 +52,7 @@ impl ProfileRepo<'_> {
         expected_version: Option<i64>,
         now: DateTime<Utc>,
     ) -> Result<UpdateOutcome, StoreError> {
-        let query = sqlx::query_as::<_, UpdatedRow>(
+        let query = sqlx::query_as::<_, ProfileRecord>(
             "with updated as (
                  update profiles set
                      display_name = coalesce($3, display_name),
@@ -80,7 +70,7 @@ impl ProfileRepo<'_> {
                  select user_id, version from updated
                  returning id
              )
-             select updated.*, queued.id as invalidation_id from updated, queued",
+             select updated.* from updated, queued",
         )
         .bind(user_id)
         .bind(now)
@@ -90,11 +80,8 @@ impl ProfileRepo<'_> {
         .bind(&changes.locale)
         .bind(&changes.time_zone)
         .bind(expected_version);
-        if let Some(row) = self.0.run(query.fetch_optional(&self.0.pool)).await? {
-            return Ok(UpdateOutcome::Updated {
-                profile: row.profile,
-                invalidation_id: row.invalidation_id,
-            });
+        if let Some(profile) = self.0.run(query.fetch_optional(&self.0.pool)).await? {
+            return Ok(UpdateOutcome::Updated(profile));
         }
         Ok(match self.get(user_id).await? {
             Some(_) => UpdateOutcome::VersionMismatch,

@@ -11,11 +11,20 @@ use sqlx::{FromRow, postgres::PgRow};
 use uuid::Uuid;
 
 use super::{Db, Revocation, StoreError, micros};
+
+/// What a revoking statement needs besides its target: the idle timeout (to tell which revoked
+/// sessions were still active) and from when earlier invalidations may not have reached this
+/// instance's cache yet (`None`: this instance has no cache, it applies nothing).
+#[derive(Debug, Clone, Copy)]
+pub struct Since {
+    pub idle: std::time::Duration,
+    pub pending_after: Option<DateTime<Utc>>,
+}
 use crate::model::SessionRecord;
 
 /// Revokes the sessions matching `$cond` (with `$1` the idle timeout in microseconds), queues
-/// their invalidations, and returns them with every older invalidation still queued matching
-/// `$pending`. `active` tells whether a revoked session was still usable.
+/// their invalidations, and returns them with the earlier invalidations matching `$pending` logged
+/// after `$2` (see [`Since`]). `active` tells whether a revoked session was still usable.
 macro_rules! revoke {
     ($cond:literal, $pending:literal) => {
         concat!(
@@ -29,10 +38,22 @@ macro_rules! revoke {
                     as active
              ), ",
             queue!(),
-            " union all
-             select id, token_hash, user_id, expires_at, false, false from session_invalidations
-             where ",
-            $pending
+            " union all (",
+            earlier!($pending),
+            ")"
+        )
+    };
+}
+
+/// The invalidations matching `$pending` logged after `$2` (none when `$2` is null), newest first
+/// and at most 1000.
+macro_rules! earlier {
+    ($pending:literal) => {
+        concat!(
+            "select id, token_hash, user_id, expires_at, false, false from session_invalidations
+             where $2::timestamptz is not null and created_at > $2 and ",
+            $pending,
+            " order by created_at desc limit 1000"
         )
     };
 }
@@ -115,15 +136,15 @@ impl SessionRepo<'_> {
     pub async fn insert_capped(
         &self,
         s: &NewSession<'_>,
-        idle: std::time::Duration,
+        since: Since,
     ) -> Result<Option<Revocation>, StoreError> {
-        self.0.retrying(|| self.insert_capped_once(s, idle)).await
+        self.0.retrying(|| self.insert_capped_once(s, since)).await
     }
 
     async fn insert_capped_once(
         &self,
         s: &NewSession<'_>,
-        idle: std::time::Duration,
+        since: Since,
     ) -> Result<Option<Revocation>, StoreError> {
         let r = s.record;
         let mut tx = self.0.run(self.0.pool.begin()).await?;
@@ -141,31 +162,32 @@ impl SessionRepo<'_> {
             "with new_session as (
                  insert into sessions (id, user_id, token_hash, created_at, last_seen_at,
                                        absolute_expires_at, authenticated_at, ip_address, user_agent)
-                 values ($2, $3, $4, $5, $5, $6, $5, $7, $8)
+                 values ($9, $3, $4, $5, $5, $6, $5, $7, $8)
              ), ",
             // The new row is invisible to the rest of the statement: keep max - 1 others.
             "least_recent as (
                  select id from sessions where user_id = $3 and ",
             active!(),
-            " order by last_seen_at desc, created_at desc offset $9
+            " order by last_seen_at desc, created_at desc offset $10
              ), revoked as (
                  update sessions set revoked_at = clock_timestamp()
                  where id in (select id from least_recent) and revoked_at is null
                  returning token_hash, user_id, absolute_expires_at, true as active
              ), ",
             queue!(),
-            " union all
-             select id, token_hash, user_id, expires_at, false, false from session_invalidations
-             where user_id = $3"
+            " union all (",
+            earlier!("user_id = $3"),
+            ")"
         ))
-        .bind(micros(idle))
-        .bind(r.id)
+        .bind(micros(since.idle))
+        .bind(since.pending_after)
         .bind(r.user_id)
         .bind(s.token_hash)
         .bind(r.created_at)
         .bind(r.absolute_expires_at)
         .bind(&r.ip_address)
         .bind(&r.user_agent)
+        .bind(r.id)
         .bind((s.max_per_user - 1).max(0));
         let rows = self.0.run(query.fetch_all(&mut *tx)).await?;
         self.0.run(tx.commit()).await?;
@@ -195,13 +217,14 @@ impl SessionRepo<'_> {
         &self,
         user_id: Uuid,
         session_id: Uuid,
-        idle: std::time::Duration,
+        since: Since,
     ) -> Result<Revocation, StoreError> {
         let query = sqlx::query_as::<_, super::outbox::QueuedRow>(revoke!(
-            "user_id = $2 and id = $3",
-            "user_id = $2"
+            "user_id = $3 and id = $4",
+            "user_id = $3"
         ))
-        .bind(micros(idle))
+        .bind(micros(since.idle))
+        .bind(since.pending_after)
         .bind(user_id)
         .bind(session_id);
         let rows = self.0.run(query.fetch_all(&self.0.pool)).await?;
@@ -224,13 +247,13 @@ impl SessionRepo<'_> {
         &self,
         user_id: Uuid,
         keep: Option<Uuid>,
-        idle: std::time::Duration,
+        since: Since,
     ) -> Result<Revocation, StoreError> {
         self.0
             .retrying(|| async {
                 let mut tx = self.0.run(self.0.pool.begin()).await?;
                 self.0.users().lock_password(&mut tx, user_id).await?;
-                let revoked = self.revoke_all_in(&mut tx, user_id, keep, idle).await?;
+                let revoked = self.revoke_all_in(&mut tx, user_id, keep, since).await?;
                 self.0.run(tx.commit()).await?;
                 Ok(revoked)
             })
@@ -243,13 +266,14 @@ impl SessionRepo<'_> {
         tx: &mut sqlx::PgConnection,
         user_id: Uuid,
         keep: Option<Uuid>,
-        idle: std::time::Duration,
+        since: Since,
     ) -> Result<Revocation, StoreError> {
         let query = sqlx::query_as::<_, super::outbox::QueuedRow>(revoke!(
-            "user_id = $2 and id is distinct from $3",
-            "user_id = $2"
+            "user_id = $3 and id is distinct from $4",
+            "user_id = $3"
         ))
-        .bind(micros(idle))
+        .bind(micros(since.idle))
+        .bind(since.pending_after)
         .bind(user_id)
         .bind(keep);
         let rows = self.0.run(query.fetch_all(tx)).await?;
@@ -286,25 +310,33 @@ impl SessionRepo<'_> {
     }
 
     /// Revokes the session of this token (if it is not already) and returns its invalidations
-    /// still queued, a fresh one included.
+    /// logged since `since`, a fresh one included.
     pub async fn revoke_by_token_hash(
         &self,
         token_hash: &[u8],
-        idle: std::time::Duration,
+        since: Since,
     ) -> Result<Revocation, StoreError> {
         let query = sqlx::query_as::<_, super::outbox::QueuedRow>(revoke!(
-            "token_hash = $2",
-            "token_hash = $2"
+            "token_hash = $3",
+            "token_hash = $3"
         ))
-        .bind(micros(idle))
+        .bind(micros(since.idle))
+        .bind(since.pending_after)
         .bind(token_hash);
         let rows = self.0.run(query.fetch_all(&self.0.pool)).await?;
         Ok(Revocation::from_rows(rows))
     }
 
+    /// Sessions neither revoked nor expired (idle expiry judged with `idle`).
+    pub async fn count_live(&self, idle: std::time::Duration) -> Result<i64, StoreError> {
+        let sql = format!("select count(*) from sessions where {}", active!());
+        let query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(micros(idle));
+        self.0.run(query.fetch_one(&self.0.pool)).await
+    }
+
     /// Deletes sessions revoked or expired more than `retention` ago (idle expiry judged with
-    /// `idle`), and queued invalidations no longer needed, by PostgreSQL's clock. One short
-    /// statement of at most `batch` rows that skips rows locked by requests.
+    /// `idle`), by PostgreSQL's clock. One short statement of at most `batch` rows that skips
+    /// rows locked by requests.
     pub async fn purge(
         &self,
         retention: std::time::Duration,
@@ -319,8 +351,6 @@ impl SessionRepo<'_> {
                     or last_seen_at < clock_timestamp()
                          - ($1::bigint + $2::bigint) * interval '1 microsecond'
                  limit $3 for update skip locked
-             ), gone as (
-                 delete from session_invalidations where expires_at < clock_timestamp()
              )
              delete from sessions where id in (select id from doomed)",
         )

@@ -2,7 +2,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{Db, Revocation, StoreError};
+use super::{Db, Revocation, Since, StoreError};
 use crate::model::SessionRecord;
 
 /// The constraint that makes emails unique; its violation means "already registered".
@@ -104,7 +104,7 @@ impl UserRepo<'_> {
         password_hash: &str,
         current_session: Uuid,
         now: DateTime<Utc>,
-        idle: std::time::Duration,
+        since: Since,
     ) -> Result<Option<Revocation>, StoreError> {
         self.0
             .retrying(|| async {
@@ -136,7 +136,7 @@ impl UserRepo<'_> {
                 let revoked = self
                     .0
                     .sessions()
-                    .revoke_all_in(&mut tx, user_id, Some(current_session), idle)
+                    .revoke_all_in(&mut tx, user_id, Some(current_session), since)
                     .await?;
                 self.0.run(tx.commit()).await?;
                 Ok(Some(revoked))

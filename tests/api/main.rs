@@ -2,6 +2,7 @@
 mod helpers;
 mod proxy;
 mod redis_server;
+mod topology;
 
 mod consistency;
 mod degraded;

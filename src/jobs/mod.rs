@@ -1,0 +1,144 @@
+//! Background jobs every instance runs: establishing the Redis generation, following the outbox
+//! logs into Redis, purging ended sessions and old log rows, counting live sessions, checking
+//! PostgreSQL for health (and reading its clock). Their queries are not counted as requests'
+//! queries.
+pub mod follow;
+pub mod generation;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    auth::AuthService,
+    cache::Redis,
+    clock::Clock,
+    config::Settings,
+    health::Health,
+    metrics::Metrics,
+    store::{self, Db},
+};
+
+/// Runs `job` every `period` until `stop`.
+async fn every<F, Fut>(period: Duration, stop: CancellationToken, job: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = store::in_background(job()) => {}
+        }
+    }
+}
+
+/// How often live sessions are counted (a full count: not too often).
+const LIVE_COUNT_INTERVAL: Duration = Duration::from_secs(30);
+
+pub struct Jobs {
+    pub auth: Arc<AuthService>,
+    pub follower: Arc<follow::Follower>,
+    pub redis: Redis,
+    pub db: Arc<Db>,
+    pub health: Arc<Health>,
+    pub clock: Arc<Clock>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Jobs {
+    /// Starts every job; they stop when `stop` is cancelled.
+    pub fn spawn(self, settings: &Settings, stop: &CancellationToken) -> Vec<JoinHandle<()>> {
+        let Jobs {
+            auth,
+            follower,
+            redis,
+            db,
+            health,
+            clock,
+            metrics,
+        } = self;
+        let mut jobs = Vec::new();
+        if redis.is_enabled() {
+            let pass = move || {
+                let follower = follower.clone();
+                async move {
+                    if let Err(error) = follower.pass().await {
+                        tracing::debug!(%error, "could not follow the outbox logs; retrying");
+                    }
+                }
+            };
+            jobs.push(tokio::spawn(every(
+                settings.session.invalidation_interval,
+                stop.clone(),
+                pass,
+            )));
+            jobs.push(tokio::spawn(generation::keep(
+                redis,
+                db.clone(),
+                settings.redis.check_interval,
+                stop.clone(),
+            )));
+        }
+        let retention = settings.session.retention;
+        let pc = &settings.profile_cache;
+        // No cached profile outlives its TTL; keep log rows twice that (settings may differ
+        // between instances), and at least a day.
+        let profile_log = (pc.ttl.mul_f64(1.0 + pc.jitter) * 2).max(Duration::from_secs(86_400));
+        let cursor_retention = settings.session.absolute_timeout;
+        let purge = {
+            let db = db.clone();
+            move || {
+                let (auth, db) = (auth.clone(), db.clone());
+                async move {
+                    if let Err(error) = auth.purge_sessions(retention).await {
+                        tracing::warn!(%error, "session purge failed; retrying next time");
+                    }
+                    if let Err(error) = db.outbox().purge(profile_log, cursor_retention).await {
+                        tracing::warn!(%error, "outbox purge failed; retrying next time");
+                    }
+                }
+            }
+        };
+        let idle = settings.session.idle_timeout;
+        let count = {
+            let db = db.clone();
+            move || {
+                let (db, metrics) = (db.clone(), metrics.clone());
+                async move {
+                    if let Ok(live) = db.sessions().count_live(idle).await {
+                        metrics.sessions_live.set(live);
+                    }
+                }
+            }
+        };
+        jobs.push(tokio::spawn(every(
+            LIVE_COUNT_INTERVAL,
+            stop.clone(),
+            count,
+        )));
+        let grace = settings.health.db_grace;
+        let check = move || {
+            let (health, db, clock) = (health.clone(), db.clone(), clock.clone());
+            async move { health.check_db(&db, &clock, grace).await }
+        };
+        jobs.push(tokio::spawn(every(
+            settings.session.purge_interval,
+            stop.clone(),
+            purge,
+        )));
+        jobs.push(tokio::spawn(every(
+            settings.health.db_check_interval,
+            stop.clone(),
+            check,
+        )));
+        jobs
+    }
+}
