@@ -19,14 +19,27 @@ use tonic_health::pb::health_client::HealthClient;
 
 pub const PASSWORD: &str = "correct horse battery staple";
 
-/// Whether the app under test uses Redis; every behaviour is tested both ways.
+/// The Redis deployment the app under test uses; every behaviour is tested with one Redis,
+/// with a Redis Cluster (3 primaries + 3 replicas, shared by the tests of this binary) and with
+/// `REDIS__ENABLED=false`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Redis,
+    Cluster,
     NoRedis,
 }
 
-/// Runs an async test body once with Redis and once with `REDIS__ENABLED=false`.
+/// The shared cluster's URL, once [`crate::topology::shared_cluster`] has started it.
+static CLUSTER_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Starts (once) the cluster the `Mode::Cluster` tests share.
+pub async fn cluster_ready() {
+    let cluster = crate::topology::shared_cluster().await;
+    let _ = CLUSTER_URL.set(cluster.url());
+}
+
+/// Runs an async test body with one Redis, with a Redis Cluster and with
+/// `REDIS__ENABLED=false`.
 #[macro_export]
 macro_rules! both_modes {
     ($($name:ident),* $(,)?) => {$(
@@ -34,6 +47,11 @@ macro_rules! both_modes {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn with_redis() {
                 super::$name($crate::helpers::Mode::Redis).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn with_cluster() {
+                $crate::helpers::cluster_ready().await;
+                super::$name($crate::helpers::Mode::Cluster).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn without_redis() {
@@ -61,8 +79,14 @@ pub fn test_settings(mode: Mode) -> Settings {
     s.grpc.shutdown_grace = Duration::from_secs(5);
     s.database.url = SecretString::from(format!("{}/authd_test_{id}", postgres_base_url()));
     s.database.max_connections = 5;
-    s.redis.enabled = mode == Mode::Redis;
-    s.redis.url = SecretString::from(redis_url());
+    s.redis.enabled = mode != Mode::NoRedis;
+    s.redis.url = SecretString::from(match mode {
+        Mode::Cluster => CLUSTER_URL
+            .get()
+            .expect("call helpers::cluster_ready() first")
+            .clone(),
+        Mode::Redis | Mode::NoRedis => redis_url(),
+    });
     s.redis.key_prefix = format!("authd-test:{id}:");
     s.session.invalidation_interval = Duration::from_millis(100);
     s.log = LogSettings {
@@ -271,10 +295,12 @@ impl Drop for TestApp {
     }
 }
 
-/// A direct Redis connection, to look at or tamper with what authd stored.
+/// A direct Redis connection, to look at or tamper with what authd stored (any URL authd
+/// accepts).
 pub async fn redis_client(url: &str) -> fred::clients::Client {
     use fred::interfaces::ClientLike;
-    let config = fred::types::config::Config::from_url(url).unwrap();
+    let (url, _, _) = authd::cache::normalize_url(url).unwrap();
+    let config = fred::types::config::Config::from_url(&url).unwrap();
     let client = fred::prelude::Builder::from_config(config).build().unwrap();
     client.init().await.expect("redis is reachable");
     client

@@ -1,4 +1,5 @@
 //! Integration tests: gRPC against a real authd backed by real PostgreSQL and Redis.
+mod binary;
 mod helpers;
 mod proxy;
 mod redis_server;
@@ -6,6 +7,7 @@ mod topology;
 
 mod consistency;
 mod degraded;
+mod deployments;
 mod login;
 mod manage;
 mod operability;

@@ -86,7 +86,7 @@ async fn metrics_count_rpcs_caches_sessions_and_failures(mode: Mode) {
     );
     assert_eq!(app.metric("authd_db_up").await, 1.0);
     match mode {
-        Mode::Redis => {
+        Mode::Redis | Mode::Cluster => {
             assert_eq!(app.metric("authd_redis_up").await, 1.0);
             let hits = "authd_cache_lookups_total{cache=\"sessions\",result=\"hit\"}";
             assert_eq!(app.metric(hits).await, 3.0);

@@ -74,7 +74,7 @@ async fn get_rejects_bad_ids_and_reports_unknown_ones(mode: Mode) {
     // "Not found" is cached too: a stream of bad ids does not reach PostgreSQL each time.
     let queries = app.queries() - before;
     match mode {
-        Mode::Redis => assert_eq!(queries, 1),
+        Mode::Redis | Mode::Cluster => assert_eq!(queries, 1),
         Mode::NoRedis => assert_eq!(queries, 10),
     }
 }
@@ -295,7 +295,7 @@ async fn a_cached_read_makes_no_postgres_query(mode: Mode) {
     app.batch_get(&ids).await.unwrap();
     let queries = app.queries() - before;
     match mode {
-        Mode::Redis => assert_eq!(queries, 0),
+        Mode::Redis | Mode::Cluster => assert_eq!(queries, 0),
         Mode::NoRedis => assert_eq!(queries, 11),
     }
 }
@@ -334,7 +334,9 @@ async fn concurrent_reads_racing_updates_never_go_back(mode: Mode) {
     let a = spawn_with(test_settings(mode)).await;
     let b = spawn_sharing(&a, |_| {}).await;
     let redis = match mode {
-        Mode::Redis => Some(redis_client(a.settings.redis.url.expose_secret()).await),
+        Mode::Redis | Mode::Cluster => {
+            Some(redis_client(a.settings.redis.url.expose_secret()).await)
+        }
         Mode::NoRedis => None,
     };
     let (_, reg) = a.register().await;

@@ -1,0 +1,137 @@
+//! The `authd` binary run as operators run it — its own process, settings from the environment,
+//! JSON logs on stdout — for what an in-process server cannot show: exit codes, log lines,
+//! signals.
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use authd::proto::authd::v1::auth_service_client::AuthServiceClient;
+use secrecy::ExposeSecret;
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_authd");
+
+/// A command for the binary with a clean environment: the test database and key prefix of
+/// `settings`, Redis at `redis_url`, quiet logs on stdout (JSON), metrics on a free port.
+pub fn command(settings: &authd::config::Settings, redis_url: &str) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE__URL", settings.database.url.expose_secret())
+        .env("REDIS__KEY_PREFIX", &settings.redis.key_prefix)
+        .env("REDIS__URL", redis_url)
+        .env("LOG__LEVEL", "warn")
+        .env("LOG__FORMAT", "json")
+        .env("METRICS__ADDR", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+pub fn free_port() -> u16 {
+    crate::redis_server::free_port()
+}
+
+/// A running binary whose output is collected as it comes.
+pub struct Binary {
+    child: Child,
+    pub addr: String,
+    output: Arc<Mutex<String>>,
+}
+
+impl Binary {
+    /// Starts `cmd` on a free port and waits until it serves gRPC.
+    pub async fn start(mut cmd: Command) -> Binary {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut child = cmd
+            .env("GRPC__ADDR", &addr)
+            .spawn()
+            .expect("the binary starts");
+        let output = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut out = output.lock().unwrap();
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+            });
+        }
+        let binary = Binary {
+            child,
+            addr,
+            output,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while binary.channel().await.is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the binary did not serve: {}",
+                binary.output()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        binary
+    }
+
+    async fn channel(&self) -> Option<Channel> {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .ok()
+    }
+
+    pub async fn auth(&self) -> AuthServiceClient<Channel> {
+        AuthServiceClient::new(self.channel().await.expect("the binary serves"))
+    }
+
+    /// Everything it printed so far.
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Waits until a line containing every one of `needles` was printed; panics after `within`.
+    pub async fn wait_for_line(&self, needles: &[&str], within: Duration) -> String {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(line) = self
+                .output()
+                .lines()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return line.to_owned();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no line with {needles:?} within {within:?}: {}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,536 @@
+//! Redis deployments: a Cluster (3 primaries + 3 replicas), Sentinel, TLS with and without client
+//! certificates, ACL users. The promises hold across failovers to replicas that missed writes;
+//! nothing a cluster refuses (CROSSSLOT, MOVED, ASK) reaches authd's error metrics; a
+//! misconfiguration is named in the log while authd serves from PostgreSQL.
+use std::time::{Duration, Instant};
+
+use authd::proto::authd::v1 as pb;
+use secrecy::SecretString;
+use tonic::Code;
+
+use crate::{
+    binary::{self, Binary},
+    helpers::{
+        Mode, PASSWORD, TestApp, assert_code, cluster_ready, eventually, profile_key, session_key,
+        spawn_sharing, spawn_with, test_settings,
+    },
+    redis_server::RedisServer,
+    topology::{self, Certs, Cluster, Sentinel, TlsOptions, TlsRedis},
+};
+
+fn bio(text: &str) -> pb::Profile {
+    pb::Profile {
+        bio: text.into(),
+        ..pb::Profile::default()
+    }
+}
+
+/// Validations of `token` no longer reach PostgreSQL.
+async fn served_from_redis(app: &TestApp, token: &str) -> bool {
+    if app.validate(token).await.is_err() {
+        return false;
+    }
+    let before = app.queries();
+    app.validate(token).await.is_ok() && app.queries() == before
+}
+
+/// Two instances on `url`. `lazy`: the outbox log is followed once an hour only, so that a write
+/// Redis lost stays lost (the log would otherwise write it again within an interval) and what
+/// is tested is the generations.
+async fn two_instances(url: String, lazy: bool) -> (TestApp, TestApp) {
+    let mut settings = test_settings(Mode::Redis);
+    settings.redis.url = SecretString::from(url);
+    if lazy {
+        settings.session.invalidation_interval = Duration::from_secs(3600);
+    }
+    let a = spawn_with(settings).await;
+    let b = spawn_sharing(&a, |_| {}).await;
+    (a, b)
+}
+
+/// Until the replicas of `primary` hold every write made to it so far: a write of our own in
+/// the slot of `key`, then `WAIT` for it on the same connection.
+async fn replicated(primary: u16, key: &str) {
+    let marker = format!("{{{key}}}:marker");
+    let replies = topology::pipeline(primary, &[&["SET", &marker, "1"], &["WAIT", "1", "5000"]])
+        .await
+        .unwrap();
+    assert_eq!(replies[1].int(), Some(1), "the replica caught up");
+}
+
+/// Makes `replica` miss every write to `primary` from now on: paused (`stop`), and its
+/// replication link closed by the primary, so nothing more is even sent to it.
+async fn cut_off(primary: u16, stop: impl Fn(u16), replica: u16) {
+    stop(replica);
+    let killed = topology::command(primary, &["CLIENT", "KILL", "TYPE", "replica"])
+        .await
+        .unwrap();
+    assert!(killed.int().is_some_and(|n| n >= 1), "{killed:?}");
+}
+
+/// Every kind of operation on the shared cluster: no Redis error at all is recorded (a CROSSSLOT,
+/// MOVED or ASK reaching authd would be), every primary is watched, and the cache serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_serves_every_operation_without_a_redis_error() {
+    cluster_ready().await;
+    let app = spawn_with(test_settings(Mode::Cluster)).await;
+    let (email, owner) = app.register().await;
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        tokens.push(app.login(&email, PASSWORD).await.unwrap());
+    }
+    for t in &tokens {
+        assert!(served_from_redis(&app, &t.session_token).await);
+    }
+    app.logout(&tokens[0].session_token).await.unwrap();
+    let id = &tokens[1].session.as_ref().unwrap().session_id;
+    app.revoke_session(&owner.session_token, id).await.unwrap();
+    app.list_sessions(&owner.session_token).await.unwrap();
+    app.change_password(&owner.session_token, PASSWORD, "another fine passphrase")
+        .await
+        .unwrap();
+    app.revoke_all(&owner.session_token, false).await.unwrap();
+    assert_code(
+        app.login(&email, "wrong password").await,
+        Code::Unauthenticated,
+    );
+    let mut ids = vec![owner.user_id.clone()];
+    for _ in 0..5 {
+        ids.push(app.register().await.1.user_id);
+    }
+    ids.extend((0..20).map(|_| uuid::Uuid::now_v7().to_string()));
+    app.update_profile(&owner.session_token, bio("v2"), &["bio"], 0)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let batch = app.batch_get(&ids).await.unwrap();
+        assert_eq!(
+            (batch.profiles.len(), batch.not_found_user_ids.len()),
+            (6, 20)
+        );
+        assert_eq!(app.get_profile(&owner.user_id).await.unwrap().version, 2);
+    }
+    let before = app.queries();
+    app.batch_get(&ids).await.unwrap();
+    assert_eq!(app.queries(), before, "a cached batch reads no PostgreSQL");
+    let metrics = app.metrics().await;
+    let errors: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("authd_redis_errors_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(errors, 0.0, "{metrics}");
+    let watched = metrics
+        .lines()
+        .filter(|l| l.starts_with("authd_redis_node_up{") && l.ends_with(" 1"))
+        .count();
+    assert_eq!(watched, 3, "each primary is watched: {metrics}");
+}
+
+/// A replica paused so that it misses a logout's tombstone and an update's new version; its
+/// primary killed; the replica resumed and promoted (`CLUSTER FAILOVER TAKEOVER`). The new
+/// primary holds the old copy and the old version — and neither is ever served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_to_a_replica_that_missed_writes_brings_nothing_back() {
+    let cluster = Cluster::start().await;
+    let (a, b) = two_instances(cluster.url(), true).await;
+    let (email, keeper) = a.register().await;
+    let victim = a.login(&email, PASSWORD).await.unwrap().session_token;
+    for app in [&a, &b] {
+        assert!(served_from_redis(app, &victim).await);
+        assert_eq!(app.get_profile(&keeper.user_id).await.unwrap().version, 1);
+    }
+    let session = session_key(&a, &victim);
+    let profile = profile_key(&a, &keeper.user_id);
+    // Lose both writes: cut off the replica of each key's primary (they may differ).
+    let mut lost = Vec::new();
+    for key in [&session, &profile] {
+        let primary = cluster.primary_for_key(key).await;
+        replicated(primary, key).await;
+        let replica = cluster.replica_of(primary).await;
+        if !lost.contains(&(primary, replica)) {
+            lost.push((primary, replica));
+        }
+    }
+    for (primary, replica) in &lost {
+        cut_off(*primary, |port| cluster.stop(port), *replica).await;
+    }
+    a.logout(&victim).await.unwrap();
+    let v2 = a
+        .update_profile(&keeper.session_token, bio("v2"), &["bio"], 0)
+        .await
+        .unwrap();
+    for (primary, replica) in &lost {
+        cluster.kill(*primary);
+        cluster.cont(*replica);
+        cluster.failover_takeover(*replica).await;
+    }
+    let new_primary = cluster.primary_for_key(&session).await;
+    let copy = topology::command(new_primary, &["GET", &session])
+        .await
+        .unwrap();
+    assert!(
+        copy.text().is_some_and(|v| v.contains("|S|")),
+        "the promoted replica holds the old copy: {copy:?}"
+    );
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        for app in [&a, &b] {
+            assert_code(app.validate(&victim).await, Code::Unauthenticated);
+            assert_eq!(
+                app.get_profile(&keeper.user_id).await.unwrap().version,
+                v2.version
+            );
+        }
+    }
+    for app in [&a, &b] {
+        eventually(Duration::from_secs(15), "the cache is used again", || {
+            served_from_redis(app, &keeper.session_token)
+        })
+        .await;
+        assert_code(app.validate(&victim).await, Code::Unauthenticated);
+        assert_eq!(
+            app.get_profile(&keeper.user_id).await.unwrap().version,
+            v2.version
+        );
+    }
+}
+
+/// The same with Sentinel: 1 primary, 1 replica, 3 sentinels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_to_a_replica_that_missed_writes_brings_nothing_back() {
+    let sentinel = Sentinel::start("authd").await;
+    let (a, b) = two_instances(sentinel.url(), true).await;
+    let (email, keeper) = a.register().await;
+    let victim = a.login(&email, PASSWORD).await.unwrap().session_token;
+    for app in [&a, &b] {
+        assert!(served_from_redis(app, &victim).await);
+        assert_eq!(app.get_profile(&keeper.user_id).await.unwrap().version, 1);
+    }
+    let primary = sentinel.primary_port().await;
+    let replica = sentinel.replica_port().await;
+    sentinel.wait_replicated().await;
+    cut_off(primary, |port| sentinel.stop(port), replica).await;
+    a.logout(&victim).await.unwrap();
+    let v2 = a
+        .update_profile(&keeper.session_token, bio("v2"), &["bio"], 0)
+        .await
+        .unwrap();
+    sentinel.kill(primary);
+    sentinel.cont(replica);
+    let promoted = sentinel.wait_primary_change(primary).await;
+    assert_eq!(promoted, replica);
+    let copy = topology::command(replica, &["GET", &session_key(&a, &victim)])
+        .await
+        .unwrap();
+    assert!(
+        copy.text().is_some_and(|v| v.contains("|S|")),
+        "the promoted replica holds the old copy: {copy:?}"
+    );
+    for app in [&a, &b] {
+        eventually(Duration::from_secs(20), "the cache is used again", || {
+            served_from_redis(app, &keeper.session_token)
+        })
+        .await;
+    }
+    for app in [&a, &b] {
+        assert_code(app.validate(&victim).await, Code::Unauthenticated);
+        assert_eq!(
+            app.get_profile(&keeper.user_id).await.unwrap().version,
+            v2.version
+        );
+    }
+}
+
+/// A primary killed while validations run: every one answers OK (from PostgreSQL for the
+/// affected slots during the failover), none INTERNAL; afterwards cached validation costs no
+/// PostgreSQL query again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_killed_under_load_costs_no_failed_validation() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    };
+    let cluster = Cluster::start().await;
+    let (app, _) = two_instances(cluster.url(), false).await;
+    let mut tokens = Vec::new();
+    for _ in 0..12 {
+        tokens.push(app.register().await.1.session_token);
+    }
+    for t in &tokens {
+        app.validate(t).await.unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (client, tokens) = (app.auth.clone(), tokens.clone());
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                let mut client = client;
+                let mut i = w;
+                let mut errors = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let request = pb::ValidateSessionRequest {
+                        session_token: tokens[i % tokens.len()].clone(),
+                    };
+                    match client.validate_session(request).await {
+                        Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
+                        Err(status) => {
+                            errors.push(status);
+                            failed.fetch_add(1, Ordering::SeqCst)
+                        }
+                    };
+                    i += 1;
+                }
+                errors
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let victim = cluster.primaries().await[0];
+    cluster.kill(victim);
+    cluster.wait_primary_change(victim).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut errors = Vec::new();
+    for w in workers {
+        errors.extend(w.await.unwrap());
+    }
+    assert!(
+        ok.load(Ordering::SeqCst) > 100,
+        "validations kept answering"
+    );
+    assert!(
+        errors.is_empty(),
+        "{} failed: {:?}",
+        failed.load(Ordering::SeqCst),
+        errors.first()
+    );
+    eventually(
+        Duration::from_secs(15),
+        "cached validation reads no PostgreSQL again",
+        || async {
+            for t in &tokens {
+                app.validate(t).await.unwrap();
+            }
+            let before = app.queries();
+            for t in &tokens {
+                app.validate(t).await.unwrap();
+            }
+            app.queries() == before
+        },
+    )
+    .await;
+}
+
+/// TLS with the test's own CA, and mutual TLS: the cache serves as over plain TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_mutual_tls_serve_the_cache() {
+    let certs = Certs::new();
+    for require_client_cert in [false, true] {
+        let server = TlsRedis::start(&certs, require_client_cert).await;
+        let mut settings = test_settings(Mode::Redis);
+        settings.redis.url = SecretString::from(server.url());
+        settings.redis.tls.ca_file = Some(certs.ca_file.clone());
+        if require_client_cert {
+            settings.redis.tls.cert_file = Some(certs.client_cert.clone());
+            settings.redis.tls.key_file = Some(certs.client_key.clone());
+        }
+        let app = spawn_with(settings).await;
+        let (_, reg) = app.register().await;
+        eventually(Duration::from_secs(10), "served over TLS", || {
+            served_from_redis(&app, &reg.session_token)
+        })
+        .await;
+    }
+}
+
+/// What a misconfigured TLS or ACL connection does: a log line that names the setting to fix,
+/// and authd serving from PostgreSQL meanwhile.
+async fn misconfigured(server_url: String, env: &[(&str, String)], setting: &str) {
+    let settings = test_settings(Mode::Redis);
+    let mut cmd = binary::command(&settings, &server_url);
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    let binary = Binary::start(cmd).await;
+    binary
+        .wait_for_line(
+            &["cannot connect to redis", setting],
+            Duration::from_secs(10),
+        )
+        .await;
+    let mut auth = binary.auth().await;
+    let email = crate::helpers::unique_email();
+    let registered = auth
+        .register(crate::helpers::register_request(&email))
+        .await
+        .expect("served from PostgreSQL")
+        .into_inner();
+    auth.validate_session(pb::ValidateSessionRequest {
+        session_token: registered.session_token,
+    })
+    .await
+    .expect("validated from PostgreSQL");
+    drop(binary);
+    crate::helpers::drop_database(secrecy::ExposeSecret::expose_secret(&settings.database.url))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_ca_is_named_in_the_log_and_authd_serves_degraded() {
+    let certs = Certs::new();
+    let server = TlsRedis::start(&certs, false).await;
+    let ca = certs.other_ca_file.display().to_string();
+    misconfigured(
+        server.url(),
+        &[("REDIS__TLS__CA_FILE", ca)],
+        "REDIS__TLS__CA_FILE",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_acl_password_is_named_in_the_log_and_authd_serves_degraded() {
+    let certs = Certs::new();
+    let options = TlsOptions {
+        users: vec![("authd".into(), "right".into())],
+        disable_default_user: true,
+        ..TlsOptions::default()
+    };
+    let server = TlsRedis::start_with(&certs, options).await;
+    let env = [
+        ("REDIS__TLS__CA_FILE", certs.ca_file.display().to_string()),
+        ("REDIS__USERNAME", "authd".to_owned()),
+        ("REDIS__PASSWORD", "wrong".to_owned()),
+    ];
+    misconfigured(server.url(), &env, "REDIS__PASSWORD").await;
+}
+
+/// The ACL rule README gives, and nothing more, is enough for every operation (no Redis error
+/// recorded); the password comes from `REDIS__PASSWORD`, not the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_acl_rule_is_enough() {
+    let mut settings = test_settings(Mode::Redis);
+    let rule = format!(
+        "~{}* {}",
+        settings.redis.key_prefix,
+        authd::cache::ACL_COMMANDS
+    );
+    let mut args = vec![
+        "--user", "default", "off", "--user", "authd", "on", ">s3cret",
+    ];
+    args.extend(rule.split(' '));
+    let server = RedisServer::start_with(false, &args).await;
+    settings.redis.url = SecretString::from(server.url());
+    settings.redis.username = Some("authd".into());
+    settings.redis.password = Some(SecretString::from("s3cret"));
+    let app = spawn_with(settings).await;
+    let (email, owner) = app.register().await;
+    let other = app.login(&email, PASSWORD).await.unwrap().session_token;
+    assert!(served_from_redis(&app, &owner.session_token).await);
+    app.logout(&other).await.unwrap();
+    assert_code(
+        app.login(&email, "wrong password").await,
+        Code::Unauthenticated,
+    );
+    app.update_profile(&owner.session_token, bio("v2"), &["bio"], 0)
+        .await
+        .unwrap();
+    app.batch_get(&[owner.user_id.clone(), uuid::Uuid::now_v7().to_string()])
+        .await
+        .unwrap();
+    assert_eq!(app.get_profile(&owner.user_id).await.unwrap().version, 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let metrics = app.metrics().await;
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("authd_redis_errors_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert_eq!(app.metric("authd_redis_up").await, 1.0);
+}
+
+/// Settings that cannot work together stop startup with exit code 2 and name the setting.
+#[tokio::test]
+async fn invalid_redis_settings_stop_startup_naming_them() {
+    let settings = test_settings(Mode::Redis);
+    let certs = Certs::new();
+    let ca = certs.ca_file.display().to_string();
+    let cert = certs.client_cert.display().to_string();
+    for (url, env, named) in [
+        (
+            "redis://127.0.0.1:6379",
+            vec![("REDIS__TLS__CA_FILE", ca.clone())],
+            "REDIS__TLS__CA_FILE",
+        ),
+        (
+            "rediss://127.0.0.1:6379",
+            vec![("REDIS__TLS__CERT_FILE", cert)],
+            "REDIS__TLS__KEY_FILE",
+        ),
+        (
+            "rediss://127.0.0.1:6379",
+            vec![("REDIS__TLS__CA_FILE", "/nonexistent.pem".into())],
+            "REDIS__TLS__CA_FILE",
+        ),
+        (
+            "redis://127.0.0.1:6379",
+            vec![("REDIS__SENTINEL__PASSWORD", "x".into())],
+            "REDIS__SENTINEL",
+        ),
+        ("redis-sentinel://127.0.0.1:26379", vec![], "REDIS__URL"),
+        ("redis://a:1,b:2", vec![], "REDIS__URL"),
+        ("memcached://127.0.0.1:11211", vec![], "REDIS__URL"),
+    ] {
+        let mut cmd = binary::command(&settings, url);
+        for (key, value) in &env {
+            cmd.env(key, value);
+        }
+        let output = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{url} {env:?}: {stderr}");
+        assert!(stderr.contains(named), "{url} {env:?}: {stderr}");
+        assert!(!stderr.contains("s3cret"), "{stderr}");
+    }
+}
+
+/// `authd_redis_up` follows reality without traffic: an idle instance sees Redis die and return
+/// within a few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_up_follows_reality_on_an_idle_instance() {
+    let mut server = RedisServer::start().await;
+    let mut settings = test_settings(Mode::Redis);
+    settings.redis.url = SecretString::from(server.url());
+    let app = spawn_with(settings).await;
+    assert_eq!(app.metric("authd_redis_up").await, 1.0);
+    server.kill();
+    eventually(
+        Duration::from_secs(5),
+        "authd_redis_up drops to 0",
+        || async { app.metric("authd_redis_up").await == 0.0 },
+    )
+    .await;
+    server.restart().await;
+    eventually(
+        Duration::from_secs(10),
+        "authd_redis_up is 1 again",
+        || async { app.metric("authd_redis_up").await == 1.0 },
+    )
+    .await;
+    let metrics = app.metrics().await;
+    for name in [
+        "authd_redis_used_memory_bytes",
+        "authd_redis_maxmemory_bytes",
+        "authd_redis_evicted_keys",
+        "authd_redis_connected_clients",
+        "authd_redis_maxmemory_policy",
+        "authd_redis_generation ",
+        "authd_sessions_live",
+    ] {
+        assert!(metrics.contains(name), "{name}: {metrics}");
+    }
+    assert!(app.metric("authd_redis_generation_changes_total").await >= 1.0);
+}
