@@ -38,6 +38,9 @@ pub struct Opts {
     /// Seeded users (each with a session and a profile).
     #[arg(long, default_value_t = 2000)]
     users: usize,
+    /// Sessions seeded for the `logout` scenario (each call revokes one).
+    #[arg(long, default_value_t = 20000)]
+    logout_sessions: usize,
     /// Runtime worker threads shared by the servers and the load (default: the cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -77,6 +80,7 @@ fn main() -> anyhow::Result<()> {
         opts.connections = opts.connections.min(2);
         opts.concurrency = opts.concurrency.min(8);
         opts.users = opts.users.min(200);
+        opts.logout_sessions = opts.logout_sessions.min(2000);
     }
     opts.users = opts.users.max(100);
     let threads = opts

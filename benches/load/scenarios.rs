@@ -121,6 +121,21 @@ fn batch_call(ids: Arc<Vec<String>>) -> impl driver::Call {
     }
 }
 
+/// Each call logs out a session of its own (as many as the run needs were seeded).
+fn logout_call(tokens: Arc<Vec<String>>) -> impl driver::Call {
+    move |ch: Channel, seq| {
+        let token = tokens[seq as usize % tokens.len()].clone();
+        async move {
+            AuthServiceClient::new(ch)
+                .logout(pb::LogoutRequest {
+                    session_token: token,
+                })
+                .await
+                .map(|_| ())
+        }
+    }
+}
+
 fn login_call(emails: Arc<Vec<String>>) -> impl driver::Call {
     move |ch: Channel, seq| {
         let email = emails[seq as usize % emails.len()].clone();
@@ -199,7 +214,12 @@ async fn warm(env: &Env) -> anyhow::Result<()> {
 
 pub async fn run_all(opts: &Opts) -> anyhow::Result<Report> {
     println!("seeding {} users…", opts.users);
-    let env = Env::start(opts.users).await?;
+    let spare = if opts.wants("logout") {
+        opts.logout_sessions
+    } else {
+        0
+    };
+    let env = Env::start(opts.users, spare).await?;
     println!("warming caches…");
     warm(&env).await?;
     let load = opts.load();
@@ -285,6 +305,22 @@ pub async fn run_all(opts: &Opts) -> anyhow::Result<Report> {
         closed,
         &[],
         batch_call(user_ids(&env))
+    );
+
+    // Revocation latency: a few callers at a time, each logging out a session of its own
+    // (tombstone written, and acknowledged by REDIS__REPLICA_ACKS replicas).
+    let revoke_load = Load {
+        connections: 1,
+        concurrency: 4,
+        ..load
+    };
+    scenario!(
+        "logout",
+        cached,
+        revoke_load,
+        closed,
+        &[],
+        logout_call(Arc::new(env.spare_tokens.clone()))
     );
 
     let emails: Arc<Vec<String>> = Arc::new(env.users.iter().map(|u| u.email.clone()).collect());

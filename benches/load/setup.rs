@@ -37,6 +37,8 @@ pub struct Env {
     pub cached: Server,
     pub pg_only: Server,
     pub users: Vec<User>,
+    /// Extra sessions of the first user, for the scenarios that revoke.
+    pub spare_tokens: Vec<String>,
     pub redis: fred::clients::Client,
     database_url: String,
 }
@@ -93,32 +95,52 @@ impl Server {
 }
 
 impl Env {
-    pub async fn start(users: usize) -> anyhow::Result<Self> {
+    pub async fn start(users: usize, spare: usize) -> anyhow::Result<Self> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let (db_name, prefix) = (format!("authd_bench_{id}"), format!("authd-bench:{id}:"));
         let cached = serve(settings(true, &db_name, &prefix)).await?;
         let pg_only = serve(settings(false, &db_name, &prefix)).await?;
-        let redis_url = cached.settings.redis.url.expose_secret().to_owned();
-        let config = fred::types::config::Config::from_url(&redis_url)?;
+        let (config, _) = authd::cache::fred_config(&cached.settings.redis)
+            .map_err(|e| anyhow::anyhow!("{} {}", e.setting, e.reason))?;
         let redis = fred::prelude::Builder::from_config(config).build()?;
         redis.init().await.context("the benchmark needs Redis")?;
-        let users = seed(&cached, users).await?;
+        let mut users = seed(&cached, users + 1).await?;
+        // A user of its own, never logged in by the other scenarios (a login would evict them).
+        let owner = users.pop().context("at least one user")?;
+        let spare_tokens = seed_sessions(&cached, &owner, spare).await?;
         Ok(Self {
             database_url: cached.settings.database.url.expose_secret().to_owned(),
             cached,
             pg_only,
             users,
+            spare_tokens,
             redis,
         })
     }
 
-    /// Commands Redis has processed so far (INFO stats), not counting this query itself.
+    /// Commands Redis has processed so far (INFO stats; summed over the primaries of a
+    /// cluster), not counting this query itself.
     pub async fn redis_commands(&self) -> anyhow::Result<u64> {
-        let info: String = self.redis.info(Some(fred::types::InfoKind::Stats)).await?;
-        info.lines()
-            .find_map(|l| l.strip_prefix("total_commands_processed:"))
-            .and_then(|v| v.trim().parse().ok())
-            .context("INFO stats has total_commands_processed")
+        use fred::interfaces::ClusterInterface;
+        let count = |info: String| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("total_commands_processed:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .context("INFO stats has total_commands_processed")
+        };
+        let Some(state) = self.redis.cached_cluster_state() else {
+            return count(self.redis.info(Some(fred::types::InfoKind::Stats)).await?);
+        };
+        let mut total = 0;
+        for node in state.unique_primary_nodes() {
+            let info: String = self
+                .redis
+                .with_cluster_node(node)
+                .info(Some(fred::types::InfoKind::Stats))
+                .await?;
+            total += count(info)?;
+        }
+        Ok(total)
     }
 
     /// Drops the benchmark's database.
@@ -138,6 +160,36 @@ impl Env {
                 .await;
         }
     }
+}
+
+/// `count` more sessions of `user`, written straight to the store in one statement.
+async fn seed_sessions(server: &Server, user: &User, count: usize) -> anyhow::Result<Vec<String>> {
+    let mut tokens = Vec::with_capacity(count);
+    let mut hashes = Vec::with_capacity(count);
+    let mut ids = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (token, hash) = token::generate();
+        tokens.push(token);
+        hashes.push(hash.as_bytes().to_vec());
+        ids.push(uuid::Uuid::now_v7());
+    }
+    let user_id: uuid::Uuid = user.user_id.parse()?;
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(
+        server.settings.database.url.expose_secret(),
+    )
+    .await?;
+    sqlx::query(
+        "insert into sessions (id, user_id, token_hash, created_at, last_seen_at,
+                               absolute_expires_at, authenticated_at)
+         select id, $2, hash, now(), now(), now() + interval '1 day', now()
+         from unnest($1::uuid[], $3::bytea[]) as t(id, hash)",
+    )
+    .bind(&ids)
+    .bind(user_id)
+    .bind(&hashes)
+    .execute(&mut conn)
+    .await?;
+    Ok(tokens)
 }
 
 /// Users with one session each, written straight to the store (registering through the API

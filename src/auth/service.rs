@@ -25,7 +25,7 @@ use super::{
     token::{self, TokenHash},
 };
 use crate::{
-    cache::{Bucket, Cached, Lease, RateLimiter, SessionStore},
+    cache::{Bucket, Cached, Lease, Log, RateLimiter, SessionStore},
     clock::Clock,
     config::RateLimitSettings,
     metrics::Metrics,
@@ -407,30 +407,42 @@ impl AuthService {
         self.apply(&revocation.pending).await
     }
 
-    /// Writes these tombstones (concurrently); `true` when Redis confirmed all of them (`false`
-    /// when Redis is disabled: such an instance has no cache to invalidate, and the log keeps
-    /// every row for the instances that have one).
+    /// Writes these tombstones (concurrently), but for those this instance's cache already
+    /// took; `true` when Redis confirmed all of them (`false` when Redis is disabled: such an
+    /// instance has no cache to invalidate, and the log keeps every row for the instances that
+    /// have one).
     pub async fn apply(&self, invalidations: &[Invalidation]) -> bool {
+        let redis = self.cache.redis();
+        if !redis.is_enabled() {
+            return false;
+        }
+        let rows: Vec<(i64, DateTime<Utc>)> =
+            invalidations.iter().map(|i| (i.id, i.created_at)).collect();
+        let todo = redis.unapplied(Log::Sessions, &rows);
         let now = self.clock.now();
-        let confirmed =
-            futures::future::join_all(invalidations.iter().map(|invalidation| async move {
-                let Some(hash) = TokenHash::from_bytes(&invalidation.token_hash) else {
-                    tracing::error!(
-                        id = invalidation.id,
-                        "invalidation with a malformed token hash"
-                    );
-                    return true;
-                };
-                match (invalidation.expires_at - now).to_std() {
-                    Ok(ttl) if !ttl.is_zero() => {
-                        self.cache.bury(&hash, &invalidation.user_id, ttl).await
-                    }
-                    // Expired anyway: no copy can outlive it, and none would be accepted.
-                    _ => true,
+        let writes = invalidations.iter().zip(todo).filter(|(_, todo)| *todo);
+        let confirmed = futures::future::join_all(writes.map(|(invalidation, _)| async move {
+            let Some(hash) = TokenHash::from_bytes(&invalidation.token_hash) else {
+                tracing::error!(
+                    id = invalidation.id,
+                    "invalidation with a malformed token hash"
+                );
+                return (invalidation, true);
+            };
+            let confirmed = match (invalidation.expires_at - now).to_std() {
+                Ok(ttl) if !ttl.is_zero() => {
+                    self.cache.bury(&hash, &invalidation.user_id, ttl).await
                 }
-            }))
-            .await;
-        self.cache.redis().is_enabled() && confirmed.into_iter().all(|c| c)
+                // Expired anyway: no copy can outlive it, and none would be accepted.
+                _ => true,
+            };
+            (invalidation, confirmed)
+        }))
+        .await;
+        let all = confirmed.iter().all(|(_, c)| *c);
+        let done = confirmed.into_iter().filter(|(_, c)| *c);
+        redis.mark_applied(Log::Sessions, done.map(|(i, _)| (i.id, i.created_at)));
+        all
     }
 
     /// What a revoking statement needs to return the invalidations this instance's cache may

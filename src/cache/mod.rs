@@ -31,6 +31,7 @@
 //!
 //! FLUSHALL needs no new generation: it deletes copies and tombstones together, and leases stop
 //! the fills that were in flight.
+mod applied;
 mod connect;
 mod generation;
 mod profile_cache;
@@ -54,6 +55,7 @@ use fred::{
 };
 use tokio::sync::Notify;
 
+pub use applied::Log;
 pub use connect::{Deployment, Invalid, fred_config, normalize_url};
 pub use generation::Fingerprint;
 pub use profile_cache::{CachedProfile, ProfileCache, ProfileWrite};
@@ -123,6 +125,8 @@ struct Inner {
     changed: Arc<Notify>,
     /// Test hook: runs when the generation job is about to react to an event.
     establish_hook: std::sync::OnceLock<Hook>,
+    /// Log rows already applied to this cache (see [`applied`]).
+    applied: applied::Registry,
 }
 
 /// A test hook (see [`Redis::set_establish_hook`]).
@@ -238,6 +242,7 @@ impl Redis {
                 identity_warned: AtomicU64::new(0),
                 changed,
                 establish_hook: std::sync::OnceLock::new(),
+                applied: applied::Registry::default(),
             })),
             metrics,
         })

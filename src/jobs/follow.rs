@@ -4,20 +4,19 @@
 //!
 //! A pass reads everything logged since the cursor (less the in-flight allowance), in keyset
 //! order and in batches until nothing is left — a backlog is never spread over several passes —
-//! applies what this instance has not applied yet, and moves the cursor to the time it began
-//! reading. Copies are then served until one `SESSION__INVALIDATION_INTERVAL` plus one
+//! applies what this cache has not taken yet, and moves the cursor to the time it began reading.
+//! Copies are then served until one `SESSION__INVALIDATION_INTERVAL` plus one
 //! `REDIS__COMMAND_TIMEOUT` after the pass began: an instance that cannot read the logs stops
 //! serving copies rather than serve one revoked meanwhile.
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, TimeDelta, Utc};
-use tokio::sync::Mutex;
 
 use crate::{
     auth::AuthService,
-    cache::Redis,
+    cache::{Log, Redis},
     profile::ProfileService,
-    store::{Cursor, Db, Logged, StoreError},
+    store::{Cursor, Db, Invalidation, ProfileInvalidation, StoreError},
 };
 
 /// Rows read per query.
@@ -35,16 +34,25 @@ pub struct Follower {
     pub in_flight: TimeDelta,
     /// How long after a complete pass began copies are served.
     pub valid_for: Duration,
-    applied: Mutex<Applied>,
+    /// One pass at a time.
+    running: tokio::sync::Mutex<()>,
 }
 
-/// What this instance applied recently (rows inside the in-flight allowance are read by every
-/// pass; applying them once is enough).
-#[derive(Default)]
-struct Applied {
-    namespace: String,
-    sessions: HashMap<i64, DateTime<Utc>>,
-    profiles: HashMap<i64, DateTime<Utc>>,
+/// A row of either log.
+trait Row: Clone {
+    fn position(&self) -> (DateTime<Utc>, i64);
+}
+
+impl Row for Invalidation {
+    fn position(&self) -> (DateTime<Utc>, i64) {
+        (self.created_at, self.id)
+    }
+}
+
+impl Row for ProfileInvalidation {
+    fn position(&self) -> (DateTime<Utc>, i64) {
+        (self.created_at, self.id)
+    }
 }
 
 impl Follower {
@@ -63,31 +71,24 @@ impl Follower {
             db,
             in_flight,
             valid_for,
-            applied: Mutex::new(Applied::default()),
+            running: tokio::sync::Mutex::new(()),
         }
     }
 
     /// One pass; `true` when everything logged reached the cache (and copies are trusted anew).
     pub async fn pass(&self) -> Result<bool, StoreError> {
+        let _one = self.running.lock().await;
         let Some(namespace) = self.redis.namespace() else {
             return Ok(false);
         };
         let mark = self.redis.failure_mark();
         let started = std::time::Instant::now();
         let read_at = self.auth.clock().now() - CLOCK_MARGIN;
-        let mut applied = self.applied.lock().await;
-        if applied.namespace != namespace {
-            *applied = Applied {
-                namespace: namespace.clone(),
-                ..Applied::default()
-            };
-        }
         let outbox = self.db.outbox();
         let cursor = outbox.cursor(&namespace).await?;
         let sessions = self
             .follow(
                 cursor.sessions_after,
-                &mut applied.sessions,
                 |after| outbox.sessions_after(after, BATCH),
                 |rows| async move { self.auth.apply(&rows).await },
             )
@@ -95,7 +96,6 @@ impl Follower {
         let profiles = self
             .follow(
                 cursor.profiles_after,
-                &mut applied.profiles,
                 |after| outbox.profiles_after(after, BATCH),
                 |rows| async move { self.profiles.apply(&rows).await },
             )
@@ -112,68 +112,42 @@ impl Follower {
             .set_log_position(reached.sessions_after - self.in_flight);
         self.redis.trust(mark, started, self.valid_for);
         let horizon = |at: DateTime<Utc>| at - self.in_flight - CLOCK_MARGIN;
-        let (s, p) = (
-            horizon(reached.sessions_after),
-            horizon(reached.profiles_after),
-        );
-        applied.sessions.retain(|_, at| *at >= s);
-        applied.profiles.retain(|_, at| *at >= p);
+        self.redis
+            .prune_applied(Log::Sessions, horizon(reached.sessions_after));
+        self.redis
+            .prune_applied(Log::Profiles, horizon(reached.profiles_after));
         Ok(true)
     }
 
-    /// Applies every row of one log after `after` (less the allowance) that this instance has
-    /// not applied; the newest row's time when all were confirmed.
+    /// Applies every row of one log after `after` (less the allowance); the newest row's time
+    /// when all reached the cache.
     async fn follow<T, R, A>(
         &self,
         after: DateTime<Utc>,
-        applied: &mut HashMap<i64, DateTime<Utc>>,
         read: impl Fn((DateTime<Utc>, i64)) -> R,
         apply: impl Fn(Vec<T>) -> A,
     ) -> Result<Option<DateTime<Utc>>, StoreError>
     where
-        T: HasId + Clone,
-        R: Future<Output = Result<Vec<Logged<T>>, StoreError>>,
+        T: Row,
+        R: Future<Output = Result<Vec<T>, StoreError>>,
         A: Future<Output = bool>,
     {
         let mut position = (after - self.in_flight, 0);
         let mut newest = after;
         loop {
             let rows = read(position).await?;
-            let fresh: Vec<T> = rows
-                .iter()
-                .filter(|r| !applied.contains_key(&r.row.id()))
-                .map(|r| r.row.clone())
-                .collect();
-            if !fresh.is_empty() && !apply(fresh).await {
+            let Some(last) = rows.last().map(Row::position) else {
+                return Ok(Some(newest));
+            };
+            let full = rows.len() as i64 == BATCH;
+            if !apply(rows).await {
                 return Ok(None);
             }
-            for row in &rows {
-                applied.insert(row.row.id(), row.created_at);
-                newest = newest.max(row.created_at);
+            newest = newest.max(last.0);
+            if !full {
+                return Ok(Some(newest));
             }
-            match rows.last() {
-                Some(last) if rows.len() as i64 == BATCH => {
-                    position = (last.created_at, last.row.id());
-                }
-                _ => return Ok(Some(newest)),
-            }
+            position = last;
         }
-    }
-}
-
-/// Rows of the logs have ids.
-pub trait HasId {
-    fn id(&self) -> i64;
-}
-
-impl HasId for crate::store::Invalidation {
-    fn id(&self) -> i64 {
-        self.id
-    }
-}
-
-impl HasId for crate::store::ProfileInvalidation {
-    fn id(&self) -> i64 {
-        self.id
     }
 }

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::{ProfileChanges, ProfileRecord, coalesce::Coalescer};
 use crate::{
     auth::{AuthError, AuthService, FillHook, input::FieldViolation},
-    cache::{CachedProfile, ProfileCache, ProfileWrite},
+    cache::{CachedProfile, Log, ProfileCache, ProfileWrite},
     store::{Db, ProfileInvalidation, StoreError, UpdateOutcome},
 };
 
@@ -192,12 +192,29 @@ impl ProfileService {
     }
 
     /// Makes these logged versions visible in the cache as floors (older copies are never
-    /// served); `true` when Redis confirmed all of them.
+    /// served), but for those this instance's cache already took; `true` when Redis confirmed
+    /// all of them.
     pub async fn apply(&self, versions: &[ProfileInvalidation]) -> bool {
-        let writes: Vec<ProfileWrite<'_>> = versions
+        let redis = self.cache.redis();
+        if !redis.is_enabled() {
+            return false;
+        }
+        let rows: Vec<(i64, chrono::DateTime<chrono::Utc>)> =
+            versions.iter().map(|p| (p.id, p.created_at)).collect();
+        let todo = redis.unapplied(Log::Profiles, &rows);
+        let pending: Vec<&ProfileInvalidation> = versions
+            .iter()
+            .zip(todo)
+            .filter_map(|(p, todo)| todo.then_some(p))
+            .collect();
+        let writes: Vec<ProfileWrite<'_>> = pending
             .iter()
             .map(|p| ProfileWrite::Floor(p.user_id, p.version))
             .collect();
-        self.cache.raise(&writes).await
+        if !self.cache.raise(&writes).await {
+            return false;
+        }
+        redis.mark_applied(Log::Profiles, pending.iter().map(|p| (p.id, p.created_at)));
+        true
     }
 }

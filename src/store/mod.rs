@@ -26,9 +26,7 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
-pub use outbox::{
-    Cursor, Invalidation, Logged, OutboxRepo, ProfileInvalidation, Revocation, in_flight,
-};
+pub use outbox::{Cursor, Invalidation, OutboxRepo, ProfileInvalidation, Revocation, in_flight};
 pub use profiles::{ProfileRepo, UpdateOutcome};
 pub use sessions::{NewSession, SessionRepo, Since, StoredSession};
 pub use users::{EMAIL_UNIQUE, NewUser, UserRepo};

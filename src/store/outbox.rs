@@ -27,13 +27,7 @@ pub struct Invalidation {
     pub user_id: Uuid,
     /// The tombstone is useless after this: the session would have expired anyway.
     pub expires_at: DateTime<Utc>,
-}
-
-/// A row as a cache follows the log: what it holds and when it was logged.
-#[derive(Debug, Clone, FromRow)]
-pub struct Logged<T> {
-    #[sqlx(flatten)]
-    pub row: T,
+    /// When it was logged.
     pub created_at: DateTime<Utc>,
 }
 
@@ -80,12 +74,14 @@ impl Revocation {
     }
 }
 
-/// A profile version that Redis may not have yet.
+/// A profile version, to be made visible in a cache.
 #[derive(Debug, Clone, FromRow)]
 pub struct ProfileInvalidation {
     pub id: i64,
     pub user_id: Uuid,
     pub version: i64,
+    /// When it was logged.
+    pub created_at: DateTime<Utc>,
 }
 
 #[derive(Clone, Copy)]
@@ -146,8 +142,8 @@ impl OutboxRepo<'_> {
         &self,
         after: (DateTime<Utc>, i64),
         limit: i64,
-    ) -> Result<Vec<Logged<Invalidation>>, StoreError> {
-        let query = sqlx::query_as::<_, Logged<Invalidation>>(
+    ) -> Result<Vec<Invalidation>, StoreError> {
+        let query = sqlx::query_as::<_, Invalidation>(
             "select id, token_hash, user_id, expires_at, created_at from session_invalidations
              where (created_at, id) > ($1, $2) order by created_at, id limit $3",
         )
@@ -162,8 +158,8 @@ impl OutboxRepo<'_> {
         &self,
         after: (DateTime<Utc>, i64),
         limit: i64,
-    ) -> Result<Vec<Logged<ProfileInvalidation>>, StoreError> {
-        let query = sqlx::query_as::<_, Logged<ProfileInvalidation>>(
+    ) -> Result<Vec<ProfileInvalidation>, StoreError> {
+        let query = sqlx::query_as::<_, ProfileInvalidation>(
             "select id, user_id, version, created_at from profile_invalidations
              where (created_at, id) > ($1, $2) order by created_at, id limit $3",
         )

@@ -50,7 +50,8 @@ macro_rules! revoke {
 macro_rules! earlier {
     ($pending:literal) => {
         concat!(
-            "select id, token_hash, user_id, expires_at, false, false from session_invalidations
+            "select id, token_hash, user_id, expires_at, created_at, false, false
+             from session_invalidations
              where $2::timestamptz is not null and created_at > $2 and ",
             $pending,
             " order by created_at desc limit 1000"
@@ -64,9 +65,9 @@ macro_rules! queue {
         "queued as (
              insert into session_invalidations (token_hash, user_id, expires_at)
              select token_hash, user_id, absolute_expires_at from revoked
-             returning id, token_hash, user_id, expires_at
+             returning id, token_hash, user_id, expires_at, created_at
          )
-         select q.id, q.token_hash, q.user_id, q.expires_at, true as fresh, r.active
+         select q.id, q.token_hash, q.user_id, q.expires_at, q.created_at, true as fresh, r.active
          from queued q join revoked r on r.token_hash = q.token_hash"
     };
 }
