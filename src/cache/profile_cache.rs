@@ -6,8 +6,10 @@
 //! and leases (never a newer version, never an absent key). A read that fetched version N just
 //! before an update to N+1 can therefore not put N back after the update, whichever reaches Redis
 //! first, and neither can one that read it before Redis lost its data.
+use std::collections::HashMap;
+
 use fred::{
-    interfaces::{ClientLike, KeysInterface},
+    interfaces::{ClientLike, ClusterInterface, KeysInterface},
     types::Expiration,
 };
 use futures::future::join_all;
@@ -15,9 +17,43 @@ use uuid::Uuid;
 
 use super::{
     Lease, Redis,
-    values::{self, RAISE, Value},
+    values::{self, GET_MANY, RAISE, Value},
 };
 use crate::{config::ProfileCacheSettings, model::ProfileRecord};
+
+/// The values of `keys` on a cluster: the keys grouped by the node that owns their slot, one
+/// [`GET_MANY`] per node, all at once.
+async fn get_by_node(
+    client: &fred::clients::Client,
+    keys: Vec<String>,
+) -> Result<Vec<Option<String>>, fred::error::Error> {
+    let state = client.cached_cluster_state().ok_or_else(|| {
+        fred::error::Error::new(fred::error::ErrorKind::Cluster, "no cluster state yet")
+    })?;
+    let mut groups: HashMap<Option<&fred::types::config::Server>, Vec<usize>> = HashMap::new();
+    for (i, key) in keys.iter().enumerate() {
+        let owner = state.get_server(fred::util::redis_keyslot(key.as_bytes()));
+        groups.entry(owner).or_default().push(i);
+    }
+    let reads = groups.into_values().map(|positions| {
+        let group: Vec<String> = positions.iter().map(|&i| keys[i].clone()).collect();
+        async move {
+            let route = vec![group[0].clone()];
+            let values: Vec<Option<String>> = GET_MANY
+                .evalsha_with_reload(client, route, group)
+                .await?;
+            Ok::<_, fred::error::Error>((positions, values))
+        }
+    });
+    let mut out = vec![None; keys.len()];
+    for read in join_all(reads).await {
+        let (positions, values) = read?;
+        for (i, value) in positions.into_iter().zip(values) {
+            out[i] = value;
+        }
+    }
+    Ok(out)
+}
 
 /// What Redis knows about a profile.
 #[derive(Debug)]
@@ -119,9 +155,9 @@ impl ProfileCache {
         cached
     }
 
-    /// All of `user_ids` in one round trip: one MGET, or on a cluster (where one command cannot
-    /// span slots) one GET per key, sent together (fred pipelines them on each node's
-    /// connection, and the nodes answer in parallel); `None` when Redis is unavailable.
+    /// All of `user_ids` in one round trip: one MGET, or on a cluster (where an MGET cannot
+    /// span slots) one read per node, sent to the nodes concurrently; `None` when Redis is
+    /// unavailable.
     pub async fn get_many(&self, user_ids: &[Uuid]) -> Option<Vec<CachedProfile>> {
         let keys: Vec<String> = user_ids
             .iter()
@@ -129,11 +165,17 @@ impl ProfileCache {
             .collect::<Option<_>>()?;
         let client = self.redis.connected()?;
         let values: Vec<Option<String>> = if client.is_clustered() {
-            let gets = keys
-                .into_iter()
-                .map(|key| client.get::<Option<String>, _>(key));
-            let replies: Result<Vec<_>, _> = join_all(gets).await.into_iter().collect();
-            self.redis.observe(replies)?
+            let by_node = get_by_node(client, keys.clone()).await;
+            match by_node {
+                // Redis before 7 does not know script flags: read key by key (fred pipelines
+                // the GETs on each node's connection).
+                Err(e) if e.details().contains("compiling script") => {
+                    let gets = keys.into_iter().map(|k| client.get::<Option<String>, _>(k));
+                    let replies: Result<Vec<_>, _> = join_all(gets).await.into_iter().collect();
+                    self.redis.observe(replies)?
+                }
+                other => self.redis.observe(other)?,
+            }
         } else {
             self.redis.observe(client.mget(keys).await)?
         };

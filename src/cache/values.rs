@@ -143,6 +143,19 @@ pub(super) static RAISE: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
+/// KEYS: one key, for routing. ARGV: keys *of that key's node*, in any slots. Their values, in
+/// order (nil where absent): an MGET that a Redis Cluster accepts across slots. (Redis 7 lets a
+/// script flagged `allow-cross-slot-keys` read keys of other slots of its node, as long as they
+/// are not declared in KEYS.)
+pub(super) static GET_MANY: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        "#!lua flags=no-writes,allow-cross-slot-keys
+         local values = {}
+         for i, key in ipairs(ARGV) do values[i] = redis.call('GET', key) end
+         return values",
+    )
+});
+
 /// KEYS: a user's session index. ARGV: member, TTL s.
 pub(super) static INDEX: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
