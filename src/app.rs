@@ -195,21 +195,50 @@ impl Application {
         }
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let g = &self.settings.grpc;
+        let max = g.max_message_size;
+        let reflection_on = g.reflection;
+        // Bounds on what a caller can make the server hold (see `grpc::limits`): message size,
+        // streams per connection, a small per-connection flow-control window (so unread request
+        // bodies cannot pile up), header size, and a deadline on every call.
+        let window = u32::try_from(max.max(64 * 1024)).unwrap_or(u32::MAX);
         let router = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .max_concurrent_streams(g.max_concurrent_streams)
+            .initial_stream_window_size(u32::try_from(max).unwrap_or(u32::MAX))
+            .initial_connection_window_size(window)
+            .http2_adaptive_window(Some(false))
+            .http2_max_header_list_size(16 * 1024)
+            .timeout(g.request_timeout)
             .layer(ObserveLayer::new(self.metrics.clone()))
-            .add_service(health_service)
-            .add_service(reflection().build_v1()?)
-            .add_service(reflection().build_v1alpha()?)
-            .add_service(AuthServiceServer::new(AuthGrpc::new(self.auth.clone())))
-            .add_service(ProfileServiceServer::new(ProfileGrpc::new(
-                self.profiles.clone(),
-            )));
+            .add_service(health_service.max_decoding_message_size(max))
+            .add_optional_service(
+                reflection_on
+                    .then(|| reflection().build_v1())
+                    .transpose()?
+                    .map(|r| r.max_decoding_message_size(max)),
+            )
+            .add_optional_service(
+                reflection_on
+                    .then(|| reflection().build_v1alpha())
+                    .transpose()?
+                    .map(|r| r.max_decoding_message_size(max)),
+            )
+            .add_service(
+                AuthServiceServer::new(AuthGrpc::new(self.auth.clone()))
+                    .max_decoding_message_size(max),
+            )
+            .add_service(
+                ProfileServiceServer::new(ProfileGrpc::new(self.profiles.clone()))
+                    .max_decoding_message_size(max),
+            );
         // Our own listener: the builder's TCP options do not reach it, so set them here (without
         // TCP_NODELAY, small responses wait for delayed ACKs: 40 ms stalls).
         let incoming = TcpIncoming::from(self.listener)
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
+        let incoming = crate::grpc::limits::limit(incoming, g.max_connections);
         let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         }));

@@ -55,6 +55,17 @@ pub struct GrpcSettings {
     /// How long in-flight calls may take to finish after SIGTERM before the server stops anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Largest request message accepted, in bytes (authd's real requests stay under 8 KiB).
+    pub max_message_size: usize,
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Connections served at once; further ones wait to be accepted.
+    pub max_connections: usize,
+    /// Bound on one call on the server (it answers CANCELLED past it).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Serve gRPC server reflection (for grpcurl); turn off in production if you prefer.
+    pub reflection: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -186,16 +197,24 @@ pub struct AuthSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimitSettings {
-    /// Failed logins per (normalised) email per login window.
+    /// Password guesses per account (from clients it does not trust) in any login window.
     pub login_per_email: u32,
-    /// Failed logins per client IP per login window.
+    /// Password checks per client address (an IPv6 /`ipv6_prefix`) in any login window.
     pub login_per_ip: u32,
     #[serde(with = "humantime_serde")]
     pub login_window: Duration,
-    /// Registrations per client IP per register window.
+    /// Registrations per client address in any register window.
     pub register_per_ip: u32,
     #[serde(with = "humantime_serde")]
     pub register_window: Duration,
+    /// Consecutive wrong passwords after which an account refuses clients it does not trust
+    /// (0: no such cap).
+    pub max_failed_logins: u32,
+    /// IPv6 addresses are counted per network of this prefix length.
+    pub ipv6_prefix: u8,
+    /// How long a client (device, or address) that signed in stays trusted by the account.
+    #[serde(with = "humantime_serde")]
+    pub trusted_client_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -231,6 +250,11 @@ impl Default for GrpcSettings {
         Self {
             addr: SocketAddr::from(([0, 0, 0, 0], 50051)),
             shutdown_grace: Duration::from_secs(20),
+            max_message_size: 16 * 1024,
+            max_concurrent_streams: 100,
+            max_connections: 1024,
+            request_timeout: Duration::from_secs(10),
+            reflection: true,
         }
     }
 }
@@ -320,6 +344,9 @@ impl Default for RateLimitSettings {
             login_window: Duration::from_secs(15 * 60),
             register_per_ip: 20,
             register_window: Duration::from_secs(3600),
+            max_failed_logins: 100,
+            ipv6_prefix: 64,
+            trusted_client_ttl: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -405,6 +432,19 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |setting, reason: &str| Err(ConfigError::invalid(setting, reason));
+        let g = &self.grpc;
+        if !(1024..=4 * 1024 * 1024).contains(&g.max_message_size) {
+            return invalid("GRPC__MAX_MESSAGE_SIZE", "must be 1024 to 4194304 bytes");
+        }
+        if g.max_concurrent_streams == 0 {
+            return invalid("GRPC__MAX_CONCURRENT_STREAMS", "must be at least 1");
+        }
+        if g.max_connections == 0 {
+            return invalid("GRPC__MAX_CONNECTIONS", "must be at least 1");
+        }
+        if g.request_timeout < Duration::from_millis(100) {
+            return invalid("GRPC__REQUEST_TIMEOUT", "must be at least 100ms");
+        }
         if self.health.db_check_interval.is_zero() {
             return invalid("HEALTH__DB_CHECK_INTERVAL", "must be greater than zero");
         }
@@ -481,6 +521,9 @@ impl Settings {
         }
         if rl.register_window.is_zero() {
             return invalid("RATE_LIMIT__REGISTER_WINDOW", "must be greater than zero");
+        }
+        if !(1..=128).contains(&rl.ipv6_prefix) {
+            return invalid("RATE_LIMIT__IPV6_PREFIX", "must be 1 to 128");
         }
         let pc = &self.profile_cache;
         if pc.ttl.is_zero() {

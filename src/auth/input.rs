@@ -14,6 +14,18 @@ pub const PASSWORD_MIN_CHARS: usize = 8;
 pub const PASSWORD_MAX_CHARS: usize = 128;
 pub const DISPLAY_NAME_MAX_CHARS: usize = 64;
 pub const USER_AGENT_MAX_CHARS: usize = 512;
+/// A request records at most this many violations (each field at most once): a request that
+/// is wrong in many places costs no more to answer than one wrong in a few.
+pub const MAX_VIOLATIONS: usize = 10;
+
+/// Rejects input longer than `chars` characters could ever be in UTF-8 (4 bytes each), before
+/// any per-character work: a huge input costs one comparison, not a normalisation.
+fn within_bytes(raw: &str, chars: usize) -> Result<(), String> {
+    if raw.len() > chars * 4 {
+        return Err(format!("must be at most {chars} characters"));
+    }
+    Ok(())
+}
 
 /// One thing wrong with one field of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,16 +39,25 @@ pub struct FieldViolation {
 pub struct Violations(Vec<FieldViolation>);
 
 impl Violations {
-    /// Keeps the value when it parsed, or records why it did not under `field`.
+    /// Keeps the value when it parsed, or records why it did not under `field` (at most
+    /// [`MAX_VIOLATIONS`] are kept, each field once).
     pub fn check<T>(&mut self, field: &str, parsed: Result<T, String>) -> Option<T> {
         parsed
             .map_err(|description| {
-                self.0.push(FieldViolation {
-                    field: field.to_owned(),
-                    description,
-                })
+                let seen = self.0.iter().any(|v| v.field == field);
+                if !seen && self.0.len() < MAX_VIOLATIONS {
+                    self.0.push(FieldViolation {
+                        field: field.to_owned(),
+                        description,
+                    })
+                }
             })
             .ok()
+    }
+
+    /// Whether anything was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// `Ok(value)` when nothing was recorded.
@@ -56,6 +77,7 @@ pub struct Email {
 }
 
 pub fn email(raw: &str) -> Result<Email, String> {
+    within_bytes(raw.trim(), EMAIL_MAX_CHARS)?;
     let trimmed = raw.trim();
     if trimmed.is_empty() {
         return Err("is required".into());
@@ -79,6 +101,7 @@ pub fn email(raw: &str) -> Result<Email, String> {
 /// Length is counted after NFKC normalisation (the form that is hashed); nothing is trimmed or
 /// truncated.
 pub fn new_password(raw: &str) -> Result<SecretString, String> {
+    within_bytes(raw, PASSWORD_MAX_CHARS)?;
     let chars = raw.nfkc().count();
     if !(PASSWORD_MIN_CHARS..=PASSWORD_MAX_CHARS).contains(&chars) {
         return Err(format!(
@@ -93,6 +116,7 @@ pub fn password(raw: &str) -> Result<SecretString, String> {
     if raw.is_empty() {
         return Err("is required".into());
     }
+    within_bytes(raw, PASSWORD_MAX_CHARS)?;
     if raw.nfkc().count() > PASSWORD_MAX_CHARS {
         return Err(format!("must be at most {PASSWORD_MAX_CHARS} characters"));
     }
@@ -100,6 +124,7 @@ pub fn password(raw: &str) -> Result<SecretString, String> {
 }
 
 pub fn display_name(raw: &str) -> Result<String, String> {
+    within_bytes(raw.trim(), DISPLAY_NAME_MAX_CHARS)?;
     let trimmed = raw.trim();
     let chars = trimmed.chars().count();
     if chars == 0 || chars > DISPLAY_NAME_MAX_CHARS {
@@ -114,15 +139,27 @@ pub fn display_name(raw: &str) -> Result<String, String> {
 }
 
 pub fn ip_address(raw: &str) -> Result<String, String> {
+    if raw.len() > 64 {
+        return Err("must be an IPv4 or IPv6 address".into());
+    }
     if raw.is_empty() {
         return Ok(String::new());
     }
     raw.parse::<IpAddr>()
-        .map(|ip| ip.to_string())
+        .map(|ip| ip.to_canonical().to_string())
         .map_err(|_| "must be an IPv4 or IPv6 address".into())
 }
 
+/// An opaque device identifier: at most 128 bytes of printable ASCII.
+pub fn device_id(raw: &str) -> Result<String, String> {
+    if raw.len() > 128 || raw.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+        return Err("must be at most 128 printable ASCII characters".into());
+    }
+    Ok(raw.to_owned())
+}
+
 pub fn user_agent(raw: &str) -> Result<String, String> {
+    within_bytes(raw, USER_AGENT_MAX_CHARS)?;
     if raw.chars().count() > USER_AGENT_MAX_CHARS {
         return Err(format!("must be at most {USER_AGENT_MAX_CHARS} characters"));
     }
@@ -134,21 +171,27 @@ pub fn uuid(raw: &str) -> Result<uuid::Uuid, String> {
     if raw.is_empty() {
         return Err("is required".into());
     }
+    if raw.len() > 64 {
+        return Err("must be a UUID".into());
+    }
     uuid::Uuid::try_parse(raw).map_err(|_| "must be a UUID".into())
 }
 
-/// Parses both client fields, naming them under `prefix` (e.g. `client`).
+/// Parses the client fields, naming them under `prefix` (e.g. `client`).
 pub fn client_info(
     violations: &mut Violations,
     prefix: &str,
     ip: &str,
     agent: &str,
+    device: &str,
 ) -> Option<ClientInfo> {
     let ip_address = violations.check(&format!("{prefix}.ip_address"), ip_address(ip));
     let user_agent = violations.check(&format!("{prefix}.user_agent"), user_agent(agent));
+    let device_id = violations.check(&format!("{prefix}.device_id"), device_id(device));
     Some(ClientInfo {
         ip_address: ip_address?,
         user_agent: user_agent?,
+        device_id: device_id?,
     })
 }
 
@@ -204,6 +247,8 @@ mod tests {
         assert_eq!(ip_address("").unwrap(), "");
         assert_eq!(ip_address("::1").unwrap(), "::1");
         assert_eq!(ip_address("192.0.2.7").unwrap(), "192.0.2.7");
+        assert_eq!(ip_address("::ffff:192.0.2.7").unwrap(), "192.0.2.7");
+        assert_eq!(ip_address("2001:DB8::1").unwrap(), "2001:db8::1");
         assert!(ip_address("300.1.1.1").is_err());
         assert!(ip_address("localhost").is_err());
     }

@@ -28,6 +28,15 @@ impl AuthService {
         if total > 0 {
             tracing::info!(deleted = total, "purged ended sessions");
         }
+        self.db
+            .users()
+            .purge_trusted(self.limits.trusted_client_ttl)
+            .await?;
         Ok(total)
+    }
+
+    /// Drops in-process rate-limit buckets that hold no information any more.
+    pub fn sweep_limits(&self) {
+        self.limiter.sweep();
     }
 }

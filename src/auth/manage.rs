@@ -5,7 +5,6 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::{AuthError, AuthService, SessionView, token::TokenHash};
-use crate::cache::Bucket;
 
 /// The caller's own sessions, as ListSessions answers.
 pub struct SessionList {
@@ -70,8 +69,9 @@ impl AuthService {
         Ok(revocation.active)
     }
 
-    /// Requires the current password (its failures are rate limited like logins), sets the new
-    /// one, revokes every other session and marks the calling one as freshly authenticated.
+    /// Requires the current password — a guess like a login's, paid by the account's bucket and
+    /// counted toward its consecutive-failure cap —, sets the new one, revokes every other
+    /// session and marks the calling one as freshly authenticated.
     #[instrument(skip_all)]
     pub async fn change_password(
         &self,
@@ -82,23 +82,27 @@ impl AuthService {
         let hash = TokenHash::of_token(token).ok_or(AuthError::InvalidSession)?;
         let current = self.validate_hash(&hash).await?;
         let user_id = current.record.user_id;
-        let l = &self.limits;
-        let bucket = [Bucket::new(
-            "change_password",
-            &user_id.to_string(),
-            l.login_per_email,
-            l.login_window,
-        )];
-        self.limit("change_password", &bucket).await?;
-        let phc = self.db.users().find_password_hash(user_id).await?;
-        match self.hasher.verify(current_password, phc).await {
-            Ok(true) => self.limiter.settle(&bucket, &[]).await,
-            Ok(false) => return Err(AuthError::WrongPassword),
-            Err(e) => {
-                self.limiter.forgive(&bucket).await;
-                return Err(e.into());
-            }
+        let admitted = self.hasher.admit()?;
+        let (stored, email) = self
+            .db
+            .users()
+            .find_credentials_by_id(user_id)
+            .await?
+            .ok_or(AuthError::InvalidSession)?;
+        let account = self.account_bucket(&email, None);
+        self.limit("change_password", std::slice::from_ref(&account))
+            .await?;
+        if self.locked(stored.failed_logins) {
+            return Err(AuthError::Locked);
         }
+        if !admitted
+            .verify(current_password, Some(stored.password_hash))
+            .await?
+        {
+            self.db.users().record_failure(user_id).await?;
+            return Err(AuthError::WrongPassword);
+        }
+        self.limiter.reset(&account).await;
         let new_hash = self.hasher.hash(new_password).await?;
         let now = self.clock.now();
         let revocation = self

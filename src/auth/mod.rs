@@ -1,5 +1,6 @@
 //! Authentication: accounts' credentials and sessions. No transport or SQL here, only the rules.
 pub mod input;
+mod limits;
 mod maintenance;
 mod manage;
 pub mod password;
@@ -47,6 +48,12 @@ pub enum AuthError {
     SessionNotFound,
     #[error("too many attempts; retry later")]
     RateLimited { retry_after: Duration },
+    /// Too many consecutive wrong passwords: only clients the account trusts may sign in.
+    #[error(
+        "too many failed attempts on this account; sign in from a device you used before, or ask \
+         an administrator"
+    )]
+    Locked,
     #[error("too many requests; retry later")]
     Overloaded { retry_after: Duration },
     #[error(transparent)]

@@ -87,8 +87,25 @@ impl PasswordHasher {
         })
     }
 
+    /// Takes a place among the calls that may hash (computing or queued), or refuses at once
+    /// when they are all taken. Take it *before* any other work a hash is for (the database
+    /// lookup of a login, say): a flood is then refused before it costs anything.
+    pub fn admit(&self) -> Result<Admitted<'_>, HashError> {
+        let previous = self.admitted.fetch_add(1, Ordering::AcqRel);
+        self.metrics.hash_queue_depth.inc();
+        let admission = Admission(self.admitted.clone(), self.metrics.clone());
+        if previous >= self.capacity {
+            self.metrics.hash_rejections.inc();
+            return Err(HashError::Overloaded);
+        }
+        Ok(Admitted {
+            hasher: self,
+            admission,
+        })
+    }
+
     pub async fn hash(&self, password: SecretString) -> Result<String, HashError> {
-        self.run(move || hash_blocking(&password)).await?
+        self.admit()?.hash(password).await
     }
 
     /// Verifies against `phc`, or against the dummy hash when there is no user.
@@ -97,23 +114,46 @@ impl PasswordHasher {
         password: SecretString,
         phc: Option<String>,
     ) -> Result<bool, HashError> {
+        self.admit()?.verify(password, phc).await
+    }
+}
+
+/// A place among the calls that may hash; one hash (or verification) spends it.
+pub struct Admitted<'a> {
+    hasher: &'a PasswordHasher,
+    admission: Admission,
+}
+
+impl Admitted<'_> {
+    pub async fn hash(self, password: SecretString) -> Result<String, HashError> {
+        self.run(move || hash_blocking(&password)).await?
+    }
+
+    /// Verifies against `phc`, or against the dummy hash when there is no user (the same cost
+    /// either way).
+    pub async fn verify(
+        self,
+        password: SecretString,
+        phc: Option<String>,
+    ) -> Result<bool, HashError> {
         let known = phc.is_some();
-        let phc = phc.unwrap_or_else(|| self.dummy_hash.clone());
+        let phc = phc.unwrap_or_else(|| self.hasher.dummy_hash.clone());
         let matched = self.run(move || verify_blocking(&password, &phc)).await?;
         Ok(known && matched)
     }
 
     async fn run<T: Send + 'static>(
-        &self,
+        self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, HashError> {
-        let admission = self.admit()?;
         let permit = self
+            .hasher
             .slots
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| HashError::Overloaded)?;
+        let admission = self.admission;
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let _admission = admission;
@@ -121,17 +161,6 @@ impl PasswordHasher {
         })
         .await
         .map_err(|e| HashError::Failed(e.to_string()))
-    }
-
-    fn admit(&self) -> Result<Admission, HashError> {
-        let previous = self.admitted.fetch_add(1, Ordering::AcqRel);
-        self.metrics.hash_queue_depth.inc();
-        let admission = Admission(self.admitted.clone(), self.metrics.clone());
-        if previous >= self.capacity {
-            self.metrics.hash_rejections.inc();
-            return Err(HashError::Overloaded);
-        }
-        Ok(admission)
     }
 }
 

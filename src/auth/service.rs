@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
-use sha2::{Digest, Sha256};
 use tracing::instrument;
 use uuid::Uuid;
 
@@ -25,7 +24,7 @@ use super::{
     token::{self, TokenHash},
 };
 use crate::{
-    cache::{Bucket, Cached, Lease, Log, RateLimiter, SessionStore},
+    cache::{Cached, Lease, Log, RateLimiter, SessionStore},
     clock::Clock,
     config::RateLimitSettings,
     metrics::Metrics,
@@ -114,40 +113,15 @@ impl AuthService {
         self.cache.redis().metrics()
     }
 
-    /// Counts an attempt of `operation` in `buckets`; refused (and counted in metrics) past a
-    /// limit.
-    pub(super) async fn limit(&self, operation: &str, buckets: &[Bucket]) -> Result<(), AuthError> {
-        self.limiter.acquire(buckets).await.map_err(|retry_after| {
-            self.metrics()
-                .rate_limited
-                .with_label_values(&[operation])
-                .inc();
-            AuthError::RateLimited { retry_after }
-        })
-    }
-
-    fn ip_bucket(
-        kind: &str,
-        client: &ClientInfo,
-        limit: u32,
-        window: std::time::Duration,
-    ) -> Option<Bucket> {
-        (!client.ip_address.is_empty())
-            .then(|| Bucket::new(kind, &client.ip_address, limit, window))
-    }
-
+    /// Registration: the client's address pays (`RATE_LIMIT__REGISTER_PER_IP`), a taken email
+    /// is refused before any hashing, and the hash itself waits for a hashing place.
     #[instrument(skip_all)]
     pub async fn register(&self, r: Registration) -> Result<(Uuid, IssuedSession), AuthError> {
-        let l = &self.limits;
-        let buckets: Vec<Bucket> = Self::ip_bucket(
-            "register_ip",
-            &r.client,
-            l.register_per_ip,
-            l.register_window,
-        )
-        .into_iter()
-        .collect();
-        self.limit("register", &buckets).await?;
+        self.limit("register", &[self.address_bucket("register", &r.client)])
+            .await?;
+        if self.db.users().email_taken(&r.email.normalized).await? {
+            return Err(AuthError::EmailTaken);
+        }
         let password_hash = self.hasher.hash(r.password).await?;
         let user_id = Uuid::now_v7();
         let record = self.policy.start(user_id, r.client, self.clock.now());
@@ -175,38 +149,51 @@ impl AuthService {
         Ok((user_id, self.issued(token, hash, record, lease).await))
     }
 
-    /// Failed logins count against the email and the client IP; past either limit the
-    /// password is not even checked. Success clears the email's count.
+    /// Login (see `limits` for who pays): the address first, then a hashing place (so a flood is
+    /// refused before any database work), the account's bucket (its own for a client it
+    /// trusts) and its consecutive-failure cap, and only then the password.
     #[instrument(skip_all)]
     pub async fn login(&self, c: Credentials) -> Result<IssuedSession, AuthError> {
-        let l = &self.limits;
-        let email_key = hex::encode(Sha256::digest(c.email.normalized.as_bytes()));
-        let email_bucket =
-            Bucket::new("login_email", &email_key, l.login_per_email, l.login_window);
-        let mut buckets = vec![email_bucket];
-        buckets.extend(Self::ip_bucket(
-            "login_ip",
-            &c.client,
-            l.login_per_ip,
-            l.login_window,
-        ));
-        self.limit("login", &buckets).await?;
-
-        let (user_id, verified_hash) = match self.check_password(&c.email, c.password).await {
-            Ok(verified) => verified,
-            Err(AuthError::InvalidCredentials) => {
-                self.metrics().failed_logins.inc();
-                tracing::info!("failed login");
-                return Err(AuthError::InvalidCredentials);
+        self.limit("login", &[self.address_bucket("login", &c.client)])
+            .await?;
+        let admitted = self.hasher.admit()?;
+        let client = self.client_hash(&c.client);
+        let stored = self
+            .db
+            .users()
+            .find_credentials(
+                &c.email.normalized,
+                client.as_ref().map(|c| c.as_slice()),
+                self.limits.trusted_client_ttl,
+            )
+            .await?;
+        let trusted = stored.as_ref().is_some_and(|s| s.trusted);
+        let trusted_client = client.as_ref().map(|c| c.as_slice()).filter(|_| trusted);
+        let account = self.account_bucket(&c.email.normalized, trusted_client);
+        self.limit("login", std::slice::from_ref(&account)).await?;
+        if !trusted
+            && stored
+                .as_ref()
+                .is_some_and(|s| self.locked(s.failed_logins))
+        {
+            self.metrics()
+                .rate_limited
+                .with_label_values(&["login"])
+                .inc();
+            return Err(AuthError::Locked);
+        }
+        let phc = stored.as_ref().map(|s| s.password_hash.clone());
+        if !admitted.verify(c.password, phc).await? {
+            self.metrics().failed_logins.inc();
+            tracing::info!("failed login");
+            if let Some(stored) = stored.filter(|s| !s.trusted) {
+                self.db.users().record_failure(stored.id).await?;
             }
-            Err(other) => {
-                // Not an evaluation (overload, outage): the attempt does not count.
-                self.limiter.forgive(&buckets).await;
-                return Err(other);
-            }
-        };
-        self.limiter.settle(&buckets[..1], &buckets[1..]).await;
-
+            return Err(AuthError::InvalidCredentials);
+        }
+        let stored = stored.ok_or(AuthError::InvalidCredentials)?;
+        self.limiter.reset(&account).await;
+        let user_id = stored.id;
         let record = self.policy.start(user_id, c.client, self.clock.now());
         let (token, hash) = token::generate();
         let lease = self.cache.lease(&hash).await;
@@ -215,8 +202,9 @@ impl AuthService {
         let session = NewSession {
             record: &record,
             token_hash: hash.as_bytes(),
-            verified_hash: &verified_hash,
+            verified_hash: &stored.password_hash,
             max_per_user: i64::from(self.policy.max_per_user),
+            client: client.as_ref().map(|c| c.as_slice()),
         };
         let evicted = self
             .db
@@ -227,26 +215,6 @@ impl AuthService {
         tracing::info!(%user_id, session_id = %record.id, evicted = evicted.revoked, "session created");
         self.invalidate(Some("session_cap"), &evicted).await;
         Ok(self.issued(token, hash, record, lease).await)
-    }
-
-    /// The user's id and the hash that matched, when the password is right (the same cost
-    /// whether or not the user exists).
-    async fn check_password(
-        &self,
-        email: &Email,
-        password: SecretString,
-    ) -> Result<(Uuid, String), AuthError> {
-        let (user_id, phc) = self
-            .db
-            .users()
-            .find_credentials(&email.normalized)
-            .await?
-            .unzip();
-        match self.hasher.verify(password, phc.clone()).await {
-            Ok(true) => user_id.zip(phc).ok_or(AuthError::InvalidCredentials),
-            Ok(false) => Err(AuthError::InvalidCredentials),
-            Err(e) => Err(e.into()),
-        }
     }
 
     async fn issued(

@@ -33,8 +33,11 @@ impl From<&SessionSettings> for SessionPolicy {
 /// Where the client connected from, as the caller reported it (already validated).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientInfo {
+    /// Canonical (an IPv4-mapped IPv6 address as IPv4), or empty.
     pub ip_address: String,
     pub user_agent: String,
+    /// The caller's device identifier, or empty (never stored in clear).
+    pub device_id: String,
 }
 
 impl SessionPolicy {

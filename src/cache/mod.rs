@@ -67,9 +67,8 @@ use generation::Latch;
 
 /// The Redis commands authd sends (scripts' own calls included), as an ACL rule: an ACL user
 /// with `~<prefix>* ` followed by this needs nothing more.
-pub const ACL_COMMANDS: &str = "+get +set +mget +del +sadd +srem +expire +incr +decr +pttl \
-     +pexpire +evalsha +eval +script|load +info +wait +ping +role +cluster|slots +cluster|shards \
-     +select +client|setname +client|id";
+pub const ACL_COMMANDS: &str = "+get +set +mget +del +sadd +srem +expire +time +evalsha \
+     +script|load +info +wait +ping +role +cluster|slots +select +client|setname +client|id";
 
 /// Kinds of keys; with the schema version they form `<prefix><kind>:v2:<id>`. v2: every value
 /// carries its generation.

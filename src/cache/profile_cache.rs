@@ -39,9 +39,8 @@ async fn get_by_node(
         let group: Vec<String> = positions.iter().map(|&i| keys[i].clone()).collect();
         async move {
             let route = vec![group[0].clone()];
-            let values: Vec<Option<String>> = GET_MANY
-                .evalsha_with_reload(client, route, group)
-                .await?;
+            let values: Vec<Option<String>> =
+                GET_MANY.evalsha_with_reload(client, route, group).await?;
             Ok::<_, fred::error::Error>((positions, values))
         }
     });

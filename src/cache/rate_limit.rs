@@ -1,54 +1,73 @@
-//! Fixed-window attempt counters for brute-force protection.
+//! Attempt limits: at most `limit` attempts in *any* window of `window` — no window edges to
+//! double up on.
 //!
-//! Counters live in Redis so every instance shares them, and an attempt is counted *before* it is
-//! evaluated, atomically (one Lua script per check): when 200 guesses arrive at once, only the
-//! first `limit` get evaluated. A command is sent once at most (see `cache`), so an attempt is
-//! never counted twice. When Redis is disabled or fails, the same counters are kept in process:
-//! the limit then holds per instance, it never fails open.
+//! Each bucket is a GCRA ("generic cell rate algorithm") state: one timestamp, the theoretical
+//! arrival time of the next attempt. A bucket allows a burst of `ceil(limit / 2)` and then one
+//! attempt per `window / (limit - burst + 1)`, which is exactly "at most `limit` in any window".
+//! Attempts are counted *before* they are evaluated, atomically per bucket, so 200 guesses at once
+//! get at most `limit` evaluations; buckets are taken in order and a refusal stops there, so a
+//! refused caller creates no state for the buckets after it (a blocked address cannot fill Redis
+//! with per-account keys).
+//!
+//! Buckets live in Redis so every instance shares them (one key each, a script that only writes
+//! when it allows). When Redis refuses writes (full) the buckets are still *read* there — a bucket
+//! that is exhausted in Redis stays so — and counted in process as well; when Redis is down or
+//! disabled, in process only (the limits then hold per instance). The in-process map is bounded:
+//! past [`LOCAL_MAX`] buckets a new one is refused, never silently forgotten.
 use std::{
     collections::HashMap,
     sync::{LazyLock, Mutex},
     time::{Duration, Instant},
 };
 
-use fred::types::scripts::Script;
-use futures::future::join_all;
+use fred::{interfaces::KeysInterface, types::scripts::Script};
 
 use super::Redis;
 
-/// KEYS: one counter. ARGV: limit, window (ms). Returns 0 when the counter is within its limit,
-/// else the milliseconds until its window ends. One key per script, so each bucket is atomic on
-/// its own on a Redis Cluster too.
-static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+/// KEYS: the bucket. ARGV: emission interval ms, burst tolerance ms, `1` to take an attempt
+/// (`0`: only look). Returns 0 when allowed, else the ms until it would be. Writes only when it
+/// takes an attempt, and the key expires when the bucket is full again.
+static TAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
-        "local n = redis.call('INCR', KEYS[1])
-         local ttl = redis.call('PTTL', KEYS[1])
-         if ttl < 0 then
-           ttl = tonumber(ARGV[2])
-           redis.call('PEXPIRE', KEYS[1], ttl)
-         end
-         if n > tonumber(ARGV[1]) then return ttl end
-         return 0",
-    )
-});
-
-/// KEYS: one counter. ARGV: `reset` clears it; anything else gives one attempt back (never below
-/// zero, never creating a key).
-static SETTLE: LazyLock<Script> = LazyLock::new(|| {
-    Script::from_lua(
-        "if ARGV[1] == 'reset' then
-           redis.call('DEL', KEYS[1])
-         elseif tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then
-           redis.call('DECR', KEYS[1])
+        "local t = redis.call('TIME')
+         local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+         local interval = tonumber(ARGV[1])
+         local tolerance = tonumber(ARGV[2])
+         local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+         if tat < now then tat = now end
+         local allowed_at = tat - tolerance
+         if now < allowed_at then return allowed_at - now end
+         if ARGV[3] == '1' then
+           local next = tat + interval
+           redis.call('SET', KEYS[1], next, 'PX', next - now)
          end
          return 0",
     )
 });
 
-/// One counter: what it counts and its limit.
+/// The same look without taking, for a Redis that refuses writes (a script without the
+/// `no-writes` flag is refused whole by a full Redis, even when it would not write).
+static PEEK: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        "#!lua flags=no-writes
+         local t = redis.call('TIME')
+         local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+         local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+         if tat < now then tat = now end
+         local allowed_at = tat - tonumber(ARGV[2])
+         if now < allowed_at then return allowed_at - now end
+         return 0",
+    )
+});
+
+/// In-process buckets at most; past it a new bucket is refused (fail closed) until the sweep
+/// drops full ones.
+pub const LOCAL_MAX: usize = 100_000;
+
+/// One limit on one thing (an address, an account, …).
 #[derive(Debug, Clone)]
 pub struct Bucket {
-    /// e.g. `login_email:<sha256>`; unique per counted thing.
+    /// e.g. `login_account:<sha256>`; unique per counted thing.
     pub id: String,
     pub limit: u32,
     pub window: Duration,
@@ -62,20 +81,20 @@ impl Bucket {
             window,
         }
     }
-}
 
-struct Window {
-    count: u32,
-    ends: Instant,
+    /// The GCRA parameters: (emission interval, burst tolerance).
+    fn gcra(&self) -> (Duration, Duration) {
+        let limit = self.limit.max(1);
+        let burst = limit.div_ceil(2);
+        let interval = self.window / (limit - burst + 1);
+        (interval, interval * (burst - 1))
+    }
 }
 
 pub struct RateLimiter {
     redis: Redis,
-    local: Mutex<HashMap<String, Window>>,
+    local: Mutex<HashMap<String, Instant>>,
 }
-
-/// The in-process map is swept of ended windows when it grows past this.
-const LOCAL_SWEEP_AT: usize = 10_000;
 
 impl RateLimiter {
     pub fn new(redis: Redis) -> Self {
@@ -85,105 +104,109 @@ impl RateLimiter {
         }
     }
 
-    /// Counts one attempt in every bucket (limit 0 = unlimited: not counted). `Err(wait)` when
-    /// any bucket is past its limit: the attempt must not be evaluated.
+    /// Takes one attempt from each bucket in order (limit 0 = unlimited, skipped), stopping at
+    /// the first that is exhausted: `Err(wait)` then, and the attempt must not be evaluated.
     pub async fn acquire(&self, buckets: &[Bucket]) -> Result<(), Duration> {
-        let buckets: Vec<&Bucket> = buckets.iter().filter(|b| b.limit > 0).collect();
-        if buckets.is_empty() {
-            return Ok(());
+        for bucket in buckets.iter().filter(|b| b.limit > 0) {
+            self.take(bucket).await?;
         }
-        let wait_ms = match self.redis_acquire(&buckets).await {
-            Some(wait_ms) => wait_ms,
-            None => self.local_acquire(&buckets),
+        Ok(())
+    }
+
+    async fn take(&self, bucket: &Bucket) -> Result<(), Duration> {
+        let shared = match self.redis_take(bucket, true).await {
+            Some(Ok(wait_ms)) => return verdict(wait_ms),
+            // Redis answers but refuses writes (full): honour what it holds, and count here.
+            Some(Err(())) => self.redis_take(bucket, false).await.and_then(Result::ok),
+            None => None,
         };
-        match wait_ms {
-            0 => Ok(()),
-            ms => Err(Duration::from_millis(ms.max(1))),
+        if let Some(wait_ms) = shared {
+            verdict(wait_ms)?;
         }
+        self.local_take(bucket)
     }
 
-    /// Gives back the attempt counted in these buckets (it was not a failure).
-    pub async fn forgive(&self, buckets: &[Bucket]) {
-        self.settle(&[], buckets).await;
-    }
-
-    /// After an attempt: clears the counters of `reset` and gives back the attempt counted in
-    /// `forgive`, in one round trip.
-    pub async fn settle(&self, reset: &[Bucket], forgive: &[Bucket]) {
-        let reset: Vec<&Bucket> = reset.iter().filter(|b| b.limit > 0).collect();
-        let forgive: Vec<&Bucket> = forgive.iter().filter(|b| b.limit > 0).collect();
-        if reset.is_empty() && forgive.is_empty() {
+    /// Forgets the bucket's history (the account's owner proved the password: its count starts
+    /// over).
+    pub async fn reset(&self, bucket: &Bucket) {
+        if bucket.limit == 0 {
             return;
         }
-        let settled = join_all(
-            (reset.iter().map(|b| (*b, "reset")))
-                .chain(forgive.iter().map(|b| (*b, "forgive")))
-                .map(|(bucket, how)| self.redis_run(&SETTLE, bucket, vec![how.to_owned()])),
-        )
-        .await;
-        if settled.iter().all(Option::is_some) {
-            return;
+        if let (Some(key), Some(client)) = (self.key(bucket), self.redis.connected()) {
+            self.redis.observe(client.del::<i64, _>(key).await);
         }
-        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-        for bucket in reset {
-            local.remove(&bucket.id);
-        }
-        for bucket in forgive {
-            if let Some(w) = local.get_mut(&bucket.id) {
-                w.count = w.count.saturating_sub(1);
-            }
-        }
+        self.local_lock().remove(&bucket.id);
     }
 
-    /// Counts the attempt in every bucket (each atomically, all at once); the longest wait of
-    /// those past their limit. `None` when Redis did not answer for every bucket.
-    async fn redis_acquire(&self, buckets: &[&Bucket]) -> Option<u64> {
-        let waits = join_all(buckets.iter().map(|b| {
-            let args = vec![b.limit.to_string(), b.window.as_millis().max(1).to_string()];
-            self.redis_run(&ACQUIRE, b, args)
-        }))
-        .await;
-        waits
-            .into_iter()
-            .map(|wait| wait.map(|ms| ms.max(0).unsigned_abs()))
-            .collect::<Option<Vec<u64>>>()
-            .map(|waits| waits.into_iter().max().unwrap_or(0))
+    fn key(&self, bucket: &Bucket) -> Option<String> {
+        self.redis.key("ratelimit", &bucket.id)
     }
 
-    async fn redis_run(&self, script: &Script, bucket: &Bucket, args: Vec<String>) -> Option<i64> {
-        let key = self.redis.key("ratelimit", &bucket.id)?;
+    /// `Some(Ok(wait ms))` from Redis; `Some(Err(()))` when Redis answered with an error (a
+    /// refused write); `None` when Redis is disabled or unreachable.
+    async fn redis_take(&self, bucket: &Bucket, take: bool) -> Option<Result<u64, ()>> {
+        let key = self.key(bucket)?;
         let client = self.redis.connected()?;
-        self.redis.observe(
-            script
-                .evalsha_with_reload::<i64, _, _>(client, vec![key], args)
-                .await,
-        )
+        let (interval, tolerance) = bucket.gcra();
+        let args = vec![
+            interval.as_millis().max(1).to_string(),
+            tolerance.as_millis().to_string(),
+            if take { "1" } else { "0" }.to_owned(),
+        ];
+        let script: &Script = if take { &TAKE } else { &PEEK };
+        let result = script
+            .evalsha_with_reload::<i64, _, _>(client, vec![key], args)
+            .await;
+        let refused = result
+            .as_ref()
+            .is_err_and(|e| e.details().contains("OOM") || e.details().contains("READONLY"));
+        match self.redis.observe(result) {
+            Some(wait) => Some(Ok(wait.max(0).unsigned_abs())),
+            None if refused => Some(Err(())),
+            None => None,
+        }
     }
 
-    fn local_acquire(&self, buckets: &[&Bucket]) -> u64 {
+    fn local_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.local.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn local_take(&self, bucket: &Bucket) -> Result<(), Duration> {
+        let (interval, tolerance) = bucket.gcra();
         let now = Instant::now();
-        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-        if local.len() > LOCAL_SWEEP_AT {
-            local.retain(|_, w| w.ends > now);
+        let mut local = self.local_lock();
+        if local.len() >= LOCAL_MAX && !local.contains_key(&bucket.id) {
+            return Err(interval);
         }
-        let mut wait = Duration::ZERO;
-        for bucket in buckets {
-            let w = local.entry(bucket.id.clone()).or_insert(Window {
-                count: 0,
-                ends: now + bucket.window,
-            });
-            if w.ends <= now {
-                *w = Window {
-                    count: 0,
-                    ends: now + bucket.window,
-                };
-            }
-            w.count = w.count.saturating_add(1);
-            if w.count > bucket.limit {
-                wait = wait.max(w.ends - now);
-            }
+        let tat = local.entry(bucket.id.clone()).or_insert(now);
+        let tat_now = (*tat).max(now);
+        let allowed_at = tat_now.checked_sub(tolerance).unwrap_or(now);
+        if now < allowed_at {
+            return Err(allowed_at - now);
         }
-        u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)
+        *tat = tat_now + interval;
+        Ok(())
+    }
+
+    /// Drops in-process buckets that are full again (they hold no information); called
+    /// periodically, never on a request.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut local = self.local_lock();
+        local.retain(|_, tat| *tat > now);
+        local.shrink_to_fit();
+    }
+
+    /// In-process buckets held now.
+    pub fn local_len(&self) -> usize {
+        self.local_lock().len()
+    }
+}
+
+fn verdict(wait_ms: u64) -> Result<(), Duration> {
+    match wait_ms {
+        0 => Ok(()),
+        ms => Err(Duration::from_millis(ms)),
     }
 }
 
@@ -191,41 +214,85 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn in_process_counters_limit_reset_by_window_and_forgive() {
-        let limiter = RateLimiter::new(Redis::disabled(crate::metrics::Metrics::new()));
-        let b = [Bucket::new("t", "x", 2, Duration::from_millis(300))];
-        assert!(limiter.acquire(&b).await.is_ok());
-        assert!(limiter.acquire(&b).await.is_ok());
-        let wait = limiter.acquire(&b).await.unwrap_err();
-        assert!(wait <= Duration::from_millis(300) && wait > Duration::ZERO);
-        limiter.forgive(&b).await;
-        limiter.forgive(&b).await;
-        assert!(
-            limiter.acquire(&b).await.is_ok(),
-            "forgiven attempts free a slot"
-        );
-        assert!(limiter.acquire(&b).await.is_err());
-        limiter.settle(&b, &[]).await;
-        assert!(
-            limiter.acquire(&b).await.is_ok(),
-            "a reset clears the count"
-        );
-        tokio::time::sleep(Duration::from_millis(350)).await;
-        assert!(
-            limiter.acquire(&b).await.is_ok(),
-            "a new window starts empty"
-        );
-        assert!(limiter.acquire(&b).await.is_ok());
-        assert!(limiter.acquire(&b).await.is_err());
+    fn limiter() -> RateLimiter {
+        RateLimiter::new(Redis::disabled(crate::metrics::Metrics::new()))
     }
 
     #[tokio::test]
-    async fn a_zero_limit_is_unlimited() {
-        let limiter = RateLimiter::new(Redis::disabled(crate::metrics::Metrics::new()));
-        let b = [Bucket::new("t", "x", 0, Duration::from_secs(1))];
-        for _ in 0..100 {
-            assert!(limiter.acquire(&b).await.is_ok());
+    async fn at_most_the_limit_in_any_window_and_no_edge_doubling() {
+        let limiter = limiter();
+        let b = [Bucket::new("t", "x", 4, Duration::from_millis(400))];
+        // A burst of half the limit, then one per window / 3.
+        assert!(limiter.acquire(&b).await.is_ok());
+        assert!(limiter.acquire(&b).await.is_ok());
+        let wait = limiter.acquire(&b).await.unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(134),
+            "{wait:?}"
+        );
+        // Over a long run, never more than 4 in any 400 ms.
+        let start = Instant::now();
+        let mut allowed = vec![start, start];
+        while start.elapsed() < Duration::from_millis(1300) {
+            if limiter.acquire(&b).await.is_ok() {
+                allowed.push(Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        for (i, t) in allowed.iter().enumerate() {
+            let in_window = allowed[i..]
+                .iter()
+                .take_while(|u| u.duration_since(*t) < Duration::from_millis(400))
+                .count();
+            assert!(in_window <= 4, "{in_window} attempts within one window");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_starts_the_count_over_and_zero_is_unlimited() {
+        let limiter = limiter();
+        let b = [Bucket::new("t", "x", 1, Duration::from_secs(60))];
+        assert!(limiter.acquire(&b).await.is_ok());
+        assert!(limiter.acquire(&b).await.is_err());
+        limiter.reset(&b[0]).await;
+        assert!(limiter.acquire(&b).await.is_ok());
+        let unlimited = [Bucket::new("t", "y", 0, Duration::from_secs(1))];
+        for _ in 0..100 {
+            assert!(limiter.acquire(&unlimited).await.is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refusal_stops_before_the_next_bucket() {
+        let limiter = limiter();
+        let address = Bucket::new("a", "1", 1, Duration::from_secs(60));
+        assert!(
+            limiter
+                .acquire(std::slice::from_ref(&address))
+                .await
+                .is_ok()
+        );
+        for i in 0..10 {
+            let account = Bucket::new("b", &i.to_string(), 5, Duration::from_secs(60));
+            assert!(limiter.acquire(&[address.clone(), account]).await.is_err());
+        }
+        assert_eq!(limiter.local_len(), 1, "no state for the accounts");
+    }
+
+    #[test]
+    fn the_map_is_bounded_and_fails_closed() {
+        let limiter = limiter();
+        {
+            let mut local = limiter.local_lock();
+            let far = Instant::now() + Duration::from_secs(3600);
+            for i in 0..LOCAL_MAX {
+                local.insert(i.to_string(), far);
+            }
+        }
+        let new = Bucket::new("n", "new", 10, Duration::from_secs(60));
+        assert!(limiter.local_take(&new).is_err(), "refused, not forgotten");
+        limiter.local_lock().insert("gone".into(), Instant::now());
+        limiter.sweep();
+        assert_eq!(limiter.local_len(), LOCAL_MAX);
     }
 }

@@ -45,7 +45,13 @@ fn client_info(
     client: Option<&pb::ClientInfo>,
 ) -> Option<auth::session::ClientInfo> {
     let client = client.cloned().unwrap_or_default();
-    input::client_info(v, "client", &client.ip_address, &client.user_agent)
+    input::client_info(
+        v,
+        "client",
+        &client.ip_address,
+        &client.user_agent,
+        &client.device_id,
+    )
 }
 
 fn parse_registration(req: &pb::RegisterRequest) -> Result<Registration, AuthError> {

@@ -1,6 +1,7 @@
 //! Transport: proto <-> domain conversion, input validation and error mapping. One file per gRPC
 //! service; health and reflection are registered by `app`.
 pub mod auth;
+pub mod limits;
 pub mod observe;
 pub mod profile;
 pub mod status;

@@ -18,6 +18,8 @@ pub const BATCH_MAX: usize = 100;
 
 /// The fields UpdateProfile may change.
 const UPDATABLE: [&str; 5] = ["display_name", "bio", "avatar_url", "locale", "time_zone"];
+/// A mask names at most this many paths (each updatable field, with room for repeats).
+const MAX_PATHS: usize = 10;
 
 pub struct ProfileGrpc {
     service: Arc<ProfileService>,
@@ -47,6 +49,10 @@ impl From<ProfileRecord> for pb::Profile {
 
 fn invalid(violations: Vec<input::FieldViolation>) -> ProfileError {
     ProfileError::InvalidInput(violations)
+}
+
+fn authd_token_malformed(token: &str) -> bool {
+    crate::auth::token::TokenHash::of_token(token).is_none()
 }
 
 /// The ids in the order given, each once.
@@ -80,25 +86,25 @@ fn parse_update(
         .as_ref()
         .map(|m| m.paths.as_slice())
         .unwrap_or_default();
-    if paths.is_empty() {
+    if paths.is_empty() || paths.len() > MAX_PATHS {
         v.check::<()>(
             "update_mask",
             Err(format!(
-                "must name at least one of {}",
+                "must name 1 to {MAX_PATHS} of {}",
                 UPDATABLE.join(", ")
             )),
         );
+        return Err(invalid(v.finish(|| None::<()>).unwrap_err()));
     }
-    for path in paths {
-        if !UPDATABLE.contains(&path.as_str()) {
-            v.check::<()>(
-                "update_mask",
-                Err(format!(
-                    "{path:?} cannot be updated; use {}",
-                    UPDATABLE.join(", ")
-                )),
-            );
-        }
+    if let Some(path) = paths.iter().find(|p| !UPDATABLE.contains(&p.as_str())) {
+        let shown: String = path.chars().take(64).collect();
+        v.check::<()>(
+            "update_mask",
+            Err(format!(
+                "{shown:?} cannot be updated; use {}",
+                UPDATABLE.join(", ")
+            )),
+        );
     }
     let given = req.profile.clone().unwrap_or_default();
     let named = |field: &str| paths.iter().any(|p| p == field);
@@ -170,6 +176,10 @@ impl ProfileServiceRpc for ProfileGrpc {
         request: Request<pb::UpdateProfileRequest>,
     ) -> Result<Response<pb::UpdateProfileResponse>, Status> {
         let req = request.get_ref();
+        // The cheapest check first: a token that cannot be one costs nothing more.
+        if authd_token_malformed(&req.session_token) {
+            return Err(ProfileError::Auth(crate::auth::AuthError::InvalidSession).into());
+        }
         let (changes, expected) = parse_update(req)?;
         let profile = self
             .service

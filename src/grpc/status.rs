@@ -9,16 +9,27 @@ use crate::{
     store::StoreError,
 };
 
+/// The message of an INVALID_ARGUMENT stays under this many bytes (it travels in a header).
+const MAX_MESSAGE: usize = 1024;
+
 pub fn invalid_argument(violations: &[FieldViolation]) -> Status {
     let mut details = ErrorDetails::new();
     for v in violations {
         details.add_bad_request_violation(v.field.clone(), v.description.clone());
     }
-    let summary = violations
+    let mut summary = violations
         .iter()
         .map(|v| format!("{} {}", v.field, v.description))
         .collect::<Vec<_>>()
         .join("; ");
+    if summary.len() > MAX_MESSAGE {
+        let mut end = MAX_MESSAGE - 3;
+        while !summary.is_char_boundary(end) {
+            end -= 1;
+        }
+        summary.truncate(end);
+        summary.push_str("...");
+    }
     Status::with_error_details(Code::InvalidArgument, summary, details)
 }
 
@@ -70,6 +81,7 @@ impl From<AuthError> for Status {
                     ErrorDetails::with_retry_info(Some(*retry_after)),
                 )
             }
+            AuthError::Locked => Status::resource_exhausted(error.to_string()),
             AuthError::Store(store) => store_status(store),
             AuthError::Internal(_) => internal(&error),
         }

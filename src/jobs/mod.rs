@@ -94,7 +94,7 @@ impl Jobs {
         let profile_log = (pc.ttl.mul_f64(1.0 + pc.jitter) * 2).max(Duration::from_secs(86_400));
         let cursor_retention = settings.session.absolute_timeout;
         let purge = {
-            let db = db.clone();
+            let (auth, db) = (auth.clone(), db.clone());
             move || {
                 let (auth, db) = (auth.clone(), db.clone());
                 async move {
@@ -107,6 +107,18 @@ impl Jobs {
                 }
             }
         };
+        let sweep = {
+            let auth = auth.clone();
+            move || {
+                auth.sweep_limits();
+                async {}
+            }
+        };
+        jobs.push(tokio::spawn(every(
+            LIVE_COUNT_INTERVAL,
+            stop.clone(),
+            sweep,
+        )));
         let idle = settings.session.idle_timeout;
         let count = {
             let db = db.clone();

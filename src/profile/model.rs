@@ -5,7 +5,7 @@ pub const BIO_MAX_CHARS: usize = 500;
 pub const AVATAR_URL_MAX_CHARS: usize = 2048;
 
 pub fn bio(raw: &str) -> Result<String, String> {
-    if raw.chars().count() > BIO_MAX_CHARS {
+    if raw.len() > BIO_MAX_CHARS * 4 || raw.chars().count() > BIO_MAX_CHARS {
         return Err(format!("must be at most {BIO_MAX_CHARS} characters"));
     }
     Ok(raw.to_owned())
@@ -15,7 +15,7 @@ pub fn avatar_url(raw: &str) -> Result<String, String> {
     if raw.is_empty() {
         return Ok(String::new());
     }
-    if raw.chars().count() > AVATAR_URL_MAX_CHARS {
+    if raw.len() > AVATAR_URL_MAX_CHARS * 4 || raw.chars().count() > AVATAR_URL_MAX_CHARS {
         return Err(format!("must be at most {AVATAR_URL_MAX_CHARS} characters"));
     }
     match url::Url::parse(raw) {
@@ -31,6 +31,9 @@ pub fn locale(raw: &str) -> Result<String, String> {
     if raw.is_empty() {
         return Ok(String::new());
     }
+    if raw.len() > 64 {
+        return Err("must be empty or a BCP 47 language tag such as en-GB".into());
+    }
     oxilangtag::LanguageTag::parse(raw)
         .map(|_| raw.to_owned())
         .map_err(|_| "must be empty or a BCP 47 language tag such as en-GB".into())
@@ -40,6 +43,9 @@ pub fn locale(raw: &str) -> Result<String, String> {
 pub fn time_zone(raw: &str) -> Result<String, String> {
     if raw.is_empty() {
         return Ok(String::new());
+    }
+    if raw.len() > 64 {
+        return Err("must be empty or an IANA time zone such as Europe/Berlin".into());
     }
     raw.parse::<chrono_tz::Tz>()
         .map(|_| raw.to_owned())

@@ -29,7 +29,7 @@ use sqlx::{
 pub use outbox::{Cursor, Invalidation, OutboxRepo, ProfileInvalidation, Revocation, in_flight};
 pub use profiles::{ProfileRepo, UpdateOutcome};
 pub use sessions::{NewSession, SessionRepo, Since, StoredSession};
-pub use users::{EMAIL_UNIQUE, NewUser, UserRepo};
+pub use users::{Credentials, EMAIL_UNIQUE, NewUser, UserRepo};
 
 use crate::{config::DatabaseSettings, metrics::Metrics};
 

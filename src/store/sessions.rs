@@ -126,7 +126,12 @@ pub struct NewSession<'a> {
     /// still the user's.
     pub verified_hash: &'a str,
     pub max_per_user: i64,
+    /// The client (hashed) to remember as trusted for this account, if any.
+    pub client: Option<&'a [u8]>,
 }
+
+/// Trusted clients kept per account (the most recent).
+const TRUSTED_PER_USER: i64 = 20;
 
 impl SessionRepo<'_> {
     /// Inserts a new session, if the user's password hash is still the verified one, and in the
@@ -191,8 +196,42 @@ impl SessionRepo<'_> {
         .bind(r.id)
         .bind((s.max_per_user - 1).max(0));
         let rows = self.0.run(query.fetch_all(&mut *tx)).await?;
+        self.signed_in(&mut tx, r.user_id, s.client).await?;
         self.0.run(tx.commit()).await?;
         Ok(Some(Revocation::from_rows(rows)))
+    }
+
+    /// A correct password: the count of wrong ones starts over, and the client is trusted for
+    /// the account from now on (the most recent [`TRUSTED_PER_USER`] are kept).
+    async fn signed_in(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        user_id: Uuid,
+        client: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let reset =
+            sqlx::query("update users set failed_logins = 0 where id = $1 and failed_logins <> 0")
+                .bind(user_id);
+        self.0.run(reset.execute(&mut *tx)).await?;
+        let Some(client) = client else {
+            return Ok(());
+        };
+        let trust = sqlx::query(
+            "with trusted as (
+                 insert into trusted_clients (user_id, client_hash, last_success_at)
+                 values ($1, $2, clock_timestamp())
+                 on conflict (user_id, client_hash)
+                 do update set last_success_at = excluded.last_success_at
+             )
+             delete from trusted_clients where user_id = $1 and client_hash in (
+                 select client_hash from trusted_clients where user_id = $1 and client_hash <> $2
+                 order by last_success_at desc offset $3)",
+        )
+        .bind(user_id)
+        .bind(client)
+        .bind(TRUSTED_PER_USER - 1);
+        self.0.run(trust.execute(&mut *tx)).await?;
+        Ok(())
     }
 
     /// The user's active sessions, newest first.

@@ -8,6 +8,16 @@ use crate::model::SessionRecord;
 /// The constraint that makes emails unique; its violation means "already registered".
 pub const EMAIL_UNIQUE: &str = "users_email_normalized_key";
 
+/// A user's credentials as a password check needs them.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Credentials {
+    pub id: Uuid,
+    pub password_hash: String,
+    pub failed_logins: i32,
+    /// The client checking signed in to this account recently.
+    pub trusted: bool,
+}
+
 pub struct NewUser<'a> {
     pub id: Uuid,
     pub email: &'a str,
@@ -62,21 +72,80 @@ impl UserRepo<'_> {
         Ok(())
     }
 
-    /// The id and PHC password hash of the user with this normalised email.
+    /// What a login needs of the user with this normalised email: id, PHC hash, wrong
+    /// passwords since the last correct one, and whether `client` (a client hash) signed in to
+    /// the account within `trust_for`.
     pub async fn find_credentials(
         &self,
         email_normalized: &str,
-    ) -> Result<Option<(Uuid, String)>, StoreError> {
-        let query =
-            sqlx::query_as("select id, password_hash from users where email_normalized = $1")
-                .bind(email_normalized);
+        client: Option<&[u8]>,
+        trust_for: std::time::Duration,
+    ) -> Result<Option<Credentials>, StoreError> {
+        let query = sqlx::query_as::<_, Credentials>(
+            "select u.id, u.password_hash, u.failed_logins,
+                    exists (select 1 from trusted_clients t
+                            where t.user_id = u.id and t.client_hash = $2
+                              and t.last_success_at
+                                  > clock_timestamp() - $3::bigint * interval '1 microsecond')
+                    as trusted
+             from users u where u.email_normalized = $1",
+        )
+        .bind(email_normalized)
+        .bind(client)
+        .bind(super::micros(trust_for));
         self.0.run(query.fetch_optional(&self.0.pool)).await
     }
 
-    pub async fn find_password_hash(&self, user_id: Uuid) -> Result<Option<String>, StoreError> {
-        let query =
-            sqlx::query_scalar("select password_hash from users where id = $1").bind(user_id);
-        self.0.run(query.fetch_optional(&self.0.pool)).await
+    /// The same for the user with this id (ChangePassword), never trusted, with the email.
+    pub async fn find_credentials_by_id(
+        &self,
+        user_id: Uuid,
+    ) -> Result<Option<(Credentials, String)>, StoreError> {
+        let query = sqlx::query_as::<_, (Uuid, String, i32, String)>(
+            "select id, password_hash, failed_logins, email_normalized from users where id = $1",
+        )
+        .bind(user_id);
+        let row = self.0.run(query.fetch_optional(&self.0.pool)).await?;
+        Ok(row.map(|(id, password_hash, failed_logins, email)| {
+            let credentials = Credentials {
+                id,
+                password_hash,
+                failed_logins,
+                trusted: false,
+            };
+            (credentials, email)
+        }))
+    }
+
+    /// Whether an account has this normalised email (checked before hashing a new password).
+    pub async fn email_taken(&self, email_normalized: &str) -> Result<bool, StoreError> {
+        let query = sqlx::query_scalar::<_, bool>(
+            "select exists (select 1 from users where email_normalized = $1)",
+        )
+        .bind(email_normalized);
+        self.0.run(query.fetch_one(&self.0.pool)).await
+    }
+
+    /// One more wrong password for this user.
+    pub async fn record_failure(&self, user_id: Uuid) -> Result<(), StoreError> {
+        let query = sqlx::query("update users set failed_logins = failed_logins + 1 where id = $1")
+            .bind(user_id);
+        self.0.run(query.execute(&self.0.pool)).await?;
+        Ok(())
+    }
+
+    /// Forgets trusted clients that last signed in before `trust_for` ago.
+    pub async fn purge_trusted(&self, trust_for: std::time::Duration) -> Result<u64, StoreError> {
+        let query = sqlx::query(
+            "delete from trusted_clients
+             where last_success_at < clock_timestamp() - $1::bigint * interval '1 microsecond'",
+        )
+        .bind(super::micros(trust_for));
+        Ok(self
+            .0
+            .run(query.execute(&self.0.pool))
+            .await?
+            .rows_affected())
     }
 
     /// Locks the user's row for the rest of the transaction (every statement that changes several
@@ -127,7 +196,8 @@ impl UserRepo<'_> {
                     return Ok(None);
                 }
                 let update = sqlx::query(
-                    "update users set password_hash = $1, updated_at = $2 where id = $3",
+                    "update users set password_hash = $1, updated_at = $2, failed_logins = 0
+                     where id = $3",
                 )
                 .bind(password_hash)
                 .bind(now)

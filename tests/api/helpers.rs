@@ -89,6 +89,10 @@ pub fn test_settings(mode: Mode) -> Settings {
     });
     s.redis.key_prefix = format!("authd-test:{id}:");
     s.session.invalidation_interval = Duration::from_millis(100);
+    // Tests register and log in many users from one address; the tests of the per-address
+    // limits set them back.
+    s.rate_limit.login_per_ip = 100_000;
+    s.rate_limit.register_per_ip = 100_000;
     s.log = LogSettings {
         level: std::env::var("TEST_LOG").unwrap_or_else(|_| "off".into()),
         ..LogSettings::default()
@@ -204,6 +208,7 @@ pub fn register_request(email: &str) -> pb::RegisterRequest {
         client: Some(pb::ClientInfo {
             ip_address: "192.0.2.10".to_owned(),
             user_agent: "authd-tests/1.0".to_owned(),
+            device_id: String::new(),
         }),
     }
 }
@@ -510,7 +515,7 @@ impl TestApp {
                 password: password.to_owned(),
                 client: Some(pb::ClientInfo {
                     ip_address: ip.to_owned(),
-                    user_agent: String::new(),
+                    ..pb::ClientInfo::default()
                 }),
             })
             .await

@@ -25,7 +25,8 @@ both_modes!(metrics_count_rpcs_caches_sessions_and_failures);
 
 async fn metrics_count_rpcs_caches_sessions_and_failures(mode: Mode) {
     let mut settings = test_settings(mode);
-    settings.rate_limit.login_per_email = 2;
+    // At most 4 guesses per window: 2 at once.
+    settings.rate_limit.login_per_email = 4;
     let app = spawn_with(settings).await;
     let (email, reg) = app.register().await;
     for _ in 0..3 {

@@ -70,26 +70,28 @@ async fn parallel_guesses_past_the_limit_are_not_evaluated(mode: Mode) {
     app.login(&other, PASSWORD).await.unwrap();
 }
 
+/// At most 4 guesses in any 2 s window: 2 at once, then one more every 2/3 s.
 async fn the_lock_ends_with_the_window(mode: Mode) {
     let mut settings = test_settings(mode);
-    settings.rate_limit.login_per_email = 3;
+    settings.rate_limit.login_per_email = 4;
     settings.rate_limit.login_window = Duration::from_secs(2);
     let app = spawn_with(settings).await;
     let (email, _) = app.register().await;
-    for _ in 0..3 {
+    for _ in 0..2 {
         assert_code(
             app.login(&email, "wrong guess").await,
             Code::Unauthenticated,
         );
     }
     assert_rate_limited(app.login(&email, PASSWORD).await);
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
     app.login(&email, PASSWORD).await.unwrap();
 }
 
+/// 6 per window: 3 at once. Two wrong, one right: the count starts over.
 async fn a_successful_login_resets_the_email_count(mode: Mode) {
     let mut settings = test_settings(mode);
-    settings.rate_limit.login_per_email = 3;
+    settings.rate_limit.login_per_email = 6;
     let app = spawn_with(settings).await;
     let (email, _) = app.register().await;
     for _ in 0..2 {
@@ -108,12 +110,13 @@ async fn a_successful_login_resets_the_email_count(mode: Mode) {
     assert_rate_limited(app.login(&email, "wrong guess").await);
 }
 
+/// Every password check counts against the client's address (4 per window: 2 at once).
 async fn failures_are_limited_per_client_ip(mode: Mode) {
     let mut settings = test_settings(mode);
     settings.rate_limit.login_per_ip = 4;
     let app = spawn_with(settings).await;
     let (email, _) = app.register().await;
-    for _ in 0..4 {
+    for _ in 0..2 {
         let stranger = unique_email();
         assert_code(
             app.login_from(&stranger, PASSWORD, "198.51.100.9").await,
@@ -126,13 +129,12 @@ async fn failures_are_limited_per_client_ip(mode: Mode) {
         .unwrap();
 }
 
+/// 2 registrations per window: 1 at once.
 async fn registrations_are_limited_per_client_ip(mode: Mode) {
     let mut settings = test_settings(mode);
     settings.rate_limit.register_per_ip = 2;
     let app = spawn_with(settings).await;
-    for _ in 0..2 {
-        app.register().await;
-    }
+    app.register().await;
     assert_rate_limited(
         app.auth
             .clone()
@@ -151,7 +153,7 @@ async fn counters_are_shared_by_every_instance() {
     let a = spawn_with(settings).await;
     let b = spawn_sharing(&a, |_| {}).await;
     let (email, _) = a.register().await;
-    for app in [&a, &b, &a, &b] {
+    for app in [&a, &b] {
         assert_code(
             app.login(&email, "wrong guess").await,
             Code::Unauthenticated,
