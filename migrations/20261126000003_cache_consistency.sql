@@ -1,12 +1,14 @@
 -- Cache consistency (see src/cache/mod.rs and README "Consistency guarantees").
 
--- One row per history of the Redis data authd has seen (see src/cache/generation.rs): the
--- identity of the Redis primaries (run id and replication id of each, which every restart,
--- restore and failover changes) and the generation number bound to it. Values in Redis carry
--- their generation; only the current one's are served.
-create table redis_generations (
-    id          bigint generated always as identity primary key,
-    fingerprint text not null unique,
+-- The identities of Redis primaries authd has seen (see src/cache/generation.rs: run id and
+-- replication ids of each, which every restart, restore and failover changes) and the
+-- generation each is bound to. Values in Redis carry their generation; only the current one's
+-- are served. A fingerprint that continues an earlier one (a replica attached, a primary added)
+-- keeps its generation; any other gets the next number.
+create sequence redis_generation_seq;
+create table redis_fingerprints (
+    fingerprint text primary key,
+    generation  bigint not null,
     created_at  timestamptz not null default now()
 );
 

@@ -28,6 +28,9 @@ const SECTIONS: [&str; 10] = [
     "log",
 ];
 
+/// Environment variables read verbatim, never parsed (see [`Settings::load`]).
+const RAW_SECRETS: [&str; 2] = ["REDIS__PASSWORD", "REDIS__SENTINEL__PASSWORD"];
+
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(default)]
 pub struct Settings {
@@ -120,12 +123,6 @@ pub struct RedisSettings {
     pub tls: RedisTlsSettings,
     /// Credentials for the sentinels, where they differ from the data nodes'.
     pub sentinel: SentinelSettings,
-    /// Replicas that must hold a tombstone or profile version before it counts as written
-    /// (`WAIT`); unset: 1 for Cluster and Sentinel deployments, 0 for one server.
-    pub replica_acks: Option<u32>,
-    /// How long a write waits for those replicas.
-    #[serde(with = "humantime_serde")]
-    pub replica_ack_timeout: Duration,
     /// Every key authd writes starts with this.
     pub key_prefix: String,
     pub pool_size: usize,
@@ -306,8 +303,6 @@ impl Default for RedisSettings {
             password: None,
             tls: RedisTlsSettings::default(),
             sentinel: SentinelSettings::default(),
-            replica_acks: None,
-            replica_ack_timeout: Duration::from_millis(100),
         }
     }
 }
@@ -416,16 +411,25 @@ impl Settings {
             .merge(
                 Env::raw()
                     .filter(|key| {
-                        SECTIONS.iter().any(|section| {
-                            key.as_str()
-                                .to_ascii_lowercase()
-                                .strip_prefix(section)
-                                .is_some_and(|rest| rest.starts_with("__"))
-                        })
+                        !RAW_SECRETS.contains(&key.as_str().to_ascii_uppercase().as_str())
+                            && SECTIONS.iter().any(|section| {
+                                key.as_str()
+                                    .to_ascii_lowercase()
+                                    .strip_prefix(section)
+                                    .is_some_and(|rest| rest.starts_with("__"))
+                            })
                     })
                     .split("__"),
             );
-        let settings: Settings = figment.extract().map_err(ConfigError::from_figment)?;
+        let mut settings: Settings = figment.extract().map_err(ConfigError::from_figment)?;
+        // Passwords are taken as they are: figment would read `0123` as a number (and print it in
+        // its error).
+        if let Ok(password) = std::env::var("REDIS__PASSWORD") {
+            settings.redis.password = Some(SecretString::from(password));
+        }
+        if let Ok(password) = std::env::var("REDIS__SENTINEL__PASSWORD") {
+            settings.redis.sentinel.password = Some(SecretString::from(password));
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -630,6 +634,28 @@ mod tests {
                 let error = load_err(jail, key, value);
                 assert!(error.contains(key), "{key}={value}: {error}");
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn passwords_are_read_verbatim_and_never_printed() {
+        Jail::expect_with(|jail| {
+            jail.set_env("REDIS__PASSWORD", "0031415926535897");
+            let s = Settings::load(None).unwrap();
+            let password = s
+                .redis
+                .password
+                .as_ref()
+                .unwrap()
+                .expose_secret()
+                .to_owned();
+            assert_eq!(password, "0031415926535897");
+            let debug = format!("{s:?}");
+            assert!(!debug.contains("31415926535897"), "{debug}");
+            jail.set_env("REDIS__ENABLED", "maybe");
+            let error = Settings::load(None).unwrap_err().to_string();
+            assert!(!error.contains("31415926535897"), "{error}");
             Ok(())
         });
     }

@@ -41,8 +41,6 @@ pub struct Metrics {
     pub hash_rejections: IntCounter,
     /// 1 while PostgreSQL answered within HEALTH__DB_GRACE.
     pub db_up: IntGauge,
-    /// Tombstones and profile versions the replicas did not confirm in time (retried).
-    pub redis_unreplicated: IntCounter,
     /// Per Redis primary (`node` = host:port), from the periodic check: reachable (1/0), memory
     /// in use, maxmemory, evicted keys (Redis' own counter), connected clients.
     pub redis_node_up: IntGaugeVec,
@@ -179,11 +177,6 @@ impl Metrics {
                 &r,
                 "authd_db_up",
                 "1 while PostgreSQL answers within HEALTH__DB_GRACE",
-            ),
-            redis_unreplicated: counter(
-                &r,
-                "authd_redis_unreplicated_writes_total",
-                "Tombstones and profile versions not confirmed by the replicas in time",
             ),
             redis_node_up: gauge_vec(
                 &r,

@@ -1,115 +1,164 @@
 //! Generations: which history of the Redis data a value belongs to.
 //!
-//! The identity of a Redis server's data is its run id (new on every start, so also on every
+//! A primary's data history is identified by its run id (new on every start, so also on every
 //! restore from a snapshot) and its replication id (new on every promotion of a replica, and
-//! taken from the new primary by every node that resynchronises). The [`Fingerprint`] of a
-//! deployment is the set of these identities over every primary the pool is connected to; the job
-//! in `jobs.rs` binds each fingerprint to a generation number in PostgreSQL (monotonic, shared by
-//! every instance), and [`Redis::adopt`] makes it the one whose copies are served.
+//! taken from its new primary by every node that resynchronises — that is, loses its own data).
+//! The [`Fingerprint`] of a deployment is the set of these identities over the primaries the pool
+//! is connected to, and every pooled client must see the same set (clients split between an old
+//! and a new primary are not one history). The generation job binds each fingerprint to a
+//! generation number in PostgreSQL (monotonic, shared by every instance), and [`Redis::adopt`]
+//! makes it the one whose copies are served.
 //!
-//! fred broadcasts a reconnection (and a cluster topology change) *before* it sends anything on the
-//! new connection. A [`Latch`] holds a subscription to both: once either has fired, every read
-//! distrusts what it got until the generation job has re-established a generation, so a reply from
-//! a restarted, restored or newly promoted server is never taken for the old one, however quickly
-//! it comes.
+//! A history that merely *continues* keeps its generation (see [`Fingerprint::continues`]): a
+//! primary that gets its first replica changes its replication id but keeps the old one as its
+//! second (`master_replid2`), under the same run id; a cluster that gains a primary keeps every
+//! earlier one. Anything else — a restart, a restore, a promoted replica, a node that
+//! resynchronised from another — is a new generation, whose copies start empty.
+//!
+//! fred broadcasts a reconnection *before* it sends anything on the new connection (also for a
+//! node it connects to after a topology change). A [`Latch`] holds a subscription to it: once it
+//! has fired, every read distrusts what it got until the generation job has looked at the
+//! servers again, so a reply from a restarted, restored or newly promoted server is never taken
+//! for the old one, however quickly it comes.
 use std::sync::{Arc, RwLock};
 
 use fred::{
     clients::Client,
     interfaces::{ClientLike, EventInterface},
-    types::{ClusterStateChange, InfoKind, config::Server},
+    types::{InfoKind, config::Server},
 };
 use tokio::sync::{Notify, broadcast};
 
 use super::Redis;
 
-/// The identities of the Redis primaries behind the pool, sorted: `run_id/replid,…`.
+/// The history of one primary's data.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NodeIdentity {
+    run_id: String,
+    replid: String,
+    /// The replication id it had before its current one (`master_replid2`), or empty.
+    replid2: String,
+    /// Whether it had a replication backlog (it had replicas).
+    backlog: bool,
+}
+
+impl NodeIdentity {
+    /// Whether this is the same data as `earlier`, continued: the same process, and a replication
+    /// id that is the earlier one or followed it directly — or a primary that had never had a
+    /// replica getting its first one (Redis then draws a new id without recording the old).
+    fn continues(&self, earlier: &NodeIdentity) -> bool {
+        self.run_id == earlier.run_id
+            && (self.replid == earlier.replid
+                || self.replid2 == earlier.replid
+                || (!earlier.backlog && self.backlog))
+    }
+}
+
+/// The identities of the Redis primaries behind the pool, sorted.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fingerprint(pub String);
+pub struct Fingerprint(Vec<NodeIdentity>);
+
+impl Fingerprint {
+    /// The text stored in PostgreSQL: `run_id/replid/replid2/backlog,…`.
+    pub fn text(&self) -> String {
+        let nodes: Vec<String> = self
+            .0
+            .iter()
+            .map(|n| {
+                let backlog = u8::from(n.backlog);
+                format!("{}/{}/{}/{backlog}", n.run_id, n.replid, n.replid2)
+            })
+            .collect();
+        nodes.join(",")
+    }
+
+    pub fn parse(text: &str) -> Option<Fingerprint> {
+        let nodes = text
+            .split(',')
+            .filter(|n| !n.is_empty())
+            .map(|n| {
+                let mut parts = n.split('/');
+                Some(NodeIdentity {
+                    run_id: parts.next()?.to_owned(),
+                    replid: parts.next()?.to_owned(),
+                    replid2: parts.next().unwrap_or_default().to_owned(),
+                    backlog: parts.next() == Some("1"),
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Fingerprint(nodes))
+    }
+
+    /// Whether every primary of `earlier` is still here with its data continued (primaries may
+    /// have been added: a cluster that grows moves data with MIGRATE, which keeps it whole).
+    pub fn continues(&self, earlier: &Fingerprint) -> bool {
+        !earlier.0.is_empty()
+            && earlier
+                .0
+                .iter()
+                .all(|old| self.0.iter().any(|now| now.continues(old)))
+    }
+}
 
 pub(super) struct Latch {
     reconnect: RwLock<broadcast::Receiver<Server>>,
-    cluster: RwLock<broadcast::Receiver<Vec<ClusterStateChange>>>,
 }
 
 impl Latch {
-    /// Subscribes to `client`'s events, and wakes `changed` on each.
+    /// Subscribes to `client`'s reconnections, and wakes `changed` on each.
     pub(super) fn new(client: &Client, changed: &Arc<Notify>) -> Self {
         let wake = changed.clone();
         client.on_reconnect(move |_| {
             wake.notify_one();
             async { Ok(()) }
         });
-        let wake = changed.clone();
-        client.on_cluster_change(move |_| {
-            wake.notify_one();
-            async { Ok(()) }
-        });
         Self {
             reconnect: RwLock::new(client.reconnect_rx()),
-            cluster: RwLock::new(client.cluster_change_rx()),
         }
     }
 
-    /// Whether the client reconnected or saw its topology change since the last [`Latch::reset`].
+    /// Whether the client connected anew since the last [`Latch::reset`].
     pub(super) fn tripped(&self) -> bool {
-        let pending = |len: usize| len > 0;
-        self.reconnect.read().map_or(true, |r| pending(r.len()))
-            || self.cluster.read().map_or(true, |r| pending(r.len()))
+        self.reconnect.read().map_or(true, |r| !r.is_empty())
     }
 
     fn reset(&self) {
         if let Ok(mut r) = self.reconnect.write() {
             *r = r.resubscribe();
         }
-        if let Ok(mut r) = self.cluster.write() {
-            *r = r.resubscribe();
-        }
     }
 }
 
-/// What one INFO of a primary tells.
-#[derive(Debug, Default)]
-struct NodeInfo {
-    /// `run_id/master_replid`.
-    identity: String,
-    used_memory: i64,
-    maxmemory: i64,
-    maxmemory_policy: String,
-    evicted_keys: i64,
-    connected_clients: i64,
+/// A field of an INFO reply.
+fn field(text: &str, name: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_default()
 }
 
-/// One INFO (all default sections) of the server answering `client`, or the node it is addressed
-/// to.
-async fn node_info(client: &impl ClientLike) -> Result<NodeInfo, fred::error::Error> {
-    let text: String = client.info(None::<InfoKind>).await?;
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .map(|v| v.trim().to_owned())
-            .unwrap_or_default()
+/// The identity of the server answering `client` (or the node it is addressed to): two small
+/// INFO sections.
+async fn identity(client: &impl ClientLike) -> Result<NodeIdentity, fred::error::Error> {
+    let server: String = client.info(Some(InfoKind::Server)).await?;
+    let replication: String = client.info(Some(InfoKind::Replication)).await?;
+    let identity = NodeIdentity {
+        run_id: field(&server, "run_id"),
+        replid: field(&replication, "master_replid"),
+        replid2: field(&replication, "master_replid2"),
+        backlog: field(&replication, "repl_backlog_active") == "1",
     };
-    let number = |name: &str| field(name).parse::<i64>().unwrap_or(0);
-    let run_id = field("run_id");
-    if run_id.is_empty() {
+    if identity.run_id.is_empty() || field(&replication, "role") != "master" {
         return Err(fred::error::Error::new(
             fred::error::ErrorKind::Protocol,
-            "INFO did not report a run_id",
+            "the server is not a primary (or INFO did not report its run_id)",
         ));
     }
-    Ok(NodeInfo {
-        identity: format!("{run_id}/{}", field("master_replid")),
-        used_memory: number("used_memory"),
-        maxmemory: number("maxmemory"),
-        maxmemory_policy: field("maxmemory_policy"),
-        evicted_keys: number("evicted_keys"),
-        connected_clients: number("connected_clients"),
-    })
+    Ok(identity)
 }
 
 impl Redis {
-    /// Whether the generation job has work: none established, or an event since.
+    /// Whether the generation job has work: none established, or a reconnection since.
     pub fn needs_generation(&self) -> bool {
         self.inner().is_some_and(|i| {
             i.generation.load(std::sync::atomic::Ordering::SeqCst) == 0
@@ -117,8 +166,8 @@ impl Redis {
         })
     }
 
-    /// Waits for the next reconnection or topology change (or a read that found none
-    /// established). Never returns when Redis is disabled.
+    /// Waits for the next reconnection (or a read that found no generation). Never returns when
+    /// Redis is disabled.
     pub async fn changed(&self) {
         match self.inner() {
             Some(inner) => inner.changed.notified().await,
@@ -136,9 +185,9 @@ impl Redis {
         }
     }
 
-    /// Stops serving copies and forgets the events seen so far: the caller is about to read the
-    /// fingerprint and establish a generation for it. Events after this keep copies unserved until
-    /// the next establishment.
+    /// Stops serving copies and forgets the reconnections seen so far: the caller is about to
+    /// read the fingerprint and establish a generation for it. Reconnections after this keep
+    /// copies unserved until the next establishment.
     pub async fn begin_establishing(&self) {
         if let Some(inner) = self.inner() {
             if let Some(hook) = inner.establish_hook.get() {
@@ -152,8 +201,8 @@ impl Redis {
         }
     }
 
-    /// Serves copies of `generation`, established for `fingerprint`, from now on (unless an
-    /// event arrived meanwhile).
+    /// Serves copies of `generation`, established for `fingerprint`, from now on (unless a
+    /// reconnection happened meanwhile).
     pub fn adopt(&self, generation: u64, fingerprint: Fingerprint) {
         if let Some(inner) = self.inner() {
             *inner.fingerprint.lock().unwrap_or_else(|e| e.into_inner()) = Some(fingerprint);
@@ -213,8 +262,8 @@ impl Redis {
             .store(now.max(1), std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(
             %error,
-            "cannot read the identity of the redis servers (INFO); the cache is not used until \
-             it can (an ACL must allow INFO)"
+            "cannot establish which redis servers the cache is on (INFO of every primary, the \
+             same for every pooled connection); the cache is not used until it can"
         );
     }
 
@@ -231,75 +280,137 @@ impl Redis {
             .clone()
     }
 
-    /// The identities of every primary behind every client (one INFO each), publishing each
-    /// node's health and memory figures on the way. Fails when any client is not connected or any
-    /// node does not answer: a partial view must not pass for a new identity.
+    /// The identities of the primaries behind the pool. Fails when a client is not connected,
+    /// a node does not answer or is not a primary, or the clients do not all see the same
+    /// primaries: a partial or split view must not pass for a history.
     pub async fn fingerprint(&self) -> Result<Fingerprint, fred::error::Error> {
         let Some(inner) = self.inner() else {
-            return Ok(Fingerprint(String::new()));
+            return Ok(Fingerprint(Vec::new()));
         };
-        let mut ids = Vec::new();
-        let mut failed = None;
-        for client in inner.pool.clients().iter().chain([&inner.durable]) {
+        let mut seen: Option<Vec<NodeIdentity>> = None;
+        for client in inner.pool.clients() {
             if !client.is_connected() {
-                failed = Some(down());
-                continue;
+                return Err(down());
             }
             let mut nodes = client.active_connections();
             if !client.is_clustered() {
                 nodes.truncate(1);
             }
             if nodes.is_empty() {
-                failed = Some(down());
+                return Err(down());
             }
+            let mut ids = Vec::with_capacity(nodes.len());
             for server in nodes {
-                let info = if client.is_clustered() {
-                    node_info(&client.with_cluster_node(server.clone())).await
+                let id = if client.is_clustered() {
+                    identity(&client.with_cluster_node(server)).await
                 } else {
-                    node_info(client).await
+                    identity(client).await
                 };
-                let node = server.to_string();
-                let m = &self.metrics;
-                match info {
-                    Ok(info) => {
-                        m.redis_node_up.with_label_values(&[&node]).set(1);
-                        m.redis_used_memory
-                            .with_label_values(&[&node])
-                            .set(info.used_memory);
-                        m.redis_maxmemory
-                            .with_label_values(&[&node])
-                            .set(info.maxmemory);
-                        m.redis_evicted_keys
-                            .with_label_values(&[&node])
-                            .set(info.evicted_keys);
-                        let clients = &m.redis_connected_clients;
-                        clients
-                            .with_label_values(&[&node])
-                            .set(info.connected_clients);
-                        let policy = &m.redis_maxmemory_policy;
-                        policy
-                            .with_label_values(&[&node, &info.maxmemory_policy])
-                            .set(1);
-                        ids.push(info.identity);
-                    }
-                    Err(error) => {
-                        m.redis_node_up.with_label_values(&[&node]).set(0);
-                        failed = Some(error);
-                    }
+                ids.push(self.observe(id).ok_or_else(down)?);
+            }
+            ids.sort();
+            ids.dedup();
+            match &seen {
+                Some(first) if *first != ids => {
+                    return Err(fred::error::Error::new(
+                        fred::error::ErrorKind::Cluster,
+                        "the pooled connections are on different primaries",
+                    ));
                 }
+                _ => seen = Some(ids),
             }
         }
-        if let Some(error) = failed {
-            self.observe::<()>(Err(error.clone()));
-            return Err(error);
+        Ok(Fingerprint(seen.unwrap_or_default()))
+    }
+
+    /// Publishes each primary's health and memory figures (one full INFO each, through the
+    /// first client); `false` when one did not answer.
+    pub async fn survey(&self) -> bool {
+        let Some(client) = self.inner().and_then(|i| i.pool.clients().first()) else {
+            return false;
+        };
+        let mut nodes = client.active_connections();
+        if !client.is_clustered() {
+            nodes.truncate(1);
         }
-        self.observe(Ok(()));
-        ids.sort();
-        ids.dedup();
-        Ok(Fingerprint(ids.join(",")))
+        let mut all = !nodes.is_empty();
+        self.metrics.redis_maxmemory_policy.reset();
+        for server in nodes {
+            let info: Result<String, _> = if client.is_clustered() {
+                client
+                    .with_cluster_node(server.clone())
+                    .info(None::<InfoKind>)
+                    .await
+            } else {
+                client.info(None::<InfoKind>).await
+            };
+            let node = server.to_string();
+            let m = &self.metrics;
+            let Ok(text) = info else {
+                m.redis_node_up.with_label_values(&[&node]).set(0);
+                all = false;
+                continue;
+            };
+            let number = |name: &str| field(&text, name).parse::<i64>().unwrap_or(0);
+            m.redis_node_up.with_label_values(&[&node]).set(1);
+            let set = |g: &prometheus::IntGaugeVec, name: &str| {
+                g.with_label_values(&[&node]).set(number(name))
+            };
+            set(&m.redis_used_memory, "used_memory");
+            set(&m.redis_maxmemory, "maxmemory");
+            set(&m.redis_evicted_keys, "evicted_keys");
+            set(&m.redis_connected_clients, "connected_clients");
+            let policy = field(&text, "maxmemory_policy");
+            m.redis_maxmemory_policy
+                .with_label_values(&[&node, &policy])
+                .set(1);
+        }
+        all
     }
 }
 
 fn down() -> fred::error::Error {
-    fred::error::Error::new(fred::error::ErrorKind::IO, "redis did not answer INFO")
+    fred::error::Error::new(
+        fred::error::ErrorKind::IO,
+        "a redis primary did not answer INFO",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(run: &str, replid: &str, replid2: &str) -> NodeIdentity {
+        NodeIdentity {
+            run_id: run.into(),
+            replid: replid.into(),
+            replid2: replid2.into(),
+            backlog: true,
+        }
+    }
+
+    #[test]
+    fn what_continues_a_history_and_what_starts_a_new_one() {
+        let before = Fingerprint(vec![node("p", "a", "")]);
+        // The first replica: a new replication id, the old one kept as the second.
+        assert!(Fingerprint(vec![node("p", "b", "a")]).continues(&before));
+        // A primary added beside it.
+        assert!(Fingerprint(vec![node("p", "a", ""), node("q", "c", "")]).continues(&before));
+        // A restart (or a restore), a promoted replica, a resynchronised node.
+        assert!(!Fingerprint(vec![node("p2", "a", "")]).continues(&before));
+        assert!(!Fingerprint(vec![node("r", "d", "a")]).continues(&before));
+        assert!(!Fingerprint(vec![node("p", "e", "d")]).continues(&before));
+        // The very first replica of a primary that never had one: a new id, the old not kept.
+        let alone = Fingerprint(vec![NodeIdentity {
+            backlog: false,
+            ..node("p", "a", "")
+        }]);
+        assert!(Fingerprint(vec![node("p", "f", "")]).continues(&alone));
+        assert!(!Fingerprint(vec![node("p", "f", "")]).continues(&before));
+        // A primary gone.
+        let two = Fingerprint(vec![node("p", "a", ""), node("q", "c", "")]);
+        assert!(!before.continues(&two));
+        let text = two.text();
+        assert_eq!(Fingerprint::parse(&text), Some(two));
+    }
 }

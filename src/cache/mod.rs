@@ -49,7 +49,7 @@ use std::{
 
 use fred::{
     clients::{Client, Pool},
-    interfaces::{ClientLike, ClusterInterface, EventInterface, ServerInterface},
+    interfaces::{ClientLike, EventInterface},
     prelude::{Builder, ReconnectPolicy},
     types::config::{TcpConfig, UnresponsiveConfig},
 };
@@ -68,7 +68,7 @@ use generation::Latch;
 /// The Redis commands authd sends (scripts' own calls included), as an ACL rule: an ACL user
 /// with `~<prefix>* ` followed by this needs nothing more.
 pub const ACL_COMMANDS: &str = "+get +set +mget +del +sadd +srem +expire +time +evalsha \
-     +script|load +info +wait +ping +role +cluster|slots +select +client|setname +client|id";
+     +script|load +info +ping +role +cluster|slots +asking +select +client|setname +client|id";
 
 /// Kinds of keys; with the schema version they form `<prefix><kind>:v2:<id>`. v2: every value
 /// carries its generation.
@@ -82,14 +82,6 @@ pub struct Redis {
 
 struct Inner {
     pool: Pool,
-    /// Writes that must survive a failover (tombstones, profile versions) go through a client of
-    /// their own: `WAIT`, which follows them, blocks the connection it is sent on, and must never
-    /// hold up reads.
-    durable: Client,
-    /// Replicas that must acknowledge such a write before it counts (`WAIT`), and for how long
-    /// (ms) to wait for them.
-    replica_acks: i64,
-    ack_timeout_ms: i64,
     deployment: Deployment,
     /// One per pooled client, in the same order.
     latches: Vec<Latch>,
@@ -97,11 +89,15 @@ struct Inner {
     prefix: String,
     /// Whether the last command succeeded; flips are logged, so an outage is logged once.
     healthy: AtomicBool,
-    /// Count of invalidations (tombstones, profile versions) this instance failed to write. Each
-    /// may have left a stale copy, so cached copies are not served again until a pass over the
-    /// outbox logs that started after the last failure has completed (`trusted_through` caught
-    /// up).
-    failures: AtomicU64,
+    /// Keys whose invalidation (tombstone, profile version) this instance failed to write: each
+    /// may hold a stale copy, so this instance serves none of them until a later write of that
+    /// key succeeds (the outbox follower retries every pass). Past [`PENDING_MAX`] keys, nothing
+    /// at all is served until a complete pass.
+    pending: std::sync::Mutex<std::collections::HashSet<String>>,
+    pending_len: AtomicUsize,
+    /// Set when `pending` overflowed: copies wait for a complete pass that started after it
+    /// (a pass's start mark, compared with this counter).
+    overflows: AtomicU64,
     trusted_through: AtomicU64,
     /// Cached copies are served only until this instant (ms since [`EPOCH`]): one
     /// `SESSION__INVALIDATION_INTERVAL` plus one `REDIS__COMMAND_TIMEOUT` after the start of the
@@ -167,7 +163,11 @@ impl Redis {
             .with_connection_config(|c| {
                 c.connection_timeout = settings.connect_timeout;
                 c.internal_command_timeout = settings.connect_timeout;
-                c.max_command_attempts = 1;
+                // More than one: fred follows a cluster's ASK redirection with an attempt of its
+                // own (with one, its router gives up for good). Every write authd makes may run
+                // twice harmlessly (a lease taken twice is refused the second time; a rate-limit
+                // attempt counted twice errs on the safe side).
+                c.max_command_attempts = 3;
                 c.unresponsive = UnresponsiveConfig {
                     max_timeout: Some(settings.command_timeout.max(Duration::from_millis(500)) * 4),
                     interval: Duration::from_millis(500),
@@ -185,7 +185,6 @@ impl Redis {
             ))
             .to_owned();
         let pool = builder.build_pool(settings.pool_size)?;
-        let durable = builder.build()?;
         // Subscribed before connecting: the first connection is an event like any other.
         let changed = Arc::new(Notify::new());
         let latches = pool
@@ -194,20 +193,17 @@ impl Redis {
             .map(|client| Latch::new(client, &changed))
             .collect();
         let explain = Arc::new(std::sync::Mutex::new(None));
-        for client in pool.clients().iter().chain([&durable]) {
+        let sentinel = deployment == Deployment::Sentinel;
+        for client in pool.clients() {
             let explain = explain.clone();
             client.on_error(move |(error, _)| {
-                explain_connection_error(&explain, &error);
+                explain_connection_error(&explain, &error, sentinel);
                 async { Ok(()) }
             });
         }
         drop(pool.connect());
-        drop(durable.connect());
-        let connected = tokio::time::timeout(settings.connect_timeout, async {
-            pool.wait_for_connect().await?;
-            durable.wait_for_connect().await
-        })
-        .await;
+        let connected =
+            tokio::time::timeout(settings.connect_timeout, pool.wait_for_connect()).await;
         let connected = matches!(connected, Ok(Ok(())));
         if !connected {
             tracing::warn!(
@@ -215,23 +211,17 @@ impl Redis {
             );
         }
         metrics.redis_up.set(i64::from(connected));
-        let replica_acks = settings.replica_acks.unwrap_or(match deployment {
-            Deployment::Single => 0,
-            Deployment::Cluster | Deployment::Sentinel => 1,
-        });
         Ok(Self {
             inner: Some(Arc::new(Inner {
                 pool,
-                durable,
-                replica_acks: i64::from(replica_acks),
-                ack_timeout_ms: i64::try_from(settings.replica_ack_timeout.as_millis())
-                    .unwrap_or(i64::MAX),
                 deployment,
                 latches,
                 next: AtomicUsize::new(0),
                 prefix: settings.key_prefix.clone(),
                 healthy: AtomicBool::new(connected),
-                failures: AtomicU64::new(0),
+                pending: std::sync::Mutex::new(std::collections::HashSet::new()),
+                pending_len: AtomicUsize::new(0),
+                overflows: AtomicU64::new(0),
                 trusted_through: AtomicU64::new(0),
                 trusted_until: AtomicU64::new(0),
                 log_position: std::sync::atomic::AtomicI64::new(0),
@@ -254,67 +244,12 @@ impl Redis {
     pub async fn quit(&self) {
         if let Some(inner) = &self.inner {
             let _ = inner.pool.quit().await;
-            let _ = inner.durable.quit().await;
         }
     }
 
     /// The deployment `REDIS__URL` names (`None` when disabled).
     pub fn deployment(&self) -> Option<Deployment> {
         self.inner().map(|i| i.deployment)
-    }
-
-    /// The client for writes that must survive a failover (see [`Redis::replicated`]).
-    fn durable(&self) -> Option<&Client> {
-        let durable = &self.inner()?.durable;
-        if durable.is_connected() {
-            return Some(durable);
-        }
-        let down = fred::error::Error::new(fred::error::ErrorKind::IO, "no connection to redis");
-        self.observe::<()>(Err(down));
-        None
-    }
-
-    /// After a durable write of `key`: whether `REDIS__REPLICA_ACKS` replicas hold it (`WAIT`
-    /// on the connection that wrote it). A write the replicas did not confirm stays queued in
-    /// PostgreSQL and is written again by the drain; it is not a failure of Redis (the primary has
-    /// it, and reads go to the primary).
-    async fn replicated(&self, key: &str) -> bool {
-        let Some(inner) = self.inner() else {
-            return false;
-        };
-        if inner.replica_acks == 0 {
-            return true;
-        }
-        let durable = &inner.durable;
-        let (acks, timeout) = (inner.replica_acks, inner.ack_timeout_ms);
-        let acked = if durable.is_clustered() {
-            let slot = fred::util::redis_keyslot(key.as_bytes());
-            let Some(owner) = durable
-                .cached_cluster_state()
-                .and_then(|state| state.get_server(slot).cloned())
-            else {
-                return false;
-            };
-            durable
-                .with_cluster_node(owner)
-                .wait::<i64>(acks, timeout)
-                .await
-        } else {
-            durable.wait::<i64>(acks, timeout).await
-        };
-        match self.observe(acked) {
-            Some(n) if n >= acks => true,
-            Some(n) => {
-                self.metrics.redis_unreplicated.inc();
-                tracing::debug!(
-                    replicas = n,
-                    wanted = acks,
-                    "a write was not replicated in time"
-                );
-                false
-            }
-            None => false,
-        }
     }
 
     /// `<prefix><kind>:v2:<id>`
@@ -387,6 +322,7 @@ impl Redis {
 fn explain_connection_error(
     last: &std::sync::Mutex<Option<(String, std::time::Instant)>>,
     error: &fred::error::Error,
+    sentinel: bool,
 ) {
     let details = error.details().to_owned();
     let lower = details.to_ascii_lowercase();
@@ -394,13 +330,21 @@ fn explain_connection_error(
         || lower.contains("certificate")
         || lower.contains("tls")
     {
-        Some("REDIS__TLS__CA_FILE (and REDIS__TLS__CERT_FILE, REDIS__TLS__KEY_FILE)")
+        Some(
+            "REDIS__TLS__CA_FILE (and REDIS__TLS__CERT_FILE, REDIS__TLS__KEY_FILE), and that the \
+             server certificate names the host in REDIS__URL",
+        )
     } else if matches!(error.kind(), fred::error::ErrorKind::Auth)
         || lower.contains("wrongpass")
         || lower.contains("noauth")
         || lower.contains("noperm")
     {
-        Some("REDIS__USERNAME and REDIS__PASSWORD (or the credentials in REDIS__URL)")
+        Some(if sentinel {
+            "REDIS__USERNAME and REDIS__PASSWORD (or the credentials in REDIS__URL), and \
+             REDIS__SENTINEL__USERNAME and REDIS__SENTINEL__PASSWORD"
+        } else {
+            "REDIS__USERNAME and REDIS__PASSWORD (or the credentials in REDIS__URL)"
+        })
     } else {
         None
     };
@@ -429,20 +373,56 @@ fn monotonic_ms(at: std::time::Instant) -> u64 {
     u64::try_from(at.saturating_duration_since(*EPOCH).as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Keys with a failed invalidation remembered one by one, at most.
+const PENDING_MAX: usize = 100_000;
+
 impl Redis {
-    /// An invalidation could not be written: copies are not served until a pass over the logs
-    /// that starts after this has completed.
-    fn invalidation_failed(&self) {
-        if let Some(inner) = self.inner() {
-            inner.failures.fetch_add(1, Ordering::AcqRel);
+    /// The invalidation of `key` could not be written: its copy is not served here until a
+    /// later write of the key succeeds.
+    fn invalidation_failed(&self, key: &str) {
+        let Some(inner) = self.inner() else {
+            return;
+        };
+        let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.len() >= PENDING_MAX {
+            inner.overflows.fetch_add(1, Ordering::AcqRel);
+            return;
         }
+        pending.insert(key.to_owned());
+        inner.pending_len.store(pending.len(), Ordering::Release);
     }
 
-    /// Where the failure count stands now; pass it to [`Redis::trust`] with the start of a pass
+    /// The invalidation of `key` was written.
+    fn invalidation_written(&self, key: &str) {
+        let Some(inner) = self.inner() else {
+            return;
+        };
+        if inner.pending_len.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.remove(key);
+        inner.pending_len.store(pending.len(), Ordering::Release);
+    }
+
+    /// Whether `key`'s cached copy may be stale here (its invalidation failed).
+    fn is_pending(&self, key: &str) -> bool {
+        let Some(inner) = self.inner() else {
+            return false;
+        };
+        inner.pending_len.load(Ordering::Acquire) > 0
+            && inner
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(key)
+    }
+
+    /// Where the overflow count stands now; pass it to [`Redis::trust`] with the start of a pass
     /// over the logs that then completes.
     pub fn failure_mark(&self) -> u64 {
         self.inner()
-            .map_or(0, |i| i.failures.load(Ordering::Acquire))
+            .map_or(0, |i| i.overflows.load(Ordering::Acquire))
     }
 
     /// A pass over the logs that started at `started` (and at failure count `mark`) has
@@ -482,10 +462,10 @@ impl Redis {
     }
 
     /// The generation whose copies may be served *now*: `None` when Redis is disabled, when no
-    /// generation is established for the servers currently connected (a reconnection or topology
-    /// change not yet looked at), when an invalidation failed since the last complete pass over
-    /// the logs, or when no pass completed recently. Call it after the reply whose value is to be
-    /// judged.
+    /// generation is established for the servers currently connected (a reconnection not yet
+    /// looked at), when no pass over the logs completed recently, or when too many invalidations
+    /// failed to track them one by one. Call it after the reply whose value is to be judged (and
+    /// see [`Redis::is_pending`] for the key itself).
     pub fn serving_generation(&self) -> Option<u64> {
         let inner = self.inner()?;
         // The latches first: the generation job zeroes the generation *before* it resets them,
@@ -499,8 +479,8 @@ impl Redis {
             inner.changed.notify_one();
             return None;
         }
-        let failures = inner.failures.load(Ordering::Acquire);
-        let caught_up = inner.trusted_through.load(Ordering::Acquire) >= failures;
+        let overflows = inner.overflows.load(Ordering::Acquire);
+        let caught_up = inner.trusted_through.load(Ordering::Acquire) >= overflows;
         let fresh =
             monotonic_ms(std::time::Instant::now()) < inner.trusted_until.load(Ordering::Acquire);
         (caught_up && fresh).then_some(generation)

@@ -103,12 +103,14 @@ impl ProfileCache {
         self.redis.key("profile", &user_id.to_string())
     }
 
-    /// `serving`: the generation served now, read once per reply.
-    fn judge(&self, raw: Option<String>, serving: Option<u64>) -> CachedProfile {
+    /// `serving`: the generation served now, read once per reply. A copy whose key had an
+    /// update fail to reach Redis here is not served.
+    fn judge(&self, key: &str, raw: Option<String>, serving: Option<u64>) -> CachedProfile {
         let Some(raw) = raw else {
             return CachedProfile::Miss;
         };
         match values::decode(&raw) {
+            Value::Profile(..) if self.redis.is_pending(key) => CachedProfile::Miss,
             Value::Profile(generation, json) if Some(generation) == serving => {
                 match serde_json::from_str(json) {
                     Ok(profile) => CachedProfile::Hit(profile),
@@ -140,9 +142,9 @@ impl ProfileCache {
             (Some(key), Some(client)) => {
                 match self
                     .redis
-                    .observe(client.get::<Option<String>, _>(key).await)
+                    .observe(client.get::<Option<String>, _>(&key).await)
                 {
-                    Some(value) => self.judge(value, self.redis.serving_generation()),
+                    Some(value) => self.judge(&key, value, self.redis.serving_generation()),
                     None => CachedProfile::Unavailable,
                 }
             }
@@ -169,18 +171,21 @@ impl ProfileCache {
                 // Redis before 7 does not know script flags: read key by key (fred pipelines
                 // the GETs on each node's connection).
                 Err(e) if e.details().contains("compiling script") => {
-                    let gets = keys.into_iter().map(|k| client.get::<Option<String>, _>(k));
+                    let gets = keys.iter().map(|k| client.get::<Option<String>, _>(k));
                     let replies: Result<Vec<_>, _> = join_all(gets).await.into_iter().collect();
                     self.redis.observe(replies)?
                 }
                 other => self.redis.observe(other)?,
             }
         } else {
-            self.redis.observe(client.mget(keys).await)?
+            self.redis.observe(client.mget(keys.clone()).await)?
         };
         let serving = self.redis.serving_generation();
-        let cached: Vec<CachedProfile> =
-            values.into_iter().map(|v| self.judge(v, serving)).collect();
+        let cached: Vec<CachedProfile> = keys
+            .iter()
+            .zip(values)
+            .map(|(key, v)| self.judge(key, v, serving))
+            .collect();
         cached.iter().for_each(|c| self.count(c));
         Some(cached)
     }
@@ -242,8 +247,11 @@ impl ProfileCache {
             },
             ProfileWrite::Floor(id, version) => (*id, *version, String::new()),
         };
-        let (Some(key), Some(client)) = (self.key(&user_id), self.redis.durable()) else {
-            self.redis.invalidation_failed();
+        let Some(key) = self.key(&user_id) else {
+            return false;
+        };
+        let Some(client) = self.redis.connected() else {
+            self.redis.invalidation_failed(&key);
             return false;
         };
         let args = vec![
@@ -259,7 +267,7 @@ impl ProfileCache {
             .evalsha_with_reload::<i64, _, _>(client, vec![key.clone()], args)
             .await;
         if self.redis.observe(result).is_none() {
-            self.redis.invalidation_failed();
+            self.redis.invalidation_failed(&key);
             return false;
         }
         // Instances of the previous release read `profile:v1:` keys (`<version>|<json>`); until
@@ -272,10 +280,11 @@ impl ProfileCache {
                 .set::<(), _, _>(v1, floor, Some(px), None, false)
                 .await;
             if self.redis.observe(compat).is_none() {
-                self.redis.invalidation_failed();
+                self.redis.invalidation_failed(&key);
                 return false;
             }
         }
-        self.redis.replicated(&key).await
+        self.redis.invalidation_written(&key);
+        true
     }
 }

@@ -77,11 +77,15 @@ impl SessionStore {
             (Some(key), Some(client)) => {
                 match self
                     .redis
-                    .observe(client.get::<Option<String>, _>(key).await)
+                    .observe(client.get::<Option<String>, _>(&key).await)
                 {
                     None => Cached::Unavailable,
                     Some(None) => Cached::Miss,
-                    Some(Some(raw)) => self.judge(&raw),
+                    Some(Some(raw)) => match self.judge(&raw) {
+                        // Its tombstone failed to reach Redis: the copy may be stale.
+                        Cached::Hit(_) if self.redis.is_pending(&key) => Cached::Miss,
+                        judged => judged,
+                    },
                 }
             }
             _ => Cached::Unavailable,
@@ -185,41 +189,46 @@ impl SessionStore {
     }
 
     /// Writes the tombstone of a revoked session, for `ttl` (until it would have expired
-    /// anyway). `false` when Redis is disabled or could not confirm it — the primary did not take
-    /// it, or the replicas did not (see [`Redis::replicated`]): the invalidation then stays queued
-    /// in PostgreSQL for an instance with Redis to apply again.
+    /// anyway), with the previous release's tombstone and the index update alongside. `false`
+    /// when Redis is disabled or did not take it: the log keeps the revocation for the follower
+    /// to write again.
     pub async fn bury(&self, hash: &TokenHash, user_id: &uuid::Uuid, ttl: Duration) -> bool {
         let (Some(key), Some(index)) = (self.session_key(hash), self.index_key(user_id)) else {
             return false;
         };
-        let Some(client) = self.redis.durable() else {
-            self.redis.invalidation_failed();
+        let Some(client) = self.redis.connected() else {
+            self.redis.invalidation_failed(&key);
             return false;
         };
         let tombstone = values::tombstone(self.redis.write_generation());
         let px = Expiration::PX(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1));
-        let buried = client
-            .set::<(), _, _>(&key, tombstone, Some(px.clone()), None, false)
-            .await;
-        if self.redis.observe(buried).is_none() {
-            self.redis.invalidation_failed();
-            return false;
-        }
         // Instances of the previous release read `session:v1:` keys; until none runs, they get
         // the tombstone in their format too (a rolling upgrade). Remove with the next schema.
-        if let Some(v1) = self.redis.key_v1("session", &hash.to_hex()) {
-            let compat = client
-                .set::<(), _, _>(v1, "revoked", Some(px), None, false)
-                .await;
-            if self.redis.observe(compat).is_none() {
-                self.redis.invalidation_failed();
-                return false;
-            }
+        let v1 = self.redis.key_v1("session", &hash.to_hex());
+        let (buried, compat, _) = futures::join!(
+            client.set::<(), _, _>(&key, tombstone, Some(px.clone()), None, false),
+            async {
+                match v1 {
+                    Some(v1) => {
+                        client
+                            .set::<(), _, _>(v1, "revoked", Some(px), None, false)
+                            .await
+                    }
+                    None => Ok(()),
+                }
+            },
+            // The index is a convenience; a member left behind expires with it.
+            async {
+                self.redis
+                    .observe(client.srem::<i64, _, _>(index, hash.to_hex()).await)
+            },
+        );
+        if self.redis.observe(buried).is_none() || self.redis.observe(compat).is_none() {
+            self.redis.invalidation_failed(&key);
+            return false;
         }
-        // The index is a convenience; a member left behind expires with it.
-        let removed = client.srem::<i64, _, _>(index, hash.to_hex()).await;
-        self.redis.observe(removed);
-        self.redis.replicated(&key).await
+        self.redis.invalidation_written(&key);
+        true
     }
 }
 

@@ -34,9 +34,13 @@ pub struct Follower {
     pub in_flight: TimeDelta,
     /// How long after a complete pass began copies are served.
     pub valid_for: Duration,
-    /// One pass at a time.
-    running: tokio::sync::Mutex<()>,
+    /// One pass at a time; when the cursor was last written.
+    running: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// A cursor with nothing new to record is written at most this often (it only shortens what a
+/// pass re-reads).
+const CURSOR_REFRESH: Duration = Duration::from_secs(60);
 
 /// A row of either log.
 trait Row: Clone {
@@ -71,13 +75,13 @@ impl Follower {
             db,
             in_flight,
             valid_for,
-            running: tokio::sync::Mutex::new(()),
+            running: tokio::sync::Mutex::new(None),
         }
     }
 
     /// One pass; `true` when everything logged reached the cache (and copies are trusted anew).
     pub async fn pass(&self) -> Result<bool, StoreError> {
-        let _one = self.running.lock().await;
+        let mut last_written = self.running.lock().await;
         let Some(namespace) = self.redis.namespace() else {
             return Ok(false);
         };
@@ -107,7 +111,11 @@ impl Follower {
             sessions_after: sessions.max(read_at),
             profiles_after: profiles.max(read_at),
         };
-        outbox.advance(&namespace, reached).await?;
+        let moved = sessions > cursor.sessions_after || profiles > cursor.profiles_after;
+        if moved || last_written.is_none_or(|at| at.elapsed() >= CURSOR_REFRESH) {
+            outbox.advance(&namespace, reached).await?;
+            *last_written = Some(std::time::Instant::now());
+        }
         self.redis
             .set_log_position(reached.sessions_after - self.in_flight);
         self.redis.trust(mark, started, self.valid_for);

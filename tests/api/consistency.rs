@@ -293,15 +293,6 @@ async fn a_restart_during_a_profile_fill_and_its_single_flight_goes_back_to_noth
     profile_fill_across_data_loss(true).await;
 }
 
-/// Validations of `token` no longer reach PostgreSQL.
-async fn served_from_redis(app: &TestApp, token: &str) -> bool {
-    if app.validate(token).await.is_err() {
-        return false;
-    }
-    let before = app.queries();
-    app.validate(token).await.is_ok() && app.queries() == before
-}
-
 /// Redis restarted from a snapshot saved before a logout and before an update: the snapshot
 /// holds the live copy and version 1, and neither is ever served again, on either instance —
 /// while the cache is used again for what is still valid. `hold`: the generation job of the first
@@ -369,7 +360,7 @@ async fn restore_from_an_older_snapshot(hold: bool) {
     pause.resume();
     for app in [&a, &b] {
         eventually(Duration::from_secs(10), "the cache is used again", || {
-            served_from_redis(app, &keeper.session_token)
+            app.served_from_redis(&keeper.session_token)
         })
         .await;
         assert_code(app.validate(&victim).await, Code::Unauthenticated);
@@ -654,7 +645,7 @@ async fn a_full_redis_is_survived_and_drained() {
     let _: i64 = redis.del(keys).await.unwrap();
     for app in [&a, &b] {
         eventually(Duration::from_secs(10), "the cache is used again", || {
-            served_from_redis(app, &keeper.session_token)
+            app.served_from_redis(&keeper.session_token)
         })
         .await;
         assert_code(app.validate(&victim).await, Code::Unauthenticated);

@@ -13,15 +13,6 @@ use crate::{
     redis_server::RedisServer,
 };
 
-/// Validations of `token` no longer reach PostgreSQL (they are served by Redis).
-async fn served_from_redis(app: &TestApp, token: &str) -> bool {
-    if app.validate(token).await.is_err() {
-        return false;
-    }
-    let before = app.queries();
-    app.validate(token).await.is_ok() && app.queries() == before
-}
-
 /// With Redis down: a new session is logged out and rejected. Then Redis (re)starts: `token`
 /// is served from Redis again, and the logged-out session stays rejected.
 async fn logout_during_outage_then_restart(
@@ -40,7 +31,7 @@ async fn logout_during_outage_then_restart(
     eventually(
         Duration::from_secs(10),
         "validation served from Redis",
-        || served_from_redis(app, token),
+        || app.served_from_redis(token),
     )
     .await;
     assert_code(
@@ -70,7 +61,7 @@ async fn redis_killed_mid_test_then_used_again_after_restart() {
     settings.redis.url = SecretString::from(redis.url());
     let app = spawn_with(settings).await;
     let (email, reg) = app.register().await;
-    assert!(served_from_redis(&app, &reg.session_token).await);
+    assert!(app.served_from_redis(&reg.session_token).await);
 
     redis.kill();
     let before = app.queries();
@@ -98,8 +89,8 @@ async fn a_logout_while_redis_is_cut_off_is_never_undone_by_the_cache() {
     .await;
 
     let (_, reg) = app.register().await;
-    assert!(served_from_redis(&app, &reg.session_token).await);
-    assert!(served_from_redis(&other, &reg.session_token).await);
+    assert!(app.served_from_redis(&reg.session_token).await);
+    assert!(other.served_from_redis(&reg.session_token).await);
 
     // The cached copy survives in Redis, but this instance cannot reach it to bury it.
     link.set(Link::Refused);

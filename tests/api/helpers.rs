@@ -263,6 +263,15 @@ impl TestApp {
             .map(|_| ())
     }
 
+    /// Validations of `token` no longer reach PostgreSQL (they are served by Redis).
+    pub async fn served_from_redis(&self, token: &str) -> bool {
+        if self.validate(token).await.is_err() {
+            return false;
+        }
+        let before = self.queries();
+        self.validate(token).await.is_ok() && self.queries() == before
+    }
+
     pub fn queries(&self) -> u64 {
         self.db.queries_executed()
     }

@@ -51,8 +51,10 @@ async fn every_kind_of_revocation_is_seen_by_every_instance(mode: Mode) {
         let victim = a.login(&email, PASSWORD).await.unwrap();
         let victim_id = victim.session.unwrap().session_id;
         // Both instances have validated (and, with Redis, cached) the session.
-        a.validate(&victim.session_token).await.unwrap();
-        b.validate(&victim.session_token).await.unwrap();
+        for app in [&a, &b] {
+            let cached = app.served_from_redis(&victim.session_token).await;
+            assert_eq!(cached, mode != Mode::NoRedis, "served from the cache");
+        }
 
         revoke(
             &a,
@@ -62,10 +64,18 @@ async fn every_kind_of_revocation_is_seen_by_every_instance(mode: Mode) {
             &victim_id,
         )
         .await;
+        let before = b.queries();
         assert_code(
             b.validate(&victim.session_token).await,
             Code::Unauthenticated,
         );
+        if mode != Mode::NoRedis {
+            assert_eq!(
+                b.queries(),
+                before,
+                "the other instance was told by the tombstone"
+            );
+        }
         assert_code(
             a.validate(&victim.session_token).await,
             Code::Unauthenticated,
