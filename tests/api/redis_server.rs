@@ -10,8 +10,10 @@ use std::{
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
-    /// Where `SAVE` writes its snapshot and a restart loads it from (when persistent).
-    dir: Option<PathBuf>,
+    /// Where `SAVE` (or a replica's sync) writes its snapshot, and a restart loads it from when
+    /// persistent; never the working directory.
+    dir: PathBuf,
+    persistent: bool,
     extra: Vec<String>,
 }
 
@@ -39,16 +41,13 @@ impl RedisServer {
     /// `extra`: more `redis-server` arguments, e.g. `["--maxmemory", "2mb"]`.
     pub async fn start_with(persistent: bool, extra: &[&str]) -> Self {
         let port = free_port();
-        let dir = persistent.then(|| {
-            let dir =
-                std::env::temp_dir().join(format!("authd-redis-{port}-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            dir
-        });
+        let dir = std::env::temp_dir().join(format!("authd-redis-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
         let mut server = Self {
             port,
             child: None,
             dir,
+            persistent,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
         server.restart().await;
@@ -70,12 +69,12 @@ impl RedisServer {
         let mut command = Command::new("redis-server");
         command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--appendonly", "no", "--save", ""]);
-        if let Some(dir) = &self.dir {
-            command
-                .arg("--dir")
-                .arg(dir)
-                .args(["--dbfilename", "dump.rdb"]);
+            .args(["--appendonly", "no", "--save", ""])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--dbfilename", "dump.rdb"]);
+        if !self.persistent {
+            let _ = std::fs::remove_file(self.dir.join("dump.rdb"));
         }
         let child = command
             .args(&self.extra)
@@ -104,8 +103,6 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
-        if let Some(dir) = &self.dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
