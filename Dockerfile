@@ -6,6 +6,9 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
 COPY migrations ./migrations
 COPY src ./src
+# The password blocklist (embedded) and the vendored fred (see vendor/README.md).
+COPY data ./data
+COPY vendor ./vendor
 # Cargo reads every target of the manifest, the benchmark included.
 COPY benches ./benches
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

@@ -7,7 +7,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, server::TcpIncoming};
 
 use crate::{
-    auth::{AuthParts, AuthService, password::PasswordHasher, session::SessionPolicy},
+    auth::{
+        AuthParts, AuthService, password::PasswordHasher, password_policy::PasswordPolicy,
+        session::SessionPolicy,
+    },
     cache::{ProfileCache, RateLimiter, Redis, SessionStore},
     clock::Clock,
     config::Settings,
@@ -97,6 +100,7 @@ impl Application {
             policy: SessionPolicy::from(&settings.session),
             limiter: RateLimiter::new(redis.clone()),
             limits: settings.rate_limit.clone(),
+            passwords: PasswordPolicy::new(settings.auth.password_min_length),
             clock: clock.clone(),
         }));
         let profiles = Arc::new(ProfileService::new(

@@ -188,6 +188,8 @@ pub struct AuthSettings {
     pub hash_concurrency: usize,
     /// Hash requests allowed to wait for a slot; beyond this, RESOURCE_EXHAUSTED at once.
     pub hash_queue: usize,
+    /// Shortest new password, in characters after NFKC normalisation.
+    pub password_min_length: usize,
 }
 
 /// Brute-force protection. Counts are per fixed window; 0 turns a limit off.
@@ -327,6 +329,7 @@ impl Default for AuthSettings {
         Self {
             hash_concurrency: (cores / 2).max(1),
             hash_queue: 32,
+            password_min_length: 8,
         }
     }
 }
@@ -528,6 +531,13 @@ impl Settings {
         }
         if !(1..=128).contains(&rl.ipv6_prefix) {
             return invalid("RATE_LIMIT__IPV6_PREFIX", "must be 1 to 128");
+        }
+        let longest = crate::auth::input::PASSWORD_MAX_CHARS;
+        if !(8..=longest).contains(&self.auth.password_min_length) {
+            return invalid(
+                "AUTH__PASSWORD_MIN_LENGTH",
+                &format!("must be 8 to {longest} (NIST SP 800-63B asks for at least 8)"),
+            );
         }
         let pc = &self.profile_cache;
         if pc.ttl.is_zero() {

@@ -4,13 +4,14 @@
 use std::net::IpAddr;
 
 use email_address::{EmailAddress, Options};
+use precis_core::profile::PrecisFastInvocation;
+use precis_profiles::{Nickname, OpaqueString, UsernameCaseMapped};
 use secrecy::SecretString;
 use unicode_normalization::UnicodeNormalization;
 
 use super::session::ClientInfo;
 
 pub const EMAIL_MAX_CHARS: usize = 254;
-pub const PASSWORD_MIN_CHARS: usize = 8;
 pub const PASSWORD_MAX_CHARS: usize = 128;
 pub const DISPLAY_NAME_MAX_CHARS: usize = 64;
 pub const USER_AGENT_MAX_CHARS: usize = 512;
@@ -89,29 +90,25 @@ pub fn email(raw: &str) -> Result<Email, String> {
         .with_required_tld()
         .without_display_text()
         .without_domain_literal();
-    if EmailAddress::parse_with_options(trimmed, options).is_err() {
-        return Err("must be an email address such as name@example.com".into());
-    }
+    let parsed = EmailAddress::parse_with_options(trimmed, options)
+        .map_err(|_| "must be an email address such as name@example.com".to_owned())?;
+    // The local part is compared as a PRECIS username (RFC 8265, UsernameCaseMapped: NFC, lower
+    // case, no compatibility characters such as the Kelvin sign, no spaces or invisible
+    // characters); the domain in lower case.
+    let local = UsernameCaseMapped::enforce(parsed.local_part()).map_err(|_| {
+        "must be an email address whose part before the @ is letters, digits and ASCII \
+         punctuation (RFC 8265)"
+            .to_owned()
+    })?;
     Ok(Email {
         display: trimmed.to_owned(),
-        normalized: trimmed.to_lowercase(),
+        normalized: format!("{local}@{}", parsed.domain().to_lowercase()),
     })
 }
 
-/// Length is counted after NFKC normalisation (the form that is hashed); nothing is trimmed or
-/// truncated.
-pub fn new_password(raw: &str) -> Result<SecretString, String> {
-    within_bytes(raw, PASSWORD_MAX_CHARS)?;
-    let chars = raw.nfkc().count();
-    if !(PASSWORD_MIN_CHARS..=PASSWORD_MAX_CHARS).contains(&chars) {
-        return Err(format!(
-            "must be {PASSWORD_MIN_CHARS} to {PASSWORD_MAX_CHARS} characters"
-        ));
-    }
-    Ok(SecretString::from(raw))
-}
-
-/// A password presented to log in: only its presence is checked (a wrong one is just wrong).
+/// A password presented to log in, or a new one before the policy (`password_policy`) looks at
+/// it: present and at most [`PASSWORD_MAX_CHARS`] long. Length is counted after NFKC
+/// normalisation (the form that is hashed); nothing is trimmed or truncated.
 pub fn password(raw: &str) -> Result<SecretString, String> {
     if raw.is_empty() {
         return Err("is required".into());
@@ -123,19 +120,45 @@ pub fn password(raw: &str) -> Result<SecretString, String> {
     Ok(SecretString::from(raw))
 }
 
+/// Why displayed text is refused by its PRECIS profile.
+const NOT_DISPLAYABLE: &str = "must be printable text, without control, invisible or \
+                               direction-changing characters";
+
+/// A PRECIS nickname (RFC 8266): spaces trimmed and collapsed, NFKC; control, invisible
+/// (zero-width, default-ignorable) and bidirectional override characters are refused.
 pub fn display_name(raw: &str) -> Result<String, String> {
     within_bytes(raw.trim(), DISPLAY_NAME_MAX_CHARS)?;
-    let trimmed = raw.trim();
-    let chars = trimmed.chars().count();
-    if chars == 0 || chars > DISPLAY_NAME_MAX_CHARS {
-        return Err(format!(
-            "must be 1 to {DISPLAY_NAME_MAX_CHARS} characters after trimming"
-        ));
+    let length = || format!("must be 1 to {DISPLAY_NAME_MAX_CHARS} characters after trimming");
+    if raw.trim().is_empty() {
+        return Err(length());
     }
-    if trimmed.chars().any(char::is_control) {
-        return Err("must not contain control characters".into());
+    let name = Nickname::enforce(raw).map_err(|_| NOT_DISPLAYABLE.to_owned())?;
+    if name.chars().count() > DISPLAY_NAME_MAX_CHARS {
+        return Err(length());
     }
-    Ok(trimmed.to_owned())
+    Ok(name.into_owned())
+}
+
+/// Multi-line displayed text (a bio): each line a PRECIS OpaqueString (RFC 8265: NFC, other
+/// spaces mapped to ASCII space, control and invisible characters refused); lines end with
+/// `\n` (a `\r\n` becomes `\n`), empty lines are kept. At most `max_chars` characters.
+pub fn text(raw: &str, max_chars: usize) -> Result<String, String> {
+    within_bytes(raw, max_chars)?;
+    let lines: Result<Vec<String>, String> = raw
+        .split('\n')
+        .map(|line| line.strip_suffix('\r').unwrap_or(line))
+        .map(|line| match line {
+            "" => Ok(String::new()),
+            line => OpaqueString::enforce(line)
+                .map(std::borrow::Cow::into_owned)
+                .map_err(|_| NOT_DISPLAYABLE.to_owned()),
+        })
+        .collect();
+    let text = lines?.join("\n");
+    if text.chars().count() > max_chars {
+        return Err(format!("must be at most {max_chars} characters"));
+    }
+    Ok(text)
 }
 
 pub fn ip_address(raw: &str) -> Result<String, String> {
@@ -225,12 +248,12 @@ mod tests {
 
     #[test]
     fn password_length_is_counted_in_characters_after_nfkc() {
-        assert!(new_password("1234567").is_err());
-        assert!(new_password("12345678").is_ok());
-        assert!(new_password(&"é".repeat(128)).is_ok());
-        assert!(new_password(&"é".repeat(129)).is_err());
-        // U+FB03 "ﬃ" becomes three characters under NFKC.
-        assert!(new_password("ﬃﬃﬃ").is_ok());
+        assert!(password("").is_err());
+        assert!(password(&"é".repeat(128)).is_ok());
+        assert!(password(&"é".repeat(129)).is_err());
+        // U+FB03 "ﬃ" becomes three characters under NFKC: 43 of them are 129.
+        assert!(password(&"ﬃ".repeat(42)).is_ok());
+        assert!(password(&"ﬃ".repeat(43)).is_err());
     }
 
     #[test]
@@ -240,6 +263,44 @@ mod tests {
         assert!(display_name("a\u{7}b").is_err());
         assert!(display_name(&"x".repeat(65)).is_err());
         assert!(display_name(&"x".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn email_local_parts_are_precis_usernames() {
+        // The Kelvin sign is not a K: no account of k@example.com can be reached with it.
+        assert!(email("\u{212A}@example.com").is_err());
+        assert_eq!(email("K@Example.com").unwrap().normalized, "k@example.com");
+        assert_eq!(
+            email("J\u{F6}rg@example.com").unwrap().normalized,
+            email("jo\u{308}rg@example.com").unwrap().normalized,
+            "compared in NFC"
+        );
+        assert!(email("a\u{200B}b@example.com").is_err(), "zero-width space");
+        assert_eq!(
+            email("first.last+tag@example.com").unwrap().normalized,
+            "first.last+tag@example.com"
+        );
+    }
+
+    #[test]
+    fn displayed_text_refuses_invisible_and_direction_changing_characters() {
+        for bad in [
+            "evil\u{202E}gnp.exe",
+            "a\u{200B}b",
+            "tab\there",
+            "a\u{2066}b",
+        ] {
+            assert!(display_name(bad).is_err(), "{bad:?}");
+            assert!(text(bad, 500).is_err(), "{bad:?}");
+        }
+        assert_eq!(display_name("  Ada   Lovelace ").unwrap(), "Ada Lovelace");
+        assert_eq!(display_name("Ｒｅｎé").unwrap(), "René");
+        assert_eq!(
+            text("line one\r\n\nline  three", 500).unwrap(),
+            "line one\n\nline  three"
+        );
+        assert_eq!(text("", 500).unwrap(), "");
+        assert!(text(&"b".repeat(501), 500).is_err());
     }
 
     #[test]

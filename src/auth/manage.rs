@@ -4,7 +4,9 @@ use secrecy::SecretString;
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::{AuthError, AuthService, SessionView, token::TokenHash};
+use super::{
+    AuthError, AuthService, SessionView, password_policy::PasswordContext, token::TokenHash,
+};
 
 /// The caller's own sessions, as ListSessions answers.
 pub struct SessionList {
@@ -83,12 +85,18 @@ impl AuthService {
         let current = self.validate_hash(&hash).await?;
         let user_id = current.record.user_id;
         let admitted = self.hasher.admit()?;
-        let (stored, email) = self
+        let (stored, email, display_name) = self
             .db
             .users()
             .find_credentials_by_id(user_id)
             .await?
             .ok_or(AuthError::InvalidSession)?;
+        let context = PasswordContext {
+            email: &email,
+            display_name: &display_name,
+        };
+        self.passwords
+            .check("new_password", &new_password, &context)?;
         let account = self.account_bucket(&email, None);
         self.limit("change_password", std::slice::from_ref(&account))
             .await?;

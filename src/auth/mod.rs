@@ -4,6 +4,7 @@ mod limits;
 mod maintenance;
 mod manage;
 pub mod password;
+pub mod password_policy;
 mod service;
 pub mod session;
 

@@ -196,6 +196,7 @@ mod tests {
                 &AuthSettings {
                     hash_concurrency: 1,
                     hash_queue: 1,
+                    ..AuthSettings::default()
                 },
                 Metrics::new(),
             )

@@ -20,6 +20,7 @@ use super::{
     AuthError, FillHook,
     input::Email,
     password::PasswordHasher,
+    password_policy::{PasswordContext, PasswordPolicy},
     session::{ClientInfo, SessionPolicy, SessionRecord},
     token::{self, TokenHash},
 };
@@ -64,6 +65,7 @@ pub struct AuthService {
     pub(super) policy: SessionPolicy,
     pub(super) limiter: RateLimiter,
     pub(super) limits: RateLimitSettings,
+    pub(super) passwords: PasswordPolicy,
     pub(super) clock: Arc<Clock>,
     pub(super) fill_hook: std::sync::OnceLock<FillHook>,
 }
@@ -76,6 +78,7 @@ pub struct AuthParts {
     pub policy: SessionPolicy,
     pub limiter: RateLimiter,
     pub limits: RateLimitSettings,
+    pub passwords: PasswordPolicy,
     pub clock: Arc<Clock>,
 }
 
@@ -88,6 +91,7 @@ impl AuthService {
             policy,
             limiter,
             limits,
+            passwords,
             clock,
         } = parts;
         Self {
@@ -97,6 +101,7 @@ impl AuthService {
             policy,
             limiter,
             limits,
+            passwords,
             clock,
             fill_hook: std::sync::OnceLock::new(),
         }
@@ -117,6 +122,11 @@ impl AuthService {
     /// is refused before any hashing, and the hash itself waits for a hashing place.
     #[instrument(skip_all)]
     pub async fn register(&self, r: Registration) -> Result<(Uuid, IssuedSession), AuthError> {
+        let context = PasswordContext {
+            email: &r.email.normalized,
+            display_name: &r.display_name,
+        };
+        self.passwords.check("password", &r.password, &context)?;
         self.limit("register", &[self.address_bucket("register", &r.client)])
             .await?;
         if self.db.users().email_taken(&r.email.normalized).await? {

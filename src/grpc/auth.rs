@@ -57,7 +57,7 @@ fn client_info(
 fn parse_registration(req: &pb::RegisterRequest) -> Result<Registration, AuthError> {
     let mut v = Violations::default();
     let email = v.check("email", input::email(&req.email));
-    let password = v.check("password", input::new_password(&req.password));
+    let password = v.check("password", input::password(&req.password));
     let display_name = v.check("display_name", input::display_name(&req.display_name));
     let client = client_info(&mut v, req.client.as_ref());
     v.finish(|| {
@@ -194,7 +194,7 @@ impl AuthServiceRpc for AuthGrpc {
         let req = request.get_ref();
         let mut v = Violations::default();
         let current = v.check("current_password", input::password(&req.current_password));
-        let new = v.check("new_password", input::new_password(&req.new_password));
+        let new = v.check("new_password", input::password(&req.new_password));
         let (current, new) = v
             .finish(|| Some((current?, new?)))
             .map_err(AuthError::InvalidInput)?;

@@ -4,11 +4,9 @@ pub use crate::model::profile::{ProfileChanges, ProfileRecord};
 pub const BIO_MAX_CHARS: usize = 500;
 pub const AVATAR_URL_MAX_CHARS: usize = 2048;
 
+/// Displayed text of several lines (see [`crate::auth::input::text`]).
 pub fn bio(raw: &str) -> Result<String, String> {
-    if raw.len() > BIO_MAX_CHARS * 4 || raw.chars().count() > BIO_MAX_CHARS {
-        return Err(format!("must be at most {BIO_MAX_CHARS} characters"));
-    }
-    Ok(raw.to_owned())
+    crate::auth::input::text(raw, BIO_MAX_CHARS)
 }
 
 pub fn avatar_url(raw: &str) -> Result<String, String> {

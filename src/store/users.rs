@@ -96,24 +96,27 @@ impl UserRepo<'_> {
         self.0.run(query.fetch_optional(&self.0.pool)).await
     }
 
-    /// The same for the user with this id (ChangePassword), never trusted, with the email.
+    /// The same for the user with this id (ChangePassword), never trusted, with the email and
+    /// the display name (words a new password must not be made of).
     pub async fn find_credentials_by_id(
         &self,
         user_id: Uuid,
-    ) -> Result<Option<(Credentials, String)>, StoreError> {
-        let query = sqlx::query_as::<_, (Uuid, String, i32, String)>(
-            "select id, password_hash, failed_logins, email_normalized from users where id = $1",
+    ) -> Result<Option<(Credentials, String, String)>, StoreError> {
+        let query = sqlx::query_as::<_, (Uuid, String, i32, String, Option<String>)>(
+            "select u.id, u.password_hash, u.failed_logins, u.email_normalized, p.display_name
+             from users u left join profiles p on p.user_id = u.id
+             where u.id = $1",
         )
         .bind(user_id);
         let row = self.0.run(query.fetch_optional(&self.0.pool)).await?;
-        Ok(row.map(|(id, password_hash, failed_logins, email)| {
+        Ok(row.map(|(id, password_hash, failed_logins, email, name)| {
             let credentials = Credentials {
                 id,
                 password_hash,
                 failed_logins,
                 trusted: false,
             };
-            (credentials, email)
+            (credentials, email, name.unwrap_or_default())
         }))
     }
 

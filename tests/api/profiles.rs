@@ -194,6 +194,31 @@ async fn update_validates_every_field_and_the_mask(mode: Mode) {
             },
         ),
         (
+            "display_name",
+            "profile.display_name",
+            pb::Profile {
+                // A right-to-left override: "evil\u{202E}gnp.exe" shows as "evilexe.png".
+                display_name: "evil\u{202E}gnp.exe".into(),
+                ..values()
+            },
+        ),
+        (
+            "display_name",
+            "profile.display_name",
+            pb::Profile {
+                display_name: "ad\u{200B}min".into(),
+                ..values()
+            },
+        ),
+        (
+            "bio",
+            "profile.bio",
+            pb::Profile {
+                bio: "line one\nsecretly \u{2067}reversed".into(),
+                ..values()
+            },
+        ),
+        (
             "avatar_url",
             "profile.avatar_url",
             pb::Profile {
