@@ -1,6 +1,12 @@
 //! The Redis profile cache: `<prefix>profile:v2:<user_id>` holds a copy of the profile with its
-//! version, "no such user" (cached briefly), a floor (the profile is at least at that version;
-//! read PostgreSQL) or a fill lease — each in its generation (see `values`).
+//! version, a floor (the profile is at least at that version; read PostgreSQL) or a fill lease —
+//! each in its generation (see `values`).
+//!
+//! "No such user" is remembered in process only, in a bounded map, for
+//! `PROFILE_CACHE__NEGATIVE_TTL`: unknown ids cost the caller a PostgreSQL read now and then, and
+//! never a Redis key (a stream of random ids would otherwise fill Redis). User ids are made by
+//! the server at registration and known only once it committed, so an id remembered as unknown
+//! cannot turn into a user within that time.
 //!
 //! Reads fill under a lease taken before their PostgreSQL read; updates replace older versions
 //! and leases (never a newer version, never an absent key). A read that fetched version N just
@@ -80,7 +86,12 @@ pub struct ProfileCache {
     settings: ProfileCacheSettings,
     /// How long a lease holds a key for a fill.
     lease_ttl: std::time::Duration,
+    /// Ids PostgreSQL answered "no such user" for, recently.
+    absent: moka::sync::Cache<Uuid, ()>,
 }
+
+/// Unknown ids remembered at most (about 100 bytes each).
+const ABSENT_MAX: u64 = 100_000;
 
 impl ProfileCache {
     pub fn new(
@@ -88,10 +99,15 @@ impl ProfileCache {
         settings: ProfileCacheSettings,
         lease_ttl: std::time::Duration,
     ) -> Self {
+        let absent = moka::sync::Cache::builder()
+            .max_capacity(ABSENT_MAX)
+            .time_to_live(settings.negative_ttl)
+            .build();
         Self {
             redis,
             settings,
             lease_ttl,
+            absent,
         }
     }
 
@@ -120,7 +136,6 @@ impl ProfileCache {
                     }
                 }
             }
-            Value::NotFound(generation) if Some(generation) == serving => CachedProfile::NotFound,
             _ => CachedProfile::Miss,
         }
     }
@@ -136,8 +151,12 @@ impl ProfileCache {
         lookups.with_label_values(&["profiles", result]).inc();
     }
 
-    /// One GET.
+    /// Remembered as unknown, or one GET.
     pub async fn get(&self, user_id: &Uuid) -> CachedProfile {
+        if self.absent.contains_key(user_id) {
+            self.count(&CachedProfile::NotFound);
+            return CachedProfile::NotFound;
+        }
         let cached = match (self.key(user_id), self.redis.connected()) {
             (Some(key), Some(client)) => {
                 match self
@@ -160,6 +179,10 @@ impl ProfileCache {
     /// span slots) one read per node, sent to the nodes concurrently; `None` when Redis is
     /// unavailable.
     pub async fn get_many(&self, user_ids: &[Uuid]) -> Option<Vec<CachedProfile>> {
+        let absent: Vec<bool> = user_ids
+            .iter()
+            .map(|id| self.absent.contains_key(id))
+            .collect();
         let keys: Vec<String> = user_ids
             .iter()
             .map(|id| self.key(id))
@@ -184,7 +207,11 @@ impl ProfileCache {
         let cached: Vec<CachedProfile> = keys
             .iter()
             .zip(values)
-            .map(|(key, v)| self.judge(key, v, serving))
+            .zip(absent)
+            .map(|((key, v), absent)| match absent {
+                true => CachedProfile::NotFound,
+                false => self.judge(key, v, serving),
+            })
             .collect();
         cached.iter().for_each(|c| self.count(c));
         Some(cached)
@@ -201,22 +228,26 @@ impl ProfileCache {
         join_all(user_ids.iter().map(|id| self.lease(id))).await
     }
 
-    /// Fills a leased key with what PostgreSQL answered (`None`: no such user).
-    pub async fn fill(&self, lease: Lease, user_id: Uuid, profile: Option<&ProfileRecord>) {
-        let generation = lease.generation();
-        let (value, base) = match profile {
-            Some(p) => match serde_json::to_string(p) {
-                Ok(json) => (
-                    values::profile(generation, p.version, &json),
-                    self.settings.ttl,
-                ),
-                Err(error) => {
-                    return tracing::error!(%error, %user_id, "cannot serialise a profile");
-                }
-            },
-            None => (values::not_found(generation), self.settings.negative_ttl),
+    /// Fills a leased key with what PostgreSQL answered.
+    pub async fn fill(&self, lease: Lease, profile: &ProfileRecord) {
+        let value = match serde_json::to_string(profile) {
+            Ok(json) => values::profile(lease.generation(), profile.version, &json),
+            Err(error) => {
+                let user_id = profile.user_id;
+                return tracing::error!(%error, %user_id, "cannot serialise a profile");
+            }
         };
-        self.redis.swap(&lease, value, self.jittered(base)).await;
+        let ttl = self.jittered(self.settings.ttl);
+        self.redis.swap(&lease, value, ttl).await;
+    }
+
+    /// PostgreSQL has no such user: remembered here, and the lease (if any) given back, so the
+    /// id leaves nothing in Redis.
+    pub async fn absent(&self, user_id: Uuid, lease: Option<Lease>) {
+        self.absent.insert(user_id, ());
+        if let Some(lease) = lease {
+            self.redis.release(&lease).await;
+        }
     }
 
     /// The entry's lifetime: the TTL plus up to `jitter` of it, so entries filled together do

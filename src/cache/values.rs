@@ -1,11 +1,11 @@
 //! The values authd writes, each prefixed with its generation: `<generation>|<kind>[|…]`.
+//! ("No such user" is not among them: it is remembered in process, see `profile_cache`.)
 //!
 //! | kind | session key | profile key |
 //! |---|---|---|
 //! | `S\|<json>` | a copy of the session | |
 //! | `R` | tombstone: revoked (in any generation) | |
 //! | `P\|<version>\|<json>` | | a copy of the profile |
-//! | `N` | | no such user |
 //! | `F\|<version>` | | floor: the profile is at least at this version; read PostgreSQL |
 //! | `L\|<id>` | lease of a fill in flight | lease of a fill in flight |
 //!
@@ -21,7 +21,6 @@ pub(super) enum Value<'a> {
     Session(u64, &'a str),
     Tombstone,
     Profile(u64, &'a str),
-    NotFound(u64),
     Floor,
     /// A lease, or anything unreadable: as good as absent.
     Other,
@@ -36,7 +35,6 @@ pub(super) fn decode(raw: &str) -> Value<'_> {
     };
     match rest.split_once('|') {
         None if rest == "R" => Value::Tombstone,
-        None if rest == "N" => Value::NotFound(generation),
         Some(("S", json)) => Value::Session(generation, json),
         Some(("P", rest)) => match rest.split_once('|') {
             Some((_version, json)) => Value::Profile(generation, json),
@@ -57,10 +55,6 @@ pub(super) fn tombstone(generation: u64) -> String {
 
 pub(super) fn profile(generation: u64, version: i64, json: &str) -> String {
     format!("{generation}|P|{version}|{json}")
-}
-
-pub(super) fn not_found(generation: u64) -> String {
-    format!("{generation}|N")
 }
 
 pub(super) fn lease(generation: u64, id: u64) -> String {
@@ -177,7 +171,6 @@ mod tests {
             decode(&profile(3, 12, "{\"a\":\"|\"}")),
             Value::Profile(3, "{\"a\":\"|\"}")
         );
-        assert_eq!(decode(&not_found(4)), Value::NotFound(4));
         assert_eq!(decode("4|F|9"), Value::Floor);
         assert_eq!(decode(&lease(4, 99)), Value::Other);
         for garbage in ["", "x", "|S|{}", "12", "12|", "a|R", "1|Q|x", "1|P|nojson"] {

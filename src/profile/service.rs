@@ -105,8 +105,10 @@ impl ProfileService {
         if let Some(hook) = self.fill_hook.get() {
             hook(user_id).await;
         }
-        if let Some(lease) = lease {
-            self.cache.fill(lease, user_id, profile.as_ref()).await;
+        match (&profile, lease) {
+            (Some(found), Some(lease)) => self.cache.fill(lease, found).await,
+            (None, lease) => self.cache.absent(user_id, lease).await,
+            (Some(_), None) => {}
         }
         Ok(profile)
     }
@@ -143,9 +145,21 @@ impl ProfileService {
             let loaded = self.db.profiles().get_many(&misses).await?;
             let by_id: HashMap<Uuid, &ProfileRecord> =
                 loaded.iter().map(|p| (p.user_id, p)).collect();
-            let fills = fill.iter().zip(leases).filter_map(|(id, lease)| {
-                let lease = lease?;
-                Some(self.cache.fill(lease, *id, by_id.get(id).copied()))
+            let mut leases: HashMap<Uuid, crate::cache::Lease> = fill
+                .iter()
+                .zip(leases)
+                .filter_map(|(id, lease)| Some((*id, lease?)))
+                .collect();
+            let by_id = &by_id;
+            let fills = misses.iter().map(|id| {
+                let lease = leases.remove(id);
+                async move {
+                    match (by_id.get(id), lease) {
+                        (Some(found), Some(lease)) => self.cache.fill(lease, found).await,
+                        (None, lease) => self.cache.absent(*id, lease).await,
+                        (Some(_), None) => {}
+                    }
+                }
             });
             futures::future::join_all(fills).await;
             found.extend(loaded.into_iter().map(|p| (p.user_id, p)));
