@@ -192,6 +192,7 @@ impl Application {
         if let Some(listener) = self.metrics_listener {
             jobs.push(tokio::spawn(serve_metrics(
                 listener,
+                self.settings.metrics.clone(),
                 self.metrics.clone(),
                 self.db.clone(),
                 background.clone(),
@@ -291,13 +292,22 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }
 
-/// `GET /metrics` in the Prometheus text format.
+/// A connection to `/metrics` lives at most this long (a scraper simply reconnects).
+const METRICS_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// `GET /metrics` in the Prometheus text format (HTTP/1.1): at most `METRICS__MAX_CONNECTIONS`
+/// connections, each closed when a request's headers take longer than
+/// `METRICS__HEADER_READ_TIMEOUT`.
 async fn serve_metrics(
     listener: TcpListener,
+    settings: crate::config::MetricsSettings,
     metrics: Arc<Metrics>,
     db: Arc<Db>,
     stop: CancellationToken,
 ) {
+    use futures::StreamExt;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
@@ -311,10 +321,29 @@ async fn serve_metrics(
             }
         }),
     );
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
-    if let Err(error) = served {
-        tracing::error!(%error, "the metrics endpoint failed");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let limited = crate::grpc::limits::limit(incoming, settings.max_connections);
+    let mut incoming = Box::pin(limited);
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = incoming.next() => accepted,
+        };
+        let stream = match accepted {
+            Some(Ok(stream)) => stream,
+            Some(Err(error)) => {
+                tracing::debug!(%error, "metrics connection not accepted");
+                continue;
+            }
+            None => return,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(settings.header_read_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(METRICS_CONNECTION_LIFETIME, connection).await;
+        });
     }
 }

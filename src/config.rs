@@ -77,6 +77,11 @@ pub struct MetricsSettings {
     /// Serve Prometheus metrics at `http://<addr>/metrics`.
     pub enabled: bool,
     pub addr: SocketAddr,
+    /// Connections served at once; others wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this, or the connection is closed (slowloris).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -263,6 +268,8 @@ impl Default for MetricsSettings {
         Self {
             enabled: true,
             addr: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            max_connections: 16,
+            header_read_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -451,6 +458,12 @@ impl Settings {
         }
         if g.request_timeout < Duration::from_millis(100) {
             return invalid("GRPC__REQUEST_TIMEOUT", "must be at least 100ms");
+        }
+        if self.metrics.max_connections == 0 {
+            return invalid("METRICS__MAX_CONNECTIONS", "must be at least 1");
+        }
+        if self.metrics.header_read_timeout.is_zero() {
+            return invalid("METRICS__HEADER_READ_TIMEOUT", "must be greater than zero");
         }
         if self.health.db_check_interval.is_zero() {
             return invalid("HEALTH__DB_CHECK_INTERVAL", "must be greater than zero");

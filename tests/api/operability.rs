@@ -414,3 +414,44 @@ fn every_shipped_yaml_file_parses_and_the_manifests_fit_the_service() {
         );
     }
 }
+
+/// Slowloris on `/metrics` (a port the Kubernetes Service exposes): connections that never
+/// finish their headers are closed after a few seconds, and while more of them are open than
+/// the endpoint serves at once, a scrape still gets through once they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_closes_slow_headers_and_caps_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut settings = test_settings(Mode::NoRedis);
+    settings.metrics.max_connections = 4;
+    settings.metrics.header_read_timeout = Duration::from_millis(500);
+    let app = spawn_with(settings).await;
+    let addr = app.metrics_addr.unwrap();
+    let mut slow = Vec::new();
+    for _ in 0..10 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: authd\r\n")
+            .await
+            .unwrap();
+        slow.push(stream);
+    }
+    let started = std::time::Instant::now();
+    let scrape = tokio::time::timeout(Duration::from_secs(10), app.metrics())
+        .await
+        .expect("a scrape gets through once the slow connections are closed");
+    assert!(scrape.contains("authd_"), "{scrape}");
+    // Three rounds of four slow connections, half a second each, before it got a place.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "the cap holds"
+    );
+    // Every slow connection was closed by the server (EOF or reset), none left hanging.
+    for mut stream in slow {
+        let mut buf = [0u8; 256];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+        assert!(
+            read.is_ok(),
+            "a connection with unfinished headers stays open"
+        );
+    }
+}
