@@ -402,6 +402,7 @@ fn every_shipped_yaml_file_parses_and_the_manifests_fit_the_service() {
         "HorizontalPodAutoscaler",
         "ConfigMap",
         "Secret",
+        "Job",
     ] {
         assert!(all.contains(&format!("kind: {kind}")), "missing a {kind}");
     }
@@ -413,6 +414,45 @@ fn every_shipped_yaml_file_parses_and_the_manifests_fit_the_service() {
             "{service} has a health check"
         );
     }
+    // Published on the loopback only: a trial is not an open PostgreSQL or Redis.
+    let services = compose["services"].as_hash().unwrap();
+    for (name, service) in services {
+        for port in service["ports"].as_vec().into_iter().flatten() {
+            let port = port.as_str().unwrap();
+            assert!(port.starts_with("127.0.0.1:"), "{name:?} publishes {port}");
+        }
+    }
+    // authd runs as the app role after the owner migrated (deploy/postgres/roles.sql).
+    let authd = &compose["services"]["authd"];
+    assert_eq!(
+        authd["environment"]["DATABASE__MIGRATE"].as_str(),
+        Some("false")
+    );
+    assert!(
+        authd["environment"]["DATABASE__URL"]
+            .as_str()
+            .unwrap()
+            .contains("authd_app")
+    );
+    assert_eq!(
+        authd["depends_on"]["migrate"]["condition"].as_str(),
+        Some("service_completed_successfully")
+    );
+    assert_eq!(
+        compose["services"]["migrate"]["command"][0].as_str(),
+        Some("migrate")
+    );
+    for volume in compose["services"]["postgres"]["volumes"].as_vec().unwrap() {
+        if let Some(local) = volume.as_str().unwrap().strip_prefix("./") {
+            let file = local.split(':').next().unwrap();
+            assert!(root.join(file).exists(), "{file} is mounted but missing");
+        }
+    }
+    assert!(
+        all.contains("DATABASE__MIGRATE: \"false\""),
+        "the Deployment does not migrate"
+    );
+    assert!(all.contains("args: [\"migrate\"]"), "a Job migrates");
 }
 
 /// Slowloris on `/metrics` (a port the Kubernetes Service exposes): connections that never

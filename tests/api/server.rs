@@ -5,7 +5,7 @@ use std::{
 };
 
 use futures::{StreamExt, future::join_all};
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 use tonic_reflection::pb::v1::{
     ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
@@ -59,6 +59,24 @@ async fn reflection_lists_every_service() {
     ] {
         assert!(names.iter().any(|n| n == expected), "{names:?}");
     }
+}
+
+/// `GRPC__REFLECTION=false`: the API is not published (grpcurl needs the protos), the rest works.
+#[tokio::test]
+async fn reflection_can_be_turned_off() {
+    let mut settings = test_settings(Mode::NoRedis);
+    settings.grpc.reflection = false;
+    let app = spawn_with(settings).await;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let refused = ServerReflectionClient::new(app.channel.clone())
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
+    app.register().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,4 +245,105 @@ async fn migrate_creates_the_database_and_applies_migrations() {
     assert!(applied >= 1);
     drop(conn);
     crate::helpers::drop_database(settings.database.url.expose_secret()).await;
+}
+
+/// The shipped roles (deploy/postgres/roles.sql): the owner migrates with `authd migrate`, the
+/// service runs as the app role — every RPC and background job works, and the app role can
+/// change no schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_runs_as_a_role_that_cannot_change_the_schema() {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (database, owner, app_role) = (
+        format!("authd_roles_{id}"),
+        format!("authd_owner_{id}"),
+        format!("authd_app_{id}"),
+    );
+    let base = crate::helpers::postgres_base_url();
+    let psql = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+        .args(["-v", &format!("database={database}")])
+        .args([
+            "-v",
+            &format!("owner={owner}"),
+            "-v",
+            "owner_password=owner-pw",
+        ])
+        .args([
+            "-v",
+            &format!("app={app_role}"),
+            "-v",
+            "app_password=app-pw",
+        ])
+        .args([
+            "-f",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/postgres/roles.sql"),
+        ])
+        .arg(format!("{base}/postgres"))
+        .output()
+        .expect("psql is installed");
+    assert!(psql.status.success(), "{psql:?}");
+    let as_role = |role: &str| {
+        let (scheme, rest) = base.split_once("://").unwrap();
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        format!("{scheme}://{role}@{host}/{database}")
+    };
+
+    let mut settings = test_settings(Mode::Redis);
+    settings.database.url = SecretString::from(as_role(&owner));
+    let mut migrate = Command::new(BIN);
+    binary_env(&mut migrate, &settings);
+    let output = migrate.arg("migrate").output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+
+    settings.database.url = SecretString::from(as_role(&app_role));
+    settings.database.migrate = false;
+    settings.database.create_if_missing = false;
+    let app = crate::helpers::spawn_with(settings).await;
+    let (email, registered) = app.register().await;
+    let token = app.login(&email, PASSWORD).await.unwrap().session_token;
+    app.validate(&token).await.unwrap();
+    assert!(
+        app.served_from_redis(&token).await,
+        "a generation was drawn"
+    );
+    app.logout(&token).await.unwrap();
+    app.get_profile(&registered.user_id).await.unwrap();
+    assert_eq!(
+        app.change_password(
+            &registered.session_token,
+            PASSWORD,
+            "another fine passphrase"
+        )
+        .await
+        .unwrap(),
+        0
+    );
+
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&as_role(&app_role))
+        .await
+        .unwrap();
+    for ddl in [
+        "create table intruder (id int)",
+        "drop table users",
+        "alter table sessions add column note text",
+        "create index on users (created_at)",
+        "truncate sessions",
+    ] {
+        let error = sqlx::query(ddl).execute(&mut conn).await.unwrap_err();
+        let code = error.as_database_error().and_then(|e| e.code());
+        assert_eq!(code.as_deref(), Some("42501"), "{ddl}: {error}");
+    }
+    drop(conn);
+    drop(app);
+    crate::helpers::drop_database(&format!("{base}/{database}")).await;
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{base}/postgres"))
+        .await
+        .unwrap();
+    for role in [app_role, owner] {
+        let sql = format!("drop role if exists \"{role}\"");
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
 }
