@@ -8,6 +8,7 @@ mod topology;
 mod consistency;
 mod degraded;
 mod deployments;
+mod hardening;
 mod login;
 mod manage;
 mod operability;
