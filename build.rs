@@ -10,7 +10,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("authd_descriptor.bin"))
         .compile_with_config(
             config,
-            &["proto/authd/v1/auth.proto", "proto/authd/v1/profile.proto"],
+            &[
+                "proto/authd/v1/auth.proto",
+                "proto/authd/v1/profile.proto",
+                "proto/authd/v1/admin.proto",
+            ],
             &["proto"],
         )?;
     Ok(())

@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, server::TcpIncoming};
 
 use crate::{
+    admin::{Access, AdminService},
     auth::{
         AuthParts, AuthService, password::PasswordHasher, password_policy::PasswordPolicy,
         session::SessionPolicy,
@@ -15,9 +16,12 @@ use crate::{
     clock::Clock,
     config::Settings,
     grpc::{
+        admin::{AdminGrpc, AdminServiceServer},
         auth::{AuthGrpc, AuthServiceServer},
+        limits,
         observe::ObserveLayer,
         profile::{ProfileGrpc, ProfileServiceServer},
+        tls::TlsServer,
     },
     health::Health,
     jobs::{Jobs, follow::Follower},
@@ -31,6 +35,7 @@ pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
     metrics_listener: Option<TcpListener>,
+    health_listener: Option<TcpListener>,
     settings: Settings,
     metrics: Arc<Metrics>,
     db: Arc<Db>,
@@ -39,6 +44,8 @@ pub struct Application {
     auth: Arc<AuthService>,
     profiles: Arc<ProfileService>,
     follower: Arc<Follower>,
+    tls: Option<Arc<TlsServer>>,
+    admin: Option<Arc<AdminService>>,
 }
 
 impl Application {
@@ -64,6 +71,20 @@ impl Application {
                         format!("cannot listen on METRICS__ADDR={}", settings.metrics.addr)
                     })?,
             ),
+            false => None,
+        };
+        let health_listener = match settings.health.addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on HEALTH__ADDR={addr}"))?,
+            ),
+            None => None,
+        };
+        let tls = match settings.grpc.tls.enabled() {
+            true => Some(Arc::new(TlsServer::load(&settings.grpc.tls).map_err(
+                |e| anyhow::anyhow!("invalid setting {}: {}", e.setting, e.reason),
+            )?)),
             false => None,
         };
         let metrics = Metrics::new();
@@ -116,6 +137,25 @@ impl Application {
             crate::store::in_flight(settings.database.query_timeout),
             settings.session.invalidation_interval + settings.redis.command_timeout,
         ));
+        let admin = match Access::from_settings(&settings.admin)
+            .map_err(|e| anyhow::anyhow!("invalid setting ADMIN__API_KEYS_FILE: {e}"))?
+        {
+            Some(access) => {
+                if tls.is_none() && settings.admin.api_keys_file.is_some() {
+                    tracing::warn!(
+                        "AdminService API keys travel in plain text: set GRPC__TLS__CERT_FILE and \
+                         GRPC__TLS__KEY_FILE unless a mesh or proxy encrypts the hop"
+                    );
+                }
+                Some(Arc::new(AdminService::new(
+                    auth.clone(),
+                    access,
+                    db.clone(),
+                    metrics.clone(),
+                )))
+            }
+            None => None,
+        };
         // Cached copies are served only after a first complete pass over the outbox logs.
         if redis.is_enabled()
             && let Err(error) = crate::store::in_background(follower.pass()).await
@@ -126,6 +166,7 @@ impl Application {
             listener,
             addr,
             metrics_listener,
+            health_listener,
             settings,
             metrics,
             db,
@@ -134,6 +175,8 @@ impl Application {
             auth,
             profiles,
             follower,
+            tls,
+            admin,
         })
     }
 
@@ -187,8 +230,17 @@ impl Application {
             health: health.clone(),
             clock: self.clock.clone(),
             metrics: self.metrics.clone(),
+            tls: self.tls.clone(),
+            admin: self.admin.clone(),
         }
         .spawn(&self.settings, &background);
+        if let Some(listener) = self.health_listener {
+            jobs.push(tokio::spawn(serve_health(
+                listener,
+                health_service.clone(),
+                background.clone(),
+            )));
+        }
         if let Some(listener) = self.metrics_listener {
             jobs.push(tokio::spawn(serve_metrics(
                 listener,
@@ -237,18 +289,30 @@ impl Application {
             .add_service(
                 ProfileServiceServer::new(ProfileGrpc::new(self.profiles.clone()))
                     .max_decoding_message_size(max),
-            );
+            )
+            .add_optional_service(self.admin.clone().map(|admin| {
+                AdminServiceServer::new(AdminGrpc::new(admin)).max_decoding_message_size(max)
+            }));
         // Our own listener: the builder's TCP options do not reach it, so set them here (without
         // TCP_NODELAY, small responses wait for delayed ACKs: 40 ms stalls).
         let incoming = TcpIncoming::from(self.listener)
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
-        let incoming = crate::grpc::limits::limit(incoming, g.max_connections);
+        let incoming: std::pin::Pin<Box<dyn futures::Stream<Item = _> + Send>> = match &self.tls {
+            Some(tls) => Box::pin(limits::limit_tls(incoming, g.max_connections, tls.clone())),
+            None => Box::pin(limits::limit(incoming, g.max_connections)),
+        };
         let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         }));
         health.start_serving().await;
-        tracing::info!(addr = %self.addr, redis = self.redis.is_enabled(), "authd serving");
+        tracing::info!(
+            addr = %self.addr,
+            tls = self.tls.is_some(),
+            admin = self.admin.is_some(),
+            redis = self.redis.is_enabled(),
+            "authd serving"
+        );
 
         tokio::select! {
             () = shutdown => {}
@@ -292,6 +356,26 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }
 
+/// `grpc.health.v1` alone, in plain text, on `HEALTH__ADDR` (Kubernetes probes cannot speak
+/// TLS). It reports what the main port's health service reports.
+async fn serve_health(
+    listener: TcpListener,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    stop: CancellationToken,
+) {
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let served = Server::builder()
+        .timeout(Duration::from_secs(5))
+        .add_service(health)
+        .serve_with_incoming_shutdown(incoming, stop.cancelled())
+        .await;
+    if let Err(error) = served {
+        tracing::error!(%error, "the health endpoint failed");
+    }
+}
+
 /// A connection to `/metrics` lives at most this long (a scraper simply reconnects).
 const METRICS_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
@@ -322,7 +406,7 @@ async fn serve_metrics(
         }),
     );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let limited = crate::grpc::limits::limit(incoming, settings.max_connections);
+    let limited = limits::limit(incoming, settings.max_connections);
     let mut incoming = Box::pin(limited);
     loop {
         let accepted = tokio::select! {

@@ -15,8 +15,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 /// Top-level sections; environment variables outside them are ignored.
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 12] = [
     "grpc",
+    "admin",
+    "audit",
     "metrics",
     "health",
     "database",
@@ -35,6 +37,8 @@ const RAW_SECRETS: [&str; 2] = ["REDIS__PASSWORD", "REDIS__SENTINEL__PASSWORD"];
 #[serde(default)]
 pub struct Settings {
     pub grpc: GrpcSettings,
+    pub admin: AdminSettings,
+    pub audit: AuditSettings,
     pub metrics: MetricsSettings,
     pub health: HealthSettings,
     pub database: DatabaseSettings,
@@ -69,6 +73,95 @@ pub struct GrpcSettings {
     pub request_timeout: Duration,
     /// Serve gRPC server reflection (for grpcurl); turn off in production if you prefer.
     pub reflection: bool,
+    pub tls: GrpcTlsSettings,
+}
+
+/// TLS for the gRPC port: on when a certificate and key are given.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcTlsSettings {
+    /// PEM certificate chain of the server.
+    pub cert_file: Option<PathBuf>,
+    /// Its PEM private key.
+    pub key_file: Option<PathBuf>,
+    /// PEM roots that client certificates are verified with (mutual TLS); clients are asked for
+    /// one when set.
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse connections without a valid client certificate (otherwise optional: only
+    /// AdminService admission by SAN looks at it).
+    pub require_client_cert: bool,
+    /// How often the files are checked for changes (a changed file is loaded for new
+    /// connections; open ones keep theirs).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl GrpcTlsSettings {
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some() || self.key_file.is_some()
+    }
+}
+
+impl Default for GrpcTlsSettings {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            require_client_cert: false,
+            reload_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// AdminService: served only when callers can be admitted (see `admin::access`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Comma-separated SANs (URI such as a SPIFFE ID, or DNS name) of client certificates
+    /// admitted.
+    pub allowed_clients: String,
+    /// TOML file of `[[key]]` tables (`name`, `sha256`) of admitted bearer keys.
+    pub api_keys_file: Option<PathBuf>,
+    /// How often the keys file is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl AdminSettings {
+    /// The admitted SANs.
+    pub fn allowed_clients(&self) -> impl Iterator<Item = &str> {
+        self.allowed_clients
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+    }
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self {
+            allowed_clients: String::new(),
+            api_keys_file: None,
+            reload_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditSettings {
+    /// AdminService audit rows are deleted this long after the call.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(365 * 24 * 3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,6 +186,9 @@ pub struct HealthSettings {
     /// How often PostgreSQL is pinged for health.
     #[serde(with = "humantime_serde")]
     pub db_check_interval: Duration,
+    /// A plaintext listener serving `grpc.health.v1` alone (for Kubernetes probes, which cannot
+    /// speak TLS); none when unset.
+    pub addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -259,6 +355,7 @@ impl Default for GrpcSettings {
             max_connections: 1024,
             request_timeout: Duration::from_secs(10),
             reflection: true,
+            tls: GrpcTlsSettings::default(),
         }
     }
 }
@@ -279,6 +376,7 @@ impl Default for HealthSettings {
         Self {
             db_grace: Duration::from_secs(10),
             db_check_interval: Duration::from_secs(1),
+            addr: None,
         }
     }
 }
@@ -459,6 +557,48 @@ impl Settings {
         if g.request_timeout < Duration::from_millis(100) {
             return invalid("GRPC__REQUEST_TIMEOUT", "must be at least 100ms");
         }
+        let tls = &self.grpc.tls;
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            return invalid(
+                "GRPC__TLS__CERT_FILE",
+                "GRPC__TLS__CERT_FILE and GRPC__TLS__KEY_FILE go together",
+            );
+        }
+        if tls.client_ca_file.is_some() && !tls.enabled() {
+            return invalid(
+                "GRPC__TLS__CLIENT_CA_FILE",
+                "needs GRPC__TLS__CERT_FILE and GRPC__TLS__KEY_FILE (TLS on)",
+            );
+        }
+        if tls.require_client_cert && tls.client_ca_file.is_none() {
+            return invalid(
+                "GRPC__TLS__REQUIRE_CLIENT_CERT",
+                "needs GRPC__TLS__CLIENT_CA_FILE (the roots client certificates are checked with)",
+            );
+        }
+        if tls.reload_interval.is_zero() {
+            return invalid("GRPC__TLS__RELOAD_INTERVAL", "must be greater than zero");
+        }
+        if tls.enabled()
+            && let Err(e) = crate::grpc::tls::TlsServer::load(tls)
+        {
+            return Err(ConfigError::invalid(e.setting, e.reason));
+        }
+        if let Err(reason) = crate::admin::Access::from_settings(&self.admin) {
+            return invalid("ADMIN__API_KEYS_FILE", &reason);
+        }
+        if self.admin.allowed_clients().next().is_some() && tls.client_ca_file.is_none() {
+            return invalid(
+                "ADMIN__ALLOWED_CLIENTS",
+                "admits client certificates: needs GRPC__TLS__CLIENT_CA_FILE (mutual TLS)",
+            );
+        }
+        if self.admin.reload_interval.is_zero() {
+            return invalid("ADMIN__RELOAD_INTERVAL", "must be greater than zero");
+        }
+        if self.audit.retention.is_zero() {
+            return invalid("AUDIT__RETENTION", "must be greater than zero");
+        }
         if self.metrics.max_connections == 0 {
             return invalid("METRICS__MAX_CONNECTIONS", "must be at least 1");
         }
@@ -476,6 +616,9 @@ impl Settings {
             && !d.url.expose_secret().starts_with("postgresql://")
         {
             return invalid("DATABASE__URL", "must be a postgres:// URL");
+        }
+        if let Err(reason) = crate::store::tls::check_url(d.url.expose_secret()) {
+            return invalid("DATABASE__URL", &reason);
         }
         if d.max_connections == 0 || d.min_connections > d.max_connections {
             return invalid(

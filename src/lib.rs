@@ -4,6 +4,7 @@
 //! the rules; `store` is PostgreSQL (the source of truth); `cache` is Redis (hot copies, never the
 //! only copy); both storage layers share the records of `model`, and everyone tells time by
 //! `clock` (PostgreSQL's). `app` builds them once from `config::Settings` and serves.
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cache;
@@ -19,3 +20,4 @@ pub mod profile;
 pub mod proto;
 pub mod store;
 pub mod telemetry;
+pub mod tls_files;

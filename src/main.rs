@@ -31,12 +31,28 @@ enum Command {
     Migrate,
     /// Exit 0 when the server's gRPC health service reports SERVING.
     Healthcheck {
-        /// Address to check (default: GRPC__ADDR, with 0.0.0.0 read as 127.0.0.1).
+        /// Address to check, `host:port` (default: HEALTH__ADDR when set, else GRPC__ADDR; an
+        /// unspecified host such as 0.0.0.0 is read as 127.0.0.1).
         #[arg(long)]
-        addr: Option<SocketAddr>,
+        addr: Option<String>,
         /// Health service name ("" is the whole server).
         #[arg(long, default_value = "")]
         service: String,
+        /// Speak TLS (implied by the other TLS options).
+        #[arg(long)]
+        tls: bool,
+        /// PEM roots to verify the server with (default: the system's).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// PEM client certificate, for a server that asks for one (with --key-file).
+        #[arg(long)]
+        cert_file: Option<PathBuf>,
+        /// PEM private key of --cert-file.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Name the server's certificate must carry (default: the address' host).
+        #[arg(long)]
+        server_name: Option<String>,
     },
 }
 
@@ -50,12 +66,36 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(Command::Healthcheck { addr, service }) = &cli.command {
-        let mut target = addr.unwrap_or(settings.grpc.addr);
-        if target.ip().is_unspecified() {
-            target.set_ip([127, 0, 0, 1].into());
-        }
-        return match authd::healthcheck::check(target, service, Duration::from_secs(3)).await {
+    if let Some(Command::Healthcheck {
+        addr,
+        service,
+        tls,
+        ca_file,
+        cert_file,
+        key_file,
+        server_name,
+    }) = &cli.command
+    {
+        let target = addr.clone().unwrap_or_else(|| {
+            let mut own: SocketAddr = settings.health.addr.unwrap_or(settings.grpc.addr);
+            if own.ip().is_unspecified() {
+                own.set_ip([127, 0, 0, 1].into());
+            }
+            own.to_string()
+        });
+        let tls_wanted = *tls
+            || ca_file.is_some()
+            || cert_file.is_some()
+            || key_file.is_some()
+            || server_name.is_some();
+        let tls = tls_wanted.then(|| authd::healthcheck::Tls {
+            ca_file: ca_file.clone(),
+            cert_file: cert_file.clone(),
+            key_file: key_file.clone(),
+            server_name: server_name.clone(),
+        });
+        let timeout = Duration::from_secs(3);
+        return match authd::healthcheck::check(&target, service, tls.as_ref(), timeout).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(reason) => {
                 eprintln!("authd healthcheck: {reason}");

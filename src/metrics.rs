@@ -30,7 +30,7 @@ pub struct Metrics {
     pub db_queries: IntCounterVec,
     pub sessions_created: IntCounter,
     /// Sessions revoked, by reason (`logout`, `revoke`, `revoke_all`, `password_change`,
-    /// `session_cap`).
+    /// `session_cap`, `admin`).
     pub sessions_revoked: IntCounterVec,
     pub failed_logins: IntCounter,
     /// Requests refused by a rate limit, by operation (`login`, `register`, `change_password`).
@@ -56,6 +56,8 @@ pub struct Metrics {
     pub redis_generation_changes: IntCounter,
     /// Sessions not revoked and not expired, counted in PostgreSQL periodically.
     pub sessions_live: IntGauge,
+    /// AdminService calls by method and outcome (the gRPC code), admitted or refused.
+    pub admin_calls: IntCounterVec,
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -121,6 +123,12 @@ impl Metrics {
                 "authd_cache_lookups_total",
                 "Cache lookups by cache and result",
                 &["cache", "result"],
+            ),
+            admin_calls: counter_vec(
+                &r,
+                "authd_admin_calls_total",
+                "AdminService calls by method and outcome",
+                &["method", "outcome"],
             ),
             redis_errors: counter_vec(
                 &r,

@@ -1,4 +1,5 @@
 //! Authentication: accounts' credentials and sessions. No transport or SQL here, only the rules.
+mod admin;
 pub mod input;
 mod limits;
 mod maintenance;
@@ -57,6 +58,12 @@ pub enum AuthError {
     Locked,
     #[error("too many requests; retry later")]
     Overloaded { retry_after: Duration },
+    /// The right password for an account an administrator disabled.
+    #[error("this account is disabled; contact support")]
+    Disabled,
+    /// No such user (AdminService).
+    #[error("user not found")]
+    UserNotFound,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]

@@ -202,6 +202,11 @@ impl AuthService {
             return Err(AuthError::InvalidCredentials);
         }
         let stored = stored.ok_or(AuthError::InvalidCredentials)?;
+        // Only a caller who knows the password learns that the account is disabled.
+        if stored.disabled {
+            tracing::info!(user_id = %stored.id, "login to a disabled account");
+            return Err(AuthError::Disabled);
+        }
         self.limiter.reset(&account).await;
         let user_id = stored.id;
         let record = self.policy.start(user_id, c.client, self.clock.now());

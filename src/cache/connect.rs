@@ -5,28 +5,17 @@
 //! fred parses the URL; what it lacks is the comma-separated host list
 //! (`redis-cluster://h1:p1,h2:p2`) and the `service_name` parameter that operators write (fred
 //! spells them `?node=h2:p2` and `?sentinelServiceName=`): [`normalize_url`] rewrites those.
-use std::{fs, path::Path, sync::Arc};
+use std::sync::Arc;
 
 use fred::types::config::{Config, ServerConfig, TlsConfig, TlsConnector, TlsHostMapping};
 use rustls::{ClientConfig, RootCertStore};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use secrecy::ExposeSecret;
 
-use crate::config::RedisSettings;
-
-/// A setting that cannot work, and why.
-#[derive(Debug)]
-pub struct Invalid {
-    pub setting: &'static str,
-    pub reason: String,
-}
-
-fn invalid(setting: &'static str, reason: impl Into<String>) -> Invalid {
-    Invalid {
-        setting,
-        reason: reason.into(),
-    }
-}
+pub use crate::tls_files::Invalid;
+use crate::{
+    config::RedisSettings,
+    tls_files::{certificates, invalid, private_key},
+};
 
 const SCHEMES: [&str; 6] = [
     "redis",
@@ -228,39 +217,6 @@ fn client_tls(settings: &RedisSettings) -> Result<ClientConfig, Invalid> {
             "is needed with REDIS__TLS__KEY_FILE",
         )),
     }
-}
-
-fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, Invalid> {
-    fs::read(path).map_err(|e| invalid(setting, format!("cannot read {}: {e}", path.display())))
-}
-
-/// Every certificate in a PEM file (at least one).
-pub fn certificates(
-    setting: &'static str,
-    path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, Invalid> {
-    let pem = read(setting, path)?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(setting, format!("{} is not PEM: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(invalid(
-            setting,
-            format!("{} holds no certificate", path.display()),
-        ));
-    }
-    Ok(certs)
-}
-
-/// The private key in a PEM file.
-pub fn private_key(setting: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, Invalid> {
-    let pem = read(setting, path)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
-        invalid(
-            setting,
-            format!("{} holds no usable private key: {e}", path.display()),
-        )
-    })
 }
 
 #[cfg(test)]

@@ -1,10 +1,12 @@
 //! Transport: proto <-> domain conversion, input validation and error mapping. One file per gRPC
 //! service; health and reflection are registered by `app`.
+pub mod admin;
 pub mod auth;
 pub mod limits;
 pub mod observe;
 pub mod profile;
 pub mod status;
+pub mod tls;
 
 use chrono::{DateTime, Utc};
 

@@ -49,6 +49,10 @@ pub struct Observe<S> {
     metrics: Arc<Metrics>,
 }
 
+/// The call's request id, in the request's extensions for handlers that record it.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
 /// The caller's request id when it is reasonable (printable ASCII, at most 128 bytes).
 fn request_id<B>(request: &Request<B>) -> HeaderValue {
     request
@@ -85,9 +89,12 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let start = Instant::now();
         let id = request_id(&request);
+        if let Ok(text) = id.to_str() {
+            request.extensions_mut().insert(RequestId(text.to_owned()));
+        }
         let path = request.uri().path().to_owned();
         let span = tracing::info_span!(
             "rpc",

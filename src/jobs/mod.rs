@@ -11,10 +11,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    admin::AdminService,
     auth::AuthService,
     cache::Redis,
     clock::Clock,
     config::Settings,
+    grpc::tls::TlsServer,
     health::Health,
     metrics::Metrics,
     store::{self, Db},
@@ -51,6 +53,10 @@ pub struct Jobs {
     pub health: Arc<Health>,
     pub clock: Arc<Clock>,
     pub metrics: Arc<Metrics>,
+    /// TLS files to watch for rotation.
+    pub tls: Option<Arc<TlsServer>>,
+    /// AdminService (its keys file to watch).
+    pub admin: Option<Arc<AdminService>>,
 }
 
 impl Jobs {
@@ -64,8 +70,32 @@ impl Jobs {
             health,
             clock,
             metrics,
+            tls,
+            admin,
         } = self;
         let mut jobs = Vec::new();
+        if let Some(tls) = tls {
+            let reload = move || {
+                tls.reload();
+                async {}
+            };
+            jobs.push(tokio::spawn(every(
+                settings.grpc.tls.reload_interval,
+                stop.clone(),
+                reload,
+            )));
+        }
+        if let Some(admin) = admin {
+            let reload = move || {
+                admin.access.reload();
+                async {}
+            };
+            jobs.push(tokio::spawn(every(
+                settings.admin.reload_interval,
+                stop.clone(),
+                reload,
+            )));
+        }
         if redis.is_enabled() {
             let pass = move || {
                 let follower = follower.clone();
@@ -93,6 +123,7 @@ impl Jobs {
         // between instances), and at least a day.
         let profile_log = (pc.ttl.mul_f64(1.0 + pc.jitter) * 2).max(Duration::from_secs(86_400));
         let cursor_retention = settings.session.absolute_timeout;
+        let audit_retention = settings.audit.retention;
         let purge = {
             let (auth, db) = (auth.clone(), db.clone());
             move || {
@@ -103,6 +134,17 @@ impl Jobs {
                     }
                     if let Err(error) = db.outbox().purge(profile_log, cursor_retention).await {
                         tracing::warn!(%error, "outbox purge failed; retrying next time");
+                    }
+                    // In batches, until nothing old is left.
+                    loop {
+                        match db.admin().purge_audit(audit_retention, 1000).await {
+                            Ok(1000) => continue,
+                            Ok(_) => break,
+                            Err(error) => {
+                                tracing::warn!(%error, "audit purge failed; retrying next time");
+                                break;
+                            }
+                        }
                     }
                 }
             }

@@ -80,7 +80,10 @@ macro_rules! active {
     };
 }
 
-const COLUMNS: &str = "id, user_id, created_at, last_seen_at, absolute_expires_at, \
+/// [`active!`] as a constant, for statements built at run time (`$1`: the idle timeout in µs).
+pub(super) const ACTIVE: &str = active!();
+
+pub(super) const COLUMNS: &str = "id, user_id, created_at, last_seen_at, absolute_expires_at, \
                        authenticated_at, ip_address, user_agent, revoked_at";
 
 /// A session row: the record plus whether it was revoked.
@@ -134,11 +137,12 @@ pub struct NewSession<'a> {
 const TRUSTED_PER_USER: i64 = 20;
 
 impl SessionRepo<'_> {
-    /// Inserts a new session, if the user's password hash is still the verified one, and in the
-    /// same transaction revokes the user's least recently used active sessions beyond
-    /// `max_per_user` (counting the new one). `None` when the password changed meanwhile (nothing
-    /// is written). The user row is locked first, so a concurrent ChangePassword either sees this
-    /// session (and revokes it) or wins first.
+    /// Inserts a new session, if the user's password hash is still the verified one and the
+    /// account is not disabled, and in the same transaction revokes the user's least recently
+    /// used active sessions beyond `max_per_user` (counting the new one). `None` when the password
+    /// changed or the account was disabled meanwhile (nothing is written). The user row is locked
+    /// first, so a concurrent ChangePassword or DisableUser either sees this session (and revokes
+    /// it) or wins first.
     pub async fn insert_capped(
         &self,
         s: &NewSession<'_>,
@@ -157,7 +161,7 @@ impl SessionRepo<'_> {
         if self
             .0
             .users()
-            .lock_password(&mut tx, r.user_id)
+            .lock_for_login(&mut tx, r.user_id)
             .await?
             .as_deref()
             != Some(s.verified_hash)
@@ -201,17 +205,19 @@ impl SessionRepo<'_> {
         Ok(Some(Revocation::from_rows(rows)))
     }
 
-    /// A correct password: the count of wrong ones starts over, and the client is trusted for
-    /// the account from now on (the most recent [`TRUSTED_PER_USER`] are kept).
+    /// A correct password: the count of wrong ones starts over, the login is recorded, and the
+    /// client is trusted for the account from now on (the most recent [`TRUSTED_PER_USER`] are
+    /// kept).
     async fn signed_in(
         &self,
         tx: &mut sqlx::PgConnection,
         user_id: Uuid,
         client: Option<&[u8]>,
     ) -> Result<(), StoreError> {
-        let reset =
-            sqlx::query("update users set failed_logins = 0 where id = $1 and failed_logins <> 0")
-                .bind(user_id);
+        let reset = sqlx::query(
+            "update users set failed_logins = 0, last_login_at = clock_timestamp() where id = $1",
+        )
+        .bind(user_id);
         self.0.run(reset.execute(&mut *tx)).await?;
         let Some(client) = client else {
             return Ok(());

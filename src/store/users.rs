@@ -16,6 +16,8 @@ pub struct Credentials {
     pub failed_logins: i32,
     /// The client checking signed in to this account recently.
     pub trusted: bool,
+    /// Disabled by an administrator: no login.
+    pub disabled: bool,
 }
 
 pub struct NewUser<'a> {
@@ -87,7 +89,8 @@ impl UserRepo<'_> {
                             where t.user_id = u.id and t.client_hash = $2
                               and t.last_success_at
                                   > clock_timestamp() - $3::bigint * interval '1 microsecond')
-                    as trusted
+                    as trusted,
+                    u.disabled_at is not null as disabled
              from users u where u.email_normalized = $1",
         )
         .bind(email_normalized)
@@ -102,22 +105,26 @@ impl UserRepo<'_> {
         &self,
         user_id: Uuid,
     ) -> Result<Option<(Credentials, String, String)>, StoreError> {
-        let query = sqlx::query_as::<_, (Uuid, String, i32, String, Option<String>)>(
-            "select u.id, u.password_hash, u.failed_logins, u.email_normalized, p.display_name
+        let query = sqlx::query_as::<_, (Uuid, String, i32, bool, String, Option<String>)>(
+            "select u.id, u.password_hash, u.failed_logins, u.disabled_at is not null,
+                    u.email_normalized, p.display_name
              from users u left join profiles p on p.user_id = u.id
              where u.id = $1",
         )
         .bind(user_id);
         let row = self.0.run(query.fetch_optional(&self.0.pool)).await?;
-        Ok(row.map(|(id, password_hash, failed_logins, email, name)| {
-            let credentials = Credentials {
-                id,
-                password_hash,
-                failed_logins,
-                trusted: false,
-            };
-            (credentials, email, name.unwrap_or_default())
-        }))
+        Ok(row.map(
+            |(id, password_hash, failed_logins, disabled, email, name)| {
+                let credentials = Credentials {
+                    id,
+                    password_hash,
+                    failed_logins,
+                    trusted: false,
+                    disabled,
+                };
+                (credentials, email, name.unwrap_or_default())
+            },
+        ))
     }
 
     /// Whether an account has this normalised email (checked before hashing a new password).
@@ -164,6 +171,20 @@ impl UserRepo<'_> {
         )
         .bind(user_id);
         self.0.run(query.fetch_optional(tx)).await
+    }
+
+    /// [`UserRepo::lock_password`] for a login: `None` as well when the account is disabled.
+    pub(super) async fn lock_for_login(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        user_id: Uuid,
+    ) -> Result<Option<String>, StoreError> {
+        let query = sqlx::query_as::<_, (String, bool)>(
+            "select password_hash, disabled_at is not null from users where id = $1 for update",
+        )
+        .bind(user_id);
+        let row = self.0.run(query.fetch_optional(tx)).await?;
+        Ok(row.and_then(|(hash, disabled)| (!disabled).then_some(hash)))
     }
 
     /// Sets the new password hash, marks the calling session as freshly authenticated and

@@ -101,6 +101,8 @@ pub fn test_settings(mode: Mode) -> Settings {
 }
 
 pub struct TestApp {
+    /// The gRPC port.
+    pub addr: std::net::SocketAddr,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub auth: AuthServiceClient<Channel>,
     pub profiles: ProfileServiceClient<Channel>,
@@ -124,6 +126,8 @@ pub async fn spawn_with(settings: Settings) -> TestApp {
 /// Hooks called between a cache miss's PostgreSQL read and its Redis write.
 #[derive(Default)]
 pub struct Hooks {
+    /// How the test's clients reach an app with TLS on (`None`: plain text).
+    pub client_tls: Option<tonic::transport::ClientTlsConfig>,
     pub session_fill: Option<FillHook>,
     pub profile_fill: Option<FillHook>,
     /// Runs when the generation job is about to react to a reconnection.
@@ -176,13 +180,20 @@ async fn spawn_inner(settings: Settings, drop_database: bool, hooks: Hooks) -> T
     let server = tokio::spawn(app.run_until_stopped(async {
         let _ = stopped.await;
     }));
-    let channel = Channel::from_shared(format!("http://{addr}"))
+    let scheme = if hooks.client_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = Channel::from_shared(format!("{scheme}://{addr}"))
         .unwrap()
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .expect("connects to the app");
+        .timeout(Duration::from_secs(10));
+    if let Some(tls) = hooks.client_tls {
+        endpoint = endpoint.tls_config(tls).unwrap();
+    }
+    let channel = endpoint.connect().await.expect("connects to the app");
     TestApp {
+        addr,
         metrics_addr,
         auth: AuthServiceClient::new(channel.clone()),
         profiles: ProfileServiceClient::new(channel.clone()),

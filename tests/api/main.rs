@@ -5,6 +5,7 @@ mod proxy;
 mod redis_server;
 mod topology;
 
+mod admin;
 mod consistency;
 mod degraded;
 mod deployments;
@@ -12,6 +13,7 @@ mod hardening;
 mod login;
 mod manage;
 mod operability;
+mod pg_tls;
 mod profiles;
 mod rate_limit;
 mod register;

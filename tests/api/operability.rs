@@ -389,6 +389,26 @@ fn every_shipped_yaml_file_parses_and_the_manifests_fit_the_service() {
         container["readinessProbe"]["grpc"]["service"].as_str(),
         Some("")
     );
+    // The gRPC port speaks TLS: probes use the plaintext health port, which the ConfigMap opens.
+    let health_port = container["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str() == Some("health"))
+        .and_then(|p| p["containerPort"].as_i64())
+        .expect("a health port");
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        assert_eq!(
+            container[probe]["grpc"]["port"].as_i64(),
+            Some(health_port),
+            "{probe}"
+        );
+    }
+    assert!(
+        all.contains(&format!("HEALTH__ADDR: \"0.0.0.0:{health_port}\"")),
+        "the ConfigMap opens the probes' port"
+    );
+    assert!(all.contains("kind: Certificate") && all.contains("secretName: authd-tls"));
     let grace_s = pod["terminationGracePeriodSeconds"].as_i64().unwrap();
     let drain: Duration = authd::config::Settings::default().grpc.shutdown_grace;
     assert!(

@@ -1,0 +1,296 @@
+//! Who may call AdminService: a client certificate (mutual TLS) with a SAN — a URI such as a
+//! SPIFFE ID, or a DNS name — listed in `ADMIN__ALLOWED_CLIENTS`, or `authorization: Bearer
+//! <key>` with a key whose SHA-256 is listed in `ADMIN__API_KEYS_FILE`. The file holds hashes
+//! only (never a key) and is re-read when it changes, so keys rotate without a restart.
+use std::{
+    collections::HashSet,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+};
+
+use rustls_pki_types::CertificateDer;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::AdminSettings;
+
+/// Longest bearer key looked at (a longer one is simply not allowed).
+const KEY_MAX_BYTES: usize = 512;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    #[serde(default)]
+    key: Vec<KeyEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry {
+    name: String,
+    /// Lower-case hex of the key's SHA-256.
+    sha256: String,
+}
+
+struct ApiKey {
+    name: String,
+    sha256: [u8; 32],
+}
+
+/// The keys as last read, and a digest of the file they came from.
+struct Keys {
+    keys: Vec<ApiKey>,
+    file_digest: [u8; 32],
+}
+
+/// The outcome of looking at a caller's credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Admitted as `caller` (`san:<SAN>` or `key:<name>`).
+    Admitted { caller: String },
+    /// No credential at all.
+    Unauthenticated,
+    /// A credential that is not allowed; `caller` says which (never the key itself).
+    Denied { caller: String },
+}
+
+pub struct Access {
+    sans: HashSet<String>,
+    file: Option<PathBuf>,
+    keys: RwLock<Arc<Keys>>,
+}
+
+fn parse_keys(text: &str) -> Result<Vec<ApiKey>, String> {
+    let file: KeysFile = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+    let mut names = HashSet::new();
+    file.key
+        .into_iter()
+        .map(|entry| {
+            let mut sha256 = [0u8; 32];
+            let valid = entry.sha256.len() == 64
+                && entry
+                    .sha256
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                && hex::decode_to_slice(&entry.sha256, &mut sha256).is_ok();
+            if !valid {
+                return Err(format!(
+                    "key {:?}: sha256 must be 64 lower-case hex digits",
+                    entry.name
+                ));
+            }
+            if entry.name.is_empty() || !names.insert(entry.name.clone()) {
+                return Err(format!(
+                    "key names must be non-empty and unique: {:?}",
+                    entry.name
+                ));
+            }
+            Ok(ApiKey {
+                name: entry.name,
+                sha256,
+            })
+        })
+        .collect()
+}
+
+fn read_keys(path: &PathBuf) -> Result<Keys, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = String::from_utf8(bytes.clone()).map_err(|_| "not UTF-8".to_owned())?;
+    Ok(Keys {
+        keys: parse_keys(&text)?,
+        file_digest: Sha256::digest(&bytes).into(),
+    })
+}
+
+/// The URI and DNS SANs of a DER certificate.
+pub fn sans(certificate: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(certificate.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some((*uri).to_owned()),
+            GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+impl Access {
+    /// `None` when AdminService is not configured (neither setting given); `Err` names what is
+    /// wrong with the keys file.
+    pub fn from_settings(settings: &AdminSettings) -> Result<Option<Self>, String> {
+        let sans: HashSet<String> = settings.allowed_clients().map(str::to_owned).collect();
+        let file = settings.api_keys_file.clone();
+        if sans.is_empty() && file.is_none() {
+            return Ok(None);
+        }
+        let keys = match &file {
+            Some(path) => read_keys(path)?,
+            None => Keys {
+                keys: Vec::new(),
+                file_digest: [0; 32],
+            },
+        };
+        Ok(Some(Self {
+            sans,
+            file,
+            keys: RwLock::new(Arc::new(keys)),
+        }))
+    }
+
+    fn keys(&self) -> Arc<Keys> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Re-reads the keys file if it changed; a file that cannot be read or parsed is logged and
+    /// the keys already loaded stay in force. `true` when new keys were loaded.
+    pub fn reload(&self) -> bool {
+        let Some(path) = &self.file else {
+            return false;
+        };
+        let current = self.keys();
+        let digest: Option<[u8; 32]> = std::fs::read(path).ok().map(|b| Sha256::digest(&b).into());
+        if digest == Some(current.file_digest) {
+            return false;
+        }
+        match read_keys(path) {
+            Ok(keys) => {
+                tracing::info!(
+                    count = keys.keys.len(),
+                    "admin API keys reloaded from ADMIN__API_KEYS_FILE"
+                );
+                *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+                true
+            }
+            Err(error) => {
+                tracing::error!(%error, "ADMIN__API_KEYS_FILE could not be reloaded; the keys read before stay in force");
+                false
+            }
+        }
+    }
+
+    /// Looks at the caller's client certificate (if any) and `authorization` metadata (if
+    /// any). Either credential admits on its own.
+    pub fn admit(
+        &self,
+        certificate: Option<&CertificateDer<'_>>,
+        authorization: Option<&[u8]>,
+    ) -> Admission {
+        let names = certificate.map(sans).unwrap_or_default();
+        if let Some(allowed) = names.iter().find(|n| self.sans.contains(*n)) {
+            return Admission::Admitted {
+                caller: format!("san:{allowed}"),
+            };
+        }
+        // Only a bearer key is a credential here (another scheme is as good as none).
+        let bearer = authorization
+            .and_then(|value| {
+                value
+                    .strip_prefix(b"Bearer ")
+                    .or_else(|| value.strip_prefix(b"bearer "))
+            })
+            .filter(|key| !key.is_empty());
+        if let Some(key) = bearer.filter(|key| key.len() <= KEY_MAX_BYTES) {
+            let presented: [u8; 32] = Sha256::digest(key).into();
+            let keys = self.keys();
+            // Every stored hash is compared, in constant time each: no early exit.
+            let mut matched: Option<&ApiKey> = None;
+            for stored in &keys.keys {
+                if bool::from(stored.sha256.ct_eq(&presented)) {
+                    matched = Some(stored);
+                }
+            }
+            if let Some(key) = matched {
+                return Admission::Admitted {
+                    caller: format!("key:{}", key.name),
+                };
+            }
+        }
+        match (names.first(), bearer) {
+            (None, None) if certificate.is_none() => Admission::Unauthenticated,
+            (Some(name), _) => Admission::Denied {
+                caller: format!("san:{name}"),
+            },
+            (None, Some(_)) => Admission::Denied {
+                caller: "key:unknown".to_owned(),
+            },
+            (None, None) => Admission::Denied {
+                caller: "certificate without an allowed SAN".to_owned(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access(keys: &str, sans: &str) -> (Access, tempfile::NamedTempFile) {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), keys).unwrap();
+        let settings = AdminSettings {
+            allowed_clients: sans.to_owned(),
+            api_keys_file: Some(file.path().to_owned()),
+            ..AdminSettings::default()
+        };
+        (Access::from_settings(&settings).unwrap().unwrap(), file)
+    }
+
+    fn entry(name: &str, key: &str) -> String {
+        format!(
+            "[[key]]\nname = \"{name}\"\nsha256 = \"{}\"\n",
+            hex::encode(Sha256::digest(key))
+        )
+    }
+
+    #[test]
+    fn keys_admit_by_name_and_rotate_when_the_file_changes() {
+        let (access, file) = access(&entry("ops", "s3cret-one"), "");
+        let admitted = |key: &str| access.admit(None, Some(format!("Bearer {key}").as_bytes()));
+        assert_eq!(
+            admitted("s3cret-one"),
+            Admission::Admitted {
+                caller: "key:ops".into()
+            }
+        );
+        assert!(matches!(admitted("wrong"), Admission::Denied { .. }));
+        assert_eq!(access.admit(None, None), Admission::Unauthenticated);
+        assert!(matches!(
+            access.admit(None, Some(b"Basic abc")),
+            Admission::Unauthenticated
+        ));
+        std::fs::write(file.path(), entry("ops-2", "s3cret-two")).unwrap();
+        assert!(access.reload());
+        assert!(matches!(admitted("s3cret-one"), Admission::Denied { .. }));
+        assert!(matches!(admitted("s3cret-two"), Admission::Admitted { .. }));
+        // A broken file keeps the keys in force.
+        std::fs::write(file.path(), "[[key]]\nname = 1\n").unwrap();
+        assert!(!access.reload());
+        assert!(matches!(admitted("s3cret-two"), Admission::Admitted { .. }));
+    }
+
+    #[test]
+    fn a_bad_keys_file_is_refused_at_startup() {
+        for bad in [
+            "[[key]]\nname = \"a\"\nsha256 = \"ABC\"\n",
+            "[[key]]\nname = \"a\"\nsha256 = \"abc\"\nkey = \"plain\"\n",
+            &format!("{}{}", entry("a", "x"), entry("a", "y")),
+        ] {
+            let file = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(file.path(), bad).unwrap();
+            let settings = AdminSettings {
+                api_keys_file: Some(file.path().to_owned()),
+                ..AdminSettings::default()
+            };
+            assert!(Access::from_settings(&settings).is_err(), "{bad}");
+        }
+    }
+}

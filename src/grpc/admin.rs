@@ -1,0 +1,317 @@
+//! `authd.v1.AdminService` over gRPC: admission (client certificate SAN or bearer key), input
+//! validation, and one audit record per call — admitted or refused — with its outcome.
+use std::{future::Future, sync::Arc};
+
+use tonic::{Request, Response, Status};
+
+use super::{limits::PeerInfo, observe::RequestId, timestamp};
+use crate::{
+    admin::{AdminService, Admission},
+    auth::{
+        AuthError,
+        input::{self, Violations},
+    },
+    proto::authd::v1::{self as pb, admin_service_server::AdminService as AdminServiceRpc},
+    store::{AdminUser, AuditEntry, UserLookup},
+};
+
+pub use crate::proto::authd::v1::admin_service_server::AdminServiceServer;
+
+/// Listing page sizes: the default, and the largest.
+const PAGE_DEFAULT: i32 = 50;
+const PAGE_MAX: i32 = 100;
+/// Longest DisableUser reason, in characters.
+const REASON_MAX_CHARS: usize = 500;
+/// Longest target recorded in the audit (what the caller named, bounded).
+const TARGET_MAX_BYTES: usize = 256;
+
+pub struct AdminGrpc {
+    service: Arc<AdminService>,
+}
+
+impl AdminGrpc {
+    pub fn new(service: Arc<AdminService>) -> Self {
+        Self { service }
+    }
+
+    /// Admits the caller, runs `action` when admitted, and audits the call either way.
+    /// `target`: what the request names (a user id, or an email), for the audit.
+    async fn call<Req, Resp, F, Fut>(
+        &self,
+        method: &'static str,
+        request: Request<Req>,
+        target: impl FnOnce(&Req) -> String,
+        action: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        F: FnOnce(Arc<AdminService>, Req) -> Fut,
+        Fut: Future<Output = Result<Resp, Status>>,
+    {
+        let request_id = request
+            .extensions()
+            .get::<RequestId>()
+            .map(|id| id.0.clone())
+            .unwrap_or_default();
+        let certificate = request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|peer| peer.certificates.clone());
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.as_bytes().to_vec());
+        let admission = self.service.access.admit(
+            certificate.as_ref().and_then(|chain| chain.first()),
+            authorization.as_deref(),
+        );
+        let req = request.into_inner();
+        let mut target = target(&req);
+        if target.len() > TARGET_MAX_BYTES {
+            let mut end = TARGET_MAX_BYTES;
+            while !target.is_char_boundary(end) {
+                end -= 1;
+            }
+            target.truncate(end);
+        }
+        let (caller, result) = match admission {
+            Admission::Admitted { caller } => {
+                let result = action(self.service.clone(), req).await;
+                (caller, result)
+            }
+            Admission::Unauthenticated => (
+                "anonymous".to_owned(),
+                Err(Status::unauthenticated(
+                    "AdminService needs a client certificate or `authorization: Bearer <key>`",
+                )),
+            ),
+            Admission::Denied { caller } => (
+                caller,
+                Err(Status::permission_denied(
+                    "this caller may not use AdminService",
+                )),
+            ),
+        };
+        let outcome = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(status) => status.code(),
+        };
+        let outcome = format!("{outcome:?}");
+        self.service
+            .audit(AuditEntry {
+                caller: &caller,
+                method,
+                target: &target,
+                outcome: &outcome,
+                request_id: &request_id,
+            })
+            .await;
+        result.map(Response::new)
+    }
+}
+
+fn user(u: AdminUser) -> pb::User {
+    pb::User {
+        user_id: u.id.to_string(),
+        email: u.email,
+        display_name: u.display_name,
+        created_at: Some(timestamp(u.created_at)),
+        disabled: u.disabled_at.is_some(),
+        disabled_at: u.disabled_at.map(timestamp),
+        disabled_reason: u.disabled_reason,
+        active_session_count: i32::try_from(u.active_sessions).unwrap_or(i32::MAX),
+        last_login_at: u.last_login_at.map(timestamp),
+    }
+}
+
+fn count(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// The one user id field of a request.
+fn user_id(raw: &str) -> Result<uuid::Uuid, Status> {
+    let mut v = Violations::default();
+    let id = v.check("user_id", input::uuid(raw));
+    Ok(v.finish(|| id).map_err(AuthError::InvalidInput)?)
+}
+
+fn invalid(field: &str, description: &str) -> Status {
+    AuthError::InvalidInput(vec![input::FieldViolation {
+        field: field.to_owned(),
+        description: description.to_owned(),
+    }])
+    .into()
+}
+
+#[tonic::async_trait]
+impl AdminServiceRpc for AdminGrpc {
+    async fn get_user(
+        &self,
+        request: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::GetUserResponse>, Status> {
+        use pb::get_user_request::Lookup;
+        let target = |req: &pb::GetUserRequest| match &req.lookup {
+            Some(Lookup::UserId(id)) => id.clone(),
+            Some(Lookup::Email(email)) => format!("email:{email}"),
+            None => String::new(),
+        };
+        self.call("GetUser", request, target, |service, req| async move {
+            let found = match req.lookup {
+                Some(Lookup::UserId(raw)) => {
+                    let id = user_id(&raw)?;
+                    service.auth.admin_user(UserLookup::Id(id)).await?
+                }
+                Some(Lookup::Email(raw)) => {
+                    let mut v = Violations::default();
+                    let email = v.check("email", input::email(&raw));
+                    let email = v.finish(|| email).map_err(AuthError::InvalidInput)?;
+                    service
+                        .auth
+                        .admin_user(UserLookup::Email(&email.normalized))
+                        .await?
+                }
+                None => return Err(invalid("lookup", "user_id or email is required")),
+            };
+            Ok(pb::GetUserResponse {
+                user: Some(user(found)),
+            })
+        })
+        .await
+    }
+
+    async fn list_user_sessions(
+        &self,
+        request: Request<pb::ListUserSessionsRequest>,
+    ) -> Result<Response<pb::ListUserSessionsResponse>, Status> {
+        let target = |req: &pb::ListUserSessionsRequest| req.user_id.clone();
+        self.call(
+            "ListUserSessions",
+            request,
+            target,
+            |service, req| async move {
+                let mut v = Violations::default();
+                let id = v.check("user_id", input::uuid(&req.user_id));
+                let size = v.check(
+                    "page_size",
+                    match req.page_size {
+                        0 => Ok(PAGE_DEFAULT),
+                        n if (1..=PAGE_MAX).contains(&n) => Ok(n),
+                        _ => Err(format!("must be 0 (for {PAGE_DEFAULT}) to {PAGE_MAX}")),
+                    },
+                );
+                let (id, size) = v
+                    .finish(|| Some((id?, size?)))
+                    .map_err(AuthError::InvalidInput)?;
+                let tokens = service
+                    .page_tokens()
+                    .await
+                    .map_err(|e| Status::from(AuthError::Store(e)))?;
+                let after = match req.page_token.as_str() {
+                    "" => None,
+                    token => Some(tokens.verify(id, token).ok_or_else(|| {
+                        invalid(
+                            "page_token",
+                            "is not a page token of this listing (take it from next_page_token)",
+                        )
+                    })?),
+                };
+                let mut page = service
+                    .auth
+                    .admin_sessions(id, after, i64::from(size) + 1)
+                    .await?;
+                let more = page.len() > usize::try_from(size).unwrap_or(usize::MAX);
+                page.truncate(usize::try_from(size).unwrap_or(usize::MAX));
+                let next_page_token = match page.last() {
+                    Some(last) if more => tokens.sign(
+                        id,
+                        crate::store::SessionCursor {
+                            created_at: last.record.created_at,
+                            id: last.record.id,
+                        },
+                    ),
+                    _ => String::new(),
+                };
+                Ok(pb::ListUserSessionsResponse {
+                    sessions: page.into_iter().map(pb::Session::from).collect(),
+                    next_page_token,
+                })
+            },
+        )
+        .await
+    }
+
+    async fn revoke_user_session(
+        &self,
+        request: Request<pb::RevokeUserSessionRequest>,
+    ) -> Result<Response<pb::RevokeUserSessionResponse>, Status> {
+        let target = |req: &pb::RevokeUserSessionRequest| req.user_id.clone();
+        self.call(
+            "RevokeUserSession",
+            request,
+            target,
+            |service, req| async move {
+                let mut v = Violations::default();
+                let id = v.check("user_id", input::uuid(&req.user_id));
+                let session = v.check("session_id", input::uuid(&req.session_id));
+                let (id, session) = v
+                    .finish(|| Some((id?, session?)))
+                    .map_err(AuthError::InvalidInput)?;
+                service.auth.admin_revoke_session(id, session).await?;
+                Ok(pb::RevokeUserSessionResponse {})
+            },
+        )
+        .await
+    }
+
+    async fn revoke_user_sessions(
+        &self,
+        request: Request<pb::RevokeUserSessionsRequest>,
+    ) -> Result<Response<pb::RevokeUserSessionsResponse>, Status> {
+        let target = |req: &pb::RevokeUserSessionsRequest| req.user_id.clone();
+        self.call(
+            "RevokeUserSessions",
+            request,
+            target,
+            |service, req| async move {
+                let id = user_id(&req.user_id)?;
+                let revoked = service.auth.admin_revoke_sessions(id).await?;
+                Ok(pb::RevokeUserSessionsResponse {
+                    revoked_count: count(revoked),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn disable_user(
+        &self,
+        request: Request<pb::DisableUserRequest>,
+    ) -> Result<Response<pb::DisableUserResponse>, Status> {
+        let target = |req: &pb::DisableUserRequest| req.user_id.clone();
+        self.call("DisableUser", request, target, |service, req| async move {
+            let mut v = Violations::default();
+            let id = v.check("user_id", input::uuid(&req.user_id));
+            let reason = v.check("reason", input::text(&req.reason, REASON_MAX_CHARS));
+            let (id, reason) = v
+                .finish(|| Some((id?, reason?)))
+                .map_err(AuthError::InvalidInput)?;
+            let revoked = service.auth.disable_user(id, &reason).await?;
+            Ok(pb::DisableUserResponse {
+                revoked_count: count(revoked),
+            })
+        })
+        .await
+    }
+
+    async fn enable_user(
+        &self,
+        request: Request<pb::EnableUserRequest>,
+    ) -> Result<Response<pb::EnableUserResponse>, Status> {
+        let target = |req: &pb::EnableUserRequest| req.user_id.clone();
+        self.call("EnableUser", request, target, |service, req| async move {
+            let id = user_id(&req.user_id)?;
+            service.auth.enable_user(id).await?;
+            Ok(pb::EnableUserResponse {})
+        })
+        .await
+    }
+}
