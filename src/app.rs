@@ -237,7 +237,9 @@ impl Application {
         if let Some(listener) = self.health_listener {
             jobs.push(tokio::spawn(serve_health(
                 listener,
-                health_service.clone(),
+                health_service
+                    .clone()
+                    .max_decoding_message_size(HEALTH_MAX_MESSAGE),
                 background.clone(),
             )));
         }
@@ -267,6 +269,9 @@ impl Application {
             .initial_connection_window_size(window)
             .http2_adaptive_window(Some(false))
             .http2_max_header_list_size(16 * 1024)
+            // An idle connection does not hold its place for ever: clients reconnect.
+            .max_connection_age(MAX_CONNECTION_AGE)
+            .max_connection_age_grace(g.request_timeout)
             .timeout(g.request_timeout)
             .layer(ObserveLayer::new(self.metrics.clone()))
             .add_service(health_service.max_decoding_message_size(max))
@@ -298,9 +303,13 @@ impl Application {
         let incoming = TcpIncoming::from(self.listener)
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
+        let caps = limits::Caps {
+            total: g.max_connections,
+            per_address: g.max_connections_per_address,
+        };
         let incoming: std::pin::Pin<Box<dyn futures::Stream<Item = _> + Send>> = match &self.tls {
-            Some(tls) => Box::pin(limits::limit_tls(incoming, g.max_connections, tls.clone())),
-            None => Box::pin(limits::limit(incoming, g.max_connections)),
+            Some(tls) => Box::pin(limits::limit_tls(incoming, caps, tls.clone())),
+            None => Box::pin(limits::limit(incoming, caps)),
         };
         let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
@@ -356,8 +365,14 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }
 
+/// A connection lives at most this long (then it is closed gracefully; clients reconnect).
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
+/// The health port: a health check is a few bytes; probes need a handful of connections.
+const HEALTH_MAX_MESSAGE: usize = 1024;
+const HEALTH_MAX_CONNECTIONS: usize = 16;
+
 /// `grpc.health.v1` alone, in plain text, on `HEALTH__ADDR` (Kubernetes probes cannot speak
-/// TLS). It reports what the main port's health service reports.
+/// TLS). It reports what the main port's health service reports, within small bounds of its own.
 async fn serve_health(
     listener: TcpListener,
     health: tonic_health::pb::health_server::HealthServer<
@@ -366,10 +381,18 @@ async fn serve_health(
     stop: CancellationToken,
 ) {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let caps = limits::Caps {
+        total: HEALTH_MAX_CONNECTIONS,
+        per_address: 0,
+    };
     let served = Server::builder()
         .timeout(Duration::from_secs(5))
+        .max_concurrent_streams(8)
+        .initial_stream_window_size(64 * 1024)
+        .initial_connection_window_size(64 * 1024)
+        .http2_max_header_list_size(8 * 1024)
         .add_service(health)
-        .serve_with_incoming_shutdown(incoming, stop.cancelled())
+        .serve_with_incoming_shutdown(limits::limit(incoming, caps), stop.cancelled())
         .await;
     if let Err(error) = served {
         tracing::error!(%error, "the health endpoint failed");
@@ -406,7 +429,11 @@ async fn serve_metrics(
         }),
     );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let limited = limits::limit(incoming, settings.max_connections);
+    let caps = limits::Caps {
+        total: settings.max_connections,
+        per_address: 0,
+    };
+    let limited = limits::limit(incoming, caps);
     let mut incoming = Box::pin(limited);
     loop {
         let accepted = tokio::select! {

@@ -68,6 +68,8 @@ pub struct GrpcSettings {
     pub max_concurrent_streams: u32,
     /// Connections served at once; further ones wait to be accepted.
     pub max_connections: usize,
+    /// Connections one client address may hold at once (0: no cap); further ones are closed.
+    pub max_connections_per_address: usize,
     /// Bound on one call on the server (it answers CANCELLED past it).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -353,6 +355,7 @@ impl Default for GrpcSettings {
             max_message_size: 16 * 1024,
             max_concurrent_streams: 100,
             max_connections: 1024,
+            max_connections_per_address: 256,
             request_timeout: Duration::from_secs(10),
             reflection: true,
             tls: GrpcTlsSettings::default(),

@@ -47,7 +47,7 @@ struct Keys {
 /// The outcome of looking at a caller's credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
-    /// Admitted as `caller` (`san:<SAN>` or `key:<name>`).
+    /// Admitted as `caller` (`uri:<SAN>`, `dns:<SAN>` or `key:<name>`).
     Admitted { caller: String },
     /// No credential at all.
     Unauthenticated,
@@ -56,7 +56,7 @@ pub enum Admission {
 }
 
 pub struct Access {
-    sans: HashSet<String>,
+    sans: HashSet<San>,
     file: Option<PathBuf>,
     keys: RwLock<Arc<Keys>>,
 }
@@ -103,8 +103,40 @@ fn read_keys(path: &PathBuf) -> Result<Keys, String> {
     })
 }
 
+/// A subject alternative name of a client certificate, by type: an allowed entry with `://` is
+/// a URI (a SPIFFE ID) and matches URI SANs only; any other is a DNS name and matches DNS SANs
+/// only (compared in lower case, without a trailing dot). A CA that lets workloads pick their
+/// DNS names therefore cannot grant the URI identities it pins, or the reverse.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum San {
+    Uri(String),
+    Dns(String),
+}
+
+impl San {
+    fn allowed(entry: &str) -> San {
+        if entry.contains("://") {
+            San::Uri(entry.to_owned())
+        } else {
+            San::Dns(dns(entry))
+        }
+    }
+
+    /// How the audit names a caller admitted (or refused) by it.
+    fn caller(&self) -> String {
+        match self {
+            San::Uri(uri) => format!("uri:{uri}"),
+            San::Dns(name) => format!("dns:{name}"),
+        }
+    }
+}
+
+fn dns(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
 /// The URI and DNS SANs of a DER certificate.
-pub fn sans(certificate: &CertificateDer<'_>) -> Vec<String> {
+pub fn sans(certificate: &CertificateDer<'_>) -> Vec<San> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let Ok((_, cert)) = X509Certificate::from_der(certificate.as_ref()) else {
         return Vec::new();
@@ -116,8 +148,8 @@ pub fn sans(certificate: &CertificateDer<'_>) -> Vec<String> {
         .general_names
         .iter()
         .filter_map(|name| match name {
-            GeneralName::URI(uri) => Some((*uri).to_owned()),
-            GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+            GeneralName::URI(uri) => Some(San::Uri((*uri).to_owned())),
+            GeneralName::DNSName(name) => Some(San::Dns(dns(name))),
             _ => None,
         })
         .collect()
@@ -127,7 +159,7 @@ impl Access {
     /// `None` when AdminService is not configured (neither setting given); `Err` names what is
     /// wrong with the keys file.
     pub fn from_settings(settings: &AdminSettings) -> Result<Option<Self>, String> {
-        let sans: HashSet<String> = settings.allowed_clients().map(str::to_owned).collect();
+        let sans: HashSet<San> = settings.allowed_clients().map(San::allowed).collect();
         let file = settings.api_keys_file.clone();
         if sans.is_empty() && file.is_none() {
             return Ok(None);
@@ -150,24 +182,45 @@ impl Access {
         self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Re-reads the keys file if it changed; a file that cannot be read or parsed is logged and
-    /// the keys already loaded stay in force. `true` when new keys were loaded.
+    /// Re-reads the keys file if it changed. A file that cannot be parsed is logged and the keys
+    /// already loaded stay in force (a half-written file locks nobody out); a file that is gone
+    /// admits no key any more (deleting it revokes every key). `true` when the keys changed.
     pub fn reload(&self) -> bool {
         let Some(path) = &self.file else {
             return false;
         };
         let current = self.keys();
-        let digest: Option<[u8; 32]> = std::fs::read(path).ok().map(|b| Sha256::digest(&b).into());
-        if digest == Some(current.file_digest) {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                if !current.keys.is_empty() {
+                    tracing::error!(%error, "ADMIN__API_KEYS_FILE cannot be read: no API key is admitted until it can");
+                    *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Keys {
+                        keys: Vec::new(),
+                        file_digest: [0; 32],
+                    });
+                    return true;
+                }
+                return false;
+            }
+        };
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        if digest == current.file_digest {
             return false;
         }
-        match read_keys(path) {
+        let parsed = String::from_utf8(bytes)
+            .map_err(|_| "not UTF-8".to_owned())
+            .and_then(|text| parse_keys(&text));
+        match parsed {
             Ok(keys) => {
                 tracing::info!(
-                    count = keys.keys.len(),
+                    count = keys.len(),
                     "admin API keys reloaded from ADMIN__API_KEYS_FILE"
                 );
-                *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+                *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Keys {
+                    keys,
+                    file_digest: digest,
+                });
                 true
             }
             Err(error) => {
@@ -187,7 +240,7 @@ impl Access {
         let names = certificate.map(sans).unwrap_or_default();
         if let Some(allowed) = names.iter().find(|n| self.sans.contains(*n)) {
             return Admission::Admitted {
-                caller: format!("san:{allowed}"),
+                caller: allowed.caller(),
             };
         }
         // Only a bearer key is a credential here (another scheme is as good as none).
@@ -217,7 +270,7 @@ impl Access {
         match (names.first(), bearer) {
             (None, None) if certificate.is_none() => Admission::Unauthenticated,
             (Some(name), _) => Admission::Denied {
-                caller: format!("san:{name}"),
+                caller: name.caller(),
             },
             (None, Some(_)) => Admission::Denied {
                 caller: "key:unknown".to_owned(),
@@ -275,6 +328,63 @@ mod tests {
         std::fs::write(file.path(), "[[key]]\nname = 1\n").unwrap();
         assert!(!access.reload());
         assert!(matches!(admitted("s3cret-two"), Admission::Admitted { .. }));
+    }
+
+    fn certificate(dns: &[&str], uris: &[&str]) -> CertificateDer<'static> {
+        use rcgen::{CertificateParams, KeyPair, SanType};
+        let mut params = CertificateParams::default();
+        for name in dns {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName((*name).try_into().unwrap()));
+        }
+        for uri in uris {
+            params
+                .subject_alt_names
+                .push(SanType::URI((*uri).try_into().unwrap()));
+        }
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn sans_match_only_their_own_type() {
+        let (access, _file) = access(
+            "",
+            "spiffe://example.org/ns/ops/sa/admin, Admin.Example.org",
+        );
+        let admit = |dns: &[&str], uris: &[&str]| access.admit(Some(&certificate(dns, uris)), None);
+        assert_eq!(
+            admit(&[], &["spiffe://example.org/ns/ops/sa/admin"]),
+            Admission::Admitted {
+                caller: "uri:spiffe://example.org/ns/ops/sa/admin".into()
+            }
+        );
+        assert_eq!(
+            admit(&["admin.example.org."], &[]),
+            Admission::Admitted {
+                caller: "dns:admin.example.org".into()
+            }
+        );
+        // A DNS name spelled like the SPIFFE ID, and a URI spelled like the DNS name: refused.
+        assert!(matches!(
+            admit(&["spiffe://example.org/ns/ops/sa/admin"], &[]),
+            Admission::Denied { .. }
+        ));
+        assert!(matches!(
+            admit(&[], &["admin.example.org"]),
+            Admission::Denied { .. }
+        ));
+    }
+
+    #[test]
+    fn a_deleted_keys_file_admits_no_key() {
+        let (access, file) = access(&entry("ops", "s3cret-one"), "");
+        let admitted = || access.admit(None, Some(b"Bearer s3cret-one"));
+        assert!(matches!(admitted(), Admission::Admitted { .. }));
+        std::fs::remove_file(file.path()).unwrap();
+        assert!(access.reload());
+        assert!(matches!(admitted(), Admission::Denied { .. }));
     }
 
     #[test]

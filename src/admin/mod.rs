@@ -26,6 +26,9 @@ pub struct AdminService {
     db: Arc<Db>,
     metrics: Arc<Metrics>,
     tokens: OnceCell<PageTokens>,
+    refused_rows: std::sync::Mutex<RowBudget>,
+    /// Refusals over the row budget since the last flush, by (method, outcome).
+    suppressed: std::sync::Mutex<std::collections::HashMap<(String, String), u64>>,
 }
 
 impl AdminService {
@@ -36,6 +39,11 @@ impl AdminService {
             db,
             metrics,
             tokens: OnceCell::new(),
+            refused_rows: std::sync::Mutex::new(RowBudget {
+                tokens: REFUSED_ROWS_PER_SECOND * 2.0,
+                at: std::time::Instant::now(),
+            }),
+            suppressed: std::sync::Mutex::default(),
         }
     }
 
@@ -53,9 +61,12 @@ impl AdminService {
             .await
     }
 
-    /// Records one call: a row in `admin_audit`, a log line and the metric. A row that cannot be
+    /// Records one call: the metric and a log line always; a row in `admin_audit` for every
+    /// admitted call, and for refused ones up to [`REFUSED_ROWS_PER_SECOND`] (beyond that they
+    /// are summed up, per method and outcome, into one row per [`AdminService::flush_refused`]):
+    /// unauthenticated callers cannot turn the audit into a write flood. A row that cannot be
     /// written is logged as an error (the log line has everything the row would have).
-    pub async fn audit(&self, entry: AuditEntry<'_>) {
+    pub async fn audit(&self, entry: AuditEntry<'_>, admitted: bool) {
         self.metrics
             .admin_calls
             .with_label_values(&[entry.method, entry.outcome])
@@ -69,8 +80,71 @@ impl AdminService {
             request_id = entry.request_id,
             "admin call"
         );
+        if !admitted
+            && !self
+                .refused_rows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+        {
+            let mut suppressed = self.suppressed.lock().unwrap_or_else(|e| e.into_inner());
+            *suppressed
+                .entry((entry.method.to_owned(), entry.outcome.to_owned()))
+                .or_default() += 1;
+            return;
+        }
         if let Err(error) = self.db.admin().audit(&entry).await {
             tracing::error!(%error, method = entry.method, "the admin audit row could not be written");
+        }
+    }
+
+    /// Writes the refusals summed up since the last flush, one row per method and outcome.
+    pub async fn flush_refused(&self) {
+        let pending: Vec<((String, String), u64)> =
+            std::mem::take(&mut *self.suppressed.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_iter()
+                .collect();
+        for ((method, outcome), count) in pending {
+            let entry = AuditEntry {
+                caller: SUMMED_UP,
+                method: &method,
+                target: "",
+                outcome: &outcome,
+                request_id: "",
+                count: i32::try_from(count).unwrap_or(i32::MAX),
+            };
+            if let Err(error) = self.db.admin().audit(&entry).await {
+                tracing::error!(%error, %method, count, "summed-up admin refusals could not be written");
+            }
+        }
+    }
+}
+
+/// The caller of a row that sums refusals up.
+pub const SUMMED_UP: &str = "(refused calls over the audit rate)";
+
+/// Refused calls written one row each, per second and instance (a burst of twice that).
+pub const REFUSED_ROWS_PER_SECOND: f64 = 20.0;
+
+/// A token bucket for refused-call rows.
+struct RowBudget {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl RowBudget {
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let burst = REFUSED_ROWS_PER_SECOND * 2.0;
+        self.tokens = (self.tokens
+            + now.duration_since(self.at).as_secs_f64() * REFUSED_ROWS_PER_SECOND)
+            .min(burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 }

@@ -6,8 +6,10 @@
 //!   and every Register (`RATE_LIMIT__REGISTER_PER_IP`), right or wrong, never refunded;
 //! - the *account* pays for every guess (`RATE_LIMIT__LOGIN_PER_EMAIL`, also ChangePassword's
 //!   current password), and starts over after a correct one — but a client that signed in to the
-//!   account before (the same device identifier, or without one the same address) has a bucket
-//!   of its own there, so guesses from elsewhere cannot lock its owner out;
+//!   account before (the same device identifier, or without one the same exact address) has a
+//!   bucket of its own there, so guesses from elsewhere cannot lock its owner out;
+//! - every ChangePassword (two hashes) also pays the account's password-change bucket (the same
+//!   limit and window), never refunded;
 //! - and in PostgreSQL, whatever Redis remembers, an account refuses clients it does not trust
 //!   after `RATE_LIMIT__MAX_FAILED_LOGINS` consecutive wrong passwords (NIST SP 800-63B).
 use std::net::IpAddr;
@@ -52,14 +54,29 @@ impl AuthService {
     }
 
     /// What identifies the client to an account that may trust it: its device identifier, or
-    /// without one its address (hashed; nothing when it sent neither).
+    /// without one its exact address — never a network: a whole IPv6 /64 must not become
+    /// trusted because the owner signed in from one address of it (hashed; nothing when it sent
+    /// neither).
     pub(super) fn client_hash(&self, client: &ClientInfo) -> Option<[u8; 32]> {
         let id = match (client.device_id.is_empty(), client.ip_address.is_empty()) {
             (false, _) => format!("device:{}", client.device_id),
-            (true, false) => format!("address:{}", self.address(client)),
+            // Canonical already (see `input::ip_address`).
+            (true, false) => format!("address:{}", client.ip_address),
             (true, true) => return None,
         };
         Some(Sha256::digest(id.as_bytes()).into())
+    }
+
+    /// Password changes of an account: every one costs two hashes, so each is paid for here and
+    /// never refunded (a correct current password resets the guess bucket, not this one).
+    pub(super) fn password_change_bucket(&self, user_id: uuid::Uuid) -> Bucket {
+        let l = &self.limits;
+        Bucket::new(
+            "password_change",
+            &user_id.to_string(),
+            l.login_per_email,
+            l.login_window,
+        )
     }
 
     /// The account's guess bucket; `client`: a client it trusts, with a bucket of its own.

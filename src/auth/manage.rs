@@ -98,7 +98,8 @@ impl AuthService {
         self.passwords
             .check("new_password", &new_password, &context)?;
         let account = self.account_bucket(&email, None);
-        self.limit("change_password", std::slice::from_ref(&account))
+        let changes = self.password_change_bucket(user_id);
+        self.limit("change_password", &[changes, account.clone()])
             .await?;
         if self.locked(stored.failed_logins) {
             return Err(AuthError::Locked);

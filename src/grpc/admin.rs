@@ -34,8 +34,9 @@ impl AdminGrpc {
         Self { service }
     }
 
-    /// Admits the caller, runs `action` when admitted, and audits the call either way.
-    /// `target`: what the request names (a user id, or an email), for the audit.
+    /// Admits the caller, runs `action` when admitted, and audits the call either way. Action
+    /// and audit run in a task of their own: a caller that hangs up (or whose deadline passes)
+    /// cancels neither, so nothing is done without its audit record.
     async fn call<Req, Resp, F, Fut>(
         &self,
         method: &'static str,
@@ -44,8 +45,10 @@ impl AdminGrpc {
         action: F,
     ) -> Result<Response<Resp>, Status>
     where
-        F: FnOnce(Arc<AdminService>, Req) -> Fut,
-        Fut: Future<Output = Result<Resp, Status>>,
+        Req: Send + 'static,
+        Resp: Send + 'static,
+        F: FnOnce(Arc<AdminService>, Req) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Resp, Status>> + Send + 'static,
     {
         let request_id = request
             .extensions()
@@ -73,39 +76,51 @@ impl AdminGrpc {
             }
             target.truncate(end);
         }
-        let (caller, result) = match admission {
-            Admission::Admitted { caller } => {
-                let result = action(self.service.clone(), req).await;
-                (caller, result)
-            }
-            Admission::Unauthenticated => (
-                "anonymous".to_owned(),
-                Err(Status::unauthenticated(
-                    "AdminService needs a client certificate or `authorization: Bearer <key>`",
-                )),
-            ),
-            Admission::Denied { caller } => (
-                caller,
-                Err(Status::permission_denied(
-                    "this caller may not use AdminService",
-                )),
-            ),
-        };
-        let outcome = match &result {
-            Ok(_) => tonic::Code::Ok,
-            Err(status) => status.code(),
-        };
-        let outcome = format!("{outcome:?}");
-        self.service
-            .audit(AuditEntry {
+        let service = self.service.clone();
+        let call = async move {
+            let (caller, admitted, result) = match admission {
+                Admission::Admitted { caller } => {
+                    let result = action(service.clone(), req).await;
+                    (caller, true, result)
+                }
+                Admission::Unauthenticated => (
+                    "anonymous".to_owned(),
+                    false,
+                    Err(Status::unauthenticated(
+                        "AdminService needs a client certificate or `authorization: Bearer <key>`",
+                    )),
+                ),
+                Admission::Denied { caller } => (
+                    caller,
+                    false,
+                    Err(Status::permission_denied(
+                        "this caller may not use AdminService",
+                    )),
+                ),
+            };
+            let outcome = match &result {
+                Ok(_) => tonic::Code::Ok,
+                Err(status) => status.code(),
+            };
+            let outcome = format!("{outcome:?}");
+            let entry = AuditEntry {
                 caller: &caller,
                 method,
                 target: &target,
                 outcome: &outcome,
                 request_id: &request_id,
-            })
-            .await;
-        result.map(Response::new)
+                count: 1,
+            };
+            service.audit(entry, admitted).await;
+            result
+        };
+        match tokio::spawn(call).await {
+            Ok(result) => result.map(Response::new),
+            Err(error) => {
+                tracing::error!(%error, method, "admin call task failed");
+                Err(Status::internal("internal error"))
+            }
+        }
     }
 }
 

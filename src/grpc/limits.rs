@@ -2,13 +2,20 @@
 //! `GRPC__MAX_CONNECTIONS` are open, and holds its place until it closes. (tonic bounds streams
 //! per connection and message sizes, but not connections.) Together with the per-connection
 //! HTTP/2 flow-control window, this bounds the memory unauthenticated callers can make the
-//! server hold. With TLS on (see `grpc::tls`), each handshake runs in a task of its own, bounded
-//! in time, so slow handshakes cannot hold up the accepting of others.
+//! server hold. So that one host cannot take every place with silent sockets:
+//!
+//! - one address holds at most `GRPC__MAX_CONNECTIONS_PER_ADDRESS` places (a connection over
+//!   that is closed at once);
+//! - a connection must send its first byte within [`FIRST_BYTE_TIMEOUT`] (after its TLS
+//!   handshake, which must itself finish within [`HANDSHAKE_TIMEOUT`], in a task of its own);
+//! - and, in `app`, every connection lives at most a bounded age.
 use std::{
+    collections::HashMap,
+    future::Future,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -25,7 +32,9 @@ use tonic::transport::server::Connected;
 use super::tls::TlsServer;
 
 /// A TLS handshake must complete within this.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection that has sent nothing (an HTTP/2 preface, a request line) by then is closed.
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What handlers learn of the connection (in the request's extensions).
 #[derive(Debug, Clone, Default)]
@@ -40,40 +49,104 @@ enum Conn {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
+/// How many connections to serve at once, in all and per client address (0: no cap).
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    pub total: usize,
+    pub per_address: usize,
+}
+
+/// How many places each client address holds.
+type Held = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// An accepted connection's place: among all connections, and among its address's.
+struct Place {
+    _total: OwnedSemaphorePermit,
+    address: Option<(IpAddr, Held)>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if let Some((ip, counts)) = self.address.take() {
+            let mut counts = counts.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = counts.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
 /// An accepted connection and its place among the connections served.
 pub struct Limited {
     conn: Conn,
     info: PeerInfo,
-    _place: OwnedSemaphorePermit,
+    /// Until the first byte arrives: when the connection is given up.
+    first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
+    _place: Place,
 }
 
 /// Places, then connections: past the cap, connections queue in the kernel's backlog instead of
-/// costing memory here.
+/// costing memory here. A connection from an address already holding its share is closed.
 fn accepted(
     incoming: impl Stream<Item = io::Result<TcpStream>> + Send + 'static,
-    max: usize,
-) -> impl Stream<Item = io::Result<(TcpStream, OwnedSemaphorePermit)>> + Send + 'static {
-    let places = Arc::new(Semaphore::new(max));
+    caps: Caps,
+) -> impl Stream<Item = io::Result<(TcpStream, Place)>> + Send + 'static {
+    let places = Arc::new(Semaphore::new(caps.total));
+    let counts: Held = Arc::default();
     let incoming = Box::pin(incoming);
-    futures::stream::unfold((incoming, places), |(mut incoming, places)| async move {
-        let place = places.clone().acquire_owned().await.ok()?;
-        let next = incoming.next().await?;
-        Some((next.map(|stream| (stream, place)), (incoming, places)))
-    })
+    futures::stream::unfold(
+        (incoming, places, counts),
+        move |(mut incoming, places, counts)| async move {
+            loop {
+                let total = places.clone().acquire_owned().await.ok()?;
+                let stream = match incoming.next().await? {
+                    Ok(stream) => stream,
+                    Err(error) => return Some((Err(error), (incoming, places, counts))),
+                };
+                let ip = stream.peer_addr().ok().map(|a| a.ip().to_canonical());
+                let address = match (ip, caps.per_address) {
+                    (Some(ip), cap) if cap > 0 => {
+                        let mut held = counts.lock().unwrap_or_else(|e| e.into_inner());
+                        let n = held.entry(ip).or_default();
+                        if *n >= cap {
+                            tracing::debug!(%ip, "connection refused: its address holds its share");
+                            continue;
+                        }
+                        *n += 1;
+                        Some((ip, counts.clone()))
+                    }
+                    _ => None,
+                };
+                let place = Place {
+                    _total: total,
+                    address,
+                };
+                return Some((Ok((stream, place)), (incoming, places, counts)));
+            }
+        },
+    )
 }
 
-/// `incoming`, accepting a connection only while fewer than `max` are open.
+fn first_byte_deadline() -> Option<Pin<Box<tokio::time::Sleep>>> {
+    Some(Box::pin(tokio::time::sleep(FIRST_BYTE_TIMEOUT)))
+}
+
+/// `incoming`, accepting a connection only while the caps allow.
 pub fn limit(
     incoming: impl Stream<Item = io::Result<TcpStream>> + Send + 'static,
-    max: usize,
+    caps: Caps,
 ) -> impl Stream<Item = io::Result<Limited>> + Send + 'static {
-    accepted(incoming, max).map(|next| {
+    accepted(incoming, caps).map(|next| {
         next.map(|(stream, place)| Limited {
             info: PeerInfo {
                 remote: stream.peer_addr().ok(),
                 certificates: None,
             },
             conn: Conn::Plain(stream),
+            first_byte: first_byte_deadline(),
             _place: place,
         })
     })
@@ -83,12 +156,12 @@ pub fn limit(
 /// Connections whose handshake fails or times out are dropped (and logged at debug level).
 pub fn limit_tls(
     incoming: impl Stream<Item = io::Result<TcpStream>> + Send + 'static,
-    max: usize,
+    caps: Caps,
     tls: Arc<TlsServer>,
 ) -> impl Stream<Item = io::Result<Limited>> + Send + 'static {
     let (sender, receiver) = tokio::sync::mpsc::channel::<io::Result<Limited>>(64);
     tokio::spawn(async move {
-        let mut accepted = Box::pin(accepted(incoming, max));
+        let mut accepted = Box::pin(accepted(incoming, caps));
         loop {
             let next = tokio::select! {
                 () = sender.closed() => return,
@@ -118,6 +191,7 @@ pub fn limit_tls(
                                 remote,
                                 certificates,
                             },
+                            first_byte: first_byte_deadline(),
                             _place: place,
                         };
                         let _ = sender.send(Ok(limited)).await;
@@ -145,10 +219,28 @@ impl AsyncRead for Limited {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.conn {
+        let filled = buf.filled().len();
+        let polled = match &mut self.conn {
             Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        if self.first_byte.is_some() {
+            match &polled {
+                Poll::Ready(Ok(())) if buf.filled().len() > filled => self.first_byte = None,
+                Poll::Pending => {
+                    if let Some(deadline) = self.first_byte.as_mut()
+                        && deadline.as_mut().poll(cx).is_ready()
+                    {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "nothing received",
+                        )));
+                    }
+                }
+                _ => {}
+            }
         }
+        polled
     }
 }
 

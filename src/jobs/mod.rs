@@ -42,6 +42,9 @@ where
     }
 }
 
+/// How often refused AdminService calls over the audit's row rate are written, summed up.
+const AUDIT_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+
 /// How often live sessions are counted (a full count: not too often).
 const LIVE_COUNT_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -86,8 +89,9 @@ impl Jobs {
             )));
         }
         if let Some(admin) = admin {
+            let keys = admin.clone();
             let reload = move || {
-                admin.access.reload();
+                keys.access.reload();
                 async {}
             };
             jobs.push(tokio::spawn(every(
@@ -95,6 +99,16 @@ impl Jobs {
                 stop.clone(),
                 reload,
             )));
+            let stopped = stop.clone();
+            jobs.push(tokio::spawn(async move {
+                let flush = || {
+                    let admin = admin.clone();
+                    async move { admin.flush_refused().await }
+                };
+                every(AUDIT_FLUSH_INTERVAL, stopped, flush).await;
+                // What was summed up since the last flush is written on the way out too.
+                admin.flush_refused().await;
+            }));
         }
         if redis.is_enabled() {
             let pass = move || {

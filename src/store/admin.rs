@@ -39,6 +39,8 @@ pub struct AuditEntry<'a> {
     pub target: &'a str,
     pub outcome: &'a str,
     pub request_id: &'a str,
+    /// Calls this row stands for (1, or the refusals summed up over the audit's rate).
+    pub count: i32,
 }
 
 #[derive(Clone, Copy)]
@@ -165,14 +167,15 @@ impl AdminRepo<'_> {
 
     pub async fn audit(&self, entry: &AuditEntry<'_>) -> Result<(), StoreError> {
         let query = sqlx::query(
-            "insert into admin_audit (caller, method, target, outcome, request_id)
-             values ($1, $2, $3, $4, $5)",
+            "insert into admin_audit (caller, method, target, outcome, request_id, count)
+             values ($1, $2, $3, $4, $5, $6)",
         )
         .bind(entry.caller)
         .bind(entry.method)
         .bind(entry.target)
         .bind(entry.outcome)
-        .bind(entry.request_id);
+        .bind(entry.request_id)
+        .bind(entry.count);
         self.0.run(query.execute(&self.0.pool)).await?;
         Ok(())
     }

@@ -20,6 +20,7 @@ use crate::{
         Hooks, Mode, PASSWORD, TestApp, assert_code, eventually, spawn_sharing, spawn_with,
         spawn_with_hooks, test_settings, violation_fields,
     },
+    proxy::{Link, Proxy},
     topology::Certs,
 };
 
@@ -608,13 +609,14 @@ async fn client_certificates_are_admitted_by_their_san() {
     let rows = audit(&app).await;
     let callers: Vec<(&str, &str)> = rows.iter().map(|r| (r.0.as_str(), r.3.as_str())).collect();
     assert!(
-        callers.contains(&(&format!("san:{}", Certs::CLIENT_URI), "Ok")),
+        callers.contains(&(&format!("uri:{}", Certs::CLIENT_URI), "Ok")),
         "{callers:?}"
     );
     assert!(
         callers
             .iter()
-            .any(|(c, o)| c.starts_with("san:") && *o == "PermissionDenied"),
+            .any(|(c, o)| (c.starts_with("uri:") || c.starts_with("dns:"))
+                && *o == "PermissionDenied"),
         "{callers:?}"
     );
     assert!(callers.contains(&("key:ops", "Ok")), "{callers:?}");
@@ -711,4 +713,122 @@ async fn certificates_rotate_without_a_restart_and_probes_have_a_plaintext_port(
     );
     // The connection opened before the rotation still works.
     app.validate(&reg.session_token).await.unwrap();
+}
+
+/// (caller, method, outcome, count) of every audit row, oldest first.
+async fn audit_counts(url: &str) -> Vec<(String, String, String, i32)> {
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url)
+        .await
+        .unwrap();
+    sqlx::query_as("select caller, method, outcome, count from admin_audit order by id")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// Before: every refused call wrote a row, so anyone who reaches the port could make the
+/// instance write to PostgreSQL as fast as it could send. Now refused calls get a row each only
+/// within a budget (`REFUSED_ROWS_PER_SECOND`, a burst of twice that); the rest are summed up,
+/// per method and outcome, into rows with their count — written every few seconds and when the
+/// server stops — so the audit still accounts for every call. Admitted calls always get a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_calls_is_audited_in_bounded_rows() {
+    const FLOOD: usize = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = keyed_app(Mode::NoRedis, dir.path()).await;
+    let (_, reg) = app.register().await;
+    let started = std::time::Instant::now();
+    for chunk in 0..FLOOD / 50 {
+        join_all((0..50).map(|i| {
+            let key = if (chunk + i) % 2 == 0 {
+                "not-the-key"
+            } else {
+                "another-bad-key"
+            };
+            get_user(&app, key, &reg.user_id)
+        }))
+        .await
+        .into_iter()
+        .for_each(|r| {
+            assert_code(r, Code::PermissionDenied);
+        });
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    get_user(&app, KEY, &reg.user_id).await.unwrap();
+    let url = app.settings.database.url.expose_secret().to_owned();
+    let single = audit_counts(&url)
+        .await
+        .iter()
+        .filter(|r| r.0 == "key:unknown")
+        .count();
+    let budget = authd::admin::REFUSED_ROWS_PER_SECOND;
+    assert!(
+        (single as f64) <= budget * 2.0 + budget * elapsed + 1.0,
+        "{single} rows for {FLOOD} refusals in {elapsed:.2} s"
+    );
+    assert!(single < FLOOD, "{single} rows");
+    app.stop().await.unwrap();
+    let rows = audit_counts(&url).await;
+    let refused: i32 = rows
+        .iter()
+        .filter(|r| r.1 == "GetUser" && r.2 == "PermissionDenied")
+        .map(|r| r.3)
+        .sum();
+    assert_eq!(
+        refused, FLOOD as i32,
+        "every refusal is accounted for: {rows:?}"
+    );
+    assert!(
+        rows.iter()
+            .any(|r| r.0 == authd::admin::SUMMED_UP && r.3 > 1),
+        "{rows:?}"
+    );
+    assert!(rows.contains(&("key:ops".into(), "GetUser".into(), "Ok".into(), 1)));
+}
+
+/// Before: the audit row was written after the action, in the call's own future: a caller that
+/// hung up (or whose deadline passed) while the action ran dropped it, and an action could take
+/// effect with no audit row. Now action and audit run on their own: with PostgreSQL hung, a
+/// DisableUser whose caller gave up is still audited once PostgreSQL answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_call_whose_caller_gave_up_is_still_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.toml");
+    write_keys(&keys, &[("ops", KEY)]);
+    let postgres = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let mut settings = test_settings(Mode::NoRedis);
+    let url = settings.database.url.expose_secret().to_owned();
+    settings.database.url = url
+        .replace("127.0.0.1:5432", &postgres.addr.to_string())
+        .into();
+    settings.admin.api_keys_file = Some(keys);
+    let app = spawn_with(settings).await;
+    let (_, reg) = app.register().await;
+    postgres.set(Link::Blackhole);
+    let mut request = with_key(
+        KEY,
+        pb::DisableUserRequest {
+            user_id: reg.user_id.clone(),
+            reason: "lost laptop".into(),
+        },
+    );
+    request.set_timeout(Duration::from_millis(500));
+    let gave_up = admin(&app).disable_user(request).await;
+    postgres.set(Link::Up);
+    let status = gave_up.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the abandoned DisableUser is audited",
+        || async {
+            audit_counts(&url)
+                .await
+                .iter()
+                .any(|r| r.0 == "key:ops" && r.1 == "DisableUser")
+        },
+    )
+    .await;
 }

@@ -48,6 +48,8 @@ both_modes!(
     no_window_edge_lets_twice_the_limit_through,
     addresses_are_counted_in_their_canonical_form_and_per_ipv6_64,
     requests_without_an_address_share_one_bucket,
+    a_trusted_address_is_that_address_not_its_network,
+    password_changes_pay_a_bucket_that_a_correct_password_does_not_refund,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -982,4 +984,124 @@ async fn requests_without_an_address_share_one_bucket(mode: Mode) {
         .register(elsewhere)
         .await
         .expect("an address has a bucket of its own");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Found attacking the hardening itself.
+
+/// Before: an account trusted the owner's address per IPv6 /64 (as the address limit counts
+/// it), so any neighbour in the owner's /64 shared the owner's own bucket: its guesses used the
+/// owner's allowance up and locked the owner out. Now trust is for the exact address: the
+/// neighbour is refused like any stranger, and the owner still gets in.
+async fn a_trusted_address_is_that_address_not_its_network(mode: Mode) {
+    let mut settings = test_settings(mode);
+    settings.rate_limit.login_per_email = 4;
+    settings.rate_limit.login_window = Duration::from_secs(3600);
+    let app = spawn_with(settings).await;
+    let (email, _) = app.register().await;
+    let owner = || client("2001:db8:77:1::10", "");
+    login_as(&app, &email, PASSWORD, owner()).await.unwrap();
+    let neighbour = || client("2001:db8:77:1::99", "");
+    let mut refused = false;
+    for _ in 0..6 {
+        match login_as(&app, &email, "guess", neighbour()).await {
+            Err(status) if status.code() == Code::Unauthenticated => {}
+            other => {
+                assert_limited(other);
+                refused = true;
+                break;
+            }
+        }
+    }
+    assert!(refused, "the neighbour's guesses are limited");
+    login_as(&app, &email, PASSWORD, owner())
+        .await
+        .expect("the owner's exact address is not locked out by its neighbour");
+}
+
+/// Before: ChangePassword paid only the account's guess bucket, which a correct current
+/// password resets: a session holder could ask for two hashes per call in a loop. Now every
+/// ChangePassword also pays the account's password-change bucket, right or wrong, never
+/// refunded: the loop is refused (RESOURCE_EXHAUSTED with RetryInfo) within the limit.
+async fn password_changes_pay_a_bucket_that_a_correct_password_does_not_refund(mode: Mode) {
+    let mut settings = test_settings(mode);
+    settings.rate_limit.login_per_email = 4;
+    settings.rate_limit.login_window = Duration::from_secs(3600);
+    let app = spawn_with(settings).await;
+    let (_, reg) = app.register().await;
+    let passwords = [PASSWORD, "another correct horse battery"];
+    let (mut served, mut refused) = (0, 0);
+    for i in 0..8 {
+        let (current, new) = (passwords[i % 2], passwords[(i + 1) % 2]);
+        match app.change_password(&reg.session_token, current, new).await {
+            Ok(_) => served += 1,
+            other => {
+                assert_limited(other);
+                refused += 1;
+            }
+        }
+    }
+    assert!((1..=4).contains(&served), "{served} changes served");
+    assert_eq!(served + refused, 8);
+}
+
+/// Before: connections were capped in all, not per client: one host opening
+/// `GRPC__MAX_CONNECTIONS` silent sockets (a few kilobytes each) locked every other client out
+/// for as long as it liked. Now one address holds at most `GRPC__MAX_CONNECTIONS_PER_ADDRESS`
+/// places (a connection over its share is closed at once), and a connection that sends nothing
+/// is closed after the first-byte timeout: other clients are served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_from_one_address_do_not_lock_others_out() {
+    let mut settings = test_settings(Mode::NoRedis);
+    settings.grpc.max_connections = 6;
+    settings.grpc.max_connections_per_address = 4;
+    let app = spawn_with(settings).await;
+    let open = || async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        socket.connect(app.addr).await.unwrap()
+    };
+    let opened = Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(open().await);
+    }
+    // Over the address's share: closed at once.
+    for _ in 0..3 {
+        let mut over = open().await;
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(2), over.read(&mut byte)).await;
+        assert!(
+            matches!(read, Ok(Ok(0) | Err(_))),
+            "a connection over the share is closed at once: {read:?}"
+        );
+    }
+    // Another client (127.0.0.1) is served while the four are held.
+    assert!(serving(connect(&app.addr.to_string()).await).await);
+    // The silent ones are closed after the first-byte timeout (the server's own SETTINGS
+    // frame comes first).
+    for mut socket in held {
+        let mut sent = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut sent)).await;
+        assert!(read.is_ok(), "a silent connection is closed: {read:?}");
+    }
+    let closed_after = opened.elapsed();
+    assert!(
+        closed_after >= Duration::from_secs(4) && closed_after < Duration::from_secs(9),
+        "silent connections closed after {closed_after:?}"
+    );
+    // Their places are free again: the address's new connections are kept open.
+    let mut again = Vec::new();
+    for _ in 0..4 {
+        let mut socket = open().await;
+        let mut sent = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(1), socket.read_to_end(&mut sent)).await;
+        assert!(
+            read.is_err(),
+            "a connection within the share stays open: {read:?}"
+        );
+        again.push(socket);
+    }
 }
