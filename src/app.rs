@@ -219,8 +219,8 @@ impl Application {
     /// calls finish within `GRPC__SHUTDOWN_GRACE` (open Watch streams cannot hold it longer),
     /// close the pools.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let (reporter, health_service) = tonic_health::server::health_reporter();
-        let health = Arc::new(Health::new(reporter, self.metrics.clone()));
+        let health = Arc::new(Health::new(self.metrics.clone()));
+        let health_service = health.server();
         let background = CancellationToken::new();
         let mut jobs = Jobs {
             auth: self.auth.clone(),
@@ -244,6 +244,9 @@ impl Application {
             )));
         }
         if let Some(listener) = self.metrics_listener {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "metrics served at http://{addr}/metrics");
+            }
             jobs.push(tokio::spawn(serve_metrics(
                 listener,
                 self.settings.metrics.clone(),
@@ -346,11 +349,25 @@ impl Application {
             }
         }
         background.cancel();
-        for job in jobs {
-            let _ = job.await;
+        // Jobs stop at their next await; closing the connections is polite, not required: a
+        // dependency that hangs (a stopped PostgreSQL, a Redis node gone mid-failover) must not
+        // keep the process from exiting.
+        let cleanup = async {
+            for job in jobs {
+                let _ = job.await;
+            }
+            self.redis.quit().await;
+            self.db.close().await;
+        };
+        if tokio::time::timeout(CLEANUP_TIMEOUT, cleanup)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                timeout = ?CLEANUP_TIMEOUT,
+                "background jobs or connections did not close in time; exiting anyway"
+            );
         }
-        self.redis.quit().await;
-        self.db.close().await;
         tracing::info!("authd stopped");
         Ok(())
     }
@@ -365,6 +382,9 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }
 
+/// After the drain, how long background jobs and the pools may take to close.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A connection lives at most this long (then it is closed gracefully; clients reconnect).
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
 /// The health port: a health check is a few bytes; probes need a handful of connections.
@@ -375,9 +395,7 @@ const HEALTH_MAX_CONNECTIONS: usize = 16;
 /// TLS). It reports what the main port's health service reports, within small bounds of its own.
 async fn serve_health(
     listener: TcpListener,
-    health: tonic_health::pb::health_server::HealthServer<
-        impl tonic_health::pb::health_server::Health,
-    >,
+    health: tonic_health::pb::health_server::HealthServer<crate::health::Watched>,
     stop: CancellationToken,
 ) {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

@@ -492,17 +492,28 @@ impl ConfigError {
 
     /// Names the setting the way operators write it (`REDIS__ENABLED`), whatever layer it came from.
     fn from_figment(error: figment::Error) -> Self {
-        let setting = if error.path.is_empty() {
-            "(configuration)".to_owned()
-        } else {
-            error.path.join("__").to_ascii_uppercase()
-        };
-        let source = error
+        let file = error
             .metadata
             .as_ref()
-            .map(|m| format!(" (from {})", m.name))
-            .unwrap_or_default();
-        Self::invalid(&setting, format!("{}{source}", error.kind))
+            .and_then(|m| m.source.as_ref())
+            .and_then(figment::Source::file_path)
+            .map(Path::to_path_buf);
+        let setting = match (error.path.is_empty(), &file) {
+            (false, _) => error.path.join("__").to_ascii_uppercase(),
+            (true, Some(_)) => "--config".to_owned(),
+            (true, None) => "(configuration)".to_owned(),
+        };
+        let source = match (&file, error.metadata.as_ref()) {
+            (Some(path), _) => format!(" (from {})", path.display()),
+            (None, Some(m)) => format!(" (from {})", m.name),
+            (None, None) => String::new(),
+        };
+        // One line: a TOML syntax error comes with a multi-line excerpt of the file.
+        let reason = format!("{}{source}", error.kind);
+        Self::invalid(
+            &setting,
+            reason.split_whitespace().collect::<Vec<_>>().join(" "),
+        )
     }
 }
 
@@ -511,6 +522,9 @@ impl Settings {
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         let mut figment = Figment::new();
         if let Some(path) = file {
+            if let Err(error) = std::fs::File::open(path) {
+                return Err(Self::unreadable(path, &error));
+            }
             figment = figment.merge(Toml::file_exact(path));
         }
         let figment = figment
@@ -543,6 +557,14 @@ impl Settings {
         }
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// The configuration file named by `--config` cannot be read.
+    fn unreadable(path: &Path, error: &std::io::Error) -> ConfigError {
+        ConfigError::invalid(
+            "--config",
+            format!("cannot read {}: {error}", path.display()),
+        )
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

@@ -1,13 +1,26 @@
 //! gRPC health that tells the truth. `liveness` is SERVING while the process can answer at all.
 //! `""` and each service are SERVING while PostgreSQL answers (an outage shorter than
 //! `HEALTH__DB_GRACE` is tolerated) and the server is not shutting down. Redis being down does
-//! not make authd unhealthy: it is degraded, and `authd_redis_up` says so.
+//! not make authd unhealthy: it is degraded, and `authd_redis_up` says so. On shutdown every
+//! open Watch stream is sent the status in force and ended, so watchers (service meshes,
+//! clients) do not hold the drain up.
 use std::{
+    pin::Pin,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use tonic_health::{ServingStatus, server::HealthReporter};
+use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tonic_health::{
+    ServingStatus,
+    pb::{
+        HealthCheckRequest, HealthCheckResponse,
+        health_server::{self, HealthServer},
+    },
+    server::{HealthReporter, HealthService},
+};
 
 use crate::{clock::Clock, metrics::Metrics, store::Db};
 
@@ -25,18 +38,32 @@ struct State {
 
 pub struct Health {
     reporter: HealthReporter,
+    service: Arc<HealthService>,
+    /// Cancelled once draining has been published: Watch streams end.
+    drained: CancellationToken,
     state: Mutex<State>,
     metrics: Arc<Metrics>,
 }
 
 impl Health {
-    pub fn new(reporter: HealthReporter, metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
         metrics.db_up.set(1);
+        let reporter = HealthReporter::new();
         Self {
+            service: Arc::new(HealthService::from_health_reporter(reporter.clone())),
             reporter,
+            drained: CancellationToken::new(),
             state: Mutex::new(State::default()),
             metrics,
         }
+    }
+
+    /// The `grpc.health.v1.Health` service reporting this health (every port serves the same).
+    pub fn server(&self) -> HealthServer<Watched> {
+        HealthServer::new(Watched {
+            inner: self.service.clone(),
+            drained: self.drained.clone(),
+        })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -66,10 +93,12 @@ impl Health {
         self.publish().await;
     }
 
-    /// Shutdown: NOT_SERVING for good (liveness stays SERVING until the process exits).
+    /// Shutdown: NOT_SERVING for good (liveness stays SERVING until the process exits); every
+    /// Watch stream is sent the status in force and ends.
     pub async fn drain(&self) {
         self.state().draining = true;
         self.publish().await;
+        self.drained.cancel();
     }
 
     /// Records one PostgreSQL check; flips health when the outage passes `grace` or ends.
@@ -113,5 +142,59 @@ impl Health {
             clock.calibrate(sent, database, clock.local());
         }
         self.record_db_check(answer.is_ok(), grace).await;
+    }
+}
+
+/// tonic-health's service, with Watch streams that end on drain (after the status in force,
+/// unless the watcher has it already).
+pub struct Watched {
+    inner: Arc<HealthService>,
+    drained: CancellationToken,
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl health_server::Health for Watched {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        health_server::Health::check(self.inner.as_ref(), request).await
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let service = request.get_ref().service.clone();
+        let updates = health_server::Health::watch(self.inner.as_ref(), request)
+            .await?
+            .into_inner();
+        let sent = Arc::new(Mutex::new(None::<i32>));
+        let seen = sent.clone();
+        let updates = updates
+            .inspect(move |update| {
+                if let Ok(update) = update {
+                    *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(update.status);
+                }
+            })
+            .take_until(self.drained.clone().cancelled_owned());
+        let inner = self.inner.clone();
+        let last = futures::stream::once(async move {
+            let now = health_server::Health::check(
+                inner.as_ref(),
+                Request::new(HealthCheckRequest { service }),
+            )
+            .await
+            .ok()?
+            .into_inner();
+            let already = *sent.lock().unwrap_or_else(|e| e.into_inner()) == Some(now.status);
+            (!already).then_some(Ok(now))
+        })
+        .filter_map(std::future::ready);
+        Ok(Response::new(Box::pin(updates.chain(last))))
     }
 }

@@ -110,7 +110,7 @@ impl Metrics {
             "PostgreSQL pool connections by state",
             &["state"],
         );
-        Arc::new(Self {
+        let metrics = Self {
             rpc_requests: counter_vec(
                 &r,
                 "authd_rpc_requests_total",
@@ -238,7 +238,42 @@ impl Metrics {
                 "Sessions neither revoked nor expired (counted in PostgreSQL)",
             ),
             registry: r,
-        })
+        };
+        metrics.initialise();
+        Arc::new(metrics)
+    }
+
+    /// Every documented label set at 0, so that dashboards and `rate()` alerts see 0 rather than
+    /// nothing before the first event. (Per-node Redis gauges appear with the nodes.)
+    fn initialise(&self) {
+        for (service, method) in rpc_methods() {
+            self.rpc_requests
+                .with_label_values(&[&service, &method, "Ok"]);
+            self.rpc_duration.with_label_values(&[&service, &method]);
+            if service == "authd.v1.AdminService" {
+                self.admin_calls.with_label_values(&[&method, "Ok"]);
+            }
+        }
+        for cache in ["sessions", "profiles"] {
+            for result in ["hit", "miss", "negative", "unavailable"] {
+                self.cache_lookups.with_label_values(&[cache, result]);
+            }
+        }
+        for kind in ["timeout", "disconnected", "error"] {
+            self.redis_errors.with_label_values(&[kind]);
+        }
+        for state in ["in_use", "idle"] {
+            self.db_connections.with_label_values(&[state]);
+        }
+        for origin in ["request", "background"] {
+            self.db_queries.with_label_values(&[origin]);
+        }
+        for reason in REVOCATION_REASONS {
+            self.sessions_revoked.with_label_values(&[reason]);
+        }
+        for operation in ["login", "register", "change_password"] {
+            self.rate_limited.with_label_values(&[operation]);
+        }
     }
 
     /// The text exposition of every metric.
@@ -249,4 +284,37 @@ impl Metrics {
         }
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+/// The `reason` label values of `authd_sessions_revoked_total`.
+pub const REVOCATION_REASONS: [&str; 6] = [
+    "logout",
+    "revoke",
+    "revoke_all",
+    "password_change",
+    "session_cap",
+    "admin",
+];
+
+/// (service, method) of every RPC authd serves, from its descriptors (health included).
+fn rpc_methods() -> Vec<(String, String)> {
+    use prost::Message;
+    [
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ]
+    .into_iter()
+    .filter_map(|bytes| prost_types::FileDescriptorSet::decode(bytes).ok())
+    .flat_map(|set| set.file)
+    .flat_map(|file| {
+        let package = file.package().to_owned();
+        file.service.into_iter().flat_map(move |service| {
+            let name = format!("{package}.{}", service.name());
+            service
+                .method
+                .into_iter()
+                .map(move |m| (name.clone(), m.name().to_owned()))
+        })
+    })
+    .collect()
 }

@@ -1,14 +1,31 @@
 //! The one tracing subscriber: `RUST_LOG` when set, otherwise `LOG__LEVEL`; `LOG__FORMAT` picks
 //! human-readable or JSON lines.
+use std::io::IsTerminal;
+
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::config::{LogFormat, LogSettings};
+
+/// sqlx logs PostgreSQL's notices under this target.
+const NOTICES: &str = "sqlx::postgres::notice";
 
 /// Installs the global subscriber; a second call (tests) keeps the first.
 pub fn init(settings: &LogSettings) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // PostgreSQL's NOTICEs (`relation "_sqlx_migrations" already exists, skipping` on every
+    // start) are not news; its warnings still show. A `RUST_LOG` naming the target wins.
+    let named = std::env::var("RUST_LOG").is_ok_and(|v| v.contains(NOTICES));
+    let filter = if named {
+        filter
+    } else {
+        filter.add_directive(
+            format!("{NOTICES}=warn")
+                .parse()
+                .expect("a valid directive"),
+        )
+    };
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match settings.format {
         LogFormat::Json => registry
@@ -19,6 +36,9 @@ pub fn init(settings: &LogSettings) {
                     .with_current_span(true),
             )
             .try_init(),
-        LogFormat::Pretty => registry.with(fmt::layer()).try_init(),
+        // Colours only for a terminal: not in files or log collectors.
+        LogFormat::Pretty => registry
+            .with(fmt::layer().with_ansi(std::io::stdout().is_terminal()))
+            .try_init(),
     };
 }

@@ -241,9 +241,15 @@ impl Db {
 /// Creates the database of `url` unless it exists (this is also the first connection made).
 async fn create_if_missing(url: &str) -> Result<(), sqlx::Error> {
     if !sqlx::Postgres::database_exists(url).await? {
+        // The name only: the URL is a secret.
+        let name = url::Url::parse(url)
+            .ok()
+            .map(|u| u.path().trim_start_matches('/').to_owned())
+            .unwrap_or_default();
         match sqlx::Postgres::create_database(url).await {
+            Ok(()) => tracing::info!(database = %name, "created the database"),
             // Another instance may have created it at the same moment.
-            Ok(()) | Err(sqlx::Error::Database(_)) => {}
+            Err(sqlx::Error::Database(_)) => {}
             Err(e) => return Err(e),
         }
     }

@@ -135,3 +135,78 @@ impl Drop for Binary {
         let _ = self.child.wait();
     }
 }
+
+/// What a first start prints, as operators see it in a file (not a terminal): the database it
+/// created and where metrics are served, no colour codes — and a second start on the same
+/// database does not log PostgreSQL's "already exists, skipping" notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_logs_say_what_happened_without_noise() {
+    let settings = crate::helpers::test_settings(crate::helpers::Mode::NoRedis);
+    let start = || {
+        let mut cmd = command(&settings, "redis://127.0.0.1:1");
+        cmd.env("REDIS__ENABLED", "false")
+            .env("LOG__LEVEL", "info")
+            .env("LOG__FORMAT", "pretty");
+        Binary::start(cmd)
+    };
+    let first = start().await;
+    let database = settings
+        .database
+        .url
+        .expose_secret()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    first
+        .wait_for_line(&["created the database", &database], Duration::from_secs(5))
+        .await;
+    first
+        .wait_for_line(
+            &["metrics served at http://127.0.0.1:"],
+            Duration::from_secs(5),
+        )
+        .await;
+    first
+        .wait_for_line(&["authd serving"], Duration::from_secs(5))
+        .await;
+    drop(first);
+    let second = start().await;
+    second
+        .wait_for_line(&["authd serving"], Duration::from_secs(5))
+        .await;
+    let output = second.output();
+    assert!(
+        !output.contains('\u{1b}'),
+        "colour codes in a file: {output}"
+    );
+    assert!(!output.contains("already exists"), "{output}");
+    assert!(!output.contains("created the database"), "{output}");
+    drop(second);
+    crate::helpers::drop_database(settings.database.url.expose_secret()).await;
+}
+
+/// README quotes the line an operator sees when Redis is unreachable at startup: the binary
+/// prints exactly that, and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_unreachable_at_startup_is_logged_as_readme_quotes() {
+    const QUOTED: &str =
+        "redis is unreachable at startup; serving from PostgreSQL until it is back";
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(
+        readme
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .contains(QUOTED),
+        "README quotes the line"
+    );
+    let settings = crate::helpers::test_settings(crate::helpers::Mode::Redis);
+    let binary = Binary::start(command(&settings, "redis://127.0.0.1:1")).await;
+    binary
+        .wait_for_line(&[QUOTED], Duration::from_secs(10))
+        .await;
+    drop(binary);
+    crate::helpers::drop_database(settings.database.url.expose_secret()).await;
+}

@@ -13,8 +13,8 @@ use tonic::Code;
 use crate::{
     helpers::{
         Hooks, Mode, PASSWORD, PauseOnce, TestApp, assert_code, eventually, redis_client,
-        redis_command_calls, session_key, spawn_sharing, spawn_with, spawn_with_fill_hook,
-        spawn_with_hooks, test_settings,
+        redis_command_calls, session_key, spawn_app, spawn_sharing, spawn_with,
+        spawn_with_fill_hook, spawn_with_hooks, test_settings,
     },
     proxy::{Link, Proxy},
     redis_server::RedisServer,
@@ -896,4 +896,26 @@ async fn the_log_is_purged_once_nothing_can_need_it() {
         count("session_invalidations").await == 0 && count("profile_invalidations").await == 0
     })
     .await;
+}
+
+/// Starting over: the database dropped and created again while Redis keeps what the old one
+/// cached. Before, generations were numbered from 1 in every database, so the new database's
+/// first generation had the old copies' number and served them: a token of the dropped
+/// database validated. Now a new database numbers its generations from a random start: the old
+/// copies are of no generation it knows, and the token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_created_again_does_not_serve_what_redis_kept_of_the_old_one() {
+    let old = spawn_app(Mode::Redis).await;
+    let (_, reg) = old.register().await;
+    old.validate(&reg.session_token).await.unwrap();
+    assert!(old.served_from_redis(&reg.session_token).await);
+    let prefix = old.settings.redis.key_prefix.clone();
+    drop(old); // drops its database
+    let mut settings = test_settings(Mode::Redis);
+    settings.redis.key_prefix = prefix;
+    let new = spawn_with(settings).await;
+    assert_code(
+        new.validate(&reg.session_token).await,
+        Code::Unauthenticated,
+    );
 }

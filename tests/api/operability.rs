@@ -515,3 +515,56 @@ async fn metrics_endpoint_closes_slow_headers_and_caps_connections() {
         );
     }
 }
+
+/// Every metric README's table lists is on `/metrics` right after startup — its documented
+/// label sets at 0 — so that `rate()` alerts and dashboards see 0 rather than nothing on a
+/// healthy server. (Per-node Redis gauges follow the nodes; they are checked once the first
+/// node check has run.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_metric_is_present_from_startup() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("### Metrics")
+        .nth(1)
+        .and_then(|rest| rest.split("\n### ").next())
+        .expect("README has a Metrics section");
+    let names: Vec<&str> = section
+        .lines()
+        .filter(|line| line.starts_with("| `authd_"))
+        .flat_map(|line| line.split('|').nth(1).unwrap_or("").split(", "))
+        .map(|name| name.trim().trim_matches('`'))
+        .collect();
+    assert!(names.len() >= 20, "{names:?}");
+    let app = spawn_app(Mode::Redis).await;
+    let text = app.metrics().await;
+    let per_node = |name: &str| {
+        name.starts_with("authd_redis_")
+            && name != "authd_redis_up"
+            && !name.starts_with("authd_redis_errors")
+            && !name.starts_with("authd_redis_generation")
+    };
+    for name in names.iter().filter(|n| !per_node(n)) {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "{name} is absent right after startup"
+        );
+    }
+    for sample in [
+        "authd_redis_errors_total{kind=\"timeout\"} 0",
+        "authd_rate_limited_total{operation=\"login\"} 0",
+        "authd_sessions_revoked_total{reason=\"admin\"} 0",
+        "authd_cache_lookups_total{cache=\"profiles\",result=\"unavailable\"} 0",
+        "authd_rpc_requests_total{code=\"Ok\",method=\"ValidateSession\",service=\"authd.v1.AuthService\"} 0",
+    ] {
+        assert!(text.contains(sample), "{sample} missing");
+    }
+    eventually(Duration::from_secs(10), "the per-node gauges", || async {
+        let text = app.metrics().await;
+        names
+            .iter()
+            .filter(|n| per_node(n))
+            .all(|name| text.lines().any(|l| l.starts_with(name)))
+    })
+    .await;
+}

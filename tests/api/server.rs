@@ -82,12 +82,13 @@ async fn reflection_can_be_turned_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_goes_not_serving_lets_calls_finish_and_stops_despite_watchers() {
     let mut settings = test_settings(Mode::Redis);
-    settings.grpc.shutdown_grace = Duration::from_secs(2);
+    settings.grpc.shutdown_grace = Duration::from_secs(20);
     settings.auth.hash_concurrency = 1;
     let mut app = spawn_with(settings).await;
     let (email, _) = app.register().await;
     let mut health = app.health.clone();
     let mut watch = app.watch_serving("").await;
+    let mut liveness = app.watch_serving("liveness").await;
 
     // Logins queue behind one hashing slot, so several are in flight when the stop comes.
     let logins = tokio::spawn({
@@ -107,21 +108,29 @@ async fn shutdown_goes_not_serving_lets_calls_finish_and_stops_despite_watchers(
         }
     });
     tokio::time::sleep(Duration::from_millis(30)).await;
+    let stopping = std::time::Instant::now();
     let stopped = tokio::spawn(async move { app.stop().await });
 
     assert_eq!(
         watch.next().await.unwrap().unwrap().status(),
         ServingStatus::NotServing
     );
+    // Then the Watch streams end (with OK): readiness after NOT_SERVING, liveness (still
+    // SERVING, which its watcher knows) at once.
+    assert!(watch.next().await.is_none(), "the readiness Watch ends");
+    assert!(liveness.next().await.is_none(), "the liveness Watch ends");
     for login in logins.await.unwrap() {
         login.expect("in-flight calls complete");
     }
-    // The open Watch stream does not hold the process beyond the grace period.
-    tokio::time::timeout(Duration::from_secs(10), stopped)
+    // Open Watch streams do not hold the process up: it stops as soon as the calls are done,
+    // far within the 20 s grace.
+    tokio::time::timeout(Duration::from_secs(20), stopped)
         .await
         .expect("stopped within the grace period")
         .unwrap()
         .expect("clean stop");
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(3), "stopping took {took:?}");
     // After the drain, new calls are refused: the old connection is closed (the first call on
     // it may see that as CANCELLED) and no new one is accepted.
     for _ in 0..2 {
@@ -225,6 +234,45 @@ async fn an_invalid_setting_stops_startup_naming_it() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(key), "{key}={value}: {stderr}");
     }
+    // README quotes the first one word for word.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let quoted = readme
+        .lines()
+        .find_map(|l| l.strip_prefix("`authd: invalid setting REDIS__ENABLED"))
+        .and_then(|rest| rest.split('`').next())
+        .map(|rest| format!("authd: invalid setting REDIS__ENABLED{rest}"))
+        .expect("README quotes the message");
+    let mut cmd = Command::new(BIN);
+    binary_env(&mut cmd, &settings);
+    let output = cmd.env("REDIS__ENABLED", "maybe").output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim_end(), quoted);
+
+    // A configuration file that is not there is named, on one line.
+    let mut cmd = Command::new(BIN);
+    binary_env(&mut cmd, &settings);
+    let output = cmd.args(["--config", "missing.toml"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with("authd: invalid setting --config: cannot read missing.toml: ")
+            && stderr.trim_end().lines().count() == 1,
+        "{stderr:?}"
+    );
+    // So is a syntax error in one.
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("authd.toml");
+    std::fs::write(&broken, "[redis]\nenabled = = true\n").unwrap();
+    let mut cmd = Command::new(BIN);
+    binary_env(&mut cmd, &settings);
+    let output = cmd.arg("--config").arg(&broken).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("authd.toml") && stderr.trim_end().lines().count() == 1,
+        "{stderr:?}"
+    );
 }
 
 #[tokio::test]
