@@ -1,0 +1,436 @@
+//! Concurrent clients: each loops over a random mix of operations (mostly validations) against a
+//! random instance, and records every one in the history with what it covered or saw.
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use authd::proto::authd::v1::{
+    self as pb, admin_service_client::AdminServiceClient, auth_service_client::AuthServiceClient,
+    profile_service_client::ProfileServiceClient,
+};
+use tonic::{Code, Request, Status, transport::Channel};
+
+use crate::history::{History, Kind, Op};
+
+pub const PASSWORDS: [&str; 2] = ["correct horse battery staple", "another fine passphrase"];
+
+/// What the clients believe about one account.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub user_id: String,
+    pub email: String,
+    /// Index into [`PASSWORDS`] believed current (a ChangePassword without an answer leaves it
+    /// unknown: logins then try both).
+    pub password: usize,
+    /// Sessions (id, token) and when their creation returned.
+    pub sessions: Vec<(String, String, u64)>,
+    pub disabled: bool,
+}
+
+pub struct Shared {
+    pub channels: Vec<Channel>,
+    pub accounts: Vec<Mutex<Account>>,
+    /// Accounts only ever guessed at (wrong passwords).
+    pub targets: Vec<String>,
+    pub history: History,
+    pub t0: Instant,
+    pub admin_key: String,
+}
+
+impl Shared {
+    pub fn now_us(&self) -> u64 {
+        u64::try_from(self.t0.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+}
+
+fn outcome<T>(result: &Result<T, Status>) -> String {
+    match result {
+        Ok(_) => "Ok".into(),
+        // tonic reports transport failures as Unavailable/Unknown with a source; keep the code.
+        Err(status) if status.code() == Code::Unknown && status.message().contains("transport") => {
+            "Transport".into()
+        }
+        Err(status) => format!("{:?}", status.code()),
+    }
+}
+
+fn keyed<T>(key: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Ok(value) = format!("Bearer {key}").parse() {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+/// One client's loop until `deadline`.
+pub async fn client(shared: Arc<Shared>, seed: u64, deadline: Instant) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    while Instant::now() < deadline {
+        let instance = rng.usize(..shared.channels.len());
+        let roll = rng.u32(..1000);
+        let user = rng.usize(..shared.accounts.len());
+        step(&shared, &mut rng, instance, roll, user).await;
+    }
+}
+
+async fn step(shared: &Shared, rng: &mut fastrand::Rng, instance: usize, roll: u32, user: usize) {
+    let channel = shared.channels[instance].clone();
+    let mut auth = AuthServiceClient::new(channel.clone());
+    let mut profiles = ProfileServiceClient::new(channel.clone());
+    let mut admin = AdminServiceClient::new(channel);
+    let account = shared.accounts[user].lock().unwrap().clone();
+    let pick = |rng: &mut fastrand::Rng| {
+        (!account.sessions.is_empty())
+            .then(|| account.sessions[rng.usize(..account.sessions.len())].clone())
+    };
+    let start = shared.now_us();
+    let mut op = Op {
+        id: 0,
+        kind: Kind::Validate,
+        instance,
+        start_us: start,
+        end_us: 0,
+        outcome: String::new(),
+        user,
+        session: None,
+        covers: Vec::new(),
+        versions: Vec::new(),
+        created_user: None,
+    };
+    // Sessions covered by a revocation of all of the user's sessions: those whose creation
+    // returned before it started.
+    let all_before = |skip: Option<&str>| -> Vec<String> {
+        account
+            .sessions
+            .iter()
+            .filter(|(id, _, created)| *created < start && Some(id.as_str()) != skip)
+            .map(|(id, _, _)| id.clone())
+            .collect()
+    };
+    match roll {
+        // Validations: most of the traffic.
+        0..=599 => {
+            let Some((id, token, _)) = pick(rng) else {
+                return;
+            };
+            op.session = Some(id);
+            let result = auth
+                .validate_session(pb::ValidateSessionRequest {
+                    session_token: token,
+                })
+                .await;
+            op.outcome = outcome(&result);
+        }
+        600..=659 => {
+            op.kind = Kind::Login;
+            let tries = if account.password < PASSWORDS.len() {
+                vec![account.password]
+            } else {
+                vec![0, 1]
+            };
+            let mut result = Err(Status::unknown("not tried"));
+            for p in tries {
+                result = auth
+                    .login(pb::LoginRequest {
+                        email: account.email.clone(),
+                        password: PASSWORDS[p].into(),
+                        client: None,
+                    })
+                    .await;
+                if result.is_ok() {
+                    shared.accounts[user].lock().unwrap().password = p;
+                    break;
+                }
+            }
+            op.outcome = outcome(&result);
+            if let Ok(response) = result {
+                let r = response.into_inner();
+                let id = r.session.map(|s| s.session_id).unwrap_or_default();
+                op.session = Some(id.clone());
+                let end = shared.now_us();
+                let mut a = shared.accounts[user].lock().unwrap();
+                a.sessions.push((id, r.session_token, end));
+                // Keep the believed set small: older ones are still validated by the checker's
+                // history, not by the clients.
+                if a.sessions.len() > 8 {
+                    a.sessions.remove(0);
+                }
+            }
+        }
+        660..=699 => {
+            op.kind = Kind::WrongLogin;
+            op.user = 10_000 + rng.usize(..shared.targets.len());
+            let email = shared.targets[op.user - 10_000].clone();
+            let result = auth
+                .login(pb::LoginRequest {
+                    email,
+                    password: "definitely not it".into(),
+                    client: None,
+                })
+                .await;
+            op.outcome = outcome(&result);
+        }
+        720..=729 => {
+            // One of the user's sessions revoked with another's token (or its own).
+            op.kind = Kind::RevokeSession;
+            let (Some((id, token, _)), Some((target, _, _))) = (pick(rng), pick(rng)) else {
+                return;
+            };
+            op.session = Some(id);
+            let result = auth
+                .revoke_session(pb::RevokeSessionRequest {
+                    session_token: token,
+                    session_id: target.clone(),
+                })
+                .await;
+            op.outcome = outcome(&result);
+            if result.is_ok() {
+                op.covers = vec![target.clone()];
+                shared.accounts[user]
+                    .lock()
+                    .unwrap()
+                    .sessions
+                    .retain(|s| s.0 != target);
+            }
+        }
+        700..=719 => {
+            op.kind = Kind::Logout;
+            let Some((id, token, _)) = pick(rng) else {
+                return;
+            };
+            op.session = Some(id.clone());
+            let result = auth
+                .logout(pb::LogoutRequest {
+                    session_token: token,
+                })
+                .await;
+            op.outcome = outcome(&result);
+            if result.is_ok() {
+                op.covers = vec![id.clone()];
+                shared.accounts[user]
+                    .lock()
+                    .unwrap()
+                    .sessions
+                    .retain(|s| s.0 != id);
+            }
+        }
+        730..=744 => {
+            op.kind = Kind::RevokeAll;
+            let Some((id, token, _)) = pick(rng) else {
+                return;
+            };
+            op.session = Some(id);
+            let covers = all_before(None);
+            let result = auth
+                .revoke_all_sessions(pb::RevokeAllSessionsRequest {
+                    session_token: token,
+                    include_current: true,
+                })
+                .await;
+            op.outcome = outcome(&result);
+            if result.is_ok() {
+                op.covers = covers.clone();
+                shared.accounts[user]
+                    .lock()
+                    .unwrap()
+                    .sessions
+                    .retain(|s| !covers.contains(&s.0));
+            }
+        }
+        745..=754 => {
+            op.kind = Kind::ChangePassword;
+            let Some((id, token, _)) = pick(rng) else {
+                return;
+            };
+            if account.password >= PASSWORDS.len() {
+                return;
+            }
+            op.session = Some(id.clone());
+            let covers = all_before(Some(&id));
+            let next = 1 - account.password;
+            let result = auth
+                .change_password(pb::ChangePasswordRequest {
+                    session_token: token,
+                    current_password: PASSWORDS[account.password].into(),
+                    new_password: PASSWORDS[next].into(),
+                })
+                .await;
+            op.outcome = outcome(&result);
+            let mut a = shared.accounts[user].lock().unwrap();
+            match &result {
+                Ok(_) => {
+                    op.covers = covers.clone();
+                    a.password = next;
+                    a.sessions.retain(|s| !covers.contains(&s.0));
+                }
+                // No answer: the password may or may not have changed.
+                Err(status)
+                    if !matches!(
+                        status.code(),
+                        Code::Unauthenticated | Code::InvalidArgument | Code::ResourceExhausted
+                    ) =>
+                {
+                    a.password = PASSWORDS.len();
+                }
+                Err(_) => {}
+            }
+        }
+        755..=769 => {
+            op.kind = Kind::ListSessions;
+            let Some((id, token, _)) = pick(rng) else {
+                return;
+            };
+            op.session = Some(id);
+            let result = auth
+                .list_sessions(pb::ListSessionsRequest {
+                    session_token: token,
+                })
+                .await;
+            op.outcome = outcome(&result);
+        }
+        770..=879 => {
+            op.kind = Kind::GetProfile;
+            let result = profiles
+                .get_profile(pb::GetProfileRequest {
+                    user_id: account.user_id.clone(),
+                })
+                .await;
+            op.outcome = outcome(&result);
+            if let Ok(response) = result
+                && let Some(p) = response.into_inner().profile
+            {
+                op.versions = vec![(user, p.version)];
+            }
+        }
+        880..=909 => {
+            op.kind = Kind::BatchGetProfiles;
+            let others: Vec<usize> = (0..4).map(|_| rng.usize(..shared.accounts.len())).collect();
+            let mut ids: Vec<(usize, String)> = others
+                .into_iter()
+                .map(|u| (u, shared.accounts[u].lock().unwrap().user_id.clone()))
+                .collect();
+            ids.sort_by(|a, b| a.1.cmp(&b.1));
+            ids.dedup_by(|a, b| a.1 == b.1);
+            let result = profiles
+                .batch_get_profiles(pb::BatchGetProfilesRequest {
+                    user_ids: ids.iter().map(|(_, id)| id.clone()).collect(),
+                })
+                .await;
+            op.outcome = outcome(&result);
+            if let Ok(response) = result {
+                for p in response.into_inner().profiles {
+                    if let Some((u, _)) = ids.iter().find(|(_, id)| *id == p.user_id) {
+                        op.versions.push((*u, p.version));
+                    }
+                }
+            }
+        }
+        910..=969 => {
+            op.kind = Kind::UpdateProfile;
+            let Some((id, token, _)) = pick(rng) else {
+                return;
+            };
+            op.session = Some(id);
+            let result = profiles
+                .update_profile(pb::UpdateProfileRequest {
+                    session_token: token,
+                    profile: Some(pb::Profile {
+                        bio: format!("bio {}", rng.u32(..1_000_000)),
+                        ..pb::Profile::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["bio".into()],
+                    }),
+                    expected_version: 0,
+                })
+                .await;
+            op.outcome = outcome(&result);
+            if let Ok(response) = result
+                && let Some(p) = response.into_inner().profile
+            {
+                op.versions = vec![(user, p.version)];
+            }
+        }
+        970..=979 => {
+            op.kind = Kind::AdminRevokeAll;
+            let covers = all_before(None);
+            let result = admin
+                .revoke_user_sessions(keyed(
+                    &shared.admin_key,
+                    pb::RevokeUserSessionsRequest {
+                        user_id: account.user_id.clone(),
+                    },
+                ))
+                .await;
+            op.outcome = outcome(&result);
+            if result.is_ok() {
+                op.covers = covers.clone();
+                shared.accounts[user]
+                    .lock()
+                    .unwrap()
+                    .sessions
+                    .retain(|s| !covers.contains(&s.0));
+            }
+        }
+        980..=989 => {
+            let disable = !account.disabled;
+            if disable {
+                op.kind = Kind::DisableUser;
+                let covers = all_before(None);
+                let result = admin
+                    .disable_user(keyed(
+                        &shared.admin_key,
+                        pb::DisableUserRequest {
+                            user_id: account.user_id.clone(),
+                            reason: "fault run".into(),
+                        },
+                    ))
+                    .await;
+                op.outcome = outcome(&result);
+                if result.is_ok() {
+                    op.covers = covers.clone();
+                    let mut a = shared.accounts[user].lock().unwrap();
+                    a.disabled = true;
+                    a.sessions.retain(|s| !covers.contains(&s.0));
+                }
+            } else {
+                op.kind = Kind::EnableUser;
+                let result = admin
+                    .enable_user(keyed(
+                        &shared.admin_key,
+                        pb::EnableUserRequest {
+                            user_id: account.user_id.clone(),
+                        },
+                    ))
+                    .await;
+                op.outcome = outcome(&result);
+                if result.is_ok() {
+                    shared.accounts[user].lock().unwrap().disabled = false;
+                }
+            }
+        }
+        _ => {
+            op.kind = Kind::Register;
+            let email = format!("late-{}@faults.example", uuid::Uuid::new_v4().simple());
+            let result = auth
+                .register(pb::RegisterRequest {
+                    email,
+                    password: PASSWORDS[0].into(),
+                    display_name: "Late Comer".into(),
+                    client: None,
+                })
+                .await;
+            op.outcome = outcome(&result);
+            if let Ok(response) = result {
+                let r = response.into_inner();
+                op.session = r.session.map(|s| s.session_id);
+                op.created_user = Some(r.user_id);
+            }
+        }
+    }
+    op.end_us = shared.now_us();
+    shared.history.record(op);
+    // A little think time keeps the mix rather than the queueing in charge.
+    tokio::time::sleep(Duration::from_millis(u64::from(roll % 3))).await;
+}

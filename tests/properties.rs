@@ -1,0 +1,244 @@
+//! Property tests of everything that parses untrusted input: request fields, session tokens,
+//! admin page tokens and settings. On any input: no panic, a bounded answer; what is accepted
+//! is accepted again in the form it was stored in (parsing is idempotent), and what is signed
+//! or generated round-trips.
+use authd::{
+    admin::PageTokens,
+    auth::input,
+    config::Settings,
+    model::token::{self, TokenHash},
+    profile::model as profile,
+    store::SessionCursor,
+};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{TimeZone, Utc};
+use proptest::prelude::*;
+use uuid::Uuid;
+
+/// Any text, with a bias towards what breaks parsers: controls, combining marks, look-alikes,
+/// expanding characters, surrogate neighbours, and the ASCII of addresses and URLs.
+fn hostile() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<String>(),
+        "[a-zA-Z0-9.@:/_%+-]{0,80}",
+        proptest::collection::vec(
+            prop_oneof![
+                Just('\u{FDFA}'),
+                Just('\u{212A}'),
+                Just('\u{202E}'),
+                Just('\u{200B}'),
+                Just('\u{0301}'),
+                Just('\u{2800}'),
+                Just('\u{FFFF}'),
+                Just('\r'),
+                Just('\n'),
+                Just('\0'),
+                Just(' '),
+                Just('@'),
+                Just('.'),
+                any::<char>(),
+            ],
+            0..200,
+        )
+        .prop_map(|chars| chars.into_iter().collect()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// An accepted email is accepted again from its normalised form, to the same form; a
+    /// refusal is a short message.
+    #[test]
+    fn emails(raw in hostile()) {
+        match input::email(&raw) {
+            Ok(email) => {
+                let again = input::email(&email.normalized).expect("the normal form is valid");
+                prop_assert_eq!(&again.normalized, &email.normalized);
+                prop_assert_eq!(email.display.as_str(), raw.trim());
+            }
+            Err(reason) => prop_assert!(reason.len() < 200, "{}", reason),
+        }
+    }
+
+    #[test]
+    fn display_names_and_texts_are_idempotent(raw in hostile()) {
+        if let Ok(name) = input::display_name(&raw) {
+            prop_assert_eq!(input::display_name(&name), Ok(name.clone()));
+        }
+        if let Ok(text) = input::text(&raw, 500) {
+            prop_assert!(text.chars().count() <= 500);
+            prop_assert_eq!(input::text(&text, 500), Ok(text.clone()));
+        }
+        if let Ok(bio) = profile::bio(&raw) {
+            prop_assert_eq!(profile::bio(&bio), Ok(bio.clone()));
+        }
+    }
+
+    /// Passwords are taken as given (never trimmed or truncated) or refused.
+    #[test]
+    fn passwords(raw in hostile()) {
+        if let Ok(secret) = input::password(&raw) {
+            use secrecy::ExposeSecret;
+            prop_assert_eq!(secret.expose_secret(), raw.as_str());
+        }
+    }
+
+    /// Addresses come out canonical: parsing the canonical form gives it back.
+    #[test]
+    fn ip_addresses(raw in prop_oneof![hostile(), any::<std::net::IpAddr>().prop_map(|ip| ip.to_string())]) {
+        if let Ok(ip) = input::ip_address(&raw) {
+            prop_assert_eq!(input::ip_address(&ip), Ok(ip.clone()));
+        }
+    }
+
+    #[test]
+    fn ip_addresses_of_every_form_are_accepted(ip in any::<std::net::IpAddr>()) {
+        let canonical = input::ip_address(&ip.to_string()).expect("an address is accepted");
+        prop_assert_eq!(canonical, ip.to_canonical().to_string());
+    }
+
+    #[test]
+    fn client_fields_and_profile_fields(raw in hostile()) {
+        let kept = [
+            input::device_id(&raw),
+            input::user_agent(&raw),
+            profile::avatar_url(&raw),
+            profile::locale(&raw),
+            profile::time_zone(&raw),
+        ];
+        // Kept as given when accepted.
+        for accepted in kept.into_iter().flatten() {
+            prop_assert_eq!(accepted, raw.clone());
+        }
+        if let Ok(id) = input::uuid(&raw) {
+            prop_assert_eq!(input::uuid(&id.to_string()), Ok(id));
+        }
+    }
+
+    #[test]
+    fn uuids_round_trip(id in any::<u128>()) {
+        let id = Uuid::from_u128(id);
+        prop_assert_eq!(input::uuid(&id.to_string()), Ok(id));
+    }
+
+    /// Session tokens: any string is either refused or exactly `authd_` and the unpadded
+    /// base64url of 32 bytes; every 32 bytes make a token that is accepted.
+    #[test]
+    fn session_tokens(raw in prop_oneof![hostile(), "authd_[A-Za-z0-9_-]{40,46}"]) {
+        if TokenHash::of_token(&raw).is_some() {
+            let body = raw.strip_prefix(token::TOKEN_PREFIX).expect("the prefix");
+            let bytes = URL_SAFE_NO_PAD.decode(body).expect("base64url");
+            prop_assert_eq!(bytes.len(), 32);
+            prop_assert_eq!(URL_SAFE_NO_PAD.encode(bytes), body);
+        }
+    }
+
+    #[test]
+    fn every_32_bytes_make_a_token(bytes in any::<[u8; 32]>()) {
+        let token = format!("{}{}", token::TOKEN_PREFIX, URL_SAFE_NO_PAD.encode(bytes));
+        prop_assert!(TokenHash::of_token(&token).is_some());
+    }
+
+    /// Page tokens: what is signed verifies to the same cursor for the same listing only; any
+    /// change of a character, and any other string, is refused.
+    #[test]
+    fn page_tokens(
+        key in proptest::collection::vec(any::<u8>(), 32),
+        user in any::<u128>(),
+        other in any::<u128>(),
+        micros in 0i64..4_102_444_800_000_000,
+        id in any::<u128>(),
+        flip in any::<prop::sample::Index>(),
+        garbage in hostile(),
+    ) {
+        let tokens = PageTokens::new(key);
+        let (user, other) = (Uuid::from_u128(user), Uuid::from_u128(other));
+        let cursor = SessionCursor {
+            created_at: Utc.timestamp_micros(micros).single().expect("in range"),
+            id: Uuid::from_u128(id),
+        };
+        let signed = tokens.sign(user, cursor);
+        prop_assert_eq!(tokens.verify(user, &signed), Some(cursor));
+        if other != user {
+            prop_assert_eq!(tokens.verify(other, &signed), None);
+        }
+        let mut chars: Vec<char> = signed.chars().collect();
+        let at = flip.index(chars.len());
+        chars[at] = if chars[at] == 'A' { 'B' } else { 'A' };
+        let tampered: String = chars.into_iter().collect();
+        // A change in the last character may only touch its unused low bits (base64 of 40
+        // bytes ends in 2 bits of padding); the payload and tag are what is checked.
+        if tokens.verify(user, &tampered).is_some() {
+            prop_assert_eq!(
+                URL_SAFE_NO_PAD.decode(&tampered).ok(),
+                URL_SAFE_NO_PAD.decode(&signed).ok()
+            );
+        }
+        prop_assert_eq!(tokens.verify(user, &garbage), None);
+    }
+}
+
+/// The settings a hostile or careless operator writes: any value of any setting either loads
+/// or stops startup with a message naming that setting — never a panic.
+#[test]
+#[allow(clippy::result_large_err)] // figment's Jail closures return its large error type
+fn settings() {
+    const KEYS: &[&str] = &[
+        "GRPC__ADDR",
+        "GRPC__MAX_MESSAGE_SIZE",
+        "GRPC__MAX_CONNECTIONS",
+        "GRPC__MAX_CONNECTIONS_PER_ADDRESS",
+        "GRPC__REQUEST_TIMEOUT",
+        "GRPC__SHUTDOWN_GRACE",
+        "REDIS__URL",
+        "REDIS__ENABLED",
+        "REDIS__KEY_PREFIX",
+        "DATABASE__URL",
+        "DATABASE__MAX_CONNECTIONS",
+        "SESSION__IDLE_TIMEOUT",
+        "RATE_LIMIT__LOGIN_WINDOW",
+        "RATE_LIMIT__LOGIN_PER_EMAIL",
+        "RATE_LIMIT__IPV6_PREFIX",
+        "ADMIN__ALLOWED_CLIENTS",
+        "METRICS__ADDR",
+        "LOG__LEVEL",
+        "LOG__FORMAT",
+    ];
+    let values = proptest::collection::vec(
+        (
+            0..KEYS.len(),
+            prop_oneof![
+                hostile(),
+                "[0-9]{1,25}",
+                "-?[0-9]{1,6}(ms|s|m|h|d|KiB|MiB)?",
+                "(redis|rediss|redis-cluster|redis-sentinel|postgres)://[a-z0-9.:@,/?=_-]{0,40}",
+            ],
+        ),
+        1..4,
+    );
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(256));
+    runner
+        .run(&values, |pairs| {
+            figment::Jail::expect_with(|jail| {
+                jail.clear_env();
+                let mut set = Vec::new();
+                for (key, value) in &pairs {
+                    // The environment cannot hold NUL bytes.
+                    let value = value.replace('\0', "");
+                    jail.set_env(KEYS[*key], &value);
+                    set.push(KEYS[*key]);
+                }
+                if let Err(error) = Settings::load(None) {
+                    let message = error.to_string();
+                    assert!(
+                        set.iter().any(|key| message.contains(key)),
+                        "{message:?} names none of {set:?}"
+                    );
+                }
+                Ok(())
+            });
+            Ok(())
+        })
+        .unwrap();
+}
