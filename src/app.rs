@@ -240,6 +240,7 @@ impl Application {
                 health_service
                     .clone()
                     .max_decoding_message_size(HEALTH_MAX_MESSAGE),
+                self.settings.rate_limit.ipv6_prefix,
                 background.clone(),
             )));
         }
@@ -272,9 +273,14 @@ impl Application {
             .initial_connection_window_size(window)
             .http2_adaptive_window(Some(false))
             .http2_max_header_list_size(16 * 1024)
-            // An idle connection does not hold its place for ever: clients reconnect.
+            // An idle connection does not hold its place for ever: at its age it is sent a GOAWAY
+            // and closed once its calls are done (clients reconnect). (No
+            // `max_connection_age_grace`: with it tonic 0.14 skips the GOAWAY and drops the
+            // connection, calls and all, at age + grace.) A peer that stops answering pings is
+            // dropped.
             .max_connection_age(MAX_CONNECTION_AGE)
-            .max_connection_age_grace(g.request_timeout)
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .timeout(g.request_timeout)
             .layer(ObserveLayer::new(self.metrics.clone()))
             .add_service(health_service.max_decoding_message_size(max))
@@ -309,6 +315,8 @@ impl Application {
         let caps = limits::Caps {
             total: g.max_connections,
             per_address: g.max_connections_per_address,
+            opening_bytes: limits::HTTP2_OPENING,
+            ipv6_prefix: self.settings.rate_limit.ipv6_prefix,
         };
         let incoming: std::pin::Pin<Box<dyn futures::Stream<Item = _> + Send>> = match &self.tls {
             Some(tls) => Box::pin(limits::limit_tls(incoming, caps, tls.clone())),
@@ -346,6 +354,16 @@ impl Application {
                     "grace period over; closing the remaining connections"
                 );
                 server.abort();
+            }
+        }
+        // Admin calls whose callers hung up still run: their audit rows are written first.
+        if let Some(admin) = &self.admin {
+            admin.tasks.close();
+            if tokio::time::timeout(CLEANUP_TIMEOUT, admin.tasks.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("admin calls still running at shutdown; their audit may be missing");
             }
         }
         background.cancel();
@@ -387,24 +405,36 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A connection lives at most this long (then it is closed gracefully; clients reconnect).
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
-/// The health port: a health check is a few bytes; probes need a handful of connections.
+/// HTTP/2 pings on idle connections, and how long an answer may take.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The health port: a health check is a few bytes; probes need a handful of connections (the
+/// kubelet's all come from the node's address), and live minutes at most.
 const HEALTH_MAX_MESSAGE: usize = 1024;
-const HEALTH_MAX_CONNECTIONS: usize = 16;
+const HEALTH_MAX_CONNECTIONS: usize = 64;
+const HEALTH_MAX_CONNECTIONS_PER_ADDRESS: usize = 16;
+const HEALTH_MAX_CONNECTION_AGE: Duration = Duration::from_secs(5 * 60);
 
 /// `grpc.health.v1` alone, in plain text, on `HEALTH__ADDR` (Kubernetes probes cannot speak
 /// TLS). It reports what the main port's health service reports, within small bounds of its own.
 async fn serve_health(
     listener: TcpListener,
     health: tonic_health::pb::health_server::HealthServer<crate::health::Watched>,
+    ipv6_prefix: u8,
     stop: CancellationToken,
 ) {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let caps = limits::Caps {
         total: HEALTH_MAX_CONNECTIONS,
-        per_address: 0,
+        per_address: HEALTH_MAX_CONNECTIONS_PER_ADDRESS,
+        opening_bytes: limits::HTTP2_OPENING,
+        ipv6_prefix,
     };
     let served = Server::builder()
         .timeout(Duration::from_secs(5))
+        .max_connection_age(HEALTH_MAX_CONNECTION_AGE)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(8)
         .initial_stream_window_size(64 * 1024)
         .initial_connection_window_size(64 * 1024)
@@ -447,9 +477,12 @@ async fn serve_metrics(
         }),
     );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // An HTTP/1 request line can be short; the header read timeout bounds the rest.
     let caps = limits::Caps {
         total: settings.max_connections,
         per_address: 0,
+        opening_bytes: 1,
+        ipv6_prefix: 64,
     };
     let limited = limits::limit(incoming, caps);
     let mut incoming = Box::pin(limited);

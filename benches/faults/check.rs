@@ -19,13 +19,22 @@ pub struct Violation {
 /// `REDIS__COMMAND_TIMEOUT` (250 ms) after the change returned. (Its own reads never do.)
 pub const STALE_BOUND_US: u64 = 1_250_000;
 
+/// How long a Redis fault's effect on an instance outlasts the fault: its connection comes back
+/// after at most `REDIS__RECONNECT_MAX_DELAY` (2 s), and its copies are trusted again once the
+/// generation is re-established (`REDIS__CHECK_INTERVAL`, 1 s) — writes fail meanwhile, and
+/// README's bound then applies. The same after the writer itself restarted.
+pub const REDIS_RECOVERY_US: u64 = 3_500_000;
+
 /// Whether `writer`'s Redis writes may have failed: a Redis fault (on every instance, or on that
-/// instance's link) overlapped it.
+/// instance's link), or a restart of the writer, overlapped it or had just ended.
 fn redis_write_may_have_failed(writer: &Op, faults: &[Fault]) -> bool {
     faults.iter().any(|f| {
         let everyone = !matches!(f.kind.as_str(), "redis-cut" | "redis-slow");
-        let this_link = f.target == writer.instance.to_string();
-        f.on_redis() && (everyone || this_link) && overlaps(writer, f.start_us, f.end_us)
+        let this_instance =
+            f.stops_instance() == Some(writer.instance) || f.target == writer.instance.to_string();
+        let relevant = (f.on_redis() && (everyone || this_instance))
+            || (f.stops_instance().is_some() && this_instance);
+        relevant && overlaps(writer, f.start_us, f.end_us + REDIS_RECOVERY_US)
     })
 }
 

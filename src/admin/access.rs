@@ -103,8 +103,9 @@ fn read_keys(path: &PathBuf) -> Result<Keys, String> {
     })
 }
 
-/// A subject alternative name of a client certificate, by type: an allowed entry with `://` is
-/// a URI (a SPIFFE ID) and matches URI SANs only; any other is a DNS name and matches DNS SANs
+/// A subject alternative name of a client certificate, by type: an allowed entry with a `:` (a
+/// scheme: `spiffe://…`, `urn:…`; DNS names have none) is a URI and matches URI SANs only; any
+/// other is a DNS name and matches DNS SANs
 /// only (compared in lower case, without a trailing dot). A CA that lets workloads pick their
 /// DNS names therefore cannot grant the URI identities it pins, or the reverse.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -115,7 +116,7 @@ pub enum San {
 
 impl San {
     fn allowed(entry: &str) -> San {
-        if entry.contains("://") {
+        if entry.contains(':') {
             San::Uri(entry.to_owned())
         } else {
             San::Dns(dns(entry))
@@ -351,9 +352,16 @@ mod tests {
     fn sans_match_only_their_own_type() {
         let (access, _file) = access(
             "",
-            "spiffe://example.org/ns/ops/sa/admin, Admin.Example.org",
+            "spiffe://example.org/ns/ops/sa/admin, Admin.Example.org, urn:example:ops-console",
         );
         let admit = |dns: &[&str], uris: &[&str]| access.admit(Some(&certificate(dns, uris)), None);
+        // A URI without `//` (a URN) is a URI too.
+        assert_eq!(
+            admit(&[], &["urn:example:ops-console"]),
+            Admission::Admitted {
+                caller: "uri:urn:example:ops-console".into()
+            }
+        );
         assert_eq!(
             admit(&[], &["spiffe://example.org/ns/ops/sa/admin"]),
             Admission::Admitted {

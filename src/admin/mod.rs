@@ -26,9 +26,13 @@ pub struct AdminService {
     db: Arc<Db>,
     metrics: Arc<Metrics>,
     tokens: OnceCell<PageTokens>,
-    refused_rows: std::sync::Mutex<RowBudget>,
-    /// Refusals over the row budget since the last flush, by (method, outcome).
-    suppressed: std::sync::Mutex<std::collections::HashMap<(String, String), u64>>,
+    /// Calls in progress (action and audit): shutdown waits for them.
+    pub tasks: tokio_util::task::TaskTracker,
+    /// Row budgets of refused calls: UNAUTHENTICATED ones, and PERMISSION_DENIED ones (a
+    /// flood of anonymous calls cannot hide a known caller that was denied).
+    refused_rows: std::sync::Mutex<[RowBudget; 2]>,
+    /// Refusals over the row budget since the last flush, by (caller, method, outcome).
+    suppressed: std::sync::Mutex<std::collections::HashMap<(String, String, String), u64>>,
 }
 
 impl AdminService {
@@ -39,10 +43,11 @@ impl AdminService {
             db,
             metrics,
             tokens: OnceCell::new(),
-            refused_rows: std::sync::Mutex::new(RowBudget {
+            tasks: tokio_util::task::TaskTracker::new(),
+            refused_rows: std::sync::Mutex::new(std::array::from_fn(|_| RowBudget {
                 tokens: REFUSED_ROWS_PER_SECOND * 2.0,
                 at: std::time::Instant::now(),
-            }),
+            })),
             suppressed: std::sync::Mutex::default(),
         }
     }
@@ -62,8 +67,9 @@ impl AdminService {
     }
 
     /// Records one call: the metric and a log line always; a row in `admin_audit` for every
-    /// admitted call, and for refused ones up to [`REFUSED_ROWS_PER_SECOND`] (beyond that they
-    /// are summed up, per method and outcome, into one row per [`AdminService::flush_refused`]):
+    /// admitted call, and for refused ones up to [`REFUSED_ROWS_PER_SECOND`] each of
+    /// UNAUTHENTICATED and PERMISSION_DENIED (beyond that they are summed up, per caller, method
+    /// and outcome, into one row per [`AdminService::flush_refused`]):
     /// unauthenticated callers cannot turn the audit into a write flood. A row that cannot be
     /// written is logged as an error (the log line has everything the row would have).
     pub async fn audit(&self, entry: AuditEntry<'_>, admitted: bool) {
@@ -80,17 +86,10 @@ impl AdminService {
             request_id = entry.request_id,
             "admin call"
         );
-        if !admitted
-            && !self
-                .refused_rows
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
+        let budget = usize::from(entry.outcome != "Unauthenticated");
+        if !admitted && !self.refused_rows.lock().unwrap_or_else(|e| e.into_inner())[budget].take()
         {
-            let mut suppressed = self.suppressed.lock().unwrap_or_else(|e| e.into_inner());
-            *suppressed
-                .entry((entry.method.to_owned(), entry.outcome.to_owned()))
-                .or_default() += 1;
+            self.suppress(entry.caller, entry.method, entry.outcome, 1);
             return;
         }
         if let Err(error) = self.db.admin().audit(&entry).await {
@@ -98,30 +97,39 @@ impl AdminService {
         }
     }
 
-    /// Writes the refusals summed up since the last flush, one row per method and outcome.
+    fn suppress(&self, caller: &str, method: &str, outcome: &str, count: u64) {
+        let mut suppressed = self.suppressed.lock().unwrap_or_else(|e| e.into_inner());
+        *suppressed
+            .entry((caller.to_owned(), method.to_owned(), outcome.to_owned()))
+            .or_default() += count;
+    }
+
+    /// Writes the refusals summed up since the last flush, one row per caller, method and
+    /// outcome (request id [`SUMMED_UP`]). What cannot be written is kept for the next flush.
     pub async fn flush_refused(&self) {
-        let pending: Vec<((String, String), u64)> =
+        let pending: Vec<((String, String, String), u64)> =
             std::mem::take(&mut *self.suppressed.lock().unwrap_or_else(|e| e.into_inner()))
                 .into_iter()
                 .collect();
-        for ((method, outcome), count) in pending {
+        for ((caller, method, outcome), count) in pending {
             let entry = AuditEntry {
-                caller: SUMMED_UP,
+                caller: &caller,
                 method: &method,
                 target: "",
                 outcome: &outcome,
-                request_id: "",
+                request_id: SUMMED_UP,
                 count: i32::try_from(count).unwrap_or(i32::MAX),
             };
             if let Err(error) = self.db.admin().audit(&entry).await {
-                tracing::error!(%error, %method, count, "summed-up admin refusals could not be written");
+                tracing::error!(%error, %method, count, "summed-up admin refusals could not be written; kept for the next flush");
+                self.suppress(&caller, &method, &outcome, count);
             }
         }
     }
 }
 
-/// The caller of a row that sums refusals up.
-pub const SUMMED_UP: &str = "(refused calls over the audit rate)";
+/// The request id of a row that sums refusals up (its `count` says how many).
+pub const SUMMED_UP: &str = "(refused calls over the audit rate, summed up)";
 
 /// Refused calls written one row each, per second and instance (a burst of twice that).
 pub const REFUSED_ROWS_PER_SECOND: f64 = 20.0;

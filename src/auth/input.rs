@@ -173,6 +173,19 @@ pub fn ip_address(raw: &str) -> Result<String, String> {
         .map_err(|_| "must be an IPv4 or IPv6 address".into())
 }
 
+/// What an address is counted as by per-address limits: an IPv4 address itself (`::ffff:a.b.c.d`
+/// as `a.b.c.d`), an IPv6 address by its network of `ipv6_prefix` bits (one host has a /64).
+pub fn network(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u32::from(ipv6_prefix.min(128));
+            let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+            IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & mask))
+        }
+        v4 => v4,
+    }
+}
+
 /// An opaque device identifier: at most 128 bytes of printable ASCII.
 pub fn device_id(raw: &str) -> Result<String, String> {
     if raw.len() > 128 || raw.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {

@@ -22,18 +22,14 @@ use crate::cache::Bucket;
 impl AuthService {
     /// The address bucket key: `v4:a.b.c.d`, `v6:<network>/<prefix>`, or `none`.
     pub(super) fn address(&self, client: &ClientInfo) -> String {
+        let prefix = self.limits.ipv6_prefix.min(128);
         match client
             .ip_address
             .parse::<IpAddr>()
-            .map(|ip| ip.to_canonical())
+            .map(|ip| super::input::network(ip, prefix))
         {
             Ok(IpAddr::V4(v4)) => format!("v4:{v4}"),
-            Ok(IpAddr::V6(v6)) => {
-                let prefix = u32::from(self.limits.ipv6_prefix.min(128));
-                let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
-                let network = std::net::Ipv6Addr::from(u128::from(v6) & mask);
-                format!("v6:{network}/{prefix}")
-            }
+            Ok(IpAddr::V6(network)) => format!("v6:{network}/{prefix}"),
             Err(_) => "none".to_owned(),
         }
     }

@@ -1,6 +1,8 @@
 //! `authd.v1.AdminService` over gRPC: admission (client certificate SAN or bearer key), input
 //! validation, and one audit record per call — admitted or refused — with its outcome.
-use std::{future::Future, sync::Arc};
+use std::{future::Future, panic::AssertUnwindSafe, sync::Arc};
+
+use futures::FutureExt;
 
 use tonic::{Request, Response, Status};
 
@@ -35,8 +37,8 @@ impl AdminGrpc {
     }
 
     /// Admits the caller, runs `action` when admitted, and audits the call either way. Action
-    /// and audit run in a task of their own: a caller that hangs up (or whose deadline passes)
-    /// cancels neither, so nothing is done without its audit record.
+    /// and audit run in a task of their own, which shutdown waits for: a caller that hangs up
+    /// (or whose deadline passes) cancels neither, so nothing is done without its audit record.
     async fn call<Req, Resp, F, Fut>(
         &self,
         method: &'static str,
@@ -80,7 +82,14 @@ impl AdminGrpc {
         let call = async move {
             let (caller, admitted, result) = match admission {
                 Admission::Admitted { caller } => {
-                    let result = action(service.clone(), req).await;
+                    // A panicking action is still audited (as INTERNAL).
+                    let acted = AssertUnwindSafe(action(service.clone(), req))
+                        .catch_unwind()
+                        .await;
+                    let result = acted.unwrap_or_else(|_| {
+                        tracing::error!(method, "admin action panicked");
+                        Err(Status::internal("internal error"))
+                    });
                     (caller, true, result)
                 }
                 Admission::Unauthenticated => (
@@ -114,7 +123,7 @@ impl AdminGrpc {
             service.audit(entry, admitted).await;
             result
         };
-        match tokio::spawn(call).await {
+        match self.service.tasks.spawn(call).await {
             Ok(result) => result.map(Response::new),
             Err(error) => {
                 tracing::error!(%error, method, "admin call task failed");

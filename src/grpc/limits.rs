@@ -6,9 +6,12 @@
 //!
 //! - one address holds at most `GRPC__MAX_CONNECTIONS_PER_ADDRESS` places (a connection over
 //!   that is closed at once);
-//! - a connection must send its first byte within [`FIRST_BYTE_TIMEOUT`] (after its TLS
-//!   handshake, which must itself finish within [`HANDSHAKE_TIMEOUT`], in a task of its own);
-//! - and, in `app`, every connection lives at most a bounded age.
+//! - a connection must send its opening bytes within [`FIRST_BYTE_TIMEOUT`] — on the gRPC ports
+//!   the whole HTTP/2 preface and the header of its SETTINGS frame ([`HTTP2_OPENING`]), so one
+//!   byte does not hold a place — after its TLS handshake, which must itself finish within
+//!   [`HANDSHAKE_TIMEOUT`], in a task of its own;
+//! - and, in `app`, every connection lives at most a bounded age, and HTTP/2 keepalive pings
+//!   drop peers that stop answering.
 use std::{
     collections::HashMap,
     future::Future,
@@ -33,8 +36,10 @@ use super::tls::TlsServer;
 
 /// A TLS handshake must complete within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// A connection that has sent nothing (an HTTP/2 preface, a request line) by then is closed.
+/// A connection that has not sent its opening bytes by then is closed.
 pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(5);
+/// What an HTTP/2 client sends first: the 24-byte preface, then a SETTINGS frame (9-byte header).
+pub const HTTP2_OPENING: usize = 24 + 9;
 
 /// What handlers learn of the connection (in the request's extensions).
 #[derive(Debug, Clone, Default)]
@@ -49,11 +54,18 @@ enum Conn {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
-/// How many connections to serve at once, in all and per client address (0: no cap).
+/// How many connections to serve at once, and what each must send in time.
 #[derive(Debug, Clone, Copy)]
 pub struct Caps {
+    /// In all (at least 1).
     pub total: usize,
+    /// Per client address — an IPv6 address counted per /64, as the rate limits count it (0: no
+    /// cap).
     pub per_address: usize,
+    /// Bytes a connection must send within [`FIRST_BYTE_TIMEOUT`] (after TLS).
+    pub opening_bytes: usize,
+    /// `RATE_LIMIT__IPV6_PREFIX`: IPv6 addresses are counted per network of this many bits.
+    pub ipv6_prefix: u8,
 }
 
 /// How many places each client address holds.
@@ -83,8 +95,10 @@ impl Drop for Place {
 pub struct Limited {
     conn: Conn,
     info: PeerInfo,
-    /// Until the first byte arrives: when the connection is given up.
+    /// Until the opening bytes have arrived: when the connection is given up, and how many
+    /// bytes are still awaited.
     first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
+    awaited: usize,
     _place: Place,
 }
 
@@ -106,7 +120,10 @@ fn accepted(
                     Ok(stream) => stream,
                     Err(error) => return Some((Err(error), (incoming, places, counts))),
                 };
-                let ip = stream.peer_addr().ok().map(|a| a.ip().to_canonical());
+                let ip = stream
+                    .peer_addr()
+                    .ok()
+                    .map(|a| crate::auth::input::network(a.ip(), caps.ipv6_prefix));
                 let address = match (ip, caps.per_address) {
                     (Some(ip), cap) if cap > 0 => {
                         let mut held = counts.lock().unwrap_or_else(|e| e.into_inner());
@@ -139,7 +156,7 @@ pub fn limit(
     incoming: impl Stream<Item = io::Result<TcpStream>> + Send + 'static,
     caps: Caps,
 ) -> impl Stream<Item = io::Result<Limited>> + Send + 'static {
-    accepted(incoming, caps).map(|next| {
+    accepted(incoming, caps).map(move |next| {
         next.map(|(stream, place)| Limited {
             info: PeerInfo {
                 remote: stream.peer_addr().ok(),
@@ -147,6 +164,7 @@ pub fn limit(
             },
             conn: Conn::Plain(stream),
             first_byte: first_byte_deadline(),
+            awaited: caps.opening_bytes,
             _place: place,
         })
     })
@@ -192,6 +210,7 @@ pub fn limit_tls(
                                 certificates,
                             },
                             first_byte: first_byte_deadline(),
+                            awaited: caps.opening_bytes,
                             _place: place,
                         };
                         let _ = sender.send(Ok(limited)).await;
@@ -226,7 +245,12 @@ impl AsyncRead for Limited {
         };
         if self.first_byte.is_some() {
             match &polled {
-                Poll::Ready(Ok(())) if buf.filled().len() > filled => self.first_byte = None,
+                Poll::Ready(Ok(())) if buf.filled().len() > filled => {
+                    self.awaited = self.awaited.saturating_sub(buf.filled().len() - filled);
+                    if self.awaited == 0 {
+                        self.first_byte = None;
+                    }
+                }
                 Poll::Pending => {
                     if let Some(deadline) = self.first_byte.as_mut()
                         && deadline.as_mut().poll(cx).is_ready()

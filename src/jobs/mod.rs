@@ -99,15 +99,20 @@ impl Jobs {
                 stop.clone(),
                 reload,
             )));
+            // Not `every`: a flush in progress is not cancelled by the stop (it would lose
+            // what it had taken); what was summed up since is written on the way out.
             let stopped = stop.clone();
             jobs.push(tokio::spawn(async move {
-                let flush = || {
-                    let admin = admin.clone();
-                    async move { admin.flush_refused().await }
-                };
-                every(AUDIT_FLUSH_INTERVAL, stopped, flush).await;
-                // What was summed up since the last flush is written on the way out too.
-                admin.flush_refused().await;
+                let mut ticker = tokio::time::interval(AUDIT_FLUSH_INTERVAL);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        () = stopped.cancelled() => break,
+                        _ = ticker.tick() => {}
+                    }
+                    store::in_background(admin.flush_refused()).await;
+                }
+                store::in_background(admin.flush_refused()).await;
             }));
         }
         if redis.is_enabled() {
