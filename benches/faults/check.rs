@@ -183,9 +183,10 @@ pub fn errors_only_when_expected(ops: &[Op], faults: &[Fault]) -> Vec<Violation>
 }
 
 /// 5. Wrong passwords evaluated per account never exceed `limit` in any `window` without a Redis
-///    fault. In a window with one, the shared count may be lost (a restart, FLUSHALL) or
-///    unreachable (each instance then counts on its own — README "Rate limits"): at most
-///    `limit` × (instances + 1).
+///    fault. In a window with one, the shared count may be unreachable (each instance then
+///    counts on its own — README "Rate limits") or lost: each loss of Redis data (a restart,
+///    FLUSHALL, a failover) starts the shared count over, and each restart of an instance its
+///    own count. At most `limit` × (1 + instances + losses and restarts in the window).
 pub fn guesses_stay_within_the_limit(
     ops: &[Op],
     faults: &[Fault],
@@ -200,10 +201,22 @@ pub fn guesses_stay_within_the_limit(
     {
         by_user.entry(op.user).or_default().push(op);
     }
-    let redis_faulted = |start: u64, end: u64| {
+    let within =
+        |f: &Fault, start: u64, end: u64| f.start_us <= end && f.end_us + RECOVERY_US >= start;
+    let redis_faulted =
+        |start: u64, end: u64| faults.iter().any(|f| f.on_redis() && within(f, start, end));
+    // Faults that forget counts: Redis data lost, or an instance's own counts.
+    let losses = |start: u64, end: u64| {
         faults
             .iter()
-            .any(|f| f.on_redis() && f.start_us <= end && f.end_us + RECOVERY_US >= start)
+            .filter(|f| {
+                matches!(
+                    f.kind.as_str(),
+                    "redis-kill" | "redis-flushall" | "redis-primary-kill" | "redis-failover"
+                ) || f.stops_instance().is_some()
+            })
+            .filter(|f| within(f, start, end))
+            .count()
     };
     let mut violations = Vec::new();
     for (user, mut evaluated) in by_user {
@@ -216,7 +229,7 @@ pub fn guesses_stay_within_the_limit(
                 .filter(|o| o.end_us <= t + window_us)
                 .collect();
             let bound = if redis_faulted(t, t + window_us) {
-                limit * (instances + 1)
+                limit * (1 + instances + losses(t, t + window_us))
             } else {
                 limit
             };
