@@ -290,6 +290,9 @@ impl Redis {
         let mut seen: Option<Vec<NodeIdentity>> = None;
         for client in inner.pool.clients() {
             if !client.is_connected() {
+                // No command runs on an idle instance: this check is what tells that Redis is
+                // gone.
+                self.unreachable(&down());
                 return Err(down());
             }
             let mut nodes = client.active_connections();

@@ -305,14 +305,23 @@ impl Redis {
                     _ => "error",
                 };
                 self.metrics.redis_errors.with_label_values(&[kind]).inc();
-                if inner.healthy.swap(false, Ordering::Relaxed) {
-                    self.metrics.redis_up.set(0);
-                    tracing::warn!(%error, "redis is unreachable; serving from PostgreSQL until it returns");
-                } else {
-                    tracing::debug!(%error, "redis command failed");
-                }
+                self.unreachable(&error);
                 None
             }
+        }
+    }
+
+    /// Redis cannot be used (a command failed, or no connection is up): `authd_redis_up` 0,
+    /// logged once per outage.
+    fn unreachable(&self, error: &fred::error::Error) {
+        let Some(inner) = self.inner() else {
+            return;
+        };
+        if inner.healthy.swap(false, Ordering::Relaxed) {
+            self.metrics.redis_up.set(0);
+            tracing::warn!(%error, "redis is unreachable; serving from PostgreSQL until it returns");
+        } else {
+            tracing::debug!(%error, "redis command failed");
         }
     }
 }
