@@ -2,6 +2,7 @@
 //! and operators — in plain text, or over TLS (optionally with a client certificate).
 use std::{path::PathBuf, time::Duration};
 
+use crate::grpc::status::chain;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -57,6 +58,7 @@ pub async fn check(
     let channel = endpoint
         .connect()
         .await
+        // With its causes: a TLS failure is a cause of the transport error.
         .map_err(|e| format!("cannot connect to {addr}: {}", chain(&e)))?;
     let response = HealthClient::new(channel)
         .check(HealthCheckRequest {
@@ -68,16 +70,4 @@ pub async fn check(
         ServingStatus::Serving => Ok(()),
         other => Err(format!("service {service:?} is {}", other.as_str_name())),
     }
-}
-
-/// The error and its causes (a TLS failure is a cause of the transport error).
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

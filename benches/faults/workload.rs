@@ -42,6 +42,15 @@ impl Shared {
     pub fn now_us(&self) -> u64 {
         u64::try_from(self.t0.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
+
+    /// A revocation of `covers` returned OK: `user`'s clients no longer use those sessions.
+    fn forget(&self, user: usize, covers: &[String]) {
+        self.accounts[user]
+            .lock()
+            .unwrap()
+            .sessions
+            .retain(|s| !covers.contains(&s.0));
+    }
 }
 
 fn outcome<T>(result: &Result<T, Status>) -> String {
@@ -186,12 +195,8 @@ async fn step(shared: &Shared, rng: &mut fastrand::Rng, instance: usize, roll: u
                 .await;
             op.outcome = outcome(&result);
             if result.is_ok() {
-                op.covers = vec![target.clone()];
-                shared.accounts[user]
-                    .lock()
-                    .unwrap()
-                    .sessions
-                    .retain(|s| s.0 != target);
+                op.covers = vec![target];
+                shared.forget(user, &op.covers);
             }
         }
         700..=719 => {
@@ -207,12 +212,8 @@ async fn step(shared: &Shared, rng: &mut fastrand::Rng, instance: usize, roll: u
                 .await;
             op.outcome = outcome(&result);
             if result.is_ok() {
-                op.covers = vec![id.clone()];
-                shared.accounts[user]
-                    .lock()
-                    .unwrap()
-                    .sessions
-                    .retain(|s| s.0 != id);
+                op.covers = vec![id];
+                shared.forget(user, &op.covers);
             }
         }
         730..=744 => {
@@ -230,12 +231,8 @@ async fn step(shared: &Shared, rng: &mut fastrand::Rng, instance: usize, roll: u
                 .await;
             op.outcome = outcome(&result);
             if result.is_ok() {
-                op.covers = covers.clone();
-                shared.accounts[user]
-                    .lock()
-                    .unwrap()
-                    .sessions
-                    .retain(|s| !covers.contains(&s.0));
+                shared.forget(user, &covers);
+                op.covers = covers;
             }
         }
         745..=754 => {
@@ -365,12 +362,8 @@ async fn step(shared: &Shared, rng: &mut fastrand::Rng, instance: usize, roll: u
                 .await;
             op.outcome = outcome(&result);
             if result.is_ok() {
-                op.covers = covers.clone();
-                shared.accounts[user]
-                    .lock()
-                    .unwrap()
-                    .sessions
-                    .retain(|s| !covers.contains(&s.0));
+                shared.forget(user, &covers);
+                op.covers = covers;
             }
         }
         980..=989 => {

@@ -49,7 +49,7 @@ fn store_status(error: &StoreError) -> Status {
 }
 
 /// The error and its sources, outermost first.
-fn chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
