@@ -25,6 +25,7 @@ use crate::{
     },
     health::Health,
     jobs::{Jobs, follow::Follower},
+    local::LocalCache,
     metrics::Metrics,
     profile::ProfileService,
     proto,
@@ -44,6 +45,7 @@ pub struct Application {
     auth: Arc<AuthService>,
     profiles: Arc<ProfileService>,
     follower: Arc<Follower>,
+    local: LocalCache,
     tls: Option<Arc<TlsServer>>,
     admin: Option<Arc<AdminService>>,
 }
@@ -114,6 +116,15 @@ impl Application {
         // A fill lease must outlast the PostgreSQL read it covers (and the commands around it).
         let lease_ttl = settings.database.query_timeout * 2 + settings.redis.command_timeout * 4;
         let hasher = PasswordHasher::new(&settings.auth, metrics.clone())?;
+        let local = LocalCache::new(
+            &settings.local_cache,
+            settings.profile_cache.ttl,
+            settings.session.touch_interval,
+            crate::store::in_flight(settings.database.query_timeout),
+            db.clone(),
+            redis.clone(),
+            metrics.clone(),
+        );
         let auth = Arc::new(AuthService::new(AuthParts {
             db: db.clone(),
             cache: SessionStore::new(redis.clone(), settings.session.absolute_timeout, lease_ttl),
@@ -123,11 +134,13 @@ impl Application {
             limits: settings.rate_limit.clone(),
             passwords: PasswordPolicy::new(settings.auth.password_min_length),
             clock: clock.clone(),
+            local: local.clone(),
         }));
         let profiles = Arc::new(ProfileService::new(
             db.clone(),
             ProfileCache::new(redis.clone(), settings.profile_cache.clone(), lease_ttl),
             auth.clone(),
+            local.clone(),
         ));
         let follower = Arc::new(Follower::new(
             auth.clone(),
@@ -175,6 +188,7 @@ impl Application {
             auth,
             profiles,
             follower,
+            local,
             tls,
             admin,
         })
@@ -234,6 +248,7 @@ impl Application {
             admin: self.admin.clone(),
         }
         .spawn(&self.settings, &background);
+        jobs.extend(self.local.spawn(background.clone()));
         if let Some(listener) = self.health_listener {
             jobs.push(tokio::spawn(serve_health(
                 listener,

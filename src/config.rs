@@ -15,7 +15,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 /// Top-level sections; environment variables outside them are ignored.
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 13] = [
     "grpc",
     "admin",
     "audit",
@@ -27,6 +27,7 @@ const SECTIONS: [&str; 12] = [
     "auth",
     "rate_limit",
     "profile_cache",
+    "local_cache",
     "log",
 ];
 
@@ -47,6 +48,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub rate_limit: RateLimitSettings,
     pub profile_cache: ProfileCacheSettings,
+    pub local_cache: LocalCacheSettings,
     pub log: LogSettings,
     /// Test-only: pretend this host's clock is off by this many milliseconds (never read from a
     /// file or the environment).
@@ -330,6 +332,31 @@ pub struct ProfileCacheSettings {
     pub negative_ttl: Duration,
     /// Each TTL is lengthened by a random fraction up to this (0.1 = up to 10%).
     pub jitter: f64,
+}
+
+/// The in-process cache in front of Redis (see `crate::local`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LocalCacheSettings {
+    /// Off by default: it needs Redis pub/sub (`PUBLISH`, `SUBSCRIBE`) and makes every revoking
+    /// call wait for the other instances' acknowledgements.
+    pub enabled: bool,
+    /// Entries kept per kind (validated sessions, profiles).
+    pub max_entries: u64,
+    /// The longest a revocation or profile update waits for an instance it cannot reach (plus
+    /// [`crate::local::RATE_MARGIN`] of it and [`crate::local::FIXED_MARGIN`]).
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+impl Default for LocalCacheSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_entries: 100_000,
+            lease: Duration::from_secs(3),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -729,6 +756,19 @@ impl Settings {
         }
         if !(0.0..=1.0).contains(&pc.jitter) {
             return invalid("PROFILE_CACHE__JITTER", "must be between 0 and 1");
+        }
+        let lc = &self.local_cache;
+        if !(Duration::from_millis(500)..=Duration::from_secs(60)).contains(&lc.lease) {
+            return invalid("LOCAL_CACHE__LEASE", "must be 500ms to 60s");
+        }
+        if !(1..=10_000_000).contains(&lc.max_entries) {
+            return invalid("LOCAL_CACHE__MAX_ENTRIES", "must be 1 to 10000000");
+        }
+        if lc.enabled && !self.redis.enabled {
+            return invalid(
+                "LOCAL_CACHE__ENABLED",
+                "needs Redis (REDIS__ENABLED=true): invalidations travel over Redis pub/sub",
+            );
         }
         if self.auth.hash_concurrency == 0 {
             return invalid("AUTH__HASH_CONCURRENCY", "must be at least 1");

@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod health;
 pub mod healthcheck;
 pub mod jobs;
+pub mod local;
 pub mod metrics;
 pub mod model;
 pub mod profile;

@@ -58,6 +58,20 @@ pub struct Metrics {
     pub sessions_live: IntGauge,
     /// AdminService calls by method and outcome (the gRPC code), admitted or refused.
     pub admin_calls: IntCounterVec,
+    /// In-process cache lookups by cache (`sessions`, `profiles`) and result (`hit`, `miss`,
+    /// `untrusted`: copies not used because this instance holds no valid lease).
+    pub local_lookups: IntCounterVec,
+    /// Invalidation messages received from other instances (and applied).
+    pub local_invalidations: IntCounter,
+    /// How long revoking calls and profile updates waited for the other instances, by how the
+    /// wait ended (`acked`, `caught_up`, `lease_ended`, `none`: no other holder).
+    pub local_wait: HistogramVec,
+    /// 1 while this instance holds a valid lease (serves its local copies).
+    pub local_lease_valid: IntGauge,
+    /// Leases held in the fleet (this instance's included), as of the last renewal.
+    pub local_instances: IntGauge,
+    /// Entries in the in-process cache, by cache, as of the last renewal.
+    pub local_entries: IntGaugeVec,
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -78,6 +92,22 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> 
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let metric = IntCounter::new(name, help).expect("a valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("a metric registered once");
+    metric
+}
+
+fn local_wait(registry: &Registry) -> HistogramVec {
+    let metric = HistogramVec::new(
+        HistogramOpts::new(
+            "authd_local_cache_wait_seconds",
+            "How long invalidating calls waited for the other instances",
+        )
+        .buckets(prometheus::exponential_buckets(0.000_1, 2.0, 18).expect("valid buckets")),
+        &["ended"],
+    )
+    .expect("a valid metric");
     registry
         .register(Box::new(metric.clone()))
         .expect("a metric registered once");
@@ -237,6 +267,34 @@ impl Metrics {
                 "authd_sessions_live",
                 "Sessions neither revoked nor expired (counted in PostgreSQL)",
             ),
+            local_lookups: counter_vec(
+                &r,
+                "authd_local_cache_lookups_total",
+                "In-process cache lookups by cache and result",
+                &["cache", "result"],
+            ),
+            local_invalidations: counter(
+                &r,
+                "authd_local_cache_invalidations_total",
+                "Invalidation messages received from other instances",
+            ),
+            local_wait: local_wait(&r),
+            local_lease_valid: gauge(
+                &r,
+                "authd_local_cache_lease_valid",
+                "1 while this instance holds a valid local-cache lease",
+            ),
+            local_instances: gauge(
+                &r,
+                "authd_local_cache_instances",
+                "Local-cache leases held in the fleet, as of the last renewal",
+            ),
+            local_entries: gauge_vec(
+                &r,
+                "authd_local_cache_entries",
+                "Entries in the in-process cache",
+                &["cache"],
+            ),
             registry: r,
         };
         metrics.initialise();
@@ -273,6 +331,15 @@ impl Metrics {
         }
         for operation in ["login", "register", "change_password"] {
             self.rate_limited.with_label_values(&[operation]);
+        }
+        for cache in ["sessions", "profiles"] {
+            for result in ["hit", "miss", "untrusted"] {
+                self.local_lookups.with_label_values(&[cache, result]);
+            }
+            self.local_entries.with_label_values(&[cache]);
+        }
+        for ended in ["acked", "caught_up", "lease_ended", "none"] {
+            self.local_wait.with_label_values(&[ended]);
         }
     }
 

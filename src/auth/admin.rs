@@ -47,7 +47,7 @@ impl AuthService {
         let revocation = sessions
             .revoke_by_id(user_id, session_id, self.since())
             .await?;
-        self.invalidate(Some("admin"), &revocation).await;
+        self.invalidate(Some("admin"), &revocation).await?;
         if revocation.revoked > 0 || sessions.belongs_to(user_id, session_id).await? {
             tracing::info!(%user_id, %session_id, "session revoked by an administrator");
             Ok(())
@@ -68,7 +68,7 @@ impl AuthService {
             .revoke_all(user_id, None, self.since())
             .await?;
         tracing::info!(%user_id, count = revocation.revoked, "sessions revoked by an administrator");
-        self.invalidate(Some("admin"), &revocation).await;
+        self.invalidate(Some("admin"), &revocation).await?;
         Ok(revocation.active)
     }
 
@@ -83,7 +83,7 @@ impl AuthService {
             .await?
             .ok_or(AuthError::UserNotFound)?;
         tracing::info!(%user_id, count = revocation.revoked, "user disabled");
-        self.invalidate(Some("admin"), &revocation).await;
+        self.invalidate(Some("admin"), &revocation).await?;
         Ok(revocation.active)
     }
 

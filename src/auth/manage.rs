@@ -40,7 +40,7 @@ impl AuthService {
             .revoke_by_id(user_id, session_id, self.since())
             .await?;
         // Whatever it found, what is still queued for the user is applied before answering.
-        self.invalidate(Some("revoke"), &revocation).await;
+        self.invalidate(Some("revoke"), &revocation).await?;
         if revocation.revoked > 0 {
             tracing::info!(%user_id, %session_id, "session revoked");
             Ok(())
@@ -67,7 +67,7 @@ impl AuthService {
             .revoke_all(current.record.user_id, keep, self.since())
             .await?;
         tracing::info!(user_id = %current.record.user_id, count = revocation.revoked, "sessions revoked");
-        self.invalidate(Some("revoke_all"), &revocation).await;
+        self.invalidate(Some("revoke_all"), &revocation).await?;
         Ok(revocation.active)
     }
 
@@ -121,7 +121,8 @@ impl AuthService {
             .await?
             .ok_or(AuthError::InvalidSession)?;
         tracing::info!(%user_id, revoked = revocation.revoked, "password changed");
-        self.invalidate(Some("password_change"), &revocation).await;
+        self.invalidate(Some("password_change"), &revocation)
+            .await?;
         let mut record = current.record;
         record.authenticated_at = now;
         self.refresh_copy(&hash, &record).await;

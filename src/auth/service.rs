@@ -28,6 +28,7 @@ use crate::{
     cache::{Cached, Lease, Log, RateLimiter, SessionStore},
     clock::Clock,
     config::RateLimitSettings,
+    local::{Keys, LocalCache},
     metrics::Metrics,
     store::{Db, EMAIL_UNIQUE, Invalidation, NewSession, NewUser, Revocation, Since, StoreError},
 };
@@ -67,6 +68,7 @@ pub struct AuthService {
     pub(super) limits: RateLimitSettings,
     pub(super) passwords: PasswordPolicy,
     pub(super) clock: Arc<Clock>,
+    pub(super) local: LocalCache,
     pub(super) fill_hook: std::sync::OnceLock<FillHook>,
 }
 
@@ -80,6 +82,7 @@ pub struct AuthParts {
     pub limits: RateLimitSettings,
     pub passwords: PasswordPolicy,
     pub clock: Arc<Clock>,
+    pub local: LocalCache,
 }
 
 impl AuthService {
@@ -93,6 +96,7 @@ impl AuthService {
             limits,
             passwords,
             clock,
+            local,
         } = parts;
         Self {
             db,
@@ -103,6 +107,7 @@ impl AuthService {
             limits,
             passwords,
             clock,
+            local,
             fill_hook: std::sync::OnceLock::new(),
         }
     }
@@ -228,7 +233,11 @@ impl AuthService {
             .await?
             .ok_or(AuthError::InvalidCredentials)?;
         tracing::info!(%user_id, session_id = %record.id, evicted = evicted.revoked, "session created");
-        self.invalidate(Some("session_cap"), &evicted).await;
+        // The new session exists: a failure to learn who holds local copies of the evicted ones
+        // is logged rather than lose it (eviction is not a revoking call; see README).
+        if let Err(error) = self.invalidate(Some("session_cap"), &evicted).await {
+            tracing::warn!(%error, "evicted sessions: other instances not confirmed");
+        }
         Ok(self.issued(token, hash, record, lease).await)
     }
 
@@ -280,6 +289,21 @@ impl AuthService {
     }
 
     pub(super) async fn validate_hash(&self, hash: &TokenHash) -> Result<SessionView, AuthError> {
+        if let Some(record) = self.local.session(hash) {
+            let now = self.clock.now();
+            // A copy whose touch is due goes the shared way: Redis has the fleet's last touch.
+            if !self.policy.is_expired(&record, now) && !self.policy.touch_due(&record, now) {
+                return Ok(self.view(record));
+            }
+        }
+        let ticket = self.local.session_ticket(hash);
+        let view = self.validate_shared(hash).await?;
+        self.local.keep_session(ticket, hash, &view.record);
+        Ok(view)
+    }
+
+    /// Validation through Redis (and PostgreSQL on a miss).
+    async fn validate_shared(&self, hash: &TokenHash) -> Result<SessionView, AuthError> {
         let record = match self.cache.get(hash).await {
             Cached::Hit(record) => record,
             Cached::Revoked => return Err(AuthError::InvalidSession),
@@ -375,19 +399,26 @@ impl AuthService {
         if revocation.revoked > 0 {
             tracing::info!("session revoked");
         }
-        self.invalidate(Some("logout"), &revocation).await;
-        Ok(())
+        self.invalidate(Some("logout"), &revocation).await
     }
 
     /// Writes the tombstones of everything `revocation` returned (its own invalidations and the
-    /// earlier ones this instance's cache may lack). `true` when every one was confirmed. `reason`
-    /// labels the new revocations in metrics.
-    pub(super) async fn invalidate(&self, reason: Option<&str>, revocation: &Revocation) -> bool {
+    /// earlier ones this instance's cache may lack), then waits until no instance's in-process
+    /// cache holds a copy (see `crate::local`): an error only when that cannot be known.
+    /// `reason` labels the new revocations in metrics.
+    pub(super) async fn invalidate(
+        &self,
+        reason: Option<&str>,
+        revocation: &Revocation,
+    ) -> Result<(), AuthError> {
         if let Some(reason) = reason {
             let revoked = self.metrics().sessions_revoked.with_label_values(&[reason]);
             revoked.inc_by(revocation.revoked as u64);
         }
-        self.apply(&revocation.pending).await
+        self.apply(&revocation.pending).await;
+        let hashes = revocation.pending.iter().map(|i| i.token_hash.as_slice());
+        self.local.invalidate(Keys::sessions(hashes)).await?;
+        Ok(())
     }
 
     /// Writes these tombstones (concurrently), but for those this instance's cache already
@@ -423,6 +454,9 @@ impl AuthService {
         }))
         .await;
         let all = confirmed.iter().all(|(_, c)| *c);
+        // After Redis: a fill that read the old copy before this cannot keep it.
+        let hashes = confirmed.iter().map(|(i, _)| i.token_hash.as_slice());
+        self.local.forget(&Keys::sessions(hashes));
         let done = confirmed.into_iter().filter(|(_, c)| *c);
         redis.mark_applied(Log::Sessions, done.map(|(i, _)| (i.id, i.created_at)));
         all

@@ -68,7 +68,8 @@ use generation::Latch;
 /// The Redis commands authd sends (scripts' own calls included), as an ACL rule: an ACL user
 /// with `~<prefix>* ` followed by this needs nothing more.
 pub const ACL_COMMANDS: &str = "+get +set +mget +del +sadd +srem +expire +time +evalsha \
-     +script|load +info +ping +role +cluster|slots +asking +select +client|setname +client|id";
+     +script|load +info +ping +role +cluster|slots +asking +select +client|setname +client|id \
+     +publish +subscribe +unsubscribe";
 
 /// Kinds of keys; with the schema version they form `<prefix><kind>:v2:<id>`. v2: every value
 /// carries its generation.
@@ -239,6 +240,36 @@ impl Redis {
 
     pub fn is_enabled(&self) -> bool {
         self.inner.is_some()
+    }
+
+    /// `<prefix><name>`: the pub/sub channels of the in-process caches live under the prefix.
+    pub fn channel(&self, name: &str) -> Option<String> {
+        Some(format!("{}{name}", self.inner()?.prefix))
+    }
+
+    /// PUBLISH on a connected client; `false` when it could not be sent.
+    pub async fn publish(&self, channel: &str, message: String) -> bool {
+        use fred::interfaces::PubsubInterface;
+        let Some(client) = self.connected() else {
+            return false;
+        };
+        let sent = client.publish::<i64, _, _>(channel, message).await;
+        self.observe(sent).is_some()
+    }
+
+    /// A new client to the same servers, with the same settings but room for `backlog`
+    /// undelivered messages, not yet connected: the in-process caches subscribe on it (a
+    /// subscribed connection carries nothing else).
+    pub fn new_client(&self, backlog: usize) -> Option<Client> {
+        let base = self.inner()?.pool.next();
+        let mut performance = base.perf_config();
+        performance.broadcast_channel_capacity = backlog;
+        Some(Client::new(
+            base.client_config(),
+            Some(performance),
+            Some(base.connection_config().clone()),
+            base.client_reconnect_policy(),
+        ))
     }
 
     pub async fn quit(&self) {

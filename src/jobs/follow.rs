@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// Rows read per query.
-const BATCH: i64 = 500;
+pub const BATCH: i64 = 500;
 /// The fleet clock's error is well below this: the time a pass began reading, less this, is
 /// certainly not after PostgreSQL's time at the read.
 const CLOCK_MARGIN: TimeDelta = TimeDelta::seconds(1);
@@ -43,7 +43,7 @@ pub struct Follower {
 const CURSOR_REFRESH: Duration = Duration::from_secs(60);
 
 /// A row of either log.
-trait Row: Clone {
+pub trait Row: Clone {
     fn position(&self) -> (DateTime<Utc>, i64);
 }
 
@@ -90,20 +90,20 @@ impl Follower {
         let read_at = self.auth.clock().now() - CLOCK_MARGIN;
         let outbox = self.db.outbox();
         let cursor = outbox.cursor(&namespace).await?;
-        let sessions = self
-            .follow(
-                cursor.sessions_after,
-                |after| outbox.sessions_after(after, BATCH),
-                |rows| async move { self.auth.apply(&rows).await },
-            )
-            .await?;
-        let profiles = self
-            .follow(
-                cursor.profiles_after,
-                |after| outbox.profiles_after(after, BATCH),
-                |rows| async move { self.profiles.apply(&rows).await },
-            )
-            .await?;
+        let sessions = follow_log(
+            cursor.sessions_after,
+            self.in_flight,
+            |after| outbox.sessions_after(after, BATCH),
+            |rows| async move { self.auth.apply(&rows).await },
+        )
+        .await?;
+        let profiles = follow_log(
+            cursor.profiles_after,
+            self.in_flight,
+            |after| outbox.profiles_after(after, BATCH),
+            |rows| async move { self.profiles.apply(&rows).await },
+        )
+        .await?;
         let (Some(sessions), Some(profiles)) = (sessions, profiles) else {
             return Ok(false);
         };
@@ -126,36 +126,37 @@ impl Follower {
             .prune_applied(Log::Profiles, horizon(reached.profiles_after));
         Ok(true)
     }
+}
 
-    /// Applies every row of one log after `after` (less the allowance); the newest row's time
-    /// when all reached the cache.
-    async fn follow<T, R, A>(
-        &self,
-        after: DateTime<Utc>,
-        read: impl Fn((DateTime<Utc>, i64)) -> R,
-        apply: impl Fn(Vec<T>) -> A,
-    ) -> Result<Option<DateTime<Utc>>, StoreError>
-    where
-        T: Row,
-        R: Future<Output = Result<Vec<T>, StoreError>>,
-        A: Future<Output = bool>,
-    {
-        let mut position = (after - self.in_flight, 0);
-        let mut newest = after;
-        loop {
-            let rows = read(position).await?;
-            let Some(last) = rows.last().map(Row::position) else {
-                return Ok(Some(newest));
-            };
-            let full = rows.len() as i64 == BATCH;
-            if !apply(rows).await {
-                return Ok(None);
-            }
-            newest = newest.max(last.0);
-            if !full {
-                return Ok(Some(newest));
-            }
-            position = last;
+/// Applies every row of one log after `after` (less `in_flight`, see `store::in_flight`), in
+/// keyset order and in batches until nothing is left; the newest row's time when all were
+/// applied (`apply` said so), `None` when one batch was not.
+pub async fn follow_log<T, R, A>(
+    after: DateTime<Utc>,
+    in_flight: TimeDelta,
+    read: impl Fn((DateTime<Utc>, i64)) -> R,
+    apply: impl Fn(Vec<T>) -> A,
+) -> Result<Option<DateTime<Utc>>, StoreError>
+where
+    T: Row,
+    R: Future<Output = Result<Vec<T>, StoreError>>,
+    A: Future<Output = bool>,
+{
+    let mut position = (after - in_flight, 0);
+    let mut newest = after;
+    loop {
+        let rows = read(position).await?;
+        let Some(last) = rows.last().map(Row::position) else {
+            return Ok(Some(newest));
+        };
+        let full = rows.len() as i64 == BATCH;
+        if !apply(rows).await {
+            return Ok(None);
         }
+        newest = newest.max(last.0);
+        if !full {
+            return Ok(Some(newest));
+        }
+        position = last;
     }
 }

@@ -11,6 +11,7 @@ use super::{ProfileChanges, ProfileRecord, coalesce::Coalescer};
 use crate::{
     auth::{AuthError, AuthService, FillHook, input::FieldViolation},
     cache::{CachedProfile, Log, ProfileCache, ProfileWrite},
+    local::{Keys, LocalCache},
     store::{Db, ProfileInvalidation, StoreError, UpdateOutcome},
 };
 
@@ -46,16 +47,23 @@ pub struct ProfileService {
     db: Arc<Db>,
     cache: ProfileCache,
     auth: Arc<AuthService>,
+    local: LocalCache,
     flights: Coalescer<Uuid, Load>,
     fill_hook: std::sync::OnceLock<FillHook>,
 }
 
 impl ProfileService {
-    pub fn new(db: Arc<Db>, cache: ProfileCache, auth: Arc<AuthService>) -> Self {
+    pub fn new(
+        db: Arc<Db>,
+        cache: ProfileCache,
+        auth: Arc<AuthService>,
+        local: LocalCache,
+    ) -> Self {
         Self {
             db,
             cache,
             auth,
+            local,
             flights: Coalescer::default(),
             fill_hook: std::sync::OnceLock::new(),
         }
@@ -67,8 +75,19 @@ impl ProfileService {
         let _ = self.fill_hook.set(hook);
     }
 
-    /// The hot read path (no span of its own; the RPC's span covers it).
+    /// The hot read path (no span of its own; the RPC's span covers it): this instance's memory
+    /// first (see `crate::local`), then Redis, then PostgreSQL.
     pub async fn get(&self, user_id: Uuid) -> Result<ProfileRecord, ProfileError> {
+        if let Some(profile) = self.local.profile(user_id) {
+            return Ok(profile);
+        }
+        let ticket = self.local.profile_ticket(user_id);
+        let profile = self.get_shared(user_id).await?;
+        self.local.keep_profile(ticket, &profile);
+        Ok(profile)
+    }
+
+    async fn get_shared(&self, user_id: Uuid) -> Result<ProfileRecord, ProfileError> {
         let loaded = match self.cache.get(&user_id).await {
             CachedProfile::Hit(profile) => return Ok(profile),
             CachedProfile::NotFound => return Err(ProfileError::NotFound),
@@ -113,10 +132,51 @@ impl ProfileService {
         Ok(profile)
     }
 
-    /// One MGET for every id, one PostgreSQL query for all the misses (under leases taken
-    /// before it), one fill per miss. `user_ids` must be distinct; the answer keeps their order.
+    /// This instance's memory first; for the rest one MGET, one PostgreSQL query for all the
+    /// misses (under leases taken before it), one fill per miss. `user_ids` must be distinct;
+    /// the answer keeps their order.
     #[instrument(skip_all, fields(count = user_ids.len()))]
     pub async fn batch_get(&self, user_ids: &[Uuid]) -> Result<BatchProfiles, ProfileError> {
+        let mut found: HashMap<Uuid, ProfileRecord> = HashMap::with_capacity(user_ids.len());
+        let mut rest = Vec::new();
+        let mut tickets = HashMap::new();
+        for id in user_ids {
+            match self.local.profile(*id) {
+                Some(profile) => {
+                    found.insert(*id, profile);
+                }
+                None => {
+                    tickets.insert(*id, self.local.profile_ticket(*id));
+                    rest.push(*id);
+                }
+            }
+        }
+        if !rest.is_empty() {
+            for profile in self.batch_shared(&rest).await?.into_values() {
+                if let Some(ticket) = tickets.get(&profile.user_id) {
+                    self.local.keep_profile(*ticket, &profile);
+                }
+                found.insert(profile.user_id, profile);
+            }
+        }
+        let mut answer = BatchProfiles {
+            profiles: Vec::with_capacity(found.len()),
+            not_found: Vec::new(),
+        };
+        for id in user_ids {
+            match found.remove(id) {
+                Some(p) => answer.profiles.push(p),
+                None => answer.not_found.push(*id),
+            }
+        }
+        Ok(answer)
+    }
+
+    /// The profiles of `user_ids` found through Redis and PostgreSQL.
+    async fn batch_shared(
+        &self,
+        user_ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, ProfileRecord>, ProfileError> {
         let cached = match self.cache.get_many(user_ids).await {
             Some(cached) => cached,
             None => user_ids
@@ -164,17 +224,7 @@ impl ProfileService {
             futures::future::join_all(fills).await;
             found.extend(loaded.into_iter().map(|p| (p.user_id, p)));
         }
-        let mut answer = BatchProfiles {
-            profiles: Vec::with_capacity(found.len()),
-            not_found: Vec::new(),
-        };
-        for id in user_ids {
-            match found.remove(id) {
-                Some(p) => answer.profiles.push(p),
-                None => answer.not_found.push(*id),
-            }
-        }
-        Ok(answer)
+        Ok(found)
     }
 
     /// Updates the caller's own profile. PostgreSQL commits (and queues the new version) first;
@@ -202,6 +252,7 @@ impl ProfileService {
         // Not confirmed (Redis down, disabled, or the replicas late): the log has it, and every
         // instance with Redis applies it on its next pass.
         self.cache.raise(&[ProfileWrite::Updated(&profile)]).await;
+        self.local.invalidate(Keys::profiles([user_id])).await?;
         Ok(profile)
     }
 
@@ -225,7 +276,11 @@ impl ProfileService {
             .iter()
             .map(|p| ProfileWrite::Floor(p.user_id, p.version))
             .collect();
-        if !self.cache.raise(&writes).await {
+        let raised = self.cache.raise(&writes).await;
+        // After Redis: a fill that read an older version before this cannot keep it.
+        self.local
+            .forget(&Keys::profiles(pending.iter().map(|p| p.user_id)));
+        if !raised {
             return false;
         }
         redis.mark_applied(Log::Profiles, pending.iter().map(|p| (p.id, p.created_at)));

@@ -4,6 +4,7 @@
 //! an outage answers UNAVAILABLE within `DATABASE__QUERY_TIMEOUT` instead of hanging.
 mod admin;
 mod generations;
+mod leases;
 mod outbox;
 mod profiles;
 mod sessions;
@@ -28,6 +29,7 @@ use sqlx::{
 };
 
 pub use admin::{AdminRepo, AdminUser, AuditEntry, SessionCursor, UserLookup};
+pub use leases::{Holder, LeaseRepo};
 pub use outbox::{Cursor, Invalidation, OutboxRepo, ProfileInvalidation, Revocation, in_flight};
 pub use profiles::{ProfileRepo, UpdateOutcome};
 pub use sessions::{NewSession, SessionRepo, Since, StoredSession};

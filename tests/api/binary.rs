@@ -90,6 +90,13 @@ impl Binary {
         binary
     }
 
+    /// Sends `signal` to the process (SIGSTOP and SIGCONT pause and resume it).
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).expect("a pid");
+        // SAFETY: kill(2) with a live child's pid and a valid signal number.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+
     async fn channel(&self) -> Option<Channel> {
         Channel::from_shared(format!("http://{}", self.addr))
             .unwrap()

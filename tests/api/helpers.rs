@@ -89,6 +89,8 @@ pub fn test_settings(mode: Mode) -> Settings {
     });
     s.redis.key_prefix = format!("authd-test:{id}:");
     s.session.invalidation_interval = Duration::from_millis(100);
+    // Every test with Redis runs with the in-process cache on: the guarantees must hold with it.
+    s.local_cache.enabled = mode != Mode::NoRedis;
     // Tests register and log in many users from one address; the tests of the per-address
     // limits set them back.
     s.rate_limit.login_per_ip = 100_000;

@@ -10,6 +10,7 @@ mod consistency;
 mod degraded;
 mod deployments;
 mod hardening;
+mod local_cache;
 mod login;
 mod manage;
 mod operability;

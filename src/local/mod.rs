@@ -1,0 +1,505 @@
+//! The in-process cache: validated sessions and profiles kept in this instance's memory, in front
+//! of Redis, without weakening "once a revoking call has returned, no instance accepts the token"
+//! or "once UpdateProfile returned version N, no instance serves an older one".
+//!
+//! # The protocol (leases, after Chubby)
+//!
+//! - **Lease.** An instance serves local copies only while it holds a lease: a row of
+//!   `local_cache_leases` in PostgreSQL with an end (`expires_at`, PostgreSQL's clock). Its own
+//!   idea of the end is measured on its own clock from *before* it asked (`CLOCK_BOOTTIME`, which
+//!   also counts time the process was stopped or the machine suspended) and shortened by
+//!   [`RATE_MARGIN`], so it never believes in a lease PostgreSQL thinks has ended.
+//! - **Invalidation.** A revoking call (Logout, RevokeSession, RevokeAllSessions,
+//!   ChangePassword, DisableUser, AdminService revocations, a session cap's eviction) and
+//!   UpdateProfile commit in PostgreSQL and write Redis as before, drop their own local copies,
+//!   then read the lease holders (after the commit) and publish the keys on the Redis channel
+//!   `<prefix>local:invalidations`. Each holder drops them and acknowledges on the revoker's
+//!   channel `<prefix>local:acks:<instance>`.
+//! - **The wait.** The call returns once every holder has acknowledged, or has applied the logs
+//!   past the revocation (see renewal), or its lease has ended: the remaining time PostgreSQL
+//!   gave, lengthened by [`RATE_MARGIN`] and [`FIXED_MARGIN`], on the revoker's clock.
+//! - **Renewal.** Every quarter lease a holder *first* extends its lease in PostgreSQL, *then*
+//!   reads the invalidation logs (`session_invalidations`, `profile_invalidations`) from where it
+//!   last read (less the in-flight allowance, see `store::outbox`) and drops what they name, and
+//!   only *then* moves its own idea of the lease's end. Any revocation R whose revoker saw the
+//!   old end committed before R's revoker read it, hence before the extension, hence before the
+//!   log read: R's keys are dropped before the holder relies on the new end. A revocation whose
+//!   revoker saw the new end waits for it (or an acknowledgement). The extension also records
+//!   the PostgreSQL time of the previous one (`applied_through`): a revoker whose message was lost
+//!   sees a holder caught up from that.
+//! - **Races with fills.** A copy read from Redis or PostgreSQL is kept only if no drop
+//!   happened on this instance since before the read (a ticket, checked under the lock every drop
+//!   takes): a fill that read the old state before an invalidation cannot land after it.
+//! - **Doubt.** An instance that is not sure it receives invalidations stops using its copies at
+//!   once and drops them all: its subscriber connection reported an error or reconnected, its
+//!   heartbeat (a message it publishes to itself every quarter lease) did not come back, its
+//!   lease ran out (PostgreSQL unreachable, or the process was paused). It releases its lease and
+//!   takes a new one, with an empty cache, once it hears itself again.
+//!
+//! Redis losing its data does not touch local copies: they were right when filled and every
+//! invalidation since reached them (or the call that made it is still waiting). A revoker that
+//! cannot publish (its Redis cut) waits for the holders to catch up through the logs (two renewals
+//! at most) or for their leases to end; if it cannot read the holders (PostgreSQL gone after the
+//! commit), the call fails UNAVAILABLE rather than return early. Touches stay once per touch
+//! interval per session: a local copy whose touch is due goes the shared way (one Redis GET,
+//! which sees the other instances' touches).
+mod keeper;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::{
+    cache::Redis,
+    config::LocalCacheSettings,
+    metrics::Metrics,
+    model::{ProfileRecord, SessionRecord, TokenHash},
+    store::{Db, StoreError},
+};
+
+/// The clocks involved (each instance's, PostgreSQL's) run at rates within this fraction of each
+/// other: a lease is believed `RATE_MARGIN` shorter than granted and waited for that much longer.
+pub const RATE_MARGIN: f64 = 0.01;
+/// Added to every wait for a lease's end: the time between PostgreSQL's reading of its clock and
+/// the revoker's reading of the reply, which only shortens what the revoker believes is left.
+pub const FIXED_MARGIN: Duration = Duration::from_millis(100);
+/// How often a revoker waiting for acknowledgements asks PostgreSQL who caught up.
+const POLL: Duration = Duration::from_millis(100);
+
+/// What an invalidation names.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Keys {
+    /// Token hashes, hex.
+    #[serde(rename = "s", default)]
+    pub sessions: Vec<String>,
+    #[serde(rename = "p", default)]
+    pub profiles: Vec<Uuid>,
+}
+
+impl Keys {
+    pub fn sessions<'a>(hashes: impl IntoIterator<Item = &'a [u8]>) -> Self {
+        Self {
+            sessions: hashes.into_iter().map(hex::encode).collect(),
+            profiles: Vec::new(),
+        }
+    }
+
+    pub fn profiles(user_ids: impl IntoIterator<Item = Uuid>) -> Self {
+        Self {
+            sessions: Vec::new(),
+            profiles: user_ids.into_iter().collect(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.sessions.is_empty() && self.profiles.is_empty()
+    }
+}
+
+/// The message on the invalidation channel.
+#[derive(Serialize, Deserialize)]
+struct Message {
+    /// The revoker.
+    #[serde(rename = "o")]
+    origin: Uuid,
+    #[serde(rename = "n")]
+    nonce: u64,
+    #[serde(flatten)]
+    keys: Keys,
+}
+
+/// Taken before a read whose result may be kept (see [`LocalCache::keep_session`]): the drop
+/// counters of everything (`clear`) and of the key's stripe at that time.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket {
+    all: u64,
+    stripe: usize,
+    drops: u64,
+}
+
+/// Drops are counted per stripe of keys, so that dropping one key rarely stops the fill of
+/// another.
+const STRIPES: usize = 64;
+
+/// Cloned everywhere; one per application.
+#[derive(Clone)]
+pub struct LocalCache {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    instance: Uuid,
+    db: Arc<Db>,
+    redis: Redis,
+    metrics: Arc<Metrics>,
+    /// `None` when `LOCAL_CACHE__ENABLED` is off: this instance keeps nothing, but its
+    /// revoking calls still wait for the instances that do.
+    store: Option<Store>,
+    /// Revoking calls of this instance waiting for acknowledgements, by nonce.
+    waiters: Mutex<HashMap<u64, Arc<Waiter>>>,
+    /// See `store::in_flight`.
+    in_flight: chrono::TimeDelta,
+}
+
+struct Store {
+    settings: LocalCacheSettings,
+    sessions: moka::sync::Cache<[u8; 32], Arc<SessionRecord>>,
+    profiles: moka::sync::Cache<Uuid, Arc<ProfileRecord>>,
+    /// Bumped, under `drops`, by every `clear`, and per stripe by every drop of a key in it.
+    cleared: AtomicU64,
+    stripes: [AtomicU64; STRIPES],
+    drops: Mutex<()>,
+    /// Where this instance believes its lease ends ([`now_us`]); 0: no lease.
+    lease_until: AtomicU64,
+    /// The subscription is up and this instance's heartbeat came back.
+    hearing: AtomicBool,
+    /// Bumped by every doubt: a renewal that began before one does not set `lease_until`.
+    epoch: AtomicU64,
+    /// A doubt happened: the keeper takes a fresh lease.
+    lost: AtomicBool,
+    /// Wakes the keeper (a doubt to act on).
+    wake: Notify,
+    /// The last heartbeat sent and whether it came back.
+    heartbeat: Mutex<(u64, bool)>,
+}
+
+struct Waiter {
+    pending: Mutex<HashSet<Uuid>>,
+    done: Notify,
+}
+
+/// Microseconds on `CLOCK_BOOTTIME`: monotonic, and it counts time spent stopped (SIGSTOP) or
+/// suspended, unlike `Instant`.
+pub fn now_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_BOOTTIME exists on every Linux authd
+    // supports, and clock_gettime only writes through the pointer.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_BOOTTIME) failed");
+    ts.tv_sec.unsigned_abs() * 1_000_000 + ts.tv_nsec.unsigned_abs() / 1_000
+}
+
+impl LocalCache {
+    pub fn new(
+        settings: &LocalCacheSettings,
+        profile_ttl: Duration,
+        session_recheck: Duration,
+        in_flight: chrono::TimeDelta,
+        db: Arc<Db>,
+        redis: Redis,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let store = (settings.enabled && redis.is_enabled()).then(|| Store {
+            settings: settings.clone(),
+            sessions: moka::sync::Cache::builder()
+                .max_capacity(settings.max_entries)
+                .time_to_live(session_recheck.max(Duration::from_secs(1)))
+                .build(),
+            profiles: moka::sync::Cache::builder()
+                .max_capacity(settings.max_entries)
+                .time_to_live(profile_ttl)
+                .build(),
+            cleared: AtomicU64::new(0),
+            stripes: std::array::from_fn(|_| AtomicU64::new(0)),
+            drops: Mutex::new(()),
+            lease_until: AtomicU64::new(0),
+            hearing: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            lost: AtomicBool::new(false),
+            wake: Notify::new(),
+            heartbeat: Mutex::new((0, false)),
+        });
+        metrics.local_lease_valid.set(0);
+        Self {
+            shared: Arc::new(Shared {
+                instance: Uuid::new_v4(),
+                db,
+                redis,
+                metrics,
+                store,
+                waiters: Mutex::new(HashMap::new()),
+                in_flight,
+            }),
+        }
+    }
+
+    /// This instance's identity in the lease table and on the channels.
+    pub fn instance(&self) -> Uuid {
+        self.shared.instance
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.shared.store.is_some()
+    }
+
+    /// Whether local copies may be served now.
+    pub fn is_trusted(&self) -> bool {
+        self.shared.store.as_ref().is_some_and(Store::trusted)
+    }
+
+    /// A cached session, when this instance may serve its copies.
+    pub fn session(&self, hash: &TokenHash) -> Option<SessionRecord> {
+        let store = self.shared.store.as_ref()?;
+        let key: &[u8; 32] = hash.as_bytes().try_into().ok()?;
+        let result = if !store.trusted() {
+            "untrusted"
+        } else if let Some(record) = store.sessions.get(key) {
+            self.lookup("sessions", "hit");
+            return Some(SessionRecord::clone(&record));
+        } else {
+            "miss"
+        };
+        self.lookup("sessions", result);
+        None
+    }
+
+    /// A cached profile, when this instance may serve its copies.
+    pub fn profile(&self, user_id: Uuid) -> Option<ProfileRecord> {
+        let store = self.shared.store.as_ref()?;
+        let result = if !store.trusted() {
+            "untrusted"
+        } else if let Some(profile) = store.profiles.get(&user_id) {
+            self.lookup("profiles", "hit");
+            return Some(ProfileRecord::clone(&profile));
+        } else {
+            "miss"
+        };
+        self.lookup("profiles", result);
+        None
+    }
+
+    fn lookup(&self, cache: &str, result: &str) {
+        let lookups = &self.shared.metrics.local_lookups;
+        lookups.with_label_values(&[cache, result]).inc();
+    }
+
+    /// Taken before the read of a session whose result is to be kept.
+    pub fn session_ticket(&self, hash: &TokenHash) -> Ticket {
+        self.ticket(session_stripe(hash.as_bytes()))
+    }
+
+    /// Taken before the read of a profile whose result is to be kept.
+    pub fn profile_ticket(&self, user_id: Uuid) -> Ticket {
+        self.ticket(profile_stripe(&user_id))
+    }
+
+    fn ticket(&self, stripe: usize) -> Ticket {
+        let (all, drops) = self.shared.store.as_ref().map_or((0, 0), |s| {
+            let all = s.cleared.load(Ordering::Acquire);
+            (all, s.stripes[stripe].load(Ordering::Acquire))
+        });
+        Ticket { all, stripe, drops }
+    }
+
+    /// Keeps a session read (valid) since `ticket` was taken, unless anything was dropped since.
+    pub fn keep_session(&self, ticket: Ticket, hash: &TokenHash, record: &SessionRecord) {
+        let Some(store) = &self.shared.store else {
+            return;
+        };
+        let Ok(key) = <[u8; 32]>::try_from(hash.as_bytes()) else {
+            return;
+        };
+        store.keep(ticket, || {
+            store.sessions.insert(key, Arc::new(record.clone()))
+        });
+    }
+
+    /// Keeps a profile read since `ticket` was taken, unless anything was dropped since.
+    pub fn keep_profile(&self, ticket: Ticket, profile: &ProfileRecord) {
+        let Some(store) = &self.shared.store else {
+            return;
+        };
+        store.keep(ticket, || {
+            store
+                .profiles
+                .insert(profile.user_id, Arc::new(profile.clone()))
+        });
+    }
+
+    /// Drops this instance's copies of `keys` (no waiting).
+    pub fn forget(&self, keys: &Keys) {
+        if let Some(store) = &self.shared.store {
+            store.forget(keys);
+        }
+    }
+
+    /// Drops `keys` here and waits until no other instance can serve a copy of them (see the
+    /// module comment). Call after the change committed and Redis was written.
+    pub async fn invalidate(&self, keys: Keys) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        self.forget(&keys);
+        let shared = &self.shared;
+        let (since, holders) = shared.db.leases().holders(shared.instance).await?;
+        let asked = std::time::Instant::now();
+        if holders.is_empty() {
+            self.waited(started, "none");
+            return Ok(());
+        }
+        let nonce = fastrand::u64(..);
+        let waiter = Arc::new(Waiter {
+            pending: Mutex::new(holders.iter().map(|h| h.instance).collect()),
+            done: Notify::new(),
+        });
+        let subscribed = self.is_enabled();
+        if subscribed {
+            lock(&shared.waiters).insert(nonce, waiter.clone());
+        }
+        let _unregister = Unregister(self, nonce);
+        if let Some(channel) = shared.redis.channel(INVALIDATIONS) {
+            let message = Message {
+                origin: shared.instance,
+                nonce,
+                keys,
+            };
+            let text = serde_json::to_string(&message).unwrap_or_default();
+            shared.redis.publish(&channel, text).await;
+        }
+        let mut deadlines: HashMap<Uuid, std::time::Instant> = holders
+            .iter()
+            .map(|h| (h.instance, asked + lease_wait(h.remaining)))
+            .collect();
+        let mut ended = "acked";
+        loop {
+            let now = std::time::Instant::now();
+            {
+                let mut pending = lock(&waiter.pending);
+                pending.retain(|instance| {
+                    let alive = deadlines.get(instance).is_some_and(|d| *d > now);
+                    if !alive {
+                        ended = "lease_ended";
+                    }
+                    alive
+                });
+                if pending.is_empty() {
+                    break;
+                }
+                deadlines.retain(|instance, _| pending.contains(instance));
+            }
+            let next_deadline = deadlines.values().min().copied().unwrap_or(now);
+            let poll_at = now + POLL.min(next_deadline.saturating_duration_since(now));
+            tokio::select! {
+                () = waiter.done.notified(), if subscribed => {}
+                () = tokio::time::sleep_until(poll_at.into()) => {
+                    let waiting: Vec<Uuid> = lock(&waiter.pending).iter().copied().collect();
+                    if let Ok(done) = shared.db.leases().caught_up(&waiting, since).await {
+                        let mut pending = lock(&waiter.pending);
+                        for instance in done {
+                            if pending.remove(&instance) {
+                                ended = "caught_up";
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.waited(started, ended);
+        Ok(())
+    }
+
+    fn waited(&self, started: std::time::Instant, ended: &str) {
+        let wait = &self.shared.metrics.local_wait;
+        let seconds = started.elapsed().as_secs_f64();
+        wait.with_label_values(&[ended]).observe(seconds);
+    }
+
+    /// Starts the subscriber and the lease keeper (when enabled); they stop with `stop`, and the
+    /// lease is released on the way out.
+    pub fn spawn(
+        &self,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        keeper::spawn(self.clone(), stop)
+    }
+}
+
+/// A token hash is uniformly random already.
+fn session_stripe(hash: &[u8]) -> usize {
+    hash.first().map_or(0, |b| usize::from(*b) % STRIPES)
+}
+
+fn profile_stripe(user_id: &Uuid) -> usize {
+    let bytes = user_id.as_bytes();
+    usize::from(bytes[15] ^ bytes[7]) % STRIPES
+}
+
+/// How long a revoker waits for a lease PostgreSQL said has `remaining` left.
+pub fn lease_wait(remaining: Duration) -> Duration {
+    remaining.mul_f64(1.0 + RATE_MARGIN) + FIXED_MARGIN
+}
+
+/// Removes a waiter however the wait ends (a cancelled call included).
+struct Unregister<'a>(&'a LocalCache, u64);
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.shared.waiters).remove(&self.1);
+    }
+}
+
+/// The channel every holder listens to.
+const INVALIDATIONS: &str = "local:invalidations";
+/// `<prefix>local:acks:<instance>`: acknowledgements and heartbeats for one instance.
+fn acks_channel(redis: &Redis, instance: Uuid) -> Option<String> {
+    redis.channel(&format!("local:acks:{instance}"))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Store {
+    fn trusted(&self) -> bool {
+        self.hearing.load(Ordering::Acquire) && now_us() < self.lease_until.load(Ordering::Acquire)
+    }
+
+    fn keep(&self, ticket: Ticket, insert: impl FnOnce()) {
+        if !self.trusted() {
+            return;
+        }
+        let _drops = lock(&self.drops);
+        let unchanged = self.cleared.load(Ordering::Acquire) == ticket.all
+            && self.stripes[ticket.stripe].load(Ordering::Acquire) == ticket.drops;
+        if unchanged {
+            insert();
+        }
+    }
+
+    fn forget(&self, keys: &Keys) {
+        let _drops = lock(&self.drops);
+        for hash in &keys.sessions {
+            if let Ok(Ok(key)) = hex::decode(hash).map(<[u8; 32]>::try_from) {
+                self.stripes[session_stripe(&key)].fetch_add(1, Ordering::AcqRel);
+                self.sessions.invalidate(&key);
+            }
+        }
+        for id in &keys.profiles {
+            self.stripes[profile_stripe(id)].fetch_add(1, Ordering::AcqRel);
+            self.profiles.invalidate(id);
+        }
+    }
+
+    /// Drops everything (and makes every fill in flight a no-op).
+    fn clear(&self) {
+        let _drops = lock(&self.drops);
+        self.cleared.fetch_add(1, Ordering::AcqRel);
+        self.sessions.invalidate_all();
+        self.profiles.invalidate_all();
+    }
+}
