@@ -761,6 +761,14 @@ impl Settings {
         if !(Duration::from_millis(500)..=Duration::from_secs(60)).contains(&lc.lease) {
             return invalid("LOCAL_CACHE__LEASE", "must be 500ms to 60s");
         }
+        let longest_wait = crate::local::lease_wait(lc.lease) + Duration::from_secs(1);
+        if lc.enabled && longest_wait >= self.grpc.request_timeout {
+            return invalid(
+                "LOCAL_CACHE__LEASE",
+                "must leave GRPC__REQUEST_TIMEOUT room: a revoking call may wait for a lease \
+                 (plus 1% and 100ms) and needs a second more",
+            );
+        }
         if !(1..=10_000_000).contains(&lc.max_entries) {
             return invalid("LOCAL_CACHE__MAX_ENTRIES", "must be 1 to 10000000");
         }
@@ -865,6 +873,32 @@ mod tests {
                 let error = load_err(jail, key, value);
                 assert!(error.contains(key), "{key}={value}: {error}");
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn local_cache_settings_are_checked_together() {
+        Jail::expect_with(|jail| {
+            for (key, value) in [
+                ("LOCAL_CACHE__LEASE", "100ms"),
+                ("LOCAL_CACHE__LEASE", "2m"),
+                ("LOCAL_CACHE__MAX_ENTRIES", "0"),
+            ] {
+                let error = load_err(jail, key, value);
+                assert!(error.contains(key), "{key}={value}: {error}");
+            }
+            jail.set_env("LOCAL_CACHE__ENABLED", "true");
+            let error = load_err(jail, "REDIS__ENABLED", "false");
+            assert!(error.contains("LOCAL_CACHE__ENABLED"), "{error}");
+            jail.set_env("LOCAL_CACHE__ENABLED", "true");
+            jail.set_env("LOCAL_CACHE__LEASE", "9s");
+            let error = load_err(jail, "GRPC__REQUEST_TIMEOUT", "10s");
+            assert!(error.contains("LOCAL_CACHE__LEASE"), "{error}");
+            jail.set_env("LOCAL_CACHE__ENABLED", "true");
+            let s = Settings::load(None).unwrap();
+            assert!(s.local_cache.enabled);
+            assert_eq!(s.local_cache.lease, Duration::from_secs(3));
             Ok(())
         });
     }

@@ -66,6 +66,8 @@ pub struct Metrics {
     /// How long revoking calls and profile updates waited for the other instances, by how the
     /// wait ended (`acked`, `caught_up`, `lease_ended`, `none`: no other holder).
     pub local_wait: HistogramVec,
+    /// 1 when `LOCAL_CACHE__ENABLED` is on.
+    pub local_enabled: IntGauge,
     /// 1 while this instance holds a valid lease (serves its local copies).
     pub local_lease_valid: IntGauge,
     /// Leases held in the fleet (this instance's included), as of the last renewal.
@@ -279,6 +281,11 @@ impl Metrics {
                 "Invalidation messages received from other instances",
             ),
             local_wait: local_wait(&r),
+            local_enabled: gauge(
+                &r,
+                "authd_local_cache_enabled",
+                "1 when the in-process cache is on (LOCAL_CACHE__ENABLED)",
+            ),
             local_lease_valid: gauge(
                 &r,
                 "authd_local_cache_lease_valid",

@@ -41,6 +41,9 @@ pub struct Opts {
     /// Sessions seeded for the `logout` scenario (each call revokes one).
     #[arg(long, default_value_t = 20000)]
     logout_sessions: usize,
+    /// LOCAL_CACHE__MAX_ENTRIES of the local-cache instances; `local_memory` fills it.
+    #[arg(long, default_value_t = 100_000)]
+    local_max_entries: u64,
     /// Runtime worker threads shared by the servers and the load (default: the cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -81,6 +84,7 @@ fn main() -> anyhow::Result<()> {
         opts.concurrency = opts.concurrency.min(8);
         opts.users = opts.users.min(200);
         opts.logout_sessions = opts.logout_sessions.min(2000);
+        opts.local_max_entries = opts.local_max_entries.min(5000);
     }
     opts.users = opts.users.max(100);
     let threads = opts

@@ -158,6 +158,47 @@ pub fn targets(
             format!("{:.3}", r.pg_queries_per_request),
         );
     }
+    if let Some(r) = row("validate_local") {
+        let ratio = r.ratio_to_baseline.unwrap_or(0.0);
+        check(
+            "validate_local >= 90% of health_check",
+            ratio >= 0.90,
+            format!("{:.0}%", ratio * 100.0),
+        );
+        check(
+            "validate_local: 0.00 PostgreSQL queries/request",
+            r.pg_queries_per_request < 0.005,
+            format!("{:.3}", r.pg_queries_per_request),
+        );
+        // The only commands: each instance's heartbeat and lease work, a few a second.
+        check(
+            "validate_local: 0.00 Redis commands/request",
+            r.redis_commands_per_request < 0.005,
+            format!("{:.4}", r.redis_commands_per_request),
+        );
+    }
+    if let Some(r) = row("validate_local_open") {
+        check(
+            "validate_local open loop at 50%: p99 <= 1 ms",
+            r.p99_ms <= 1.0,
+            format!("{:.3} ms", r.p99_ms),
+        );
+    }
+    if let Some(r) = row("get_profile_local") {
+        let ratio = r.ratio_to_baseline.unwrap_or(0.0);
+        check(
+            "get_profile_local >= 85% of health_check",
+            ratio >= 0.85,
+            format!("{:.0}%", ratio * 100.0),
+        );
+    }
+    if let Some(r) = row("revoke_latency") {
+        check(
+            "revoke_latency (3 instances holding leases): p99 <= 10 ms",
+            r.p99_ms <= 10.0,
+            format!("{:.2} ms", r.p99_ms),
+        );
+    }
     if let (Some(login), Some(raw)) = (peaks.get("login"), verify_rate) {
         let capacity = raw;
         check(

@@ -184,10 +184,10 @@ async fn raw_verify_rate(server: &Server, seconds: f64) -> anyhow::Result<f64> {
     Ok(total as f64 / seconds)
 }
 
-/// Warms the caches the cached scenarios read: every session and profile once.
-async fn warm(env: &Env) -> anyhow::Result<()> {
+/// Warms the caches `server` reads: every session and profile once.
+async fn warm(env: &Env, server: &Server) -> anyhow::Result<()> {
     use futures::StreamExt;
-    let channel = env.cached.channels(1).await?.remove(0);
+    let channel = server.channels(1).await?.remove(0);
     let results: Vec<Result<(), tonic::Status>> = futures::stream::iter(&env.users)
         .map(|user| {
             let channel = channel.clone();
@@ -212,6 +212,80 @@ async fn warm(env: &Env) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The scenarios run against instances with LOCAL_CACHE__ENABLED=true.
+const LOCAL_SCENARIOS: [&str; 5] = [
+    "validate_local",
+    "validate_local_open",
+    "get_profile_local",
+    "revoke_latency",
+    "local_memory",
+];
+
+/// Resident memory of this process (`VmRSS`), in bytes.
+fn resident() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
+}
+
+/// One more instance with the in-process cache, its LOCAL_CACHE__MAX_ENTRIES sessions validated
+/// (and kept): the growth of this process' resident memory per session kept.
+async fn local_memory(env: &Env, opts: &Opts) -> anyhow::Result<Row> {
+    use futures::StreamExt;
+    let count = usize::try_from(opts.local_max_entries)?;
+    let tokens = env.more_sessions(count).await?;
+    let server = env.start_local(1, opts.local_max_entries).await?.remove(0);
+    let channel = server.channels(1).await?.remove(0);
+    let validate = |token: String| {
+        let channel = channel.clone();
+        async move {
+            AuthServiceClient::new(channel)
+                .validate_session(pb::ValidateSessionRequest {
+                    session_token: token,
+                })
+                .await
+                .map(|_| ())
+        }
+    };
+    let before = resident();
+    let started = std::time::Instant::now();
+    let results: Vec<Result<(), tonic::Status>> = futures::stream::iter(tokens)
+        .map(validate)
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    results.into_iter().collect::<Result<(), _>>()?;
+    let after = resident();
+    let per_session = after.saturating_sub(before) as f64 / count as f64;
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    println!("  local_memory: {per_session:.0} bytes per kept session");
+    Ok(Row {
+        scenario: "local_memory".into(),
+        pace: "closed".into(),
+        requests_per_s: rate,
+        p50_ms: 0.0,
+        p99_ms: 0.0,
+        p999_ms: 0.0,
+        unexpected_errors: 0,
+        expected_errors: 0,
+        ratio_to_baseline: None,
+        pg_queries_per_request: 0.0,
+        redis_commands_per_request: 0.0,
+        note: format!(
+            "{count} sessions kept (LOCAL_CACHE__MAX_ENTRIES full): {per_session:.0} bytes per \
+             session; this process (6 servers and the load) {:.0} -> {:.0} MiB resident",
+            mib(before),
+            mib(after)
+        ),
+    })
+}
+
 pub async fn run_all(opts: &Opts) -> anyhow::Result<Report> {
     println!("seeding {} users…", opts.users);
     let spare = if opts.wants("logout") {
@@ -221,7 +295,7 @@ pub async fn run_all(opts: &Opts) -> anyhow::Result<Report> {
     };
     let env = Env::start(opts.users, spare).await?;
     println!("warming caches…");
-    warm(&env).await?;
+    warm(&env, &env.cached).await?;
     let load = opts.load();
     let mut rows: Vec<Row> = Vec::new();
     let mut peaks = std::collections::HashMap::new();
@@ -394,6 +468,60 @@ pub async fn run_all(opts: &Opts) -> anyhow::Result<Report> {
         row.unexpected_errors += timeouts;
         peaks.insert("validate_during_login_storm".into(), outcome.ok_rate());
         rows.push(row);
+    }
+
+    if LOCAL_SCENARIOS.iter().any(|name| opts.wants(name)) {
+        println!("starting three instances with the in-process cache…");
+        let local = env.start_local(3, opts.local_max_entries).await?;
+        warm(&env, &local[0]).await?;
+        let server = &local[0];
+        scenario!(
+            "validate_local",
+            server,
+            load,
+            closed,
+            &[],
+            validate_call(tokens(&env))
+        );
+        if opts.wants("validate_local_open") {
+            let peak = match peaks.get("validate_local") {
+                Some(p) => *p,
+                None => {
+                    let call = validate_call(tokens(&env));
+                    let (_, outcome) =
+                        measure(&env, server, "validate_local", load, closed, &[], call).await?;
+                    outcome.ok_rate()
+                }
+            };
+            let rate = Pace::Open(peak * opts.open_loop_fraction);
+            scenario!(
+                "validate_local_open",
+                server,
+                load,
+                rate,
+                &[],
+                validate_call(tokens(&env))
+            );
+        }
+        scenario!(
+            "get_profile_local",
+            server,
+            load,
+            closed,
+            &[],
+            get_profile_call(user_ids(&env))
+        );
+        scenario!(
+            "revoke_latency",
+            server,
+            revoke_load,
+            closed,
+            &[],
+            logout_call(Arc::new(env.spare_local_tokens.clone()))
+        );
+        if opts.wants("local_memory") {
+            rows.push(local_memory(&env, opts).await?);
+        }
     }
 
     let baseline = peaks.get("health_check").copied();

@@ -1,5 +1,6 @@
 //! The system under test: two authd servers in this process on 127.0.0.1:0 (one with Redis, one
-//! with REDIS__ENABLED=false) sharing a fresh database, seeded with users, sessions and profiles.
+//! with REDIS__ENABLED=false) sharing a fresh database, seeded with users, sessions and profiles;
+//! for the local-cache scenarios, three more with LOCAL_CACHE__ENABLED=true, started later.
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
@@ -39,8 +40,13 @@ pub struct Env {
     pub users: Vec<User>,
     /// Extra sessions of the first user, for the scenarios that revoke.
     pub spare_tokens: Vec<String>,
+    /// More, for `revoke_latency`.
+    pub spare_local_tokens: Vec<String>,
+    pub owner: User,
     pub redis: fred::clients::Client,
     database_url: String,
+    db_name: String,
+    prefix: String,
 }
 
 /// The usual settings (defaults, then `SECTION__KEY` environment variables, so any setting can be
@@ -108,14 +114,47 @@ impl Env {
         // A user of its own, never logged in by the other scenarios (a login would evict them).
         let owner = users.pop().context("at least one user")?;
         let spare_tokens = seed_sessions(&cached, &owner, spare).await?;
+        let spare_local_tokens = seed_sessions(&cached, &owner, spare).await?;
         Ok(Self {
             database_url: cached.settings.database.url.expose_secret().to_owned(),
             cached,
             pg_only,
             users,
             spare_tokens,
+            spare_local_tokens,
+            owner,
             redis,
+            db_name,
+            prefix,
         })
+    }
+
+    /// `count` servers with the in-process cache on (each keeping up to `max_entries` per kind),
+    /// on the same database and Redis, once all hold a lease.
+    pub async fn start_local(&self, count: usize, max_entries: u64) -> anyhow::Result<Vec<Server>> {
+        let held = |db: Arc<Db>| async move { db.leases().held().await.unwrap_or(0) };
+        let expected = held(self.cached.db.clone()).await + count as i64;
+        let mut servers = Vec::with_capacity(count);
+        for _ in 0..count {
+            let mut settings = settings(true, &self.db_name, &self.prefix);
+            settings.local_cache.enabled = true;
+            settings.local_cache.max_entries = max_entries;
+            servers.push(serve(settings).await?);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while held(self.cached.db.clone()).await < expected {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the local-cache servers did not take their leases"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(servers)
+    }
+
+    /// `count` more sessions of the owner (not among the users the other scenarios read).
+    pub async fn more_sessions(&self, count: usize) -> anyhow::Result<Vec<String>> {
+        seed_sessions(&self.cached, &self.owner, count).await
     }
 
     /// Commands Redis has processed so far (INFO stats; summed over the primaries of a

@@ -121,11 +121,13 @@ impl AuthService {
             .await?
             .ok_or(AuthError::InvalidSession)?;
         tracing::info!(%user_id, revoked = revocation.revoked, "password changed");
-        self.invalidate(Some("password_change"), &revocation)
-            .await?;
+        // The caller's session goes on with a new `authenticated_at`: its Redis copy is replaced
+        // first, then every in-process copy (the old one's included) is dropped with the others.
         let mut record = current.record;
         record.authenticated_at = now;
         self.refresh_copy(&hash, &record).await;
+        self.invalidate_with(Some("password_change"), &revocation, Some(&hash))
+            .await?;
         Ok(revocation.active)
     }
 }

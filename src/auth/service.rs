@@ -233,11 +233,7 @@ impl AuthService {
             .await?
             .ok_or(AuthError::InvalidCredentials)?;
         tracing::info!(%user_id, session_id = %record.id, evicted = evicted.revoked, "session created");
-        // The new session exists: a failure to learn who holds local copies of the evicted ones
-        // is logged rather than lose it (eviction is not a revoking call; see README).
-        if let Err(error) = self.invalidate(Some("session_cap"), &evicted).await {
-            tracing::warn!(%error, "evicted sessions: other instances not confirmed");
-        }
+        self.evict(&evicted).await;
         Ok(self.issued(token, hash, record, lease).await)
     }
 
@@ -411,14 +407,40 @@ impl AuthService {
         reason: Option<&str>,
         revocation: &Revocation,
     ) -> Result<(), AuthError> {
+        self.invalidate_with(reason, revocation, None).await
+    }
+
+    /// [`Self::invalidate`], with one more session whose in-process copies are to be dropped
+    /// (one that changed without being revoked).
+    pub(super) async fn invalidate_with(
+        &self,
+        reason: Option<&str>,
+        revocation: &Revocation,
+        changed: Option<&TokenHash>,
+    ) -> Result<(), AuthError> {
+        self.count_revoked(reason, revocation);
+        self.apply(&revocation.pending).await;
+        let hashes = revocation.pending.iter().map(|i| i.token_hash.as_slice());
+        let keys = Keys::sessions(hashes.chain(changed.map(TokenHash::as_bytes)));
+        self.local.invalidate(keys).await?;
+        Ok(())
+    }
+
+    /// A login's eviction at the session cap: tombstones written as for a revocation, and the
+    /// other instances told without waiting (no promise covers an eviction; their next renewal
+    /// drops the copies in any case, see `crate::local`).
+    async fn evict(&self, evicted: &Revocation) {
+        self.count_revoked(Some("session_cap"), evicted);
+        self.apply(&evicted.pending).await;
+        let hashes = evicted.revoked_hashes.iter().map(Vec::as_slice);
+        self.local.announce(Keys::sessions(hashes)).await;
+    }
+
+    fn count_revoked(&self, reason: Option<&str>, revocation: &Revocation) {
         if let Some(reason) = reason {
             let revoked = self.metrics().sessions_revoked.with_label_values(&[reason]);
             revoked.inc_by(revocation.revoked as u64);
         }
-        self.apply(&revocation.pending).await;
-        let hashes = revocation.pending.iter().map(|i| i.token_hash.as_slice());
-        self.local.invalidate(Keys::sessions(hashes)).await?;
-        Ok(())
     }
 
     /// Writes these tombstones (concurrently), but for those this instance's cache already

@@ -1,9 +1,11 @@
-//! The two tasks of an instance with the in-process cache on: the subscriber (invalidations,
-//! acknowledgements, heartbeats) and the keeper (heartbeats sent, the lease taken, renewed and
-//! released, the logs read). See the module comment of `crate::local` for why this is enough.
-use std::{sync::atomic::Ordering, time::Duration};
+//! The tasks behind the in-process cache: the subscriber (invalidations, acknowledgements,
+//! heartbeats; on every instance with Redis, so that revokers hear acknowledgements even with
+//! their own cache off) and the keeper (heartbeats sent, the lease taken, renewed and released,
+//! the logs read; only with the cache on). See the module comment of `crate::local` for why this
+//! is enough.
+use std::{collections::HashMap, sync::Mutex, sync::atomic::Ordering, time::Duration};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use fred::{
     clients::Client,
     interfaces::{ClientLike, EventInterface, PubsubInterface},
@@ -13,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    INVALIDATIONS, Keys, LocalCache, Message, RATE_MARGIN, Store, acks_channel, lock, now_us,
+    Beat, INVALIDATIONS, Keys, LocalCache, Message, RATE_MARGIN, Store, acks_channel, lock, now_us,
 };
 use crate::{
     jobs::follow::{BATCH, follow_log},
@@ -22,40 +24,37 @@ use crate::{
 
 /// Messages the subscriber may fall behind by before it counts itself deaf.
 const BACKLOG: usize = 65_536;
+/// The keeper's rounds are at least this far apart, whatever wakes it.
+const MIN_GAP: Duration = Duration::from_millis(20);
 
 pub(super) fn spawn(cache: LocalCache, stop: CancellationToken) -> Vec<JoinHandle<()>> {
-    if cache.shared.store.is_none() {
-        return Vec::new();
-    }
     let Some(client) = cache.shared.redis.new_client(BACKLOG) else {
         return Vec::new();
     };
-    vec![
-        tokio::spawn(listen(cache.clone(), client, stop.clone())),
-        tokio::spawn(keep(cache, stop)),
-    ]
+    let mut tasks = vec![tokio::spawn(listen(cache.clone(), client, stop.clone()))];
+    if cache.shared.store.is_some() {
+        tasks.push(tokio::spawn(keep(cache, stop)));
+    }
+    tasks
 }
 
 impl LocalCache {
-    fn store(&self) -> &Store {
-        self.shared
-            .store
-            .as_ref()
-            .expect("the keeper runs only when enabled")
-    }
-
     /// This instance can no longer be sure it hears every invalidation: stop serving copies at
-    /// once, drop them, and have the keeper release the lease and take a fresh one later.
+    /// once, drop them, and have the keeper take a fresh lease once it hears itself again.
     fn doubt(&self, why: &str) {
-        let store = self.store();
-        let was = store.hearing.swap(false, Ordering::AcqRel);
-        store.lease_until.store(0, Ordering::Release);
-        store.epoch.fetch_add(1, Ordering::AcqRel);
-        store.lost.store(true, Ordering::Release);
-        store.clear();
+        let Some(store) = &self.shared.store else {
+            return;
+        };
+        {
+            let _drops = lock(&store.drops);
+            store.epoch.fetch_add(1, Ordering::AcqRel);
+            store.lease_until.store(0, Ordering::Release);
+            store.lost.store(true, Ordering::Release);
+            store.clear_locked();
+        }
         self.shared.metrics.local_lease_valid.set(0);
-        store.wake.notify_one();
-        if was {
+        if store.hearing.swap(false, Ordering::AcqRel) {
+            store.wake.notify_one();
             tracing::warn!(
                 why,
                 "local cache: not sure invalidations arrive; copies dropped"
@@ -73,7 +72,7 @@ impl LocalCache {
                 tracing::warn!("local cache: an invalidation message could not be read");
                 return;
             };
-            self.store().forget(&message.keys);
+            self.forget(&message.keys);
             self.shared.metrics.local_invalidations.inc();
             if message.origin != self.shared.instance
                 && let Some(channel) = acks_channel(&self.shared.redis, message.origin)
@@ -92,10 +91,12 @@ impl LocalCache {
         let mut parts = text.split(':');
         match (parts.next(), parts.next(), parts.next()) {
             (Some("hb"), Some(nonce), None) => {
-                let store = self.store();
-                let mut heartbeat = lock(&store.heartbeat);
-                if nonce.parse() == Ok(heartbeat.0) && !heartbeat.1 {
-                    heartbeat.1 = true;
+                let Some(store) = &self.shared.store else {
+                    return;
+                };
+                let mut beat = lock(&store.heartbeat);
+                if nonce.parse() == Ok(beat.nonce) && !beat.back {
+                    beat.back = true;
                     if !store.hearing.swap(true, Ordering::AcqRel) {
                         store.wake.notify_one();
                     }
@@ -107,10 +108,7 @@ impl LocalCache {
                 };
                 let waiter = lock(&self.shared.waiters).get(&nonce).cloned();
                 if let Some(waiter) = waiter {
-                    let mut pending = lock(&waiter.pending);
-                    if pending.remove(&instance) && pending.is_empty() {
-                        waiter.done.notify_one();
-                    }
+                    waiter.acknowledged(instance, nonce);
                 }
             }
             _ => {}
@@ -127,6 +125,10 @@ async fn listen(cache: LocalCache, client: Client, stop: CancellationToken) {
     ) else {
         return;
     };
+    let mut channels = vec![mine.clone()];
+    if cache.is_enabled() {
+        channels.push(all.clone());
+    }
     let mut messages = client.message_rx();
     let mut reconnections = client.reconnect_rx();
     let mut errors = client.error_rx();
@@ -139,7 +141,7 @@ async fn listen(cache: LocalCache, client: Client, stop: CancellationToken) {
                 continue;
             }
         }
-        if let Err(error) = client.subscribe(vec![all.clone(), mine.clone()]).await {
+        if let Err(error) = client.subscribe(channels.clone()).await {
             tracing::debug!(%error, "local cache: subscribe failed; retrying");
             cache.doubt("subscribe failed");
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -163,29 +165,32 @@ async fn listen(cache: LocalCache, client: Client, stop: CancellationToken) {
     let _ = client.quit().await;
 }
 
-/// Where the keeper stands.
+/// Where the keeper stands while it holds a lease.
 struct Lease {
-    /// PostgreSQL's time of the last extension (or grant): the logs were read from there.
+    /// PostgreSQL's time of the last extension (or grant): the logs are read from there.
     position: DateTime<Utc>,
-    /// The extension before it, whose log read is complete (recorded as `applied_through`).
-    applied: DateTime<Utc>,
 }
 
-/// Every quarter lease (or at once on a doubt or a heartbeat back): the heartbeat checked and
+/// Log rows already dropped (by log and id), with their time: the reads overlap by the
+/// in-flight allowance, and a row seen once is not dropped again.
+type Seen = Mutex<HashMap<(bool, i64), DateTime<Utc>>>;
+
+/// Every quarter lease (or sooner on a doubt or a heartbeat back): the heartbeat checked and
 /// sent again, the lease renewed (or released, or taken afresh). On the way out the lease is
 /// released.
 async fn keep(cache: LocalCache, stop: CancellationToken) {
     let store = cache.store();
     let beat = store.settings.lease / 4;
+    let seen = Seen::default();
     let mut held: Option<Lease> = None;
     loop {
-        heartbeat(&cache).await;
+        heartbeat(&cache, beat).await;
         if store.lost.swap(false, Ordering::AcqRel) || !store.hearing.load(Ordering::Acquire) {
             if held.take().is_some() {
                 let _ = store::in_background(release(&cache)).await;
             }
         } else {
-            held = match store::in_background(renew(&cache, held.as_ref())).await {
+            held = match store::in_background(renew(&cache, held.as_ref(), &seen)).await {
                 Ok(next) => Some(next),
                 // Tried again next beat; meanwhile the lease runs out on its own.
                 Err(error) => {
@@ -195,6 +200,7 @@ async fn keep(cache: LocalCache, stop: CancellationToken) {
             };
         }
         observe(&cache).await;
+        tokio::time::sleep(MIN_GAP).await;
         tokio::select! {
             () = stop.cancelled() => break,
             () = tokio::time::sleep(beat) => {}
@@ -205,6 +211,15 @@ async fn keep(cache: LocalCache, stop: CancellationToken) {
     store.clear();
     let released = store::in_background(release(&cache));
     let _ = tokio::time::timeout(Duration::from_secs(2), released).await;
+}
+
+impl LocalCache {
+    fn store(&self) -> &Store {
+        self.shared
+            .store
+            .as_ref()
+            .expect("the keeper runs only when enabled")
+    }
 }
 
 async fn release(cache: &LocalCache) -> Result<(), StoreError> {
@@ -237,15 +252,26 @@ fn gauge(count: u64) -> i64 {
     i64::try_from(count).unwrap_or(i64::MAX)
 }
 
-/// Checks that the last heartbeat came back (a doubt otherwise) and sends the next one.
-async fn heartbeat(cache: &LocalCache) {
+/// A doubt if the last heartbeat is a beat old and has not come back; the next one sent when
+/// the last came back or is a beat old.
+async fn heartbeat(cache: &LocalCache, beat: Duration) {
     let store = cache.store();
-    let (last, back) = *lock(&store.heartbeat);
-    if last != 0 && !back {
+    let now = now_us();
+    let beat_us = u64::try_from(beat.as_micros()).unwrap_or(u64::MAX);
+    let last = *lock(&store.heartbeat);
+    let old = now.saturating_sub(last.sent) >= beat_us;
+    if last.nonce != 0 && !last.back && old {
         cache.doubt("the heartbeat did not come back");
     }
+    if last.nonce != 0 && !last.back && !old {
+        return;
+    }
     let nonce = fastrand::u64(1..);
-    *lock(&store.heartbeat) = (nonce, false);
+    *lock(&store.heartbeat) = Beat {
+        nonce,
+        sent: now,
+        back: false,
+    };
     let Some(channel) = acks_channel(&cache.shared.redis, cache.shared.instance) else {
         return;
     };
@@ -259,8 +285,9 @@ async fn heartbeat(cache: &LocalCache) {
     }
 }
 
-/// Extends the lease (reading the logs), or takes a fresh one when there is none or it ended.
-async fn renew(cache: &LocalCache, held: Option<&Lease>) -> Result<Lease, StoreError> {
+/// Extends the lease and then reads the logs, or takes a fresh lease (with an empty cache) when
+/// there is none or it ended.
+async fn renew(cache: &LocalCache, held: Option<&Lease>, seen: &Seen) -> Result<Lease, StoreError> {
     let store = cache.store();
     let shared = &cache.shared;
     let lease = store.settings.lease;
@@ -269,9 +296,9 @@ async fn renew(cache: &LocalCache, held: Option<&Lease>) -> Result<Lease, StoreE
     let extended = match held {
         Some(held) => {
             let leases = shared.db.leases();
-            match leases.extend(shared.instance, lease, held.applied).await? {
+            match leases.extend(shared.instance, lease, held.position).await? {
                 Some(at) => {
-                    read_logs(cache, held.position).await?;
+                    read_logs(cache, held.position, seen).await?;
                     Some(at)
                 }
                 // It ended (this instance was paused, or PostgreSQL out of reach too long).
@@ -280,11 +307,13 @@ async fn renew(cache: &LocalCache, held: Option<&Lease>) -> Result<Lease, StoreE
         }
         None => None,
     };
+    let fresh = extended.is_none();
     let at = match extended {
         Some(at) => at,
         None => {
             store.clear();
             let at = shared.db.leases().register(shared.instance, lease).await?;
+            lock(seen).clear();
             tracing::debug!(instance = %shared.instance, "local cache: lease taken");
             at
         }
@@ -293,27 +322,33 @@ async fn renew(cache: &LocalCache, held: Option<&Lease>) -> Result<Lease, StoreE
     let until = asked + u64::try_from(believed.as_micros()).unwrap_or(u64::MAX);
     let _drops = lock(&store.drops);
     if store.epoch.load(Ordering::Acquire) == epoch {
+        if fresh {
+            // A fill that read before the grant may predate a revocation whose revoker did
+            // not count this instance as a holder: none is kept.
+            store.clear_locked();
+        }
         store.lease_until.store(until, Ordering::Release);
     }
-    Ok(Lease {
-        position: at,
-        applied: at,
-    })
+    Ok(Lease { position: at })
 }
 
-/// Drops whatever the logs name from `after` (less the in-flight allowance) on.
-async fn read_logs(cache: &LocalCache, after: DateTime<Utc>) -> Result<(), StoreError> {
-    let store = cache.store();
+/// Drops whatever the logs name from `after` (less the in-flight allowance) on, but for the
+/// rows dropped already.
+async fn read_logs(
+    cache: &LocalCache,
+    after: DateTime<Utc>,
+    seen: &Seen,
+) -> Result<(), StoreError> {
     let outbox = cache.shared.db.outbox();
     let in_flight = cache.shared.in_flight;
+    let fresh = |log: bool, id: i64, at: DateTime<Utc>| lock(seen).insert((log, id), at).is_none();
     follow_log(
         after,
         in_flight,
         |from| outbox.sessions_after(from, BATCH),
         |rows| async move {
-            store.forget(&Keys::sessions(
-                rows.iter().map(|r| r.token_hash.as_slice()),
-            ));
+            let new = rows.iter().filter(|r| fresh(true, r.id, r.created_at));
+            cache.forget(&Keys::sessions(new.map(|r| r.token_hash.as_slice())));
             true
         },
     )
@@ -323,10 +358,14 @@ async fn read_logs(cache: &LocalCache, after: DateTime<Utc>) -> Result<(), Store
         in_flight,
         |from| outbox.profiles_after(from, BATCH),
         |rows| async move {
-            store.forget(&Keys::profiles(rows.iter().map(|r| r.user_id)));
+            let new = rows.iter().filter(|r| fresh(false, r.id, r.created_at));
+            cache.forget(&Keys::profiles(new.map(|r| r.user_id)));
             true
         },
     )
     .await?;
+    // What the next read cannot return any more.
+    let horizon = after - in_flight - TimeDelta::seconds(1);
+    lock(seen).retain(|_, at| *at >= horizon);
     Ok(())
 }

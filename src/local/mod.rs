@@ -103,7 +103,27 @@ impl Keys {
     fn is_empty(&self) -> bool {
         self.sessions.is_empty() && self.profiles.is_empty()
     }
+
+    /// Split so that no message names more than `most` keys.
+    fn chunks(self, most: usize) -> Vec<Keys> {
+        let mut out: Vec<Keys> = self
+            .sessions
+            .chunks(most)
+            .map(|c| Keys {
+                sessions: c.to_vec(),
+                profiles: Vec::new(),
+            })
+            .collect();
+        out.extend(self.profiles.chunks(most).map(|c| Keys {
+            sessions: Vec::new(),
+            profiles: c.to_vec(),
+        }));
+        out
+    }
 }
+
+/// Keys per message: about 35 KB of JSON, far below Redis' pub/sub output buffer limits.
+const MESSAGE_KEYS: usize = 500;
 
 /// The message on the invalidation channel.
 #[derive(Serialize, Deserialize)]
@@ -168,27 +188,45 @@ struct Store {
     lost: AtomicBool,
     /// Wakes the keeper (a doubt to act on).
     wake: Notify,
-    /// The last heartbeat sent and whether it came back.
-    heartbeat: Mutex<(u64, bool)>,
+    /// The last heartbeat sent.
+    heartbeat: Mutex<Beat>,
+}
+
+/// One wait: the (instance, message nonce) pairs not acknowledged yet.
+/// A heartbeat: a message an instance publishes to itself.
+#[derive(Default, Clone, Copy)]
+struct Beat {
+    /// 0: none sent yet.
+    nonce: u64,
+    /// When it was sent ([`now_us`]).
+    sent: u64,
+    back: bool,
 }
 
 struct Waiter {
-    pending: Mutex<HashSet<Uuid>>,
+    pending: Mutex<HashSet<(Uuid, u64)>>,
     done: Notify,
 }
 
 /// Microseconds on `CLOCK_BOOTTIME`: monotonic, and it counts time spent stopped (SIGSTOP) or
-/// suspended, unlike `Instant`.
+/// suspended, unlike `Instant` (`CLOCK_MONOTONIC`), which is the fallback off Linux.
 pub fn now_us() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_BOOTTIME exists on every Linux authd
-    // supports, and clock_gettime only writes through the pointer.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_BOOTTIME) failed");
-    ts.tv_sec.unsigned_abs() * 1_000_000 + ts.tv_nsec.unsigned_abs() / 1_000
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec, and clock_gettime only writes through
+        // the pointer.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+        if rc == 0 {
+            return ts.tv_sec.unsigned_abs() * 1_000_000 + ts.tv_nsec.unsigned_abs() / 1_000;
+        }
+    }
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let elapsed = START.get_or_init(std::time::Instant::now).elapsed();
+    u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)
 }
 
 impl LocalCache {
@@ -219,9 +257,10 @@ impl LocalCache {
             epoch: AtomicU64::new(0),
             lost: AtomicBool::new(false),
             wake: Notify::new(),
-            heartbeat: Mutex::new((0, false)),
+            heartbeat: Mutex::new(Beat::default()),
         });
         metrics.local_lease_valid.set(0);
+        metrics.local_enabled.set(i64::from(store.is_some()));
         Self {
             shared: Arc::new(Shared {
                 instance: Uuid::new_v4(),
@@ -350,25 +389,19 @@ impl LocalCache {
             self.waited(started, "none");
             return Ok(());
         }
-        let nonce = fastrand::u64(..);
+        let chunks = keys.chunks(MESSAGE_KEYS);
+        let nonces: Vec<u64> = chunks.iter().map(|_| fastrand::u64(..)).collect();
         let waiter = Arc::new(Waiter {
-            pending: Mutex::new(holders.iter().map(|h| h.instance).collect()),
+            pending: Mutex::new(
+                holders
+                    .iter()
+                    .flat_map(|h| nonces.iter().map(|n| (h.instance, *n)))
+                    .collect(),
+            ),
             done: Notify::new(),
         });
-        let subscribed = self.is_enabled();
-        if subscribed {
-            lock(&shared.waiters).insert(nonce, waiter.clone());
-        }
-        let _unregister = Unregister(self, nonce);
-        if let Some(channel) = shared.redis.channel(INVALIDATIONS) {
-            let message = Message {
-                origin: shared.instance,
-                nonce,
-                keys,
-            };
-            let text = serde_json::to_string(&message).unwrap_or_default();
-            shared.redis.publish(&channel, text).await;
-        }
+        let _registered = Registered::new(self, &nonces, &waiter);
+        self.publish(chunks, &nonces).await;
         let mut deadlines: HashMap<Uuid, std::time::Instant> = holders
             .iter()
             .map(|h| (h.instance, asked + lease_wait(h.remaining)))
@@ -376,39 +409,66 @@ impl LocalCache {
         let mut ended = "acked";
         loop {
             let now = std::time::Instant::now();
-            {
-                let mut pending = lock(&waiter.pending);
-                pending.retain(|instance| {
-                    let alive = deadlines.get(instance).is_some_and(|d| *d > now);
-                    if !alive {
-                        ended = "lease_ended";
-                    }
-                    alive
-                });
-                if pending.is_empty() {
-                    break;
-                }
-                deadlines.retain(|instance, _| pending.contains(instance));
+            let ended_now =
+                waiter.retain(|instance| deadlines.get(instance).is_some_and(|d| *d > now));
+            if ended_now {
+                ended = "lease_ended";
             }
+            let waiting = waiter.instances();
+            if waiting.is_empty() {
+                break;
+            }
+            deadlines.retain(|instance, _| waiting.contains(instance));
             let next_deadline = deadlines.values().min().copied().unwrap_or(now);
             let poll_at = now + POLL.min(next_deadline.saturating_duration_since(now));
             tokio::select! {
-                () = waiter.done.notified(), if subscribed => {}
+                () = waiter.done.notified() => {}
                 () = tokio::time::sleep_until(poll_at.into()) => {
-                    let waiting: Vec<Uuid> = lock(&waiter.pending).iter().copied().collect();
-                    if let Ok(done) = shared.db.leases().caught_up(&waiting, since).await {
-                        let mut pending = lock(&waiter.pending);
-                        for instance in done {
-                            if pending.remove(&instance) {
-                                ended = "caught_up";
-                            }
-                        }
+                    let waiting: Vec<Uuid> = waiting.into_iter().collect();
+                    let leases = shared.db.leases();
+                    let asking = leases.caught_up(&waiting, since);
+                    // A slow PostgreSQL does not stretch the wait past the next lease's end.
+                    let answer = tokio::time::timeout_at(next_deadline.into(), asking).await;
+                    if let Ok(Ok(done)) = answer
+                        && waiter.retain(|instance| !done.contains(instance))
+                    {
+                        ended = "caught_up";
                     }
                 }
             }
         }
         self.waited(started, ended);
         Ok(())
+    }
+
+    /// Drops `keys` here and tells the other instances, without waiting: for changes no promise
+    /// covers (a login's eviction at the session cap); the holders' next renewal drops them in
+    /// any case.
+    pub async fn announce(&self, keys: Keys) {
+        if keys.is_empty() {
+            return;
+        }
+        self.forget(&keys);
+        let chunks = keys.chunks(MESSAGE_KEYS);
+        let nonces: Vec<u64> = chunks.iter().map(|_| fastrand::u64(..)).collect();
+        self.publish(chunks, &nonces).await;
+    }
+
+    async fn publish(&self, chunks: Vec<Keys>, nonces: &[u64]) {
+        let shared = &self.shared;
+        let Some(channel) = shared.redis.channel(INVALIDATIONS) else {
+            return;
+        };
+        let sends = chunks.into_iter().zip(nonces).map(|(keys, nonce)| {
+            let message = Message {
+                origin: shared.instance,
+                nonce: *nonce,
+                keys,
+            };
+            let text = serde_json::to_string(&message).unwrap_or_default();
+            shared.redis.publish(&channel, text)
+        });
+        futures::future::join_all(sends).await;
     }
 
     fn waited(&self, started: std::time::Instant, ended: &str) {
@@ -442,12 +502,52 @@ pub fn lease_wait(remaining: Duration) -> Duration {
     remaining.mul_f64(1.0 + RATE_MARGIN) + FIXED_MARGIN
 }
 
-/// Removes a waiter however the wait ends (a cancelled call included).
-struct Unregister<'a>(&'a LocalCache, u64);
+/// A wait's nonces in the waiters map, removed however the wait ends (a cancelled call
+/// included).
+struct Registered<'a> {
+    cache: &'a LocalCache,
+    nonces: &'a [u64],
+}
 
-impl Drop for Unregister<'_> {
+impl<'a> Registered<'a> {
+    fn new(cache: &'a LocalCache, nonces: &'a [u64], waiter: &Arc<Waiter>) -> Self {
+        let mut waiters = lock(&cache.shared.waiters);
+        for nonce in nonces {
+            waiters.insert(*nonce, waiter.clone());
+        }
+        Self { cache, nonces }
+    }
+}
+
+impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        lock(&self.0.shared.waiters).remove(&self.1);
+        let mut waiters = lock(&self.cache.shared.waiters);
+        for nonce in self.nonces {
+            waiters.remove(nonce);
+        }
+    }
+}
+
+impl Waiter {
+    /// Keeps the (instance, nonce) pairs whose instance `keep` says; whether any went.
+    fn retain(&self, keep: impl Fn(&Uuid) -> bool) -> bool {
+        let mut pending = lock(&self.pending);
+        let before = pending.len();
+        pending.retain(|(instance, _)| keep(instance));
+        pending.len() != before
+    }
+
+    /// The instances still owing an acknowledgement.
+    fn instances(&self) -> HashSet<Uuid> {
+        lock(&self.pending).iter().map(|(i, _)| *i).collect()
+    }
+
+    /// An acknowledgement of `nonce` by `instance`.
+    fn acknowledged(&self, instance: Uuid, nonce: u64) {
+        let mut pending = lock(&self.pending);
+        if pending.remove(&(instance, nonce)) && pending.is_empty() {
+            self.done.notify_one();
+        }
     }
 }
 
@@ -498,8 +598,82 @@ impl Store {
     /// Drops everything (and makes every fill in flight a no-op).
     fn clear(&self) {
         let _drops = lock(&self.drops);
+        self.clear_locked();
+    }
+
+    /// [`Self::clear`], with `drops` held by the caller.
+    fn clear_locked(&self) {
         self.cleared.fetch_add(1, Ordering::AcqRel);
         self.sessions.invalidate_all();
         self.profiles.invalidate_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn big_invalidations_are_split_into_bounded_messages() {
+        let hashes: Vec<[u8; 32]> = (0..1_201u32)
+            .map(|i| {
+                let mut h = [0u8; 32];
+                h[..4].copy_from_slice(&i.to_be_bytes());
+                h
+            })
+            .collect();
+        let mut keys = Keys::sessions(hashes.iter().map(|h| h.as_slice()));
+        keys.profiles = vec![Uuid::new_v4(), Uuid::new_v4()];
+        let chunks = keys.chunks(MESSAGE_KEYS);
+        assert_eq!(chunks.len(), 4);
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c.sessions.len() + c.profiles.len() <= MESSAGE_KEYS)
+        );
+        let sessions: usize = chunks.iter().map(|c| c.sessions.len()).sum();
+        assert_eq!(sessions, 1_201);
+        let message = Message {
+            origin: Uuid::new_v4(),
+            nonce: u64::MAX,
+            keys: chunks[0].clone(),
+        };
+        let text = serde_json::to_string(&message).unwrap();
+        assert!(text.len() < 40_000, "{} bytes", text.len());
+        let back: Message = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.keys.sessions, chunks[0].sessions);
+    }
+
+    #[test]
+    fn a_wait_ends_when_every_holder_acknowledged_every_message() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let waiter = Waiter {
+            pending: Mutex::new([(a, 1), (a, 2), (b, 1), (b, 2)].into_iter().collect()),
+            done: Notify::new(),
+        };
+        waiter.acknowledged(a, 1);
+        waiter.acknowledged(a, 1);
+        waiter.acknowledged(b, 3);
+        assert_eq!(waiter.instances(), [a, b].into_iter().collect());
+        assert!(waiter.retain(|i| *i != b), "b's lease ended");
+        assert!(!waiter.retain(|i| *i != b));
+        waiter.acknowledged(a, 2);
+        assert!(waiter.instances().is_empty());
+    }
+
+    #[test]
+    fn a_revoker_waits_longer_than_a_holder_believes() {
+        let lease = Duration::from_secs(3);
+        let believed = lease.mul_f64(1.0 - RATE_MARGIN);
+        assert!(lease_wait(lease) > believed + FIXED_MARGIN);
+        assert_eq!(lease_wait(lease), Duration::from_millis(3_130));
+    }
+
+    #[test]
+    fn the_lease_clock_moves_forward() {
+        let first = now_us();
+        std::thread::sleep(Duration::from_millis(5));
+        let second = now_us();
+        assert!(second >= first + 5_000, "{first} {second}");
     }
 }

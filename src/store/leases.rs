@@ -37,11 +37,12 @@ impl LeaseRepo<'_> {
         );
         self.0.run(purge.execute(&self.0.pool)).await?;
         let query = sqlx::query_scalar::<_, DateTime<Utc>>(
-            "insert into local_cache_leases (instance, expires_at, applied_through)
-             values ($1, clock_timestamp() + $2::bigint * interval '1 microsecond', clock_timestamp())
+            "insert into local_cache_leases (instance, expires_at, lease_us, applied_through)
+             values ($1, clock_timestamp() + $2::bigint * interval '1 microsecond', $2,
+                     clock_timestamp())
              on conflict (instance) do update
-                 set expires_at = excluded.expires_at, applied_through = excluded.applied_through,
-                     registered_at = now()
+                 set expires_at = excluded.expires_at, lease_us = excluded.lease_us,
+                     applied_through = excluded.applied_through, registered_at = now()
              returning applied_through",
         )
         .bind(instance)
@@ -80,11 +81,13 @@ impl LeaseRepo<'_> {
         Ok(())
     }
 
-    /// The holders of a lease other than `me`, and PostgreSQL's time at the read.
+    /// The holders of a lease other than `me` (what is left of each lease, never more than its
+    /// length), and PostgreSQL's time at the read.
     pub async fn holders(&self, me: Uuid) -> Result<(DateTime<Utc>, Vec<Holder>), StoreError> {
         let query = sqlx::query_as::<_, (Uuid, i64, DateTime<Utc>)>(
             "select instance,
-                    (extract(epoch from (expires_at - clock_timestamp())) * 1000000)::bigint,
+                    least((extract(epoch from (expires_at - clock_timestamp())) * 1000000)::bigint,
+                          lease_us),
                     clock_timestamp()
              from local_cache_leases where expires_at > clock_timestamp() and instance <> $1",
         )

@@ -56,6 +56,8 @@ pub struct Revocation {
     pub revoked: usize,
     /// Of those, the ones that were still usable (not expired).
     pub active: usize,
+    /// The token hashes of the sessions it revoked.
+    pub revoked_hashes: Vec<Vec<u8>>,
     /// Every invalidation logged for the sessions concerned since the caller's cache last
     /// followed the log, its own included: all of them must reach the cache before the revoking
     /// call returns.
@@ -67,6 +69,10 @@ impl Revocation {
         let mut revocation = Revocation::default();
         for row in rows {
             revocation.revoked += usize::from(row.fresh);
+            if row.fresh {
+                let hash = row.invalidation.token_hash.clone();
+                revocation.revoked_hashes.push(hash);
+            }
             revocation.active += usize::from(row.active);
             revocation.pending.push(row.invalidation);
         }

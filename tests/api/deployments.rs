@@ -405,9 +405,9 @@ async fn a_wrong_acl_password_is_named_in_the_log_and_authd_serves_degraded() {
 async fn the_documented_acl_rule_is_enough() {
     let mut settings = test_settings(Mode::Redis);
     let rule = format!(
-        "~{}* {}",
-        settings.redis.key_prefix,
-        authd::cache::ACL_COMMANDS
+        "~{prefix}* &{prefix}* {}",
+        authd::cache::ACL_COMMANDS,
+        prefix = settings.redis.key_prefix,
     );
     let mut args = vec![
         "--user", "default", "off", "--user", "authd", "on", ">s3cret",
@@ -442,6 +442,12 @@ async fn the_documented_acl_rule_is_enough() {
         "{metrics}"
     );
     assert_eq!(app.metric("authd_redis_up").await, 1.0);
+    // The in-process cache (on in tests) works under the rule: it hears its own heartbeat on
+    // the channels and holds a lease.
+    eventually(Duration::from_secs(10), "a local-cache lease", || async {
+        app.metric("authd_local_cache_lease_valid").await == 1.0
+    })
+    .await;
 }
 
 /// Settings that cannot work together stop startup with exit code 2 and name the setting.

@@ -7,6 +7,7 @@ use authd::{
     local::{FIXED_MARGIN, RATE_MARGIN},
     proto::authd::v1 as pb,
 };
+use fred::interfaces::ClientLike;
 use tonic::Code;
 
 use crate::{
@@ -166,7 +167,19 @@ async fn a_paused_instance_holds_a_revocation_for_at_most_its_lease() {
     for _ in 0..2 {
         client.validate_session(validate(&token)).await.unwrap();
     }
+    let (email, _) = a.register().await;
+    let other = a.login(&email, PASSWORD).await.unwrap().session_token;
+    a.logout(&other).await.unwrap();
     paused.signal(libc::SIGSTOP);
+    // A login is no revoking call: even one that finds revocations of its user queued does not
+    // wait for the paused instance.
+    let started = Instant::now();
+    a.login(&email, PASSWORD).await.unwrap();
+    assert!(
+        started.elapsed() < lease.mul_f64(0.5),
+        "{:?}",
+        started.elapsed()
+    );
     let started = Instant::now();
     a.logout(&token).await.unwrap();
     let waited = started.elapsed();
@@ -207,12 +220,26 @@ async fn an_instance_cut_off_from_redis_holds_a_revocation_for_at_most_its_lease
     let waited = started.elapsed();
     assert!(waited <= lease_bound(&a), "waited {waited:?}");
     assert_code(b.validate(&token).await, Code::Unauthenticated);
+    // While it cannot hear itself the instance does not spin: a few background queries a beat.
+    let queries = "authd_db_queries_total{origin=\"background\"}";
+    let before = b.metric(queries).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spent = b.metric(queries).await - before;
+    assert!(spent < 60.0, "{spent} background queries in 2 s");
     proxy.set(Link::Up);
+    // Heard again: a fresh lease, and copies served again.
+    eventually(
+        Duration::from_secs(15),
+        "B to hold a lease again",
+        || async { b.metric("authd_local_cache_lease_valid").await == 1.0 },
+    )
+    .await;
 }
 
-/// Redis restarted under two instances: their copies are dropped (the subscriber reconnected)
-/// and not served again until the instance hears itself and holds a fresh lease; a revocation
-/// made meanwhile is never undone.
+/// FLUSHALL under two instances keeps their copies (they are right: every invalidation still
+/// reaches them) and a revocation after it is seen at once; Redis restarted under them: their
+/// copies are dropped (the subscriber reconnected) and not served again until the instance hears
+/// itself and holds a fresh lease; a revocation made meanwhile is never undone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_redis_restart_no_copy_from_before_is_served() {
     let mut server = crate::redis_server::RedisServer::start().await;
@@ -224,9 +251,21 @@ async fn after_a_redis_restart_no_copy_from_before_is_served() {
     let (email, registered) = a.register().await;
     let kept = registered.session_token;
     let revoked = a.login(&email, PASSWORD).await.unwrap().session_token;
-    for token in [&kept, &revoked, &kept, &revoked] {
+    let flushed = a.login(&email, PASSWORD).await.unwrap().session_token;
+    for token in [&kept, &revoked, &flushed, &kept, &revoked, &flushed] {
         b.validate(token).await.unwrap();
     }
+    let client = redis_client(&server.url()).await;
+    let _: () = client.flushall(false).await.unwrap();
+    a.logout(&flushed).await.unwrap();
+    assert_code(b.validate(&flushed).await, Code::Unauthenticated);
+    let hits = local_hits(&b, "sessions").await;
+    b.validate(&kept).await.unwrap();
+    assert_eq!(
+        local_hits(&b, "sessions").await,
+        hits + 1.0,
+        "kept over FLUSHALL"
+    );
     server.restart().await;
     let hits = local_hits(&b, "sessions").await;
     // The restart is noticed (subscriber reconnected): nothing from before is served.

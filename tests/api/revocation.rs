@@ -182,6 +182,9 @@ async fn losing_all_redis_data_logs_nobody_out_and_revives_nothing() {
     let redis_server = RedisServer::start().await;
     let mut settings = test_settings(Mode::Redis);
     settings.redis.url = SecretString::from(redis_server.url());
+    // Redis' own refill is the subject here (the in-process cache would answer from memory; its
+    // FLUSHALL case is in local_cache.rs).
+    settings.local_cache.enabled = false;
     let app = spawn_with(settings).await;
     let redis = redis_client(&redis_server.url()).await;
     let (email, reg) = app.register().await;
