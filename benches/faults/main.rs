@@ -439,6 +439,10 @@ async fn start_env(topology: &str) -> Env {
             ("RATE_LIMIT__REGISTER_PER_IP", "0".into()),
             ("RATE_LIMIT__MAX_FAILED_LOGINS", "0".into()),
             ("SESSION__MAX_PER_USER", "1000".into()),
+            // The in-process cache is on: the promises must hold with it (README "The
+            // in-process cache"); a revoking call may then wait up to a lease (3.13 s) for an
+            // instance that was killed or stopped, within the clients' 5 s deadline.
+            ("LOCAL_CACHE__ENABLED", "true".into()),
             ("GRPC__SHUTDOWN_GRACE", "5s".into()),
             ("ADMIN__API_KEYS_FILE", keys.display().to_string()),
             ("LOG__LEVEL", "warn".into()),

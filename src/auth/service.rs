@@ -419,10 +419,12 @@ impl AuthService {
         changed: Option<&TokenHash>,
     ) -> Result<(), AuthError> {
         self.count_revoked(reason, revocation);
-        self.apply(&revocation.pending).await;
         let hashes = revocation.pending.iter().map(|i| i.token_hash.as_slice());
         let keys = Keys::sessions(hashes.chain(changed.map(TokenHash::as_bytes)));
-        self.local.invalidate(keys).await?;
+        let written = async {
+            self.apply(&revocation.pending).await;
+        };
+        self.local.invalidate(keys, written).await?;
         Ok(())
     }
 

@@ -72,6 +72,13 @@ pub const RATE_MARGIN: f64 = 0.01;
 /// Added to every wait for a lease's end: the time between PostgreSQL's reading of its clock and
 /// the revoker's reading of the reply, which only shortens what the revoker believes is left.
 pub const FIXED_MARGIN: Duration = Duration::from_millis(100);
+/// Indexes of [`Shared::lookups`].
+const SESSIONS: usize = 0;
+const PROFILES: usize = 1;
+const HIT: usize = 0;
+const MISS: usize = 1;
+const UNTRUSTED: usize = 2;
+
 /// How often a revoker waiting for acknowledgements asks PostgreSQL who caught up.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -161,6 +168,9 @@ struct Shared {
     db: Arc<Db>,
     redis: Redis,
     metrics: Arc<Metrics>,
+    /// `authd_local_cache_lookups_total` by cache (sessions, profiles) and result (hit, miss,
+    /// untrusted), resolved once: the hot path does not look labels up.
+    lookups: [[prometheus::IntCounter; 3]; 2],
     /// `None` when `LOCAL_CACHE__ENABLED` is off: this instance keeps nothing, but its
     /// revoking calls still wait for the instances that do.
     store: Option<Store>,
@@ -261,12 +271,17 @@ impl LocalCache {
         });
         metrics.local_lease_valid.set(0);
         metrics.local_enabled.set(i64::from(store.is_some()));
+        let lookups = ["sessions", "profiles"].map(|cache| {
+            ["hit", "miss", "untrusted"]
+                .map(|result| metrics.local_lookups.with_label_values(&[cache, result]))
+        });
         Self {
             shared: Arc::new(Shared {
                 instance: Uuid::new_v4(),
                 db,
                 redis,
                 metrics,
+                lookups,
                 store,
                 waiters: Mutex::new(HashMap::new()),
                 in_flight,
@@ -293,14 +308,14 @@ impl LocalCache {
         let store = self.shared.store.as_ref()?;
         let key: &[u8; 32] = hash.as_bytes().try_into().ok()?;
         let result = if !store.trusted() {
-            "untrusted"
+            UNTRUSTED
         } else if let Some(record) = store.sessions.get(key) {
-            self.lookup("sessions", "hit");
+            self.lookup(SESSIONS, HIT);
             return Some(SessionRecord::clone(&record));
         } else {
-            "miss"
+            MISS
         };
-        self.lookup("sessions", result);
+        self.lookup(SESSIONS, result);
         None
     }
 
@@ -308,20 +323,19 @@ impl LocalCache {
     pub fn profile(&self, user_id: Uuid) -> Option<ProfileRecord> {
         let store = self.shared.store.as_ref()?;
         let result = if !store.trusted() {
-            "untrusted"
+            UNTRUSTED
         } else if let Some(profile) = store.profiles.get(&user_id) {
-            self.lookup("profiles", "hit");
+            self.lookup(PROFILES, HIT);
             return Some(ProfileRecord::clone(&profile));
         } else {
-            "miss"
+            MISS
         };
-        self.lookup("profiles", result);
+        self.lookup(PROFILES, result);
         None
     }
 
-    fn lookup(&self, cache: &str, result: &str) {
-        let lookups = &self.shared.metrics.local_lookups;
-        lookups.with_label_values(&[cache, result]).inc();
+    fn lookup(&self, cache: usize, result: usize) {
+        self.shared.lookups[cache][result].inc();
     }
 
     /// Taken before the read of a session whose result is to be kept.
@@ -374,16 +388,25 @@ impl LocalCache {
         }
     }
 
-    /// Drops `keys` here and waits until no other instance can serve a copy of them (see the
-    /// module comment). Call after the change committed and Redis was written.
-    pub async fn invalidate(&self, keys: Keys) -> Result<(), StoreError> {
+    /// Once `written` (the change's Redis write) is done, drops `keys` here and waits until no
+    /// other instance can serve a copy of them (see the module comment). Call after the change
+    /// committed; the lease holders are read while `written` runs.
+    pub async fn invalidate(
+        &self,
+        keys: Keys,
+        written: impl Future<Output = ()>,
+    ) -> Result<(), StoreError> {
         if keys.is_empty() {
+            written.await;
             return Ok(());
         }
         let started = std::time::Instant::now();
-        self.forget(&keys);
         let shared = &self.shared;
-        let (since, holders) = shared.db.leases().holders(shared.instance).await?;
+        let leases = shared.db.leases();
+        let ((), holders) = tokio::join!(written, leases.holders(shared.instance));
+        // After Redis: a fill that read the old copy before this cannot keep it.
+        self.forget(&keys);
+        let (since, holders) = holders?;
         let asked = std::time::Instant::now();
         if holders.is_empty() {
             self.waited(started, "none");

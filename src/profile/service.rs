@@ -251,8 +251,12 @@ impl ProfileService {
         tracing::info!(%user_id, version = profile.version, "profile updated");
         // Not confirmed (Redis down, disabled, or the replicas late): the log has it, and every
         // instance with Redis applies it on its next pass.
-        self.cache.raise(&[ProfileWrite::Updated(&profile)]).await;
-        self.local.invalidate(Keys::profiles([user_id])).await?;
+        let written = async {
+            self.cache.raise(&[ProfileWrite::Updated(&profile)]).await;
+        };
+        self.local
+            .invalidate(Keys::profiles([user_id]), written)
+            .await?;
         Ok(profile)
     }
 
