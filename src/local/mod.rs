@@ -36,6 +36,11 @@
 //!   lease ran out (PostgreSQL unreachable, or the process was paused). It releases its lease and
 //!   takes a new one, with an empty cache, once it hears itself again.
 //!
+//! Assumed: clocks run at rates within [`RATE_MARGIN`] of each other, and PostgreSQL's clock is
+//! not stepped by more than [`FIXED_MARGIN`] while leases run (lease ends, `applied_through` and
+//! the revoker's `since` are PostgreSQL times). A wait never exceeds the holder's lease length
+//! (stored with the lease), whatever the clock did.
+//!
 //! Redis losing its data does not touch local copies: they were right when filled and every
 //! invalidation since reached them (or the call that made it is still waiting). A revoker that
 //! cannot publish (its Redis cut) waits for the holders to catch up through the logs (two renewals
