@@ -185,12 +185,20 @@ async fn keep(cache: LocalCache, stop: CancellationToken) {
     let mut held: Option<Lease> = None;
     loop {
         heartbeat(&cache, beat).await;
+        // Read before `lost`: a doubt after this makes the renewal below leave `lease_until` be.
+        let epoch = store.epoch.load(Ordering::Acquire);
         if store.lost.swap(false, Ordering::AcqRel) || !store.hearing.load(Ordering::Acquire) {
             if held.take().is_some() {
+                {
+                    let _drops = lock(&store.drops);
+                    store.lease_until.store(0, Ordering::Release);
+                    store.clear_locked();
+                }
                 let _ = store::in_background(release(&cache)).await;
             }
         } else {
-            held = match store::in_background(renew(&cache, held.as_ref(), &seen)).await {
+            let renewed = renew(&cache, held.as_ref(), &seen, epoch);
+            held = match store::in_background(renewed).await {
                 Ok(next) => Some(next),
                 // Tried again next beat; meanwhile the lease runs out on its own.
                 Err(error) => {
@@ -287,11 +295,15 @@ async fn heartbeat(cache: &LocalCache, beat: Duration) {
 
 /// Extends the lease and then reads the logs, or takes a fresh lease (with an empty cache) when
 /// there is none or it ended.
-async fn renew(cache: &LocalCache, held: Option<&Lease>, seen: &Seen) -> Result<Lease, StoreError> {
+async fn renew(
+    cache: &LocalCache,
+    held: Option<&Lease>,
+    seen: &Seen,
+    epoch: u64,
+) -> Result<Lease, StoreError> {
     let store = cache.store();
     let shared = &cache.shared;
     let lease = store.settings.lease;
-    let epoch = store.epoch.load(Ordering::Acquire);
     let asked = now_us();
     let extended = match held {
         Some(held) => {

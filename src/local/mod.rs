@@ -395,7 +395,9 @@ impl LocalCache {
 
     /// Once `written` (the change's Redis write) is done, drops `keys` here and waits until no
     /// other instance can serve a copy of them (see the module comment). Call after the change
-    /// committed; the lease holders are read while `written` runs.
+    /// committed. The lease holders are read only after `written`: an instance that takes a
+    /// lease after that read fills from a Redis that has the change, and a holder's log read
+    /// after it (`applied_through > since`) comes after the Redis write too.
     pub async fn invalidate(
         &self,
         keys: Keys,
@@ -407,11 +409,10 @@ impl LocalCache {
         }
         let started = std::time::Instant::now();
         let shared = &self.shared;
-        let leases = shared.db.leases();
-        let ((), holders) = tokio::join!(written, leases.holders(shared.instance));
+        written.await;
         // After Redis: a fill that read the old copy before this cannot keep it.
         self.forget(&keys);
-        let (since, holders) = holders?;
+        let (since, holders) = shared.db.leases().holders(shared.instance).await?;
         let asked = std::time::Instant::now();
         if holders.is_empty() {
             self.waited(started, "none");
@@ -470,8 +471,9 @@ impl LocalCache {
     }
 
     /// Drops `keys` here and tells the other instances, without waiting: for changes no promise
-    /// covers (a login's eviction at the session cap); the holders' next renewal drops them in
-    /// any case.
+    /// covers (a login's eviction at the session cap). A holder that misses the message drops
+    /// the copies it held when its next renewal reads the log; one refilled from Redis between
+    /// that read and the eviction's Redis write lives until its touch is due.
     pub async fn announce(&self, keys: Keys) {
         if keys.is_empty() {
             return;
