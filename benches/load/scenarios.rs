@@ -288,7 +288,7 @@ async fn local_memory(env: &Env, opts: &Opts) -> anyhow::Result<Row> {
 
 pub async fn run_all(opts: &Opts) -> anyhow::Result<Report> {
     println!("seeding {} users…", opts.users);
-    let spare = if opts.wants("logout") {
+    let spare = if opts.wants("logout") || opts.wants("revoke_latency") {
         opts.logout_sessions
     } else {
         0
