@@ -10,11 +10,12 @@
 //!   also counts time the process was stopped or the machine suspended) and shortened by
 //!   [`RATE_MARGIN`], so it never believes in a lease PostgreSQL thinks has ended.
 //! - **Invalidation.** A revoking call (Logout, RevokeSession, RevokeAllSessions,
-//!   ChangePassword, DisableUser, AdminService revocations, a session cap's eviction) and
-//!   UpdateProfile commit in PostgreSQL and write Redis as before, drop their own local copies,
-//!   then read the lease holders (after the commit) and publish the keys on the Redis channel
-//!   `<prefix>local:invalidations`. Each holder drops them and acknowledges on the revoker's
-//!   channel `<prefix>local:acks:<instance>`.
+//!   ChangePassword, DisableUser, AdminService revocations) and UpdateProfile commit in
+//!   PostgreSQL and write Redis as before, drop their own local copies, then — after the Redis
+//!   write, so that an instance taking a lease later fills from the new state — read the lease
+//!   holders and publish the keys on the Redis channel `<prefix>local:invalidations`. Each holder
+//!   drops them and acknowledges on the revoker's channel `<prefix>local:acks:<instance>`. (A
+//!   login's eviction at the session cap is announced the same way, without waiting.)
 //! - **The wait.** The call returns once every holder has acknowledged, or has applied the logs
 //!   past the revocation (see renewal), or its lease has ended: the remaining time PostgreSQL
 //!   gave, lengthened by [`RATE_MARGIN`] and [`FIXED_MARGIN`], on the revoker's clock.
@@ -27,9 +28,11 @@
 //!   revoker saw the new end waits for it (or an acknowledgement). The extension also records
 //!   the PostgreSQL time of the previous one (`applied_through`): a revoker whose message was lost
 //!   sees a holder caught up from that.
-//! - **Races with fills.** A copy read from Redis or PostgreSQL is kept only if no drop
-//!   happened on this instance since before the read (a ticket, checked under the lock every drop
-//!   takes): a fill that read the old state before an invalidation cannot land after it.
+//! - **Races with fills.** A copy read from Redis or PostgreSQL is kept only if no drop of a key
+//!   of its stripe happened on this instance since before the read (a ticket, checked under the
+//!   lock every drop takes): a fill that read the old state before an invalidation cannot land
+//!   after it. Taking a fresh lease counts as a drop of everything: a fill begun before it may
+//!   have read state older than a revocation that did not count this instance as a holder.
 //! - **Doubt.** An instance that is not sure it receives invalidations stops using its copies at
 //!   once and drops them all: its subscriber connection reported an error or reconnected, its
 //!   heartbeat (a message it publishes to itself every quarter lease) did not come back, its
