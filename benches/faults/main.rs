@@ -442,7 +442,11 @@ async fn start_env(topology: &str) -> Env {
             // The in-process cache is on: the promises must hold with it (README "The
             // in-process cache"); a revoking call may then wait up to a lease (3.13 s) for an
             // instance that was killed or stopped, within the clients' 5 s deadline.
-            ("LOCAL_CACHE__ENABLED", "true".into()),
+            // (`FAULTS_LOCAL_CACHE=false` runs without it, for comparison.)
+            (
+                "LOCAL_CACHE__ENABLED",
+                std::env::var("FAULTS_LOCAL_CACHE").unwrap_or_else(|_| "true".into()),
+            ),
             ("GRPC__SHUTDOWN_GRACE", "5s".into()),
             ("ADMIN__API_KEYS_FILE", keys.display().to_string()),
             ("LOG__LEVEL", "warn".into()),
