@@ -313,37 +313,30 @@ impl LocalCache {
 
     /// A cached session, when this instance may serve its copies.
     pub fn session(&self, hash: &TokenHash) -> Option<SessionRecord> {
-        let store = self.shared.store.as_ref()?;
         let key: &[u8; 32] = hash.as_bytes().try_into().ok()?;
-        let result = if !store.trusted() {
-            UNTRUSTED
-        } else if let Some(record) = store.sessions.get(key) {
-            self.lookup(SESSIONS, HIT);
-            return Some(SessionRecord::clone(&record));
-        } else {
-            MISS
-        };
-        self.lookup(SESSIONS, result);
-        None
+        self.lookup(SESSIONS, |store| store.sessions.get(key))
     }
 
     /// A cached profile, when this instance may serve its copies.
     pub fn profile(&self, user_id: Uuid) -> Option<ProfileRecord> {
-        let store = self.shared.store.as_ref()?;
-        let result = if !store.trusted() {
-            UNTRUSTED
-        } else if let Some(profile) = store.profiles.get(&user_id) {
-            self.lookup(PROFILES, HIT);
-            return Some(ProfileRecord::clone(&profile));
-        } else {
-            MISS
-        };
-        self.lookup(PROFILES, result);
-        None
+        self.lookup(PROFILES, |store| store.profiles.get(&user_id))
     }
 
-    fn lookup(&self, cache: usize, result: usize) {
-        self.shared.lookups[cache][result].inc();
+    /// One lookup in `cache` (an index of [`Shared::lookups`]), counted by its result.
+    fn lookup<V: Clone>(
+        &self,
+        cache: usize,
+        get: impl FnOnce(&Store) -> Option<Arc<V>>,
+    ) -> Option<V> {
+        let store = self.shared.store.as_ref()?;
+        let counters = &self.shared.lookups[cache];
+        if !store.trusted() {
+            counters[UNTRUSTED].inc();
+            return None;
+        }
+        let found = get(store);
+        counters[if found.is_some() { HIT } else { MISS }].inc();
+        found.map(|value| V::clone(&value))
     }
 
     /// Taken before the read of a session whose result is to be kept.
