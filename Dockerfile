@@ -9,8 +9,10 @@ COPY src ./src
 # The password blocklist (embedded) and the vendored fred (see vendor/README.md).
 COPY data ./data
 COPY vendor ./vendor
-# Cargo reads every target of the manifest, the benchmark included.
+# Cargo reads every target of the manifest, the benchmark included, and every workspace member
+# (the protocol model).
 COPY benches ./benches
+COPY model ./model
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin authd \

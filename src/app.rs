@@ -25,7 +25,7 @@ use crate::{
     },
     health::Health,
     jobs::{Jobs, follow::Follower},
-    local::LocalCache,
+    local::{LocalCache, LocalParts},
     metrics::Metrics,
     profile::ProfileService,
     proto,
@@ -98,6 +98,10 @@ impl Application {
         if settings.database.migrate {
             db.migrate().await.context("database migrations failed")?;
         }
+        // Before the Redis generation, which is bound to PostgreSQL's history too.
+        db.check_history()
+            .await
+            .context("cannot read PostgreSQL's system identifier and timeline")?;
         let redis = Redis::connect(&settings.redis, metrics.clone())
             .await
             .context("invalid Redis configuration")?;
@@ -116,15 +120,25 @@ impl Application {
         // A fill lease must outlast the PostgreSQL read it covers (and the commands around it).
         let lease_ttl = settings.database.query_timeout * 2 + settings.redis.command_timeout * 4;
         let hasher = PasswordHasher::new(&settings.auth, metrics.clone())?;
-        let local = LocalCache::new(
-            &settings.local_cache,
-            settings.profile_cache.ttl,
-            settings.session.touch_interval,
-            crate::store::in_flight(settings.database.query_timeout),
-            db.clone(),
-            redis.clone(),
-            metrics.clone(),
-        );
+        let lease = fleet_lease(&settings, &db, redis.is_enabled()).await?;
+        let local = LocalCache::new(LocalParts {
+            settings: settings.local_cache.clone(),
+            lease,
+            profile_ttl: settings.profile_cache.ttl,
+            session_recheck: settings.session.touch_interval,
+            in_flight: crate::store::in_flight(settings.database.query_timeout),
+            db: db.clone(),
+            redis: redis.clone(),
+            metrics: metrics.clone(),
+        });
+        {
+            // A new PostgreSQL history: nothing copied before it is trusted.
+            let (local, redis) = (local.clone(), redis.clone());
+            db.on_history_change(Arc::new(move || {
+                local.history_changed();
+                redis.history_changed();
+            }));
+        }
         let auth = Arc::new(AuthService::new(AuthParts {
             db: db.clone(),
             cache: SessionStore::new(redis.clone(), settings.session.absolute_timeout, lease_ttl),
@@ -297,7 +311,7 @@ impl Application {
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .timeout(g.request_timeout)
-            .layer(ObserveLayer::new(self.metrics.clone()))
+            .layer(ObserveLayer::new(self.metrics.clone(), g.request_timeout))
             .add_service(health_service.max_decoding_message_size(max))
             .add_optional_service(
                 reflection_on
@@ -404,6 +418,44 @@ impl Application {
         tracing::info!("authd stopped");
         Ok(())
     }
+}
+
+/// The lease length this instance holds and waits for: the fleet's (see
+/// `store::LeaseRepo::fleet_lease`). Every instance may wait for a holder's lease, its own cache
+/// on or off, so its request timeout must leave room for it.
+async fn fleet_lease(settings: &Settings, db: &Db, redis: bool) -> anyhow::Result<Duration> {
+    let configured = settings.local_cache.lease;
+    let mine = (settings.local_cache.enabled && redis).then_some(configured);
+    let fleet = db
+        .leases()
+        .fleet_lease(mine)
+        .await
+        .context("cannot read the fleet's lease from PostgreSQL")?;
+    let Some(fleet) = fleet else {
+        // No instance ever had the cache on: nobody to wait for.
+        return Ok(configured);
+    };
+    if fleet.adopted {
+        tracing::warn!(
+            configured = ?configured,
+            fleet = ?fleet.lease,
+            "LOCAL_CACHE__LEASE differs from the lease the fleet holds; using the fleet's (it \
+             changes when no instance holds a lease, e.g. once the whole fleet restarted)"
+        );
+    }
+    let longest = crate::clock::lease_wait(fleet.lease) + Duration::from_secs(1);
+    if longest >= settings.grpc.request_timeout {
+        return Err(crate::config::ConfigError::invalid(
+            "GRPC__REQUEST_TIMEOUT",
+            format!(
+                "must be more than {longest:?}: a revoking call may wait for a lease of the \
+                 fleet's {:?} (plus 1% and 100ms) and needs a second more",
+                fleet.lease
+            ),
+        )
+        .into());
+    }
+    Ok(fleet.lease)
 }
 
 /// Reflection over authd's protos, the health protocol and the error details authd sends

@@ -17,6 +17,92 @@ use std::{
 
 use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 
+/// Microseconds on `CLOCK_BOOTTIME`: monotonic, and it counts time spent stopped (SIGSTOP) or
+/// suspended, unlike `Instant` (`CLOCK_MONOTONIC`, which skips suspension), which is the
+/// fallback off Linux. Every "trusted until" of this process (leases, follower passes) is kept
+/// on it, so one reading judges them all.
+pub fn boot_us() -> u64 {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec, and clock_gettime only writes through
+        // the pointer.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+        if rc == 0 {
+            return ts.tv_sec.unsigned_abs() * 1_000_000 + ts.tv_nsec.unsigned_abs() / 1_000;
+        }
+    }
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let elapsed = START.get_or_init(std::time::Instant::now).elapsed();
+    u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The clocks involved (each instance's, PostgreSQL's) run at rates within this fraction of each
+/// other: a lease is believed `RATE_MARGIN` shorter than granted and waited for that much longer.
+pub const RATE_MARGIN: f64 = 0.01;
+/// Added to every wait for a lease's end: the time between PostgreSQL's reading of its clock and
+/// the revoker's reading of the reply, which only shortens what the revoker believes is left.
+pub const FIXED_MARGIN: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How long a revoker waits for a lease PostgreSQL said has `remaining` left.
+pub fn lease_wait(remaining: std::time::Duration) -> std::time::Duration {
+    remaining.mul_f64(1.0 + RATE_MARGIN) + FIXED_MARGIN
+}
+
+tokio::task_local! {
+    /// When the call being served must have answered (the server's request timeout, or the
+    /// caller's `grpc-timeout` if sooner).
+    static DEADLINE: std::time::Instant;
+}
+
+/// Runs `call` with its deadline known to what it awaits ([`deadline`]).
+pub async fn with_deadline<F: Future>(deadline: std::time::Instant, call: F) -> F::Output {
+    DEADLINE.scope(deadline, call).await
+}
+
+/// The deadline of the call being served, if any: a wait that would outlast it answers before.
+pub fn deadline() -> Option<std::time::Instant> {
+    DEADLINE.try_with(|d| *d).ok()
+}
+
+/// `work`, to be run on a task of its own, with the deadline of the call that spawns it.
+pub fn carry_deadline<F: Future>(work: F) -> impl Future<Output = F::Output> {
+    let deadline = deadline();
+    async move {
+        match deadline {
+            Some(at) => with_deadline(at, work).await,
+            None => work.await,
+        }
+    }
+}
+
+/// A `grpc-timeout` header's value (`<at most 8 digits><H|M|S|m|u|n>`), if well-formed.
+pub fn grpc_timeout(value: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// `d` in microseconds, saturating.
+pub fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 /// Samples kept; the quickest decides.
 const SAMPLES: usize = 8;
 
@@ -88,6 +174,44 @@ mod tests {
         clock.calibrate(sent, database, received);
         let error = (clock.now() - Utc::now()).abs();
         assert!(error < TimeDelta::milliseconds(50), "{error}");
+    }
+
+    #[test]
+    fn a_revoker_waits_longer_than_a_holder_believes() {
+        let lease = std::time::Duration::from_secs(3);
+        let believed = lease.mul_f64(1.0 - RATE_MARGIN);
+        assert!(lease_wait(lease) > believed + FIXED_MARGIN);
+        assert_eq!(lease_wait(lease), std::time::Duration::from_millis(3_130));
+    }
+
+    #[tokio::test]
+    async fn a_call_knows_its_deadline_and_nothing_else_does() {
+        assert_eq!(deadline(), None);
+        let at = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        assert_eq!(with_deadline(at, async { deadline() }).await, Some(at));
+    }
+
+    #[test]
+    fn grpc_timeouts_are_read_as_the_protocol_writes_them() {
+        use std::time::Duration;
+        assert_eq!(grpc_timeout("1S"), Some(Duration::from_secs(1)));
+        assert_eq!(grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            grpc_timeout("99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
+        assert_eq!(grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        for bad in ["", "S", "123456789S", "1s", "-1S", "1.5S", "10"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_boot_clock_moves_forward() {
+        let first = boot_us();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let second = boot_us();
+        assert!(second >= first + 5_000, "{first} {second}");
     }
 
     #[test]

@@ -510,7 +510,8 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn invalid(setting: &str, reason: impl Into<String>) -> Self {
+    /// A setting that cannot be used as given (`authd` then exits with status 2).
+    pub fn invalid(setting: &str, reason: impl Into<String>) -> Self {
         Self::Invalid {
             setting: setting.to_owned(),
             reason: reason.into(),
@@ -761,7 +762,7 @@ impl Settings {
         if !(Duration::from_millis(500)..=Duration::from_secs(60)).contains(&lc.lease) {
             return invalid("LOCAL_CACHE__LEASE", "must be 500ms to 60s");
         }
-        let longest_wait = crate::local::lease_wait(lc.lease) + Duration::from_secs(1);
+        let longest_wait = crate::clock::lease_wait(lc.lease) + Duration::from_secs(1);
         if lc.enabled && longest_wait >= self.grpc.request_timeout {
             return invalid(
                 "LOCAL_CACHE__LEASE",

@@ -113,7 +113,13 @@ async fn main() -> ExitCode {
         Err(error) => {
             tracing::error!("{error:#}");
             eprintln!("authd: {error:#}");
-            ExitCode::FAILURE
+            // A setting found unusable once the pieces are built (against what the fleet
+            // agreed on, say) is a configuration error like the ones found on loading.
+            if error.downcast_ref::<authd::config::ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -11,7 +11,9 @@ mod topology;
 
 mod check;
 mod history;
+#[path = "../../tests/support/proxy.rs"]
 mod net;
+mod postgres;
 mod workload;
 
 use std::{
@@ -339,7 +341,16 @@ fn schedule(seed: u64, topology: &str, run: Duration) -> Vec<Planned> {
             "redis-slow",
         ],
     };
-    let others = ["postgres-cut", "postgres-stop", "authd-kill", "authd-term"];
+    let others = [
+        "postgres-cut",
+        "postgres-stop",
+        "postgres-failover",
+        "authd-kill",
+        "authd-term",
+        "authd-stop",
+    ];
+    // One failover a run: there is one standby to promote.
+    let mut failed_over = false;
     let mut plan = Vec::new();
     let mut at = 4_000;
     // Leave the last part of the run free of faults: the recovery check needs it.
@@ -347,11 +358,17 @@ fn schedule(seed: u64, topology: &str, run: Duration) -> Vec<Planned> {
         .unwrap_or(u64::MAX)
         .saturating_sub(8_000);
     while at < end {
-        let kind = if rng.bool() {
+        let mut kind = if rng.bool() {
             redis[rng.usize(..redis.len())]
         } else {
             others[rng.usize(..others.len())]
         };
+        if kind == "postgres-failover" {
+            if failed_over {
+                kind = "postgres-cut";
+            }
+            failed_over = true;
+        }
         plan.push(Planned {
             at_ms: at,
             kind,
@@ -364,7 +381,7 @@ fn schedule(seed: u64, topology: &str, run: Duration) -> Vec<Planned> {
 }
 
 struct Env {
-    database_url: String,
+    postgres: postgres::Postgres,
     /// The instances' `REDIS__KEY_PREFIX`.
     prefix: String,
     db_name: String,
@@ -379,16 +396,8 @@ struct Env {
 async fn start_env(topology: &str) -> Env {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let db_name = format!("authd_faults_{id}");
-    let base = std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
-    let pg_target: SocketAddr = {
-        let host = base.rsplit('@').next().unwrap_or("127.0.0.1:5432");
-        tokio::net::lookup_host(host)
-            .await
-            .ok()
-            .and_then(|mut a| a.find(SocketAddr::is_ipv4))
-            .expect("PostgreSQL's address")
-    };
+    let postgres = postgres::Postgres::start().await;
+    let pg_target: SocketAddr = ([127, 0, 0, 1], postgres.primary_port()).into();
     let dir = tempfile::tempdir().expect("a temp dir");
     let redis = Redis::start(topology).await;
     let mut redis_proxies = Vec::new();
@@ -482,7 +491,7 @@ async fn start_env(topology: &str) -> Env {
         );
     }
     Env {
-        database_url: format!("{base}/{db_name}"),
+        postgres,
         prefix,
         db_name,
         redis,
@@ -491,6 +500,13 @@ async fn start_env(topology: &str) -> Env {
         instances,
         admin_key,
         _dir: dir,
+    }
+}
+
+impl Env {
+    /// The run's database on the current primary, directly.
+    fn database_url(&self) -> String {
+        self.postgres.url(&self.db_name)
     }
 }
 
@@ -650,6 +666,22 @@ async fn inject(env: &Env, shared: &Shared, fault: &Planned) {
             }
             target_name = format!("{} backends", pids.len());
         }
+        "postgres-failover" => {
+            if let Some(port) = env.postgres.fail_over().await {
+                for proxy in &env.pg_proxies {
+                    proxy.retarget(([127, 0, 0, 1], port).into());
+                }
+                target_name = format!("standby on {port}");
+            }
+        }
+        "authd-stop" => {
+            // Paused, with whatever it holds in memory (a GC-like stall, a frozen VM).
+            if let Some(pid) = instance.pid() {
+                signal(pid, libc::SIGSTOP);
+                tokio::time::sleep(hold).await;
+                signal(pid, libc::SIGCONT);
+            }
+        }
         "authd-kill" => {
             instance.kill();
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -680,9 +712,8 @@ const STOP_FAILED: &str = "did not stop cleanly";
 
 /// Process ids of the run database's backends.
 async fn backends(env: &Env) -> Vec<u32> {
-    let base = env.database_url.rsplit_once('/').map_or("", |(b, _)| b);
     let Ok(mut conn) =
-        <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{base}/postgres")).await
+        <sqlx::PgConnection as sqlx::Connection>::connect(&env.postgres.url("postgres")).await
     else {
         return Vec::new();
     };
@@ -711,18 +742,18 @@ async fn sample(env: &Env, shared: &Shared) -> Sample {
         .iter()
         .map(|i| i.usage().unwrap_or((0, 0)))
         .collect();
-    let pg_bytes = match <sqlx::PgConnection as sqlx::Connection>::connect(&env.database_url).await
-    {
-        Ok(mut conn) => sqlx::query_scalar::<_, i64>(
-            "select coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint from pg_class c
+    let pg_bytes =
+        match <sqlx::PgConnection as sqlx::Connection>::connect(&env.database_url()).await {
+            Ok(mut conn) => sqlx::query_scalar::<_, i64>(
+                "select coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint from pg_class c
              join pg_namespace n on n.oid = c.relnamespace
              where n.nspname = 'public' and c.relkind = 'r'",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .unwrap_or(0),
-        Err(_) => 0,
-    };
+            )
+            .fetch_one(&mut conn)
+            .await
+            .unwrap_or(0),
+            Err(_) => 0,
+        };
     Sample {
         at_s: shared.now_us() / 1_000_000,
         rss_kib: usage.iter().map(|u| u.0).collect(),
@@ -740,7 +771,7 @@ async fn acknowledged_writes_are_kept(
     ops: &[history::Op],
 ) -> Vec<Violation> {
     let mut violations = Vec::new();
-    let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&env.database_url).await
+    let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&env.database_url()).await
     else {
         return vec![Violation {
             rule: "acknowledged writes are kept",
@@ -817,7 +848,7 @@ async fn acknowledged_writes_are_kept(
 /// Whether the cache has followed the outbox logs to their end: the cursor of the run's newest
 /// namespace (key prefix and generation) stands past every logged row.
 async fn logs_followed(env: &Env) -> bool {
-    let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&env.database_url).await
+    let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&env.database_url()).await
     else {
         return false;
     };
@@ -1061,13 +1092,8 @@ async fn drop_database(env: &Env) {
     for instance in &env.instances {
         instance.kill();
     }
-    let base = env
-        .database_url
-        .rsplit_once('/')
-        .map_or("", |(b, _)| b)
-        .to_owned();
     if let Ok(mut conn) =
-        <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{base}/postgres")).await
+        <sqlx::PgConnection as sqlx::Connection>::connect(&env.postgres.url("postgres")).await
     {
         let sql = format!("drop database if exists \"{}\" with (force)", env.db_name);
         let _ = sqlx::query(sqlx::AssertSqlSafe(sql))

@@ -72,6 +72,102 @@ fn keyed<T>(key: &str, message: T) -> Request<T> {
     request
 }
 
+/// A revoking call, as a client retries it after an answer that leaves the outcome unknown.
+enum Revoking {
+    Logout { token: String },
+    Session { token: String, target: String },
+    All { token: String },
+    User { user_id: String },
+    Disable { user_id: String },
+}
+
+/// Answers after which a careful client retries a revoking call: the change may or may not be
+/// committed (README: retrying is safe).
+fn retryable(outcome: &str) -> bool {
+    matches!(
+        outcome,
+        "Unavailable" | "DeadlineExceeded" | "Cancelled" | "Transport"
+    )
+}
+
+async fn send(shared: &Shared, instance: usize, call: &Revoking) -> Result<(), Status> {
+    let channel = shared.channels[instance].clone();
+    let mut auth = AuthServiceClient::new(channel.clone());
+    let mut admin = AdminServiceClient::new(channel);
+    let key = &shared.admin_key;
+    match call {
+        Revoking::Logout { token } => {
+            let request = pb::LogoutRequest {
+                session_token: token.clone(),
+            };
+            auth.logout(request).await.map(|_| ())
+        }
+        Revoking::Session { token, target } => {
+            let request = pb::RevokeSessionRequest {
+                session_token: token.clone(),
+                session_id: target.clone(),
+            };
+            auth.revoke_session(request).await.map(|_| ())
+        }
+        Revoking::All { token } => {
+            let request = pb::RevokeAllSessionsRequest {
+                session_token: token.clone(),
+                include_current: true,
+            };
+            auth.revoke_all_sessions(request).await.map(|_| ())
+        }
+        Revoking::User { user_id } => {
+            let request = pb::RevokeUserSessionsRequest {
+                user_id: user_id.clone(),
+            };
+            admin
+                .revoke_user_sessions(keyed(key, request))
+                .await
+                .map(|_| ())
+        }
+        Revoking::Disable { user_id } => {
+            let request = pb::DisableUserRequest {
+                user_id: user_id.clone(),
+                reason: "fault run".into(),
+            };
+            admin.disable_user(keyed(key, request)).await.map(|_| ())
+        }
+    }
+}
+
+/// Sends `call` (first on `op.instance`) and, while the answer leaves its outcome unknown,
+/// retries it up to twice on any instance: every attempt is an operation of the history, and an
+/// OK one covers `covers`, retry or not.
+async fn revoke(
+    shared: &Shared,
+    rng: &mut fastrand::Rng,
+    mut op: Op,
+    call: Revoking,
+    covers: Vec<String>,
+) {
+    for attempt in 0..3 {
+        if attempt > 0 {
+            op.instance = rng.usize(..shared.channels.len());
+            op.start_us = shared.now_us();
+        }
+        let result = send(shared, op.instance, &call).await;
+        op.outcome = outcome(&result);
+        op.end_us = shared.now_us();
+        let retry = retryable(&op.outcome);
+        if result.is_ok() {
+            op.covers = covers.clone();
+            shared.forget(op.user, &covers);
+            if matches!(call, Revoking::Disable { .. }) {
+                shared.accounts[op.user].lock().unwrap().disabled = true;
+            }
+        }
+        shared.history.record(op.clone());
+        if !retry {
+            break;
+        }
+    }
+}
+
 /// One client's loop until `deadline`.
 pub async fn client(shared: Arc<Shared>, seed: u64, deadline: Instant) {
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -187,17 +283,11 @@ async fn step(shared: &Shared, rng: &mut fastrand::Rng, instance: usize, roll: u
                 return;
             };
             op.session = Some(id);
-            let result = auth
-                .revoke_session(pb::RevokeSessionRequest {
-                    session_token: token,
-                    session_id: target.clone(),
-                })
-                .await;
-            op.outcome = outcome(&result);
-            if result.is_ok() {
-                op.covers = vec![target];
-                shared.forget(user, &op.covers);
-            }
+            let call = Revoking::Session {
+                token,
+                target: target.clone(),
+            };
+            return revoke(shared, rng, op, call, vec![target]).await;
         }
         700..=719 => {
             op.kind = Kind::Logout;
@@ -205,16 +295,7 @@ async fn step(shared: &Shared, rng: &mut fastrand::Rng, instance: usize, roll: u
                 return;
             };
             op.session = Some(id.clone());
-            let result = auth
-                .logout(pb::LogoutRequest {
-                    session_token: token,
-                })
-                .await;
-            op.outcome = outcome(&result);
-            if result.is_ok() {
-                op.covers = vec![id];
-                shared.forget(user, &op.covers);
-            }
+            return revoke(shared, rng, op, Revoking::Logout { token }, vec![id]).await;
         }
         730..=744 => {
             op.kind = Kind::RevokeAll;
@@ -223,17 +304,7 @@ async fn step(shared: &Shared, rng: &mut fastrand::Rng, instance: usize, roll: u
             };
             op.session = Some(id);
             let covers = all_before(None);
-            let result = auth
-                .revoke_all_sessions(pb::RevokeAllSessionsRequest {
-                    session_token: token,
-                    include_current: true,
-                })
-                .await;
-            op.outcome = outcome(&result);
-            if result.is_ok() {
-                shared.forget(user, &covers);
-                op.covers = covers;
-            }
+            return revoke(shared, rng, op, Revoking::All { token }, covers).await;
         }
         745..=754 => {
             op.kind = Kind::ChangePassword;
@@ -352,41 +423,20 @@ async fn step(shared: &Shared, rng: &mut fastrand::Rng, instance: usize, roll: u
         970..=979 => {
             op.kind = Kind::AdminRevokeAll;
             let covers = all_before(None);
-            let result = admin
-                .revoke_user_sessions(keyed(
-                    &shared.admin_key,
-                    pb::RevokeUserSessionsRequest {
-                        user_id: account.user_id.clone(),
-                    },
-                ))
-                .await;
-            op.outcome = outcome(&result);
-            if result.is_ok() {
-                shared.forget(user, &covers);
-                op.covers = covers;
-            }
+            let call = Revoking::User {
+                user_id: account.user_id.clone(),
+            };
+            return revoke(shared, rng, op, call, covers).await;
         }
         980..=989 => {
             let disable = !account.disabled;
             if disable {
                 op.kind = Kind::DisableUser;
                 let covers = all_before(None);
-                let result = admin
-                    .disable_user(keyed(
-                        &shared.admin_key,
-                        pb::DisableUserRequest {
-                            user_id: account.user_id.clone(),
-                            reason: "fault run".into(),
-                        },
-                    ))
-                    .await;
-                op.outcome = outcome(&result);
-                if result.is_ok() {
-                    op.covers = covers.clone();
-                    let mut a = shared.accounts[user].lock().unwrap();
-                    a.disabled = true;
-                    a.sessions.retain(|s| !covers.contains(&s.0));
-                }
+                let call = Revoking::Disable {
+                    user_id: account.user_id.clone(),
+                };
+                return revoke(shared, rng, op, call, covers).await;
             } else {
                 op.kind = Kind::EnableUser;
                 let result = admin

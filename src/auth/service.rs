@@ -233,7 +233,13 @@ impl AuthService {
             .await?
             .ok_or(AuthError::InvalidCredentials)?;
         tracing::info!(%user_id, session_id = %record.id, evicted = evicted.revoked, "session created");
-        self.evict(&evicted).await;
+        // The eviction is a revocation like any other: the login answers once no instance
+        // serves the sessions it evicted (or UNAVAILABLE, when that cannot be known). The user's
+        // earlier revocations are their own calls' to wait for; only their tombstones are
+        // written again, where this cache may lack them.
+        let hashes = evicted.revoked_hashes.iter().map(Vec::as_slice);
+        self.invalidate_keys(Some("session_cap"), &evicted, Keys::sessions(hashes))
+            .await?;
         Ok(self.issued(token, hash, record, lease).await)
     }
 
@@ -398,9 +404,9 @@ impl AuthService {
         self.invalidate(Some("logout"), &revocation).await
     }
 
-    /// Writes the tombstones of everything `revocation` returned (its own invalidations and the
-    /// earlier ones this instance's cache may lack), then waits until no instance's in-process
-    /// cache holds a copy (see `crate::local`): an error only when that cannot be known.
+    /// Writes the tombstones of what `revocation` returned that this instance's cache may lack,
+    /// then waits until no instance's in-process cache holds a copy of any session it covers
+    /// (see `crate::local`), whoever revoked them: an error only when that cannot be known.
     /// `reason` labels the new revocations in metrics.
     pub(super) async fn invalidate(
         &self,
@@ -418,24 +424,34 @@ impl AuthService {
         revocation: &Revocation,
         changed: Option<&TokenHash>,
     ) -> Result<(), AuthError> {
-        self.count_revoked(reason, revocation);
         let hashes = revocation.pending.iter().map(|i| i.token_hash.as_slice());
-        let keys = Keys::sessions(hashes.chain(changed.map(TokenHash::as_bytes)));
+        let mut keys = Keys::sessions(hashes.chain(changed.map(TokenHash::as_bytes)));
+        keys.partial = revocation.truncated;
+        self.invalidate_keys(reason, revocation, keys).await
+    }
+
+    /// Writes the tombstones of what `revocation` returned that this instance's cache may lack,
+    /// then waits until no instance's in-process cache holds a copy of `keys`.
+    async fn invalidate_keys(
+        &self,
+        reason: Option<&str>,
+        revocation: &Revocation,
+        keys: Keys,
+    ) -> Result<(), AuthError> {
+        self.count_revoked(reason, revocation);
+        // Rows before this cache's log position reached it through the follower already.
+        let position = self.cache.redis().log_position();
+        let unapplied: Vec<Invalidation> = revocation
+            .pending
+            .iter()
+            .filter(|i| position.is_none_or(|p| i.created_at > p))
+            .cloned()
+            .collect();
         let written = async {
-            self.apply(&revocation.pending).await;
+            self.apply(&unapplied).await;
         };
         self.local.invalidate(keys, written).await?;
         Ok(())
-    }
-
-    /// A login's eviction at the session cap: tombstones written as for a revocation, and the
-    /// other instances told without waiting (no promise covers an eviction; their next renewal
-    /// drops the copies in any case, see `crate::local`).
-    async fn evict(&self, evicted: &Revocation) {
-        self.count_revoked(Some("session_cap"), evicted);
-        self.apply(&evicted.pending).await;
-        let hashes = evicted.revoked_hashes.iter().map(Vec::as_slice);
-        self.local.announce(Keys::sessions(hashes)).await;
     }
 
     fn count_revoked(&self, reason: Option<&str>, revocation: &Revocation) {
@@ -486,12 +502,15 @@ impl AuthService {
         all
     }
 
-    /// What a revoking statement needs to return the invalidations this instance's cache may
-    /// still lack (see `store::Since`).
+    /// What a revoking statement needs to return every invalidation of what it covers that an
+    /// instance may still hold in memory (logged within the wait horizon, whoever logged it) or
+    /// this instance's cache may still lack (logged after its log position): see `store::Since`.
     pub(super) fn since(&self) -> Since {
+        let horizon = self.clock.now() - self.local.horizon();
+        let position = self.cache.redis().log_position();
         Since {
             idle: self.policy.idle_timeout,
-            pending_after: self.cache.redis().log_position(),
+            pending_after: position.map_or(horizon, |p| p.min(horizon)),
         }
     }
 }

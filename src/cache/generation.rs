@@ -54,26 +54,40 @@ impl NodeIdentity {
     }
 }
 
-/// The identities of the Redis primaries behind the pool, sorted.
+/// The identities of the Redis primaries behind the pool, sorted, and the PostgreSQL history
+/// they are used with (a promoted standby may not know what the old primary had: a new history
+/// starts a new generation, as a new Redis one does).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fingerprint(Vec<NodeIdentity>);
+pub struct Fingerprint {
+    nodes: Vec<NodeIdentity>,
+    history: String,
+}
 
 impl Fingerprint {
-    /// The text stored in PostgreSQL: `run_id/replid/replid2/backlog,…`.
+    /// This fingerprint, with the PostgreSQL history (`store::Db::history_key`) it is used with.
+    pub fn with_history(mut self, history: String) -> Self {
+        self.history = history;
+        self
+    }
+
+    /// The text stored in PostgreSQL: `<history>|run_id/replid/replid2/backlog,…`.
     pub fn text(&self) -> String {
         let nodes: Vec<String> = self
-            .0
+            .nodes
             .iter()
             .map(|n| {
                 let backlog = u8::from(n.backlog);
                 format!("{}/{}/{}/{backlog}", n.run_id, n.replid, n.replid2)
             })
             .collect();
-        nodes.join(",")
+        format!("{}|{}", self.history, nodes.join(","))
     }
 
+    /// Reads [`Fingerprint::text`] (a text of an earlier release, without a history, has an
+    /// empty one: it continues nothing of this release's).
     pub fn parse(text: &str) -> Option<Fingerprint> {
-        let nodes = text
+        let (history, nodes) = text.split_once('|').unwrap_or(("", text));
+        let nodes = nodes
             .split(',')
             .filter(|n| !n.is_empty())
             .map(|n| {
@@ -86,17 +100,22 @@ impl Fingerprint {
                 })
             })
             .collect::<Option<Vec<_>>>()?;
-        Some(Fingerprint(nodes))
+        Some(Fingerprint {
+            nodes,
+            history: history.to_owned(),
+        })
     }
 
     /// Whether every primary of `earlier` is still here with its data continued (primaries may
-    /// have been added: a cluster that grows moves data with MIGRATE, which keeps it whole).
+    /// have been added: a cluster that grows moves data with MIGRATE, which keeps it whole), on
+    /// the same PostgreSQL history.
     pub fn continues(&self, earlier: &Fingerprint) -> bool {
-        !earlier.0.is_empty()
+        !earlier.nodes.is_empty()
+            && self.history == earlier.history
             && earlier
-                .0
+                .nodes
                 .iter()
-                .all(|old| self.0.iter().any(|now| now.continues(old)))
+                .all(|old| self.nodes.iter().any(|now| now.continues(old)))
     }
 }
 
@@ -285,7 +304,10 @@ impl Redis {
     /// primaries: a partial or split view must not pass for a history.
     pub async fn fingerprint(&self) -> Result<Fingerprint, fred::error::Error> {
         let Some(inner) = self.inner() else {
-            return Ok(Fingerprint(Vec::new()));
+            return Ok(Fingerprint {
+                nodes: Vec::new(),
+                history: String::new(),
+            });
         };
         let mut seen: Option<Vec<NodeIdentity>> = None;
         for client in inner.pool.clients() {
@@ -323,7 +345,22 @@ impl Redis {
                 _ => seen = Some(ids),
             }
         }
-        Ok(Fingerprint(seen.unwrap_or_default()))
+        Ok(Fingerprint {
+            nodes: seen.unwrap_or_default(),
+            history: String::new(),
+        })
+    }
+
+    /// PostgreSQL changed history: no copy is served until a generation is bound anew (to the
+    /// new history), which the generation job does at once.
+    pub fn history_changed(&self) {
+        if let Some(inner) = self.inner() {
+            inner
+                .generation
+                .store(0, std::sync::atomic::Ordering::SeqCst);
+            self.metrics.redis_generation.set(0);
+            inner.changed.notify_one();
+        }
     }
 
     /// Publishes each primary's health and memory figures (one full INFO each, through the
@@ -392,28 +429,41 @@ mod tests {
         }
     }
 
+    fn fp(nodes: Vec<NodeIdentity>) -> Fingerprint {
+        Fingerprint {
+            nodes,
+            history: "7/00000001".into(),
+        }
+    }
+
     #[test]
     fn what_continues_a_history_and_what_starts_a_new_one() {
-        let before = Fingerprint(vec![node("p", "a", "")]);
+        let before = fp(vec![node("p", "a", "")]);
         // The first replica: a new replication id, the old one kept as the second.
-        assert!(Fingerprint(vec![node("p", "b", "a")]).continues(&before));
+        assert!(fp(vec![node("p", "b", "a")]).continues(&before));
         // A primary added beside it.
-        assert!(Fingerprint(vec![node("p", "a", ""), node("q", "c", "")]).continues(&before));
+        assert!(fp(vec![node("p", "a", ""), node("q", "c", "")]).continues(&before));
         // A restart (or a restore), a promoted replica, a resynchronised node.
-        assert!(!Fingerprint(vec![node("p2", "a", "")]).continues(&before));
-        assert!(!Fingerprint(vec![node("r", "d", "a")]).continues(&before));
-        assert!(!Fingerprint(vec![node("p", "e", "d")]).continues(&before));
+        assert!(!fp(vec![node("p2", "a", "")]).continues(&before));
+        assert!(!fp(vec![node("r", "d", "a")]).continues(&before));
+        assert!(!fp(vec![node("p", "e", "d")]).continues(&before));
         // The very first replica of a primary that never had one: a new id, the old not kept.
-        let alone = Fingerprint(vec![NodeIdentity {
+        let alone = fp(vec![NodeIdentity {
             backlog: false,
             ..node("p", "a", "")
         }]);
-        assert!(Fingerprint(vec![node("p", "f", "")]).continues(&alone));
-        assert!(!Fingerprint(vec![node("p", "f", "")]).continues(&before));
+        assert!(fp(vec![node("p", "f", "")]).continues(&alone));
+        assert!(!fp(vec![node("p", "f", "")]).continues(&before));
         // A primary gone.
-        let two = Fingerprint(vec![node("p", "a", ""), node("q", "c", "")]);
+        let two = fp(vec![node("p", "a", ""), node("q", "c", "")]);
         assert!(!before.continues(&two));
         let text = two.text();
-        assert_eq!(Fingerprint::parse(&text), Some(two));
+        assert_eq!(Fingerprint::parse(&text), Some(two.clone()));
+        // The same servers on a promoted PostgreSQL standby: a new history.
+        let promoted = two.clone().with_history("7/00000002".into());
+        assert!(!promoted.continues(&two));
+        // A fingerprint of the previous release (no history) continues nothing.
+        let old = Fingerprint::parse(text.split_once('|').unwrap().1).unwrap();
+        assert!(!two.continues(&old));
     }
 }

@@ -100,10 +100,11 @@ struct Inner {
     /// (a pass's start mark, compared with this counter).
     overflows: AtomicU64,
     trusted_through: AtomicU64,
-    /// Cached copies are served only until this instant (ms since [`EPOCH`]): one
-    /// `SESSION__INVALIDATION_INTERVAL` plus one `REDIS__COMMAND_TIMEOUT` after the start of the
-    /// last complete pass over the logs. An instance that cannot read them (PostgreSQL out of
-    /// reach) stops serving copies, since it cannot know what was revoked meanwhile.
+    /// Cached copies (in Redis and in memory) are served only until this instant
+    /// ([`crate::clock::boot_us`]): one `SESSION__INVALIDATION_INTERVAL` plus one
+    /// `REDIS__COMMAND_TIMEOUT` after the start of the last complete pass over the logs. An
+    /// instance that cannot read them (PostgreSQL out of reach) stops serving copies, since it
+    /// cannot know what was revoked meanwhile.
     trusted_until: AtomicU64,
     /// Where this instance's namespace stands in the session log (µs since the Unix epoch; 0
     /// while unknown): every invalidation logged before it has reached this cache.
@@ -470,9 +471,19 @@ impl Redis {
     pub fn trust(&self, mark: u64, started: std::time::Instant, valid_for: Duration) {
         if let Some(inner) = self.inner() {
             inner.trusted_through.fetch_max(mark, Ordering::AcqRel);
-            let until = monotonic_ms(started + valid_for);
+            let elapsed = crate::clock::micros(started.elapsed());
+            let began = crate::clock::boot_us().saturating_sub(elapsed);
+            let until = began.saturating_add(crate::clock::micros(valid_for));
             inner.trusted_until.fetch_max(until, Ordering::AcqRel);
         }
+    }
+
+    /// Whether a pass over the logs completed within README's bound before `now`
+    /// ([`crate::clock::boot_us`]): the in-process cache trusts its copies no longer than this
+    /// either. `false` when Redis is disabled.
+    pub fn followed(&self, now: u64) -> bool {
+        self.inner()
+            .is_some_and(|i| now < i.trusted_until.load(Ordering::Acquire))
     }
 
     /// The cache namespace that follows the logs: key prefix and generation (`None` while no
@@ -521,8 +532,7 @@ impl Redis {
         }
         let overflows = inner.overflows.load(Ordering::Acquire);
         let caught_up = inner.trusted_through.load(Ordering::Acquire) >= overflows;
-        let fresh =
-            monotonic_ms(std::time::Instant::now()) < inner.trusted_until.load(Ordering::Acquire);
+        let fresh = self.followed(crate::clock::boot_us());
         (caught_up && fresh).then_some(generation)
     }
 

@@ -123,7 +123,12 @@ impl AdminGrpc {
             service.audit(entry, admitted).await;
             result
         };
-        match self.service.tasks.spawn(call).await {
+        match self
+            .service
+            .tasks
+            .spawn(crate::clock::carry_deadline(call))
+            .await
+        {
             Ok(result) => result.map(Response::new),
             Err(error) => {
                 tracing::error!(%error, method, "admin call task failed");

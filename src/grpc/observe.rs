@@ -24,11 +24,17 @@ pub const REQUEST_ID: &str = "x-request-id";
 #[derive(Clone)]
 pub struct ObserveLayer {
     metrics: Arc<Metrics>,
+    request_timeout: std::time::Duration,
 }
 
 impl ObserveLayer {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+    /// `request_timeout`: `GRPC__REQUEST_TIMEOUT`, the deadline of every call (a caller's
+    /// shorter `grpc-timeout` wins), made known to what the call awaits (`clock::deadline`).
+    pub fn new(metrics: Arc<Metrics>, request_timeout: std::time::Duration) -> Self {
+        Self {
+            metrics,
+            request_timeout,
+        }
     }
 }
 
@@ -39,6 +45,7 @@ impl<S> Layer<S> for ObserveLayer {
         Observe {
             inner,
             metrics: self.metrics.clone(),
+            request_timeout: self.request_timeout,
         }
     }
 }
@@ -47,6 +54,7 @@ impl<S> Layer<S> for ObserveLayer {
 pub struct Observe<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    request_timeout: std::time::Duration,
 }
 
 /// The call's request id, in the request's extensions for handlers that record it.
@@ -95,6 +103,12 @@ where
         if let Ok(text) = id.to_str() {
             request.extensions_mut().insert(RequestId(text.to_owned()));
         }
+        let asked = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::clock::grpc_timeout);
+        let deadline = start + asked.map_or(self.request_timeout, |t| t.min(self.request_timeout));
         let path = request.uri().path().to_owned();
         let span = tracing::info_span!(
             "rpc",
@@ -106,7 +120,8 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let metrics = self.metrics.clone();
         Box::pin(async move {
-            let mut response = inner.call(request).instrument(span.clone()).await?;
+            let call = inner.call(request).instrument(span.clone());
+            let mut response = crate::clock::with_deadline(deadline, call).await?;
             let code = status_code(&response);
             response.headers_mut().insert(REQUEST_ID, id);
             let elapsed = start.elapsed();

@@ -16,7 +16,7 @@ pub async fn establish(redis: &Redis, db: &Db) -> Result<(), String> {
     let previous = redis.established_any();
     redis.begin_establishing().await;
     let fingerprint = match redis.fingerprint().await {
-        Ok(fingerprint) => fingerprint,
+        Ok(fingerprint) => fingerprint.with_history(db.history_key()),
         Err(error) => {
             redis.explain_identity_failure(&error);
             return Err(error.to_string());
@@ -66,7 +66,8 @@ pub async fn keep(redis: Redis, db: Arc<Db>, period: Duration, stop: Cancellatio
         let ok = if redis.needs_generation() {
             store::in_background(establish(&redis, &db)).await
         } else {
-            match store::in_background(redis.fingerprint()).await {
+            let now = store::in_background(redis.fingerprint()).await;
+            match now.map(|f| f.with_history(db.history_key())) {
                 Ok(now) if Some(&now) == redis.established().as_ref() => Ok(()),
                 Ok(now)
                     if redis

@@ -3,7 +3,7 @@
 //! their own cache off) and the keeper (heartbeats sent, the lease taken, renewed and released,
 //! the logs read; only with the cache on). See the module comment of `crate::local` for why this
 //! is enough.
-use std::{collections::HashMap, sync::Mutex, sync::atomic::Ordering, time::Duration};
+use std::{sync::atomic::Ordering, time::Duration};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use fred::{
@@ -15,9 +15,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Beat, INVALIDATIONS, Keys, LocalCache, Message, RATE_MARGIN, Store, acks_channel, lock, now_us,
+    INVALIDATIONS, Keys, LocalCache, acks_channel,
+    keys::Message,
+    store::{Beat, Store, lock},
 };
 use crate::{
+    clock::{RATE_MARGIN, boot_us},
     jobs::follow::{BATCH, follow_log},
     store::{self, StoreError},
 };
@@ -41,7 +44,7 @@ pub(super) fn spawn(cache: LocalCache, stop: CancellationToken) -> Vec<JoinHandl
 impl LocalCache {
     /// This instance can no longer be sure it hears every invalidation: stop serving copies at
     /// once, drop them, and have the keeper take a fresh lease once it hears itself again.
-    fn doubt(&self, why: &str) {
+    pub(super) fn doubt(&self, why: &str) {
         let Some(store) = &self.shared.store else {
             return;
         };
@@ -72,13 +75,14 @@ impl LocalCache {
                 tracing::warn!("local cache: an invalidation message could not be read");
                 return;
             };
-            self.forget(&message.keys);
+            let (origin, nonce) = (message.origin, message.nonce);
+            self.forget(&message.keys());
             self.shared.metrics.local_invalidations.inc();
-            if message.origin != self.shared.instance
-                && let Some(channel) = acks_channel(&self.shared.redis, message.origin)
+            if origin != self.shared.instance
+                && let Some(channel) = acks_channel(&self.shared.redis, origin)
             {
                 let redis = self.shared.redis.clone();
-                let ack = format!("ack:{}:{}", message.nonce, self.shared.instance);
+                let ack = format!("ack:{nonce}:{}", self.shared.instance);
                 tokio::spawn(async move { redis.publish(&channel, ack).await });
             }
         } else if delivered.channel == mine {
@@ -106,10 +110,7 @@ impl LocalCache {
                 let (Ok(nonce), Ok(instance)) = (nonce.parse::<u64>(), instance.parse()) else {
                     return;
                 };
-                let waiter = lock(&self.shared.waiters).get(&nonce).cloned();
-                if let Some(waiter) = waiter {
-                    waiter.acknowledged(instance, nonce);
-                }
+                self.acknowledged_by(instance, nonce);
             }
             _ => {}
         }
@@ -169,19 +170,16 @@ async fn listen(cache: LocalCache, client: Client, stop: CancellationToken) {
 struct Lease {
     /// PostgreSQL's time of the last extension (or grant): the logs are read from there.
     position: DateTime<Utc>,
+    /// Its length: the fleet's when it was granted.
+    length: Duration,
 }
-
-/// Log rows already dropped (by log and id), with their time: the reads overlap by the
-/// in-flight allowance, and a row seen once is not dropped again.
-type Seen = Mutex<HashMap<(bool, i64), DateTime<Utc>>>;
 
 /// Every quarter lease (or sooner on a doubt or a heartbeat back): the heartbeat checked and
 /// sent again, the lease renewed (or released, or taken afresh). On the way out the lease is
 /// released.
 async fn keep(cache: LocalCache, stop: CancellationToken) {
     let store = cache.store();
-    let beat = store.settings.lease / 4;
-    let seen = Seen::default();
+    let beat = store.lease / 4;
     let mut held: Option<Lease> = None;
     loop {
         heartbeat(&cache, beat).await;
@@ -197,7 +195,7 @@ async fn keep(cache: LocalCache, stop: CancellationToken) {
                 let _ = store::in_background(release(&cache)).await;
             }
         } else {
-            let renewed = renew(&cache, held.as_ref(), &seen, epoch);
+            let renewed = renew(&cache, held.as_ref(), epoch);
             held = match store::in_background(renewed).await {
                 Ok(next) => Some(next),
                 // Tried again next beat; meanwhile the lease runs out on its own.
@@ -207,7 +205,7 @@ async fn keep(cache: LocalCache, stop: CancellationToken) {
                 }
             };
         }
-        observe(&cache).await;
+        observe(&cache);
         tokio::time::sleep(MIN_GAP).await;
         tokio::select! {
             () = stop.cancelled() => break,
@@ -239,21 +237,19 @@ async fn release(cache: &LocalCache) -> Result<(), StoreError> {
         .await
 }
 
-/// The lease and entry gauges.
-async fn observe(cache: &LocalCache) {
+/// The lease and entry gauges (the count of leases comes with each renewal).
+fn observe(cache: &LocalCache) {
     let store = cache.store();
     let metrics = &cache.shared.metrics;
     metrics.local_lease_valid.set(i64::from(cache.is_trusted()));
     let entries = &metrics.local_entries;
+    let (sessions, profiles) = store.entries();
     entries
         .with_label_values(&["sessions"])
-        .set(gauge(store.sessions.entry_count()));
+        .set(gauge(sessions));
     entries
         .with_label_values(&["profiles"])
-        .set(gauge(store.profiles.entry_count()));
-    if let Ok(count) = store::in_background(cache.shared.db.leases().held()).await {
-        metrics.local_instances.set(count);
-    }
+        .set(gauge(profiles));
 }
 
 fn gauge(count: u64) -> i64 {
@@ -264,7 +260,7 @@ fn gauge(count: u64) -> i64 {
 /// the last came back or is a beat old.
 async fn heartbeat(cache: &LocalCache, beat: Duration) {
     let store = cache.store();
-    let now = now_us();
+    let now = boot_us();
     let beat_us = u64::try_from(beat.as_micros()).unwrap_or(u64::MAX);
     let last = *lock(&store.heartbeat);
     let old = now.saturating_sub(last.sent) >= beat_us;
@@ -295,23 +291,21 @@ async fn heartbeat(cache: &LocalCache, beat: Duration) {
 
 /// Extends the lease and then reads the logs, or takes a fresh lease (with an empty cache) when
 /// there is none or it ended.
-async fn renew(
-    cache: &LocalCache,
-    held: Option<&Lease>,
-    seen: &Seen,
-    epoch: u64,
-) -> Result<Lease, StoreError> {
+async fn renew(cache: &LocalCache, held: Option<&Lease>, epoch: u64) -> Result<Lease, StoreError> {
     let store = cache.store();
     let shared = &cache.shared;
-    let lease = store.settings.lease;
-    let asked = now_us();
+    let asked = boot_us();
     let extended = match held {
         Some(held) => {
             let leases = shared.db.leases();
-            match leases.extend(shared.instance, lease, held.position).await? {
+            let (extended, held_now) = leases
+                .extend(shared.instance, held.length, held.position)
+                .await?;
+            shared.metrics.local_instances.set(held_now);
+            match extended {
                 Some(at) => {
-                    read_logs(cache, held.position, seen).await?;
-                    Some(at)
+                    read_logs(cache, held.position).await?;
+                    Some((at, held.length))
                 }
                 // It ended (this instance was paused, or PostgreSQL out of reach too long).
                 None => None,
@@ -320,17 +314,21 @@ async fn renew(
         None => None,
     };
     let fresh = extended.is_none();
-    let at = match extended {
-        Some(at) => at,
+    let (at, length) = match extended {
+        Some(extended) => extended,
         None => {
-            store.clear();
-            let at = shared.db.leases().register(shared.instance, lease).await?;
-            lock(seen).clear();
+            {
+                let mut floors = lock(&store.drops);
+                store.clear_locked();
+                floors.clear();
+            }
+            let leases = shared.db.leases();
+            let granted = leases.register(shared.instance, store.lease).await?;
             tracing::debug!(instance = %shared.instance, "local cache: lease taken");
-            at
+            granted
         }
     };
-    let believed = lease.mul_f64(1.0 - RATE_MARGIN);
+    let believed = length.mul_f64(1.0 - RATE_MARGIN);
     let until = asked + u64::try_from(believed.as_micros()).unwrap_or(u64::MAX);
     let _drops = lock(&store.drops);
     if store.epoch.load(Ordering::Acquire) == epoch {
@@ -341,26 +339,34 @@ async fn renew(
         }
         store.lease_until.store(until, Ordering::Release);
     }
-    Ok(Lease { position: at })
+    Ok(Lease {
+        position: at,
+        length,
+    })
 }
 
-/// Drops whatever the logs name from `after` (less the in-flight allowance) on, but for the
-/// rows dropped already.
-async fn read_logs(
-    cache: &LocalCache,
-    after: DateTime<Utc>,
-    seen: &Seen,
-) -> Result<(), StoreError> {
+/// Drops whatever the logs name from `after` (less the in-flight allowance) on, each row once
+/// (the reads overlap by the allowance), and raises the floors no fill may go below while the
+/// row is in the window (see `store::Floors`).
+async fn read_logs(cache: &LocalCache, after: DateTime<Utc>) -> Result<(), StoreError> {
+    let store = cache.store();
     let outbox = cache.shared.db.outbox();
     let in_flight = cache.shared.in_flight;
-    let fresh = |log: bool, id: i64, at: DateTime<Utc>| lock(seen).insert((log, id), at).is_none();
     follow_log(
         after,
         in_flight,
         |from| outbox.sessions_after(from, BATCH),
         |rows| async move {
-            let new = rows.iter().filter(|r| fresh(true, r.id, r.created_at));
-            cache.forget(&Keys::sessions(new.map(|r| r.token_hash.as_slice())));
+            let mut floors = lock(&store.drops);
+            let new = rows.iter().filter_map(|r| {
+                let hash = <[u8; 32]>::try_from(r.token_hash.as_slice()).ok()?;
+                floors.revoked(hash, r.created_at).then_some(hash)
+            });
+            let keys = Keys {
+                sessions: new.collect(),
+                ..Keys::default()
+            };
+            store.forget_locked(&keys);
             true
         },
     )
@@ -370,14 +376,19 @@ async fn read_logs(
         in_flight,
         |from| outbox.profiles_after(from, BATCH),
         |rows| async move {
-            let new = rows.iter().filter(|r| fresh(false, r.id, r.created_at));
-            cache.forget(&Keys::profiles(new.map(|r| r.user_id)));
+            let mut floors = lock(&store.drops);
+            let new = rows
+                .iter()
+                .filter(|r| floors.version(r.user_id, r.version, r.created_at))
+                .map(|r| r.user_id);
+            let keys = Keys::profiles(new.collect::<Vec<_>>());
+            store.forget_locked(&keys);
             true
         },
     )
     .await?;
     // What the next read cannot return any more.
     let horizon = after - in_flight - TimeDelta::seconds(1);
-    lock(seen).retain(|_, at| *at >= horizon);
+    lock(&store.drops).prune(horizon);
     Ok(())
 }

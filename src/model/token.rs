@@ -41,6 +41,11 @@ impl TokenHash {
         &self.0
     }
 
+    /// The 32 bytes themselves (the in-process caches' key).
+    pub fn key(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }

@@ -4,6 +4,7 @@
 //! an outage answers UNAVAILABLE within `DATABASE__QUERY_TIMEOUT` instead of hanging.
 mod admin;
 mod generations;
+mod history;
 mod leases;
 mod outbox;
 mod profiles;
@@ -29,7 +30,8 @@ use sqlx::{
 };
 
 pub use admin::{AdminRepo, AdminUser, AuditEntry, SessionCursor, UserLookup};
-pub use leases::{Holder, LeaseRepo};
+pub use history::HistoryHook;
+pub use leases::{FleetLease, Holder, Holders, LeaseProgress, LeaseRepo};
 pub use outbox::{Cursor, Invalidation, OutboxRepo, ProfileInvalidation, Revocation, in_flight};
 pub use profiles::{ProfileRepo, UpdateOutcome};
 pub use sessions::{NewSession, SessionRepo, Since, StoredSession};
@@ -110,6 +112,7 @@ pub struct Db {
     /// Operations started and not finished (holding or waiting for a connection).
     in_flight: AtomicI64,
     metrics: Arc<Metrics>,
+    history: history::History,
 }
 
 /// Counts an operation in flight for as long as it lives (including when cancelled).
@@ -161,6 +164,7 @@ impl Db {
             queries: AtomicU64::new(0),
             in_flight: AtomicI64::new(0),
             metrics,
+            history: history::History::default(),
         })
     }
 
@@ -190,11 +194,15 @@ impl Db {
             .set((self.in_flight.load(Ordering::Relaxed) - in_use).max(0));
     }
 
-    /// PostgreSQL's clock, read by a trivial query: whether PostgreSQL answers (health), and the
-    /// offset of this host's clock to the fleet's (see `clock`).
+    /// PostgreSQL's clock, read by a trivial query: whether PostgreSQL answers (health), the
+    /// offset of this host's clock to the fleet's (see `clock`), and (in the same query) its
+    /// history, so an idle instance notices a promoted standby here at the latest.
     pub async fn clock_timestamp(&self) -> Result<DateTime<Utc>, StoreError> {
-        let query = sqlx::query_scalar("select clock_timestamp()");
-        self.run(query.fetch_one(&self.pool)).await
+        let (at, system, timeline) = self.read_history().await?;
+        if let Err(error) = self.saw_history(system, timeline).await {
+            tracing::debug!(%error, "could not record PostgreSQL's history");
+        }
+        Ok(at)
     }
 
     /// Runs a transactional operation again when it lost a deadlock or a serialization conflict

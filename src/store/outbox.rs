@@ -58,15 +58,19 @@ pub struct Revocation {
     pub active: usize,
     /// The token hashes of the sessions it revoked.
     pub revoked_hashes: Vec<Vec<u8>>,
-    /// Every invalidation logged for the sessions concerned since the caller's cache last
-    /// followed the log, its own included: all of them must reach the cache before the revoking
-    /// call returns.
+    /// Every invalidation logged for the sessions concerned within the wait horizon or since the
+    /// caller's cache last followed the log (see `sessions::Since`), its own included: all of
+    /// them must be invalidated everywhere before the revoking call returns.
     pub pending: Vec<Invalidation>,
+    /// The earlier invalidations were more than one statement returns: `pending` is not all.
+    pub truncated: bool,
 }
 
 impl Revocation {
     pub(super) fn from_rows(rows: Vec<QueuedRow>) -> Self {
         let mut revocation = Revocation::default();
+        let earlier = rows.iter().filter(|r| !r.fresh).count();
+        revocation.truncated = earlier >= super::sessions::EARLIER_ROWS;
         for row in rows {
             revocation.revoked += usize::from(row.fresh);
             if row.fresh {

@@ -13,14 +13,18 @@ use uuid::Uuid;
 use super::{Db, Revocation, StoreError, micros};
 
 /// What a revoking statement needs besides its target: the idle timeout (to tell which revoked
-/// sessions were still active) and from when earlier invalidations may not have reached this
-/// instance's cache yet (`None`: this instance has no cache, it applies nothing).
+/// sessions were still active) and from when earlier invalidations of its target still matter:
+/// an instance may still hold a copy in memory (the wait horizon of `crate::local`), or they
+/// may not have reached this instance's Redis cache yet.
 #[derive(Debug, Clone, Copy)]
 pub struct Since {
     pub idle: std::time::Duration,
-    pub pending_after: Option<DateTime<Utc>>,
+    pub pending_after: DateTime<Utc>,
 }
 use crate::model::SessionRecord;
+
+/// At most this many earlier invalidations come back with a revocation (`limit` below).
+pub(super) const EARLIER_ROWS: usize = 1000;
 
 /// Revokes the sessions matching `$cond` (with `$1` the idle timeout in microseconds), queues
 /// their invalidations, and returns them with the earlier invalidations matching `$pending` logged
@@ -45,14 +49,14 @@ macro_rules! revoke {
     };
 }
 
-/// The invalidations matching `$pending` logged after `$2` (none when `$2` is null), newest first
-/// and at most 1000.
+/// The invalidations matching `$pending` logged after `$2`, newest first and at most
+/// [`EARLIER_ROWS`].
 macro_rules! earlier {
     ($pending:literal) => {
         concat!(
             "select id, token_hash, user_id, expires_at, created_at, false, false
              from session_invalidations
-             where $2::timestamptz is not null and created_at > $2 and ",
+             where created_at > $2::timestamptz and ",
             $pending,
             " order by created_at desc limit 1000"
         )

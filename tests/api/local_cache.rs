@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use authd::{
-    local::{FIXED_MARGIN, RATE_MARGIN},
+    clock::{FIXED_MARGIN, RATE_MARGIN},
     proto::authd::v1 as pb,
 };
 use fred::interfaces::ClientLike;

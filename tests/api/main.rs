@@ -1,6 +1,7 @@
 //! Integration tests: gRPC against a real authd backed by real PostgreSQL and Redis.
 mod binary;
 mod helpers;
+#[path = "../support/proxy.rs"]
 mod proxy;
 mod redis_server;
 mod topology;
@@ -10,6 +11,7 @@ mod consistency;
 mod degraded;
 mod deployments;
 mod hardening;
+mod lease_cases;
 mod local_cache;
 mod login;
 mod manage;
@@ -18,6 +20,7 @@ mod pg_tls;
 mod profiles;
 mod rate_limit;
 mod register;
+mod retry_safety;
 mod revocation;
 mod server;
 mod sessions;

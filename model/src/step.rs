@@ -1,0 +1,954 @@
+//! What each action does to the state (the protocol as built), with each review bug behind its
+//! flag in [`crate::config::Bugs`].
+use crate::{
+    Protocol,
+    action::Action,
+    config::Change,
+    state::{
+        Instance, LeaseRow, Pg, Promise, Read, ReadStage, Slot, Stage, State, Violation, Wait, Wire,
+    },
+};
+
+/// A wait for "whoever held a lease on the previous timeline" (see [`Protocol::read_holders`]).
+pub const ANYONE: u8 = u8::MAX;
+
+/// Whether the registry of applied rows has `version` for the cache of `identity`.
+fn applied(registry: (u8, u8), identity: u8, version: u8) -> bool {
+    registry.0 == identity && registry.1 >= version
+}
+
+/// An invalidation write to Redis (a tombstone or profile version); what it replaced is what a
+/// replica may still hold when failovers are faults of the run.
+fn raise(s: &mut State, version: u8, failovers: bool) {
+    let before = s.redis.slot;
+    s.redis.slot = before.raised(version);
+    if failovers && s.redis.slot != before {
+        s.redis.unreplicated = Some(before);
+    }
+}
+
+fn older(age: &mut u8, cap: u8) {
+    *age = (*age + 1).min(cap);
+}
+
+fn sooner(remaining: &mut u8) {
+    *remaining = remaining.saturating_sub(1);
+}
+
+impl Protocol {
+    /// The generation an instance binds to the Redis data it talks to and the PostgreSQL
+    /// timeline it knows.
+    fn gen_of(&self, s: &State, i: usize) -> u8 {
+        s.redis.identity * 8 + s.nodes[i].timeline
+    }
+
+    /// `LocalCache::is_trusted`: the heartbeat came back, the lease is believed, and (the fix of
+    /// case 3) the follower completed a pass within README's bound.
+    fn trusted_local(&self, s: &State, i: usize) -> bool {
+        let n = &s.nodes[i];
+        self.cfg.nodes[i].local
+            && n.hearing
+            && n.belief_for > 0
+            && (self.cfg.bugs.local_ignores_follower || n.trusted_for > 0)
+    }
+
+    /// `Redis::serving_generation` (and `is_pending` for the key).
+    fn serving_redis(&self, s: &State, i: usize) -> bool {
+        let n = &s.nodes[i];
+        self.cfg.nodes[i].redis
+            && n.redis_link
+            && n.generation != 0
+            && n.generation == self.gen_of(s, i)
+            && n.trusted_for > 0
+            && !n.pending
+    }
+
+    /// `Store::forget`: the key's copy goes, and the stripe's counter voids a fill in flight.
+    fn forget(s: &mut State, i: usize) {
+        let n = &mut s.nodes[i];
+        n.copy = None;
+        if let Some(read) = &mut n.read {
+            read.voided = true;
+        }
+    }
+
+    /// `LocalCache::doubt`.
+    fn doubt(&self, s: &mut State, i: usize) {
+        if !self.cfg.nodes[i].local {
+            return;
+        }
+        let n = &mut s.nodes[i];
+        n.hearing = false;
+        n.belief_for = 0;
+        n.lost = true;
+        Self::forget(s, i);
+    }
+
+    /// An instance reaches PostgreSQL (when its link is up) and notices a new timeline: (the
+    /// fix of a PostgreSQL failover, unless [`crate::config::Bugs::timeline_ignored`]) its
+    /// copies are doubted, its Redis generation is established anew, and the first instance to
+    /// see the timeline records when.
+    fn reach_pg(&self, s: &mut State, i: usize) -> bool {
+        if !s.nodes[i].pg_link {
+            return false;
+        }
+        if s.nodes[i].timeline != s.pg.timeline {
+            s.nodes[i].timeline = s.pg.timeline;
+            if self.cfg.bugs.timeline_ignored {
+                s.nodes[i].generation = self.gen_of(s, i);
+            } else {
+                s.pg.timeline_seen_age.get_or_insert(0);
+                self.doubt(s, i);
+                s.nodes[i].generation = 0;
+            }
+        }
+        true
+    }
+
+    /// A caller is answered `version` by instance `i`: a broken promise is recorded.
+    fn answer(&self, s: &mut State, i: usize, promised: Option<Promise>, version: u8) {
+        if s.violation.is_some() || s.lost_commit {
+            return;
+        }
+        let bound = self.cfg.bound;
+        if let Some(p) = promised
+            && version < p.version
+            && (p.redis_confirmed || p.committed_age >= bound)
+        {
+            s.violation = Some(Violation::Revocation {
+                node: i as u8,
+                answered: version,
+            });
+        }
+        if let Some((legacy, age)) = s.legacy
+            && version < legacy
+            && age >= bound
+        {
+            s.violation = Some(Violation::Bound {
+                node: i as u8,
+                answered: version,
+            });
+        }
+    }
+
+    fn is_session(&self) -> bool {
+        self.cfg.change != Change::UpdateProfile
+    }
+
+    /// Commits the key's next version (a revocation is the one version 1): `(version, age of
+    /// its commit, fresh)`.
+    fn commit(&self, s: &mut State) -> (u8, u8, bool) {
+        if self.is_session() {
+            if let Some(age) = s.pg.revoked_age {
+                return (1, age, false);
+            }
+            s.pg.revoked_age = Some(0);
+        }
+        s.pg.version += 1;
+        (s.pg.version, 0, true)
+    }
+
+    pub(crate) fn enabled(&self, s: &State, out: &mut Vec<Action>) {
+        let cfg = &self.cfg;
+        out.push(Action::Tick);
+        for (i, node) in cfg.nodes.iter().enumerate() {
+            let n = &s.nodes[i];
+            let id = i as u8;
+            if n.paused {
+                if cfg.faults.pause {
+                    out.push(Action::Resume(id));
+                }
+                continue;
+            }
+            let established = n.generation == self.gen_of(s, i);
+            if node.redis && n.redis_link && n.pg_link {
+                out.push(if established {
+                    Action::Follow(id)
+                } else {
+                    Action::Establish(id)
+                });
+            }
+            if node.local {
+                if n.held_age.is_none() && n.hearing && n.pg_link {
+                    out.push(Action::Register(id));
+                }
+                if n.held_age.is_some() && !n.lost && n.hearing && n.pg_link {
+                    out.push(Action::Renew(id));
+                }
+                if n.held_age.is_some() && (n.lost || !n.hearing) {
+                    out.push(Action::Release(id));
+                }
+                if !n.hearing && n.redis_link {
+                    out.push(Action::Hear(id));
+                }
+                if n.hearing && !n.redis_link {
+                    out.push(Action::Doubt(id));
+                }
+            }
+            match n.read.map(|r| r.stage) {
+                None if s.reads_left > 0 && cfg.readers & (1 << i) != 0 => {
+                    out.push(Action::ReadStart(id))
+                }
+                Some(ReadStage::Postgres { .. }) => out.push(Action::ReadPostgres(id)),
+                Some(ReadStage::Keep { .. }) => out.push(Action::ReadKeep(id)),
+                _ => {}
+            }
+            if s.call.stage == Stage::Idle
+                && s.call.ok.is_none()
+                && s.call.attempts < cfg.attempts
+                && (i == 0 || (s.call.attempts > 0 && cfg.retry_anywhere))
+            {
+                out.push(Action::CallStart(id));
+            }
+        }
+        for (k, w) in s.wire.iter().enumerate() {
+            let to = &s.nodes[w.to() as usize];
+            if !to.paused && to.redis_link {
+                out.push(Action::Deliver(k as u8));
+            }
+        }
+        self.call_actions(s, out);
+        if cfg.legacy_writer && s.legacy.is_none() && (!self.is_session() || s.pg.version == 0) {
+            out.push(Action::LegacyWrite { redis: true });
+            out.push(Action::LegacyWrite { redis: false });
+        }
+        self.faults(s, out);
+    }
+
+    fn call_actions(&self, s: &State, out: &mut Vec<Action>) {
+        let c = &s.call;
+        if matches!(c.stage, Stage::Idle | Stage::Done) || s.nodes[c.node as usize].paused {
+            return;
+        }
+        if c.deadline_in == 0 {
+            out.push(Action::CallDeadline);
+        }
+        let next = match &c.stage {
+            Stage::Commit => Action::CallCommit,
+            Stage::RedisWrite => Action::CallRedisWrite,
+            Stage::ReadHolders => Action::CallReadHolders,
+            Stage::Wait {
+                waits,
+                since_age,
+                timeline,
+            } => {
+                let n = &s.nodes[c.node as usize];
+                let moved = *timeline != s.pg.timeline
+                    && !waits.iter().any(|w| w.node == ANYONE)
+                    && !self.cfg.bugs.timeline_ignored;
+                let pollable = moved
+                    || waits.iter().any(|w| {
+                        !w.done
+                            && w.node != ANYONE
+                            && s.pg.leases[w.node as usize]
+                                .is_none_or(|r| r.end_in == 0 || r.applied_age < *since_age)
+                    });
+                if n.pg_link && pollable {
+                    out.push(Action::CallPoll);
+                }
+                if !waits.iter().all(|w| w.done || w.end_in == 0) {
+                    return;
+                }
+                Action::CallReturn
+            }
+            Stage::Idle | Stage::Done => return,
+        };
+        out.push(next);
+    }
+
+    fn faults(&self, s: &State, out: &mut Vec<Action>) {
+        let f = &self.cfg.faults;
+        let budget = s.faults_left > 0;
+        for (i, n) in s.nodes.iter().enumerate() {
+            let id = i as u8;
+            if f.pg_link {
+                if n.pg_link && budget {
+                    out.push(Action::CutPg(id));
+                } else if !n.pg_link {
+                    out.push(Action::HealPg(id));
+                }
+            }
+            if f.redis_link && self.cfg.nodes[i].redis {
+                if n.redis_link && budget {
+                    out.push(Action::CutRedis(id));
+                } else if !n.redis_link {
+                    out.push(Action::HealRedis(id));
+                }
+            }
+            if f.pause && !n.paused && budget {
+                out.push(Action::Pause(id));
+            }
+        }
+        if !budget {
+            return;
+        }
+        if f.message_loss {
+            for k in 0..s.wire.len() as u8 {
+                for silently in [false, true] {
+                    out.push(Action::LoseMessage { index: k, silently });
+                }
+            }
+        }
+        if f.redis_data_loss {
+            out.push(Action::RedisFlush);
+            out.push(Action::RedisRestart);
+        }
+        if f.redis_failover {
+            out.push(Action::RedisFailover);
+        }
+        if f.pg_failover && s.pg.timeline == 1 {
+            for lose_commit in [false, true] {
+                for stale in 0..1u8 << s.nodes.len() {
+                    out.push(Action::PgFailover { lose_commit, stale });
+                }
+            }
+        }
+    }
+
+    pub(crate) fn apply(&self, last: &State, action: Action) -> Option<State> {
+        let mut s = last.clone();
+        let cfg = &self.cfg;
+        match action {
+            Action::Tick => self.tick(&mut s),
+            Action::Establish(i) => {
+                let i = i as usize;
+                if self.reach_pg(&mut s, i) {
+                    s.nodes[i].generation = self.gen_of(&s, i);
+                }
+            }
+            Action::Follow(i) => self.follow(&mut s, i as usize),
+            Action::Register(i) => {
+                let i = i as usize;
+                if self.reach_pg(&mut s, i) && s.nodes[i].hearing {
+                    let lease = cfg.lease_of(i);
+                    Self::forget(&mut s, i);
+                    s.pg.leases[i] = Some(LeaseRow {
+                        end_in: lease,
+                        applied_age: 0,
+                    });
+                    let n = &mut s.nodes[i];
+                    n.held_age = Some(0);
+                    n.belief_for = lease - 1;
+                    n.seen = 0;
+                    n.lost = false;
+                }
+            }
+            Action::Renew(i) => self.renew(&mut s, i as usize),
+            Action::Release(i) => {
+                let i = i as usize;
+                Self::forget(&mut s, i);
+                let n = &mut s.nodes[i];
+                n.held_age = None;
+                n.lost = false;
+                n.belief_for = 0;
+                if self.reach_pg(&mut s, i)
+                    && let Some(row) = &mut s.pg.leases[i]
+                {
+                    row.end_in = 0;
+                }
+            }
+            Action::Hear(i) => s.nodes[i as usize].hearing = true,
+            Action::Doubt(i) => self.doubt(&mut s, i as usize),
+            Action::Deliver(k) => self.deliver(&mut s, k as usize),
+            Action::ReadStart(i) => self.read_start(&mut s, i as usize),
+            Action::ReadPostgres(i) => self.read_postgres(&mut s, i as usize),
+            Action::ReadKeep(i) => self.read_keep(&mut s, i as usize),
+            Action::CallStart(i) => {
+                let c = &mut s.call;
+                c.attempts += 1;
+                c.node = i;
+                c.deadline_in = cfg.request_timeout;
+                c.stage = Stage::Commit;
+            }
+            Action::CallCommit => self.call_commit(&mut s),
+            Action::CallRedisWrite => self.call_redis_write(&mut s),
+            Action::CallReadHolders => self.read_holders(&mut s),
+            Action::CallPoll => self.poll(&mut s),
+            Action::CallReturn => {
+                let c = &mut s.call;
+                c.ok = Some(Promise {
+                    version: c.version,
+                    committed_age: c.committed_age,
+                    redis_confirmed: c.redis_confirmed,
+                });
+                c.stage = Stage::Done;
+            }
+            Action::CallDeadline => {
+                let committed = !matches!(s.call.stage, Stage::Commit);
+                if cfg.bugs.own_lease && committed {
+                    s.call.cancelled = true;
+                }
+                s.call.stage = Stage::Idle;
+            }
+            Action::LegacyWrite { redis } => {
+                let (version, age, _) = self.commit(&mut s);
+                s.legacy = Some((version, age));
+                if redis {
+                    raise(&mut s, version, cfg.faults.redis_failover);
+                }
+            }
+            Action::CutPg(i) => {
+                s.faults_left -= 1;
+                s.nodes[i as usize].pg_link = false;
+            }
+            Action::HealPg(i) => s.nodes[i as usize].pg_link = true,
+            Action::CutRedis(i) => {
+                s.faults_left -= 1;
+                s.nodes[i as usize].redis_link = false;
+            }
+            Action::HealRedis(i) => {
+                // A reconnection: the subscriber doubts, the generation latch trips.
+                let i = i as usize;
+                s.nodes[i].redis_link = true;
+                self.doubt(&mut s, i);
+                s.nodes[i].generation = 0;
+            }
+            Action::Pause(i) => {
+                s.faults_left -= 1;
+                s.nodes[i as usize].paused = true;
+            }
+            Action::Resume(i) => s.nodes[i as usize].paused = false,
+            Action::LoseMessage { index, silently } => {
+                s.faults_left -= 1;
+                let lost = s.wire.remove(index as usize);
+                if !silently {
+                    self.doubt(&mut s, lost.to() as usize);
+                }
+            }
+            Action::RedisFlush => {
+                s.faults_left -= 1;
+                s.redis.slot = Slot::Empty;
+                s.redis.unreplicated = None;
+            }
+            Action::RedisRestart | Action::RedisFailover => {
+                s.faults_left -= 1;
+                let promoted = match action {
+                    Action::RedisFailover => s.redis.unreplicated.unwrap_or(s.redis.slot),
+                    _ => Slot::Empty,
+                };
+                s.redis.slot = promoted;
+                s.redis.identity += 1;
+                s.redis.unreplicated = None;
+                for i in 0..s.nodes.len() {
+                    self.doubt(&mut s, i);
+                    s.nodes[i].generation = 0;
+                }
+            }
+            Action::PgFailover { lose_commit, stale } => {
+                s.faults_left -= 1;
+                // What the standby missed is lost, whether or not the call that committed it
+                // has answered (README states it).
+                if lose_commit && s.pg.version > 0 {
+                    s.pg.version -= 1;
+                    if s.pg.version == 0 {
+                        s.pg.revoked_age = None;
+                    }
+                    s.lost_commit = true;
+                }
+                for (i, row) in s.pg.leases.iter_mut().enumerate() {
+                    if stale & (1 << i) != 0
+                        && let Some(row) = row
+                    {
+                        row.end_in = 0;
+                    }
+                }
+                s.pg.timeline += 1;
+                s.pg.timeline_seen_age = None;
+            }
+        }
+        self.normalize(&mut s);
+        (s != *last).then_some(s)
+    }
+
+    /// Forgets what can no longer make a difference, so that states differing only in it are
+    /// one: an `applied_through` or a lease extension older than the holders read of the wait in
+    /// progress (or with no wait in progress) can never end a wait (only one after the read can).
+    fn normalize(&self, s: &mut State) {
+        let cap = self.cfg.cap();
+        let since = match &s.call.stage {
+            Stage::Wait { since_age, .. } => *since_age,
+            _ => 0,
+        };
+        for row in s.pg.leases.iter_mut().flatten() {
+            if row.applied_age >= since {
+                row.applied_age = cap;
+            }
+        }
+        for n in &mut s.nodes {
+            if let Some(age) = &mut n.held_age
+                && *age >= since
+            {
+                *age = cap;
+            }
+        }
+    }
+
+    /// `Poller::poll`: the lease table again. On a timeline other than the one the holders were
+    /// read on, it cannot end a wait: the call waits one lease from when the new timeline was
+    /// first seen (unless [`crate::config::Bugs::timeline_ignored`]).
+    fn poll(&self, s: &mut State) {
+        let c = s.call.node as usize;
+        if !self.reach_pg(s, c) {
+            return;
+        }
+        let leases = s.pg.leases.clone();
+        let (timeline, seen) = (s.pg.timeline, s.pg.timeline_seen_age);
+        let lease = self.cfg.lease;
+        let ignored = self.cfg.bugs.timeline_ignored;
+        let Stage::Wait {
+            waits,
+            since_age,
+            timeline: read_on,
+        } = &mut s.call.stage
+        else {
+            return;
+        };
+        if *read_on != timeline && !ignored {
+            let end_in = lease - seen.unwrap_or(0).min(lease);
+            if !waits.iter().any(|w| w.node == ANYONE) {
+                waits.push(Wait {
+                    node: ANYONE,
+                    end_in,
+                    done: false,
+                });
+            }
+            return;
+        }
+        for w in waits.iter_mut().filter(|w| w.node != ANYONE) {
+            let row = leases[w.node as usize];
+            if row.is_none_or(|r| r.end_in == 0 || r.applied_age < *since_age) {
+                w.done = true;
+            }
+        }
+    }
+
+    /// One tick: every age grows, every remaining duration shrinks.
+    fn tick(&self, s: &mut State) {
+        let cap = self.cfg.cap();
+        // Commit ages are compared with the bound only (and with the log position, case 1).
+        let bound = if self.cfg.bugs.retry_from_position {
+            cap
+        } else {
+            self.cfg.bound
+        };
+        let lease = self.cfg.lease;
+        for n in &mut s.nodes {
+            sooner(&mut n.trusted_for);
+            sooner(&mut n.belief_for);
+            if let Some(age) = &mut n.held_age {
+                older(age, cap);
+            }
+            if let Some(age) = &mut n.position_age {
+                older(age, cap);
+            }
+            if let Some(p) = n.read.as_mut().and_then(|r| r.promised.as_mut()) {
+                older(&mut p.committed_age, bound);
+            }
+        }
+        let tick_pg = |pg: &mut Pg| {
+            if let Some(age) = &mut pg.revoked_age {
+                older(age, bound);
+            }
+            if let Some(age) = &mut pg.timeline_seen_age {
+                older(age, lease);
+            }
+            for row in pg.leases.iter_mut().flatten() {
+                sooner(&mut row.end_in);
+                older(&mut row.applied_age, cap);
+            }
+        };
+        tick_pg(&mut s.pg);
+        let c = &mut s.call;
+        sooner(&mut c.deadline_in);
+        older(&mut c.committed_age, bound);
+        if let Some(p) = &mut c.ok {
+            older(&mut p.committed_age, bound);
+        }
+        if let Stage::Wait {
+            waits, since_age, ..
+        } = &mut c.stage
+        {
+            older(since_age, cap);
+            for w in waits {
+                sooner(&mut w.end_in);
+            }
+        }
+        if let Some((_, age)) = &mut s.legacy {
+            older(age, self.cfg.bound);
+        }
+    }
+
+    /// `Follower::pass`: reads the log, writes what its cache has not applied (and drops its
+    /// local copy), and serves its Redis copies for `bound` from now.
+    fn follow(&self, s: &mut State, i: usize) {
+        if !self.reach_pg(s, i) || s.nodes[i].generation != self.gen_of(s, i) {
+            return;
+        }
+        let version = s.pg.version;
+        let identity = s.redis.identity;
+        if version > 0 && !applied(s.nodes[i].applied, identity, version) {
+            raise(s, version, self.cfg.faults.redis_failover);
+            s.nodes[i].applied = (identity, version);
+            s.nodes[i].pending = false;
+            Self::forget(s, i);
+        }
+        let n = &mut s.nodes[i];
+        if self.cfg.bugs.retry_from_position {
+            n.position_age = Some(0);
+        }
+        n.trusted_for = self.cfg.bound;
+    }
+
+    /// `keeper::renew` with a lease: extend it (recording `applied_through`), read the logs and
+    /// drop what they name, then believe the new end. A lease PostgreSQL ended lapses.
+    fn renew(&self, s: &mut State, i: usize) {
+        if !self.reach_pg(s, i) || s.nodes[i].lost {
+            return;
+        }
+        let Some(position) = s.nodes[i].held_age else {
+            return;
+        };
+        let lease = self.cfg.lease_of(i);
+        match &mut s.pg.leases[i] {
+            Some(row) if row.end_in > 0 => {
+                row.end_in = lease;
+                row.applied_age = row.applied_age.min(position);
+            }
+            _ => {
+                Self::forget(s, i);
+                let n = &mut s.nodes[i];
+                n.held_age = None;
+                n.belief_for = 0;
+                return;
+            }
+        }
+        // Each row is dropped once (the next read skips the rows this one read)...
+        let logged = s.pg.version;
+        if logged > s.nodes[i].seen {
+            Self::forget(s, i);
+        }
+        let n = &mut s.nodes[i];
+        n.seen = n.seen.max(logged);
+        n.held_age = Some(0);
+        n.belief_for = lease - 1;
+    }
+
+    fn deliver(&self, s: &mut State, k: usize) {
+        match s.wire.remove(k) {
+            Wire::Invalidation { to, from, attempt } => {
+                let to = to as usize;
+                if self.cfg.nodes[to].local {
+                    Self::forget(s, to);
+                    s.wire.push(Wire::Ack {
+                        to: from,
+                        holder: to as u8,
+                        attempt,
+                    });
+                    s.wire.sort();
+                }
+            }
+            Wire::Ack {
+                to,
+                holder,
+                attempt,
+            } => {
+                let c = &mut s.call;
+                if c.attempts == attempt
+                    && c.node == to
+                    && let Stage::Wait { waits, .. } = &mut c.stage
+                {
+                    for w in waits.iter_mut().filter(|w| w.node == holder) {
+                        w.done = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `validate_hash`: the local copy when trusted; otherwise a ticket, then Redis (a copy of
+    /// the generation served, a tombstone, or a miss that takes the fill lease).
+    fn read_start(&self, s: &mut State, i: usize) {
+        s.reads_left -= 1;
+        let promised = s.call.ok;
+        if self.trusted_local(s, i)
+            && let Some(version) = s.nodes[i].copy
+        {
+            self.answer(s, i, promised, version);
+            return;
+        }
+        let to_pg = |lease| ReadStage::Postgres { lease };
+        let stage = if !self.cfg.nodes[i].redis || !s.nodes[i].redis_link {
+            to_pg(false)
+        } else {
+            match s.redis.slot {
+                Slot::Invalidation { version } if self.is_session() => {
+                    self.answer(s, i, promised, version);
+                    return;
+                }
+                Slot::Copy {
+                    version,
+                    generation,
+                } if self.serving_redis(s, i) && generation == s.nodes[i].generation => {
+                    self.answer(s, i, promised, version);
+                    ReadStage::Keep {
+                        version,
+                        lease: false,
+                    }
+                }
+                Slot::Empty if s.nodes[i].generation == self.gen_of(s, i) => {
+                    s.redis.slot = Slot::Lease(i as u8);
+                    to_pg(true)
+                }
+                _ => to_pg(false),
+            }
+        };
+        s.nodes[i].read = Some(Read {
+            promised,
+            voided: false,
+            stage,
+        });
+    }
+
+    fn read_postgres(&self, s: &mut State, i: usize) {
+        let read = s.nodes[i].read.expect("a read at its PostgreSQL stage");
+        let ReadStage::Postgres { lease } = read.stage else {
+            unreachable!()
+        };
+        if !s.nodes[i].pg_link {
+            s.nodes[i].read = None;
+            return;
+        }
+        let version = s.pg.version;
+        self.answer(s, i, read.promised, version);
+        if self.is_session() && version > 0 {
+            // Nothing to fill: the lease is given back.
+            if lease && s.nodes[i].redis_link && s.redis.slot == Slot::Lease(i as u8) {
+                s.redis.slot = Slot::Empty;
+            }
+            s.nodes[i].read = None;
+            return;
+        }
+        s.nodes[i].read = Some(Read {
+            stage: ReadStage::Keep { version, lease },
+            ..read
+        });
+    }
+
+    /// The fill under the lease, then `LocalCache::keep_session`: kept only while trusted, if no
+    /// drop happened since the read began, and (...but, the fix of case 5, nothing below what a
+    /// renewal read in the logs is kept again) not below what the logs showed.
+    fn read_keep(&self, s: &mut State, i: usize) {
+        let read = s.nodes[i].read.take().expect("a read at its keep stage");
+        let ReadStage::Keep { version, lease } = read.stage else {
+            unreachable!()
+        };
+        if lease && s.nodes[i].redis_link && s.redis.slot == Slot::Lease(i as u8) {
+            s.redis.slot = Slot::Copy {
+                version,
+                generation: self.gen_of(s, i),
+            };
+        }
+        let above_logs = self.cfg.bugs.rows_dropped_once || version >= s.nodes[i].seen;
+        if self.trusted_local(s, i) && !read.voided && above_logs {
+            s.nodes[i].copy = Some(version);
+        }
+    }
+
+    /// The revoking statement: the session revoked if it was not, and the rows the call
+    /// covers.
+    fn call_commit(&self, s: &mut State) {
+        let node = s.call.node as usize;
+        if !s.nodes[node].pg_link {
+            s.call.stage = Stage::Idle;
+            return;
+        }
+        let (version, age, fresh) = self.commit(s);
+        if fresh && self.cfg.change == Change::UpdateProfile {
+            s.call.redis_confirmed = false;
+        }
+        s.call.version = version;
+        s.call.committed_age = age;
+        // Case 1: only rows that are new, or logged after this instance's log position.
+        let covered = !self.cfg.bugs.retry_from_position
+            || fresh
+            || (self.cfg.nodes[node].redis && s.nodes[node].position_age.is_none_or(|p| age <= p));
+        s.call.stage = if covered {
+            Stage::RedisWrite
+        } else {
+            Stage::Wait {
+                waits: Vec::new(),
+                since_age: 0,
+                timeline: s.pg.timeline,
+            }
+        };
+    }
+
+    fn call_redis_write(&self, s: &mut State) {
+        let c = s.call.node as usize;
+        let version = s.call.version;
+        if self.cfg.nodes[c].redis {
+            let identity = s.redis.identity;
+            if !s.nodes[c].redis_link {
+                s.nodes[c].pending = true;
+            } else {
+                if !applied(s.nodes[c].applied, identity, version) {
+                    raise(s, version, self.cfg.faults.redis_failover);
+                    s.nodes[c].applied = (identity, version);
+                }
+                s.nodes[c].pending = false;
+                s.call.redis_confirmed = true;
+            }
+        }
+        Self::forget(s, c);
+        s.call.stage = Stage::ReadHolders;
+        if self.cfg.change == Change::Eviction && self.cfg.bugs.eviction_without_wait {
+            // Case 2: announced to everyone, waited for by no one.
+            if self.cfg.nodes[c].redis && s.nodes[c].redis_link {
+                for j in (0..s.nodes.len()).filter(|j| *j != c && self.cfg.nodes[*j].local) {
+                    s.wire.push(Wire::Invalidation {
+                        to: j as u8,
+                        from: c as u8,
+                        attempt: s.call.attempts,
+                    });
+                }
+                s.wire.sort();
+            }
+            s.call.stage = Stage::Wait {
+                waits: Vec::new(),
+                since_age: 0,
+                timeline: s.pg.timeline,
+            };
+        }
+    }
+
+    /// `LeaseRepo::holders` and the publish after it: every other live lease, and (the fix of
+    /// a PostgreSQL failover) for one lease after a new timeline was first seen, whoever may
+    /// have held one before it.
+    fn read_holders(&self, s: &mut State) {
+        let c = s.call.node as usize;
+        if !self.reach_pg(s, c) {
+            s.call.stage = Stage::Idle;
+            return;
+        }
+        let mut waits: Vec<Wait> =
+            s.pg.leases
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != c)
+                .filter_map(|(j, row)| row.filter(|r| r.end_in > 0).map(|r| (j, r.end_in)))
+                .map(|(j, end_in)| Wait {
+                    node: j as u8,
+                    end_in,
+                    done: false,
+                })
+                .collect();
+        let lease = self.cfg.lease;
+        if !self.cfg.bugs.timeline_ignored
+            && let Some(age) = s.pg.timeline_seen_age
+            && age < lease
+        {
+            waits.push(Wait {
+                node: ANYONE,
+                end_in: lease - age,
+                done: false,
+            });
+        }
+        let checked = self.cfg.checked_lease(c);
+        if let Some(w) = waits.iter().find(|w| w.end_in > checked)
+            && s.violation.is_none()
+        {
+            s.violation = Some(Violation::WaitOutlastsTimeout { holder: w.node });
+        }
+        if self.cfg.nodes[c].redis && s.nodes[c].redis_link {
+            for w in waits.iter().filter(|w| w.node != ANYONE) {
+                s.wire.push(Wire::Invalidation {
+                    to: w.node,
+                    from: c as u8,
+                    attempt: s.call.attempts,
+                });
+            }
+            s.wire.sort();
+        }
+        s.call.stage = Stage::Wait {
+            waits,
+            since_age: 0,
+            timeline: s.pg.timeline,
+        };
+    }
+}
+
+/// The initial state: a warm fleet before the change — every instance has established its
+/// generation and completed a follower pass, every instance with the cache holds a lease.
+pub(crate) fn initial(p: &Protocol) -> State {
+    let cfg = &p.cfg;
+    let nodes = cfg
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| Instance {
+            paused: false,
+            pg_link: true,
+            redis_link: true,
+            generation: if node.redis { 8 + 1 } else { 0 },
+            trusted_for: if node.redis { cfg.bound } else { 0 },
+            position_age: (node.redis && cfg.bugs.retry_from_position).then_some(0),
+            applied: (0, 0),
+            pending: false,
+            copy: (cfg.warm_copies && node.local).then_some(0),
+            belief_for: if node.local { cfg.lease_of(i) - 1 } else { 0 },
+            hearing: true,
+            lost: false,
+            held_age: node.local.then_some(0),
+            seen: 0,
+            timeline: 1,
+            read: None,
+        })
+        .collect();
+    let pg = Pg {
+        version: 0,
+        revoked_age: None,
+        leases: (0..cfg.nodes.len())
+            .map(|i| {
+                cfg.nodes[i].local.then(|| LeaseRow {
+                    end_in: cfg.lease_of(i),
+                    applied_age: 0,
+                })
+            })
+            .collect(),
+        timeline: 1,
+        timeline_seen_age: None,
+    };
+    State {
+        faults_left: cfg.fault_budget,
+        reads_left: cfg.reads,
+        pg,
+        redis: crate::state::Redis {
+            slot: if cfg.warm_copies {
+                Slot::Copy {
+                    version: 0,
+                    generation: 9,
+                }
+            } else {
+                Slot::Empty
+            },
+            identity: 1,
+            unreplicated: None,
+        },
+        wire: Vec::new(),
+        nodes,
+        call: crate::state::Call {
+            attempts: 0,
+            stage: Stage::Idle,
+            node: 0,
+            deadline_in: 0,
+            version: 0,
+            committed_age: 0,
+            redis_confirmed: false,
+            ok: None,
+            cancelled: false,
+        },
+        legacy: None,
+        lost_commit: false,
+        violation: None,
+    }
+}

@@ -1,0 +1,199 @@
+//! The in-process cache's cases of the review "Revocation by construction" (besides the retries of
+//! `retry_safety`): a login's eviction at the session cap waits like a revocation, memory is
+//! trusted no longer than README's bound for Redis copies, and the fleet holds one lease length.
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use secrecy::ExposeSecret;
+use tonic::Code;
+
+use crate::{
+    helpers::*,
+    proxy::{Link, Proxy},
+    retry_safety::{db_url_via, pg_target},
+};
+
+fn redis_addr() -> SocketAddr {
+    redis_url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("TEST_REDIS_URL with a numeric host:port")
+}
+
+async fn two_holders(a: &TestApp) {
+    eventually(Duration::from_secs(15), "two lease holders", || async {
+        a.db.leases().held().await.unwrap() == 2
+    })
+    .await;
+}
+
+/// `app` serves `token` from its memory.
+async fn keep_in_memory(app: &TestApp, token: &str) {
+    let hits = "authd_local_cache_lookups_total{cache=\"sessions\",result=\"hit\"}";
+    app.validate(token).await.unwrap();
+    let before = app.metric(hits).await;
+    app.validate(token).await.unwrap();
+    assert_eq!(app.metric(hits).await, before + 1.0, "served from memory");
+}
+
+/// Before: a login at the cap only announced its eviction, and returned while B (whose Redis
+/// replies arrive 150 ms late) still accepted the evicted session from memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_at_the_cap_returns_once_no_instance_accepts_the_evicted_session() {
+    let mut settings = test_settings(Mode::Redis);
+    settings.session.max_per_user = 1;
+    let a = spawn_with(settings).await;
+    let slow = Proxy::start(redis_addr()).await;
+    slow.set(Link::Delayed(Duration::from_millis(150)));
+    let b = spawn_sharing(&a, |s| {
+        s.redis.url = format!("redis://{}", slow.addr).into()
+    })
+    .await;
+    two_holders(&a).await;
+    let (email, registered) = a.register().await;
+    let evicted = registered.session_token;
+    keep_in_memory(&b, &evicted).await;
+    a.login(&email, PASSWORD).await.expect("the login succeeds");
+    assert_code(b.validate(&evicted).await, Code::Unauthenticated);
+    assert_code(a.validate(&evicted).await, Code::Unauthenticated);
+}
+
+/// 200 logins at a cap of one on A, each evicting the session the one before made, while B
+/// validates the current session continuously (its memory keeps refilling): after each login
+/// returned, B rejects the evicted session at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evictions_racing_validations_elsewhere_leave_nothing_accepted() {
+    let mut settings = test_settings(Mode::Redis);
+    settings.session.max_per_user = 1;
+    settings.rate_limit.login_per_email = 0;
+    let a = spawn_with(settings).await;
+    let b = Arc::new(spawn_sharing(&a, |_| {}).await);
+    two_holders(&a).await;
+    let (email, registered) = a.register().await;
+    let (current, watch) = tokio::sync::watch::channel(registered.session_token);
+    let hammer = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            loop {
+                let token = watch.borrow().clone();
+                let _ = b.validate(&token).await;
+            }
+        })
+    };
+    let mut accepted = 0;
+    for _ in 0..200 {
+        let old = current.borrow().clone();
+        let _ = b.validate(&old).await;
+        let login = a.login(&email, PASSWORD).await.expect("the login succeeds");
+        if b.validate(&old).await.is_ok() {
+            accepted += 1;
+        }
+        current.send_replace(login.session_token);
+    }
+    hammer.abort();
+    let hits = b
+        .metric("authd_local_cache_lookups_total{cache=\"sessions\",result=\"hit\"}")
+        .await;
+    assert_eq!(accepted, 0, "evicted sessions accepted after the login");
+    assert!(hits > 200.0, "B served from memory ({hits} hits)");
+}
+
+/// Before: B, cut off from PostgreSQL, kept validating from memory on its lease and heartbeat
+/// alone, past README's bound (a session revoked by the previous release's SQL, which waits for
+/// no one, was accepted 1.5 s later). Now memory is trusted as long as B's Redis copies: until
+/// one interval plus one command timeout after its last follower pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_cut_off_from_postgres_stops_serving_from_memory_within_the_bound() {
+    let a = spawn_app(Mode::Redis).await;
+    let pg = Proxy::start(pg_target()).await;
+    let b_url = db_url_via(&a, &pg);
+    let b = spawn_sharing(&a, |s| s.database.url = b_url.into()).await;
+    two_holders(&a).await;
+    let (_, registered) = a.register().await;
+    let token = registered.session_token;
+    keep_in_memory(&b, &token).await;
+    pg.set(Link::Blackhole);
+    // Revoked as the previous release does it: the row and its log entry, no lease wait.
+    let pool = sqlx::PgPool::connect(a.settings.database.url.expose_secret())
+        .await
+        .unwrap();
+    let hash = authd::auth::token::TokenHash::of_token(&token).unwrap();
+    sqlx::query(
+        "with revoked as (
+             update sessions set revoked_at = clock_timestamp()
+             where token_hash = $1 and revoked_at is null
+             returning token_hash, user_id, absolute_expires_at)
+         insert into session_invalidations (token_hash, user_id, expires_at)
+         select token_hash, user_id, absolute_expires_at from revoked",
+    )
+    .bind(hash.as_bytes())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let bound = a.settings.session.invalidation_interval + a.settings.redis.command_timeout;
+    tokio::time::sleep(bound + Duration::from_millis(200)).await;
+    let on_b = b.validate(&token).await;
+    pg.set(Link::Up);
+    assert!(
+        on_b.is_err(),
+        "B accepted past the bound {bound:?}: {on_b:?}"
+    );
+}
+
+/// Before: each instance held leases of its own LOCAL_CACHE__LEASE, and A (lease 3 s, request
+/// timeout 5 s), waiting for B's 10 s lease, was cut after it committed. Now B holds the fleet's
+/// lease (3 s, set by A) and A's Logout returns OK within its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_configured_with_a_longer_lease_holds_the_fleets() {
+    let mut settings = test_settings(Mode::Redis);
+    settings.grpc.request_timeout = Duration::from_secs(5);
+    let a = spawn_with(settings).await;
+    let pg = Proxy::start(pg_target()).await;
+    let redis = Proxy::start(redis_addr()).await;
+    let b_url = db_url_via(&a, &pg);
+    let b = spawn_sharing(&a, |s| {
+        s.database.url = b_url.into();
+        s.redis.url = format!("redis://{}", redis.addr).into();
+        s.local_cache.lease = Duration::from_secs(10);
+        s.grpc.request_timeout = Duration::from_secs(20);
+    })
+    .await;
+    two_holders(&a).await;
+    let (_, registered) = a.register().await;
+    let token = registered.session_token;
+    keep_in_memory(&b, &token).await;
+    pg.set(Link::Blackhole);
+    redis.set(Link::Blackhole);
+    let logout = a.logout(&token).await;
+    pg.set(Link::Up);
+    redis.set(Link::Up);
+    drop(b);
+    logout.expect("the Logout returns OK within A's request timeout");
+}
+
+/// An instance whose request timeout cannot cover the fleet's lease refuses to start, naming the
+/// setting (its own cache on or off: it waits for the holders either way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_timeout_cannot_cover_the_fleets_lease_does_not_start() {
+    let mut settings = test_settings(Mode::Redis);
+    settings.local_cache.lease = Duration::from_secs(10);
+    settings.grpc.request_timeout = Duration::from_secs(20);
+    let a = spawn_with(settings).await;
+    for cache in [true, false] {
+        let mut other = a.settings.clone();
+        other.local_cache.enabled = cache;
+        other.local_cache.lease = Duration::from_secs(3);
+        other.grpc.request_timeout = Duration::from_secs(5);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let error = match authd::app::Application::build_with_listener(other, listener).await {
+            Ok(_) => panic!("started with a request timeout shorter than the fleet's lease"),
+            Err(error) => error,
+        };
+        let text = format!("{error:#}");
+        assert!(
+            text.contains("invalid setting GRPC__REQUEST_TIMEOUT"),
+            "{text}"
+        );
+        assert!(error.downcast_ref::<authd::config::ConfigError>().is_some());
+    }
+}

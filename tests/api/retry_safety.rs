@@ -1,0 +1,230 @@
+//! "Retrying is safe": a revoking call whose first attempt committed and then failed (the lease
+//! holders could not be read, so it answered UNAVAILABLE) is retried, and the retry returns OK only
+//! once no instance serves the session from memory — whoever revoked it. (Before: the retry found
+//! nothing new to invalidate and returned at once, while a holder that could neither renew nor read
+//! the logs kept accepting the token; the review's first finding.) For Logout, RevokeSession,
+//! RevokeAllSessions, and the AdminService's RevokeUserSessions and DisableUser, retried from an
+//! instance with Redis and from one with `REDIS__ENABLED=false`.
+use std::time::Duration;
+
+use authd::proto::authd::v1::{self as pb, admin_service_client::AdminServiceClient};
+use secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
+use tonic::{Code, Request, Status};
+
+use crate::{
+    helpers::*,
+    proxy::{Link, Proxy},
+};
+
+const KEY: &str = "retry-key-0123456789abcdef";
+
+/// The revoker with Redis (`a`, which owns the database), the revoker without (`c`), and the
+/// holder (`b`): its PostgreSQL behind a proxy the test cuts, its follower slow enough that only
+/// the protocol (not a follower pass) can drop its copy in the test's time.
+pub struct Fleet {
+    pub a: TestApp,
+    pub b: TestApp,
+    pub c: TestApp,
+    pub pg: Proxy,
+    _dir: tempfile::TempDir,
+}
+
+/// PostgreSQL's address (the tests' default).
+pub fn pg_target() -> std::net::SocketAddr {
+    let base = postgres_base_url();
+    let hostport = base.rsplit('@').next().unwrap().trim_end_matches('/');
+    hostport
+        .parse()
+        .expect("TEST_DATABASE_URL with a numeric host:port")
+}
+
+/// `app`'s database URL, through `proxy`.
+pub fn db_url_via(app: &TestApp, proxy: &Proxy) -> String {
+    let url = app.settings.database.url.expose_secret().to_owned();
+    let target = pg_target().to_string();
+    assert!(url.contains(&target), "{url}");
+    url.replace(&target, &proxy.addr.to_string())
+}
+
+impl Fleet {
+    /// `lease`: the fleet's (a holder cut off from PostgreSQL believes in its lease that long).
+    pub async fn start(lease: Duration) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys.toml");
+        let text = format!(
+            "[[key]]\nname = \"ops\"\nsha256 = \"{}\"\n",
+            hex::encode(Sha256::digest(KEY))
+        );
+        std::fs::write(&keys, text).unwrap();
+        let mut settings = test_settings(Mode::Redis);
+        settings.local_cache.lease = lease;
+        settings.grpc.request_timeout = lease * 2 + Duration::from_secs(5);
+        settings.database.query_timeout = Duration::from_millis(300);
+        settings.admin.api_keys_file = Some(keys);
+        settings.rate_limit.login_per_email = 0;
+        let a = spawn_with(settings).await;
+        let pg = Proxy::start(pg_target()).await;
+        let b_url = db_url_via(&a, &pg);
+        let b = spawn_sharing(&a, |s| {
+            s.database.url = b_url.into();
+            s.session.invalidation_interval = Duration::from_secs(60);
+        })
+        .await;
+        let c = spawn_sharing(&a, |s| {
+            s.redis.enabled = false;
+            s.local_cache.enabled = false;
+        })
+        .await;
+        eventually(Duration::from_secs(15), "two lease holders", || async {
+            a.db.leases().held().await.unwrap() == 2
+        })
+        .await;
+        Self {
+            a,
+            b,
+            c,
+            pg,
+            _dir: dir,
+        }
+    }
+
+    pub fn revoker(&self, redis: bool) -> &TestApp {
+        if redis { &self.a } else { &self.c }
+    }
+
+    /// `b` serves `token` from its memory.
+    pub async fn hold(&self, token: &str) {
+        let hits = "authd_local_cache_lookups_total{cache=\"sessions\",result=\"hit\"}";
+        self.b.validate(token).await.unwrap();
+        let before = self.b.metric(hits).await;
+        self.b.validate(token).await.unwrap();
+        assert_eq!(
+            self.b.metric(hits).await,
+            before + 1.0,
+            "served from memory"
+        );
+    }
+
+    /// Runs `attempt` while the lease table is locked: it commits, writes Redis, and cannot read
+    /// the holders.
+    pub async fn failing<T: std::fmt::Debug>(
+        &self,
+        attempt: impl Future<Output = Result<T, Status>>,
+    ) -> Status {
+        let pool = sqlx::PgPool::connect(self.a.settings.database.url.expose_secret())
+            .await
+            .unwrap();
+        let mut lock = pool.begin().await.unwrap();
+        sqlx::query("lock table local_cache_leases in access exclusive mode")
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        let answer = attempt.await;
+        lock.rollback().await.unwrap();
+        assert_code(answer, Code::Unavailable)
+    }
+}
+
+pub fn admin(app: &TestApp) -> AdminServiceClient<tonic::transport::Channel> {
+    AdminServiceClient::new(app.channel.clone())
+}
+
+pub fn with_key<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    let value = format!("Bearer {KEY}").parse().unwrap();
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
+/// What is retried.
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    Logout,
+    RevokeSession,
+    RevokeAllSessions,
+    RevokeUserSessions,
+    DisableUser,
+}
+
+/// The target's user, and the token of another session of the same user (the caller of the
+/// session-authenticated calls).
+struct Target {
+    user_id: String,
+    token: String,
+    session_id: String,
+    caller: String,
+}
+
+async fn call(on: &TestApp, what: Call, t: &Target) -> Result<(), Status> {
+    match what {
+        Call::Logout => on.logout(&t.token).await,
+        Call::RevokeSession => on.revoke_session(&t.caller, &t.session_id).await,
+        Call::RevokeAllSessions => on.revoke_all(&t.caller, false).await.map(|_| ()),
+        Call::RevokeUserSessions => {
+            let user_id = t.user_id.clone();
+            let request = with_key(pb::RevokeUserSessionsRequest { user_id });
+            admin(on).revoke_user_sessions(request).await.map(|_| ())
+        }
+        Call::DisableUser => {
+            let request = with_key(pb::DisableUserRequest {
+                user_id: t.user_id.clone(),
+                reason: "retried".into(),
+            });
+            admin(on).disable_user(request).await.map(|_| ())
+        }
+    }
+}
+
+/// The first attempt commits and fails; the holder is cut off from PostgreSQL (it can neither
+/// renew nor read the logs, but it hears Redis); the retry comes once the revoker's log position
+/// has passed the first attempt's row (so the retry's own rows name nothing new); after it
+/// returned, the holder must reject the token.
+async fn retried(what: Call, redis: bool) {
+    let fleet = Fleet::start(Duration::from_secs(if redis { 20 } else { 8 })).await;
+    let (email, registered) = fleet.a.register().await;
+    let target = fleet.a.login(&email, PASSWORD).await.unwrap();
+    let target = Target {
+        user_id: registered.user_id,
+        token: target.session_token,
+        session_id: target.session.unwrap().session_id,
+        caller: registered.session_token,
+    };
+    fleet.hold(&target.token).await;
+    fleet.pg.set(Link::Blackhole);
+    let revoker = fleet.revoker(redis);
+    let first = fleet.failing(call(revoker, what, &target)).await;
+    eprintln!("{what:?}, first attempt: {first:?}");
+    if redis {
+        // Past the in-flight allowance (10 x 300 ms + 1 s) and the clock margin.
+        tokio::time::sleep(Duration::from_millis(6_500)).await;
+    }
+    call(revoker, what, &target)
+        .await
+        .expect("the retry returns OK");
+    let on_b = fleet.b.validate(&target.token).await;
+    fleet.pg.set(Link::Up);
+    assert_code(on_b, Code::Unauthenticated);
+}
+
+macro_rules! retried {
+    ($($name:ident: $call:ident, $redis:expr;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            retried(Call::$call, $redis).await
+        }
+    )*};
+}
+
+retried! {
+    a_retried_logout_waits_for_the_holders: Logout, true;
+    a_retried_logout_without_redis_waits_for_the_holders: Logout, false;
+    a_retried_revoke_session_waits_for_the_holders: RevokeSession, true;
+    a_retried_revoke_session_without_redis_waits_for_the_holders: RevokeSession, false;
+    a_retried_revoke_all_sessions_waits_for_the_holders: RevokeAllSessions, true;
+    a_retried_revoke_all_sessions_without_redis_waits_for_the_holders: RevokeAllSessions, false;
+    a_retried_revoke_user_sessions_waits_for_the_holders: RevokeUserSessions, true;
+    a_retried_revoke_user_sessions_without_redis_waits_for_the_holders: RevokeUserSessions, false;
+    a_retried_disable_user_waits_for_the_holders: DisableUser, true;
+    a_retried_disable_user_without_redis_waits_for_the_holders: DisableUser, false;
+}
