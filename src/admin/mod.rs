@@ -92,8 +92,26 @@ impl AdminService {
             self.suppress(entry.caller, entry.method, entry.outcome, 1);
             return;
         }
-        if let Err(error) = self.db.admin().audit(&entry).await {
-            tracing::error!(%error, method = entry.method, "the admin audit row could not be written");
+        // PostgreSQL that is briefly away (a failover, a pool that timed out under the very
+        // outage the call met) does not lose the row: it is written again until
+        // [`AUDIT_RETRY`] has passed (at least once: a write whose reply was lost may be
+        // written twice).
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(50);
+        loop {
+            match self.db.admin().audit(&entry).await {
+                Ok(()) => return,
+                Err(StoreError::Unavailable(_) | StoreError::Contention(_))
+                    if started.elapsed() + pause < AUDIT_RETRY =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_millis(500));
+                }
+                Err(error) => {
+                    tracing::error!(%error, method = entry.method, "the admin audit row could not be written");
+                    return;
+                }
+            }
         }
     }
 
@@ -127,6 +145,10 @@ impl AdminService {
         }
     }
 }
+
+/// How long an audit row that PostgreSQL did not take is tried again (within the time shutdown
+/// gives admin calls still running).
+pub const AUDIT_RETRY: std::time::Duration = std::time::Duration::from_secs(4);
 
 /// The request id of a row that sums refusals up (its `count` says how many).
 pub const SUMMED_UP: &str = "(refused calls over the audit rate, summed up)";

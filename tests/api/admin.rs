@@ -790,7 +790,10 @@ async fn a_flood_of_refused_calls_is_audited_in_bounded_rows() {
 /// effect with no audit row; and a shutdown right after closed the pool under a call still
 /// running. Now action and audit run on their own task, which shutdown waits for: with
 /// PostgreSQL hung, a DisableUser whose caller gave up, followed at once by a SIGTERM, is
-/// audited once PostgreSQL answers again, before the process exits.
+/// audited once PostgreSQL answers again, before the process exits. PostgreSQL stays away
+/// past the pool's acquire timeout twice over, so the action fails and so does the audit
+/// row's first write (which once lost the row: CI saw it when load stretched the timings):
+/// the row is written again until PostgreSQL takes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_call_whose_caller_gave_up_is_still_audited() {
     let dir = tempfile::tempdir().unwrap();
@@ -819,9 +822,10 @@ async fn an_admin_call_whose_caller_gave_up_is_still_audited() {
         matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{status:?}"
     );
-    // SIGTERM now; PostgreSQL answers again a moment later.
+    // SIGTERM now; PostgreSQL answers again 2.5 s later (the action's acquire timed out at
+    // 1 s, the audit row's first write at 2 s).
     let (stopped, ()) = tokio::join!(app.stop(), async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
         postgres.set(Link::Up);
     });
     stopped.unwrap();
