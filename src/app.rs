@@ -120,8 +120,11 @@ impl Application {
         // A fill lease must outlast the PostgreSQL read it covers (and the commands around it).
         let lease_ttl = settings.database.query_timeout * 2 + settings.redis.command_timeout * 4;
         let hasher = PasswordHasher::new(&settings.auth, metrics.clone())?;
-        let lease = fleet_lease(&settings, &db, redis.is_enabled()).await?;
+        let instance = uuid::Uuid::new_v4();
+        let lease = fleet_lease(&settings, &db, redis.is_enabled(), instance).await?;
         let local = LocalCache::new(LocalParts {
+            instance,
+            covers: crate::clock::covers(settings.grpc.request_timeout),
             settings: settings.local_cache.clone(),
             lease,
             profile_ttl: settings.profile_cache.ttl,
@@ -422,29 +425,58 @@ impl Application {
 
 /// The lease length this instance holds and waits for: the fleet's (see
 /// `store::LeaseRepo::fleet_lease`). Every instance may wait for a holder's lease, its own cache
-/// on or off, so its request timeout must leave room for it.
-async fn fleet_lease(settings: &Settings, db: &Db, redis: bool) -> anyhow::Result<Duration> {
+/// on or off, so its request timeout must leave room for it; and this instance is recorded as
+/// running, so that no instance starting later sets a length it could not wait for.
+async fn fleet_lease(
+    settings: &Settings,
+    db: &Db,
+    redis: bool,
+    instance: uuid::Uuid,
+) -> anyhow::Result<Duration> {
     let configured = settings.local_cache.lease;
     let mine = (settings.local_cache.enabled && redis).then_some(configured);
+    let timeout = settings.grpc.request_timeout;
     let fleet = db
         .leases()
-        .fleet_lease(mine)
+        .fleet_lease(instance, mine, crate::clock::covers(timeout))
         .await
         .context("cannot read the fleet's lease from PostgreSQL")?;
     let Some(fleet) = fleet else {
         // No instance ever had the cache on: nobody to wait for.
         return Ok(configured);
     };
+    if let Some(covered) = fleet.uncovered {
+        return Err(crate::config::ConfigError::invalid(
+            "LOCAL_CACHE__LEASE",
+            format!(
+                "must be at most {covered:?} while instances run whose GRPC__REQUEST_TIMEOUT \
+                 cannot wait for a longer lease (their revoking calls wait for every holder's \
+                 lease); raise their timeout first, or stop them"
+            ),
+        )
+        .into());
+    }
+    if !(Duration::from_millis(500)..=crate::local::LONGEST_LEASE).contains(&fleet.lease) {
+        return Err(crate::config::ConfigError::invalid(
+            "LOCAL_CACHE__LEASE",
+            format!(
+                "the fleet's lease in local_cache_fleet is {:?}, outside 500ms to 60s (edited \
+                 by hand?)",
+                fleet.lease
+            ),
+        )
+        .into());
+    }
     if fleet.adopted {
         tracing::warn!(
             configured = ?configured,
             fleet = ?fleet.lease,
             "LOCAL_CACHE__LEASE differs from the lease the fleet holds; using the fleet's (it \
-             changes when no instance holds a lease, e.g. once the whole fleet restarted)"
+             changes once no instance holding leases runs, e.g. once the whole fleet restarted)"
         );
     }
-    let longest = crate::clock::lease_wait(fleet.lease) + Duration::from_secs(1);
-    if longest >= settings.grpc.request_timeout {
+    if fleet.lease > crate::clock::covers(timeout) {
+        let longest = crate::clock::lease_wait(fleet.lease) + crate::clock::WAIT_SLACK;
         return Err(crate::config::ConfigError::invalid(
             "GRPC__REQUEST_TIMEOUT",
             format!(

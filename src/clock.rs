@@ -52,6 +52,17 @@ pub fn lease_wait(remaining: std::time::Duration) -> std::time::Duration {
     remaining.mul_f64(1.0 + RATE_MARGIN) + FIXED_MARGIN
 }
 
+/// What a revoking call needs beyond its wait for a lease (its statements, the answer).
+pub const WAIT_SLACK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The longest lease a call with this request timeout can wait for ([`lease_wait`] plus
+/// [`WAIT_SLACK`] under `timeout`).
+pub fn covers(timeout: std::time::Duration) -> std::time::Duration {
+    let room = timeout.saturating_sub(FIXED_MARGIN + WAIT_SLACK);
+    room.div_f64(1.0 + RATE_MARGIN)
+        .saturating_sub(std::time::Duration::from_micros(1))
+}
+
 tokio::task_local! {
     /// When the call being served must have answered (the server's request timeout, or the
     /// caller's `grpc-timeout` if sooner).
@@ -66,6 +77,16 @@ pub async fn with_deadline<F: Future>(deadline: std::time::Instant, call: F) -> 
 /// The deadline of the call being served, if any: a wait that would outlast it answers before.
 pub fn deadline() -> Option<std::time::Instant> {
     DEADLINE.try_with(|d| *d).ok()
+}
+
+/// What ends before the call's deadline (a revoking call's wait, an admin call's wait for its
+/// audit row) leaves it this long to answer.
+pub const ANSWER_MARGIN: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// When the call being served must stop waiting to answer in time ([`ANSWER_MARGIN`] before its
+/// deadline), if it has one.
+pub fn answer_by() -> Option<std::time::Instant> {
+    deadline().map(|d| d.checked_sub(ANSWER_MARGIN).unwrap_or(d))
 }
 
 /// `work`, to be run on a task of its own, with the deadline of the call that spawns it.
@@ -155,6 +176,16 @@ impl Clock {
         }
     }
 
+    /// Whether PostgreSQL's clock was read at least once (until then [`Self::now`] is this
+    /// host's, however far off).
+    pub fn calibrated(&self) -> bool {
+        !self
+            .samples
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
     /// The current correction (PostgreSQL minus this host), for the logs and tests.
     pub fn offset(&self) -> TimeDelta {
         TimeDelta::microseconds(self.offset_us.load(Ordering::Relaxed))
@@ -168,12 +199,14 @@ mod tests {
     #[test]
     fn a_skewed_host_reads_the_database_clock_once_calibrated() {
         let clock = Clock::new(TimeDelta::seconds(-30));
+        assert!(!clock.calibrated());
         let sent = clock.local();
         let database = Utc::now();
         let received = clock.local();
         clock.calibrate(sent, database, received);
         let error = (clock.now() - Utc::now()).abs();
         assert!(error < TimeDelta::milliseconds(50), "{error}");
+        assert!(clock.calibrated());
     }
 
     #[test]

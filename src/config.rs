@@ -762,8 +762,7 @@ impl Settings {
         if !(Duration::from_millis(500)..=Duration::from_secs(60)).contains(&lc.lease) {
             return invalid("LOCAL_CACHE__LEASE", "must be 500ms to 60s");
         }
-        let longest_wait = crate::clock::lease_wait(lc.lease) + Duration::from_secs(1);
-        if lc.enabled && longest_wait >= self.grpc.request_timeout {
+        if lc.enabled && lc.lease > crate::clock::covers(self.grpc.request_timeout) {
             return invalid(
                 "LOCAL_CACHE__LEASE",
                 "must leave GRPC__REQUEST_TIMEOUT room: a revoking call may wait for a lease \

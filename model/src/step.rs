@@ -485,7 +485,10 @@ impl Protocol {
 
     /// `Poller::poll`: the lease table again. On a timeline other than the one the holders were
     /// read on, it cannot end a wait: the call waits one lease from when the new timeline was
-    /// first seen (unless [`crate::config::Bugs::timeline_ignored`]).
+    /// first seen (unless [`crate::config::Bugs::timeline_ignored`]). The model's poll is read
+    /// now, for every holder the call waits for; the code's poller is shared by concurrent
+    /// waits, so a poll counts for a wait only when it asked about the holder and PostgreSQL
+    /// read it after the wait's holders read (`Poll::caught_up`) — which is this action.
     fn poll(&self, s: &mut State) {
         let c = s.call.node as usize;
         if !self.reach_pg(s, c) {

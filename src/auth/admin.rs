@@ -47,8 +47,10 @@ impl AuthService {
         let revocation = sessions
             .revoke_by_id(user_id, session_id, self.since())
             .await?;
+        // Read before the wait: nothing after it may outlast the call's deadline.
+        let theirs = revocation.revoked > 0 || sessions.belongs_to(user_id, session_id).await?;
         self.invalidate(Some("admin"), &revocation).await?;
-        if revocation.revoked > 0 || sessions.belongs_to(user_id, session_id).await? {
+        if theirs {
             tracing::info!(%user_id, %session_id, "session revoked by an administrator");
             Ok(())
         } else {

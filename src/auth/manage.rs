@@ -39,12 +39,15 @@ impl AuthService {
         let revocation = sessions
             .revoke_by_id(user_id, session_id, self.since())
             .await?;
+        // Whose session it is, read before the wait: nothing after the wait may outlast the
+        // call's deadline (the wait ends just before it).
+        let theirs = revocation.revoked > 0 || sessions.belongs_to(user_id, session_id).await?;
         // Whatever it found, what is still queued for the user is applied before answering.
         self.invalidate(Some("revoke"), &revocation).await?;
         if revocation.revoked > 0 {
             tracing::info!(%user_id, %session_id, "session revoked");
-            Ok(())
-        } else if sessions.belongs_to(user_id, session_id).await? {
+        }
+        if theirs {
             Ok(())
         } else {
             Err(AuthError::SessionNotFound)

@@ -506,7 +506,14 @@ impl AuthService {
     /// instance may still hold in memory (logged within the wait horizon, whoever logged it) or
     /// this instance's cache may still lack (logged after its log position): see `store::Since`.
     pub(super) fn since(&self) -> Since {
-        let horizon = self.clock.now() - self.local.horizon();
+        // Before PostgreSQL's clock was first read, this host's may be off by anything: an hour
+        // more of earlier rows (at most 1000, beyond which the wait covers every holder).
+        let uncalibrated = if self.clock.calibrated() {
+            chrono::TimeDelta::zero()
+        } else {
+            chrono::TimeDelta::hours(1)
+        };
+        let horizon = self.clock.now() - self.local.horizon() - uncalibrated;
         let position = self.cache.redis().log_position();
         Since {
             idle: self.policy.idle_timeout,

@@ -39,6 +39,7 @@ impl AdminGrpc {
     /// Admits the caller, runs `action` when admitted, and audits the call either way. Action
     /// and audit run in a task of their own, which shutdown waits for: a caller that hangs up
     /// (or whose deadline passes) cancels neither, so nothing is done without its audit record.
+    /// The answer waits for the row until just before the call's deadline.
     async fn call<Req, Resp, F, Fut>(
         &self,
         method: &'static str,
@@ -79,6 +80,7 @@ impl AdminGrpc {
             target.truncate(end);
         }
         let service = self.service.clone();
+        let (answer, answered) = tokio::sync::oneshot::channel();
         let call = async move {
             let (caller, admitted, result) = match admission {
                 Admission::Admitted { caller } => {
@@ -120,21 +122,30 @@ impl AdminGrpc {
                 request_id: &request_id,
                 count: 1,
             };
+            let _ = answer.send(result);
             service.audit(entry, admitted).await;
-            result
         };
-        match self
-            .service
-            .tasks
-            .spawn(crate::clock::carry_deadline(call))
-            .await
-        {
-            Ok(result) => result.map(Response::new),
-            Err(error) => {
-                tracing::error!(%error, method, "admin call task failed");
-                Err(Status::internal("internal error"))
+        let task = self.service.tasks.spawn(crate::clock::carry_deadline(call));
+        let Ok(result) = answered.await else {
+            tracing::error!(method, "admin call task failed");
+            return Err(Status::internal("internal error"));
+        };
+        // The answer waits for the audit row, unless that would outlast the call's deadline
+        // (a committed action is never cut off: the row is still written, by the task).
+        match crate::clock::answer_by() {
+            Some(by) => {
+                if tokio::time::timeout_at(by.into(), task).await.is_err() {
+                    tracing::warn!(
+                        method,
+                        "answering before the audit row is written (the call's deadline is near)"
+                    );
+                }
+            }
+            None => {
+                let _ = task.await;
             }
         }
+        result.map(Response::new)
     }
 }
 

@@ -323,9 +323,17 @@ async fn renew(cache: &LocalCache, held: Option<&Lease>, epoch: u64) -> Result<L
                 floors.clear();
             }
             let leases = shared.db.leases();
-            let granted = leases.register(shared.instance, store.lease).await?;
+            let Some(at) = leases.register(shared.instance, store.lease).await? else {
+                if !store.fleet_changed.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        lease = ?store.lease,
+                        "local cache: the fleet's lease is no longer the one this instance                          started with; it keeps no copies (still correct, slower) until restarted"
+                    );
+                }
+                return Err(StoreError::Unavailable(None));
+            };
             tracing::debug!(instance = %shared.instance, "local cache: lease taken");
-            granted
+            (at, store.lease)
         }
     };
     let believed = length.mul_f64(1.0 - RATE_MARGIN);

@@ -103,6 +103,10 @@ const UNTRUSTED: usize = 2;
 
 /// What a [`LocalCache`] is built from.
 pub struct LocalParts {
+    /// This instance, as the lease tables name it.
+    pub instance: Uuid,
+    /// The longest lease this instance's request timeout covers (see `clock::covers`).
+    pub covers: Duration,
     pub settings: LocalCacheSettings,
     /// The fleet's lease (see `store::LeaseRepo::fleet_lease`).
     pub lease: Duration,
@@ -124,6 +128,7 @@ pub struct LocalCache {
 
 struct Shared {
     instance: Uuid,
+    covers: Duration,
     db: Arc<Db>,
     redis: Redis,
     metrics: Arc<Metrics>,
@@ -142,6 +147,8 @@ struct Shared {
 impl LocalCache {
     pub fn new(parts: LocalParts) -> Self {
         let LocalParts {
+            instance,
+            covers,
             settings,
             lease,
             profile_ttl,
@@ -161,7 +168,8 @@ impl LocalCache {
         });
         Self {
             shared: Arc::new(Shared {
-                instance: Uuid::new_v4(),
+                instance,
+                covers,
                 poller: Arc::new(poller::Poller::new(db.clone())),
                 db,
                 redis,
@@ -273,8 +281,30 @@ impl LocalCache {
         stop: tokio_util::sync::CancellationToken,
     ) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = keeper::spawn(self.clone(), stop.clone());
-        tasks.push(tokio::spawn(self.shared.poller.clone().run(stop)));
+        tasks.push(tokio::spawn(self.shared.poller.clone().run(stop.clone())));
+        tasks.push(tokio::spawn(self.clone().running(stop)));
         tasks
+    }
+
+    /// Records every [`crate::store::INSTANCE_BEAT`] that this instance runs (and what its
+    /// request timeout covers), until `stop`, then that it stopped: an instance starting
+    /// meanwhile neither replaces the fleet's lease under it nor sets one it cannot wait for.
+    async fn running(self, stop: tokio_util::sync::CancellationToken) {
+        let shared = &self.shared;
+        let holds = shared.store.is_some();
+        let leases = shared.db.leases();
+        loop {
+            let seen = leases.seen(shared.instance, holds, shared.covers);
+            if let Err(error) = crate::store::in_background(seen).await {
+                tracing::debug!(%error, "could not record that this instance runs");
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(crate::store::INSTANCE_BEAT) => {}
+            }
+        }
+        let stopped = crate::store::in_background(leases.stopped(shared.instance));
+        let _ = tokio::time::timeout(Duration::from_secs(2), stopped).await;
     }
 
     /// PostgreSQL changed history (a promoted standby): copies made before are not trusted.

@@ -100,6 +100,8 @@ pub(super) struct Store {
     pub epoch: AtomicU64,
     /// A doubt happened: the keeper takes a fresh lease.
     pub lost: AtomicBool,
+    /// The fleet's lease was replaced while this instance ran (logged once).
+    pub fleet_changed: AtomicBool,
     /// Wakes the keeper (a doubt to act on).
     pub wake: Notify,
     /// The last heartbeat sent.
@@ -146,6 +148,7 @@ impl Store {
             hearing: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             lost: AtomicBool::new(false),
+            fleet_changed: AtomicBool::new(false),
             wake: Notify::new(),
             heartbeat: Mutex::new(Beat::default()),
         }

@@ -30,9 +30,6 @@ pub(super) struct Waiter {
     done: Notify,
 }
 
-/// A wait that ends before the call's deadline leaves it this long to answer.
-const ANSWER_MARGIN: Duration = Duration::from_millis(100);
-
 impl LocalCache {
     /// Once `written` (the change's Redis write) is done, drops `keys` here and waits until no
     /// other instance can serve a copy of them (see the module comment). Call after the change
@@ -107,7 +104,7 @@ impl LocalCache {
             .map(|h| (h.instance, asked + lease_wait(h.remaining)))
             .collect();
         let mut window = read.window.map(|w| asked + w);
-        let deadline = crate::clock::deadline().map(|d| d.checked_sub(ANSWER_MARGIN).unwrap_or(d));
+        let deadline = crate::clock::answer_by();
         let watching: Vec<Uuid> = ends.keys().copied().collect();
         let (_interest, mut polls) = self.shared.poller.watch(&watching);
         let mut polling = true;
@@ -139,7 +136,7 @@ impl LocalCache {
                     }
                     let poll = polls.borrow_and_update().clone();
                     let Some(poll) = poll else { continue };
-                    if poll.timeline != read.timeline {
+                    if poll.read.timeline != read.timeline {
                         // The lease table of another history cannot end a wait: one lease from
                         // when that history was first seen, whoever held a lease before.
                         if window.is_none() {

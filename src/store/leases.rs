@@ -30,6 +30,15 @@ pub struct Holders {
     pub window: Option<Duration>,
 }
 
+/// One read of the lease table's progress columns ([`LeaseRepo::progress`]).
+#[derive(Debug)]
+pub struct Progress {
+    pub timeline: String,
+    /// When PostgreSQL received the statement: nothing in `rows` is older.
+    pub at: DateTime<Utc>,
+    pub rows: HashMap<Uuid, LeaseProgress>,
+}
+
 /// How far a holder has come, as a poll sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct LeaseProgress {
@@ -44,7 +53,21 @@ pub struct FleetLease {
     pub lease: Duration,
     /// The fleet had another length than this instance's setting, and kept it.
     pub adopted: bool,
+    /// This instance would set `lease`, but some running instance's request timeout covers
+    /// only this much: nothing was set.
+    pub uncovered: Option<Duration>,
 }
+
+/// How often every instance records that it runs ([`LeaseRepo::seen`]).
+pub const INSTANCE_BEAT: Duration = Duration::from_secs(5);
+/// An instance not seen for this long is taken to have stopped.
+pub const INSTANCE_ALIVE: Duration = Duration::from_secs(30);
+
+const SEEN: &str = "insert into local_cache_instances (instance, holds, covers_us)
+                    values ($1, $2, $3)
+                    on conflict (instance) do update
+                        set seen_at = clock_timestamp(), holds = excluded.holds,
+                            covers_us = excluded.covers_us";
 
 #[derive(Clone, Copy)]
 pub struct LeaseRepo<'a>(&'a Db);
@@ -56,31 +79,73 @@ impl Db {
 }
 
 impl LeaseRepo<'_> {
-    /// The lease length every instance holds and waits for. The first instance with the cache
-    /// on sets it (`configured`); one configured otherwise later adopts it — unless the fleet has
-    /// let it go (no lease held, and no instance with the cache on started for two leases: the
-    /// whole fleet stopped), when its own replaces it. Instances with the cache off (`configured`
-    /// is `None`) only read it: they wait for the holders' leases.
+    /// The lease length every instance holds and waits for, read (and this instance recorded as
+    /// running: [`Self::seen`]) when `me` starts. The first instance with the cache on sets it
+    /// (`configured`); one configured otherwise later adopts it — unless the fleet has let it go
+    /// (no lease held, no instance holding leases seen running for [`INSTANCE_ALIVE`], and none
+    /// with the cache on started for two leases: the whole fleet with the cache on stopped),
+    /// when its own replaces it. A length is set only if every instance running can wait for
+    /// it (`covers`: the longest lease an instance's request timeout covers); otherwise nothing
+    /// is written and [`FleetLease::uncovered`] says what the running instances cover.
+    /// Instances with the cache off (`configured` is `None`) only read it: they wait for the
+    /// holders' leases.
     pub async fn fleet_lease(
         &self,
+        me: Uuid,
         configured: Option<Duration>,
+        covers: Duration,
     ) -> Result<Option<FleetLease>, StoreError> {
         let mut tx = self.0.run(self.0.pool.begin()).await?;
         let lock = sqlx::query("lock table local_cache_fleet in exclusive mode");
         self.0.run(lock.execute(&mut *tx)).await?;
+        let gone = sqlx::query(
+            "delete from local_cache_instances where seen_at < clock_timestamp() - interval '1 day'",
+        );
+        self.0.run(gone.execute(&mut *tx)).await?;
+        let alive_us = micros(INSTANCE_ALIVE);
         let current = sqlx::query_as::<_, (i64, bool)>(
             "select lease_us,
                     exists (select 1 from local_cache_leases where expires_at > clock_timestamp())
                     or updated_at > clock_timestamp() - 2 * lease_us * interval '1 microsecond'
+                    or exists (select 1 from local_cache_instances
+                               where holds and instance <> $1
+                                 and seen_at > clock_timestamp() - $2 * interval '1 microsecond')
              from local_cache_fleet",
-        );
+        )
+        .bind(me)
+        .bind(alive_us);
         let found = self.0.run(current.fetch_optional(&mut *tx)).await?;
-        let (lease_us, adopted) = match (found, configured) {
-            (None, None) => return Ok(None),
-            (Some((lease_us, _)), None) => (lease_us, false),
-            (Some((lease_us, true)), Some(mine)) => (lease_us, lease_us != micros(mine)),
-            (Some((_, false)) | None, Some(mine)) => (micros(mine), false),
+        let running = sqlx::query_scalar::<_, Option<i64>>(
+            "select min(covers_us) from local_cache_instances
+             where instance <> $1 and seen_at > clock_timestamp() - $2 * interval '1 microsecond'",
+        )
+        .bind(me)
+        .bind(alive_us);
+        let least = self.0.run(running.fetch_one(&mut *tx)).await?;
+        let (lease_us, adopted, changes) = match (found, configured) {
+            (None, None) => {
+                self.record(&mut tx, me, false, covers).await?;
+                self.0.run(tx.commit()).await?;
+                return Ok(None);
+            }
+            (Some((lease_us, _)), None) => (lease_us, false, false),
+            (Some((lease_us, true)), Some(mine)) => (lease_us, lease_us != micros(mine), false),
+            (Some((lease_us, false)), Some(mine)) => {
+                (micros(mine), false, lease_us != micros(mine))
+            }
+            (None, Some(mine)) => (micros(mine), false, true),
         };
+        let lease = Duration::from_micros(lease_us.max(1).unsigned_abs());
+        if changes && let Some(least) = least.filter(|least| *least < lease_us) {
+            // Rolled back: nothing is set that a running instance could not wait for.
+            return Ok(Some(FleetLease {
+                lease,
+                adopted,
+                uncovered: Some(Duration::from_micros(least.max(0).unsigned_abs())),
+            }));
+        }
+        self.record(&mut tx, me, configured.is_some(), covers)
+            .await?;
         if configured.is_some() {
             // Set, or claimed for two leases: an instance starting meanwhile adopts it, though
             // this one holds no lease yet.
@@ -94,19 +159,49 @@ impl LeaseRepo<'_> {
         }
         self.0.run(tx.commit()).await?;
         Ok(Some(FleetLease {
-            lease: Duration::from_micros(lease_us.max(1).unsigned_abs()),
+            lease,
             adopted,
+            uncovered: None,
         }))
     }
 
-    /// Takes a new lease (the caller holds no copies) of the fleet's length (`lease` if the
-    /// fleet has none): PostgreSQL's time at the grant, and the length. Leases that ended a day
-    /// ago are deleted on the way.
+    async fn record(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        me: Uuid,
+        holds: bool,
+        covers: Duration,
+    ) -> Result<(), StoreError> {
+        let query = sqlx::query(SEEN).bind(me).bind(holds).bind(micros(covers));
+        self.0.run(query.execute(tx)).await?;
+        Ok(())
+    }
+
+    /// `me` is running (every [`INSTANCE_BEAT`]): whether it holds leases, and the longest lease
+    /// its request timeout covers.
+    pub async fn seen(&self, me: Uuid, holds: bool, covers: Duration) -> Result<(), StoreError> {
+        let query = sqlx::query(SEEN).bind(me).bind(holds).bind(micros(covers));
+        self.0.run(query.execute(&self.0.pool)).await?;
+        Ok(())
+    }
+
+    /// `me` stopped.
+    pub async fn stopped(&self, me: Uuid) -> Result<(), StoreError> {
+        let query = sqlx::query("delete from local_cache_instances where instance = $1").bind(me);
+        self.0.run(query.execute(&self.0.pool)).await?;
+        Ok(())
+    }
+
+    /// Takes a new lease (the caller holds no copies) of `lease`, the length this instance
+    /// started with: PostgreSQL's time at the grant. `None` when the fleet's length is another
+    /// now (it was replaced while this instance ran: its request timeout was checked against
+    /// `lease` only, and the other instances' against the new one): no lease is taken. Leases
+    /// that ended a day ago are deleted on the way.
     pub async fn register(
         &self,
         instance: Uuid,
         lease: Duration,
-    ) -> Result<(DateTime<Utc>, Duration), StoreError> {
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
         let purge = sqlx::query(
             "delete from local_cache_leases where expires_at < clock_timestamp() - interval '1 day'",
         );
@@ -118,17 +213,20 @@ impl LeaseRepo<'_> {
              insert into local_cache_leases (instance, expires_at, lease_us, applied_through)
              select $1, clock_timestamp() + us * interval '1 microsecond', us, clock_timestamp()
              from length
+             where us = $2::bigint
              on conflict (instance) do update
                  set expires_at = excluded.expires_at, lease_us = excluded.lease_us,
                      applied_through = excluded.applied_through, registered_at = now()
-             returning applied_through, lease_us, {TIMELINE}"
+             returning applied_through, {TIMELINE}"
         );
-        let query = sqlx::query_as::<_, (DateTime<Utc>, i64, String)>(sqlx::AssertSqlSafe(sql))
+        let query = sqlx::query_as::<_, (DateTime<Utc>, String)>(sqlx::AssertSqlSafe(sql))
             .bind(instance)
             .bind(micros(lease));
-        let (at, lease_us, timeline) = self.0.run(query.fetch_one(&self.0.pool)).await?;
+        let Some((at, timeline)) = self.0.run(query.fetch_optional(&self.0.pool)).await? else {
+            return Ok(None);
+        };
         self.0.saw_timeline(timeline).await?;
-        Ok((at, Duration::from_micros(lease_us.max(1).unsigned_abs())))
+        Ok(Some(at))
     }
 
     /// Extends a lease that has not ended, recording how far its holder has applied the logs:
@@ -214,31 +312,33 @@ impl LeaseRepo<'_> {
         })
     }
 
-    /// How far each of `instances` has come (the poll of `crate::local::poller`), and the
-    /// history the rows belong to.
-    pub async fn progress(
-        &self,
-        instances: &[Uuid],
-    ) -> Result<(String, HashMap<Uuid, LeaseProgress>), StoreError> {
+    /// How far each of `instances` has come (the poll of `crate::local::poller`): the history
+    /// the rows belong to, PostgreSQL's time when the statement arrived (every row is as of
+    /// then or later), and a row for each of `instances` that has a lease row.
+    pub async fn progress(&self, instances: &[Uuid]) -> Result<Progress, StoreError> {
         let sql = format!(
-            "select {TIMELINE}, l.instance, l.expires_at <= clock_timestamp(), l.applied_through
+            "select {TIMELINE}, statement_timestamp(), l.instance,
+                    l.expires_at <= clock_timestamp(), l.applied_through
              from (select 1) one
              left join local_cache_leases l on l.instance = any($1)"
         );
-        let query =
-            sqlx::query_as::<_, (String, Option<Uuid>, Option<bool>, Option<DateTime<Utc>>)>(
-                sqlx::AssertSqlSafe(sql),
-            )
-            .bind(instances);
+        type Row = (
+            String,
+            DateTime<Utc>,
+            Option<Uuid>,
+            Option<bool>,
+            Option<DateTime<Utc>>,
+        );
+        let query = sqlx::query_as::<_, Row>(sqlx::AssertSqlSafe(sql)).bind(instances);
         let rows = self.0.run(query.fetch_all(&self.0.pool)).await?;
-        let timeline = rows
+        let (timeline, at) = rows
             .first()
-            .map(|row| row.0.clone())
+            .map(|row| (row.0.clone(), row.1))
             .ok_or(StoreError::Unavailable(None))?;
         self.0.saw_timeline(timeline.clone()).await?;
-        let progress = rows
+        let rows = rows
             .into_iter()
-            .filter_map(|(_, instance, ended, applied_through)| {
+            .filter_map(|(_, _, instance, ended, applied_through)| {
                 Some((
                     instance?,
                     LeaseProgress {
@@ -248,7 +348,7 @@ impl LeaseRepo<'_> {
                 ))
             })
             .collect();
-        Ok((timeline, progress))
+        Ok(Progress { timeline, at, rows })
     }
 
     /// How many leases are held now.

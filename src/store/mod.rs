@@ -31,7 +31,9 @@ use sqlx::{
 
 pub use admin::{AdminRepo, AdminUser, AuditEntry, SessionCursor, UserLookup};
 pub use history::HistoryHook;
-pub use leases::{FleetLease, Holder, Holders, LeaseProgress, LeaseRepo};
+pub use leases::{
+    FleetLease, Holder, Holders, INSTANCE_ALIVE, INSTANCE_BEAT, LeaseProgress, LeaseRepo, Progress,
+};
 pub use outbox::{Cursor, Invalidation, OutboxRepo, ProfileInvalidation, Revocation, in_flight};
 pub use profiles::{ProfileRepo, UpdateOutcome};
 pub use sessions::{NewSession, SessionRepo, Since, StoredSession};

@@ -316,6 +316,13 @@ async fn restore_from_an_older_snapshot(hold: bool) {
         assert_eq!(app.get_profile(&keeper.user_id).await.unwrap().version, 1);
     }
     let redis = redis_client(&server.url()).await;
+    // The copy is written once the fill's reply is sent: the snapshot is taken with it in.
+    let key = session_key(&a, &victim);
+    eventually(Duration::from_secs(5), "the copy in Redis", || async {
+        let copy: Option<String> = redis.get(&key).await.unwrap();
+        copy.is_some_and(|v| v.contains("|S|"))
+    })
+    .await;
     let _: () = redis
         .custom(fred::cmd!("SAVE"), Vec::<String>::new())
         .await

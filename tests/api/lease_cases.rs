@@ -243,3 +243,148 @@ async fn concurrent_waits_share_one_poll_of_the_lease_table() {
         "{spent} queries in {waited:?} ({per_second:.0}/s besides the Logouts' own)"
     );
 }
+
+/// `select` one number from `app`'s database.
+async fn scalar(app: &TestApp, sql: &str) -> i64 {
+    let pool = sqlx::PgPool::connect(app.settings.database.url.expose_secret())
+        .await
+        .unwrap();
+    let value: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    value
+}
+
+/// Review found: the fleet counted as having let its lease go when no lease was held and no
+/// instance had started for two leases — which is also a running fleet during a Redis outage
+/// (every instance doubts and releases). An instance starting then with LOCAL_CACHE__LEASE=10s
+/// replaced the fleet's 3 s, and the running instances took 10 s leases when Redis came back:
+/// longer than their request timeouts were checked against. Now running instances are
+/// recorded every 5 s, and the fleet's lease changes only once none that holds leases runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleets_lease_does_not_change_under_a_running_fleet_without_leases() {
+    let redis = Proxy::start(redis_addr()).await;
+    let mut settings = test_settings(Mode::Redis);
+    settings.redis.url = format!("redis://{}", redis.addr).into();
+    settings.grpc.request_timeout = Duration::from_secs(5);
+    let a = spawn_with(settings).await;
+    eventually(Duration::from_secs(15), "A holds a lease", || async {
+        a.db.leases().held().await.unwrap() == 1
+    })
+    .await;
+    // Redis away: A doubts and lets its lease go; the fleet row is long unclaimed.
+    redis.set(Link::Blackhole);
+    eventually(Duration::from_secs(15), "A released its lease", || async {
+        a.db.leases().held().await.unwrap() == 0
+    })
+    .await;
+    scalar(
+        &a,
+        "with u as (update local_cache_fleet set updated_at = clock_timestamp() - interval '1 hour'
+                    returning 1) select count(*) from u",
+    )
+    .await;
+    let b = spawn_sharing(&a, |s| {
+        s.redis.url = redis_url().into();
+        s.local_cache.lease = Duration::from_secs(10);
+        s.grpc.request_timeout = Duration::from_secs(20);
+    })
+    .await;
+    assert_eq!(
+        scalar(&a, "select lease_us from local_cache_fleet").await,
+        3_000_000,
+        "B adopted the running fleet's lease"
+    );
+    redis.set(Link::Up);
+    eventually(
+        Duration::from_secs(15),
+        "both hold leases again",
+        || async { a.db.leases().held().await.unwrap() == 2 },
+    )
+    .await;
+    assert_eq!(
+        scalar(
+            &a,
+            "select max(lease_us) from local_cache_leases where expires_at > clock_timestamp()"
+        )
+        .await,
+        3_000_000,
+        "every lease held is the fleet's 3 s"
+    );
+    drop(b);
+}
+
+/// Review found: an instance with its cache off that started before any instance had the
+/// cache on was never checked against a lease (there was none), and a cache-on instance
+/// starting later set one longer than its request timeout covers. Now the later one refuses to
+/// start, naming LOCAL_CACHE__LEASE, while such an instance runs; a lease it covers is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_instance_sets_a_lease_that_a_running_instance_cannot_wait_for() {
+    let mut settings = test_settings(Mode::Redis);
+    settings.local_cache.enabled = false;
+    // Covers a lease of (3 s - 1.1 s) / 1.01 = 1.88 s.
+    settings.grpc.request_timeout = Duration::from_secs(3);
+    let off = spawn_with(settings).await;
+    let mut other = off.settings.clone();
+    other.local_cache.enabled = true;
+    other.local_cache.lease = Duration::from_secs(3);
+    other.grpc.request_timeout = Duration::from_secs(10);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let error = match authd::app::Application::build_with_listener(other.clone(), listener).await {
+        Ok(_) => panic!("set a lease the running instance cannot wait for"),
+        Err(error) => error,
+    };
+    let text = format!("{error:#}");
+    assert!(
+        text.contains("invalid setting LOCAL_CACHE__LEASE"),
+        "{text}"
+    );
+    assert!(error.downcast_ref::<authd::config::ConfigError>().is_some());
+    assert_eq!(
+        scalar(&off, "select count(*) from local_cache_fleet").await,
+        0,
+        "nothing was set"
+    );
+    let on = spawn_sharing(&off, |s| {
+        s.local_cache.enabled = true;
+        s.local_cache.lease = Duration::from_secs(1);
+        s.grpc.request_timeout = Duration::from_secs(10);
+    })
+    .await;
+    assert_eq!(
+        scalar(&off, "select lease_us from local_cache_fleet").await,
+        1_000_000
+    );
+    drop(on);
+}
+
+/// A running instance takes leases of the length it started with only: when the fleet's
+/// length is replaced under it (by hand here), it keeps no copies — correct, slower — instead
+/// of holding a lease the others' timeouts were not checked against.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_takes_no_lease_of_a_length_it_did_not_start_with() {
+    let a = spawn_app(Mode::Redis).await;
+    eventually(Duration::from_secs(15), "A holds a lease", || async {
+        a.db.leases().held().await.unwrap() == 1
+    })
+    .await;
+    scalar(
+        &a,
+        "with f as (update local_cache_fleet set lease_us = 5000000 returning 1),
+              l as (update local_cache_leases set expires_at = clock_timestamp() returning 1)
+         select (select count(*) from f) + (select count(*) from l)",
+    )
+    .await;
+    // Several beats (0.75 s each) later, A still holds none.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(a.db.leases().held().await.unwrap(), 0);
+    let (_, registered) = a.register().await;
+    let token = registered.session_token;
+    let hits = "authd_local_cache_lookups_total{cache=\"sessions\",result=\"hit\"}";
+    let before = a.metric(hits).await;
+    a.validate(&token).await.unwrap();
+    a.validate(&token).await.unwrap();
+    assert_eq!(a.metric(hits).await, before, "nothing served from memory");
+}
