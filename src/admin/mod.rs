@@ -73,6 +73,19 @@ impl AdminService {
     /// unauthenticated callers cannot turn the audit into a write flood. A row that cannot be
     /// written is logged as an error (the log line has everything the row would have).
     pub async fn audit(&self, entry: AuditEntry<'_>, admitted: bool) {
+        // What the caller sent is stored so that PostgreSQL can hold it (no NUL) and a terminal
+        // showing it cannot be driven by it: control characters escaped, and the backslash.
+        let (caller, target, request_id) = (
+            printable(entry.caller),
+            printable(entry.target),
+            printable(entry.request_id),
+        );
+        let entry = AuditEntry {
+            caller: &caller,
+            target: &target,
+            request_id: &request_id,
+            ..entry
+        };
         self.metrics
             .admin_calls
             .with_label_values(&[entry.method, entry.outcome])
@@ -146,6 +159,23 @@ impl AdminService {
     }
 }
 
+/// `text` with every control character (NUL, newline, ESC, DEL, C1) written `\u{XX}` and a
+/// backslash written `\\`: nothing is lost, and reading it back is unambiguous.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(|c| c.is_control() || c == '\\') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// How long an audit row that PostgreSQL did not take is tried again (within the time shutdown
 /// gives admin calls still running).
 pub const AUDIT_RETRY: std::time::Duration = std::time::Duration::from_secs(4);
@@ -176,5 +206,21 @@ impl RowBudget {
         } else {
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn control_characters_and_backslashes_are_escaped_and_nothing_else() {
+        assert_eq!(printable("alice@example.com"), "alice@example.com");
+        assert_eq!(printable("a\0b"), "a\\u{0}b");
+        assert_eq!(printable("line\nnext"), "line\\u{a}next");
+        assert_eq!(printable("\x1b[31mred"), "\\u{1b}[31mred");
+        assert_eq!(printable("\u{9b}c1 \u{7f}"), "\\u{9b}c1 \\u{7f}");
+        assert_eq!(printable("back\\slash"), "back\\\\slash");
+        assert_eq!(printable("δ ü 日本"), "δ ü 日本");
     }
 }

@@ -836,3 +836,52 @@ async fn an_admin_call_whose_caller_gave_up_is_still_audited() {
         "{rows:?}"
     );
 }
+
+/// Review found: PostgreSQL text cannot hold a NUL byte, so a target with one made the audit
+/// insert fail — no row, for refused and admitted callers alike (200 wrong-key guesses left 0
+/// rows) — and newlines and ANSI escapes were stored raw, to drive the terminal of an operator
+/// reading the table. Now control characters are written `\u{XX}` (and a backslash `\\`): each
+/// such call, refused or admitted, leaves one row naming what it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_bytes_in_a_target_leave_one_readable_audit_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = keyed_app(Mode::NoRedis, dir.path()).await;
+    let targets = [
+        "a\0b",
+        "line\nforged row",
+        "\x1b[2J\x1b[31mred",
+        "back\\slash",
+    ];
+    for target in targets {
+        let refused = get_user(&app, "not-the-key", target).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        let admitted = get_user(&app, KEY, target).await.unwrap_err();
+        assert_eq!(admitted.code(), Code::InvalidArgument, "{admitted:?}");
+    }
+    let url = app.settings.database.url.expose_secret().to_owned();
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "select caller, target from admin_audit where method = 'GetUser' order by id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let expected = [
+        "a\\u{0}b",
+        "line\\u{a}forged row",
+        "\\u{1b}[2J\\u{1b}[31mred",
+        "back\\\\slash",
+    ];
+    let mut want = Vec::new();
+    for target in expected {
+        want.push(("key:unknown".to_owned(), target.to_owned()));
+        want.push(("key:ops".to_owned(), target.to_owned()));
+    }
+    assert_eq!(rows, want);
+    assert!(
+        rows.iter().all(|(_, t)| !t.chars().any(char::is_control)),
+        "{rows:?}"
+    );
+}
