@@ -579,7 +579,7 @@ async fn serve_metrics(
     // An HTTP/1 request line can be short; the header read timeout bounds the rest.
     let caps = limits::Caps {
         total: settings.max_connections,
-        per_address: 0,
+        per_address: settings.max_connections_per_address,
         opening_bytes: 1,
         ipv6_prefix: 64,
     };

@@ -176,6 +176,9 @@ pub struct MetricsSettings {
     pub addr: SocketAddr,
     /// Connections served at once; others wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Connections one client address (an IPv6 /64) may hold; past it, closed at once: one
+    /// address cannot keep every scraper out.
+    pub max_connections_per_address: usize,
     /// A request's headers must arrive within this, or the connection is closed (slowloris).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
@@ -396,6 +399,7 @@ impl Default for MetricsSettings {
             enabled: true,
             addr: SocketAddr::from(([0, 0, 0, 0], 9090)),
             max_connections: 16,
+            max_connections_per_address: 4,
             header_read_timeout: Duration::from_secs(5),
         }
     }
@@ -545,6 +549,38 @@ impl ConfigError {
     }
 }
 
+/// figment 0.10 reads a quoted string in an environment value (`"…"`, also inside `[…]` or
+/// `{…}`) by slicing it at a *character* index where it finds a backslash: after a non-ASCII
+/// character that panics or garbles the value. Such a value of one of authd's variables stops
+/// startup with its name instead (write it without quotes).
+fn unreadable_by_figment() -> Result<(), ConfigError> {
+    for (key, value) in std::env::vars_os() {
+        let (Some(key), Some(value)) = (key.to_str(), value.to_str()) else {
+            continue;
+        };
+        let ours = key == "DATABASE_URL"
+            || SECTIONS.iter().any(|section| {
+                key.to_ascii_lowercase()
+                    .strip_prefix(section)
+                    .is_some_and(|rest| rest.starts_with("__"))
+            });
+        let upper = key.to_ascii_uppercase();
+        if ours
+            && !RAW_SECRETS.contains(&upper.as_str())
+            && value.contains('"')
+            && value.contains('\\')
+            && !value.is_ascii()
+        {
+            return Err(ConfigError::invalid(
+                &upper,
+                "a value with double quotes, a backslash and non-ASCII characters cannot be \
+                 read; write it without the quotes",
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Settings {
     /// Defaults, then `file` (when given), then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -555,6 +591,7 @@ impl Settings {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
+        unreadable_by_figment()?;
         let figment = figment
             .merge(
                 Env::raw()
@@ -654,6 +691,13 @@ impl Settings {
         }
         if self.metrics.max_connections == 0 {
             return invalid("METRICS__MAX_CONNECTIONS", "must be at least 1");
+        }
+        let per_address = self.metrics.max_connections_per_address;
+        if per_address == 0 || per_address > self.metrics.max_connections {
+            return invalid(
+                "METRICS__MAX_CONNECTIONS_PER_ADDRESS",
+                "must be 1 to METRICS__MAX_CONNECTIONS",
+            );
         }
         if self.metrics.header_read_timeout.is_zero() {
             return invalid("METRICS__HEADER_READ_TIMEOUT", "must be greater than zero");

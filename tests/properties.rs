@@ -179,6 +179,23 @@ proptest! {
     }
 }
 
+/// The case the property below found on CI: figment 0.10 slices a quoted value at a character
+/// index where it meets a backslash, and panicked inside it after a multi-byte character. Now such
+/// a value stops startup naming its variable.
+#[test]
+#[allow(clippy::result_large_err)] // figment's Jail closures return its large error type
+fn a_quoted_value_with_a_backslash_after_non_ascii_names_its_setting() {
+    figment::Jail::expect_with(|jail| {
+        jail.clear_env();
+        jail.set_env("REDIS__KEY_PREFIX", "\"\u{fe20}\u{fffc}ਖ਼ெa A\\ \"");
+        let error = Settings::load(None).expect_err("refused");
+        assert!(error.to_string().contains("REDIS__KEY_PREFIX"), "{error}");
+        jail.set_env("REDIS__KEY_PREFIX", "\"plain\\\\ascii\"");
+        Settings::load(None).expect("an ASCII quoted value with an escape loads");
+        Ok(())
+    });
+}
+
 /// The settings a hostile or careless operator writes: any value of any setting either loads
 /// or stops startup with a message naming that setting — never a panic.
 #[test]
