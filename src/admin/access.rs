@@ -166,6 +166,17 @@ impl Access {
             return Ok(None);
         }
         let keys = match &file {
+            // Not there (yet): no key is admitted until it appears (the reload reads it then).
+            Some(path) if !path.exists() => {
+                tracing::warn!(
+                    path = %path.display(),
+                    "ADMIN__API_KEYS_FILE does not exist: no API key is admitted until it does"
+                );
+                Keys {
+                    keys: Vec::new(),
+                    file_digest: [0; 32],
+                }
+            }
             Some(path) => read_keys(path)?,
             None => Keys {
                 keys: Vec::new(),
@@ -183,9 +194,10 @@ impl Access {
         self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Re-reads the keys file if it changed. A file that cannot be parsed is logged and the keys
-    /// already loaded stay in force (a half-written file locks nobody out); a file that is gone
-    /// admits no key any more (deleting it revokes every key). `true` when the keys changed.
+    /// Re-reads the keys file if it changed. A file that cannot be parsed, or is empty, is logged
+    /// and the keys already loaded stay in force (a half-written file locks nobody out); a file
+    /// that is gone admits no key any more (deleting it revokes every key). `true` when the keys
+    /// changed.
     pub fn reload(&self) -> bool {
         let Some(path) = &self.file else {
             return false;
@@ -207,6 +219,14 @@ impl Access {
         };
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         if digest == current.file_digest {
+            return false;
+        }
+        if bytes.iter().all(u8::is_ascii_whitespace) && !current.keys.is_empty() {
+            // `cat new > keys.toml` truncates first: an empty file is one being written.
+            tracing::error!(
+                "ADMIN__API_KEYS_FILE is empty (being rewritten in place?); the keys read before \
+                 stay in force (to revoke every key, delete the file)"
+            );
             return false;
         }
         let parsed = String::from_utf8(bytes)
@@ -393,6 +413,56 @@ mod tests {
         std::fs::remove_file(file.path()).unwrap();
         assert!(access.reload());
         assert!(matches!(admitted(), Admission::Denied { .. }));
+    }
+
+    /// Review found: `cat new > keys.toml` truncates the file first, and a reload in between
+    /// read it as no keys — every operator locked out. Now an empty file keeps the keys in force
+    /// until the new content is there.
+    #[test]
+    fn a_file_rewritten_in_place_locks_nobody_out() {
+        let (access, file) = access(&entry("ops", "s3cret-one"), "");
+        let admitted = |key: &str| {
+            let header = format!("Bearer {key}");
+            matches!(
+                access.admit(None, Some(header.as_bytes())),
+                Admission::Admitted { .. }
+            )
+        };
+        assert!(admitted("s3cret-one"));
+        std::fs::write(file.path(), "").unwrap();
+        assert!(!access.reload());
+        assert!(admitted("s3cret-one"), "the truncated file keeps the keys");
+        std::fs::write(file.path(), "\n  \n").unwrap();
+        assert!(!access.reload());
+        assert!(admitted("s3cret-one"));
+        std::fs::write(file.path(), entry("ops", "s3cret-two")).unwrap();
+        assert!(access.reload());
+        assert!(admitted("s3cret-two") && !admitted("s3cret-one"));
+    }
+
+    /// Review found: a missing keys file stopped startup (exit 2), so pods whose optional Secret
+    /// was absent crash-looped, while README said a missing file admits no key. Now it admits
+    /// none, says so, and the keys are read once the file appears.
+    #[test]
+    fn a_missing_keys_file_at_startup_admits_none_until_it_appears() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let settings = AdminSettings {
+            api_keys_file: Some(path.clone()),
+            ..AdminSettings::default()
+        };
+        let access = Access::from_settings(&settings).unwrap().unwrap();
+        let admitted = || {
+            matches!(
+                access.admit(None, Some(b"Bearer s3cret-one")),
+                Admission::Admitted { .. }
+            )
+        };
+        assert!(!admitted());
+        assert!(!access.reload());
+        std::fs::write(&path, entry("ops", "s3cret-one")).unwrap();
+        assert!(access.reload());
+        assert!(admitted());
     }
 
     #[test]
