@@ -686,8 +686,11 @@ impl Settings {
         if self.admin.reload_interval.is_zero() {
             return invalid("ADMIN__RELOAD_INTERVAL", "must be greater than zero");
         }
-        if self.audit.retention.is_zero() {
-            return invalid("AUDIT__RETENTION", "must be greater than zero");
+        if self.audit.retention < Duration::from_secs(86_400) {
+            return invalid(
+                "AUDIT__RETENTION",
+                "must be at least 1d (no audit row younger is ever purged)",
+            );
         }
         if self.metrics.max_connections == 0 {
             return invalid("METRICS__MAX_CONNECTIONS", "must be at least 1");

@@ -7,7 +7,8 @@
 --
 -- The owner applies the migrations (`authd migrate`, a Job or a compose service): it owns the
 -- schema and every table. The app role is what the service runs as: it reads and writes rows,
--- and can create, alter or drop nothing. Run the service with
+-- and can create, alter or drop nothing; a migration then makes the audit append-only for it
+-- (no update or delete of admin_audit or service_secrets). Run the service with
 -- DATABASE__MIGRATE=false and DATABASE__CREATE_IF_MISSING=false.
 \set ON_ERROR_STOP on
 

@@ -180,25 +180,19 @@ impl AdminRepo<'_> {
         Ok(())
     }
 
-    /// Deletes audit rows older than `retention`, at most `batch` of them.
+    /// Deletes audit rows older than `retention` (a day at least), at most `batch` of them,
+    /// through `purge_admin_audit`: the role the service runs as cannot delete audit rows
+    /// itself.
     pub async fn purge_audit(
         &self,
         retention: std::time::Duration,
         batch: i64,
     ) -> Result<u64, StoreError> {
-        let query = sqlx::query(
-            "delete from admin_audit where id in (
-                 select id from admin_audit
-                 where at < clock_timestamp() - $1::bigint * interval '1 microsecond'
-                 order by at limit $2)",
-        )
-        .bind(micros(retention))
-        .bind(batch);
-        Ok(self
-            .0
-            .run(query.execute(&self.0.pool))
-            .await?
-            .rows_affected())
+        let query = sqlx::query_scalar::<_, i64>("select purge_admin_audit($1, $2)")
+            .bind(micros(retention))
+            .bind(batch);
+        let purged = self.0.run(query.fetch_one(&self.0.pool)).await?;
+        Ok(purged.max(0).unsigned_abs())
     }
 
     /// The secret called `name`, shared by every instance: `fresh` is stored if there is none

@@ -381,6 +381,39 @@ async fn the_service_runs_as_a_role_that_cannot_change_the_schema() {
         let code = error.as_database_error().and_then(|e| e.code());
         assert_eq!(code.as_deref(), Some("42501"), "{ddl}: {error}");
     }
+    // Review found: the app role could rewrite or delete the audit, and replace the page-token
+    // signing key. Now the audit is append-only for it, and secrets are added, never replaced.
+    sqlx::query(
+        "insert into admin_audit (caller, method, outcome, at)
+         values ('key:ops', 'DisableUser', 'Ok', clock_timestamp() - interval '2 hours'),
+                ('key:ops', 'GetUser', 'Ok', clock_timestamp() - interval '400 days')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    for dml in [
+        "update admin_audit set caller = 'someone else'",
+        "delete from admin_audit",
+        "truncate admin_audit",
+        "update service_secrets set secret = '\\x00'",
+        "delete from service_secrets",
+    ] {
+        let error = sqlx::query(dml).execute(&mut conn).await.unwrap_err();
+        let code = error.as_database_error().and_then(|e| e.code());
+        assert_eq!(code.as_deref(), Some("42501"), "{dml}: {error}");
+    }
+    // The purge it may run deletes nothing younger than a day, whatever it asks.
+    let purged: i64 = sqlx::query_scalar("select purge_admin_audit(0, 1000)")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(purged, 1, "only the 400-day-old row");
+    let left: i64 =
+        sqlx::query_scalar("select count(*) from admin_audit where method = 'DisableUser'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(left, 1);
     drop(conn);
     drop(app);
     crate::helpers::drop_database(&format!("{base}/{database}")).await;
