@@ -313,7 +313,6 @@ impl Application {
             .max_connection_age(MAX_CONNECTION_AGE)
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            .timeout(g.request_timeout)
             .layer(ObserveLayer::new(self.metrics.clone(), g.request_timeout))
             .add_service(health_service.max_decoding_message_size(max))
             .add_optional_service(

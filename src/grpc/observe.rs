@@ -1,6 +1,7 @@
 //! Around every RPC: a request id (the caller's `x-request-id`, or a new one, returned in the
 //! response metadata), a span carrying it, one log line when the RPC answers (method, code,
-//! latency, request id), and the RPC metrics.
+//! latency, request id), and the RPC metrics; and the call's deadline (`GRPC__REQUEST_TIMEOUT`,
+//! or the caller's shorter `grpc-timeout`), past which it answers DEADLINE_EXCEEDED.
 //!
 //! The status of an error is in the response headers (gRPC "trailers-only"); a response without
 //! one is OK, its status following in the trailers. Streams (health Watch) are recorded when they
@@ -88,6 +89,7 @@ where
     S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
+    RB: Default + Send + 'static,
 {
     type Response = Response<RB>;
     type Error = S::Error;
@@ -121,7 +123,16 @@ where
         let metrics = self.metrics.clone();
         Box::pin(async move {
             let call = inner.call(request).instrument(span.clone());
-            let mut response = crate::clock::with_deadline(deadline, call).await?;
+            let call = crate::clock::with_deadline(deadline, call);
+            // The call's deadline ends it here, so that it is answered DEADLINE_EXCEEDED (what
+            // a gRPC client expects), logged and counted like any other call.
+            let mut response = match tokio::time::timeout_at(deadline.into(), call).await {
+                Ok(response) => response?,
+                Err(_elapsed) => {
+                    tonic::Status::deadline_exceeded("the call's deadline passed on the server")
+                        .into_http()
+                }
+            };
             let code = status_code(&response);
             response.headers_mut().insert(REQUEST_ID, id);
             let elapsed = start.elapsed();

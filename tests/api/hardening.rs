@@ -470,10 +470,11 @@ async fn streams_past_the_limit_are_refused_and_the_others_served() {
 }
 
 /// Before: no server-side deadline; a call whose message never completes held its stream (and
-/// what it had sent) forever. Now it ends at `GRPC__REQUEST_TIMEOUT` with CANCELLED (what tonic's
-/// server timeout answers).
+/// what it had sent) forever. Then it ended at `GRPC__REQUEST_TIMEOUT` with CANCELLED (tonic's
+/// server timeout), with no log line and no `authd_rpc_requests_total` sample (review of issue
+/// 21). Now it answers DEADLINE_EXCEEDED, counted like every other call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_past_the_request_timeout_is_cancelled() {
+async fn a_call_past_the_request_timeout_is_deadline_exceeded_and_counted() {
     let mut settings = test_settings(Mode::NoRedis);
     settings.grpc.request_timeout = Duration::from_secs(1);
     let app = spawn_with(settings).await;
@@ -482,7 +483,9 @@ async fn a_call_past_the_request_timeout_is_cancelled() {
         .await
         .expect("the server ended the call")
         .expect("with a status");
-    assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let counted = "authd_rpc_requests_total{code=\"DeadlineExceeded\",method=\"Login\",service=\"authd.v1.AuthService\"}";
+    assert_eq!(app.metric(counted).await, 1.0);
     assert!(serving(app.channel.clone()).await);
 }
 
@@ -563,7 +566,7 @@ async fn incomplete_messages_on_many_streams_do_not_grow_the_process() {
         // The largest message allowed, all but its last byte: held until the request timeout.
         let ends = attack(incomplete_message(max, max as usize - 1)).await;
         assert!(
-            ends.iter().all(|e| matches!(e, Ok(Code::Cancelled))),
+            ends.iter().all(|e| matches!(e, Ok(Code::DeadlineExceeded))),
             "{ends:?}"
         );
         after_refusals
