@@ -390,7 +390,11 @@ impl Application {
         // Admin calls whose callers hung up still run: their audit rows are written first.
         if let Some(admin) = &self.admin {
             admin.tasks.close();
-            if tokio::time::timeout(CLEANUP_TIMEOUT, admin.tasks.wait())
+            // Long enough for an audit row's retries and their last query.
+            let audit_wait = crate::admin::AUDIT_RETRY
+                + self.settings.database.query_timeout
+                + Duration::from_secs(1);
+            if tokio::time::timeout(audit_wait, admin.tasks.wait())
                 .await
                 .is_err()
             {
@@ -435,11 +439,26 @@ async fn fleet_lease(
     let configured = settings.local_cache.lease;
     let mine = (settings.local_cache.enabled && redis).then_some(configured);
     let timeout = settings.grpc.request_timeout;
-    let fleet = db
+    let covers = crate::clock::covers(timeout);
+    let mut fleet = db
         .leases()
-        .fleet_lease(instance, mine, crate::clock::covers(timeout))
+        .fleet_lease(instance, mine, covers, false)
         .await
         .context("cannot read the fleet's lease from PostgreSQL")?;
+    if let Some(pause) = fleet.and_then(|f| f.confirm_after) {
+        tracing::warn!(
+            ?pause,
+            "LOCAL_CACHE__LEASE would replace the fleet's lease, but instances that held leases \
+             lately were not seen for a while (stopped, or PostgreSQL out of their reach): \
+             waiting to see whether they still run"
+        );
+        tokio::time::sleep(pause).await;
+        fleet = db
+            .leases()
+            .fleet_lease(instance, mine, covers, true)
+            .await
+            .context("cannot read the fleet's lease from PostgreSQL")?;
+    }
     let Some(fleet) = fleet else {
         // No instance ever had the cache on: nobody to wait for.
         return Ok(configured);

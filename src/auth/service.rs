@@ -506,14 +506,13 @@ impl AuthService {
     /// instance may still hold in memory (logged within the wait horizon, whoever logged it) or
     /// this instance's cache may still lack (logged after its log position): see `store::Since`.
     pub(super) fn since(&self) -> Since {
-        // Before PostgreSQL's clock was first read, this host's may be off by anything: an hour
-        // more of earlier rows (at most 1000, beyond which the wait covers every holder).
-        let uncalibrated = if self.clock.calibrated() {
-            chrono::TimeDelta::zero()
+        // Before PostgreSQL's clock was first read, this host's may be off by anything: every
+        // earlier row (at most 1000, beyond which the wait covers every holder).
+        let horizon = if self.clock.calibrated() {
+            self.clock.now() - self.local.horizon()
         } else {
-            chrono::TimeDelta::hours(1)
+            DateTime::<Utc>::UNIX_EPOCH
         };
-        let horizon = self.clock.now() - self.local.horizon() - uncalibrated;
         let position = self.cache.redis().log_position();
         Since {
             idle: self.policy.idle_timeout,

@@ -31,12 +31,15 @@ pub struct Poll {
 
 impl Poll {
     /// Whether `instance` is done with everything committed before `since` (PostgreSQL's time
-    /// of the wait's holders read): this poll asked about it, was read after `since`, and saw
+    /// of the wait's holders read): this poll asked about it, was read after `since` (by more
+    /// than a clock step may take back), and saw
     /// its lease ended (or gone), or the logs applied past `since`. A poll read before `since`
     /// (it was under way when the wait began) answers nothing: the lease it saw ended may have
     /// been taken again, with copies, before the holders read.
     pub fn caught_up(&self, instance: &Uuid, since: DateTime<Utc>) -> bool {
-        self.read.at > since
+        // PostgreSQL's clock may step back by up to FIXED_MARGIN (README "Assumptions").
+        let margin = chrono::TimeDelta::from_std(crate::clock::FIXED_MARGIN).unwrap_or_default();
+        self.read.at > since + margin
             && self.asked.contains(instance)
             && self.read.rows.get(instance).is_none_or(|row| {
                 row.ended || row.applied_through.is_some_and(|applied| applied > since)

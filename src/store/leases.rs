@@ -34,7 +34,9 @@ pub struct Holders {
 #[derive(Debug)]
 pub struct Progress {
     pub timeline: String,
-    /// When PostgreSQL received the statement: nothing in `rows` is older.
+    /// When the statement's transaction began (`now()`, set before its snapshot is taken,
+    /// unlike `statement_timestamp()`, which the extended protocol sets again at Execute, after
+    /// the snapshot of Bind): nothing in `rows` is older.
     pub at: DateTime<Utc>,
     pub rows: HashMap<Uuid, LeaseProgress>,
 }
@@ -56,6 +58,10 @@ pub struct FleetLease {
     /// This instance would set `lease`, but some running instance's request timeout covers
     /// only this much: nothing was set.
     pub uncovered: Option<Duration>,
+    /// This instance would replace the fleet's length, but instances that held leases lately
+    /// may still run (PostgreSQL out of their reach): nothing was set; ask again, confirmed,
+    /// after this long.
+    pub confirm_after: Option<Duration>,
 }
 
 /// How often every instance records that it runs ([`LeaseRepo::seen`]).
@@ -89,11 +95,18 @@ impl LeaseRepo<'_> {
     /// is written and [`FleetLease::uncovered`] says what the running instances cover.
     /// Instances with the cache off (`configured` is `None`) only read it: they wait for the
     /// holders' leases.
+    ///
+    /// Instances that held leases within a day but were not seen for [`INSTANCE_ALIVE`] may have
+    /// stopped — or PostgreSQL may have been out of their reach: before replacing the length
+    /// (`confirmed` false), this instance records itself and answers
+    /// [`FleetLease::confirm_after`]; asked again after that long, it replaces the length only
+    /// if none of them beat meanwhile.
     pub async fn fleet_lease(
         &self,
         me: Uuid,
         configured: Option<Duration>,
         covers: Duration,
+        confirmed: bool,
     ) -> Result<Option<FleetLease>, StoreError> {
         let mut tx = self.0.run(self.0.pool.begin()).await?;
         let lock = sqlx::query("lock table local_cache_fleet in exclusive mode");
@@ -136,12 +149,31 @@ impl LeaseRepo<'_> {
             (None, Some(mine)) => (micros(mine), false, true),
         };
         let lease = Duration::from_micros(lease_us.max(1).unsigned_abs());
+        if changes && found.is_some() && !confirmed {
+            let recent = sqlx::query_scalar::<_, bool>(
+                "select exists (select 1 from local_cache_instances
+                                where holds and instance <> $1
+                                  and seen_at > clock_timestamp() - interval '1 day')",
+            )
+            .bind(me);
+            if self.0.run(recent.fetch_one(&mut *tx)).await? {
+                self.record(&mut tx, me, true, covers).await?;
+                self.0.run(tx.commit()).await?;
+                return Ok(Some(FleetLease {
+                    lease,
+                    adopted,
+                    uncovered: None,
+                    confirm_after: Some(INSTANCE_BEAT * 2 + self.0.query_timeout),
+                }));
+            }
+        }
         if changes && let Some(least) = least.filter(|least| *least < lease_us) {
             // Rolled back: nothing is set that a running instance could not wait for.
             return Ok(Some(FleetLease {
                 lease,
                 adopted,
                 uncovered: Some(Duration::from_micros(least.max(0).unsigned_abs())),
+                confirm_after: None,
             }));
         }
         self.record(&mut tx, me, configured.is_some(), covers)
@@ -162,6 +194,7 @@ impl LeaseRepo<'_> {
             lease,
             adopted,
             uncovered: None,
+            confirm_after: None,
         }))
     }
 
@@ -208,7 +241,8 @@ impl LeaseRepo<'_> {
         self.0.run(purge.execute(&self.0.pool)).await?;
         let sql = format!(
             "with length as (
-                 select coalesce((select lease_us from local_cache_fleet), $2::bigint) as us
+                 select coalesce((select lease_us from local_cache_fleet for share), $2::bigint)
+                        as us
              )
              insert into local_cache_leases (instance, expires_at, lease_us, applied_through)
              select $1, clock_timestamp() + us * interval '1 microsecond', us, clock_timestamp()
@@ -313,11 +347,11 @@ impl LeaseRepo<'_> {
     }
 
     /// How far each of `instances` has come (the poll of `crate::local::poller`): the history
-    /// the rows belong to, PostgreSQL's time when the statement arrived (every row is as of
-    /// then or later), and a row for each of `instances` that has a lease row.
+    /// the rows belong to, PostgreSQL's time when the read began (every row is as of then or
+    /// later), and a row for each of `instances` that has a lease row.
     pub async fn progress(&self, instances: &[Uuid]) -> Result<Progress, StoreError> {
         let sql = format!(
-            "select {TIMELINE}, statement_timestamp(), l.instance,
+            "select {TIMELINE}, now(), l.instance,
                     l.expires_at <= clock_timestamp(), l.applied_through
              from (select 1) one
              left join local_cache_leases l on l.instance = any($1)"

@@ -634,12 +634,16 @@ pub async fn drop_database(url: &str) {
     let Some((base, name)) = url.rsplit_once('/') else {
         return;
     };
-    if let Ok(mut conn) =
-        <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{base}/postgres")).await
-    {
-        let sql = format!("drop database if exists \"{name}\" with (force)");
-        let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .execute(&mut conn)
-            .await;
-    }
+    // Bounded: a test that failed while its proxy black-holed PostgreSQL must end, not hang.
+    let drop = async {
+        if let Ok(mut conn) =
+            <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{base}/postgres")).await
+        {
+            let sql = format!("drop database if exists \"{name}\" with (force)");
+            let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut conn)
+                .await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), drop).await;
 }

@@ -388,3 +388,54 @@ async fn an_instance_takes_no_lease_of_a_length_it_did_not_start_with() {
     a.validate(&token).await.unwrap();
     assert_eq!(a.metric(hits).await, before, "nothing served from memory");
 }
+
+/// Review found: the instances' beats stop while PostgreSQL is out of their reach, so after an
+/// outage of more than 30 s an instance starting with another LOCAL_CACHE__LEASE took the fleet
+/// for stopped and replaced its lease; every running holder then kept no copies. Now an instance
+/// about to replace the length of a fleet that held leases lately waits two beats and looks
+/// again: the running instance beat meanwhile, and its length stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_starting_after_a_postgres_outage_keeps_the_fleets_lease() {
+    let pg = Proxy::start(pg_target()).await;
+    let mut settings = test_settings(Mode::Redis);
+    let direct = settings.database.url.expose_secret().to_owned();
+    settings.database.url = direct
+        .replace("127.0.0.1:5432", &pg.addr.to_string())
+        .into();
+    let a = spawn_with(settings).await;
+    eventually(Duration::from_secs(15), "A holds a lease", || async {
+        a.db.leases().held().await.unwrap() == 1
+    })
+    .await;
+    // PostgreSQL out of A's reach for "long": its lease ends, its last beat is a minute old.
+    pg.set(Link::Blackhole);
+    let pool = sqlx::PgPool::connect(&direct).await.unwrap();
+    for sql in [
+        "update local_cache_instances set seen_at = clock_timestamp() - interval '1 minute'",
+        "update local_cache_leases set expires_at = clock_timestamp()",
+        "update local_cache_fleet set updated_at = clock_timestamp() - interval '1 hour'",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    // PostgreSQL is back for A a second after B begins to start.
+    let back = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        pg.set(Link::Up);
+    };
+    let start = spawn_sharing(&a, |s| {
+        s.database.url = direct.clone().into();
+        s.local_cache.lease = Duration::from_secs(10);
+        s.grpc.request_timeout = Duration::from_secs(20);
+    });
+    let (b, ()) = tokio::join!(start, back);
+    let fleet: i64 = sqlx::query_scalar("select lease_us from local_cache_fleet")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(fleet, 3_000_000, "B adopted the fleet's lease");
+    eventually(Duration::from_secs(15), "both hold leases", || async {
+        b.db.leases().held().await.unwrap() == 2
+    })
+    .await;
+    drop(b);
+}
