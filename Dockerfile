@@ -1,6 +1,11 @@
 # syntax=docker/dockerfile:1
+# Base images are pinned by digest, so a rebuild takes exactly the bytes that were reviewed. To
+# move to a newer patch release, look the digest up and replace it (and the tag beside it):
+#   docker buildx imagetools inspect rust:1.95-bookworm      (the "Digest:" line)
+#   docker buildx imagetools inspect debian:bookworm-slim
+# (or let Dependabot/Renovate's docker ecosystem open the change).
 # Build: protoc is vendored by the build script, so the builder needs nothing beyond Rust.
-FROM rust:1.95-bookworm AS builder
+FROM rust:1.95-bookworm@sha256:6258907abe69656e41cd992e0b705cdcfabcbbe3db374f92ed2d47121282d4a1 AS builder
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
@@ -18,9 +23,14 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked --bin authd \
     && cp target/release/authd /usr/local/bin/authd
 
-# Run: a small image with the one binary (migrations are embedded in it).
-FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 --no-create-home authd
+# Run: a small image with the one binary (migrations are embedded in it) and the CA roots that
+# verify a managed PostgreSQL or Redis with a public certificate (rediss://, sslmode=verify-full
+# without sslrootcert).
+FROM debian:bookworm-slim@sha256:3783cc01769c7b2b1b83a5c5ad96c815348e28ed7da68e2e3687004faa906251
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --no-create-home authd
 COPY --from=builder /usr/local/bin/authd /usr/local/bin/authd
 USER authd
 ENV GRPC__ADDR=0.0.0.0:50051 \

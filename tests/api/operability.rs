@@ -475,6 +475,86 @@ fn every_shipped_yaml_file_parses_and_the_manifests_fit_the_service() {
     assert!(all.contains("args: [\"migrate\"]"), "a Job migrates");
 }
 
+/// The deployment files leave nothing open that authd does not need (issue "No caller can take
+/// authd down", finding 6): callers only from named namespaces, egress to DNS, PostgreSQL and
+/// Redis only, the runtime's default seccomp profile, no service-account token, base images
+/// pinned by digest, and CA roots in the runtime image (a managed Redis or PostgreSQL with a
+/// public certificate is verified with them).
+#[test]
+fn the_deployment_files_are_locked_down() {
+    use yaml_rust2::YamlLoader;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |file: &str| std::fs::read_to_string(root.join(file)).unwrap();
+    let policy = &YamlLoader::load_from_str(&read("deploy/kubernetes/networkpolicy.yaml"))
+        .unwrap()[0]["spec"];
+    let types: Vec<_> = policy["policyTypes"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t.as_str())
+        .collect();
+    assert_eq!(types, ["Ingress", "Egress"]);
+    for rule in policy["ingress"].as_vec().unwrap() {
+        for from in rule["from"].as_vec().unwrap() {
+            let namespaces = &from["namespaceSelector"];
+            assert!(
+                namespaces["matchLabels"]["kubernetes.io/metadata.name"]
+                    .as_str()
+                    .is_some()
+                    || namespaces["matchExpressions"][0]["key"].as_str()
+                        == Some("kubernetes.io/metadata.name"),
+                "ingress from unnamed namespaces: {from:?}"
+            );
+        }
+    }
+    let egress_ports: Vec<i64> = policy["egress"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .flat_map(|rule| rule["ports"].as_vec().unwrap().iter())
+        .filter_map(|port| port["port"].as_i64())
+        .collect();
+    assert_eq!(egress_ports, [53, 53, 5432, 6379, 26379]);
+    for (file, pod) in [
+        ("deploy/kubernetes/deployment.yaml", 0),
+        ("deploy/kubernetes/migrate-job.yaml", 0),
+    ] {
+        let doc = &YamlLoader::load_from_str(&read(file)).unwrap()[pod];
+        let spec = &doc["spec"]["template"]["spec"];
+        assert_eq!(
+            spec["automountServiceAccountToken"].as_bool(),
+            Some(false),
+            "{file}"
+        );
+        assert_eq!(
+            spec["securityContext"]["seccompProfile"]["type"].as_str(),
+            Some("RuntimeDefault"),
+            "{file}"
+        );
+        let image = spec["containers"][0]["image"].as_str().unwrap();
+        assert!(!image.ends_with(":latest"), "{file}: {image}");
+    }
+    let dockerfile = read("Dockerfile");
+    let froms: Vec<_> = dockerfile
+        .lines()
+        .filter(|line| line.starts_with("FROM "))
+        .collect();
+    assert_eq!(froms.len(), 2);
+    for from in froms {
+        let image = from.split_whitespace().nth(1).unwrap();
+        let (_, digest) = image.split_once("@sha256:").expect("pinned by digest");
+        assert!(
+            digest.len() == 64 && digest.chars().all(|c| c.is_ascii_hexdigit()),
+            "{from}"
+        );
+    }
+    let runtime = dockerfile.rsplit("\nFROM ").next().unwrap();
+    assert!(
+        runtime.contains("install -y --no-install-recommends ca-certificates"),
+        "the runtime image has CA roots"
+    );
+}
+
 /// Slowloris on `/metrics` (a port the Kubernetes Service exposes): connections that never
 /// finish their headers are closed after a few seconds, and while more of them are open than
 /// the endpoint serves at once, a scrape still gets through once they are.
