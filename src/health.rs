@@ -1,6 +1,7 @@
 //! gRPC health that tells the truth. `liveness` is SERVING while the process can answer at all.
 //! `""` and each service are SERVING while PostgreSQL answers (an outage shorter than
-//! `HEALTH__DB_GRACE` is tolerated) and the server is not shutting down. Redis being down does
+//! `HEALTH__DB_GRACE` is tolerated), the schema is usable (this release's migrations applied, the
+//! role's privileges granted) and the server is not shutting down. Redis being down does
 //! not make authd unhealthy: it is degraded, and `authd_redis_up` says so. On shutdown every
 //! open Watch stream is sent the status in force and ended, so watchers (service meshes,
 //! clients) do not hold the drain up.
@@ -33,6 +34,8 @@ pub const LIVENESS: &str = "liveness";
 struct State {
     db_down_since: Option<Instant>,
     db_unhealthy: bool,
+    /// What keeps the schema from being used (empty: usable).
+    schema_problems: Vec<String>,
     draining: bool,
 }
 
@@ -74,7 +77,7 @@ impl Health {
     async fn publish(&self) {
         let serving = {
             let s = self.state();
-            !s.draining && !s.db_unhealthy
+            !s.draining && !s.db_unhealthy && s.schema_problems.is_empty()
         };
         let status = if serving {
             ServingStatus::Serving
@@ -133,13 +136,44 @@ impl Health {
         }
     }
 
+    /// Records what keeps the schema from being used (nothing: usable); NOT_SERVING while
+    /// anything does, so traffic goes to instances that can serve it.
+    pub async fn record_schema(&self, problems: Vec<String>) {
+        let changed = {
+            let mut s = self.state();
+            let changed = problems != s.schema_problems;
+            s.schema_problems = problems;
+            changed
+        };
+        if changed {
+            let problems = self.state().schema_problems.join(", ");
+            if problems.is_empty() {
+                tracing::info!("the database schema is usable again; health is SERVING");
+            } else {
+                tracing::error!(
+                    %problems,
+                    "the database schema is not usable by this release (missing privileges of \
+                     the role, or migrations not applied); health is NOT_SERVING until it is"
+                );
+            }
+            self.publish().await;
+        }
+    }
+
     /// One health pass: read PostgreSQL's clock (which also calibrates the fleet clock) and
-    /// record the outcome.
+    /// record the outcome; look at the schema at the first pass and after a statement it
+    /// refused, until it is usable.
     pub async fn check_db(&self, db: &Db, clock: &Clock, grace: Duration) {
         let sent = clock.local();
         let answer = db.clock_timestamp().await;
         if let Ok(database) = answer {
             clock.calibrate(sent, database, clock.local());
+            if db.schema_suspect() {
+                match db.schema_problems().await {
+                    Ok(problems) => self.record_schema(problems).await,
+                    Err(error) => tracing::warn!(%error, "could not look at the database schema"),
+                }
+            }
         }
         self.record_db_check(answer.is_ok(), grace).await;
     }

@@ -44,6 +44,10 @@ fn store_status(error: &StoreError) -> Status {
             tracing::warn!(error = %chain(error), "database contention");
             Status::unavailable("the database is busy; retry")
         }
+        // Logged where it happened (`store`), naming the privilege or object.
+        StoreError::Schema(_) => Status::unavailable(
+            "the database is not usable by this service (privileges or migrations); retry later",
+        ),
         StoreError::Conflict { .. } | StoreError::Other(_) => internal(error),
     }
 }

@@ -16,7 +16,7 @@ use std::{
     str::FromStr,
     sync::{
         Arc,
-        atomic::{AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -52,6 +52,12 @@ pub enum StoreError {
     /// A deadlock or serialization failure that persisted through the retries: retryable.
     #[error("database contention")]
     Contention(#[source] sqlx::Error),
+    /// The schema refused the statement: the role lacks a privilege (42501), or a table, column
+    /// or function of a migration this release needs is missing (42P01, 42703, 42883). Not the
+    /// caller's fault and not transient: an operator must grant or migrate (see
+    /// [`Db::schema_problems`]).
+    #[error("the database schema is not usable by this service")]
+    Schema(#[source] sqlx::Error),
     #[error("database error")]
     Other(#[source] sqlx::Error),
 }
@@ -79,6 +85,8 @@ impl From<sqlx::Error> for StoreError {
                     StoreError::Contention(error)
                 } else if is_unavailable_sqlstate(&code) {
                     StoreError::Unavailable(Some(error))
+                } else if matches!(&*code, "42501" | "42P01" | "42703" | "42883") {
+                    StoreError::Schema(error)
                 } else {
                     StoreError::Other(error)
                 }
@@ -115,6 +123,9 @@ pub struct Db {
     in_flight: AtomicI64,
     metrics: Arc<Metrics>,
     history: history::History,
+    /// Set when a statement met [`StoreError::Schema`] (and at start): the health pass then
+    /// looks at the schema ([`Db::schema_problems`]) until it finds it usable.
+    schema_suspect: AtomicBool,
 }
 
 /// Counts an operation in flight for as long as it lives (including when cancelled).
@@ -167,6 +178,7 @@ impl Db {
             in_flight: AtomicI64::new(0),
             metrics,
             history: history::History::default(),
+            schema_suspect: AtomicBool::new(true),
         })
     }
 
@@ -244,11 +256,83 @@ impl Db {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(&self.in_flight);
         match tokio::time::timeout(self.query_timeout, operation).await {
-            Ok(result) => result.map_err(StoreError::from),
+            Ok(result) => result.map_err(|error| {
+                let error = StoreError::from(error);
+                if let StoreError::Schema(cause) = &error {
+                    self.schema_suspect.store(true, Ordering::Relaxed);
+                    // PostgreSQL's message names the privilege and the object, never a value.
+                    tracing::error!(
+                        error = %cause,
+                        "PostgreSQL refused a statement of this release: grant the app role its \
+                         privileges (deploy/postgres/roles.sql) or apply the migrations"
+                    );
+                }
+                error
+            }),
             Err(_elapsed) => Err(StoreError::Unavailable(None)),
         }
     }
+
+    /// Whether a statement met [`StoreError::Schema`] since the schema was last found usable.
+    pub fn schema_suspect(&self) -> bool {
+        self.schema_suspect.load(Ordering::Relaxed)
+    }
+
+    /// What keeps this release from using the schema, as an operator would fix it: migrations
+    /// it needs that are not applied, and privileges the role lacks (`insert on users`). Empty
+    /// when usable, which also clears [`Db::schema_suspect`].
+    pub async fn schema_problems(&self) -> Result<Vec<String>, StoreError> {
+        let needed = sqlx::migrate!("./migrations")
+            .iter()
+            .map(|m| m.version)
+            .max()
+            .unwrap_or_default();
+        let applied = sqlx::query_scalar::<_, Option<i64>>(
+            "select max(version) from _sqlx_migrations where success",
+        );
+        let problems = match self.run(applied.fetch_one(&self.pool)).await {
+            Ok(applied) if applied.unwrap_or_default() >= needed => {
+                let query = sqlx::query_scalar::<_, String>(PRIVILEGES);
+                self.run(query.fetch_all(&self.pool)).await?
+            }
+            Ok(applied) => vec![format!(
+                "migrations up to {needed} (applied: {}): run `authd migrate`",
+                applied.unwrap_or_default()
+            )],
+            Err(StoreError::Schema(error)) => vec![format!("the migrations table: {error}")],
+            Err(other) => return Err(other),
+        };
+        if problems.is_empty() {
+            self.schema_suspect.store(false, Ordering::Relaxed);
+        }
+        Ok(problems)
+    }
 }
+
+/// The privileges the service's role needs (README "Docker compose" and
+/// deploy/postgres/roles.sql): rows of every table (the audit and the secrets are append-only),
+/// its sequences, and the audit purge.
+const PRIVILEGES: &str = "
+    select format('%s on %s', p.privilege, c.relname)
+    from pg_class c
+    join pg_namespace n on n.oid = c.relnamespace
+    cross join unnest(array['select', 'insert', 'update', 'delete']) as p(privilege)
+    where n.nspname = current_schema() and c.relkind in ('r', 'p')
+      and c.relname <> '_sqlx_migrations'
+      and not (c.relname in ('admin_audit', 'service_secrets')
+               and p.privilege in ('update', 'delete'))
+      and not has_table_privilege(c.oid, p.privilege)
+    union all
+    select format('usage on sequence %s', c.relname)
+    from pg_class c
+    join pg_namespace n on n.oid = c.relnamespace
+    where n.nspname = current_schema()
+      and case when c.relkind = 'S' then not has_sequence_privilege(c.oid, 'usage') end
+    union all
+    select 'execute on function purge_admin_audit'
+    where not coalesce(
+        has_function_privilege(to_regprocedure('purge_admin_audit(bigint, bigint)'), 'execute'),
+        false)";
 
 /// Creates the database of `url` unless it exists (this is also the first connection made).
 async fn create_if_missing(url: &str) -> Result<(), sqlx::Error> {

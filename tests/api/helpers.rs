@@ -228,6 +228,22 @@ pub fn register_request(email: &str) -> pb::RegisterRequest {
 
 impl TestApp {
     /// Registers a new user; returns (email, response).
+    /// The health status of `service` (`""`: the whole server).
+    pub async fn health_of(
+        &self,
+        service: &str,
+    ) -> tonic_health::pb::health_check_response::ServingStatus {
+        self.health
+            .clone()
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status()
+    }
+
     pub async fn register(&self) -> (String, pb::RegisterResponse) {
         let email = unique_email();
         let response = self

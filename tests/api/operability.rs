@@ -9,7 +9,7 @@ use authd::proto::authd::v1 as pb;
 use futures::StreamExt;
 use secrecy::{ExposeSecret, SecretString};
 use tonic::{Code, Request};
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::{
     both_modes,
@@ -148,15 +148,7 @@ async fn redis_down_is_degraded_not_unhealthy() {
 }
 
 async fn health(app: &TestApp, service: &str) -> ServingStatus {
-    app.health
-        .clone()
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status()
+    app.health_of(service).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -485,8 +477,8 @@ fn the_deployment_files_are_locked_down() {
     use yaml_rust2::YamlLoader;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let read = |file: &str| std::fs::read_to_string(root.join(file)).unwrap();
-    let policy = &YamlLoader::load_from_str(&read("deploy/kubernetes/networkpolicy.yaml"))
-        .unwrap()[0]["spec"];
+    let policy = &YamlLoader::load_from_str(&read("deploy/kubernetes/networkpolicy.yaml")).unwrap()
+        [0]["spec"];
     let types: Vec<_> = policy["policyTypes"]
         .as_vec()
         .unwrap()

@@ -298,54 +298,95 @@ async fn migrate_creates_the_database_and_applies_migrations() {
 /// The shipped roles (deploy/postgres/roles.sql): the owner migrates with `authd migrate`, the
 /// service runs as the app role — every RPC and background job works, and the app role can
 /// change no schema.
+/// A database made by deploy/postgres/roles.sql (owner and app role of their own), migrated by
+/// `authd migrate` as the owner; dropped with its roles by [`Roles::drop_all`].
+struct Roles {
+    base: String,
+    database: String,
+    owner: String,
+    app: String,
+}
+
+impl Roles {
+    fn create() -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let roles = Roles {
+            base: crate::helpers::postgres_base_url(),
+            database: format!("authd_roles_{id}"),
+            owner: format!("authd_owner_{id}"),
+            app: format!("authd_app_{id}"),
+        };
+        let psql = Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+            .args(["-v", &format!("database={}", roles.database)])
+            .args(["-v", &format!("owner={}", roles.owner)])
+            .args(["-v", "owner_password=owner-pw"])
+            .args(["-v", &format!("app={}", roles.app)])
+            .args(["-v", "app_password=app-pw"])
+            .args([
+                "-f",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/postgres/roles.sql"),
+            ])
+            .arg(format!("{}/postgres", roles.base))
+            .output()
+            .expect("psql is installed");
+        assert!(psql.status.success(), "{psql:?}");
+        let mut settings = test_settings(Mode::Redis);
+        settings.database.url = SecretString::from(roles.url(&roles.owner));
+        let mut migrate = Command::new(BIN);
+        binary_env(&mut migrate, &settings);
+        let output = migrate.arg("migrate").output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+        roles
+    }
+
+    fn url(&self, role: &str) -> String {
+        let (scheme, rest) = self.base.split_once("://").unwrap();
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        format!("{scheme}://{role}@{host}/{}", self.database)
+    }
+
+    /// Settings of a service that runs as the app role and migrates nothing.
+    fn app_settings(&self) -> authd::config::Settings {
+        let mut settings = test_settings(Mode::Redis);
+        settings.database.url = SecretString::from(self.url(&self.app));
+        settings.database.migrate = false;
+        settings.database.create_if_missing = false;
+        settings
+    }
+
+    async fn as_owner(&self, sql: &str) {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&self.url(&self.owner))
+            .await
+            .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    async fn drop_all(self) {
+        crate::helpers::drop_database(&format!("{}/{}", self.base, self.database)).await;
+        let mut admin =
+            <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{}/postgres", self.base))
+                .await
+                .unwrap();
+        for role in [&self.app, &self.owner] {
+            let sql = format!("drop role if exists \"{role}\"");
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_runs_as_a_role_that_cannot_change_the_schema() {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    let (database, owner, app_role) = (
-        format!("authd_roles_{id}"),
-        format!("authd_owner_{id}"),
-        format!("authd_app_{id}"),
-    );
-    let base = crate::helpers::postgres_base_url();
-    let psql = Command::new("psql")
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
-        .args(["-v", &format!("database={database}")])
-        .args([
-            "-v",
-            &format!("owner={owner}"),
-            "-v",
-            "owner_password=owner-pw",
-        ])
-        .args([
-            "-v",
-            &format!("app={app_role}"),
-            "-v",
-            "app_password=app-pw",
-        ])
-        .args([
-            "-f",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/postgres/roles.sql"),
-        ])
-        .arg(format!("{base}/postgres"))
-        .output()
-        .expect("psql is installed");
-    assert!(psql.status.success(), "{psql:?}");
-    let as_role = |role: &str| {
-        let (scheme, rest) = base.split_once("://").unwrap();
-        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-        format!("{scheme}://{role}@{host}/{database}")
-    };
-
-    let mut settings = test_settings(Mode::Redis);
-    settings.database.url = SecretString::from(as_role(&owner));
-    let mut migrate = Command::new(BIN);
-    binary_env(&mut migrate, &settings);
-    let output = migrate.arg("migrate").output().unwrap();
-    assert!(output.status.success(), "{output:?}");
-
-    settings.database.url = SecretString::from(as_role(&app_role));
-    settings.database.migrate = false;
-    settings.database.create_if_missing = false;
+    let roles = Roles::create();
+    let app_role = roles.app.clone();
+    let as_role = |role: &str| roles.url(role);
+    let settings = roles.app_settings();
     let app = crate::helpers::spawn_with(settings).await;
     let (email, registered) = app.register().await;
     let token = app.login(&email, PASSWORD).await.unwrap().session_token;
@@ -416,15 +457,59 @@ async fn the_service_runs_as_a_role_that_cannot_change_the_schema() {
     assert_eq!(left, 1);
     drop(conn);
     drop(app);
-    crate::helpers::drop_database(&format!("{base}/{database}")).await;
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{base}/postgres"))
+    roles.drop_all().await;
+}
+
+/// Review found: with a table right missing from the app role, Register answered INTERNAL while
+/// health stayed SERVING. Now the call answers UNAVAILABLE (the log names the privilege), and
+/// readiness is NOT_SERVING until the right is granted back; so is an instance whose schema
+/// lacks a migration this release needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_the_role_cannot_use_is_unavailable_and_not_ready() {
+    let roles = Roles::create();
+    let mut settings = roles.app_settings();
+    settings.health.db_check_interval = Duration::from_millis(200);
+    let app = crate::helpers::spawn_with(settings.clone()).await;
+    app.register().await;
+    assert_eq!(app.health_of("").await, ServingStatus::Serving);
+
+    let revoke = format!("revoke insert on users from \"{}\"", roles.app);
+    roles.as_owner(&revoke).await;
+    let error = app
+        .auth
+        .clone()
+        .register(crate::helpers::register_request(
+            &crate::helpers::unique_email(),
+        ))
         .await
-        .unwrap();
-    for role in [app_role, owner] {
-        let sql = format!("drop role if exists \"{role}\"");
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-    }
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
+    eventually(Duration::from_secs(5), "readiness NOT_SERVING", || async {
+        app.health_of("").await == ServingStatus::NotServing
+    })
+    .await;
+    assert_eq!(app.health_of("liveness").await, ServingStatus::Serving);
+
+    let grant = format!("grant insert on users to \"{}\"", roles.app);
+    roles.as_owner(&grant).await;
+    eventually(
+        Duration::from_secs(5),
+        "readiness SERVING again",
+        || async { app.health_of("").await == ServingStatus::Serving },
+    )
+    .await;
+    app.register().await;
+    drop(app);
+
+    // A schema older than the release (its last migration taken back): not ready from the start.
+    roles
+        .as_owner("delete from _sqlx_migrations where version = (select max(version) from _sqlx_migrations)")
+        .await;
+    let app = crate::helpers::spawn_with(settings).await;
+    eventually(Duration::from_secs(5), "readiness NOT_SERVING", || async {
+        app.health_of("").await == ServingStatus::NotServing
+    })
+    .await;
+    drop(app);
+    roles.drop_all().await;
 }
