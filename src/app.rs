@@ -9,8 +9,8 @@ use tonic::transport::{Server, server::TcpIncoming};
 use crate::{
     admin::{Access, AdminService},
     auth::{
-        AuthParts, AuthService, password::PasswordHasher, password_policy::PasswordPolicy,
-        session::SessionPolicy,
+        AuthParts, AuthService, UnknownLookups, keys::TokenKeys, password::PasswordHasher,
+        password_policy::PasswordPolicy, session::SessionPolicy,
     },
     cache::{ProfileCache, RateLimiter, Redis, SessionStore},
     clock::Clock,
@@ -142,6 +142,17 @@ impl Application {
                 redis.history_changed();
             }));
         }
+        let keys = Arc::new(TokenKeys::new(
+            db.clone(),
+            clock.clone(),
+            settings.tokens.clone(),
+            settings.session.absolute_timeout,
+        ));
+        // Tokens are minted from the first call on: a key must be loaded (made, on a new
+        // database).
+        keys.refresh().await.map_err(|e| {
+            anyhow::anyhow!("cannot load the token signing keys from PostgreSQL: {e}")
+        })?;
         let auth = Arc::new(AuthService::new(AuthParts {
             db: db.clone(),
             cache: SessionStore::new(redis.clone(), settings.session.absolute_timeout, lease_ttl),
@@ -152,6 +163,8 @@ impl Application {
             passwords: PasswordPolicy::new(settings.auth.password_min_length),
             clock: clock.clone(),
             local: local.clone(),
+            keys: keys.clone(),
+            unknown: Arc::new(UnknownLookups::new(&settings.rate_limit, metrics.clone())),
         }));
         let profiles = Arc::new(ProfileService::new(
             db.clone(),

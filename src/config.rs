@@ -49,6 +49,7 @@ pub struct Settings {
     pub rate_limit: RateLimitSettings,
     pub profile_cache: ProfileCacheSettings,
     pub local_cache: LocalCacheSettings,
+    pub tokens: TokenSettings,
     pub log: LogSettings,
     /// Test-only: pretend this host's clock is off by this many milliseconds (never read from a
     /// file or the environment).
@@ -215,6 +216,93 @@ pub struct DatabaseSettings {
     pub create_if_missing: bool,
     /// Run the embedded migrations at startup.
     pub migrate: bool,
+    pub shares: PoolShares,
+}
+
+/// A class of PostgreSQL work, with a share of the pool of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Share {
+    /// Reads any caller can ask for without proving anything first: ValidateSession,
+    /// GetProfile, BatchGetProfiles.
+    Lookups,
+    /// Login and Register.
+    Logins,
+    /// What a session's owner changes: Logout, the revocations, ChangePassword, ListSessions,
+    /// UpdateProfile.
+    Changes,
+    /// AdminService and its audit.
+    Admin,
+    /// Background jobs (follower, leases, generations, health, purges) and startup.
+    Background,
+}
+
+impl Share {
+    /// Every share, in the order of [`PoolShares::connections`].
+    pub const ALL: [Share; 5] = [
+        Share::Lookups,
+        Share::Logins,
+        Share::Changes,
+        Share::Admin,
+        Share::Background,
+    ];
+
+    /// The metrics label (`authd_db_connections{share}`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Share::Lookups => "lookups",
+            Share::Logins => "logins",
+            Share::Changes => "changes",
+            Share::Admin => "admin",
+            Share::Background => "background",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The pool's shares (`DATABASE__SHARES__*`), in percent of `DATABASE__MAX_CONNECTIONS`: each
+/// class of work has connections of its own (see `store::work`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolShares {
+    pub lookups: u32,
+    pub logins: u32,
+    pub changes: u32,
+    pub admin: u32,
+    pub background: u32,
+}
+
+impl Default for PoolShares {
+    fn default() -> Self {
+        Self {
+            lookups: 30,
+            logins: 20,
+            changes: 20,
+            admin: 10,
+            background: 20,
+        }
+    }
+}
+
+impl PoolShares {
+    fn percents(&self) -> [(Share, u32); 5] {
+        [
+            (Share::Lookups, self.lookups),
+            (Share::Logins, self.logins),
+            (Share::Changes, self.changes),
+            (Share::Admin, self.admin),
+            (Share::Background, self.background),
+        ]
+    }
+
+    /// Connections of each share (in [`Share::ALL`]'s order) out of `max`: its percent, rounded
+    /// down, at least one.
+    pub fn connections(&self, max: u32) -> [u32; 5] {
+        self.percents()
+            .map(|(_, percent)| (u64::from(max) * u64::from(percent) / 100).max(1) as u32)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -322,6 +410,11 @@ pub struct RateLimitSettings {
     /// How long a client (device, or address) that signed in stays trusted by the account.
     #[serde(with = "humantime_serde")]
     pub trusted_client_ttl: Duration,
+    /// PostgreSQL lookups that found nothing (a token of an earlier release, an unknown profile
+    /// id) per caller address in any unknown-lookups window (0: no limit).
+    pub unknown_lookups_per_ip: u32,
+    #[serde(with = "humantime_serde")]
+    pub unknown_lookups_window: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -335,6 +428,27 @@ pub struct ProfileCacheSettings {
     pub negative_ttl: Duration,
     /// Each TTL is lengthened by a random fraction up to this (0.1 = up to 10%).
     pub jitter: f64,
+}
+
+/// Session tokens' signing keys (see `auth::keys`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenSettings {
+    /// A new signing key this often (each verifies its tokens for their whole life).
+    #[serde(with = "humantime_serde")]
+    pub key_rotation: Duration,
+    /// Tokens of an earlier release (without a key id) are refused from then on, even if their
+    /// session is live; by default they are accepted for as long as one is.
+    pub legacy_until: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Default for TokenSettings {
+    fn default() -> Self {
+        Self {
+            key_rotation: Duration::from_secs(30 * 24 * 3600),
+            legacy_until: None,
+        }
+    }
 }
 
 /// The in-process cache in front of Redis (see `crate::local`).
@@ -425,6 +539,7 @@ impl Default for DatabaseSettings {
             query_timeout: Duration::from_secs(2),
             create_if_missing: true,
             migrate: true,
+            shares: PoolShares::default(),
         }
     }
 }
@@ -484,6 +599,8 @@ impl Default for RateLimitSettings {
             max_failed_logins: 100,
             ipv6_prefix: 64,
             trusted_client_ttl: Duration::from_secs(30 * 24 * 3600),
+            unknown_lookups_per_ip: 20,
+            unknown_lookups_window: Duration::from_secs(10),
         }
     }
 }
@@ -720,10 +837,26 @@ impl Settings {
         if let Err(reason) = crate::store::tls::check_url(d.url.expose_secret()) {
             return invalid("DATABASE__URL", &reason);
         }
-        if d.max_connections == 0 || d.min_connections > d.max_connections {
+        if d.max_connections < 5 || d.min_connections > d.max_connections {
             return invalid(
                 "DATABASE__MAX_CONNECTIONS",
-                "must be at least 1 and at least DATABASE__MIN_CONNECTIONS",
+                "must be at least 5 (a connection for each share of the pool) and at least \
+                 DATABASE__MIN_CONNECTIONS",
+            );
+        }
+        for (share, percent) in d.shares.percents() {
+            if !(1..=100).contains(&percent) {
+                let setting = format!("DATABASE__SHARES__{}", share.name().to_uppercase());
+                return Err(ConfigError::invalid(
+                    &setting,
+                    "must be 1 to 100 (percent of DATABASE__MAX_CONNECTIONS)",
+                ));
+            }
+        }
+        if d.shares.percents().iter().map(|(_, p)| p).sum::<u32>() > 100 {
+            return invalid(
+                "DATABASE__SHARES",
+                "the shares add up to more than 100 (percent of DATABASE__MAX_CONNECTIONS)",
             );
         }
         if d.acquire_timeout.is_zero() {
@@ -781,6 +914,15 @@ impl Settings {
         let rl = &self.rate_limit;
         if rl.login_window.is_zero() {
             return invalid("RATE_LIMIT__LOGIN_WINDOW", "must be greater than zero");
+        }
+        if rl.unknown_lookups_window.is_zero() {
+            return invalid(
+                "RATE_LIMIT__UNKNOWN_LOOKUPS_WINDOW",
+                "must be greater than zero",
+            );
+        }
+        if self.tokens.key_rotation < Duration::from_secs(3600) {
+            return invalid("TOKENS__KEY_ROTATION", "must be at least 1h");
         }
         if rl.register_window.is_zero() {
             return invalid("RATE_LIMIT__REGISTER_WINDOW", "must be greater than zero");

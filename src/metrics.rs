@@ -25,7 +25,8 @@ pub struct Metrics {
     pub db_connections: IntGaugeVec,
     /// Store operations waiting for a pooled connection (operations in flight beyond those
     /// holding a connection), read at scrape time.
-    pub db_waiting: IntGauge,
+    pub db_waiting: IntGaugeVec,
+    pub db_share_timeouts: IntCounterVec,
     /// PostgreSQL queries by origin (`request`, `background`).
     pub db_queries: IntCounterVec,
     pub sessions_created: IntCounter,
@@ -139,8 +140,8 @@ impl Metrics {
         let db_connections = gauge_vec(
             &r,
             "authd_db_connections",
-            "PostgreSQL pool connections by state",
-            &["state"],
+            "PostgreSQL pool connections by share and state",
+            &["share", "state"],
         );
         let metrics = Self {
             rpc_requests: counter_vec(
@@ -174,10 +175,17 @@ impl Metrics {
                 "1 while Redis is usable, 0 while degraded",
             ),
             db_connections,
-            db_waiting: gauge(
+            db_waiting: gauge_vec(
                 &r,
                 "authd_db_connections_waiting",
-                "Store operations waiting for a pooled connection",
+                "Store operations waiting for a pooled connection, by share",
+                &["share"],
+            ),
+            db_share_timeouts: counter_vec(
+                &r,
+                "authd_db_share_timeouts_total",
+                "Store operations that found their share of the pool busy past the acquire timeout",
+                &["share"],
             ),
             db_queries: counter_vec(
                 &r,
@@ -327,8 +335,13 @@ impl Metrics {
         for kind in ["timeout", "disconnected", "error"] {
             self.redis_errors.with_label_values(&[kind]);
         }
-        for state in ["in_use", "idle"] {
-            self.db_connections.with_label_values(&[state]);
+        for share in crate::config::Share::ALL {
+            for state in ["in_use", "idle"] {
+                self.db_connections
+                    .with_label_values(&[share.name(), state]);
+            }
+            self.db_waiting.with_label_values(&[share.name()]);
+            self.db_share_timeouts.with_label_values(&[share.name()]);
         }
         for origin in ["request", "background"] {
             self.db_queries.with_label_values(&[origin]);
@@ -336,7 +349,7 @@ impl Metrics {
         for reason in REVOCATION_REASONS {
             self.sessions_revoked.with_label_values(&[reason]);
         }
-        for operation in ["login", "register", "change_password"] {
+        for operation in ["login", "register", "change_password", "unknown_lookup"] {
             self.rate_limited.with_label_values(&[operation]);
         }
         for cache in ["sessions", "profiles"] {

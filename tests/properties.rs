@@ -122,15 +122,32 @@ proptest! {
         prop_assert_eq!(input::uuid(&id.to_string()), Ok(id));
     }
 
-    /// Session tokens: any string is either refused or exactly `authd_` and the unpadded
-    /// base64url of 32 bytes; every 32 bytes make a token that is accepted.
+    /// Session tokens: any string is either refused, or `authd_` and the unpadded base64url of
+    /// 32 bytes (a token of an earlier release), or that followed by `.<key id>.<22 base64url
+    /// characters>` (a minted one); every 32 bytes make a token that parses.
     #[test]
-    fn session_tokens(raw in prop_oneof![hostile(), "authd_[A-Za-z0-9_-]{40,46}"]) {
-        if TokenHash::of_token(&raw).is_some() {
+    fn session_tokens(raw in prop_oneof![
+        hostile(),
+        "authd_[A-Za-z0-9_-]{40,46}",
+        "authd_[A-Za-z0-9_-]{43}\\.[0-9]{1,11}\\.[A-Za-z0-9_-]{20,23}",
+    ]) {
+        if let Some(parsed) = token::Token::parse(&raw) {
             let body = raw.strip_prefix(token::TOKEN_PREFIX).expect("the prefix");
-            let bytes = URL_SAFE_NO_PAD.decode(body).expect("base64url");
+            let random = match parsed.proof {
+                token::Proof::Legacy => body,
+                token::Proof::Minted { key_id, .. } => {
+                    let mut parts = body.split('.');
+                    let random = parts.next().unwrap();
+                    prop_assert_eq!(parts.next().unwrap(), key_id.to_string());
+                    let tag = URL_SAFE_NO_PAD.decode(parts.next().unwrap()).expect("base64url");
+                    prop_assert_eq!(tag.len(), 16);
+                    prop_assert!(parts.next().is_none());
+                    random
+                }
+            };
+            let bytes = URL_SAFE_NO_PAD.decode(random).expect("base64url");
             prop_assert_eq!(bytes.len(), 32);
-            prop_assert_eq!(URL_SAFE_NO_PAD.encode(bytes), body);
+            prop_assert_eq!(URL_SAFE_NO_PAD.encode(bytes), random);
         }
     }
 
@@ -138,6 +155,27 @@ proptest! {
     fn every_32_bytes_make_a_token(bytes in any::<[u8; 32]>()) {
         let token = format!("{}{}", token::TOKEN_PREFIX, URL_SAFE_NO_PAD.encode(bytes));
         prop_assert!(TokenHash::of_token(&token).is_some());
+    }
+
+    /// A minted token is proven by its key and by nothing else: changing any one character
+    /// makes it malformed or unproven.
+    #[test]
+    fn a_minted_token_changed_anywhere_is_not_proven(
+        secret in any::<[u8; 32]>(),
+        id in any::<u32>(),
+        at in any::<prop::sample::Index>(),
+        to in "[A-Za-z0-9_.-]",
+    ) {
+        let key = token::SigningKey::new(id, &secret).unwrap();
+        let (minted, _) = token::generate(&key);
+        prop_assert!(token::Token::parse(&minted).unwrap().minted_by(&key));
+        let i = at.index(minted.len());
+        let mut changed = minted.clone();
+        changed.replace_range(i..=i, &to);
+        if changed != minted {
+            let proven = token::Token::parse(&changed).is_some_and(|t| t.minted_by(&key));
+            prop_assert!(!proven, "{changed}");
+        }
     }
 
     /// Page tokens: what is signed verifies to the same cursor for the same listing only; any

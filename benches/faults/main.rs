@@ -436,7 +436,7 @@ async fn start_env(topology: &str) -> Env {
                 "DATABASE__URL",
                 format!("postgres://postgres@{}/{db_name}", pg_proxies[index].addr),
             ),
-            ("DATABASE__MAX_CONNECTIONS", "8".into()),
+            ("DATABASE__MAX_CONNECTIONS", "10".into()),
             ("REDIS__URL", redis_url),
             ("REDIS__KEY_PREFIX", prefix.clone()),
             ("RATE_LIMIT__LOGIN_PER_EMAIL", GUESS_LIMIT.to_string()),

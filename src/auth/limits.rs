@@ -104,3 +104,106 @@ impl AuthService {
         max > 0 && failed_logins >= i32::try_from(max).unwrap_or(i32::MAX)
     }
 }
+
+/// PostgreSQL lookups a caller may make that find nothing: a token of an earlier release (no
+/// MAC proves it was ever minted) or an unknown profile id. Each caller address (an IPv6
+/// network of `RATE_LIMIT__IPV6_PREFIX`; the gRPC peer, set by `grpc::observe`) has
+/// `RATE_LIMIT__UNKNOWN_LOOKUPS_PER_IP` of them in any `RATE_LIMIT__UNKNOWN_LOOKUPS_WINDOW`.
+/// An address whose lookups found what they looked for (its bucket is full) looks up freely,
+/// however many at once, and pays for each that found nothing; once it has paid, each of its
+/// lookups takes one before it runs (refused when none is left) and gives it back if it found
+/// something. So callers asking for what exists are never slowed, and a flood of made-up ones
+/// costs at most the budget plus the lookups already under way when the first came back
+/// empty. In process: each instance spends its own.
+pub struct UnknownLookups {
+    buckets: crate::cache::LocalBuckets,
+    limit: u32,
+    window: std::time::Duration,
+    ipv6_prefix: u8,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+/// One lookup under way; [`Paid::found`] says it found what it looked for, and otherwise
+/// (however it ends, cancelled too) it is paid for when dropped.
+pub struct Paid<'a> {
+    owner: &'a UnknownLookups,
+    bucket: Option<Bucket>,
+    /// Taken before the lookup ran (the address had paid lately).
+    reserved: bool,
+    found: bool,
+}
+
+impl Paid<'_> {
+    /// The lookup found what it looked for: it costs nothing.
+    pub fn found(mut self) {
+        self.found = true;
+        if let (Some(bucket), true) = (&self.bucket, self.reserved) {
+            self.owner.buckets.refund(bucket);
+        }
+    }
+}
+
+impl Drop for Paid<'_> {
+    fn drop(&mut self) {
+        if let (Some(bucket), false, false) = (&self.bucket, self.found, self.reserved) {
+            self.owner.buckets.charge(bucket);
+        }
+    }
+}
+
+impl UnknownLookups {
+    pub fn new(
+        limits: &crate::config::RateLimitSettings,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        Self {
+            buckets: crate::cache::LocalBuckets::default(),
+            limit: limits.unknown_lookups_per_ip,
+            window: limits.unknown_lookups_window,
+            ipv6_prefix: limits.ipv6_prefix.min(128),
+            metrics,
+        }
+    }
+
+    /// A lookup for the running call's address, or how long until it may make one.
+    pub fn pay(&self) -> Result<Paid<'_>, AuthError> {
+        let paid = |bucket, reserved| Paid {
+            owner: self,
+            bucket,
+            reserved,
+            found: false,
+        };
+        if self.limit == 0 {
+            return Ok(paid(None, false));
+        }
+        let address = match crate::store::current_work()
+            .peer
+            .map(|ip| super::input::network(ip, self.ipv6_prefix))
+        {
+            Some(IpAddr::V4(v4)) => format!("v4:{v4}"),
+            Some(IpAddr::V6(network)) => format!("v6:{network}/{}", self.ipv6_prefix),
+            None => "none".to_owned(),
+        };
+        let bucket = Bucket::new("unknown_lookup", &address, self.limit, self.window);
+        let verdict = match self.buckets.is_full(&bucket) {
+            Ok(true) => Ok(false),
+            Ok(false) => self.buckets.take(&bucket).map(|()| true),
+            Err(wait) => Err(wait),
+        };
+        match verdict {
+            Ok(reserved) => Ok(paid(Some(bucket), reserved)),
+            Err(retry_after) => {
+                self.metrics
+                    .rate_limited
+                    .with_label_values(&["unknown_lookup"])
+                    .inc();
+                Err(AuthError::RateLimited { retry_after })
+            }
+        }
+    }
+
+    /// Drops buckets that are full again (periodically, never on a request).
+    pub fn sweep(&self) {
+        self.buckets.sweep();
+    }
+}

@@ -2,7 +2,7 @@
 //! outbox logs is `jobs::follow`.)
 use std::time::Duration;
 
-use super::AuthService;
+use super::{AuthError, AuthService};
 use crate::store::StoreError;
 
 /// Rows deleted per purge statement: small enough to never hold locks for long.
@@ -35,8 +35,19 @@ impl AuthService {
         Ok(total)
     }
 
+    /// The budget of lookups that find nothing (profile reads pay it too).
+    pub fn unknown_lookups(&self) -> &super::UnknownLookups {
+        &self.unknown
+    }
+
+    /// Makes the next token signing key when due and reloads them (see `keys`).
+    pub async fn refresh_keys(&self) -> Result<(), AuthError> {
+        self.keys.refresh().await
+    }
+
     /// Drops in-process rate-limit buckets that hold no information any more.
     pub fn sweep_limits(&self) {
         self.limiter.sweep();
+        self.unknown.sweep();
     }
 }

@@ -4,9 +4,7 @@ use secrecy::SecretString;
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::{
-    AuthError, AuthService, SessionView, password_policy::PasswordContext, token::TokenHash,
-};
+use super::{AuthError, AuthService, SessionView, password_policy::PasswordContext};
 
 /// The caller's own sessions, as ListSessions answers.
 pub struct SessionList {
@@ -84,8 +82,9 @@ impl AuthService {
         current_password: SecretString,
         new_password: SecretString,
     ) -> Result<usize, AuthError> {
-        let hash = TokenHash::of_token(token).ok_or(AuthError::InvalidSession)?;
-        let current = self.validate_hash(&hash).await?;
+        let token = self.keys.check(token).await?;
+        let hash = token.hash;
+        let current = self.validate_checked(token).await?;
         let user_id = current.record.user_id;
         let admitted = self.hasher.admit()?;
         let (stored, email, display_name) = self

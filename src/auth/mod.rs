@@ -1,6 +1,7 @@
 //! Authentication: accounts' credentials and sessions. No transport or SQL here, only the rules.
 mod admin;
 pub mod input;
+pub mod keys;
 mod limits;
 mod maintenance;
 mod manage;
@@ -16,6 +17,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures::future::BoxFuture;
 
+pub use limits::{Paid, UnknownLookups};
 pub use manage::SessionList;
 pub use service::{AuthParts, AuthService, Credentials, IssuedSession, Registration, SessionView};
 

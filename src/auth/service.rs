@@ -19,6 +19,8 @@ use uuid::Uuid;
 use super::{
     AuthError, FillHook,
     input::Email,
+    keys::{Checked, TokenKeys},
+    limits::UnknownLookups,
     password::PasswordHasher,
     password_policy::{PasswordContext, PasswordPolicy},
     session::{ClientInfo, SessionPolicy, SessionRecord},
@@ -69,6 +71,8 @@ pub struct AuthService {
     pub(super) passwords: PasswordPolicy,
     pub(super) clock: Arc<Clock>,
     pub(super) local: LocalCache,
+    pub(super) keys: Arc<TokenKeys>,
+    pub(super) unknown: Arc<UnknownLookups>,
     pub(super) fill_hook: std::sync::OnceLock<FillHook>,
 }
 
@@ -83,6 +87,8 @@ pub struct AuthParts {
     pub passwords: PasswordPolicy,
     pub clock: Arc<Clock>,
     pub local: LocalCache,
+    pub keys: Arc<TokenKeys>,
+    pub unknown: Arc<UnknownLookups>,
 }
 
 impl AuthService {
@@ -97,6 +103,8 @@ impl AuthService {
             passwords,
             clock,
             local,
+            keys,
+            unknown,
         } = parts;
         Self {
             db,
@@ -108,6 +116,8 @@ impl AuthService {
             passwords,
             clock,
             local,
+            keys,
+            unknown,
             fill_hook: std::sync::OnceLock::new(),
         }
     }
@@ -140,7 +150,8 @@ impl AuthService {
         let password_hash = self.hasher.hash(r.password).await?;
         let user_id = Uuid::now_v7();
         let record = self.policy.start(user_id, r.client, self.clock.now());
-        let (token, hash) = token::generate();
+        let key = self.keys.minting()?;
+        let (token, hash) = token::generate(&key);
         let lease = self.cache.lease(&hash).await;
         let user = NewUser {
             id: user_id,
@@ -152,7 +163,7 @@ impl AuthService {
         match self
             .db
             .users()
-            .create_with_session(&user, &record, hash.as_bytes())
+            .create_with_session(&user, &record, hash.as_bytes(), key.id)
             .await
         {
             Err(StoreError::Conflict { constraint }) if constraint == EMAIL_UNIQUE => {
@@ -215,13 +226,15 @@ impl AuthService {
         self.limiter.reset(&account).await;
         let user_id = stored.id;
         let record = self.policy.start(user_id, c.client, self.clock.now());
-        let (token, hash) = token::generate();
+        let key = self.keys.minting()?;
+        let (token, hash) = token::generate(&key);
         let lease = self.cache.lease(&hash).await;
         // Only if the password checked is still the user's: a ChangePassword that committed while
         // the hash was being verified must not be outlived by a session of the old password.
         let session = NewSession {
             record: &record,
             token_hash: hash.as_bytes(),
+            key_id: key.id,
             verified_hash: &stored.password_hash,
             max_per_user: i64::from(self.policy.max_per_user),
             client: client.as_ref().map(|c| c.as_slice()),
@@ -286,11 +299,12 @@ impl AuthService {
     /// recorded (once per touch interval per session). No span of its own: the RPC's span says
     /// enough, and this runs on every request other services serve.
     pub async fn validate(&self, token: &str) -> Result<SessionView, AuthError> {
-        let hash = TokenHash::of_token(token).ok_or(AuthError::InvalidSession)?;
-        self.validate_hash(&hash).await
+        let token = self.keys.check(token).await?;
+        self.validate_checked(token).await
     }
 
-    pub(super) async fn validate_hash(&self, hash: &TokenHash) -> Result<SessionView, AuthError> {
+    pub(super) async fn validate_checked(&self, token: Checked) -> Result<SessionView, AuthError> {
+        let hash = &token.hash;
         if let Some(record) = self.local.session(hash) {
             let now = self.clock.now();
             // A copy whose touch is due goes the shared way: Redis has the fleet's last touch.
@@ -299,21 +313,24 @@ impl AuthService {
             }
         }
         let ticket = self.local.session_ticket(hash);
-        let view = self.validate_shared(hash).await?;
+        let view = self.validate_shared(token).await?;
         self.local.keep_session(ticket, hash, &view.record);
         Ok(view)
     }
 
     /// Validation through Redis (and PostgreSQL on a miss).
-    async fn validate_shared(&self, hash: &TokenHash) -> Result<SessionView, AuthError> {
+    async fn validate_shared(&self, token: Checked) -> Result<SessionView, AuthError> {
+        let hash = &token.hash;
         let record = match self.cache.get(hash).await {
             Cached::Hit(record) => record,
             Cached::Revoked => return Err(AuthError::InvalidSession),
             // The lease is taken before PostgreSQL is read: whatever revokes the session, or
             // flushes Redis, after this point makes the fill a no-op.
             Cached::Miss => {
+                // A token no MAC proves pays before it costs Redis a lease or PostgreSQL a read.
+                let paid = self.pay_unless(token.proven)?;
                 let lease = self.cache.lease(hash).await;
-                let checked = self.load_and_check(hash).await;
+                let checked = self.load_and_check(hash, paid).await;
                 return match (checked, lease) {
                     (Ok(record), Some(lease)) => {
                         self.fill(lease, hash, &record).await;
@@ -328,7 +345,10 @@ impl AuthService {
                     (Err(error), None) => Err(error),
                 };
             }
-            Cached::Unavailable => return Ok(self.view(self.load_and_check(hash).await?)),
+            Cached::Unavailable => {
+                let paid = self.pay_unless(token.proven)?;
+                return Ok(self.view(self.load_and_check(hash, paid).await?));
+            }
         };
         if self.policy.is_expired(&record, self.clock.now()) {
             return Err(AuthError::InvalidSession);
@@ -340,10 +360,35 @@ impl AuthService {
         Ok(self.view(record))
     }
 
+    /// One unknown lookup paid by the caller, unless the token is `proven` (see
+    /// `limits::UnknownLookups`).
+    fn pay_unless(&self, proven: bool) -> Result<Option<super::limits::Paid<'_>>, AuthError> {
+        if proven {
+            Ok(None)
+        } else {
+            self.unknown.pay().map(Some)
+        }
+    }
+
     /// The session from PostgreSQL, checked and its activity recorded when due; the fill hook
-    /// runs after (tests pause there).
-    async fn load_and_check(&self, hash: &TokenHash) -> Result<SessionRecord, AuthError> {
-        let record = self.load(hash).await?;
+    /// runs after (tests pause there). A lookup `paid` for is given back if it found the session.
+    async fn load_and_check(
+        &self,
+        hash: &TokenHash,
+        paid: Option<super::limits::Paid<'_>>,
+    ) -> Result<SessionRecord, AuthError> {
+        let found = self
+            .db
+            .sessions()
+            .find_by_token_hash(hash.as_bytes())
+            .await?;
+        if let (Some(_), Some(paid)) = (&found, paid) {
+            paid.found();
+        }
+        let record = match found {
+            Some(stored) if !stored.revoked => stored.record,
+            _ => return Err(AuthError::InvalidSession),
+        };
         if self.policy.is_expired(&record, self.clock.now()) {
             return Err(AuthError::InvalidSession);
         }
@@ -352,19 +397,6 @@ impl AuthService {
             hook(record.id).await;
         }
         Ok(record)
-    }
-
-    /// The session from PostgreSQL, if it exists and was not revoked.
-    async fn load(&self, hash: &TokenHash) -> Result<SessionRecord, AuthError> {
-        match self
-            .db
-            .sessions()
-            .find_by_token_hash(hash.as_bytes())
-            .await?
-        {
-            Some(stored) if !stored.revoked => Ok(stored.record),
-            _ => Err(AuthError::InvalidSession),
-        }
     }
 
     /// Records activity when due. A session revoked meanwhile is rejected; a PostgreSQL outage
@@ -392,12 +424,18 @@ impl AuthService {
     /// a repeated call re-applies the tombstone an earlier attempt may not have written.
     #[instrument(skip_all)]
     pub async fn logout(&self, token: &str) -> Result<(), AuthError> {
-        let hash = TokenHash::of_token(token).ok_or(AuthError::InvalidSession)?;
+        let token = self.keys.check(token).await?;
+        let paid = self.pay_unless(token.proven)?;
         let revocation = self
             .db
             .sessions()
-            .revoke_by_token_hash(hash.as_bytes(), self.since())
+            .revoke_by_token_hash(token.hash.as_bytes(), self.since())
             .await?;
+        if let Some(paid) =
+            paid.filter(|_| revocation.revoked > 0 || !revocation.pending.is_empty())
+        {
+            paid.found();
+        }
         if revocation.revoked > 0 {
             tracing::info!("session revoked");
         }

@@ -86,21 +86,111 @@ impl Bucket {
     fn gcra(&self) -> (Duration, Duration) {
         let limit = self.limit.max(1);
         let burst = limit.div_ceil(2);
-        let interval = self.window / (limit - burst + 1);
+        // In whole milliseconds (what Redis counts in), rounded up: rounded down, the last
+        // attempt of a window fits just inside it (10 s / 3 = 3,333 ms lets a 5th of limit 4 in
+        // at 9,999 ms).
+        let window_ms = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
+        let interval = Duration::from_millis(window_ms.div_ceil(u64::from(limit - burst + 1)));
         (interval, interval * (burst - 1))
+    }
+}
+
+/// GCRA buckets in this process's memory, at most [`LOCAL_MAX`] of them (past it a new one is
+/// refused, never silently forgotten), swept of full ones by [`LocalBuckets::sweep`].
+#[derive(Default)]
+pub struct LocalBuckets {
+    map: Mutex<HashMap<String, Instant>>,
+}
+
+impl LocalBuckets {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes one from `bucket`: `Err(wait)` when it is exhausted (nothing taken).
+    pub fn take(&self, bucket: &Bucket) -> Result<(), Duration> {
+        let (interval, tolerance) = bucket.gcra();
+        let now = Instant::now();
+        let mut local = self.lock();
+        if local.len() >= LOCAL_MAX && !local.contains_key(&bucket.id) {
+            return Err(interval);
+        }
+        let tat = local.entry(bucket.id.clone()).or_insert(now);
+        let tat_now = (*tat).max(now);
+        let allowed_at = tat_now.checked_sub(tolerance).unwrap_or(now);
+        if now < allowed_at {
+            return Err(allowed_at - now);
+        }
+        *tat = tat_now + interval;
+        Ok(())
+    }
+
+    /// Whether `bucket` is full (nothing taken from it lately); `Err(wait)` when a new bucket
+    /// has no room (fail closed, as [`LocalBuckets::take`]).
+    pub fn is_full(&self, bucket: &Bucket) -> Result<bool, Duration> {
+        let local = self.lock();
+        match local.get(&bucket.id) {
+            Some(tat) => Ok(*tat <= Instant::now()),
+            None if local.len() >= LOCAL_MAX => Err(bucket.gcra().0),
+            None => Ok(true),
+        }
+    }
+
+    /// Takes one from `bucket` whatever it holds (what was done is counted, allowed or not).
+    pub fn charge(&self, bucket: &Bucket) {
+        let (interval, _) = bucket.gcra();
+        let now = Instant::now();
+        let mut local = self.lock();
+        if local.len() >= LOCAL_MAX && !local.contains_key(&bucket.id) {
+            return;
+        }
+        let tat = local.entry(bucket.id.clone()).or_insert(now);
+        *tat = (*tat).max(now) + interval;
+    }
+
+    /// Gives back one taken from `bucket` (what it paid for turned out free).
+    pub fn refund(&self, bucket: &Bucket) {
+        let (interval, _) = bucket.gcra();
+        let now = Instant::now();
+        if let Some(tat) = self.lock().get_mut(&bucket.id) {
+            *tat = tat.checked_sub(interval).unwrap_or(now).max(now);
+        }
+    }
+
+    /// Forgets `bucket`.
+    fn remove(&self, bucket: &Bucket) {
+        self.lock().remove(&bucket.id);
+    }
+
+    /// Drops buckets that are full again (they hold no information); called periodically, never
+    /// on a request.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut local = self.lock();
+        local.retain(|_, tat| *tat > now);
+        local.shrink_to_fit();
+    }
+
+    /// Buckets held now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
 pub struct RateLimiter {
     redis: Redis,
-    local: Mutex<HashMap<String, Instant>>,
+    local: LocalBuckets,
 }
 
 impl RateLimiter {
     pub fn new(redis: Redis) -> Self {
         Self {
             redis,
-            local: Mutex::new(HashMap::new()),
+            local: LocalBuckets::default(),
         }
     }
 
@@ -123,7 +213,7 @@ impl RateLimiter {
         if let Some(wait_ms) = shared {
             verdict(wait_ms)?;
         }
-        self.local_take(bucket)
+        self.local.take(bucket)
     }
 
     /// Forgets the bucket's history (the account's owner proved the password: its count starts
@@ -135,7 +225,7 @@ impl RateLimiter {
         if let (Some(key), Some(client)) = (self.key(bucket), self.redis.connected()) {
             self.redis.observe(client.del::<i64, _>(key).await);
         }
-        self.local_lock().remove(&bucket.id);
+        self.local.remove(bucket);
     }
 
     fn key(&self, bucket: &Bucket) -> Option<String> {
@@ -167,39 +257,14 @@ impl RateLimiter {
         }
     }
 
-    fn local_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        self.local.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn local_take(&self, bucket: &Bucket) -> Result<(), Duration> {
-        let (interval, tolerance) = bucket.gcra();
-        let now = Instant::now();
-        let mut local = self.local_lock();
-        if local.len() >= LOCAL_MAX && !local.contains_key(&bucket.id) {
-            return Err(interval);
-        }
-        let tat = local.entry(bucket.id.clone()).or_insert(now);
-        let tat_now = (*tat).max(now);
-        let allowed_at = tat_now.checked_sub(tolerance).unwrap_or(now);
-        if now < allowed_at {
-            return Err(allowed_at - now);
-        }
-        *tat = tat_now + interval;
-        Ok(())
-    }
-
-    /// Drops in-process buckets that are full again (they hold no information); called
-    /// periodically, never on a request.
+    /// Drops in-process buckets that are full again; called periodically, never on a request.
     pub fn sweep(&self) {
-        let now = Instant::now();
-        let mut local = self.local_lock();
-        local.retain(|_, tat| *tat > now);
-        local.shrink_to_fit();
+        self.local.sweep();
     }
 
     /// In-process buckets held now.
     pub fn local_len(&self) -> usize {
-        self.local_lock().len()
+        self.local.len()
     }
 }
 
@@ -248,6 +313,19 @@ mod tests {
         }
     }
 
+    /// Review found: 10 s / 3 was truncated to 3,333 ms, so attempts at 0, 0, 3.333, 6.666 and
+    /// 9.999 s — five within 10 s — were all allowed with a limit of 4.
+    #[test]
+    fn the_interval_is_rounded_up_so_the_window_holds() {
+        let bucket = Bucket::new("t", "x", 4, Duration::from_secs(10));
+        let (interval, tolerance) = bucket.gcra();
+        assert_eq!(interval, Duration::from_millis(3334));
+        assert_eq!(tolerance, Duration::from_millis(3334));
+        // The earliest schedule GCRA allows: a burst of two, then one per interval.
+        let fifth = interval * 3;
+        assert!(fifth >= Duration::from_secs(10), "{fifth:?}");
+    }
+
     #[tokio::test]
     async fn a_reset_starts_the_count_over_and_zero_is_unlimited() {
         let limiter = limiter();
@@ -283,15 +361,15 @@ mod tests {
     fn the_map_is_bounded_and_fails_closed() {
         let limiter = limiter();
         {
-            let mut local = limiter.local_lock();
+            let mut local = limiter.local.lock();
             let far = Instant::now() + Duration::from_secs(3600);
             for i in 0..LOCAL_MAX {
                 local.insert(i.to_string(), far);
             }
         }
         let new = Bucket::new("n", "new", 10, Duration::from_secs(60));
-        assert!(limiter.local_take(&new).is_err(), "refused, not forgotten");
-        limiter.local_lock().insert("gone".into(), Instant::now());
+        assert!(limiter.local.take(&new).is_err(), "refused, not forgotten");
+        limiter.local.lock().insert("gone".into(), Instant::now());
         limiter.sweep();
         assert_eq!(limiter.local_len(), LOCAL_MAX);
     }

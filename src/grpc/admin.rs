@@ -125,7 +125,10 @@ impl AdminGrpc {
             let _ = answer.send(result);
             service.audit(entry, admitted).await;
         };
-        let task = self.service.tasks.spawn(crate::clock::carry_deadline(call));
+        let task = self
+            .service
+            .tasks
+            .spawn(crate::store::carry(crate::clock::carry_deadline(call)));
         let Ok(result) = answered.await else {
             tracing::error!(method, "admin call task failed");
             return Err(Status::internal("internal error"));

@@ -1,7 +1,9 @@
 //! Around every RPC: a request id (the caller's `x-request-id`, or a new one, returned in the
 //! response metadata), a span carrying it, one log line when the RPC answers (method, code,
 //! latency, request id), and the RPC metrics; and the call's deadline (`GRPC__REQUEST_TIMEOUT`,
-//! or the caller's shorter `grpc-timeout`), past which it answers DEADLINE_EXCEEDED.
+//! or the caller's shorter `grpc-timeout`), past which it answers DEADLINE_EXCEEDED; and the
+//! call's work (`store::Work`): the share of the PostgreSQL pool its method uses, and the
+//! caller's address.
 //!
 //! The status of an error is in the response headers (gRPC "trailers-only"); a response without
 //! one is OK, its status following in the trailers. Streams (health Watch) are recorded when they
@@ -18,7 +20,10 @@ use tonic::Code;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use crate::metrics::Metrics;
+use crate::{
+    metrics::Metrics,
+    store::{Share, Work},
+};
 
 pub const REQUEST_ID: &str = "x-request-id";
 
@@ -75,6 +80,19 @@ fn request_id<B>(request: &Request<B>) -> HeaderValue {
         })
 }
 
+/// The share of the PostgreSQL pool a method's work takes (see `store::work`).
+fn share_of(path: &str) -> Share {
+    match path.trim_start_matches('/').split_once('/') {
+        Some(("authd.v1.AuthService", "Login" | "Register")) => Share::Logins,
+        Some(("authd.v1.AuthService", "ValidateSession"))
+        | Some(("authd.v1.ProfileService", "GetProfile" | "BatchGetProfiles")) => Share::Lookups,
+        Some(("authd.v1.AuthService" | "authd.v1.ProfileService", _)) => Share::Changes,
+        Some(("authd.v1.AdminService", _)) => Share::Admin,
+        // Health and reflection need no PostgreSQL; unknown paths neither.
+        _ => Share::Lookups,
+    }
+}
+
 fn status_code<B>(response: &Response<B>) -> Code {
     response
         .headers()
@@ -112,6 +130,14 @@ where
             .and_then(crate::clock::grpc_timeout);
         let deadline = start + asked.map_or(self.request_timeout, |t| t.min(self.request_timeout));
         let path = request.uri().path().to_owned();
+        let work = Work {
+            share: share_of(&path),
+            peer: request
+                .extensions()
+                .get::<super::limits::PeerInfo>()
+                .and_then(|peer| peer.remote)
+                .map(|remote| remote.ip()),
+        };
         let span = tracing::info_span!(
             "rpc",
             method = %path,
@@ -123,7 +149,7 @@ where
         let metrics = self.metrics.clone();
         Box::pin(async move {
             let call = inner.call(request).instrument(span.clone());
-            let call = crate::clock::with_deadline(deadline, call);
+            let call = crate::clock::with_deadline(deadline, crate::store::as_work(work, call));
             // The call's deadline ends it here, so that it is answered DEADLINE_EXCEEDED (what
             // a gRPC client expects), logged and counted like any other call.
             let mut response = match tokio::time::timeout_at(deadline.into(), call).await {

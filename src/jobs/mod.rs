@@ -175,6 +175,22 @@ impl Jobs {
                 async {}
             }
         };
+        let keys = {
+            let auth = auth.clone();
+            move || {
+                let auth = auth.clone();
+                async move {
+                    if let Err(error) = auth.refresh_keys().await {
+                        tracing::warn!(%error, "could not reload the token signing keys; retrying");
+                    }
+                }
+            }
+        };
+        jobs.push(tokio::spawn(every(
+            crate::auth::keys::KEY_REFRESH,
+            stop.clone(),
+            keys,
+        )));
         jobs.push(tokio::spawn(every(
             LIVE_COUNT_INTERVAL,
             stop.clone(),

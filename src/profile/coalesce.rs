@@ -44,18 +44,38 @@ impl<K: Hash + Eq + Clone, V: Clone> Default for Coalescer<K, V> {
 impl<K: Hash + Eq + Clone, V: Clone> Coalescer<K, V> {
     /// Runs `work` for `key`, or waits for a flight that had not begun when this call arrived.
     /// `work` may run more than once per call if a leader is cancelled (its followers retry).
+    #[cfg(test)]
     pub async fn run<F, Fut>(&self, key: K, work: F) -> V
     where
         F: Fn() -> Fut,
         Fut: Future<Output = V>,
     {
+        let work = || {
+            let read = work();
+            async move { Ok::<V, std::convert::Infallible>(read.await) }
+        };
+        match self.run_or_decline(key, work).await {
+            Ok(value) => value,
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`Coalescer::run`], but a leader's `work` may decline (`Err`, e.g. its caller may not
+    /// pay for the read): that caller gets the `Err`, and the callers waiting for the flight try
+    /// again, one of them leading — as if the leader had been cancelled, so no caller is refused
+    /// for another's reason.
+    pub async fn run_or_decline<F, Fut, E>(&self, key: K, work: F) -> Result<V, E>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+    {
         loop {
             match self.role(&key) {
                 Role::Follow(rx) => {
                     if let Some(value) = outcome(rx).await {
-                        return value;
+                        return Ok(value);
                     }
-                    // Its leader was cancelled: try again.
+                    // Its leader was cancelled or declined: try again.
                 }
                 Role::Lead { tx, rx, after } => {
                     let _guard = Guard {
@@ -67,9 +87,9 @@ impl<K: Hash + Eq + Clone, V: Clone> Coalescer<K, V> {
                         outcome(previous).await;
                         self.promote(&key, &rx);
                     }
-                    let value = work().await;
+                    let value = work().await?;
                     tx.send_replace(Some(value.clone()));
-                    return value;
+                    return Ok(value);
                 }
             }
         }
@@ -231,6 +251,31 @@ mod tests {
         running.abort();
         let answer = tokio::time::timeout(Duration::from_secs(1), follower).await;
         assert_eq!(answer.unwrap().unwrap(), 7);
+        assert!(coalescer.is_empty());
+    }
+
+    /// A leader whose work declines (its caller may not pay) answers its own caller with the
+    /// refusal; the caller waiting for it leads a flight of its own.
+    #[tokio::test]
+    async fn a_leader_that_declines_leaves_its_followers_to_read_themselves() {
+        let coalescer = Arc::new(Coalescer::<u8, u8>::default());
+        let declining = {
+            let c = coalescer.clone();
+            tokio::spawn(async move {
+                c.run_or_decline(1, || async {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Err::<u8, &str>("may not pay")
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let waiting = {
+            let c = coalescer.clone();
+            tokio::spawn(async move { c.run_or_decline(1, || async { Ok::<u8, &str>(7) }).await })
+        };
+        assert_eq!(declining.await.unwrap(), Err("may not pay"));
+        assert_eq!(waiting.await.unwrap(), Ok(7));
         assert!(coalescer.is_empty());
     }
 }

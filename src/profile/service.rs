@@ -91,13 +91,26 @@ impl ProfileService {
         let loaded = match self.cache.get(&user_id).await {
             CachedProfile::Hit(profile) => return Ok(profile),
             CachedProfile::NotFound => return Err(ProfileError::NotFound),
-            // Concurrent misses for this id share one PostgreSQL read (one begun after them).
-            CachedProfile::Miss => {
-                let load = || self.recheck_then_load(user_id);
-                self.flights.run(user_id, load).await
+            // Concurrent misses for this id share one PostgreSQL read (one begun after them);
+            // with Redis down or disabled too (the read then fills nothing).
+            miss => {
+                let fill = matches!(miss, CachedProfile::Miss);
+                // Anyone may ask for any id: the flight's leader pays for a lookup that finds
+                // nothing; when it may not, the others lead in turn.
+                let load = || async move {
+                    let paid = self.auth.unknown_lookups().pay()?;
+                    let loaded = if fill {
+                        self.recheck_then_load(user_id).await
+                    } else {
+                        self.load(user_id, None).await
+                    };
+                    Ok(refund_if_found(paid, loaded))
+                };
+                self.flights
+                    .run_or_decline(user_id, load)
+                    .await
+                    .map_err(ProfileError::Auth)?
             }
-            // Redis down or disabled: read PostgreSQL for this caller alone.
-            CachedProfile::Unavailable => self.load(user_id, None).await,
         };
         loaded
             .map_err(ProfileError::Store)?
@@ -201,8 +214,13 @@ impl ProfileService {
             }
         }
         if !misses.is_empty() {
+            // One lookup, paid for unless every id is found (see `get_shared`).
+            let paid = self.auth.unknown_lookups().pay()?;
             let leases = self.cache.lease_many(&fill).await;
             let loaded = self.db.profiles().get_many(&misses).await?;
+            if loaded.len() == misses.len() {
+                paid.found();
+            }
             let by_id: HashMap<Uuid, &ProfileRecord> =
                 loaded.iter().map(|p| (p.user_id, p)).collect();
             let mut leases: HashMap<Uuid, crate::cache::Lease> = fill
@@ -290,4 +308,12 @@ impl ProfileService {
         redis.mark_applied(Log::Profiles, pending.iter().map(|p| (p.id, p.created_at)));
         true
     }
+}
+
+/// Gives a paid lookup back when it found the profile.
+fn refund_if_found(paid: crate::auth::Paid<'_>, loaded: Load) -> Load {
+    if matches!(loaded, Ok(Some(_))) {
+        paid.found();
+    }
+    loaded
 }

@@ -75,7 +75,7 @@ impl AdminRepo<'_> {
             .bind(micros(idle))
             .bind(id)
             .bind(email);
-        self.0.run(query.fetch_optional(&self.0.pool)).await
+        self.0.run(query.fetch_optional(self.0.pool())).await
     }
 
     /// Up to `limit` live sessions of the user, newest first, after `after`.
@@ -99,7 +99,7 @@ impl AdminRepo<'_> {
             .bind(after.map(|c| c.created_at))
             .bind(after.map(|c| c.id))
             .bind(limit);
-        let rows = self.0.run(query.fetch_all(&self.0.pool)).await?;
+        let rows = self.0.run(query.fetch_all(self.0.pool())).await?;
         Ok(rows.into_iter().map(|s| s.record).collect())
     }
 
@@ -115,7 +115,7 @@ impl AdminRepo<'_> {
     ) -> Result<Option<Revocation>, StoreError> {
         self.0
             .retrying(|| async {
-                let mut tx = self.0.run(self.0.pool.begin()).await?;
+                let mut tx = self.0.run(self.0.pool().begin()).await?;
                 if self
                     .0
                     .users()
@@ -153,7 +153,7 @@ impl AdminRepo<'_> {
              where id = $1",
         )
         .bind(user_id);
-        let done = self.0.run(query.execute(&self.0.pool)).await?;
+        let done = self.0.run(query.execute(self.0.pool())).await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -162,7 +162,7 @@ impl AdminRepo<'_> {
         let query =
             sqlx::query_scalar::<_, bool>("select exists (select 1 from users where id = $1)")
                 .bind(user_id);
-        self.0.run(query.fetch_one(&self.0.pool)).await
+        self.0.run(query.fetch_one(self.0.pool())).await
     }
 
     pub async fn audit(&self, entry: &AuditEntry<'_>) -> Result<(), StoreError> {
@@ -176,7 +176,7 @@ impl AdminRepo<'_> {
         .bind(entry.outcome)
         .bind(entry.request_id)
         .bind(entry.count);
-        self.0.run(query.execute(&self.0.pool)).await?;
+        self.0.run(query.execute(self.0.pool())).await?;
         Ok(())
     }
 
@@ -191,7 +191,7 @@ impl AdminRepo<'_> {
         let query = sqlx::query_scalar::<_, i64>("select purge_admin_audit($1, $2)")
             .bind(micros(retention))
             .bind(batch);
-        let purged = self.0.run(query.fetch_one(&self.0.pool)).await?;
+        let purged = self.0.run(query.fetch_one(self.0.pool())).await?;
         Ok(purged.max(0).unsigned_abs())
     }
 
@@ -204,10 +204,10 @@ impl AdminRepo<'_> {
         )
         .bind(name)
         .bind(fresh);
-        self.0.run(insert.execute(&self.0.pool)).await?;
+        self.0.run(insert.execute(self.0.pool())).await?;
         let select =
             sqlx::query_scalar::<_, Vec<u8>>("select secret from service_secrets where name = $1")
                 .bind(name);
-        self.0.run(select.fetch_one(&self.0.pool)).await
+        self.0.run(select.fetch_one(self.0.pool())).await
     }
 }

@@ -40,7 +40,7 @@ impl Db {
         )
         .bind(fingerprint)
         .bind(continued);
-        self.run(query.fetch_optional(&self.pool)).await
+        self.run(query.fetch_optional(self.pool())).await
     }
 
     /// The fingerprints bound most recently, newest first, with their generations (a new
@@ -50,6 +50,6 @@ impl Db {
             "select fingerprint, generation from redis_fingerprints
              order by created_at desc limit 100",
         );
-        self.run(query.fetch_all(&self.pool)).await
+        self.run(query.fetch_all(self.pool())).await
     }
 }

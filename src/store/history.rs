@@ -77,7 +77,7 @@ impl Db {
             "select clock_timestamp(), system_identifier::text, {TIMELINE} from pg_control_system()"
         );
         let query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
-        self.run(query.fetch_one(&self.pool)).await
+        self.run(query.fetch_one(self.pool())).await
     }
 
     pub(super) async fn saw_history(
@@ -157,12 +157,12 @@ impl Db {
                              coalesce((select lease_us from local_cache_fleet), 0))",
         )
         .bind(key);
-        let (inserted, replaced, age, lease) = self.run(query.fetch_one(&self.pool)).await?;
+        let (inserted, replaced, age, lease) = self.run(query.fetch_one(self.pool())).await?;
         if inserted && replaced {
             let skip = sqlx::query(
                 "select setval('redis_generation_seq', nextval('redis_generation_seq') + 1024)",
             );
-            self.run(skip.execute(&self.pool)).await?;
+            self.run(skip.execute(self.pool())).await?;
         }
         Ok((replaced, age, lease))
     }

@@ -108,7 +108,7 @@ impl LeaseRepo<'_> {
         covers: Duration,
         confirmed: bool,
     ) -> Result<Option<FleetLease>, StoreError> {
-        let mut tx = self.0.run(self.0.pool.begin()).await?;
+        let mut tx = self.0.run(self.0.pool().begin()).await?;
         let lock = sqlx::query("lock table local_cache_fleet in exclusive mode");
         self.0.run(lock.execute(&mut *tx)).await?;
         let gone = sqlx::query(
@@ -214,14 +214,14 @@ impl LeaseRepo<'_> {
     /// its request timeout covers.
     pub async fn seen(&self, me: Uuid, holds: bool, covers: Duration) -> Result<(), StoreError> {
         let query = sqlx::query(SEEN).bind(me).bind(holds).bind(micros(covers));
-        self.0.run(query.execute(&self.0.pool)).await?;
+        self.0.run(query.execute(self.0.pool())).await?;
         Ok(())
     }
 
     /// `me` stopped.
     pub async fn stopped(&self, me: Uuid) -> Result<(), StoreError> {
         let query = sqlx::query("delete from local_cache_instances where instance = $1").bind(me);
-        self.0.run(query.execute(&self.0.pool)).await?;
+        self.0.run(query.execute(self.0.pool())).await?;
         Ok(())
     }
 
@@ -238,7 +238,7 @@ impl LeaseRepo<'_> {
         let purge = sqlx::query(
             "delete from local_cache_leases where expires_at < clock_timestamp() - interval '1 day'",
         );
-        self.0.run(purge.execute(&self.0.pool)).await?;
+        self.0.run(purge.execute(self.0.pool())).await?;
         let sql = format!(
             "with length as (
                  select coalesce((select lease_us from local_cache_fleet for share), $2::bigint)
@@ -256,7 +256,7 @@ impl LeaseRepo<'_> {
         let query = sqlx::query_as::<_, (DateTime<Utc>, String)>(sqlx::AssertSqlSafe(sql))
             .bind(instance)
             .bind(micros(lease));
-        let Some((at, timeline)) = self.0.run(query.fetch_optional(&self.0.pool)).await? else {
+        let Some((at, timeline)) = self.0.run(query.fetch_optional(self.0.pool())).await? else {
             return Ok(None);
         };
         self.0.saw_timeline(timeline).await?;
@@ -290,7 +290,7 @@ impl LeaseRepo<'_> {
                 .bind(instance)
                 .bind(micros(lease))
                 .bind(applied_through);
-        let (at, timeline, held) = self.0.run(query.fetch_one(&self.0.pool)).await?;
+        let (at, timeline, held) = self.0.run(query.fetch_one(self.0.pool())).await?;
         self.0.saw_timeline(timeline).await?;
         Ok((at, held))
     }
@@ -301,7 +301,7 @@ impl LeaseRepo<'_> {
             "update local_cache_leases set expires_at = clock_timestamp() where instance = $1",
         )
         .bind(instance);
-        self.0.run(query.execute(&self.0.pool)).await?;
+        self.0.run(query.execute(self.0.pool())).await?;
         Ok(())
     }
 
@@ -321,7 +321,7 @@ impl LeaseRepo<'_> {
             sqlx::AssertSqlSafe(sql),
         )
         .bind(me);
-        let rows = self.0.run(query.fetch_all(&self.0.pool)).await?;
+        let rows = self.0.run(query.fetch_all(self.0.pool())).await?;
         let asked = std::time::Instant::now();
         let (since, timeline) = rows
             .first()
@@ -364,7 +364,7 @@ impl LeaseRepo<'_> {
             Option<DateTime<Utc>>,
         );
         let query = sqlx::query_as::<_, Row>(sqlx::AssertSqlSafe(sql)).bind(instances);
-        let rows = self.0.run(query.fetch_all(&self.0.pool)).await?;
+        let rows = self.0.run(query.fetch_all(self.0.pool())).await?;
         let (timeline, at) = rows
             .first()
             .map(|row| (row.0.clone(), row.1))
@@ -390,6 +390,6 @@ impl LeaseRepo<'_> {
         let query = sqlx::query_scalar::<_, i64>(
             "select count(*) from local_cache_leases where expires_at > clock_timestamp()",
         );
-        self.0.run(query.fetch_one(&self.0.pool)).await
+        self.0.run(query.fetch_one(self.0.pool())).await
     }
 }

@@ -1,15 +1,18 @@
 //! PostgreSQL, the source of truth: the pool, the migrations and one repository per table family.
 //!
 //! Every operation goes through [`Db::run`], which bounds it in time and classifies its error, so
-//! an outage answers UNAVAILABLE within `DATABASE__QUERY_TIMEOUT` instead of hanging.
+//! an outage answers UNAVAILABLE within `DATABASE__QUERY_TIMEOUT` instead of hanging, and takes
+//! its connection from the running work's share of the pool (`work`).
 mod admin;
 mod generations;
 mod history;
+mod keys;
 mod leases;
 mod outbox;
 mod profiles;
 mod sessions;
 mod users;
+mod work;
 
 use std::{
     future::Future,
@@ -31,6 +34,7 @@ use sqlx::{
 
 pub use admin::{AdminRepo, AdminUser, AuditEntry, SessionCursor, UserLookup};
 pub use history::HistoryHook;
+pub use keys::{KeyState, StoredKey, TokenKeyRepo};
 pub use leases::{
     FleetLease, Holder, Holders, INSTANCE_ALIVE, INSTANCE_BEAT, LeaseProgress, LeaseRepo, Progress,
 };
@@ -38,6 +42,7 @@ pub use outbox::{Cursor, Invalidation, OutboxRepo, ProfileInvalidation, Revocati
 pub use profiles::{ProfileRepo, UpdateOutcome};
 pub use sessions::{NewSession, SessionRepo, Since, StoredSession};
 pub use users::{Credentials, EMAIL_UNIQUE, NewUser, UserRepo};
+pub use work::{Share, Work, as_work, carry, current as current_work, in_background};
 
 use crate::{config::DatabaseSettings, metrics::Metrics};
 
@@ -102,25 +107,16 @@ fn is_unavailable_sqlstate(code: &str) -> bool {
     code.starts_with("08") || code.starts_with("57P") || code == "57014" || code == "53300"
 }
 
-tokio::task_local! {
-    /// Set for background jobs, whose queries are not counted as requests' queries.
-    static BACKGROUND: ();
-}
-
-/// Runs `job` as background work: its queries are left out of [`Db::queries_executed`].
-pub async fn in_background<F: Future>(job: F) -> F::Output {
-    BACKGROUND.scope((), job).await
-}
-
-/// The pool plus what every query shares: its time bound and a count of the queries run while
-/// serving requests (which the tests and the benchmark read to prove what a cached path does not
-/// do).
+/// The pool's shares plus what every query shares: its time bound and a count of the queries run
+/// while serving requests (which the tests and the benchmark read to prove what a cached path
+/// does not do).
 pub struct Db {
-    pool: PgPool,
+    /// One pool per [`Share`], in [`Share::ALL`]'s order.
+    pools: Vec<PgPool>,
     query_timeout: Duration,
     queries: AtomicU64,
-    /// Operations started and not finished (holding or waiting for a connection).
-    in_flight: AtomicI64,
+    /// Operations started and not finished (holding or waiting for a connection), per share.
+    in_flight: [AtomicI64; 5],
     metrics: Arc<Metrics>,
     history: history::History,
     /// Set when a statement met [`StoreError::Schema`] (and at start): the health pass then
@@ -166,16 +162,23 @@ impl Db {
         } else if tls.required() {
             tls.probe(&options, settings.acquire_timeout).await?;
         }
-        let pool = PgPoolOptions::new()
-            .max_connections(settings.max_connections)
-            .min_connections(settings.min_connections)
-            .acquire_timeout(settings.acquire_timeout)
-            .connect_lazy_with(options);
+        let pools = settings
+            .shares
+            .connections(settings.max_connections)
+            .into_iter()
+            .map(|size| {
+                PgPoolOptions::new()
+                    .max_connections(size)
+                    .min_connections(settings.min_connections.min(size))
+                    .acquire_timeout(settings.acquire_timeout)
+                    .connect_lazy_with(options.clone())
+            })
+            .collect();
         Ok(Self {
-            pool,
+            pools,
             query_timeout: settings.query_timeout,
             queries: AtomicU64::new(0),
-            in_flight: AtomicI64::new(0),
+            in_flight: Default::default(),
             metrics,
             history: history::History::default(),
             schema_suspect: AtomicBool::new(true),
@@ -183,11 +186,16 @@ impl Db {
     }
 
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
-        sqlx::migrate!("./migrations").run(&self.pool).await
+        sqlx::migrate!("./migrations").run(self.pool()).await
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        futures::future::join_all(self.pools.iter().map(PgPool::close)).await;
+    }
+
+    /// The running work's share of the pool.
+    fn pool(&self) -> &PgPool {
+        &self.pools[work::current().share.index()]
     }
 
     /// Queries sent to PostgreSQL so far by this process while serving requests (background jobs
@@ -196,16 +204,26 @@ impl Db {
         self.queries.load(Ordering::Relaxed)
     }
 
-    /// Publishes the pool's state (called when metrics are scraped).
+    /// Publishes the state of each share of the pool (called when metrics are scraped).
     pub fn record_pool_metrics(&self) {
-        let size = i64::from(self.pool.size());
-        let idle = i64::try_from(self.pool.num_idle()).unwrap_or(i64::MAX);
-        let in_use = (size - idle).max(0);
         let m = &self.metrics;
-        m.db_connections.with_label_values(&["in_use"]).set(in_use);
-        m.db_connections.with_label_values(&["idle"]).set(idle);
-        m.db_waiting
-            .set((self.in_flight.load(Ordering::Relaxed) - in_use).max(0));
+        for share in Share::ALL {
+            let pool = &self.pools[share.index()];
+            let size = i64::from(pool.size());
+            let idle = i64::try_from(pool.num_idle()).unwrap_or(i64::MAX);
+            let in_use = (size - idle).max(0);
+            let name = share.name();
+            m.db_connections
+                .with_label_values(&[name, "in_use"])
+                .set(in_use);
+            m.db_connections
+                .with_label_values(&[name, "idle"])
+                .set(idle);
+            let in_flight = self.in_flight[share.index()].load(Ordering::Relaxed);
+            m.db_waiting
+                .with_label_values(&[name])
+                .set((in_flight - in_use).max(0));
+        }
     }
 
     /// PostgreSQL's clock, read by a trivial query: whether PostgreSQL answers (health), the
@@ -246,17 +264,25 @@ impl Db {
         &self,
         operation: impl Future<Output = Result<T, sqlx::Error>>,
     ) -> Result<T, StoreError> {
-        let origin = if BACKGROUND.try_with(|_| ()).is_err() {
+        let share = work::current().share;
+        let origin = if share == Share::Background {
+            "background"
+        } else {
             self.queries.fetch_add(1, Ordering::Relaxed);
             "request"
-        } else {
-            "background"
         };
         self.metrics.db_queries.with_label_values(&[origin]).inc();
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let _in_flight = InFlight(&self.in_flight);
+        let in_flight = &self.in_flight[share.index()];
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(in_flight);
         match tokio::time::timeout(self.query_timeout, operation).await {
             Ok(result) => result.map_err(|error| {
+                if matches!(error, sqlx::Error::PoolTimedOut) {
+                    self.metrics
+                        .db_share_timeouts
+                        .with_label_values(&[share.name()])
+                        .inc();
+                }
                 let error = StoreError::from(error);
                 if let StoreError::Schema(cause) = &error {
                     self.schema_suspect.store(true, Ordering::Relaxed);
@@ -290,10 +316,10 @@ impl Db {
         let applied = sqlx::query_scalar::<_, Option<i64>>(
             "select max(version) from _sqlx_migrations where success",
         );
-        let problems = match self.run(applied.fetch_one(&self.pool)).await {
+        let problems = match self.run(applied.fetch_one(self.pool())).await {
             Ok(applied) if applied.unwrap_or_default() >= needed => {
                 let query = sqlx::query_scalar::<_, String>(PRIVILEGES);
-                self.run(query.fetch_all(&self.pool)).await?
+                self.run(query.fetch_all(self.pool())).await?
             }
             Ok(applied) => vec![format!(
                 "migrations up to {needed} (applied: {}): run `authd migrate`",
@@ -311,7 +337,7 @@ impl Db {
 
 /// The privileges the service's role needs (README "Docker compose" and
 /// deploy/postgres/roles.sql): rows of every table (the audit and the secrets are append-only),
-/// its sequences, and the audit purge.
+/// its sequences, and the purges of the audit and the signing keys.
 const PRIVILEGES: &str = "
     select format('%s on %s', p.privilege, c.relname)
     from pg_class c
@@ -319,7 +345,7 @@ const PRIVILEGES: &str = "
     cross join unnest(array['select', 'insert', 'update', 'delete']) as p(privilege)
     where n.nspname = current_schema() and c.relkind in ('r', 'p')
       and c.relname <> '_sqlx_migrations'
-      and not (c.relname in ('admin_audit', 'service_secrets')
+      and not (c.relname in ('admin_audit', 'service_secrets', 'token_keys')
                and p.privilege in ('update', 'delete'))
       and not has_table_privilege(c.oid, p.privilege)
     union all
@@ -329,10 +355,9 @@ const PRIVILEGES: &str = "
     where n.nspname = current_schema()
       and case when c.relkind = 'S' then not has_sequence_privilege(c.oid, 'usage') end
     union all
-    select 'execute on function purge_admin_audit'
-    where not coalesce(
-        has_function_privilege(to_regprocedure('purge_admin_audit(bigint, bigint)'), 'execute'),
-        false)";
+    select format('execute on function %s', f)
+    from unnest(array['purge_admin_audit(bigint, bigint)', 'purge_token_keys(bigint)']) as f
+    where not coalesce(has_function_privilege(to_regprocedure(f), 'execute'), false)";
 
 /// Creates the database of `url` unless it exists (this is also the first connection made).
 async fn create_if_missing(url: &str) -> Result<(), sqlx::Error> {

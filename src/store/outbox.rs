@@ -118,7 +118,7 @@ impl OutboxRepo<'_> {
              select sessions_after, profiles_after from outbox_cursors where namespace = $1",
         )
         .bind(namespace);
-        match self.0.run(query.fetch_optional(&self.0.pool)).await? {
+        match self.0.run(query.fetch_optional(self.0.pool())).await? {
             Some(cursor) => Ok(cursor),
             // Created concurrently by another instance: visible now.
             None => {
@@ -126,7 +126,7 @@ impl OutboxRepo<'_> {
                     "select sessions_after, profiles_after from outbox_cursors where namespace = $1",
                 )
                 .bind(namespace);
-                self.0.run(query.fetch_one(&self.0.pool)).await
+                self.0.run(query.fetch_one(self.0.pool())).await
             }
         }
     }
@@ -143,7 +143,7 @@ impl OutboxRepo<'_> {
         .bind(namespace)
         .bind(to.sessions_after)
         .bind(to.profiles_after);
-        self.0.run(query.execute(&self.0.pool)).await?;
+        self.0.run(query.execute(self.0.pool())).await?;
         Ok(())
     }
 
@@ -160,7 +160,7 @@ impl OutboxRepo<'_> {
         .bind(after.0)
         .bind(after.1)
         .bind(limit);
-        self.0.run(query.fetch_all(&self.0.pool)).await
+        self.0.run(query.fetch_all(self.0.pool())).await
     }
 
     /// Profile versions logged after `(after, after_id)` (keyset order), at most `limit`.
@@ -176,7 +176,7 @@ impl OutboxRepo<'_> {
         .bind(after.0)
         .bind(after.1)
         .bind(limit);
-        self.0.run(query.fetch_all(&self.0.pool)).await
+        self.0.run(query.fetch_all(self.0.pool())).await
     }
 
     /// Deletes what no cache can need any more: session rows past the session's expiry, profile
@@ -187,7 +187,7 @@ impl OutboxRepo<'_> {
         profile_retention: std::time::Duration,
         cursor_retention: std::time::Duration,
     ) -> Result<u64, StoreError> {
-        let mut tx = self.0.run(self.0.pool.begin()).await?;
+        let mut tx = self.0.run(self.0.pool().begin()).await?;
         let allow = sqlx::query("select set_config('authd.purge', 'on', true)");
         self.0.run(allow.execute(&mut *tx)).await?;
         let sessions = sqlx::query(

@@ -29,7 +29,7 @@ impl ProfileRepo<'_> {
              from profiles where user_id = $1",
         )
         .bind(user_id);
-        self.0.run(query.fetch_optional(&self.0.pool)).await
+        self.0.run(query.fetch_optional(self.0.pool())).await
     }
 
     /// All the profiles among `user_ids` that exist, in one query.
@@ -40,7 +40,7 @@ impl ProfileRepo<'_> {
              from profiles where user_id = any($1)",
         )
         .bind(user_ids);
-        self.0.run(query.fetch_all(&self.0.pool)).await
+        self.0.run(query.fetch_all(self.0.pool())).await
     }
 
     /// Applies the changes (and bumps the version) when `expected_version` is `None` or
@@ -80,7 +80,7 @@ impl ProfileRepo<'_> {
         .bind(&changes.locale)
         .bind(&changes.time_zone)
         .bind(expected_version);
-        if let Some(profile) = self.0.run(query.fetch_optional(&self.0.pool)).await? {
+        if let Some(profile) = self.0.run(query.fetch_optional(self.0.pool())).await? {
             return Ok(UpdateOutcome::Updated(profile));
         }
         Ok(match self.get(user_id).await? {

@@ -129,6 +129,8 @@ impl Db {
 pub struct NewSession<'a> {
     pub record: &'a SessionRecord,
     pub token_hash: &'a [u8],
+    /// The key the token was minted under (`token_keys`).
+    pub key_id: u32,
     /// The PHC hash the password was verified against: the session is stored only if it is
     /// still the user's.
     pub verified_hash: &'a str,
@@ -161,7 +163,7 @@ impl SessionRepo<'_> {
         since: Since,
     ) -> Result<Option<Revocation>, StoreError> {
         let r = s.record;
-        let mut tx = self.0.run(self.0.pool.begin()).await?;
+        let mut tx = self.0.run(self.0.pool().begin()).await?;
         if self
             .0
             .users()
@@ -175,8 +177,9 @@ impl SessionRepo<'_> {
         let query = sqlx::query_as::<_, super::outbox::QueuedRow>(concat!(
             "with new_session as (
                  insert into sessions (id, user_id, token_hash, created_at, last_seen_at,
-                                       absolute_expires_at, authenticated_at, ip_address, user_agent)
-                 values ($9, $3, $4, $5, $5, $6, $5, $7, $8)
+                                       absolute_expires_at, authenticated_at, ip_address, user_agent,
+                                       key_id)
+                 values ($9, $3, $4, $5, $5, $6, $5, $7, $8, $11)
              ), ",
             // The new row is invisible to the rest of the statement: keep max - 1 others.
             "least_recent as (
@@ -202,7 +205,8 @@ impl SessionRepo<'_> {
         .bind(&r.ip_address)
         .bind(&r.user_agent)
         .bind(r.id)
-        .bind((s.max_per_user - 1).max(0));
+        .bind((s.max_per_user - 1).max(0))
+        .bind(i64::from(s.key_id));
         let rows = self.0.run(query.fetch_all(&mut *tx)).await?;
         self.signed_in(&mut tx, r.user_id, s.client).await?;
         self.0.run(tx.commit()).await?;
@@ -258,7 +262,7 @@ impl SessionRepo<'_> {
         let query = sqlx::query_as::<_, StoredSession>(sqlx::AssertSqlSafe(sql))
             .bind(micros(idle))
             .bind(user_id);
-        let rows = self.0.run(query.fetch_all(&self.0.pool)).await?;
+        let rows = self.0.run(query.fetch_all(self.0.pool())).await?;
         Ok(rows.into_iter().map(|s| s.record).collect())
     }
 
@@ -277,7 +281,7 @@ impl SessionRepo<'_> {
         .bind(since.pending_after)
         .bind(user_id)
         .bind(session_id);
-        let rows = self.0.run(query.fetch_all(&self.0.pool)).await?;
+        let rows = self.0.run(query.fetch_all(self.0.pool())).await?;
         Ok(Revocation::from_rows(rows))
     }
 
@@ -288,7 +292,7 @@ impl SessionRepo<'_> {
         )
         .bind(session_id)
         .bind(user_id);
-        self.0.run(query.fetch_one(&self.0.pool)).await
+        self.0.run(query.fetch_one(self.0.pool())).await
     }
 
     /// Revokes every session of the user not yet revoked, whatever its expiry (so that no later
@@ -301,7 +305,7 @@ impl SessionRepo<'_> {
     ) -> Result<Revocation, StoreError> {
         self.0
             .retrying(|| async {
-                let mut tx = self.0.run(self.0.pool.begin()).await?;
+                let mut tx = self.0.run(self.0.pool().begin()).await?;
                 self.0.users().lock_password(&mut tx, user_id).await?;
                 let revoked = self.revoke_all_in(&mut tx, user_id, keep, since).await?;
                 self.0.run(tx.commit()).await?;
@@ -336,7 +340,7 @@ impl SessionRepo<'_> {
     ) -> Result<Option<StoredSession>, StoreError> {
         let sql = format!("select {COLUMNS} from sessions where token_hash = $1");
         let query = sqlx::query_as::<_, StoredSession>(sqlx::AssertSqlSafe(sql)).bind(token_hash);
-        self.0.run(query.fetch_optional(&self.0.pool)).await
+        self.0.run(query.fetch_optional(self.0.pool())).await
     }
 
     /// Records activity now (PostgreSQL's time when the row is locked) unless the session was
@@ -356,7 +360,7 @@ impl SessionRepo<'_> {
         let query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
             .bind(micros(idle))
             .bind(id);
-        self.0.run(query.fetch_optional(&self.0.pool)).await
+        self.0.run(query.fetch_optional(self.0.pool())).await
     }
 
     /// Revokes the session of this token (if it is not already) and returns its invalidations
@@ -373,7 +377,7 @@ impl SessionRepo<'_> {
         .bind(micros(since.idle))
         .bind(since.pending_after)
         .bind(token_hash);
-        let rows = self.0.run(query.fetch_all(&self.0.pool)).await?;
+        let rows = self.0.run(query.fetch_all(self.0.pool())).await?;
         Ok(Revocation::from_rows(rows))
     }
 
@@ -381,7 +385,7 @@ impl SessionRepo<'_> {
     pub async fn count_live(&self, idle: std::time::Duration) -> Result<i64, StoreError> {
         let sql = format!("select count(*) from sessions where {}", active!());
         let query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(micros(idle));
-        self.0.run(query.fetch_one(&self.0.pool)).await
+        self.0.run(query.fetch_one(self.0.pool())).await
     }
 
     /// Deletes sessions revoked or expired more than `retention` ago (idle expiry judged with
@@ -407,7 +411,7 @@ impl SessionRepo<'_> {
         .bind(micros(retention))
         .bind(micros(idle))
         .bind(batch);
-        let done = self.0.run(query.execute(&self.0.pool)).await?;
+        let done = self.0.run(query.execute(self.0.pool())).await?;
         Ok(done.rows_affected())
     }
 }

@@ -45,6 +45,7 @@ impl UserRepo<'_> {
         user: &NewUser<'_>,
         session: &SessionRecord,
         token_hash: &[u8],
+        key_id: u32,
     ) -> Result<(), StoreError> {
         let query = sqlx::query(
             "with new_user as (
@@ -56,8 +57,9 @@ impl UserRepo<'_> {
                  select id, $5, $6, $6 from new_user
              )
              insert into sessions (id, user_id, token_hash, created_at, last_seen_at,
-                                   absolute_expires_at, authenticated_at, ip_address, user_agent)
-             select $7, id, $8, $6, $6, $9, $6, $10, $11 from new_user",
+                                   absolute_expires_at, authenticated_at, ip_address, user_agent,
+                                   key_id)
+             select $7, id, $8, $6, $6, $9, $6, $10, $11, $12 from new_user",
         )
         .bind(user.id)
         .bind(user.email)
@@ -69,8 +71,9 @@ impl UserRepo<'_> {
         .bind(token_hash)
         .bind(session.absolute_expires_at)
         .bind(&session.ip_address)
-        .bind(&session.user_agent);
-        self.0.run(query.execute(&self.0.pool)).await?;
+        .bind(&session.user_agent)
+        .bind(i64::from(key_id));
+        self.0.run(query.execute(self.0.pool())).await?;
         Ok(())
     }
 
@@ -96,7 +99,7 @@ impl UserRepo<'_> {
         .bind(email_normalized)
         .bind(client)
         .bind(super::micros(trust_for));
-        self.0.run(query.fetch_optional(&self.0.pool)).await
+        self.0.run(query.fetch_optional(self.0.pool())).await
     }
 
     /// The same for the user with this id (ChangePassword), never trusted, with the email and
@@ -112,7 +115,7 @@ impl UserRepo<'_> {
              where u.id = $1",
         )
         .bind(user_id);
-        let row = self.0.run(query.fetch_optional(&self.0.pool)).await?;
+        let row = self.0.run(query.fetch_optional(self.0.pool())).await?;
         Ok(row.map(
             |(id, password_hash, failed_logins, disabled, email, name)| {
                 let credentials = Credentials {
@@ -133,14 +136,14 @@ impl UserRepo<'_> {
             "select exists (select 1 from users where email_normalized = $1)",
         )
         .bind(email_normalized);
-        self.0.run(query.fetch_one(&self.0.pool)).await
+        self.0.run(query.fetch_one(self.0.pool())).await
     }
 
     /// One more wrong password for this user.
     pub async fn record_failure(&self, user_id: Uuid) -> Result<(), StoreError> {
         let query = sqlx::query("update users set failed_logins = failed_logins + 1 where id = $1")
             .bind(user_id);
-        self.0.run(query.execute(&self.0.pool)).await?;
+        self.0.run(query.execute(self.0.pool())).await?;
         Ok(())
     }
 
@@ -153,7 +156,7 @@ impl UserRepo<'_> {
         .bind(super::micros(trust_for));
         Ok(self
             .0
-            .run(query.execute(&self.0.pool))
+            .run(query.execute(self.0.pool()))
             .await?
             .rows_affected())
     }
@@ -201,7 +204,7 @@ impl UserRepo<'_> {
     ) -> Result<Option<Revocation>, StoreError> {
         self.0
             .retrying(|| async {
-                let mut tx = self.0.run(self.0.pool.begin()).await?;
+                let mut tx = self.0.run(self.0.pool().begin()).await?;
                 self.lock_password(&mut tx, user_id).await?;
                 let current = sqlx::query_scalar::<_, Uuid>(
                     "update sessions set authenticated_at = $1

@@ -1117,3 +1117,57 @@ async fn silent_sockets_from_one_address_do_not_lock_others_out() {
         again.push(socket);
     }
 }
+
+/// Review found: one class of callers could take the whole PostgreSQL pool (a flood of
+/// lookups left a user's Login waiting 1 s, then UNAVAILABLE). Now each class has its share
+/// (`DATABASE__SHARES__*`): with every lookup connection stuck (a lock holds the profiles
+/// table), Login still gets its own connections at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_one_class_leaves_the_others_their_share_of_the_pool() {
+    let mut settings = test_settings(Mode::NoRedis);
+    settings.local_cache.enabled = false;
+    let app = std::sync::Arc::new(spawn_with(settings).await);
+    let mut users = Vec::new();
+    for _ in 0..12 {
+        users.push(app.register().await.1.user_id);
+    }
+    let (email, _) = app.register().await;
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(
+        app.settings.database.url.expose_secret(),
+    )
+    .await
+    .unwrap();
+    let mut lock = sqlx::Connection::begin(&mut conn).await.unwrap();
+    sqlx::query("lock table profiles in access exclusive mode")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    // More lookups than the pool has connections, each stuck on the lock.
+    let flood: Vec<_> = users
+        .iter()
+        .map(|id| {
+            let (app, id) = (app.clone(), id.clone());
+            tokio::spawn(async move { app.get_profile(&id).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    app.login(&email, PASSWORD)
+        .await
+        .expect("a login while every lookup connection is taken");
+    let took = started.elapsed();
+    lock.rollback().await.unwrap();
+    for read in flood {
+        let read = read.await.unwrap();
+        assert!(
+            read.is_ok() || read.as_ref().is_err_and(|s| s.code() == Code::Unavailable),
+            "{read:?}"
+        );
+    }
+    assert!(took < Duration::from_secs(1), "the login waited {took:?}");
+    let shares = app.metrics().await;
+    assert!(
+        shares.contains("authd_db_connections{share=\"lookups\",state=\"in_use\"}"),
+        "{shares}"
+    );
+}

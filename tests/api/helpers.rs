@@ -78,7 +78,6 @@ pub fn test_settings(mode: Mode) -> Settings {
     s.metrics.addr = "127.0.0.1:0".parse().unwrap();
     s.grpc.shutdown_grace = Duration::from_secs(5);
     s.database.url = SecretString::from(format!("{}/authd_test_{id}", postgres_base_url()));
-    s.database.max_connections = 5;
     s.redis.enabled = mode != Mode::NoRedis;
     s.redis.url = SecretString::from(match mode {
         Mode::Cluster => CLUSTER_URL
@@ -111,6 +110,8 @@ pub struct TestApp {
     pub health: HealthClient<Channel>,
     pub channel: Channel,
     pub db: Arc<Db>,
+    /// The domain service behind the port (for what no RPC does: reloading the signing keys).
+    pub service: Arc<authd::auth::AuthService>,
     pub settings: Settings,
     stop: Option<oneshot::Sender<()>>,
     pub server: Option<JoinHandle<anyhow::Result<()>>>,
@@ -169,6 +170,7 @@ async fn spawn_inner(settings: Settings, drop_database: bool, hooks: Hooks) -> T
     let addr = app.local_addr();
     let metrics_addr = app.metrics_addr();
     let db = app.db();
+    let service = app.auth();
     if let Some(hook) = hooks.session_fill {
         app.auth().set_fill_hook(hook);
     }
@@ -202,6 +204,7 @@ async fn spawn_inner(settings: Settings, drop_database: bool, hooks: Hooks) -> T
         health: HealthClient::new(channel.clone()),
         channel,
         db,
+        service,
         settings,
         stop: Some(stop),
         server: Some(server),
@@ -305,6 +308,11 @@ impl TestApp {
         self.db.queries_executed()
     }
 
+    /// Reloads the token signing keys now (as the job does every minute).
+    pub async fn refresh_keys(&self) {
+        self.service.refresh_keys().await.unwrap();
+    }
+
     /// Stops the server as SIGTERM would and waits for it to finish.
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
@@ -336,6 +344,13 @@ impl Drop for TestApp {
         })
         .join();
     }
+}
+
+/// A token of the right shape that authd never minted (a MAC under a key of its own).
+pub fn made_up_token() -> String {
+    use authd::auth::token::{SigningKey, generate};
+    let key = SigningKey::new(1, &SigningKey::random_secret()).expect("32 bytes");
+    generate(&key).0
 }
 
 /// A direct Redis connection, to look at or tamper with what authd stored (any URL authd

@@ -24,3 +24,4 @@ mod retry_safety;
 mod revocation;
 mod server;
 mod sessions;
+mod tokens;

@@ -77,7 +77,7 @@ async fn metrics_count_rpcs_caches_sessions_and_failures(mode: Mode) {
     );
     let text = app.metrics().await;
     assert!(
-        text.contains("authd_db_connections{state=\"idle\"}"),
+        text.contains("authd_db_connections{share=\"lookups\",state=\"idle\"}"),
         "{text}"
     );
     assert!(text.contains("authd_db_connections_waiting"), "{text}");

@@ -615,3 +615,48 @@ async fn health_reports_the_profile_service() {
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
 }
+
+/// Review found: GetProfile and BatchGetProfiles with made-up ids cost a PostgreSQL query each,
+/// for anyone. Now a caller address pays for lookups that find nothing
+/// (`RATE_LIMIT__UNKNOWN_LOOKUPS_PER_IP`, 20 in 10 s): past its budget it is refused
+/// (RESOURCE_EXHAUSTED with a retry delay) before any query, while cached profiles are still
+/// served to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_ids_cost_at_most_the_callers_budget() {
+    let app = spawn_with(test_settings(Mode::Redis)).await;
+    let (_, reg) = app.register().await;
+    app.get_profile(&reg.user_id).await.unwrap();
+    let before = app.queries();
+    let (mut unknown, mut refused) = (0, 0);
+    for i in 0..300 {
+        let read = if i % 3 == 0 {
+            let ids: Vec<String> = (0..100).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+            app.batch_get(&ids)
+                .await
+                .map(|b| assert_eq!(b.profiles.len(), 0))
+        } else {
+            app.get_profile(&uuid::Uuid::now_v7().to_string())
+                .await
+                .map(|_| panic!("a made-up id was found"))
+        };
+        match read {
+            Err(status) if status.code() == Code::NotFound => unknown += 1,
+            Ok(()) => unknown += 1,
+            Err(status) if status.code() == Code::ResourceExhausted => refused += 1,
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    let queries = app.queries() - before;
+    assert!(
+        queries <= 12,
+        "{queries} queries for 300 reads of made-up ids"
+    );
+    assert!(
+        unknown <= 12 && refused >= 288,
+        "{unknown} answered, {refused} refused"
+    );
+    assert_eq!(
+        app.get_profile(&reg.user_id).await.unwrap().user_id,
+        reg.user_id
+    );
+}
