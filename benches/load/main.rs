@@ -2,6 +2,7 @@
 //! the ceiling of the same server (its health check), against the local PostgreSQL and Redis.
 //! `--quick` is a short smoke run (CI runs it so the benchmark never rots).
 mod driver;
+mod flood;
 mod report;
 mod scenarios;
 mod setup;
@@ -44,6 +45,9 @@ pub struct Opts {
     /// LOCAL_CACHE__MAX_ENTRIES of the local-cache instances; `local_memory` fills it.
     #[arg(long, default_value_t = 100_000)]
     local_max_entries: u64,
+    /// Requests per second of the `*_forged_flood` scenarios' floods (and their control).
+    #[arg(long, default_value_t = 3300.0)]
+    flood_rate: f64,
     /// Runtime worker threads shared by the servers and the load (default: the cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -85,6 +89,7 @@ fn main() -> anyhow::Result<()> {
         opts.users = opts.users.min(200);
         opts.logout_sessions = opts.logout_sessions.min(2000);
         opts.local_max_entries = opts.local_max_entries.min(5000);
+        opts.flood_rate = opts.flood_rate.min(300.0);
     }
     opts.users = opts.users.max(100);
     let threads = opts

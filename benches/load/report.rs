@@ -192,6 +192,7 @@ pub fn targets(
             format!("{:.0}%", ratio * 100.0),
         );
     }
+    crate::flood::targets(rows, &mut check);
     if let Some(r) = row("revoke_latency") {
         check(
             "revoke_latency (3 instances holding leases): p99 <= 10 ms",

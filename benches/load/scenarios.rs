@@ -470,6 +470,11 @@ pub async fn run_all(opts: &Opts) -> anyhow::Result<Report> {
         rows.push(row);
     }
 
+    // Floods of made-up requests against a victim's logins (see `flood`).
+    rows.extend(
+        crate::flood::floods(&env, cached, load, opts.flood_rate, |name| opts.wants(name)).await?,
+    );
+
     if LOCAL_SCENARIOS.iter().any(|name| opts.wants(name)) {
         println!("starting three instances with the in-process cache…");
         let local = env.start_local(3, opts.local_max_entries).await?;

@@ -45,9 +45,11 @@ impl AuthService {
         self.keys.refresh().await
     }
 
-    /// Drops in-process rate-limit buckets that hold no information any more.
-    pub fn sweep_limits(&self) {
+    /// Drops in-process rate-limit buckets that hold no information any more, and writes to
+    /// Redis the attempts it could not count when they were made.
+    pub async fn sweep_limits(&self) {
         self.limiter.sweep();
         self.unknown.sweep();
+        self.limiter.settle().await;
     }
 }

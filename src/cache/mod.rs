@@ -36,6 +36,7 @@ mod connect;
 mod generation;
 mod profile_cache;
 mod rate_limit;
+mod sentinel;
 mod session_store;
 mod values;
 
@@ -124,6 +125,10 @@ struct Inner {
     establish_hook: std::sync::OnceLock<Hook>,
     /// Log rows already applied to this cache (see [`applied`]).
     applied: applied::Registry,
+    /// With Sentinel: who to ask which server is the primary (see [`sentinel`]).
+    sentinels: Option<sentinel::Sentinels>,
+    /// The subscribers' clients ([`Redis::new_client`]), moved with the pool's.
+    subscribers: std::sync::Mutex<Vec<Client>>,
 }
 
 /// A test hook (see [`Redis::set_establish_hook`]).
@@ -159,6 +164,7 @@ impl Redis {
             )
         })?;
         config.fail_fast = false;
+        let sentinels = sentinel::Sentinels::new(&config, settings.command_timeout);
         let max_delay = u32::try_from(settings.reconnect_max_delay.as_millis()).unwrap_or(u32::MAX);
         let builder = Builder::from_config(config)
             .with_performance_config(|p| p.default_command_timeout = settings.command_timeout)
@@ -234,9 +240,48 @@ impl Redis {
                 changed,
                 establish_hook: std::sync::OnceLock::new(),
                 applied: applied::Registry::default(),
+                sentinels,
+                subscribers: std::sync::Mutex::new(Vec::new()),
             })),
             metrics,
         })
+    }
+
+    /// With Sentinel: asks the sentinels which server is the primary now, and reconnects every
+    /// client (pooled or subscribed) connected to another (see [`sentinel`]). Called with each
+    /// identity check.
+    pub async fn follow_sentinels(&self) {
+        let Some(inner) = self.inner() else {
+            return;
+        };
+        let Some(sentinels) = &inner.sentinels else {
+            return;
+        };
+        let Some((host, port)) = sentinels.primary().await else {
+            return;
+        };
+        let subscribers = inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for client in inner.pool.clients().iter().chain(&subscribers) {
+            let on = client.active_connections();
+            if client.is_connected()
+                && on
+                    .iter()
+                    .any(|server| *server.host != *host || server.port != port)
+            {
+                tracing::warn!(
+                    connected = ?on.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    primary = %format!("{host}:{port}"),
+                    "the sentinels name another primary: reconnecting to it"
+                );
+                if let Err(error) = client.force_reconnection().await {
+                    tracing::debug!(%error, "could not reconnect to the new primary yet");
+                }
+            }
+        }
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -262,15 +307,24 @@ impl Redis {
     /// undelivered messages, not yet connected: the in-process caches subscribe on it (a
     /// subscribed connection carries nothing else).
     pub fn new_client(&self, backlog: usize) -> Option<Client> {
-        let base = self.inner()?.pool.next();
+        let inner = self.inner()?;
+        let base = inner.pool.next();
         let mut performance = base.perf_config();
         performance.broadcast_channel_capacity = backlog;
-        Some(Client::new(
+        let client = Client::new(
             base.client_config(),
             Some(performance),
             Some(base.connection_config().clone()),
             base.client_reconnect_policy(),
-        ))
+        );
+        if inner.sentinels.is_some() {
+            inner
+                .subscribers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(client.clone());
+        }
+        Some(client)
     }
 
     pub async fn quit(&self) {
@@ -304,6 +358,24 @@ impl Redis {
     /// A connected client, or `None` when Redis is disabled or no connection is up: callers then
     /// fall back at once instead of queueing behind a reconnection. Commands sent on it are
     /// bounded by `REDIS__COMMAND_TIMEOUT` and never re-sent (`max_command_attempts = 1`).
+    /// The first pooled client that is connected: the same one while it stays connected, so
+    /// that state which must live on one server (a rate-limit bucket) is not split between two
+    /// during a reconnection.
+    fn steady(&self) -> Option<&Client> {
+        let found = self
+            .inner()?
+            .pool
+            .clients()
+            .iter()
+            .find(|c| c.is_connected());
+        if found.is_none() {
+            let down =
+                fred::error::Error::new(fred::error::ErrorKind::IO, "no connection to redis");
+            self.observe::<()>(Err(down));
+        }
+        found
+    }
+
     fn connected(&self) -> Option<&Client> {
         let inner = self.inner()?;
         let clients = inner.pool.clients();

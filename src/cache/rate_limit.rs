@@ -12,8 +12,12 @@
 //! Buckets live in Redis so every instance shares them (one key each, a script that only writes
 //! when it allows). When Redis refuses writes (full) the buckets are still *read* there — a bucket
 //! that is exhausted in Redis stays so — and counted in process as well; when Redis is down or
-//! disabled, in process only (the limits then hold per instance). The in-process map is bounded:
-//! past [`LOCAL_MAX`] buckets a new one is refused, never silently forgotten.
+//! disabled, in process only (the limits then hold per instance) — and what was counted in process
+//! only is owed to Redis, written there once it takes writes again, so the other instances see
+//! it. The in-process map is bounded: past [`LOCAL_MAX`] buckets a new one is refused, never
+//! silently forgotten. Bucket commands go to one pooled connection (the first connected), so a
+//! pool whose connections reach two servers for a while (a reconnection after a failover) does
+//! not keep two counts of one bucket.
 use std::{
     collections::HashMap,
     sync::{LazyLock, Mutex},
@@ -56,6 +60,20 @@ static PEEK: LazyLock<Script> = LazyLock::new(|| {
          if tat < now then tat = now end
          local allowed_at = tat - tonumber(ARGV[2])
          if now < allowed_at then return allowed_at - now end
+         return 0",
+    )
+});
+
+/// KEYS: the bucket. ARGV: emission interval ms, attempts. Counts attempts made while Redis
+/// could not take them, allowed or not.
+static CHARGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        "local t = redis.call('TIME')
+         local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+         local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+         if tat < now then tat = now end
+         local next = tat + tonumber(ARGV[1]) * tonumber(ARGV[2])
+         redis.call('SET', KEYS[1], next, 'PX', next - now)
          return 0",
     )
 });
@@ -184,6 +202,9 @@ impl LocalBuckets {
 pub struct RateLimiter {
     redis: Redis,
     local: LocalBuckets,
+    /// Attempts counted in process only (Redis did not take them), per bucket: written to Redis
+    /// once it takes writes again.
+    owed: Mutex<HashMap<String, (Bucket, u32)>>,
 }
 
 impl RateLimiter {
@@ -191,6 +212,7 @@ impl RateLimiter {
         Self {
             redis,
             local: LocalBuckets::default(),
+            owed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -205,7 +227,10 @@ impl RateLimiter {
 
     async fn take(&self, bucket: &Bucket) -> Result<(), Duration> {
         let shared = match self.redis_take(bucket, true).await {
-            Some(Ok(wait_ms)) => return verdict(wait_ms),
+            Some(Ok(wait_ms)) => {
+                self.settle().await;
+                return verdict(wait_ms);
+            }
             // Redis answers but refuses writes (full): honour what it holds, and count here.
             Some(Err(())) => self.redis_take(bucket, false).await.and_then(Result::ok),
             None => None,
@@ -213,7 +238,59 @@ impl RateLimiter {
         if let Some(wait_ms) = shared {
             verdict(wait_ms)?;
         }
-        self.local.take(bucket)
+        self.local.take(bucket)?;
+        self.owe(bucket);
+        Ok(())
+    }
+
+    fn owed_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Bucket, u32)>> {
+        self.owed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An attempt Redis did not count: it will (bounded like the in-process buckets).
+    fn owe(&self, bucket: &Bucket) {
+        if self.redis.is_enabled() {
+            let mut owed = self.owed_lock();
+            if owed.len() < LOCAL_MAX || owed.contains_key(&bucket.id) {
+                owed.entry(bucket.id.clone())
+                    .or_insert_with(|| (bucket.clone(), 0))
+                    .1 += 1;
+            }
+        }
+    }
+
+    /// Writes the attempts Redis did not count when they were made (after any command it took,
+    /// and with every sweep); what it does not take stays owed.
+    pub async fn settle(&self) {
+        let owed: Vec<(Bucket, u32)> = {
+            let mut owed = self.owed_lock();
+            if owed.is_empty() {
+                return;
+            }
+            owed.drain().map(|(_, entry)| entry).collect()
+        };
+        for (bucket, attempts) in owed {
+            let charged = match (self.key(&bucket), self.redis.steady()) {
+                (Some(key), Some(client)) => {
+                    let interval = bucket.gcra().0.as_millis().max(1).to_string();
+                    let result = CHARGE
+                        .evalsha_with_reload::<i64, _, _>(
+                            client,
+                            vec![key],
+                            vec![interval, attempts.to_string()],
+                        )
+                        .await;
+                    self.redis.observe(result).is_some()
+                }
+                _ => false,
+            };
+            if !charged {
+                self.owed_lock()
+                    .entry(bucket.id.clone())
+                    .or_insert_with(|| (bucket.clone(), 0))
+                    .1 += attempts;
+            }
+        }
     }
 
     /// Forgets the bucket's history (the account's owner proved the password: its count starts
@@ -222,10 +299,11 @@ impl RateLimiter {
         if bucket.limit == 0 {
             return;
         }
-        if let (Some(key), Some(client)) = (self.key(bucket), self.redis.connected()) {
+        if let (Some(key), Some(client)) = (self.key(bucket), self.redis.steady()) {
             self.redis.observe(client.del::<i64, _>(key).await);
         }
         self.local.remove(bucket);
+        self.owed_lock().remove(&bucket.id);
     }
 
     fn key(&self, bucket: &Bucket) -> Option<String> {
@@ -236,7 +314,7 @@ impl RateLimiter {
     /// refused write); `None` when Redis is disabled or unreachable.
     async fn redis_take(&self, bucket: &Bucket, take: bool) -> Option<Result<u64, ()>> {
         let key = self.key(bucket)?;
-        let client = self.redis.connected()?;
+        let client = self.redis.steady()?;
         let (interval, tolerance) = bucket.gcra();
         let args = vec![
             interval.as_millis().max(1).to_string(),

@@ -63,6 +63,9 @@ async fn bind(db: &Db, fingerprint: &Fingerprint) -> Result<u64, String> {
 /// the way.
 pub async fn keep(redis: Redis, db: Arc<Db>, period: Duration, stop: CancellationToken) {
     loop {
+        // With Sentinel, a client still on a demoted-to-be primary moves first (its
+        // reconnection then makes this pass establish the new generation).
+        redis.follow_sentinels().await;
         let ok = if redis.needs_generation() {
             store::in_background(establish(&redis, &db)).await
         } else {

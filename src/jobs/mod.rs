@@ -171,8 +171,8 @@ impl Jobs {
         let sweep = {
             let auth = auth.clone();
             move || {
-                auth.sweep_limits();
-                async {}
+                let auth = auth.clone();
+                async move { auth.sweep_limits().await }
             }
         };
         let keys = {

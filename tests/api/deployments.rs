@@ -233,6 +233,41 @@ async fn a_sentinel_failover_to_a_replica_that_missed_writes_brings_nothing_back
     }
 }
 
+/// The fault run on Sentinel found five wrong passwords evaluated within ten seconds with a
+/// limit of four. After `SENTINEL FAILOVER` the old primary stays up and keeps taking writes
+/// until Sentinel demotes it (some ten seconds later) and it discards them; authd, connected to
+/// it, kept counting guesses there, and the count started over at the demotion. Now every
+/// identity check asks the sentinels which server is the primary and moves what is connected
+/// elsewhere: guesses made after the failover are counted on the new primary and survive the
+/// demotion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guesses_after_a_sentinel_failover_are_still_counted_once_the_old_primary_is_demoted() {
+    let sentinel = Sentinel::start("authd").await;
+    let mut settings = test_settings(Mode::Redis);
+    settings.redis.url = SecretString::from(sentinel.url());
+    settings.rate_limit.login_per_email = 4;
+    let app = spawn_with(settings).await;
+    let (email, _) = app.register().await;
+    let old = sentinel.primary_port().await;
+    let new = sentinel.failover().await;
+    assert_ne!(old, new);
+    // Past one identity check (REDIS__CHECK_INTERVAL, 1 s): the clients moved.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for _ in 0..2 {
+        assert_code(
+            app.login(&email, "wrong guess").await,
+            Code::Unauthenticated,
+        );
+    }
+    assert_code(app.login(&email, PASSWORD).await, Code::ResourceExhausted);
+    // The old primary is demoted and discards what it took since the failover.
+    sentinel.wait_healthy().await;
+    assert_code(
+        app.login(&email, "wrong guess").await,
+        Code::ResourceExhausted,
+    );
+}
+
 /// A primary killed while validations run: every one answers OK (from PostgreSQL for the
 /// affected slots during the failover), none INTERNAL; afterwards cached validation costs no
 /// PostgreSQL query again.

@@ -70,6 +70,15 @@ pub fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
+/// The test Redis' address, for a proxy in front of it.
+pub fn redis_addr() -> std::net::SocketAddr {
+    redis_url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("TEST_REDIS_URL with a numeric host:port")
+}
+
 /// Settings for one test: fresh database name, own key prefix, quick background passes.
 pub fn test_settings(mode: Mode) -> Settings {
     let id = uuid::Uuid::new_v4().simple().to_string();

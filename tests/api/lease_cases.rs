@@ -1,7 +1,7 @@
 //! The in-process cache's cases of the review "Revocation by construction" (besides the retries of
 //! `retry_safety`): a login's eviction at the session cap waits like a revocation, memory is
 //! trusted no longer than README's bound for Redis copies, and the fleet holds one lease length.
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use secrecy::ExposeSecret;
 use tonic::Code;
@@ -11,14 +11,6 @@ use crate::{
     proxy::{Link, Proxy},
     retry_safety::{db_url_via, pg_target},
 };
-
-fn redis_addr() -> SocketAddr {
-    redis_url()
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .parse()
-        .expect("TEST_REDIS_URL with a numeric host:port")
-}
 
 async fn two_holders(a: &TestApp) {
     eventually(Duration::from_secs(15), "two lease holders", || async {
