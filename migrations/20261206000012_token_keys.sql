@@ -11,8 +11,8 @@ create table token_keys (
 );
 
 -- The key a session's token was minted under; null for a token of an earlier release (such
--- tokens are accepted until the last of their sessions has reached its absolute expiry, or
--- TOKENS__LEGACY_GRACE after the first key, whichever comes first).
+-- tokens are accepted while a session without a key is live and not revoked, unless
+-- TOKENS__LEGACY_UNTIL has passed).
 alter table sessions add column key_id integer;
 create index sessions_legacy_idx on sessions (absolute_expires_at)
     where key_id is null and revoked_at is null;

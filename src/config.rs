@@ -859,6 +859,16 @@ impl Settings {
                 "the shares add up to more than 100 (percent of DATABASE__MAX_CONNECTIONS)",
             );
         }
+        let connections: u32 = d.shares.connections(d.max_connections).iter().sum();
+        if connections > d.max_connections {
+            return invalid(
+                "DATABASE__MAX_CONNECTIONS",
+                &format!(
+                    "is too small for DATABASE__SHARES__*: each share has at least one \
+                     connection, {connections} in all"
+                ),
+            );
+        }
         if d.acquire_timeout.is_zero() {
             return invalid("DATABASE__ACQUIRE_TIMEOUT", "must be greater than zero");
         }

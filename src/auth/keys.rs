@@ -65,8 +65,8 @@ pub struct TokenKeys {
     clock: Arc<Clock>,
     settings: TokenSettings,
     absolute_timeout: Duration,
-    /// When an unknown key id last made this instance reload.
-    reloaded: tokio::sync::Mutex<Option<Instant>>,
+    /// When a token last made this instance reload, and whether the reload succeeded.
+    reloaded: tokio::sync::Mutex<Option<(Instant, bool)>>,
     /// Whether the legacy window's end was logged.
     legacy_ended: Mutex<bool>,
 }
@@ -190,15 +190,24 @@ impl TokenKeys {
         }
     }
 
-    /// Reloads unless a token made it do so within [`RELOAD_GAP`]; whether it did.
+    /// Reloads unless a token made it do so within [`RELOAD_GAP`]; whether it did. While the
+    /// last reload failed, the answer is that error (UNAVAILABLE), never "no such key": the
+    /// token may be valid.
     async fn reload_for_unknown_key(&self) -> Result<bool, AuthError> {
         let mut last = self.reloaded.lock().await;
-        if last.is_some_and(|at| at.elapsed() < RELOAD_GAP) {
-            return Ok(false);
+        if let Some((at, succeeded)) = *last
+            && at.elapsed() < RELOAD_GAP
+        {
+            return match succeeded {
+                true => Ok(false),
+                false => Err(AuthError::Store(crate::store::StoreError::Unavailable(
+                    None,
+                ))),
+            };
         }
-        *last = Some(Instant::now());
-        crate::store::in_background(self.reload()).await?;
-        Ok(true)
+        let reloaded = crate::store::in_background(self.reload()).await;
+        *last = Some((Instant::now(), reloaded.is_ok()));
+        reloaded.map(|()| true)
     }
 
     /// A token of an earlier release: looked up while a live session may have one. The window

@@ -50,6 +50,16 @@ impl AuthService {
     pub async fn sweep_limits(&self) {
         self.limiter.sweep();
         self.unknown.sweep();
+        self.settle_limits().await;
+    }
+
+    /// Writes to Redis the attempts it could not count when they were made.
+    pub async fn settle_limits(&self) {
         self.limiter.settle().await;
+    }
+
+    /// Resolves when attempts are owed to a Redis that takes writes again.
+    pub async fn limits_owing(&self) {
+        self.limiter.owing().await;
     }
 }

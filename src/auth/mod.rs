@@ -3,6 +3,7 @@ mod admin;
 pub mod input;
 pub mod keys;
 mod limits;
+pub mod lookups;
 mod maintenance;
 mod manage;
 pub mod password;
@@ -17,7 +18,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures::future::BoxFuture;
 
-pub use limits::{Paid, UnknownLookups};
+pub use lookups::{Found, Paid, UnknownLookups};
 pub use manage::SessionList;
 pub use service::{AuthParts, AuthService, Credentials, IssuedSession, Registration, SessionView};
 

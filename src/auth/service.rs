@@ -20,7 +20,7 @@ use super::{
     AuthError, FillHook,
     input::Email,
     keys::{Checked, TokenKeys},
-    limits::UnknownLookups,
+    lookups::{Found, Paid, UnknownLookups},
     password::PasswordHasher,
     password_policy::{PasswordContext, PasswordPolicy},
     session::{ClientInfo, SessionPolicy, SessionRecord},
@@ -321,6 +321,11 @@ impl AuthService {
     /// Validation through Redis (and PostgreSQL on a miss).
     async fn validate_shared(&self, token: Checked) -> Result<SessionView, AuthError> {
         let hash = &token.hash;
+        // A token no MAC proves costs not even a Redis read from an address that spent its
+        // budget of unknown lookups.
+        if !token.proven {
+            self.unknown.open()?;
+        }
         let record = match self.cache.get(hash).await {
             Cached::Hit(record) => record,
             Cached::Revoked => return Err(AuthError::InvalidSession),
@@ -360,9 +365,8 @@ impl AuthService {
         Ok(self.view(record))
     }
 
-    /// One unknown lookup paid by the caller, unless the token is `proven` (see
-    /// `limits::UnknownLookups`).
-    fn pay_unless(&self, proven: bool) -> Result<Option<super::limits::Paid<'_>>, AuthError> {
+    /// One unknown lookup paid by the caller, unless the token is `proven` (see `lookups`).
+    fn pay_unless(&self, proven: bool) -> Result<Option<Paid<'_>>, AuthError> {
         if proven {
             Ok(None)
         } else {
@@ -371,21 +375,21 @@ impl AuthService {
     }
 
     /// The session from PostgreSQL, checked and its activity recorded when due; the fill hook
-    /// runs after (tests pause there). A lookup `paid` for is given back if it found the session.
+    /// runs after (tests pause there). A lookup `paid` for is settled by what it found.
     async fn load_and_check(
         &self,
         hash: &TokenHash,
-        paid: Option<super::limits::Paid<'_>>,
+        paid: Option<Paid<'_>>,
     ) -> Result<SessionRecord, AuthError> {
-        let found = self
-            .db
-            .sessions()
-            .find_by_token_hash(hash.as_bytes())
-            .await?;
-        if let (Some(_), Some(paid)) = (&found, paid) {
-            paid.found();
+        let found = self.db.sessions().find_by_token_hash(hash.as_bytes()).await;
+        if let Some(paid) = paid {
+            paid.settle(match &found {
+                Ok(Some(_)) => Found::Yes,
+                Ok(None) => Found::No,
+                Err(_) => Found::Failed,
+            });
         }
-        let record = match found {
+        let record = match found? {
             Some(stored) if !stored.revoked => stored.record,
             _ => return Err(AuthError::InvalidSession),
         };
@@ -430,12 +434,15 @@ impl AuthService {
             .db
             .sessions()
             .revoke_by_token_hash(token.hash.as_bytes(), self.since())
-            .await?;
-        if let Some(paid) =
-            paid.filter(|_| revocation.revoked > 0 || !revocation.pending.is_empty())
-        {
-            paid.found();
+            .await;
+        if let Some(paid) = paid {
+            paid.settle(match &revocation {
+                Ok(r) if r.revoked > 0 || !r.pending.is_empty() => Found::Yes,
+                Ok(_) => Found::No,
+                Err(_) => Found::Failed,
+            });
         }
+        let revocation = revocation?;
         if revocation.revoked > 0 {
             tracing::info!("session revoked");
         }

@@ -60,7 +60,7 @@ pub use applied::Log;
 pub use connect::{Deployment, Invalid, fred_config, normalize_url};
 pub use generation::Fingerprint;
 pub use profile_cache::{CachedProfile, ProfileCache, ProfileWrite};
-pub use rate_limit::{Bucket, LocalBuckets, RateLimiter};
+pub use rate_limit::{Bucket, RateLimiter};
 pub use session_store::{Cached, Lease, SessionStore};
 
 use crate::{config::RedisSettings, metrics::Metrics};

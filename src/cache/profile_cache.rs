@@ -176,13 +176,30 @@ impl ProfileCache {
     }
 
     /// All of `user_ids` in one round trip: one MGET, or on a cluster (where an MGET cannot
-    /// span slots) one read per node, sent to the nodes concurrently; `None` when Redis is
-    /// unavailable.
-    pub async fn get_many(&self, user_ids: &[Uuid]) -> Option<Vec<CachedProfile>> {
-        let absent: Vec<bool> = user_ids
+    /// span slots) one read per node, sent to the nodes concurrently. Ids remembered as absent
+    /// are [`CachedProfile::NotFound`] whether Redis answers or not; the others
+    /// [`CachedProfile::Unavailable`] when it does not.
+    pub async fn get_many(&self, user_ids: &[Uuid]) -> Vec<CachedProfile> {
+        let mut read = self.read_many(user_ids).await.map(Vec::into_iter);
+        let cached: Vec<CachedProfile> = user_ids
             .iter()
-            .map(|id| self.absent.contains_key(id))
+            .map(|id| {
+                let from_redis = read.as_mut().and_then(Iterator::next);
+                if self.absent.contains_key(id) {
+                    CachedProfile::NotFound
+                } else {
+                    from_redis.unwrap_or(CachedProfile::Unavailable)
+                }
+            })
             .collect();
+        if self.redis.is_enabled() {
+            cached.iter().for_each(|c| self.count(c));
+        }
+        cached
+    }
+
+    /// What Redis holds for `user_ids`, judged; `None` when it is unavailable.
+    async fn read_many(&self, user_ids: &[Uuid]) -> Option<Vec<CachedProfile>> {
         let keys: Vec<String> = user_ids
             .iter()
             .map(|id| self.key(id))
@@ -204,17 +221,12 @@ impl ProfileCache {
             self.redis.observe(client.mget(keys.clone()).await)?
         };
         let serving = self.redis.serving_generation();
-        let cached: Vec<CachedProfile> = keys
-            .iter()
-            .zip(values)
-            .zip(absent)
-            .map(|((key, v), absent)| match absent {
-                true => CachedProfile::NotFound,
-                false => self.judge(key, v, serving),
-            })
-            .collect();
-        cached.iter().for_each(|c| self.count(c));
-        Some(cached)
+        Some(
+            keys.iter()
+                .zip(values)
+                .map(|(key, v)| self.judge(key, v, serving))
+                .collect(),
+        )
     }
 
     /// Takes the right to fill `user_id`'s key, before reading PostgreSQL.

@@ -101,7 +101,7 @@ impl Bucket {
     }
 
     /// The GCRA parameters: (emission interval, burst tolerance).
-    fn gcra(&self) -> (Duration, Duration) {
+    pub fn gcra(&self) -> (Duration, Duration) {
         let limit = self.limit.max(1);
         let burst = limit.div_ceil(2);
         // In whole milliseconds (what Redis counts in), rounded up: rounded down, the last
@@ -116,7 +116,7 @@ impl Bucket {
 /// GCRA buckets in this process's memory, at most [`LOCAL_MAX`] of them (past it a new one is
 /// refused, never silently forgotten), swept of full ones by [`LocalBuckets::sweep`].
 #[derive(Default)]
-pub struct LocalBuckets {
+struct LocalBuckets {
     map: Mutex<HashMap<String, Instant>>,
 }
 
@@ -143,38 +143,6 @@ impl LocalBuckets {
         Ok(())
     }
 
-    /// Whether `bucket` is full (nothing taken from it lately); `Err(wait)` when a new bucket
-    /// has no room (fail closed, as [`LocalBuckets::take`]).
-    pub fn is_full(&self, bucket: &Bucket) -> Result<bool, Duration> {
-        let local = self.lock();
-        match local.get(&bucket.id) {
-            Some(tat) => Ok(*tat <= Instant::now()),
-            None if local.len() >= LOCAL_MAX => Err(bucket.gcra().0),
-            None => Ok(true),
-        }
-    }
-
-    /// Takes one from `bucket` whatever it holds (what was done is counted, allowed or not).
-    pub fn charge(&self, bucket: &Bucket) {
-        let (interval, _) = bucket.gcra();
-        let now = Instant::now();
-        let mut local = self.lock();
-        if local.len() >= LOCAL_MAX && !local.contains_key(&bucket.id) {
-            return;
-        }
-        let tat = local.entry(bucket.id.clone()).or_insert(now);
-        *tat = (*tat).max(now) + interval;
-    }
-
-    /// Gives back one taken from `bucket` (what it paid for turned out free).
-    pub fn refund(&self, bucket: &Bucket) {
-        let (interval, _) = bucket.gcra();
-        let now = Instant::now();
-        if let Some(tat) = self.lock().get_mut(&bucket.id) {
-            *tat = tat.checked_sub(interval).unwrap_or(now).max(now);
-        }
-    }
-
     /// Forgets `bucket`.
     fn remove(&self, bucket: &Bucket) {
         self.lock().remove(&bucket.id);
@@ -193,18 +161,15 @@ impl LocalBuckets {
     pub fn len(&self) -> usize {
         self.lock().len()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 pub struct RateLimiter {
     redis: Redis,
     local: LocalBuckets,
     /// Attempts counted in process only (Redis did not take them), per bucket: written to Redis
-    /// once it takes writes again.
+    /// once it takes writes again, by a background task ([`RateLimiter::owing`] wakes it).
     owed: Mutex<HashMap<String, (Bucket, u32)>>,
+    owing: tokio::sync::Notify,
 }
 
 impl RateLimiter {
@@ -213,6 +178,7 @@ impl RateLimiter {
             redis,
             local: LocalBuckets::default(),
             owed: Mutex::new(HashMap::new()),
+            owing: tokio::sync::Notify::new(),
         }
     }
 
@@ -228,7 +194,11 @@ impl RateLimiter {
     async fn take(&self, bucket: &Bucket) -> Result<(), Duration> {
         let shared = match self.redis_take(bucket, true).await {
             Some(Ok(wait_ms)) => {
-                self.settle().await;
+                // Redis takes writes again: what is owed can be written (not on this call's
+                // time, which a short deadline could cut).
+                if !self.owed_lock().is_empty() {
+                    self.owing.notify_one();
+                }
                 return verdict(wait_ms);
             }
             // Redis answers but refuses writes (full): honour what it holds, and count here.
@@ -259,36 +229,47 @@ impl RateLimiter {
         }
     }
 
-    /// Writes the attempts Redis did not count when they were made (after any command it took,
-    /// and with every sweep); what it does not take stays owed.
+    /// Resolves when attempts are owed and Redis has just taken a command (the background task
+    /// then [`RateLimiter::settle`]s).
+    pub async fn owing(&self) {
+        self.owing.notified().await;
+    }
+
+    /// Writes the attempts Redis did not count when they were made (32 buckets at a time); an
+    /// entry goes only once Redis took it, so a write that fails or is cut leaves it owed.
+    /// Background work: a timed-out write that ran is counted twice, never fewer.
     pub async fn settle(&self) {
-        let owed: Vec<(Bucket, u32)> = {
-            let mut owed = self.owed_lock();
-            if owed.is_empty() {
-                return;
-            }
-            owed.drain().map(|(_, entry)| entry).collect()
-        };
-        for (bucket, attempts) in owed {
-            let charged = match (self.key(&bucket), self.redis.steady()) {
-                (Some(key), Some(client)) => {
-                    let interval = bucket.gcra().0.as_millis().max(1).to_string();
-                    let result = CHARGE
-                        .evalsha_with_reload::<i64, _, _>(
-                            client,
-                            vec![key],
-                            vec![interval, attempts.to_string()],
-                        )
-                        .await;
-                    self.redis.observe(result).is_some()
+        use futures::StreamExt;
+        let owed: Vec<(Bucket, u32)> = self.owed_lock().values().cloned().collect();
+        let charges = futures::stream::iter(owed)
+            .map(|(bucket, attempts)| async move {
+                let charged = match (self.key(&bucket), self.redis.steady()) {
+                    (Some(key), Some(client)) => {
+                        let interval = bucket.gcra().0.as_millis().max(1).to_string();
+                        let result = CHARGE
+                            .evalsha_with_reload::<i64, _, _>(
+                                client,
+                                vec![key],
+                                vec![interval, attempts.to_string()],
+                            )
+                            .await;
+                        self.redis.observe(result).is_some()
+                    }
+                    _ => false,
+                };
+                (bucket, attempts, charged)
+            })
+            .buffer_unordered(32);
+        futures::pin_mut!(charges);
+        while let Some((bucket, attempts, charged)) = charges.next().await {
+            if charged {
+                let mut owed = self.owed_lock();
+                if let Some(entry) = owed.get_mut(&bucket.id) {
+                    entry.1 = entry.1.saturating_sub(attempts);
+                    if entry.1 == 0 {
+                        owed.remove(&bucket.id);
+                    }
                 }
-                _ => false,
-            };
-            if !charged {
-                self.owed_lock()
-                    .entry(bucket.id.clone())
-                    .or_insert_with(|| (bucket.clone(), 0))
-                    .1 += attempts;
             }
         }
     }

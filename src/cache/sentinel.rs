@@ -10,10 +10,12 @@
 //! first lost at the demotion, long after the failover (found by the fault run on Sentinel: five
 //! wrong passwords evaluated within ten seconds with a limit of four).
 //!
-//! So every identity check (`REDIS__CHECK_INTERVAL`) also asks a sentinel which server is the
-//! primary, and any client connected elsewhere reconnects at once (fred then asks the
-//! sentinels again). What the old primary took between the switch and the check is still lost;
-//! that window is one check interval instead of the demotion's ten seconds.
+//! So every identity check (`REDIS__CHECK_INTERVAL`) also asks the sentinels which server is the
+//! primary, and when a majority of them name one, any client connected elsewhere reconnects at
+//! once (fred then asks the sentinels again). A minority that has not heard of the failover
+//! cannot move anyone back. What the old primary took between the switch and the check is still
+//! lost; that window is one check interval instead of the demotion's ten seconds. The sentinels
+//! are asked at once, each within `REDIS__COMMAND_TIMEOUT`, over a connection kept to each.
 use std::time::Duration;
 
 use fred::{
@@ -29,8 +31,10 @@ pub(super) struct Sentinels {
     password: Option<String>,
     tls: Option<fred::types::config::TlsConfig>,
     timeout: Duration,
-    /// The sentinel asked last, and a connection to it.
-    current: tokio::sync::Mutex<(usize, Option<SentinelClient>)>,
+    /// A connection to each sentinel, made when first needed and again after a failure.
+    clients: Vec<tokio::sync::Mutex<Option<SentinelClient>>>,
+    /// When "no sentinel answers" was last logged.
+    warned: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Sentinels {
@@ -52,7 +56,11 @@ impl Sentinels {
             password: password.clone(),
             tls: config.tls.clone(),
             timeout,
-            current: tokio::sync::Mutex::new((0, None)),
+            clients: hosts
+                .iter()
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            warned: std::sync::Mutex::new(None),
         })
     }
 
@@ -76,33 +84,61 @@ impl Sentinels {
         SentinelClient::new(config, Some(performance), Some(connection), None)
     }
 
-    /// The primary the sentinels name now, asking each in turn from the last that answered;
-    /// `None` when none answers (then nothing is moved).
-    pub(super) async fn primary(&self) -> Option<(String, u16)> {
-        let mut current = self.current.lock().await;
-        for _ in 0..self.hosts.len() {
-            let (index, client) = &mut *current;
+    /// What sentinel `index` names as the primary; `None` when it does not answer in time.
+    async fn ask(&self, index: usize) -> Option<(String, u16)> {
+        let mut client = self.clients[index].lock().await;
+        let asked = async {
             if client.is_none() {
-                let fresh = self.client(&self.hosts[*index % self.hosts.len()]);
-                if tokio::time::timeout(self.timeout, fresh.init())
-                    .await
-                    .is_ok_and(|r| r.is_ok())
-                {
-                    *client = Some(fresh);
-                }
+                let fresh = self.client(&self.hosts[index]);
+                fresh.init().await.ok()?;
+                *client = Some(fresh);
             }
-            if let Some(sentinel) = client.as_ref() {
-                let asked = sentinel
-                    .get_master_addr_by_name::<Option<(String, u16)>, _>(self.service.as_str())
-                    .await;
-                if let Ok(Some(primary)) = asked {
-                    return Some(primary);
-                }
-                let _ = sentinel.quit().await;
-            }
-            *client = None;
-            *index = (*index + 1) % self.hosts.len();
+            let sentinel = client.as_ref()?;
+            sentinel
+                .get_master_addr_by_name::<Option<(String, u16)>, _>(self.service.as_str())
+                .await
+                .ok()
+                .flatten()
+        };
+        let answer = tokio::time::timeout(self.timeout * 2, asked)
+            .await
+            .ok()
+            .flatten();
+        if answer.is_none()
+            && let Some(failed) = client.take()
+        {
+            // Not awaited: a hung sentinel must not hold the identity check.
+            drop(tokio::spawn(async move { failed.quit().await }));
         }
-        None
+        answer
+    }
+
+    /// The primary a majority of the sentinels name now; `None` when no majority answers alike
+    /// (then nothing is moved).
+    pub(super) async fn primary(&self) -> Option<(String, u16)> {
+        let answers = futures::future::join_all((0..self.hosts.len()).map(|i| self.ask(i))).await;
+        let answered = answers.iter().flatten().count();
+        if answered == 0 {
+            let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+            if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                *warned = Some(std::time::Instant::now());
+                tracing::warn!(
+                    "no sentinel of REDIS__URL answers: a failover is noticed only when the old \
+                     primary drops its clients"
+                );
+            }
+            return None;
+        }
+        let mut votes: Vec<((String, u16), usize)> = Vec::new();
+        for answer in answers.into_iter().flatten() {
+            match votes.iter_mut().find(|(primary, _)| *primary == answer) {
+                Some((_, count)) => *count += 1,
+                None => votes.push((answer, 1)),
+            }
+        }
+        votes
+            .into_iter()
+            .find(|(_, count)| *count * 2 > self.hosts.len())
+            .map(|(primary, _)| primary)
     }
 }

@@ -196,6 +196,23 @@ impl Jobs {
             stop.clone(),
             sweep,
         )));
+        // Attempts owed to Redis are written as soon as it takes writes again.
+        let owing = {
+            let (auth, stop) = (auth.clone(), stop.clone());
+            async move {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = auth.limits_owing() => {}
+                    }
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = store::in_background(auth.settle_limits()) => {}
+                    }
+                }
+            }
+        };
+        jobs.push(tokio::spawn(owing));
         let idle = settings.session.idle_timeout;
         let count = {
             let db = db.clone();

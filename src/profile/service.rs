@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::{ProfileChanges, ProfileRecord, coalesce::Coalescer};
 use crate::{
-    auth::{AuthError, AuthService, FillHook, input::FieldViolation},
+    auth::{AuthError, AuthService, FillHook, Found, input::FieldViolation},
     cache::{CachedProfile, Log, ProfileCache, ProfileWrite},
     local::{Keys, LocalCache},
     store::{Db, ProfileInvalidation, StoreError, UpdateOutcome},
@@ -190,13 +190,7 @@ impl ProfileService {
         &self,
         user_ids: &[Uuid],
     ) -> Result<HashMap<Uuid, ProfileRecord>, ProfileError> {
-        let cached = match self.cache.get_many(user_ids).await {
-            Some(cached) => cached,
-            None => user_ids
-                .iter()
-                .map(|_| CachedProfile::Unavailable)
-                .collect(),
-        };
+        let cached = self.cache.get_many(user_ids).await;
         let mut found: HashMap<Uuid, ProfileRecord> = HashMap::with_capacity(user_ids.len());
         let mut misses = Vec::new();
         let mut fill = Vec::new();
@@ -217,10 +211,13 @@ impl ProfileService {
             // One lookup, paid for unless every id is found (see `get_shared`).
             let paid = self.auth.unknown_lookups().pay()?;
             let leases = self.cache.lease_many(&fill).await;
-            let loaded = self.db.profiles().get_many(&misses).await?;
-            if loaded.len() == misses.len() {
-                paid.found();
-            }
+            let loaded = self.db.profiles().get_many(&misses).await;
+            paid.settle(match &loaded {
+                Ok(loaded) if loaded.len() == misses.len() => Found::Yes,
+                Ok(_) => Found::No,
+                Err(_) => Found::Failed,
+            });
+            let loaded = loaded?;
             let by_id: HashMap<Uuid, &ProfileRecord> =
                 loaded.iter().map(|p| (p.user_id, p)).collect();
             let mut leases: HashMap<Uuid, crate::cache::Lease> = fill
@@ -310,10 +307,12 @@ impl ProfileService {
     }
 }
 
-/// Gives a paid lookup back when it found the profile.
+/// Settles a paid lookup by what it found.
 fn refund_if_found(paid: crate::auth::Paid<'_>, loaded: Load) -> Load {
-    if matches!(loaded, Ok(Some(_))) {
-        paid.found();
-    }
+    paid.settle(match &loaded {
+        Ok(Some(_)) => Found::Yes,
+        Ok(None) => Found::No,
+        Err(_) => Found::Failed,
+    });
     loaded
 }

@@ -124,6 +124,14 @@ pub struct Db {
     schema_suspect: AtomicBool,
 }
 
+/// How much longer than `DATABASE__QUERY_TIMEOUT` (PostgreSQL's `statement_timeout`) an
+/// operation may take before it is given up here. PostgreSQL ends a slow statement first, and
+/// the connection stays usable; cutting a statement short here, mid-conversation, left the
+/// connection stuck in the pool (sqlx waits for its reply on release, without a bound), and
+/// after a burst of slow statements a share of the pool stayed taken for good. This bound is
+/// for PostgreSQL out of reach (a partition), when the connection is lost anyway.
+const CLIENT_MARGIN: Duration = Duration::from_millis(500);
+
 /// Counts an operation in flight for as long as it lives (including when cancelled).
 struct InFlight<'a>(&'a AtomicI64);
 
@@ -275,7 +283,7 @@ impl Db {
         let in_flight = &self.in_flight[share.index()];
         in_flight.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(in_flight);
-        match tokio::time::timeout(self.query_timeout, operation).await {
+        match tokio::time::timeout(self.query_timeout + CLIENT_MARGIN, operation).await {
             Ok(result) => result.map_err(|error| {
                 if matches!(error, sqlx::Error::PoolTimedOut) {
                     self.metrics
@@ -318,7 +326,7 @@ impl Db {
         );
         let problems = match self.run(applied.fetch_one(self.pool())).await {
             Ok(applied) if applied.unwrap_or_default() >= needed => {
-                let query = sqlx::query_scalar::<_, String>(PRIVILEGES);
+                let query = sqlx::query_scalar::<_, String>(PRIVILEGES).bind(&TABLES[..]);
                 self.run(query.fetch_all(self.pool())).await?
             }
             Ok(applied) => vec![format!(
@@ -335,25 +343,43 @@ impl Db {
     }
 }
 
+/// The tables of authd's schema (every `create table` of `migrations/`; a unit test keeps the
+/// list whole). Tables of others in the same schema are none of authd's business.
+const TABLES: [&str; 15] = [
+    "admin_audit",
+    "database_timelines",
+    "local_cache_fleet",
+    "local_cache_instances",
+    "local_cache_leases",
+    "outbox_cursors",
+    "profile_invalidations",
+    "profiles",
+    "redis_fingerprints",
+    "service_secrets",
+    "session_invalidations",
+    "sessions",
+    "token_keys",
+    "trusted_clients",
+    "users",
+];
+
 /// The privileges the service's role needs (README "Docker compose" and
-/// deploy/postgres/roles.sql): rows of every table (the audit and the secrets are append-only),
-/// its sequences, and the purges of the audit and the signing keys.
+/// deploy/postgres/roles.sql) on [`TABLES`] (`$1`): rows of each (the audit, the secrets and
+/// the signing keys append-only), their sequences, and the purges of the audit and the keys.
 const PRIVILEGES: &str = "
-    select format('%s on %s', p.privilege, c.relname)
-    from pg_class c
-    join pg_namespace n on n.oid = c.relnamespace
+    select format('%s on %s', p.privilege, t.name)
+    from unnest($1::text[]) as t(name)
     cross join unnest(array['select', 'insert', 'update', 'delete']) as p(privilege)
-    where n.nspname = current_schema() and c.relkind in ('r', 'p')
-      and c.relname <> '_sqlx_migrations'
-      and not (c.relname in ('admin_audit', 'service_secrets', 'token_keys')
+    where not (t.name in ('admin_audit', 'service_secrets', 'token_keys')
                and p.privilege in ('update', 'delete'))
-      and not has_table_privilege(c.oid, p.privilege)
+      and not coalesce(has_table_privilege(to_regclass(t.name), p.privilege), false)
     union all
-    select format('usage on sequence %s', c.relname)
-    from pg_class c
-    join pg_namespace n on n.oid = c.relnamespace
-    where n.nspname = current_schema()
-      and case when c.relkind = 'S' then not has_sequence_privilege(c.oid, 'usage') end
+    select format('usage on sequence %s', seq.relname)
+    from pg_class seq
+    join pg_depend d on d.objid = seq.oid and d.deptype in ('a', 'i')
+    join pg_class tab on tab.oid = d.refobjid
+    where tab.relname = any($1) and tab.relnamespace = current_schema()::regnamespace
+      and case when seq.relkind = 'S' then not has_sequence_privilege(seq.oid, 'usage') end
     union all
     select format('execute on function %s', f)
     from unnest(array['purge_admin_audit(bigint, bigint)', 'purge_token_keys(bigint)']) as f
@@ -551,4 +577,25 @@ pub(crate) mod tls {
 /// microsecond'`).
 pub(crate) fn micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every table the migrations create is one whose privileges readiness looks at.
+    #[test]
+    fn the_tables_are_every_table_of_the_migrations() {
+        let mut created: Vec<String> =
+            std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+                .unwrap()
+                .flat_map(|entry| {
+                    let sql = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+                    sql.lines()
+                        .filter_map(|line| line.trim().strip_prefix("create table "))
+                        .map(|rest| rest.split_whitespace().next().unwrap().to_owned())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+        created.sort();
+        assert_eq!(created, super::TABLES);
+    }
 }

@@ -660,3 +660,59 @@ async fn made_up_ids_cost_at_most_the_callers_budget() {
         reg.user_id
     );
 }
+
+/// Review found: lookups that failed (PostgreSQL busy) were paid as if they found nothing, so a
+/// caller reading an existing profile was refused RESOURCE_EXHAUSTED during the outage and after
+/// it. Now a failed lookup costs nothing: UNAVAILABLE while it lasts, OK after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_that_fail_are_not_paid_for() {
+    let mut settings = test_settings(Mode::NoRedis);
+    settings.database.query_timeout = Duration::from_millis(300);
+    let app = spawn_with(settings).await;
+    let (_, reg) = app.register().await;
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(
+        app.settings.database.url.expose_secret(),
+    )
+    .await
+    .unwrap();
+    let mut lock = sqlx::Connection::begin(&mut conn).await.unwrap();
+    sqlx::query("lock table profiles in access exclusive mode")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    for _ in 0..30 {
+        assert_code(app.get_profile(&reg.user_id).await, Code::Unavailable);
+    }
+    lock.rollback().await.unwrap();
+    // Once the pool has its connections back, reads answer: never RESOURCE_EXHAUSTED.
+    crate::helpers::eventually(Duration::from_secs(5), "reads answer again", || async {
+        match app.get_profile(&reg.user_id).await {
+            Ok(_) => true,
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                false
+            }
+        }
+    })
+    .await;
+    for _ in 0..5 {
+        app.get_profile(&reg.user_id).await.unwrap();
+    }
+}
+
+/// Review found: with Redis disabled, BatchGetProfiles skipped the ids remembered as absent, so a
+/// batch holding one deleted user's id paid a lookup on every call and was refused from the
+/// 11th. Now absent ids need no lookup, with or without Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_an_absent_id_pays_once_without_redis() {
+    let app = spawn_with(test_settings(Mode::NoRedis)).await;
+    let (_, reg) = app.register().await;
+    let gone = uuid::Uuid::now_v7().to_string();
+    for _ in 0..30 {
+        let batch = app
+            .batch_get(&[reg.user_id.clone(), gone.clone()])
+            .await
+            .unwrap();
+        assert_eq!(batch.not_found_user_ids, std::slice::from_ref(&gone));
+    }
+}

@@ -285,3 +285,40 @@ async fn keys_rotate_and_older_tokens_stay_valid() {
         .expect("a token of the first key");
     app.validate(&login.session_token).await.unwrap();
 }
+
+/// Review found: an instance whose reload of the keys failed answered a valid token under a
+/// newer key UNAUTHENTICATED for 5 s (clients take that as logged out). Now UNAVAILABLE while it
+/// cannot know, and OK as soon as a reload succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_under_a_key_an_instance_cannot_load_yet_is_unavailable_not_refused() {
+    let mut settings = test_settings(Mode::Redis);
+    settings.database.query_timeout = Duration::from_millis(500);
+    let a = spawn_with(settings).await;
+    let b = crate::helpers::spawn_sharing(&a, |_| {}).await;
+    let mut conn =
+        <sqlx::PgConnection as sqlx::Connection>::connect(a.settings.database.url.expose_secret())
+            .await
+            .unwrap();
+    // A newer key, active now, which A loads and B has not (as if B missed it).
+    sqlx::query("insert into token_keys (secret, activates_at) values ($1, now())")
+        .bind(SigningKey::random_secret().to_vec())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    a.refresh_keys().await;
+    let (_, registered) = a.register().await;
+    let token = registered.session_token;
+    let mut lock = sqlx::Connection::begin(&mut conn).await.unwrap();
+    sqlx::query("lock table token_keys in access exclusive mode")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        assert_code(b.validate(&token).await, Code::Unavailable);
+    }
+    lock.rollback().await.unwrap();
+    crate::helpers::eventually(Duration::from_secs(10), "B loads the key", || async {
+        b.validate(&token).await.is_ok()
+    })
+    .await;
+}
