@@ -333,7 +333,7 @@ impl AuthService {
             // flushes Redis, after this point makes the fill a no-op.
             Cached::Miss => {
                 // A token no MAC proves pays before it costs Redis a lease or PostgreSQL a read.
-                let paid = self.pay_unless(token.proven)?;
+                let paid = self.pay_unless(token.proven).await?;
                 let lease = self.cache.lease(hash).await;
                 let checked = self.load_and_check(hash, paid).await;
                 return match (checked, lease) {
@@ -351,7 +351,7 @@ impl AuthService {
                 };
             }
             Cached::Unavailable => {
-                let paid = self.pay_unless(token.proven)?;
+                let paid = self.pay_unless(token.proven).await?;
                 return Ok(self.view(self.load_and_check(hash, paid).await?));
             }
         };
@@ -366,11 +366,11 @@ impl AuthService {
     }
 
     /// One unknown lookup paid by the caller, unless the token is `proven` (see `lookups`).
-    fn pay_unless(&self, proven: bool) -> Result<Option<Paid<'_>>, AuthError> {
+    async fn pay_unless(&self, proven: bool) -> Result<Option<Paid<'_>>, AuthError> {
         if proven {
             Ok(None)
         } else {
-            self.unknown.pay().map(Some)
+            self.unknown.pay().await.map(Some)
         }
     }
 
@@ -429,7 +429,7 @@ impl AuthService {
     #[instrument(skip_all)]
     pub async fn logout(&self, token: &str) -> Result<(), AuthError> {
         let token = self.keys.check(token).await?;
-        let paid = self.pay_unless(token.proven)?;
+        let paid = self.pay_unless(token.proven).await?;
         let revocation = self
             .db
             .sessions()

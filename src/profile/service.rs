@@ -98,7 +98,7 @@ impl ProfileService {
                 // Anyone may ask for any id: the flight's leader pays for a lookup that finds
                 // nothing; when it may not, the others lead in turn.
                 let load = || async move {
-                    let paid = self.auth.unknown_lookups().pay()?;
+                    let paid = self.auth.unknown_lookups().pay().await?;
                     let loaded = if fill {
                         self.recheck_then_load(user_id).await
                     } else {
@@ -209,7 +209,7 @@ impl ProfileService {
         }
         if !misses.is_empty() {
             // One lookup, paid for unless every id is found (see `get_shared`).
-            let paid = self.auth.unknown_lookups().pay()?;
+            let paid = self.auth.unknown_lookups().pay().await?;
             let leases = self.cache.lease_many(&fill).await;
             let loaded = self.db.profiles().get_many(&misses).await;
             paid.settle(match &loaded {
