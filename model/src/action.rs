@@ -74,7 +74,7 @@ impl Action {
             Action::Hear(_) => Code("src/local/keeper.rs", "acknowledged"),
             Action::Doubt(_) => Code("src/local/keeper.rs", "heartbeat"),
             Action::Deliver(_) => Code("src/local/keeper.rs", "deliver"),
-            Action::ReadStart(_) => Code("src/auth/service.rs", "validate_hash"),
+            Action::ReadStart(_) => Code("src/auth/service.rs", "validate_checked"),
             Action::ReadPostgres(_) => Code("src/auth/service.rs", "load_and_check"),
             Action::ReadKeep(_) => Code("src/local/store.rs", "keep_session"),
             Action::CallStart(_) => Code("src/auth/service.rs", "logout"),

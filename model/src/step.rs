@@ -668,7 +668,7 @@ impl Protocol {
         }
     }
 
-    /// `validate_hash`: the local copy when trusted; otherwise a ticket, then Redis (a copy of
+    /// `validate_checked`: the local copy when trusted; otherwise a ticket, then Redis (a copy of
     /// the generation served, a tombstone, or a miss that takes the fill lease).
     fn read_start(&self, s: &mut State, i: usize) {
         s.reads_left -= 1;
