@@ -106,6 +106,7 @@ impl<S, B, RB> Service<Request<B>> for Observe<S>
 where
     S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
     B: Send + 'static,
     RB: Default + Send + 'static,
 {
@@ -150,10 +151,21 @@ where
         Box::pin(async move {
             let call = inner.call(request).instrument(span.clone());
             let call = crate::clock::with_deadline(deadline, crate::store::as_work(work, call));
+            // On a task of its own, run to its end: a caller that hangs up, or a deadline that
+            // passes, must not cut a PostgreSQL statement short mid-conversation — sqlx 0.9 then
+            // never gives the connection back to its pool, and a few such calls would empty a
+            // share of it for good (`hardening::calls_cut_short_leave_the_pool_whole`). What the
+            // call awaits is bounded anyway (statements by DATABASE__QUERY_TIMEOUT, waits by the
+            // deadline it knows).
+            let call = tokio::spawn(call);
             // The call's deadline ends it here, so that it is answered DEADLINE_EXCEEDED (what
             // a gRPC client expects), logged and counted like any other call.
             let mut response = match tokio::time::timeout_at(deadline.into(), call).await {
-                Ok(response) => response?,
+                Ok(Ok(response)) => response?,
+                Ok(Err(failed)) => {
+                    tracing::error!(parent: &span, error = %failed, "the call's task failed");
+                    tonic::Status::internal("internal error").into_http()
+                }
                 Err(_elapsed) => {
                     tonic::Status::deadline_exceeded("the call's deadline passed on the server")
                         .into_http()

@@ -129,16 +129,23 @@ impl Poller {
     /// One query for every holder some wait is waiting for. A failed poll is simply missed: the
     /// waits end by acknowledgements or their leases' ends meanwhile.
     async fn poll(&self, instances: Vec<Uuid>) {
-        let leases = self.db.leases();
-        let query = leases.progress(&instances);
-        // A slow PostgreSQL does not delay the next poll by more than a poll.
-        match tokio::time::timeout(POLL * 5, store::in_background(query)).await {
-            Ok(Ok(read)) => {
+        // A slow PostgreSQL does not delay the next poll by more than a poll. The query itself
+        // runs to its end on a task of its own: a statement cut short never gives its
+        // connection back to sqlx's pool (see `store::CLIENT_MARGIN`).
+        let query = {
+            let (db, instances) = (self.db.clone(), instances.clone());
+            tokio::spawn(store::in_background(async move {
+                db.leases().progress(&instances).await
+            }))
+        };
+        match tokio::time::timeout(POLL * 5, query).await {
+            Ok(Err(failed)) => tracing::error!(error = %failed, "the lease poll's task failed"),
+            Ok(Ok(Ok(read))) => {
                 let asked = instances.into_iter().collect();
                 self.latest
                     .send_replace(Some(Arc::new(Poll { asked, read })));
             }
-            Ok(Err(error)) => tracing::debug!(%error, "lease poll failed"),
+            Ok(Ok(Err(error))) => tracing::debug!(%error, "lease poll failed"),
             Err(_) => tracing::debug!("lease poll timed out"),
         }
     }

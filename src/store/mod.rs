@@ -126,10 +126,11 @@ pub struct Db {
 
 /// How much longer than `DATABASE__QUERY_TIMEOUT` (PostgreSQL's `statement_timeout`) an
 /// operation may take before it is given up here. PostgreSQL ends a slow statement first, and
-/// the connection stays usable; cutting a statement short here, mid-conversation, left the
-/// connection stuck in the pool (sqlx waits for its reply on release, without a bound), and
-/// after a burst of slow statements a share of the pool stayed taken for good. This bound is
-/// for PostgreSQL out of reach (a partition), when the connection is lost anyway.
+/// the connection stays usable: a statement cut short here, mid-conversation, never gives its
+/// connection back to sqlx 0.9's pool (each one a connection of the share lost for good). This
+/// bound is for PostgreSQL out of reach (a partition), when the connection is lost anyway. (A
+/// call's deadline or a caller hanging up cut nothing: `grpc::observe` runs each call to its
+/// end on a task of its own.)
 const CLIENT_MARGIN: Duration = Duration::from_millis(500);
 
 /// Counts an operation in flight for as long as it lives (including when cancelled).

@@ -1171,3 +1171,47 @@ async fn a_flood_of_one_class_leaves_the_others_their_share_of_the_pool() {
         "{shares}"
     );
 }
+
+/// Found while reviewing the budget of unknown lookups: a call cut short while its statement ran
+/// (the caller's deadline, or the caller hanging up) never gave its connection back to sqlx's
+/// pool, so six calls with a 100 ms `grpc-timeout` while PostgreSQL was slow (a lock) emptied the
+/// lookups share for good — every lookup after was UNAVAILABLE. Calls now run to their end on a
+/// task of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_cut_short_leave_the_pool_whole() {
+    let mut settings = test_settings(Mode::NoRedis);
+    settings.database.query_timeout = Duration::from_millis(300);
+    let app = spawn_with(settings).await;
+    let (_, registered) = app.register().await;
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(
+        app.settings.database.url.expose_secret(),
+    )
+    .await
+    .unwrap();
+    let mut lock = sqlx::Connection::begin(&mut conn).await.unwrap();
+    sqlx::query("lock table sessions, profiles in access exclusive mode")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        let mut validate = tonic::Request::new(pb::ValidateSessionRequest {
+            session_token: registered.session_token.clone(),
+        });
+        validate.set_timeout(Duration::from_millis(100));
+        assert!(app.auth.clone().validate_session(validate).await.is_err());
+        let mut read = tonic::Request::new(pb::GetProfileRequest {
+            user_id: registered.user_id.clone(),
+        });
+        read.set_timeout(Duration::from_millis(100));
+        assert!(app.profiles.clone().get_profile(read).await.is_err());
+    }
+    lock.rollback().await.unwrap();
+    crate::helpers::eventually(Duration::from_secs(5), "lookups answer again", || async {
+        app.validate(&registered.session_token).await.is_ok()
+    })
+    .await;
+    for _ in 0..10 {
+        app.validate(&registered.session_token).await.unwrap();
+        app.get_profile(&registered.user_id).await.unwrap();
+    }
+}
