@@ -205,6 +205,8 @@ impl TokenKeys {
                 ))),
             };
         }
+        // Stamped before: a reload cut short counts as failed, and the gap holds.
+        *last = Some((Instant::now(), false));
         let reloaded = crate::store::in_background(self.reload()).await;
         *last = Some((Instant::now(), reloaded.is_ok()));
         reloaded.map(|()| true)

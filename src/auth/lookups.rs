@@ -5,21 +5,22 @@
 //! `RATE_LIMIT__UNKNOWN_LOOKUPS_PER_IP` lookups that find nothing in any
 //! `RATE_LIMIT__UNKNOWN_LOOKUPS_WINDOW`, in each instance:
 //!
-//! - an address whose budget is untouched looks up without paying first, a burst's worth at a
-//!   time (more wait their turn, within their call's deadline); once it has paid lately, each
-//!   lookup takes one before it runs (refused, before any work, when none is left). So a first
-//!   flood costs at most two bursts of queries, and callers asking for what exists, however many
-//!   at once, are not refused;
-//! - a lookup that found what it asked for costs nothing (what it took is given back); one that
-//!   found nothing is paid (a cancelled one too: its query may have run); one that failed (the
-//!   database away or busy) is not — an outage must not turn into refusals afterwards;
-//! - what an address owes is at most one window: however large its flood, it is refused for at
-//!   most `RATE_LIMIT__UNKNOWN_LOOKUPS_WINDOW` after it stops;
+//! - a lookup that finds nothing is paid when it ends (a cancelled one too: its query may have
+//!   run); one that found what it asked for, or failed (PostgreSQL away or busy), is free — an
+//!   outage must not turn into refusals afterwards;
+//! - an address whose budget is spent is refused (RESOURCE_EXHAUSTED, with the time until it may
+//!   look up again) before any work; at most a burst's worth of its lookups run at once, the
+//!   others wait their turn (within their call's deadline) and look at the budget again. So a
+//!   flood, however wide, costs at most two bursts of queries before it is refused, and any
+//!   number of lookups at once that find what they ask for all run;
+//! - an address owes at most one window: it is refused at most
+//!   `RATE_LIMIT__UNKNOWN_LOOKUPS_WINDOW` after its flood stops, and the limit holds in every
+//!   window meanwhile;
 //! - at most [`MAX_ADDRESSES`] addresses are tracked; past that, new addresses share one of
-//!   [`OVERFLOW`] buckets by hash (budgets merge; nobody is refused for the map being full).
+//!   [`OVERFLOW`] buckets by a keyed hash (budgets merge; nobody is refused for the map being
+//!   full).
 use std::{
     collections::HashMap,
-    hash::{Hash, Hasher},
     net::IpAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -34,14 +35,16 @@ pub const MAX_ADDRESSES: usize = 100_000;
 pub const OVERFLOW: u64 = 1024;
 
 struct Entry {
-    /// GCRA's theoretical arrival time: the budget is untouched when it is not after now.
+    /// GCRA's theoretical arrival time.
     tat: Instant,
-    /// Places for lookups that do not pay first (a burst's worth).
-    unpaid: Arc<tokio::sync::Semaphore>,
+    /// Places for the address' lookups under way (a burst's worth).
+    places: Arc<tokio::sync::Semaphore>,
 }
 
 pub struct UnknownLookups {
     entries: Mutex<HashMap<String, Entry>>,
+    /// Keys the overflow hash (an attacker cannot aim at another address' bucket).
+    overflow_hasher: std::collections::hash_map::RandomState,
     limit: u32,
     window: Duration,
     ipv6_prefix: u8,
@@ -64,9 +67,7 @@ pub enum Found {
 pub struct Paid<'a> {
     owner: &'a UnknownLookups,
     key: Option<String>,
-    /// It took one before it ran.
-    reserved: bool,
-    /// Its place among the lookups that did not pay first (given back when it ends).
+    /// Its place among the address' lookups under way (given back when it ends).
     place: Option<tokio::sync::OwnedSemaphorePermit>,
     settled: bool,
 }
@@ -80,8 +81,8 @@ impl Paid<'_> {
         if std::mem::replace(&mut self.settled, true) {
             return;
         }
-        if let Some(key) = &self.key {
-            self.owner.end(key, self.reserved, found);
+        if let (Some(key), Found::No) = (&self.key, found) {
+            self.owner.charge(key);
         }
         self.place = None;
     }
@@ -97,6 +98,7 @@ impl UnknownLookups {
     pub fn new(limits: &RateLimitSettings, metrics: Arc<Metrics>) -> Self {
         Self {
             entries: Mutex::new(HashMap::new()),
+            overflow_hasher: std::collections::hash_map::RandomState::new(),
             limit: limits.unknown_lookups_per_ip,
             window: limits.unknown_lookups_window,
             ipv6_prefix: limits.ipv6_prefix.min(128),
@@ -129,9 +131,11 @@ impl UnknownLookups {
         if entries.len() < MAX_ADDRESSES || entries.contains_key(&address) {
             return address;
         }
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        address.hash(&mut hasher);
-        format!("overflow:{}", hasher.finish() % OVERFLOW)
+        use std::hash::BuildHasher;
+        format!(
+            "overflow:{}",
+            self.overflow_hasher.hash_one(&address) % OVERFLOW
+        )
     }
 
     fn refused(&self, retry_after: Duration) -> AuthError {
@@ -142,92 +146,74 @@ impl UnknownLookups {
         AuthError::RateLimited { retry_after }
     }
 
-    /// Refused at once when the running call's address may make no lookup now (so a flood of
+    /// How long until the address may look up again (`None`: now).
+    fn spent(&self, entry: &Entry) -> Option<Duration> {
+        let (_, tolerance, _) = self.gcra();
+        let now = Instant::now();
+        let allowed_at = entry.tat.checked_sub(tolerance).unwrap_or(now);
+        (allowed_at > now).then(|| allowed_at - now)
+    }
+
+    /// Refused at once when the running call's address has spent its budget (so a flood of
     /// unproven requests costs nothing more, not even a Redis read).
     pub fn open(&self) -> Result<(), AuthError> {
         if self.limit == 0 {
             return Ok(());
         }
-        let (_, tolerance, _) = self.gcra();
-        let now = Instant::now();
         let entries = self.lock();
-        let Some(entry) = entries.get(&self.key(&entries)) else {
-            return Ok(());
-        };
-        let allowed_at = entry.tat.checked_sub(tolerance).unwrap_or(now);
-        if entry.tat <= now || allowed_at <= now {
-            Ok(())
-        } else {
-            Err(self.refused(allowed_at - now))
-        }
+        let spent = entries.get(&self.key(&entries)).and_then(|e| self.spent(e));
+        drop(entries);
+        spent.map_or(Ok(()), |wait| Err(self.refused(wait)))
     }
 
-    /// A lookup for the running call's address, or how long until it may make one.
+    /// A lookup for the running call's address, once it has a place (at most a burst's worth
+    /// under way); refused when its budget is spent.
     pub async fn pay(&self) -> Result<Paid<'_>, AuthError> {
-        let paid = |key, reserved, place| Paid {
-            owner: self,
-            key,
-            reserved,
-            place,
-            settled: false,
-        };
         if self.limit == 0 {
-            return Ok(paid(None, false, None));
+            return Ok(Paid {
+                owner: self,
+                key: None,
+                place: None,
+                settled: false,
+            });
         }
-        let (interval, tolerance, burst) = self.gcra();
-        loop {
-            // Untouched: wait for a place among those that do not pay first.
-            let (key, places) = {
-                let now = Instant::now();
-                let mut entries = self.lock();
-                let key = self.key(&entries);
-                let entry = entries.entry(key.clone()).or_insert_with(|| Entry {
-                    tat: now,
-                    unpaid: Arc::new(tokio::sync::Semaphore::new(burst as usize)),
-                });
-                if entry.tat > now {
-                    let tat = entry.tat;
-                    let allowed_at = tat.checked_sub(tolerance).unwrap_or(now);
-                    if now < allowed_at {
-                        drop(entries);
-                        return Err(self.refused(allowed_at - now));
-                    }
-                    entry.tat = tat + interval;
-                    return Ok(paid(Some(key), true, None));
-                }
-                (key, entry.unpaid.clone())
-            };
-            let Ok(place) = places.acquire_owned().await else {
-                continue;
-            };
-            // Still untouched once a place came free (else pay first, above).
-            let untouched = self
-                .lock()
-                .get(&key)
-                .is_some_and(|entry| entry.tat <= Instant::now());
-            if untouched {
-                return Ok(paid(Some(key), false, Some(place)));
+        let (_, _, burst) = self.gcra();
+        let (key, places) = {
+            let mut entries = self.lock();
+            let key = self.key(&entries);
+            let entry = entries.entry(key.clone()).or_insert_with(|| Entry {
+                tat: Instant::now(),
+                places: Arc::new(tokio::sync::Semaphore::new(burst as usize)),
+            });
+            if let Some(wait) = self.spent(entry) {
+                drop(entries);
+                return Err(self.refused(wait));
             }
+            (key, entry.places.clone())
+        };
+        let place = places
+            .acquire_owned()
+            .await
+            .map_err(|_| AuthError::Internal("the lookup places were closed".into()))?;
+        // What ran while this one waited may have spent the budget.
+        let spent = self.lock().get(&key).and_then(|e| self.spent(e));
+        if let Some(wait) = spent {
+            return Err(self.refused(wait));
         }
+        Ok(Paid {
+            owner: self,
+            key: Some(key),
+            place: Some(place),
+            settled: false,
+        })
     }
 
-    fn end(&self, key: &str, reserved: bool, found: Found) {
-        let (interval, _, _) = self.gcra();
+    /// A lookup that found nothing: one more owed, at most one window's worth in all.
+    fn charge(&self, key: &str) {
+        let (interval, tolerance, _) = self.gcra();
         let now = Instant::now();
-        let mut entries = self.lock();
-        let Some(entry) = entries.get_mut(key) else {
-            return;
-        };
-        match (found, reserved) {
-            // Give back what it took.
-            (Found::Yes | Found::Failed, true) => {
-                entry.tat = entry.tat.checked_sub(interval).unwrap_or(now).max(now);
-            }
-            // Pay now, owing at most one window.
-            (Found::No, false) => {
-                entry.tat = (entry.tat.max(now) + interval).min(now + self.window);
-            }
-            (Found::No, true) | (Found::Yes | Found::Failed, false) => {}
+        if let Some(entry) = self.lock().get_mut(key) {
+            entry.tat = (entry.tat.max(now) + interval).min(now + self.window + tolerance);
         }
     }
 
@@ -237,7 +223,7 @@ impl UnknownLookups {
         let mut entries = self.lock();
         let (_, _, burst) = self.gcra();
         entries.retain(|_, entry| {
-            entry.tat > now || entry.unpaid.available_permits() < burst as usize
+            entry.tat > now || entry.places.available_permits() < burst as usize
         });
         entries.shrink_to_fit();
     }
@@ -277,26 +263,68 @@ mod tests {
     }
 
     /// Review found: 1,000 concurrent lookups from an untouched address all ran (1,000 queries),
-    /// then left a debt of 901 s. Now at most two bursts run (the rest wait their turn, then must
-    /// pay first, and are refused), and the debt is one window.
+    /// then left a debt of 901 s. Now at most two bursts run (the rest wait their turn, see the
+    /// budget spent, and are refused), and the debt is one window.
     #[tokio::test]
-    async fn a_flood_from_an_untouched_address_costs_at_most_two_bursts_and_one_window() {
+    async fn a_flood_costs_at_most_two_bursts_and_one_window() {
         let unknown = Arc::new(lookups(20));
         let ran = at_once(&unknown, 1000, Found::No).await;
         assert!(ran <= 20, "{ran} lookups ran");
         let entries = unknown.lock();
-        let owed = entries["none"]
-            .tat
-            .saturating_duration_since(Instant::now());
-        assert!(owed <= Duration::from_secs(10), "{owed:?}");
+        let wait = unknown.spent(&entries["none"]).unwrap();
+        assert!(wait <= Duration::from_secs(10), "{wait:?}");
     }
 
     /// The load benchmark's warm-up found: 32 concurrent reads of existing profiles from one
-    /// address were refused past the burst. Now those beyond it wait their turn.
+    /// address were refused past the burst; and a second review: after one lookup that found
+    /// nothing, concurrent lookups were refused again. Now those beyond a burst wait their turn,
+    /// and only a spent budget refuses.
     #[tokio::test]
     async fn many_lookups_at_once_that_find_what_they_ask_for_all_run() {
         let unknown = Arc::new(lookups(20));
         assert_eq!(at_once(&unknown, 200, Found::Yes).await, 200);
+        unknown.pay().await.unwrap().settle(Found::No);
+        assert_eq!(at_once(&unknown, 200, Found::Yes).await, 200);
+    }
+
+    /// A second review found: the debt was clamped to one window from *now*, which let about
+    /// 1.4 times the limit into a window after a flood. Now no window holds more than the limit
+    /// plus the burst that may be under way when the budget runs out.
+    #[tokio::test]
+    async fn the_limit_holds_in_every_window_during_a_flood() {
+        let window = Duration::from_millis(400);
+        let settings = RateLimitSettings {
+            unknown_lookups_per_ip: 20,
+            unknown_lookups_window: window,
+            ..RateLimitSettings::default()
+        };
+        let unknown = Arc::new(UnknownLookups::new(&settings, Metrics::new()));
+        let started = Instant::now();
+        let mut ran = Vec::new();
+        while started.elapsed() < window * 5 {
+            let round: Vec<_> = (0..10)
+                .map(|_| {
+                    let unknown = unknown.clone();
+                    tokio::spawn(async move {
+                        let paid = unknown.pay().await.ok()?;
+                        let at = Instant::now();
+                        tokio::task::yield_now().await;
+                        paid.settle(Found::No);
+                        Some(at)
+                    })
+                })
+                .collect();
+            for lookup in round {
+                ran.extend(lookup.await.unwrap());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        ran.sort();
+        for (i, at) in ran.iter().enumerate() {
+            let within = ran[i..].iter().take_while(|t| **t - *at < window).count();
+            assert!(within <= 30, "{within} lookups within one window");
+        }
+        assert!(ran.len() >= 40, "the budget refills: {} ran", ran.len());
     }
 
     /// Review found: lookups that failed (the database locked) were paid as if they found
@@ -324,8 +352,8 @@ mod tests {
             let mut entries = unknown.lock();
             let far = Instant::now() + Duration::from_secs(3600);
             for i in 0..MAX_ADDRESSES {
-                let unpaid = Arc::new(tokio::sync::Semaphore::new(10));
-                entries.insert(format!("v4:{i}"), Entry { tat: far, unpaid });
+                let places = Arc::new(tokio::sync::Semaphore::new(10));
+                entries.insert(format!("v4:{i}"), Entry { tat: far, places });
             }
         }
         let work = crate::store::Work {

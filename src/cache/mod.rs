@@ -257,31 +257,42 @@ impl Redis {
         let Some(sentinels) = &inner.sentinels else {
             return;
         };
-        let Some((host, port)) = sentinels.primary().await else {
+        let Some(primary) = sentinels.primary().await else {
             return;
         };
+        let (host, port) = (&primary.0, primary.1);
         let subscribers = inner
             .subscribers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        for client in inner.pool.clients().iter().chain(&subscribers) {
-            let on = client.active_connections();
-            if client.is_connected()
-                && on
-                    .iter()
-                    .any(|server| *server.host != *host || server.port != port)
-            {
-                tracing::warn!(
-                    connected = ?on.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                    primary = %format!("{host}:{port}"),
-                    "the sentinels name another primary: reconnecting to it"
-                );
-                if let Err(error) = client.force_reconnection().await {
-                    tracing::debug!(%error, "could not reconnect to the new primary yet");
-                }
-            }
+        let elsewhere: Vec<&Client> = inner
+            .pool
+            .clients()
+            .iter()
+            .chain(&subscribers)
+            .filter(|client| {
+                client.is_connected()
+                    && client
+                        .active_connections()
+                        .iter()
+                        .any(|server| *server.host != **host || server.port != port)
+            })
+            .collect();
+        if elsewhere.is_empty() || !sentinels.may_move(&primary) {
+            return;
         }
+        tracing::warn!(
+            clients = elsewhere.len(),
+            primary = %format!("{host}:{port}"),
+            "the sentinels name another primary: reconnecting to it"
+        );
+        // At once, and not waited for past a bound: a primary out of this instance's reach
+        // must not hold the identity checks (fred goes on reconnecting by itself).
+        let reconnections = elsewhere
+            .iter()
+            .map(|client| tokio::time::timeout(sentinel::MOVE_WAIT, client.force_reconnection()));
+        futures::future::join_all(reconnections).await;
     }
 
     pub fn is_enabled(&self) -> bool {

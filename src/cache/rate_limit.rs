@@ -64,16 +64,17 @@ static PEEK: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
-/// KEYS: the bucket. ARGV: emission interval ms, attempts. Counts attempts made while Redis
-/// could not take them, allowed or not.
+/// KEYS: the bucket. ARGV: emission interval ms, attempts, at most how far ahead (ms). Counts
+/// attempts made while Redis could not take them: as if made now, but never spending the
+/// bucket further than a full one's worth (they were spread over the outage).
 static CHARGE: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         "local t = redis.call('TIME')
          local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
          local tat = tonumber(redis.call('GET', KEYS[1]) or now)
          if tat < now then tat = now end
-         local next = tat + tonumber(ARGV[1]) * tonumber(ARGV[2])
-         redis.call('SET', KEYS[1], next, 'PX', next - now)
+         local next = math.min(tat + tonumber(ARGV[1]) * tonumber(ARGV[2]), now + tonumber(ARGV[3]))
+         if next > tat then redis.call('SET', KEYS[1], next, 'PX', next - now) end
          return 0",
     )
 });
@@ -141,6 +142,13 @@ impl LocalBuckets {
         }
         *tat = tat_now + interval;
         Ok(())
+    }
+
+    /// Whether `bucket` has anything taken from it (it is not full again).
+    fn spent(&self, bucket: &Bucket) -> bool {
+        self.lock()
+            .get(&bucket.id)
+            .is_some_and(|tat| *tat > Instant::now())
     }
 
     /// Forgets `bucket`.
@@ -237,21 +245,29 @@ impl RateLimiter {
 
     /// Writes the attempts Redis did not count when they were made (32 buckets at a time); an
     /// entry goes only once Redis took it, so a write that fails or is cut leaves it owed.
+    /// Attempts whose in-process bucket is full again (older than the bucket's memory) are
+    /// dropped, and a write spends the shared bucket at most as far as a full burst would
+    /// (attempts spread over a long outage must not lock the caller out for that long).
     /// Background work: a timed-out write that ran is counted twice, never fewer.
     pub async fn settle(&self) {
         use futures::StreamExt;
-        let owed: Vec<(Bucket, u32)> = self.owed_lock().values().cloned().collect();
+        let owed: Vec<(Bucket, u32)> = {
+            let mut owed = self.owed_lock();
+            owed.retain(|_, (bucket, _)| self.local.spent(bucket));
+            owed.values().cloned().collect()
+        };
         let charges = futures::stream::iter(owed)
             .map(|(bucket, attempts)| async move {
                 let charged = match (self.key(&bucket), self.redis.steady()) {
                     (Some(key), Some(client)) => {
-                        let interval = bucket.gcra().0.as_millis().max(1).to_string();
+                        let (interval, tolerance) = bucket.gcra();
+                        let args = vec![
+                            interval.as_millis().max(1).to_string(),
+                            attempts.to_string(),
+                            (interval + tolerance).as_millis().to_string(),
+                        ];
                         let result = CHARGE
-                            .evalsha_with_reload::<i64, _, _>(
-                                client,
-                                vec![key],
-                                vec![interval, attempts.to_string()],
-                            )
+                            .evalsha_with_reload::<i64, _, _>(client, vec![key], args)
                             .await;
                         self.redis.observe(result).is_some()
                     }

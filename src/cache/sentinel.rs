@@ -35,6 +35,9 @@ pub(super) struct Sentinels {
     clients: Vec<tokio::sync::Mutex<Option<SentinelClient>>>,
     /// When "no sentinel answers" was last logged.
     warned: std::sync::Mutex<Option<std::time::Instant>>,
+    /// When clients were last made to reconnect, and to which primary (see
+    /// [`Sentinels::may_move`]).
+    moved: std::sync::Mutex<Option<(std::time::Instant, (String, u16))>>,
 }
 
 impl Sentinels {
@@ -61,6 +64,7 @@ impl Sentinels {
                 .map(|_| tokio::sync::Mutex::new(None))
                 .collect(),
             warned: std::sync::Mutex::new(None),
+            moved: std::sync::Mutex::new(None),
         })
     }
 
@@ -141,4 +145,26 @@ impl Sentinels {
             .find(|(_, count)| *count * 2 > self.hosts.len())
             .map(|(primary, _)| primary)
     }
+
+    /// Whether clients may be made to reconnect to `primary` now: at once when it is a primary
+    /// they were not sent to yet, then not again for [`MOVE_AGAIN`]. fred reconnects through the
+    /// first sentinel that answers it, which may be one that missed the failover: the clients
+    /// then land on the old primary again, and moving them every second would only keep the
+    /// cache unserved.
+    pub(super) fn may_move(&self, primary: &(String, u16)) -> bool {
+        let mut moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
+        if moved
+            .as_ref()
+            .is_some_and(|(at, to)| to == primary && at.elapsed() < MOVE_AGAIN)
+        {
+            return false;
+        }
+        *moved = Some((std::time::Instant::now(), primary.clone()));
+        true
+    }
 }
+
+/// How long after clients were made to reconnect they are not made to again.
+pub(super) const MOVE_AGAIN: Duration = Duration::from_secs(30);
+/// How long a follower waits for the clients it moved to be connected again.
+pub(super) const MOVE_WAIT: Duration = Duration::from_secs(2);

@@ -42,40 +42,21 @@ impl<K: Hash + Eq + Clone, V: Clone> Default for Coalescer<K, V> {
 }
 
 impl<K: Hash + Eq + Clone, V: Clone> Coalescer<K, V> {
-    /// Runs `work` for `key`, or waits for a flight that had not begun when this call arrived.
-    /// `work` may run more than once per call if a leader is cancelled (its followers retry).
-    #[cfg(test)]
-    pub async fn run<F, Fut>(&self, key: K, work: F) -> V
+    /// Runs `work` for `key`, or waits for a flight that had not begun when this call arrived;
+    /// with whether this call's `work` ran (it led the flight). `work` may run more than once
+    /// per call if a leader is cancelled (its followers retry).
+    pub async fn run<F, Fut>(&self, key: K, work: F) -> (V, bool)
     where
         F: Fn() -> Fut,
         Fut: Future<Output = V>,
-    {
-        let work = || {
-            let read = work();
-            async move { Ok::<V, std::convert::Infallible>(read.await) }
-        };
-        match self.run_or_decline(key, work).await {
-            Ok(value) => value,
-            Err(never) => match never {},
-        }
-    }
-
-    /// [`Coalescer::run`], but a leader's `work` may decline (`Err`, e.g. its caller may not
-    /// pay for the read): that caller gets the `Err`, and the callers waiting for the flight try
-    /// again, one of them leading — as if the leader had been cancelled, so no caller is refused
-    /// for another's reason.
-    pub async fn run_or_decline<F, Fut, E>(&self, key: K, work: F) -> Result<V, E>
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = Result<V, E>>,
     {
         loop {
             match self.role(&key) {
                 Role::Follow(rx) => {
                     if let Some(value) = outcome(rx).await {
-                        return Ok(value);
+                        return (value, false);
                     }
-                    // Its leader was cancelled or declined: try again.
+                    // Its leader was cancelled: try again.
                 }
                 Role::Lead { tx, rx, after } => {
                     let _guard = Guard {
@@ -87,9 +68,9 @@ impl<K: Hash + Eq + Clone, V: Clone> Coalescer<K, V> {
                         outcome(previous).await;
                         self.promote(&key, &rx);
                     }
-                    let value = work().await?;
+                    let value = work().await;
                     tx.send_replace(Some(value.clone()));
-                    return Ok(value);
+                    return (value, true);
                 }
             }
         }
@@ -204,14 +185,14 @@ mod tests {
         };
         let first = {
             let (c, w) = (coalescer.clone(), work(reads.clone()));
-            tokio::spawn(async move { c.run(1, w).await })
+            tokio::spawn(async move { c.run(1, w).await.0 })
         };
         tokio::time::sleep(Duration::from_millis(5)).await;
         // Arrive while the first read is in progress: they must not get its value.
         let late: Vec<_> = (0..50)
             .map(|_| {
                 let (c, w) = (coalescer.clone(), work(reads.clone()));
-                tokio::spawn(async move { c.run(1, w).await })
+                tokio::spawn(async move { c.run(1, w).await.0 })
             })
             .collect();
         assert_eq!(first.await.unwrap(), 0);
@@ -234,48 +215,23 @@ mod tests {
         let coalescer = Arc::new(Coalescer::<u8, u8>::default());
         let running = {
             let c = coalescer.clone();
-            tokio::spawn(async move { c.run(1, std::future::pending::<u8>).await })
+            tokio::spawn(async move { c.run(1, std::future::pending::<u8>).await.0 })
         };
         tokio::time::sleep(Duration::from_millis(5)).await;
         let queued_leader = {
             let c = coalescer.clone();
-            tokio::spawn(async move { c.run(1, std::future::pending::<u8>).await })
+            tokio::spawn(async move { c.run(1, std::future::pending::<u8>).await.0 })
         };
         tokio::time::sleep(Duration::from_millis(5)).await;
         let follower = {
             let c = coalescer.clone();
-            tokio::spawn(async move { c.run(1, || async { 7 }).await })
+            tokio::spawn(async move { c.run(1, || async { 7 }).await.0 })
         };
         tokio::time::sleep(Duration::from_millis(5)).await;
         queued_leader.abort();
         running.abort();
         let answer = tokio::time::timeout(Duration::from_secs(1), follower).await;
         assert_eq!(answer.unwrap().unwrap(), 7);
-        assert!(coalescer.is_empty());
-    }
-
-    /// A leader whose work declines (its caller may not pay) answers its own caller with the
-    /// refusal; the caller waiting for it leads a flight of its own.
-    #[tokio::test]
-    async fn a_leader_that_declines_leaves_its_followers_to_read_themselves() {
-        let coalescer = Arc::new(Coalescer::<u8, u8>::default());
-        let declining = {
-            let c = coalescer.clone();
-            tokio::spawn(async move {
-                c.run_or_decline(1, || async {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    Err::<u8, &str>("may not pay")
-                })
-                .await
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let waiting = {
-            let c = coalescer.clone();
-            tokio::spawn(async move { c.run_or_decline(1, || async { Ok::<u8, &str>(7) }).await })
-        };
-        assert_eq!(declining.await.unwrap(), Err("may not pay"));
-        assert_eq!(waiting.await.unwrap(), Ok(7));
         assert!(coalescer.is_empty());
     }
 }

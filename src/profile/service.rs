@@ -92,24 +92,22 @@ impl ProfileService {
             CachedProfile::Hit(profile) => return Ok(profile),
             CachedProfile::NotFound => return Err(ProfileError::NotFound),
             // Concurrent misses for this id share one PostgreSQL read (one begun after them);
-            // with Redis down or disabled too (the read then fills nothing).
+            // with Redis down or disabled too (the read then fills nothing). Anyone may ask for
+            // any id: each caller pays (waiting for its own address' turn before it joins), and
+            // the one whose read runs is charged if it found nothing.
             miss => {
                 let fill = matches!(miss, CachedProfile::Miss);
-                // Anyone may ask for any id: the flight's leader pays for a lookup that finds
-                // nothing; when it may not, the others lead in turn.
+                let paid = self.auth.unknown_lookups().pay().await?;
                 let load = || async move {
-                    let paid = self.auth.unknown_lookups().pay().await?;
-                    let loaded = if fill {
+                    if fill {
                         self.recheck_then_load(user_id).await
                     } else {
                         self.load(user_id, None).await
-                    };
-                    Ok(refund_if_found(paid, loaded))
+                    }
                 };
-                self.flights
-                    .run_or_decline(user_id, load)
-                    .await
-                    .map_err(ProfileError::Auth)?
+                let (loaded, led) = self.flights.run(user_id, load).await;
+                paid.settle(if led { found(&loaded) } else { Found::Yes });
+                loaded
             }
         };
         loaded
@@ -307,12 +305,11 @@ impl ProfileService {
     }
 }
 
-/// Settles a paid lookup by what it found.
-fn refund_if_found(paid: crate::auth::Paid<'_>, loaded: Load) -> Load {
-    paid.settle(match &loaded {
+/// What a lookup found, for its caller's budget.
+fn found(loaded: &Load) -> Found {
+    match loaded {
         Ok(Some(_)) => Found::Yes,
         Ok(None) => Found::No,
         Err(_) => Found::Failed,
-    });
-    loaded
+    }
 }
