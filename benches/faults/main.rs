@@ -458,7 +458,11 @@ async fn start_env(topology: &str) -> Env {
             ),
             ("GRPC__SHUTDOWN_GRACE", "5s".into()),
             ("ADMIN__API_KEYS_FILE", keys.display().to_string()),
-            ("LOG__LEVEL", "warn".into()),
+            // `FAULTS_LOG=info` (or any filter) logs more, e.g. every call, to study a violation.
+            (
+                "LOG__LEVEL",
+                std::env::var("FAULTS_LOG").unwrap_or_else(|_| "warn".into()),
+            ),
             ("LOG__FORMAT", "json".into()),
         ]
         .into_iter()
@@ -1050,12 +1054,20 @@ async fn run(topology: &str, seed: u64, duration: Duration, clients: usize) -> R
             .or_default() += 1;
     }
     if !violations.is_empty() {
+        // The whole logs are kept beside the report (the run's directory goes with it).
+        let kept = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
         for instance in &env.instances {
             let log = std::fs::read_to_string(&instance.log).unwrap_or_default();
+            let copy = kept.join(format!("faults-{topology}-authd-{}.log", instance.index));
+            let copied = std::fs::create_dir_all(&kept).and_then(|()| std::fs::write(&copy, &log));
             let tail: Vec<&str> = log.lines().rev().take(20).collect();
             eprintln!(
-                "--- authd-{} log tail ---\n{}",
+                "--- authd-{} log tail (whole log: {}) ---\n{}",
                 instance.index,
+                match copied {
+                    Ok(()) => copy.display().to_string(),
+                    Err(error) => format!("not kept: {error}"),
+                },
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }

@@ -235,6 +235,17 @@ impl Redis {
                 .redis_generation
                 .set(i64::try_from(generation).unwrap_or(i64::MAX));
             if previous != generation {
+                // Nothing of the new generation is served before a pass over the logs completed
+                // in it (`Redis::trust`). Its servers may lack what this instance wrote to the
+                // previous ones while other instances were already filling them — with Sentinel,
+                // a primary about to be demoted confirms writes that the promoted replica, where
+                // other instances moved first, never sees: a pass re-applies every logged
+                // revocation and version since the new namespace's cursor, which the copies
+                // filled there meanwhile cannot outlive
+                // (`deployments::a_write_confirmed_by_a_demoted_primary_is_not_lost_to_copies_filled_on_the_new_one`).
+                inner
+                    .trusted_until
+                    .store(0, std::sync::atomic::Ordering::SeqCst);
                 if previous != 0 {
                     self.metrics.redis_generation_changes.inc();
                     tracing::warn!(

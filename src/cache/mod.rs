@@ -76,6 +76,14 @@ pub const ACL_COMMANDS: &str = "+get +set +mget +del +sadd +srem +expire +time +
 /// carries its generation.
 const SCHEMA_VERSION: &str = "v2";
 
+/// Where the follower applies the logs: the key namespace of one generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    /// `<prefix><schema>|<generation>`: the cursor's name in PostgreSQL.
+    pub name: String,
+    pub generation: u64,
+}
+
 #[derive(Clone)]
 pub struct Redis {
     inner: Option<Arc<Inner>>,
@@ -549,16 +557,45 @@ impl Redis {
             .map_or(0, |i| i.overflows.load(Ordering::Acquire))
     }
 
-    /// A pass over the logs that started at `started` (and at failure count `mark`) has
-    /// completed: copies may be served until `started + valid_for`.
-    pub fn trust(&self, mark: u64, started: std::time::Instant, valid_for: Duration) {
-        if let Some(inner) = self.inner() {
+    /// A pass over the logs of `namespace` that started at `started` (and at failure count
+    /// `mark`) has completed: copies may be served until `started + valid_for` — if that
+    /// namespace's generation is still the one established and no reconnection happened since
+    /// (its writes reached the servers the copies are read from; see [`Redis::adopt`]).
+    /// `false` when the pass counts for nothing.
+    pub fn trust(
+        &self,
+        namespace: &Namespace,
+        mark: u64,
+        started: std::time::Instant,
+        valid_for: Duration,
+    ) -> bool {
+        let Some(inner) = self.inner() else {
+            return false;
+        };
+        if !self.settled_in(namespace) {
+            return false;
+        }
+        {
             inner.trusted_through.fetch_max(mark, Ordering::AcqRel);
             let elapsed = crate::clock::micros(started.elapsed());
             let began = crate::clock::boot_us().saturating_sub(elapsed);
             let until = began.saturating_add(crate::clock::micros(valid_for));
-            inner.trusted_until.fetch_max(until, Ordering::AcqRel);
+            inner.trusted_until.fetch_max(until, Ordering::SeqCst);
         }
+        // A generation adopted while the pass ran starts untrusted (`adopt`): keep it so.
+        self.settled_in(namespace) || {
+            inner.trusted_until.store(0, Ordering::SeqCst);
+            false
+        }
+    }
+
+    /// Whether `namespace`'s generation is the one established, with no reconnection since (a
+    /// pass over the logs wrote to the servers copies are read from).
+    pub fn settled_in(&self, namespace: &Namespace) -> bool {
+        self.inner().is_some_and(|inner| {
+            inner.generation.load(Ordering::SeqCst) == namespace.generation
+                && !inner.latches.iter().any(Latch::tripped)
+        })
     }
 
     /// Whether a pass over the logs completed within README's bound before `now`
@@ -571,11 +608,14 @@ impl Redis {
 
     /// The cache namespace that follows the logs: key prefix and generation (`None` while no
     /// generation is established, or Redis is disabled).
-    pub fn namespace(&self) -> Option<String> {
+    pub fn namespace(&self) -> Option<Namespace> {
         let inner = self.inner()?;
         match inner.generation.load(Ordering::SeqCst) {
             0 => None,
-            generation => Some(format!("{}{SCHEMA_VERSION}|{generation}", inner.prefix)),
+            generation => Some(Namespace {
+                name: format!("{}{SCHEMA_VERSION}|{generation}", inner.prefix),
+                generation,
+            }),
         }
     }
 

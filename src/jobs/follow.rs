@@ -89,7 +89,12 @@ impl Follower {
         let started = std::time::Instant::now();
         let read_at = self.auth.clock().now() - CLOCK_MARGIN;
         let outbox = self.db.outbox();
-        let cursor = outbox.cursor(&namespace).await?;
+        // Not while a reconnection is not yet looked at: what this pass writes might reach
+        // servers of another history than its namespace's.
+        if !self.redis.settled_in(&namespace) {
+            return Ok(false);
+        }
+        let cursor = outbox.cursor(&namespace.name, namespace.generation).await?;
         let sessions = follow_log(
             cursor.sessions_after,
             self.in_flight,
@@ -111,14 +116,21 @@ impl Follower {
             sessions_after: sessions.max(read_at),
             profiles_after: profiles.max(read_at),
         };
+        // The same at the end: the cursor moves, and copies are trusted, only for a pass whose
+        // writes all went to the servers of its generation.
+        if !self.redis.settled_in(&namespace) {
+            return Ok(false);
+        }
         let moved = sessions > cursor.sessions_after || profiles > cursor.profiles_after;
         if moved || last_written.is_none_or(|at| at.elapsed() >= CURSOR_REFRESH) {
-            outbox.advance(&namespace, reached).await?;
+            outbox.advance(&namespace.name, reached).await?;
             *last_written = Some(std::time::Instant::now());
         }
         self.redis
             .set_log_position(reached.sessions_after - self.in_flight);
-        self.redis.trust(mark, started, self.valid_for);
+        if !self.redis.trust(&namespace, mark, started, self.valid_for) {
+            return Ok(false);
+        }
         let horizon = |at: DateTime<Utc>| at - self.in_flight - CLOCK_MARGIN;
         self.redis
             .prune_applied(Log::Sessions, horizon(reached.sessions_after));

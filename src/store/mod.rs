@@ -102,9 +102,35 @@ impl From<sqlx::Error> for StoreError {
 }
 
 /// Connection exceptions (08), operator intervention such as a restart (57P01..57P03),
-/// statement timeouts (57014) and "too many connections" (53300) are all passing conditions.
+/// statement timeouts (57014), a transaction PostgreSQL ended because it stood idle or ran too
+/// long (25P03, 25P04: the instance was paused in the middle of it, see [`session_options`]) and
+/// "too many connections" (53300) are all passing conditions: nothing of the operation was
+/// committed, and a retry may succeed.
 fn is_unavailable_sqlstate(code: &str) -> bool {
-    code.starts_with("08") || code.starts_with("57P") || code == "57014" || code == "53300"
+    code.starts_with("08")
+        || code.starts_with("57P")
+        || matches!(code, "57014" | "25P03" | "25P04" | "53300")
+}
+
+/// The options of every connection authd makes to `DATABASE__URL`: PostgreSQL ends a statement
+/// after `DATABASE__QUERY_TIMEOUT` (`statement_timeout`), and a transaction left idle — its
+/// instance paused (a GC-like stall, SIGSTOP, a frozen VM) or cut off in the middle of it —
+/// after half of that (`idle_in_transaction_session_timeout`). Half, so that a statement of
+/// another instance waiting for one of that transaction's row locks gets it before its own
+/// statement timeout ends it: the paused instance delays the others' calls, it does not fail
+/// them (`admin::a_transaction_paused_under_a_row_lock_delays_the_others_calls_only`). authd's
+/// transactions run SQL only between their statements, never a password hash or a Redis
+/// command, so no healthy transaction stands idle that long; and the outbox readers rely on
+/// every transaction lasting less than their in-flight allowance.
+pub fn session_options(settings: &DatabaseSettings) -> Result<PgConnectOptions, StoreError> {
+    let statement_timeout = settings.query_timeout.as_millis().max(1).to_string();
+    let idle_timeout = (settings.query_timeout / 2).as_millis().max(1).to_string();
+    Ok(PgConnectOptions::from_str(settings.url.expose_secret())?
+        .application_name("authd")
+        .options([
+            ("statement_timeout", statement_timeout.as_str()),
+            ("idle_in_transaction_session_timeout", idle_timeout.as_str()),
+        ]))
 }
 
 /// The pool's shares plus what every query shares: its time bound and a count of the queries run
@@ -152,18 +178,7 @@ impl Db {
         metrics: Arc<Metrics>,
     ) -> Result<Self, StoreError> {
         let url = settings.url.expose_secret();
-        let statement_timeout = settings.query_timeout.as_millis().to_string();
-        let options = PgConnectOptions::from_str(url)?
-            .application_name("authd")
-            // A transaction left idle (a paused or partitioned client) is ended too: the outbox
-            // readers rely on every transaction lasting less than their in-flight allowance.
-            .options([
-                ("statement_timeout", statement_timeout.as_str()),
-                (
-                    "idle_in_transaction_session_timeout",
-                    statement_timeout.as_str(),
-                ),
-            ]);
+        let options = session_options(settings)?;
         let tls = tls::UrlTls::new(url, &options);
         tls.warn_if_unverified();
         if settings.create_if_missing {

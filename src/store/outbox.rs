@@ -104,12 +104,21 @@ impl Db {
 }
 
 impl OutboxRepo<'_> {
-    /// The namespace's cursor, created at `start` (PostgreSQL's time when `None`) if it has none.
-    pub async fn cursor(&self, namespace: &str) -> Result<Cursor, StoreError> {
+    /// The cursor of `namespace`, the cache of Redis generation `generation`. One it has not
+    /// yet is created at the generation's birth (when it was first bound to a fingerprint;
+    /// PostgreSQL's time now if that is not known): no copy of the generation was filled
+    /// before, so every row logged since must reach it — including rows whose write another
+    /// instance confirmed on servers of an earlier generation while this one was being filled
+    /// (a Sentinel failover: see `cache::Redis::adopt`).
+    pub async fn cursor(&self, namespace: &str, generation: u64) -> Result<Cursor, StoreError> {
         let query = sqlx::query_as::<_, Cursor>(
-            "with created as (
+            "with born as (
+                 select coalesce(min(created_at), clock_timestamp()) as at
+                 from redis_fingerprints where generation = $2
+             ),
+             created as (
                  insert into outbox_cursors (namespace, sessions_after, profiles_after)
-                 values ($1, clock_timestamp(), clock_timestamp())
+                 select $1, at, at from born
                  on conflict (namespace) do nothing
                  returning sessions_after, profiles_after
              )
@@ -117,7 +126,8 @@ impl OutboxRepo<'_> {
              union all
              select sessions_after, profiles_after from outbox_cursors where namespace = $1",
         )
-        .bind(namespace);
+        .bind(namespace)
+        .bind(i64::try_from(generation).unwrap_or(i64::MAX));
         match self.0.run(query.fetch_optional(self.0.pool())).await? {
             Some(cursor) => Ok(cursor),
             // Created concurrently by another instance: visible now.

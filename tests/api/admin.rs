@@ -45,13 +45,18 @@ fn write_keys(path: &Path, keys: &[(&str, &str)]) {
 
 /// A plaintext app with AdminService admitted by [`KEY`] (keys file in `dir`).
 async fn keyed_app(mode: Mode, dir: &Path) -> TestApp {
+    spawn_with(keyed_settings(mode, dir)).await
+}
+
+/// The settings of [`keyed_app`].
+fn keyed_settings(mode: Mode, dir: &Path) -> authd::config::Settings {
     let keys = dir.join("keys.toml");
     write_keys(&keys, &[("ops", KEY)]);
     let mut settings = test_settings(mode);
     settings.admin.api_keys_file = Some(keys);
     settings.admin.reload_interval = Duration::from_millis(100);
     settings.rate_limit.login_per_email = 0;
-    spawn_with(settings).await
+    settings
 }
 
 fn with_key<T>(key: &str, message: T) -> Request<T> {
@@ -883,5 +888,73 @@ async fn any_bytes_in_a_target_leave_one_readable_audit_row() {
     assert!(
         rows.iter().all(|(_, t)| !t.chars().any(char::is_control)),
         "{rows:?}"
+    );
+}
+
+/// An instance paused (a GC-like stall, SIGSTOP) in the middle of a transaction that holds a
+/// user's row: the other instances' calls on that user, whose statements were already waiting
+/// for the row when the paused transaction ran its last statement, must be delayed by it, not
+/// failed — PostgreSQL ends the idle transaction before their own statement timeout ends them.
+/// The paused instance, resuming, finds its transaction ended: UNAVAILABLE (nothing of it was
+/// committed), never INTERNAL. (The fault run's Sentinel seed 1795755029 met both: DisableUser
+/// and RevokeUserSessions UNAVAILABLE on another instance, INTERNAL on the resumed one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_paused_under_a_row_lock_delays_the_others_calls_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = keyed_settings(Mode::Redis, dir.path());
+    // A connection each for the two admin calls: what is shown is the row's wait, not the
+    // share's queue.
+    settings.database.shares.admin = 20;
+    let app = spawn_with(settings).await;
+    let (_, victim) = app.register().await;
+    // The paused instance's connection: made as authd makes its own.
+    let options = authd::store::session_options(&app.settings.database).unwrap();
+    let mut paused = <sqlx::PgConnection as sqlx::Connection>::connect_with(&options)
+        .await
+        .unwrap();
+    let mut tx = sqlx::Connection::begin(&mut paused).await.unwrap();
+    sqlx::query("select 1 from users where id = $1::uuid for update")
+        .bind(&victim.user_id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let disable = {
+        let (mut admin, user_id) = (admin(&app), victim.user_id.clone());
+        tokio::spawn(async move {
+            let request = pb::DisableUserRequest {
+                user_id,
+                reason: "paused holder".into(),
+            };
+            admin.disable_user(with_key(KEY, request)).await
+        })
+    };
+    let revoke = {
+        let (mut admin, user_id) = (admin(&app), victim.user_id.clone());
+        tokio::spawn(async move {
+            let request = pb::RevokeUserSessionsRequest { user_id };
+            admin.revoke_user_sessions(with_key(KEY, request)).await
+        })
+    };
+    // Both wait for the row; the paused transaction runs its last statement, then stands idle.
+    tokio::time::sleep(app.settings.database.query_timeout / 4).await;
+    sqlx::query("select 1").execute(&mut *tx).await.unwrap();
+    disable
+        .await
+        .unwrap()
+        .expect("DisableUser, delayed by the paused transaction");
+    revoke
+        .await
+        .unwrap()
+        .expect("RevokeUserSessions, delayed by the paused transaction");
+    assert_code(
+        app.validate(&victim.session_token).await,
+        Code::Unauthenticated,
+    );
+    // The paused instance resumes.
+    let resumed = sqlx::query("select 1").execute(&mut *tx).await.unwrap_err();
+    let error = authd::store::StoreError::from(resumed);
+    assert!(
+        matches!(error, authd::store::StoreError::Unavailable(_)),
+        "a transaction PostgreSQL ended is a passing condition: {error:?}"
     );
 }

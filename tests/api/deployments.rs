@@ -766,3 +766,87 @@ async fn connections_split_between_primaries_serve_nothing() {
         "no generation is served"
     );
 }
+
+/// `SENTINEL FAILOVER` leaves the old primary taking writes for some 10 s. An instance that
+/// moved to the promoted replica first (B) establishes the new generation there and fills
+/// profile copies of it; an instance still on the old primary (A, its identity checks far apart
+/// here) updates the profiles there — confirmed by a server the new generation never hears from
+/// — and is moved when Sentinel demotes the old primary. A then adopts the generation B
+/// established: it must not serve B's copies, older than the versions its UpdateProfiles
+/// returned. (The fault run's Sentinel seed 1795755029 found it: a read saw v3 0.2 s after the
+/// same instance's UpdateProfile returned v4.) Nothing of a new generation is served before a
+/// pass over the logs in it (one profile is read all along, from the move on), and that pass
+/// starts from the generation's birth, not from when some instance first followed it (the other
+/// profile is read only once A's first pass is done, and no pass ran in it before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_confirmed_by_a_demoted_primary_is_not_lost_to_copies_filled_on_the_new_one() {
+    let sentinel = Sentinel::start("authd").await;
+    let mut settings = test_settings(Mode::Redis);
+    settings.redis.url = SecretString::from(sentinel.url());
+    // A: no identity check of its own during the test (only a reconnection moves it); the logs
+    // followed every 3 s, so that a pass does not happen to come right after the move.
+    settings.redis.check_interval = Duration::from_secs(600);
+    settings.session.invalidation_interval = Duration::from_secs(3);
+    // A pass re-reads the rows of the in-flight allowance (10 × this + 1 s = 6 s) before its
+    // cursor: shorter than from A's updates to its first pass after the demotion (~10 s).
+    settings.database.query_timeout = Duration::from_millis(500);
+    let a = spawn_with(settings).await;
+    // B: checks every second, follows the logs once an hour (it only fills).
+    let b = spawn_sharing(&a, |s| {
+        s.redis.check_interval = Duration::from_secs(1);
+        s.session.invalidation_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let (_, watched) = a.register().await;
+    let (_, later) = a.register().await;
+    let old = sentinel.primary_port().await;
+    let new = sentinel.failover().await;
+    assert_ne!(old, new);
+    // B moves (its next identity check), establishes the new generation and fills copies of
+    // version 1 there.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for user in [&watched, &later] {
+        for _ in 0..3 {
+            assert_eq!(b.get_profile(&user.user_id).await.unwrap().version, 1);
+        }
+    }
+    // A, still on the old primary, updates both.
+    for user in [&watched, &later] {
+        let updated = a
+            .update_profile(&user.session_token, bio("v2"), &["bio"], 0)
+            .await
+            .unwrap();
+        assert_eq!(updated.version, 2);
+    }
+    // Sentinel demotes the old primary and drops its clients: A reconnects to the new one and
+    // adopts B's generation. Every read from then on returns version 2 at least.
+    let until = Instant::now() + Duration::from_secs(25);
+    let mut demoted = false;
+    while !demoted && Instant::now() < until {
+        let read = a.get_profile(&watched.user_id).await.unwrap();
+        assert!(
+            read.version >= 2,
+            "A read version {} after its UpdateProfile returned 2",
+            read.version
+        );
+        let role = topology::command(old, &["ROLE"]).await;
+        demoted = role.is_ok_and(|r| format!("{r:?}").contains("slave"));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(demoted, "Sentinel demoted the old primary within 25 s");
+    // Past the move and A's first pass in the new generation (every 3 s).
+    let rest = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < rest {
+        let read = a.get_profile(&watched.user_id).await.unwrap();
+        assert!(read.version >= 2, "A read version {}", read.version);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for _ in 0..3 {
+        let read = a.get_profile(&later.user_id).await.unwrap();
+        assert!(
+            read.version >= 2,
+            "A read version {} of a profile no pass had followed",
+            read.version
+        );
+    }
+}
