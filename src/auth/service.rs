@@ -517,7 +517,8 @@ impl AuthService {
         }
         let rows: Vec<(i64, DateTime<Utc>)> =
             invalidations.iter().map(|i| (i.id, i.created_at)).collect();
-        let todo = redis.unapplied(Log::Sessions, &rows);
+        let stamp = redis.stamp();
+        let todo = redis.unapplied(stamp, Log::Sessions, &rows);
         let now = self.clock.now();
         let writes = invalidations.iter().zip(todo).filter(|(_, todo)| *todo);
         let confirmed = futures::future::join_all(writes.map(|(invalidation, _)| async move {
@@ -543,7 +544,11 @@ impl AuthService {
         let hashes = confirmed.iter().map(|(i, _)| i.token_hash.as_slice());
         self.local.forget(&Keys::sessions(hashes));
         let done = confirmed.into_iter().filter(|(_, c)| *c);
-        redis.mark_applied(Log::Sessions, done.map(|(i, _)| (i.id, i.created_at)));
+        redis.mark_applied(
+            stamp,
+            Log::Sessions,
+            done.map(|(i, _)| (i.id, i.created_at)),
+        );
         all
     }
 

@@ -6,7 +6,7 @@ use std::{collections::HashMap, sync::Mutex};
 
 use chrono::{DateTime, Utc};
 
-use super::Redis;
+use super::{Redis, Stamp};
 
 /// The two logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,12 +37,12 @@ impl Redis {
         Some(inner.applied.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Which of these rows (`(id, logged at)`) this cache has not taken yet.
-    pub fn unapplied(&self, log: Log, rows: &[(i64, DateTime<Utc>)]) -> Vec<bool> {
-        let generation = self.write_generation();
+    /// Which of these rows (`(id, logged at)`) the cache of `stamp`'s generation has not taken
+    /// yet.
+    pub fn unapplied(&self, stamp: Stamp, log: Log, rows: &[(i64, DateTime<Utc>)]) -> Vec<bool> {
         match self.applied() {
             Some(mut applied) => {
-                let seen = applied.current(generation);
+                let seen = applied.current(stamp.generation);
                 rows.iter()
                     .map(|(id, _)| !seen.contains_key(&(log, *id)))
                     .collect()
@@ -51,11 +51,21 @@ impl Redis {
         }
     }
 
-    /// These rows reached the cache.
-    pub fn mark_applied(&self, log: Log, rows: impl IntoIterator<Item = (i64, DateTime<Utc>)>) {
-        let generation = self.write_generation();
+    /// These rows, written under `stamp`, reached the cache — unless the stamp is no longer
+    /// settled: the writes may then have gone to other servers than its generation's (a
+    /// reconnection or an establishment while they ran), and are not recorded, so that a later
+    /// pass writes them again.
+    pub fn mark_applied(
+        &self,
+        stamp: Stamp,
+        log: Log,
+        rows: impl IntoIterator<Item = (i64, DateTime<Utc>)>,
+    ) {
+        if !self.settled(stamp) {
+            return;
+        }
         if let Some(mut applied) = self.applied() {
-            let seen = applied.current(generation);
+            let seen = applied.current(stamp.generation);
             seen.extend(rows.into_iter().map(|(id, at)| ((log, id), at)));
         }
     }
@@ -72,3 +82,47 @@ impl Redis {
 
 /// A mutex-guarded registry, as `Inner` holds it.
 pub(super) type Registry = Mutex<Applied>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Fingerprint;
+
+    fn fingerprint(run_id: &str) -> Fingerprint {
+        Fingerprint::parse(&format!("h|{run_id}/replid//0")).unwrap()
+    }
+
+    /// An attack review found: rows written under one generation but recorded after an
+    /// establishment had moved the cache to another (a write slow across a reconnection) were
+    /// taken as applied in the new one, and every later pass there skipped them. The same for
+    /// an establishment that came back to the same generation meanwhile.
+    #[tokio::test]
+    async fn rows_written_across_an_establishment_are_not_recorded() {
+        let settings = crate::config::RedisSettings::default();
+        let redis = Redis::connect(&settings, crate::metrics::Metrics::new())
+            .await
+            .unwrap();
+        redis.begin_establishing().await;
+        redis.adopt(1, fingerprint("one"));
+        let rows = [(7, Utc::now())];
+        let before = redis.stamp();
+        assert_eq!(redis.unapplied(before, Log::Profiles, &rows), [true]);
+        redis.begin_establishing().await;
+        redis.adopt(2, fingerprint("two"));
+        redis.mark_applied(before, Log::Profiles, rows);
+        let now = redis.stamp();
+        assert_eq!(redis.unapplied(now, Log::Profiles, &rows), [true]);
+        // Back to the same generation while the writes ran: not recorded either.
+        redis.begin_establishing().await;
+        redis.adopt(2, fingerprint("two"));
+        redis.mark_applied(now, Log::Profiles, rows);
+        let again = redis.stamp();
+        assert_eq!(redis.unapplied(again, Log::Profiles, &rows), [true]);
+        // Settled: recorded.
+        redis.mark_applied(again, Log::Profiles, rows);
+        assert_eq!(
+            redis.unapplied(redis.stamp(), Log::Profiles, &rows),
+            [false]
+        );
+    }
+}

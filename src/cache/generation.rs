@@ -213,6 +213,9 @@ impl Redis {
                 hook().await;
             }
             inner
+                .epoch
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            inner
                 .generation
                 .store(0, std::sync::atomic::Ordering::SeqCst);
             self.metrics.redis_generation.set(0);
@@ -225,27 +228,30 @@ impl Redis {
     pub fn adopt(&self, generation: u64, fingerprint: Fingerprint) {
         if let Some(inner) = self.inner() {
             *inner.fingerprint.lock().unwrap_or_else(|e| e.into_inner()) = Some(fingerprint);
-            inner
-                .generation
-                .store(generation, std::sync::atomic::Ordering::SeqCst);
             let previous = inner
                 .last_generation
                 .swap(generation, std::sync::atomic::Ordering::SeqCst);
-            self.metrics
-                .redis_generation
-                .set(i64::try_from(generation).unwrap_or(i64::MAX));
             if previous != generation {
                 // Nothing of the new generation is served before a pass over the logs completed
-                // in it (`Redis::trust`). Its servers may lack what this instance wrote to the
+                // in it (`Redis::trust`) — the trust of earlier passes is gone before the
+                // generation can be read. Its servers may lack what this instance wrote to the
                 // previous ones while other instances were already filling them — with Sentinel,
                 // a primary about to be demoted confirms writes that the promoted replica, where
                 // other instances moved first, never sees: a pass re-applies every logged
-                // revocation and version since the new namespace's cursor, which the copies
-                // filled there meanwhile cannot outlive
+                // revocation and version since the new namespace's cursor (created at the
+                // generation's birth), which the copies filled there meanwhile cannot outlive
                 // (`deployments::a_write_confirmed_by_a_demoted_primary_is_not_lost_to_copies_filled_on_the_new_one`).
                 inner
                     .trusted_until
                     .store(0, std::sync::atomic::Ordering::SeqCst);
+            }
+            inner
+                .generation
+                .store(generation, std::sync::atomic::Ordering::SeqCst);
+            self.metrics
+                .redis_generation
+                .set(i64::try_from(generation).unwrap_or(i64::MAX));
+            if previous != generation {
                 if previous != 0 {
                     self.metrics.redis_generation_changes.inc();
                     tracing::warn!(
@@ -366,6 +372,9 @@ impl Redis {
     /// new history), which the generation job does at once.
     pub fn history_changed(&self) {
         if let Some(inner) = self.inner() {
+            inner
+                .epoch
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             inner
                 .generation
                 .store(0, std::sync::atomic::Ordering::SeqCst);

@@ -82,6 +82,18 @@ pub struct Namespace {
     /// `<prefix><schema>|<generation>`: the cursor's name in PostgreSQL.
     pub name: String,
     pub generation: u64,
+    /// When it was read (see [`Stamp`]).
+    pub stamp: Stamp,
+}
+
+/// The generation established when a batch of writes began, and the count of establishments
+/// and history changes then: writes made under a stamp reached the servers of its generation
+/// only if the stamp is still [`Redis::settled`] once they are done (no reconnection, no
+/// establishment — not even one that came back to the same generation — in between).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub generation: u64,
+    epoch: u64,
 }
 
 #[derive(Clone)]
@@ -124,6 +136,8 @@ struct Inner {
     fingerprint: std::sync::Mutex<Option<Fingerprint>>,
     /// The last generation established (kept while none is), to tell a change from the first.
     last_generation: AtomicU64,
+    /// Bumped by every establishment and history change (see [`Stamp`]).
+    epoch: AtomicU64,
     /// When a failure to read the servers' identity was last logged (ms since [`EPOCH`]).
     identity_warned: AtomicU64,
     /// Woken by every reconnection and topology change (and by the read path when it finds no
@@ -244,6 +258,7 @@ impl Redis {
                 generation: AtomicU64::new(0),
                 fingerprint: std::sync::Mutex::new(None),
                 last_generation: AtomicU64::new(0),
+                epoch: AtomicU64::new(0),
                 identity_warned: AtomicU64::new(0),
                 changed,
                 establish_hook: std::sync::OnceLock::new(),
@@ -572,7 +587,7 @@ impl Redis {
         let Some(inner) = self.inner() else {
             return false;
         };
-        if !self.settled_in(namespace) {
+        if !self.settled(namespace.stamp) {
             return false;
         }
         {
@@ -583,18 +598,39 @@ impl Redis {
             inner.trusted_until.fetch_max(until, Ordering::SeqCst);
         }
         // A generation adopted while the pass ran starts untrusted (`adopt`): keep it so.
-        self.settled_in(namespace) || {
+        self.settled(namespace.stamp) || {
             inner.trusted_until.store(0, Ordering::SeqCst);
             false
         }
     }
 
-    /// Whether `namespace`'s generation is the one established, with no reconnection since (a
-    /// pass over the logs wrote to the servers copies are read from).
-    pub fn settled_in(&self, namespace: &Namespace) -> bool {
+    /// The generation established now, and the epoch (see [`Stamp`]); take it before writes
+    /// whose arrival [`Redis::settled`] is to judge.
+    pub fn stamp(&self) -> Stamp {
+        self.inner().map_or(
+            Stamp {
+                generation: 0,
+                epoch: 0,
+            },
+            |inner| {
+                // The epoch first: an establishment bumps it before it changes the generation.
+                let epoch = inner.epoch.load(Ordering::SeqCst);
+                Stamp {
+                    generation: inner.generation.load(Ordering::SeqCst),
+                    epoch,
+                }
+            },
+        )
+    }
+
+    /// Whether `stamp`'s generation is still the one established, with no establishment or
+    /// reconnection since: what was written under it reached the servers copies are read from.
+    pub fn settled(&self, stamp: Stamp) -> bool {
         self.inner().is_some_and(|inner| {
-            inner.generation.load(Ordering::SeqCst) == namespace.generation
+            stamp.generation != 0
                 && !inner.latches.iter().any(Latch::tripped)
+                && inner.generation.load(Ordering::SeqCst) == stamp.generation
+                && inner.epoch.load(Ordering::SeqCst) == stamp.epoch
         })
     }
 
@@ -610,11 +646,13 @@ impl Redis {
     /// generation is established, or Redis is disabled).
     pub fn namespace(&self) -> Option<Namespace> {
         let inner = self.inner()?;
-        match inner.generation.load(Ordering::SeqCst) {
+        let stamp = self.stamp();
+        match stamp.generation {
             0 => None,
             generation => Some(Namespace {
                 name: format!("{}{SCHEMA_VERSION}|{generation}", inner.prefix),
                 generation,
+                stamp,
             }),
         }
     }

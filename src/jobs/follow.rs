@@ -91,7 +91,7 @@ impl Follower {
         let outbox = self.db.outbox();
         // Not while a reconnection is not yet looked at: what this pass writes might reach
         // servers of another history than its namespace's.
-        if !self.redis.settled_in(&namespace) {
+        if !self.redis.settled(namespace.stamp) {
             return Ok(false);
         }
         let cursor = outbox.cursor(&namespace.name, namespace.generation).await?;
@@ -118,7 +118,7 @@ impl Follower {
         };
         // The same at the end: the cursor moves, and copies are trusted, only for a pass whose
         // writes all went to the servers of its generation.
-        if !self.redis.settled_in(&namespace) {
+        if !self.redis.settled(namespace.stamp) {
             return Ok(false);
         }
         let moved = sessions > cursor.sessions_after || profiles > cursor.profiles_after;

@@ -283,7 +283,8 @@ impl ProfileService {
         }
         let rows: Vec<(i64, chrono::DateTime<chrono::Utc>)> =
             versions.iter().map(|p| (p.id, p.created_at)).collect();
-        let todo = redis.unapplied(Log::Profiles, &rows);
+        let stamp = redis.stamp();
+        let todo = redis.unapplied(stamp, Log::Profiles, &rows);
         let pending: Vec<&ProfileInvalidation> = versions
             .iter()
             .zip(todo)
@@ -300,7 +301,11 @@ impl ProfileService {
         if !raised {
             return false;
         }
-        redis.mark_applied(Log::Profiles, pending.iter().map(|p| (p.id, p.created_at)));
+        redis.mark_applied(
+            stamp,
+            Log::Profiles,
+            pending.iter().map(|p| (p.id, p.created_at)),
+        );
         true
     }
 }
