@@ -92,16 +92,62 @@ mod tests {
         Fingerprint::parse(&format!("h|{run_id}/replid//0")).unwrap()
     }
 
+    async fn connected() -> Redis {
+        let settings = crate::config::RedisSettings::default();
+        Redis::connect(&settings, crate::metrics::Metrics::new())
+            .await
+            .unwrap()
+    }
+
+    /// The fault run's Sentinel seed 1795755029 found: an instance adopting a generation other
+    /// instances had filled served it at once, trusted on passes made in the previous one (its
+    /// own writes had gone to the previous servers). A new generation is served only after a
+    /// pass in it.
+    #[tokio::test]
+    async fn a_new_generation_is_not_served_before_a_pass_in_it() {
+        let redis = connected().await;
+        redis.begin_establishing().await;
+        redis.adopt(1, fingerprint("one"));
+        let first = redis.namespace().unwrap();
+        assert!(redis.trust(
+            &first,
+            0,
+            std::time::Instant::now(),
+            std::time::Duration::from_secs(60)
+        ));
+        assert_eq!(redis.serving_generation(), Some(1));
+        redis.begin_establishing().await;
+        redis.adopt(2, fingerprint("two"));
+        assert_eq!(redis.serving_generation(), None);
+        // A pass that began in the first generation earns nothing in the second.
+        assert!(!redis.trust(
+            &first,
+            0,
+            std::time::Instant::now(),
+            std::time::Duration::from_secs(60)
+        ));
+        assert_eq!(redis.serving_generation(), None);
+        let second = redis.namespace().unwrap();
+        assert!(redis.trust(
+            &second,
+            0,
+            std::time::Instant::now(),
+            std::time::Duration::from_secs(60)
+        ));
+        assert_eq!(redis.serving_generation(), Some(2));
+        // The same generation again (a reconnection to the same servers): still served.
+        redis.begin_establishing().await;
+        redis.adopt(2, fingerprint("two"));
+        assert_eq!(redis.serving_generation(), Some(2));
+    }
+
     /// An attack review found: rows written under one generation but recorded after an
     /// establishment had moved the cache to another (a write slow across a reconnection) were
     /// taken as applied in the new one, and every later pass there skipped them. The same for
     /// an establishment that came back to the same generation meanwhile.
     #[tokio::test]
     async fn rows_written_across_an_establishment_are_not_recorded() {
-        let settings = crate::config::RedisSettings::default();
-        let redis = Redis::connect(&settings, crate::metrics::Metrics::new())
-            .await
-            .unwrap();
+        let redis = connected().await;
         redis.begin_establishing().await;
         redis.adopt(1, fingerprint("one"));
         let rows = [(7, Utc::now())];

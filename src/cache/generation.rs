@@ -252,6 +252,7 @@ impl Redis {
                 .redis_generation
                 .set(i64::try_from(generation).unwrap_or(i64::MAX));
             if previous != generation {
+                inner.adopted.notify_one();
                 if previous != 0 {
                     self.metrics.redis_generation_changes.inc();
                     tracing::warn!(

@@ -138,6 +138,8 @@ struct Inner {
     last_generation: AtomicU64,
     /// Bumped by every establishment and history change (see [`Stamp`]).
     epoch: AtomicU64,
+    /// Woken when a new generation is adopted (the follower passes in it at once).
+    adopted: Notify,
     /// When a failure to read the servers' identity was last logged (ms since [`EPOCH`]).
     identity_warned: AtomicU64,
     /// Woken by every reconnection and topology change (and by the read path when it finds no
@@ -259,6 +261,7 @@ impl Redis {
                 fingerprint: std::sync::Mutex::new(None),
                 last_generation: AtomicU64::new(0),
                 epoch: AtomicU64::new(0),
+                adopted: Notify::new(),
                 identity_warned: AtomicU64::new(0),
                 changed,
                 establish_hook: std::sync::OnceLock::new(),
@@ -601,6 +604,15 @@ impl Redis {
         self.settled(namespace.stamp) || {
             inner.trusted_until.store(0, Ordering::SeqCst);
             false
+        }
+    }
+
+    /// Resolves once a new generation was adopted since the last call (never when Redis is
+    /// disabled).
+    pub async fn new_generation(&self) {
+        match self.inner() {
+            Some(inner) => inner.adopted.notified().await,
+            None => std::future::pending().await,
         }
     }
 

@@ -28,12 +28,24 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = ()>,
 {
+    every_or_when(period, stop, std::future::pending, job).await;
+}
+
+/// [`every`], and also as soon as `wake` resolves.
+async fn every_or_when<F, Fut, W, WFut>(period: Duration, stop: CancellationToken, wake: W, job: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+    W: Fn() -> WFut,
+    WFut: Future<Output = ()>,
+{
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = ticker.tick() => {}
+            () = wake() => {}
         }
         tokio::select! {
             () = stop.cancelled() => return,
@@ -124,9 +136,16 @@ impl Jobs {
                     }
                 }
             };
-            jobs.push(tokio::spawn(every(
+            // At once when a new generation was adopted: nothing of it is served before a pass
+            // in it (`cache::Redis::adopt`).
+            let adopted = redis.clone();
+            jobs.push(tokio::spawn(every_or_when(
                 settings.session.invalidation_interval,
                 stop.clone(),
+                move || {
+                    let adopted = adopted.clone();
+                    async move { adopted.new_generation().await }
+                },
                 pass,
             )));
             jobs.push(tokio::spawn(generation::keep(

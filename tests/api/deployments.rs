@@ -25,9 +25,10 @@ fn bio(text: &str) -> pb::Profile {
     }
 }
 
-/// Two instances on `url`. `lazy`: the outbox log is followed once an hour only, so that a write
-/// Redis lost stays lost (the log would otherwise write it again within an interval) and what
-/// is tested is the generations.
+/// Two instances on `url`. `lazy`: the outbox log is followed once an hour only (and once when a
+/// new generation is adopted, before any copy of it is served), so that a write Redis lost stays
+/// lost in the generation it was lost in (the log would otherwise write it again within an
+/// interval) and what is tested is the generations.
 async fn two_instances(url: String, lazy: bool) -> (TestApp, TestApp) {
     let mut settings = test_settings(Mode::Redis);
     settings.redis.url = SecretString::from(url);
@@ -784,7 +785,7 @@ async fn a_write_confirmed_by_a_demoted_primary_is_not_lost_to_copies_filled_on_
     let mut settings = test_settings(Mode::Redis);
     settings.redis.url = SecretString::from(sentinel.url());
     // A: no identity check of its own during the test (only a reconnection moves it); the logs
-    // followed every 3 s, so that a pass does not happen to come right after the move.
+    // followed every 3 s, and at once when it adopts a new generation.
     settings.redis.check_interval = Duration::from_secs(600);
     settings.session.invalidation_interval = Duration::from_secs(3);
     // A pass re-reads the rows of the in-flight allowance (10 × this + 1 s = 6 s) before its
