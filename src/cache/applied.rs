@@ -106,34 +106,23 @@ mod tests {
     #[tokio::test]
     async fn a_new_generation_is_not_served_before_a_pass_in_it() {
         let redis = connected().await;
+        let trust = |namespace| {
+            let minute = std::time::Duration::from_secs(60);
+            redis.trust(namespace, 0, std::time::Instant::now(), minute)
+        };
         redis.begin_establishing().await;
         redis.adopt(1, fingerprint("one"));
         let first = redis.namespace().unwrap();
-        assert!(redis.trust(
-            &first,
-            0,
-            std::time::Instant::now(),
-            std::time::Duration::from_secs(60)
-        ));
+        assert!(trust(&first));
         assert_eq!(redis.serving_generation(), Some(1));
         redis.begin_establishing().await;
         redis.adopt(2, fingerprint("two"));
         assert_eq!(redis.serving_generation(), None);
         // A pass that began in the first generation earns nothing in the second.
-        assert!(!redis.trust(
-            &first,
-            0,
-            std::time::Instant::now(),
-            std::time::Duration::from_secs(60)
-        ));
+        assert!(!trust(&first));
         assert_eq!(redis.serving_generation(), None);
         let second = redis.namespace().unwrap();
-        assert!(redis.trust(
-            &second,
-            0,
-            std::time::Instant::now(),
-            std::time::Duration::from_secs(60)
-        ));
+        assert!(trust(&second));
         assert_eq!(redis.serving_generation(), Some(2));
         // The same generation again (a reconnection to the same servers): still served.
         redis.begin_establishing().await;

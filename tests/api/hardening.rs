@@ -35,7 +35,7 @@ use crate::{
     binary::{self, BIN, Binary},
     both_modes,
     helpers::{
-        Mode, PASSWORD, TestApp, assert_code, drop_database, redis_client, redis_url,
+        Mode, PASSWORD, TableLock, TestApp, assert_code, drop_database, redis_client, redis_url,
         register_request, spawn_sharing, spawn_with, test_settings, unique_email, violation_fields,
     },
     redis_server::RedisServer,
@@ -1132,16 +1132,7 @@ async fn a_flood_of_one_class_leaves_the_others_their_share_of_the_pool() {
         users.push(app.register().await.1.user_id);
     }
     let (email, _) = app.register().await;
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(
-        app.settings.database.url.expose_secret(),
-    )
-    .await
-    .unwrap();
-    let mut lock = sqlx::Connection::begin(&mut conn).await.unwrap();
-    sqlx::query("lock table profiles in access exclusive mode")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = TableLock::hold(&app, "profiles").await;
     // More lookups than the pool has connections, each stuck on the lock.
     let flood: Vec<_> = users
         .iter()
@@ -1156,7 +1147,7 @@ async fn a_flood_of_one_class_leaves_the_others_their_share_of_the_pool() {
         .await
         .expect("a login while every lookup connection is taken");
     let took = started.elapsed();
-    lock.rollback().await.unwrap();
+    lock.release().await;
     for read in flood {
         let read = read.await.unwrap();
         assert!(
@@ -1183,16 +1174,7 @@ async fn calls_cut_short_leave_the_pool_whole() {
     settings.database.query_timeout = Duration::from_millis(300);
     let app = spawn_with(settings).await;
     let (_, registered) = app.register().await;
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(
-        app.settings.database.url.expose_secret(),
-    )
-    .await
-    .unwrap();
-    let mut lock = sqlx::Connection::begin(&mut conn).await.unwrap();
-    sqlx::query("lock table sessions, profiles in access exclusive mode")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = TableLock::hold(&app, "sessions, profiles").await;
     for _ in 0..6 {
         let mut validate = tonic::Request::new(pb::ValidateSessionRequest {
             session_token: registered.session_token.clone(),
@@ -1205,7 +1187,7 @@ async fn calls_cut_short_leave_the_pool_whole() {
         read.set_timeout(Duration::from_millis(100));
         assert!(app.profiles.clone().get_profile(read).await.is_err());
     }
-    lock.rollback().await.unwrap();
+    lock.release().await;
     crate::helpers::eventually(Duration::from_secs(5), "lookups answer again", || async {
         app.validate(&registered.session_token).await.is_ok()
     })

@@ -687,3 +687,29 @@ pub async fn drop_database(url: &str) {
     };
     let _ = tokio::time::timeout(Duration::from_secs(10), drop).await;
 }
+
+/// A transaction of its own holding `tables` (`"profiles"`, `"sessions, profiles"`) in access
+/// exclusive mode: every statement of the app on them waits (PostgreSQL slow for them) until
+/// [`TableLock::release`].
+pub struct TableLock(sqlx::PgConnection);
+
+impl TableLock {
+    pub async fn hold(app: &TestApp, tables: &str) -> Self {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(
+            app.settings.database.url.expose_secret(),
+        )
+        .await
+        .unwrap();
+        sqlx::query("begin").execute(&mut conn).await.unwrap();
+        let lock = format!("lock table {tables} in access exclusive mode");
+        sqlx::query(sqlx::AssertSqlSafe(lock))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        Self(conn)
+    }
+
+    pub async fn release(mut self) {
+        sqlx::query("rollback").execute(&mut self.0).await.unwrap();
+    }
+}

@@ -16,8 +16,8 @@ use tonic_types::StatusExt;
 use crate::{
     both_modes,
     helpers::{
-        Hooks, Mode, TestApp, assert_code, eventually, redis_client, redis_command_calls,
-        spawn_sharing, spawn_with, spawn_with_hooks, test_settings,
+        Hooks, Mode, TableLock, TestApp, assert_code, eventually, redis_client,
+        redis_command_calls, spawn_sharing, spawn_with, spawn_with_hooks, test_settings,
     },
     helpers::{PauseOnce, violation_fields},
     proxy::{Link, Proxy},
@@ -670,20 +670,11 @@ async fn lookups_that_fail_are_not_paid_for() {
     settings.database.query_timeout = Duration::from_millis(300);
     let app = spawn_with(settings).await;
     let (_, reg) = app.register().await;
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(
-        app.settings.database.url.expose_secret(),
-    )
-    .await
-    .unwrap();
-    let mut lock = sqlx::Connection::begin(&mut conn).await.unwrap();
-    sqlx::query("lock table profiles in access exclusive mode")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = TableLock::hold(&app, "profiles").await;
     for _ in 0..30 {
         assert_code(app.get_profile(&reg.user_id).await, Code::Unavailable);
     }
-    lock.rollback().await.unwrap();
+    lock.release().await;
     // Once the pool has its connections back, reads answer: never RESOURCE_EXHAUSTED.
     crate::helpers::eventually(Duration::from_secs(5), "reads answer again", || async {
         match app.get_profile(&reg.user_id).await {
