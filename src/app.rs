@@ -175,6 +175,7 @@ impl Application {
         let follower = Arc::new(Follower::new(
             auth.clone(),
             profiles.clone(),
+            local.clone(),
             redis.clone(),
             db.clone(),
             crate::store::in_flight(settings.database.query_timeout),

@@ -71,7 +71,7 @@ pub struct Metrics {
     pub local_enabled: IntGauge,
     /// 1 while this instance holds a valid lease (serves its local copies).
     pub local_lease_valid: IntGauge,
-    /// Leases held in the fleet (this instance's included), as of the last renewal.
+    /// Leases held in the fleet (this instance's included), counted once a minute.
     pub local_instances: IntGauge,
     /// Entries in the in-process cache, by cache, as of the last renewal.
     pub local_entries: IntGaugeVec,
@@ -302,7 +302,7 @@ impl Metrics {
             local_instances: gauge(
                 &r,
                 "authd_local_cache_instances",
-                "Local-cache leases held in the fleet, as of the last renewal",
+                "Local-cache leases held in the fleet, counted once a minute",
             ),
             local_entries: gauge_vec(
                 &r,

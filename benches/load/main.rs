@@ -2,6 +2,7 @@
 //! the ceiling of the same server (its health check), against the local PostgreSQL and Redis.
 //! `--quick` is a short smoke run (CI runs it so the benchmark never rots).
 mod driver;
+mod fleet;
 mod flood;
 mod report;
 mod scenarios;

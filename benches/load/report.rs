@@ -218,6 +218,13 @@ pub fn targets(
             format!("{:.0}%", storm / alone * 100.0),
         );
     }
+    if let Some(r) = row("validate_during_login_storm") {
+        check(
+            "validate_during_login_storm: <= 0.05 PostgreSQL queries/validation",
+            r.pg_queries_per_request <= 0.05,
+            format!("{:.3}", r.pg_queries_per_request),
+        );
+    }
     let unexpected: u64 = rows.iter().map(|r| r.unexpected_errors).sum();
     check(
         "all: zero unexpected non-OK statuses (storm logins: only RESOURCE_EXHAUSTED)",

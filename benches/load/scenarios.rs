@@ -529,13 +529,22 @@ pub async fn run_all(opts: &Opts) -> anyhow::Result<Report> {
         }
     }
 
+    // Fleets of their own (their own databases), after everything else.
+    let fleets = if opts.wants("fleet") {
+        crate::fleet::run(&env, opts).await?
+    } else {
+        Vec::new()
+    };
+    rows.extend(crate::fleet::rows(&fleets));
+
     let baseline = peaks.get("health_check").copied();
     for row in &mut rows {
         if row.pace == "closed" {
             row.ratio_to_baseline = baseline.map(|b| row.requests_per_s / b);
         }
     }
-    let targets = crate::report::targets(&rows, &peaks, verify_rate, slots);
+    let mut targets = crate::report::targets(&rows, &peaks, verify_rate, slots);
+    crate::fleet::targets(&fleets, &mut targets);
     let settings = serde_json::to_value(opts)?;
     env.cleanup().await;
     Ok(Report {

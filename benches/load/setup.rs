@@ -51,7 +51,7 @@ pub struct Env {
 
 /// The usual settings (defaults, then `SECTION__KEY` environment variables, so any setting can be
 /// benchmarked), with the benchmark's own database, key prefix and no rate limits.
-fn settings(redis: bool, db_name: &str, prefix: &str) -> Settings {
+pub fn settings(redis: bool, db_name: &str, prefix: &str) -> Settings {
     let mut s = Settings::load(None).expect("valid settings in the environment");
     s.grpc.addr = "127.0.0.1:0".parse().expect("a socket address");
     let url = s.database.url.expose_secret().to_owned();
@@ -70,7 +70,7 @@ fn settings(redis: bool, db_name: &str, prefix: &str) -> Settings {
     s
 }
 
-async fn serve(settings: Settings) -> anyhow::Result<Server> {
+pub async fn serve(settings: Settings) -> anyhow::Result<Server> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let app = Application::build_with_listener(settings.clone(), listener).await?;
     let (addr, db) = (app.local_addr(), app.db());
@@ -184,20 +184,25 @@ impl Env {
 
     /// Drops the benchmark's database.
     pub async fn cleanup(self) {
-        let Some((base, name)) = self.database_url.rsplit_once('/') else {
-            return;
-        };
         drop(self.cached);
         drop(self.pg_only);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        if let Ok(mut conn) =
-            <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{base}/postgres")).await
-        {
-            let sql = format!("drop database if exists \"{name}\" with (force)");
-            let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .execute(&mut conn)
-                .await;
-        }
+        drop_database(&self.database_url).await;
+    }
+}
+
+/// Drops the database of this URL (its servers stopped).
+pub async fn drop_database(database_url: &str) {
+    let Some((base, name)) = database_url.rsplit_once('/') else {
+        return;
+    };
+    if let Ok(mut conn) =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{base}/postgres")).await
+    {
+        let sql = format!("drop database if exists \"{name}\" with (force)");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await;
     }
 }
 
@@ -211,7 +216,11 @@ async fn minting_key(server: &Server) -> anyhow::Result<token::SigningKey> {
 }
 
 /// `count` more sessions of `user`, written straight to the store in one statement.
-async fn seed_sessions(server: &Server, user: &User, count: usize) -> anyhow::Result<Vec<String>> {
+pub async fn seed_sessions(
+    server: &Server,
+    user: &User,
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
     let key = minting_key(server).await?;
     let mut tokens = Vec::with_capacity(count);
     let mut hashes = Vec::with_capacity(count);
@@ -244,7 +253,7 @@ async fn seed_sessions(server: &Server, user: &User, count: usize) -> anyhow::Re
 
 /// Users with one session each, written straight to the store (registering through the API
 /// would spend ~20 ms of CPU per user on password hashing).
-async fn seed(server: &Server, count: usize) -> anyhow::Result<Vec<User>> {
+pub async fn seed(server: &Server, count: usize) -> anyhow::Result<Vec<User>> {
     let hasher = PasswordHasher::new(&server.settings.auth, authd::metrics::Metrics::new())?;
     let phc = hasher.hash(SecretString::from(PASSWORD)).await?;
     let policy = SessionPolicy::from(&server.settings.session);

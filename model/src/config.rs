@@ -63,6 +63,10 @@ pub struct Bugs {
     /// No new timeline is noticed after a PostgreSQL failover: instances keep their copies and
     /// revokers trust the lease table the standby had.
     pub timeline_ignored: bool,
+    /// Found arguing "Costs that do not grow with the fleet" here: a follower that skips a row
+    /// another instance announced as applied also skips dropping its local copy, which the
+    /// previous release (waiting for nobody) relies on within the bound.
+    pub follower_drops_only_what_it_writes: bool,
 }
 
 /// Which faults the environment may inject (each costs one of [`Config::faults`]).

@@ -82,12 +82,16 @@ pub enum Wire {
     Invalidation { to: u8, from: u8, attempt: u8 },
     /// `<prefix>local:acks:<from>`: `holder` dropped it.
     Ack { to: u8, holder: u8, attempt: u8 },
+    /// On the invalidation channel too: the log's rows through `version` were written to the
+    /// cache of `generation` (by a revoker or a follower), so the receiver's follower need not
+    /// write them again in that generation.
+    Applied { to: u8, generation: u8, version: u8 },
 }
 
 impl Wire {
     pub fn to(self) -> u8 {
         match self {
-            Wire::Invalidation { to, .. } | Wire::Ack { to, .. } => to,
+            Wire::Invalidation { to, .. } | Wire::Ack { to, .. } | Wire::Applied { to, .. } => to,
         }
     }
 }
@@ -106,6 +110,9 @@ pub struct Instance {
     pub position_age: Option<u8>,
     /// The (identity, version) its Redis cache has applied (the registry of applied rows).
     pub applied: (u8, u8),
+    /// The highest version its follower has read in its generation (each row is read once, and
+    /// its local copy dropped then, whether or not the row still needed writing).
+    pub followed: u8,
     /// Its own invalidation write of the key failed: it serves no Redis copy of it.
     pub pending: bool,
     /// The in-process copy (a version), if any.

@@ -27,6 +27,24 @@ fn raise(s: &mut State, version: u8, failovers: bool) {
     }
 }
 
+/// `Redis::announce_applied`: a write of `version` to the cache of `from`'s generation is
+/// announced to every other instance with Redis (delivered later, or lost) — only when `from`
+/// is settled in the generation it wrote to.
+fn announce(p: &Protocol, s: &mut State, from: usize, version: u8) {
+    let generation = s.nodes[from].generation;
+    if generation == 0 || generation != p.gen_of(s, from) {
+        return;
+    }
+    for to in (0..s.nodes.len()).filter(|j| *j != from && p.cfg.nodes[*j].redis) {
+        s.wire.push(Wire::Applied {
+            to: to as u8,
+            generation,
+            version,
+        });
+    }
+    s.wire.sort();
+}
+
 fn older(age: &mut u8, cap: u8) {
     *age = (*age + 1).min(cap);
 }
@@ -38,7 +56,7 @@ fn sooner(remaining: &mut u8) {
 impl Protocol {
     /// The generation an instance binds to the Redis data it talks to and the PostgreSQL
     /// timeline it knows.
-    fn gen_of(&self, s: &State, i: usize) -> u8 {
+    pub(crate) fn gen_of(&self, s: &State, i: usize) -> u8 {
         s.redis.identity * 8 + s.nodes[i].timeline
     }
 
@@ -314,6 +332,8 @@ impl Protocol {
                 let i = i as usize;
                 if self.reach_pg(&mut s, i) {
                     s.nodes[i].generation = self.gen_of(&s, i);
+                    // A new generation's follower reads its window afresh.
+                    s.nodes[i].followed = 0;
                 }
             }
             Action::Follow(i) => self.follow(&mut s, i as usize),
@@ -589,11 +609,19 @@ impl Protocol {
         }
         let version = s.pg.version;
         let identity = s.redis.identity;
+        let written = !applied(s.nodes[i].applied, identity, version);
+        let drops = !self.cfg.bugs.follower_drops_only_what_it_writes || written;
+        if version > s.nodes[i].followed && drops {
+            s.nodes[i].followed = version;
+            Self::forget(s, i);
+        }
         if version > 0 && !applied(s.nodes[i].applied, identity, version) {
             raise(s, version, self.cfg.faults.redis_failover);
             s.nodes[i].applied = (identity, version);
+            announce(self, s, i, version);
+        }
+        if version > 0 && applied(s.nodes[i].applied, identity, version) {
             s.nodes[i].pending = false;
-            Self::forget(s, i);
         }
         let n = &mut s.nodes[i];
         if self.cfg.bugs.retry_from_position {
@@ -648,6 +676,22 @@ impl Protocol {
                         attempt,
                     });
                     s.wire.sort();
+                }
+            }
+            Wire::Applied {
+                to,
+                generation,
+                version,
+            } => {
+                // `Redis::take_announcement`: recorded only by an instance settled in the
+                // generation it names.
+                let settled = self.gen_of(s, to as usize);
+                let n = &mut s.nodes[to as usize];
+                if n.generation == generation && generation == settled {
+                    let identity = generation / 8;
+                    if n.applied.0 != identity || n.applied.1 < version {
+                        n.applied = (identity, version);
+                    }
                 }
             }
             Wire::Ack {
@@ -797,6 +841,7 @@ impl Protocol {
                 if !applied(s.nodes[c].applied, identity, version) {
                     raise(s, version, self.cfg.faults.redis_failover);
                     s.nodes[c].applied = (identity, version);
+                    announce(self, s, c, version);
                 }
                 s.nodes[c].pending = false;
                 s.call.redis_confirmed = true;
@@ -896,6 +941,7 @@ pub(crate) fn initial(p: &Protocol) -> State {
             trusted_for: if node.redis { cfg.bound } else { 0 },
             position_age: (node.redis && cfg.bugs.retry_from_position).then_some(0),
             applied: (0, 0),
+            followed: 0,
             pending: false,
             copy: (cfg.warm_copies && node.local).then_some(0),
             belief_for: if node.local { cfg.lease_of(i) - 1 } else { 0 },

@@ -184,6 +184,18 @@ fn a_postgres_failover_whose_timeline_goes_unnoticed_is_found() {
 }
 
 #[test]
+fn a_follower_that_drops_only_the_rows_it_writes_is_found() {
+    let bugs = Bugs {
+        follower_drops_only_what_it_writes: true,
+        ..Bugs::default()
+    };
+    let mut cfg = targeted(Change::Logout, LINKS, bugs);
+    cfg.legacy_writer = true;
+    cfg.attempts = 1;
+    counterexample(cfg, 13, properties::BOUND);
+}
+
+#[test]
 fn every_action_names_a_function_that_exists() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     for action in authd_model::Action::examples() {

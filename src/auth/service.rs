@@ -27,7 +27,7 @@ use super::{
     token::{self, TokenHash},
 };
 use crate::{
-    cache::{Cached, Lease, Log, RateLimiter, SessionStore},
+    cache::{Announcement, Cached, Lease, Log, RateLimiter, SessionStore},
     clock::Clock,
     config::RateLimitSettings,
     local::{Keys, LocalCache},
@@ -492,9 +492,7 @@ impl AuthService {
             .filter(|i| position.is_none_or(|p| i.created_at > p))
             .cloned()
             .collect();
-        let written = async {
-            self.apply(&unapplied).await;
-        };
+        let written = async { self.apply(&unapplied).await.1 };
         self.local.invalidate(keys, written).await?;
         Ok(())
     }
@@ -507,13 +505,13 @@ impl AuthService {
     }
 
     /// Writes these tombstones (concurrently), but for those this instance's cache already
-    /// took; `true` when Redis confirmed all of them (`false` when Redis is disabled: such an
-    /// instance has no cache to invalidate, and the log keeps every row for the instances that
-    /// have one).
-    pub async fn apply(&self, invalidations: &[Invalidation]) -> bool {
+    /// took (or heard another instance took); `true` when Redis confirmed all of them (`false`
+    /// when Redis is disabled: such an instance has no cache to invalidate, and the log keeps
+    /// every row for the instances that have one), with the rows it wrote, to announce.
+    pub async fn apply(&self, invalidations: &[Invalidation]) -> (bool, Announcement) {
         let redis = self.cache.redis();
         if !redis.is_enabled() {
-            return false;
+            return (false, Announcement::default());
         }
         let rows: Vec<(i64, DateTime<Utc>)> =
             invalidations.iter().map(|i| (i.id, i.created_at)).collect();
@@ -540,16 +538,19 @@ impl AuthService {
         }))
         .await;
         let all = confirmed.iter().all(|(_, c)| *c);
-        // After Redis: a fill that read the old copy before this cannot keep it.
-        let hashes = confirmed.iter().map(|(i, _)| i.token_hash.as_slice());
+        // After Redis: a fill that read the old copy before this cannot keep it. Every row, the
+        // ones another instance wrote too: the previous release waits for nobody, and its
+        // revocations reach this instance's memory through here within README's bound (the
+        // model's `follower_drops_only_what_it_writes`).
+        let hashes = invalidations.iter().map(|i| i.token_hash.as_slice());
         self.local.forget(&Keys::sessions(hashes));
         let done = confirmed.into_iter().filter(|(_, c)| *c);
-        redis.mark_applied(
+        let announcement = redis.mark_applied(
             stamp,
             Log::Sessions,
             done.map(|(i, _)| (i.id, i.created_at)),
         );
-        all
+        (all, announcement)
     }
 
     /// What a revoking statement needs to return every invalidation of what it covers that an

@@ -1,10 +1,15 @@
-//! Which log rows this instance's cache has already taken, so each is written once: revoking
-//! calls apply the rows of their user logged since the cache's position, and every pass of the
-//! follower re-reads the rows inside the in-flight allowance (see `store::outbox`). Kept per
-//! generation (a new one starts with nothing applied) and pruned as the position moves on.
+//! Which log rows this instance's cache has already taken, so each is written once per cache,
+//! whatever the size of the fleet: revoking calls write the rows of their user logged since the
+//! cache's position, the follower writes what it reads (each row once, see `jobs::follow`), and
+//! whoever wrote rows to the cache of a generation announces them to the other instances
+//! ([`Announcement`], on the invalidation channel of `crate::local`), whose followers then skip
+//! them. Kept per generation (a new one starts with nothing applied, and an announcement counts
+//! only in the generation it names, on an instance settled in it) and pruned as the position
+//! moves on.
 use std::{collections::HashMap, sync::Mutex};
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
 use super::{Redis, Stamp};
 
@@ -31,6 +36,57 @@ impl Applied {
     }
 }
 
+/// Rows written to the cache of one generation, confirmed by its servers, as `(id, logged at in
+/// microseconds since the epoch)` (JSON: `{"g":…,"s":[[id,µs]…],"p":[[id,µs]…]}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announcement {
+    #[serde(rename = "g")]
+    pub generation: u64,
+    #[serde(rename = "s", default, skip_serializing_if = "Vec::is_empty")]
+    pub sessions: Vec<(i64, i64)>,
+    #[serde(rename = "p", default, skip_serializing_if = "Vec::is_empty")]
+    pub profiles: Vec<(i64, i64)>,
+}
+
+impl Announcement {
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty() && self.profiles.is_empty()
+    }
+
+    /// Both, when they name the same generation (else the later one: the earlier's writes went
+    /// to servers no longer served).
+    pub fn merge(&mut self, other: Announcement) {
+        if other.is_empty() {
+            return;
+        }
+        if self.generation != other.generation {
+            *self = other;
+            return;
+        }
+        self.sessions.extend(other.sessions);
+        self.profiles.extend(other.profiles);
+    }
+
+    /// Split so that none names more than `most` rows.
+    pub fn chunks(self, most: usize) -> Vec<Announcement> {
+        let part = |sessions: &[(i64, i64)], profiles: &[(i64, i64)]| Announcement {
+            generation: self.generation,
+            sessions: sessions.to_vec(),
+            profiles: profiles.to_vec(),
+        };
+        let mut out: Vec<Announcement> = self.sessions.chunks(most).map(|c| part(c, &[])).collect();
+        out.extend(self.profiles.chunks(most).map(|c| part(&[], c)));
+        out
+    }
+
+    fn rows(&mut self, log: Log) -> &mut Vec<(i64, i64)> {
+        match log {
+            Log::Sessions => &mut self.sessions,
+            Log::Profiles => &mut self.profiles,
+        }
+    }
+}
+
 impl Redis {
     fn applied(&self) -> Option<std::sync::MutexGuard<'_, Applied>> {
         let inner = self.inner()?;
@@ -54,19 +110,49 @@ impl Redis {
     /// These rows, written under `stamp`, reached the cache — unless the stamp is no longer
     /// settled: the writes may then have gone to other servers than its generation's (a
     /// reconnection or an establishment while they ran), and are not recorded, so that a later
-    /// pass writes them again.
+    /// pass writes them again. What was recorded, to announce to the other instances.
     pub fn mark_applied(
         &self,
         stamp: Stamp,
         log: Log,
         rows: impl IntoIterator<Item = (i64, DateTime<Utc>)>,
-    ) {
+    ) -> Announcement {
+        let mut announcement = Announcement {
+            generation: stamp.generation,
+            ..Announcement::default()
+        };
         if !self.settled(stamp) {
-            return;
+            return announcement;
         }
         if let Some(mut applied) = self.applied() {
             let seen = applied.current(stamp.generation);
-            seen.extend(rows.into_iter().map(|(id, at)| ((log, id), at)));
+            for (id, at) in rows {
+                seen.insert((log, id), at);
+                announcement.rows(log).push((id, at.timestamp_micros()));
+            }
+        }
+        announcement
+    }
+
+    /// Another instance wrote these rows to the cache of the generation it names: recorded when
+    /// this instance is settled in that generation (its own connections reach the same servers).
+    pub fn take_announcement(&self, announcement: &Announcement) {
+        let stamp = self.stamp();
+        if stamp.generation != announcement.generation || !self.settled(stamp) {
+            return;
+        }
+        let Some(mut applied) = self.applied() else {
+            return;
+        };
+        let seen = applied.current(stamp.generation);
+        for (log, rows) in [
+            (Log::Sessions, &announcement.sessions),
+            (Log::Profiles, &announcement.profiles),
+        ] {
+            for (id, micros) in rows {
+                let at = DateTime::<Utc>::from_timestamp_micros(*micros).unwrap_or_default();
+                seen.insert((log, *id), at);
+            }
         }
     }
 
@@ -144,17 +230,18 @@ mod tests {
         assert_eq!(redis.unapplied(before, Log::Profiles, &rows), [true]);
         redis.begin_establishing().await;
         redis.adopt(2, fingerprint("two"));
-        redis.mark_applied(before, Log::Profiles, rows);
+        assert!(redis.mark_applied(before, Log::Profiles, rows).is_empty());
         let now = redis.stamp();
         assert_eq!(redis.unapplied(now, Log::Profiles, &rows), [true]);
         // Back to the same generation while the writes ran: not recorded either.
         redis.begin_establishing().await;
         redis.adopt(2, fingerprint("two"));
-        redis.mark_applied(now, Log::Profiles, rows);
+        assert!(redis.mark_applied(now, Log::Profiles, rows).is_empty());
         let again = redis.stamp();
         assert_eq!(redis.unapplied(again, Log::Profiles, &rows), [true]);
-        // Settled: recorded.
-        redis.mark_applied(again, Log::Profiles, rows);
+        // Settled: recorded (and announced).
+        let announced = redis.mark_applied(again, Log::Profiles, rows);
+        assert_eq!(announced.profiles, [(7, rows[0].1.timestamp_micros())]);
         assert_eq!(
             redis.unapplied(redis.stamp(), Log::Profiles, &rows),
             [false]

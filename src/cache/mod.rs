@@ -56,7 +56,7 @@ use fred::{
 };
 use tokio::sync::Notify;
 
-pub use applied::Log;
+pub use applied::{Announcement, Log};
 pub use connect::{Deployment, Invalid, fred_config, normalize_url};
 pub use generation::Fingerprint;
 pub use profile_cache::{CachedProfile, ProfileCache, ProfileWrite};

@@ -1,20 +1,31 @@
 //! Following the outbox logs (see `store::outbox`): every instance with Redis makes each logged
-//! revocation and profile version visible in its cache, from where its namespace's cursor stands,
-//! and trusts its cached copies only for a short while after each complete pass.
+//! revocation and profile version visible in its cache, and trusts its cached copies only for a
+//! short while after each complete pass.
 //!
-//! A pass reads everything logged since the cursor (less the in-flight allowance), in keyset
-//! order and in batches until nothing is left — a backlog is never spread over several passes —
-//! applies what this cache has not taken yet, and moves the cursor to the time it began reading.
-//! Copies are then served until one `SESSION__INVALIDATION_INTERVAL` plus one
-//! `REDIS__COMMAND_TIMEOUT` after the pass began: an instance that cannot read the logs stops
-//! serving copies rather than serve one revoked meanwhile.
-use std::{sync::Arc, time::Duration};
+//! Each row is read once per cache, not once per pass. A follower remembers, per log, the highest
+//! id it read and the *gaps* below it: ids drawn by transactions that had not committed when a
+//! later id was read (in flight then, or rolled back). A pass reads the rows above that id and
+//! those that appeared in a gap; a gap is forgotten after a pass that began once the in-flight
+//! allowance had passed since it was seen (no transaction lasts longer, see `store::in_flight`).
+//! A follower new to a namespace starts from a *floor*: the id of the newest row logged well
+//! before its namespace's cursor (less the allowance), all of whose predecessors are settled and
+//! applied — so its first pass reads what the time-based cursor promised, and nothing older.
+//!
+//! Rows are written to Redis unless this cache took them already: from this instance's own
+//! revoking calls, or from another instance's announcement (see `cache::Announcement`); what the
+//! follower writes itself it announces in turn. Its in-process copies it drops for every row it
+//! reads, whoever wrote the row. The cursor moves to the time a pass began reading; copies are then
+//! served until one `SESSION__INVALIDATION_INTERVAL` plus one `REDIS__COMMAND_TIMEOUT` after the
+//! pass began: an instance that cannot read the logs stops serving copies rather than serve one
+//! revoked meanwhile.
+use std::{sync::Arc, time::Duration, time::Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::{
     auth::AuthService,
-    cache::{Log, Redis},
+    cache::{Announcement, Log, Redis},
+    local::LocalCache,
     profile::ProfileService,
     store::{Cursor, Db, Invalidation, ProfileInvalidation, StoreError},
 };
@@ -25,26 +36,67 @@ pub const BATCH: i64 = 500;
 /// certainly not after PostgreSQL's time at the read.
 const CLOCK_MARGIN: TimeDelta = TimeDelta::seconds(1);
 
+/// Gaps one log may carry before its follower starts over from a floor (each is a range of ids,
+/// so this is only reached by rows appearing inside many gaps at once).
+const MOST_GAPS: usize = 10_000;
+
 pub struct Follower {
     pub auth: Arc<AuthService>,
     pub profiles: Arc<ProfileService>,
+    pub local: LocalCache,
     pub redis: Redis,
     pub db: Arc<Db>,
     /// See `store::in_flight`.
     pub in_flight: TimeDelta,
     /// How long after a complete pass began copies are served.
     pub valid_for: Duration,
-    /// One pass at a time; when the cursor was last written.
-    running: tokio::sync::Mutex<Option<std::time::Instant>>,
+    /// One pass at a time; where it stands.
+    running: tokio::sync::Mutex<Progress>,
 }
 
-/// A cursor with nothing new to record is written at most this often (it only shortens what a
-/// pass re-reads).
-const CURSOR_REFRESH: Duration = Duration::from_secs(60);
+/// A follower's memory between passes.
+#[derive(Default)]
+struct Progress {
+    /// When the cursor was last written.
+    cursor_written: Option<Instant>,
+    /// Where it stands in its namespace (`None` before a first pass in it).
+    reading: Option<Reading>,
+}
+
+#[derive(Clone)]
+struct Reading {
+    namespace: String,
+    cursor: Cursor,
+    sessions: Ids,
+    profiles: Ids,
+}
+
+/// Where a follower stands in one log: every id up to `top` was read, but those in `gaps`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Ids {
+    pub top: i64,
+    pub gaps: Vec<Gap>,
+}
+
+/// Ids `from..=to`, not committed when a later one was read; looked at by every pass until one
+/// that began at or after `until`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gap {
+    pub from: i64,
+    pub to: i64,
+    pub until: Instant,
+}
+
+/// A batch of rows to make visible: whether all reached the cache, and what to announce.
+pub type Applied = (bool, Announcement);
 
 /// A row of either log.
 pub trait Row: Clone {
     fn position(&self) -> (DateTime<Utc>, i64);
+
+    fn id(&self) -> i64 {
+        self.position().1
+    }
 }
 
 impl Row for Invalidation {
@@ -63,30 +115,32 @@ impl Follower {
     pub fn new(
         auth: Arc<AuthService>,
         profiles: Arc<ProfileService>,
+        local: LocalCache,
         redis: Redis,
         db: Arc<Db>,
         in_flight: TimeDelta,
         valid_for: Duration,
     ) -> Self {
         Self {
+            redis,
             auth,
             profiles,
-            redis,
+            local,
             db,
             in_flight,
             valid_for,
-            running: tokio::sync::Mutex::new(None),
+            running: tokio::sync::Mutex::new(Progress::default()),
         }
     }
 
     /// One pass; `true` when everything logged reached the cache (and copies are trusted anew).
     pub async fn pass(&self) -> Result<bool, StoreError> {
-        let mut last_written = self.running.lock().await;
+        let mut progress = self.running.lock().await;
         let Some(namespace) = self.redis.namespace() else {
             return Ok(false);
         };
         let mark = self.redis.failure_mark();
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let read_at = self.auth.clock().now() - CLOCK_MARGIN;
         let outbox = self.db.outbox();
         // Not while a reconnection is not yet looked at: what this pass writes might reach
@@ -94,37 +148,65 @@ impl Follower {
         if !self.redis.settled(namespace.stamp) {
             return Ok(false);
         }
-        let cursor = outbox.cursor(&namespace.name, namespace.generation).await?;
-        let sessions = follow_log(
-            cursor.sessions_after,
+        let reading = match progress.reading.take() {
+            Some(reading) if reading.namespace == namespace.name => reading,
+            _ => {
+                self.start(&namespace.name, namespace.generation, read_at)
+                    .await?
+            }
+        };
+        let mut announced = Announcement::default();
+        let now = read_at + CLOCK_MARGIN;
+        let sessions = follow_ids(
+            &reading.sessions,
             self.in_flight,
-            |after| outbox.sessions_after(after, BATCH),
+            now,
+            |above| outbox.sessions_above(above, BATCH),
+            |ranges| async move { outbox.sessions_within(&ranges).await },
             |rows| async move { self.auth.apply(&rows).await },
-        )
-        .await?;
-        let profiles = follow_log(
-            cursor.profiles_after,
+            &mut announced,
+        );
+        let sessions = sessions.await?;
+        let profiles = follow_ids(
+            &reading.profiles,
             self.in_flight,
-            |after| outbox.profiles_after(after, BATCH),
+            now,
+            |above| outbox.profiles_above(above, BATCH),
+            |ranges| async move { outbox.profiles_within(&ranges).await },
             |rows| async move { self.profiles.apply(&rows).await },
-        )
-        .await?;
+            &mut announced,
+        );
+        let profiles = profiles.await?;
+        self.local.announce(announced).await;
         let (Some(sessions), Some(profiles)) = (sessions, profiles) else {
+            // Read again next pass (what was written is recorded, and skipped then).
+            progress.reading = Some(reading);
             return Ok(false);
         };
         let reached = Cursor {
-            sessions_after: sessions.max(read_at),
-            profiles_after: profiles.max(read_at),
+            sessions_after: reading.cursor.sessions_after.max(read_at),
+            profiles_after: reading.cursor.profiles_after.max(read_at),
         };
+        // Too many gaps to look at every pass: start over from a floor next time.
+        let overflow = sessions.gaps.len() > MOST_GAPS || profiles.gaps.len() > MOST_GAPS;
+        progress.reading = (!overflow).then(|| Reading {
+            namespace: namespace.name.clone(),
+            cursor: reached,
+            sessions,
+            profiles,
+        });
         // The same at the end: the cursor moves, and copies are trusted, only for a pass whose
         // writes all went to the servers of its generation.
         if !self.redis.settled(namespace.stamp) {
+            progress.reading = None;
             return Ok(false);
         }
-        let moved = sessions > cursor.sessions_after || profiles > cursor.profiles_after;
-        if moved || last_written.is_none_or(|at| at.elapsed() >= CURSOR_REFRESH) {
+        if progress
+            .cursor_written
+            .is_none_or(|at| at.elapsed() >= CURSOR_REFRESH)
+        {
             outbox.advance(&namespace.name, reached).await?;
-            *last_written = Some(std::time::Instant::now());
+            progress.cursor_written = Some(Instant::now());
         }
         self.redis
             .set_log_position(reached.sessions_after - self.in_flight);
@@ -137,6 +219,154 @@ impl Follower {
         self.redis
             .prune_applied(Log::Profiles, horizon(reached.profiles_after));
         Ok(true)
+    }
+
+    /// Where a follower new to `namespace` starts: its cursor, and in each log the floor below
+    /// which every row has reached the namespace (see the module comment). Logged before the
+    /// cursor less the in-flight allowance means applied; the floor is taken a second (the
+    /// clock's margin, and more than an id and its time ever lie apart) before the earlier of that
+    /// and the allowance before now, so that its predecessors are settled too.
+    async fn start(
+        &self,
+        namespace: &str,
+        generation: u64,
+        read_at: DateTime<Utc>,
+    ) -> Result<Reading, StoreError> {
+        let outbox = self.db.outbox();
+        let cursor = outbox.cursor(namespace, generation).await?;
+        let before = |after: DateTime<Utc>| after.min(read_at) - self.in_flight - CLOCK_MARGIN;
+        let sessions = outbox.floor(false, before(cursor.sessions_after)).await?;
+        let profiles = outbox.floor(true, before(cursor.profiles_after)).await?;
+        let ids = |top| Ids {
+            top,
+            gaps: Vec::new(),
+        };
+        Ok(Reading {
+            namespace: namespace.to_owned(),
+            cursor,
+            sessions: ids(sessions),
+            profiles: ids(profiles),
+        })
+    }
+}
+
+/// One log's part of a pass from `at`: the rows that appeared in its gaps, then every row above
+/// its top (in batches until none is left), each batch applied. Where it then stands; `None` when
+/// a batch was not applied (the pass is void, and reads them again).
+pub async fn follow_ids<T, A, W, R, RF, AF>(
+    at: &Ids,
+    in_flight: TimeDelta,
+    now: DateTime<Utc>,
+    above: A,
+    within: W,
+    apply: impl Fn(Vec<T>) -> AF,
+    announced: &mut Announcement,
+) -> Result<Option<Ids>, StoreError>
+where
+    T: Row,
+    A: Fn(i64) -> R,
+    R: Future<Output = Result<Vec<T>, StoreError>>,
+    W: FnOnce(Vec<(i64, i64)>) -> RF,
+    RF: Future<Output = Result<Vec<T>, StoreError>>,
+    AF: Future<Output = Applied>,
+{
+    let began = Instant::now();
+    let mut next = at.clone();
+    if !next.gaps.is_empty() {
+        let ranges = next.gaps.iter().map(|g| (g.from, g.to)).collect();
+        let found = within(ranges).await?;
+        for row in &found {
+            next.fill(row.id());
+        }
+        if !found.is_empty() {
+            let (all, announcement) = apply(found).await;
+            announced.merge(announcement);
+            if !all {
+                return Ok(None);
+            }
+        }
+        // Any transaction that drew these ids has ended before this pass began.
+        next.gaps.retain(|g| g.until > began);
+    }
+    let allowance = in_flight.to_std().unwrap_or(Duration::MAX) + CLOCK_MARGIN_STD;
+    loop {
+        let rows = above(next.top).await?;
+        let until = Instant::now() + allowance;
+        for row in &rows {
+            next.extend(row.id(), until);
+        }
+        let full = rows.len() as i64 == BATCH;
+        if !rows.is_empty() {
+            settle(
+                &rows,
+                now + TimeDelta::from_std(began.elapsed()).unwrap_or_default(),
+            )
+            .await;
+            let (all, announcement) = apply(rows).await;
+            announced.merge(announcement);
+            if !all {
+                return Ok(None);
+            }
+        }
+        if !full {
+            return Ok(Some(next));
+        }
+    }
+}
+
+const CLOCK_MARGIN_STD: Duration = Duration::from_secs(1);
+
+/// How old a row must be before a follower writes it: its writer's announcement (a revoking
+/// call writes Redis and announces within milliseconds of its commit) has then reached this
+/// instance, and the row is not written a second time. A pass that meets younger rows waits
+/// that much longer; copies are trusted from when it began, so the wait costs no freshness.
+const SETTLE: TimeDelta = TimeDelta::milliseconds(50);
+
+/// Waits until the youngest of `rows` is [`SETTLE`] old (by the fleet clock, `now`).
+async fn settle<T: Row>(rows: &[T], now: DateTime<Utc>) {
+    let youngest = rows.iter().map(|r| r.position().0).max();
+    let Some(wait) = youngest.and_then(|at| (at + SETTLE - now).to_std().ok()) else {
+        return;
+    };
+    tokio::time::sleep(wait.min(SETTLE.to_std().unwrap_or_default())).await;
+}
+
+/// The cursor is written at most this often: it only bounds what a follower new to the
+/// namespace reads first (once), and writing it on every pass of every instance would cost the
+/// database work that grows with the fleet.
+const CURSOR_REFRESH: Duration = Duration::from_secs(10);
+
+impl Ids {
+    /// A row above the top was read: the ids skipped on the way are a gap until `until`.
+    fn extend(&mut self, id: i64, until: Instant) {
+        if id <= self.top {
+            return;
+        }
+        if id > self.top + 1 {
+            self.gaps.push(Gap {
+                from: self.top + 1,
+                to: id - 1,
+                until,
+            });
+        }
+        self.top = id;
+    }
+
+    /// A row appeared in a gap: its id is read.
+    fn fill(&mut self, id: i64) {
+        let Some(k) = self.gaps.iter().position(|g| g.from <= id && id <= g.to) else {
+            return;
+        };
+        let gap = self.gaps.remove(k);
+        if gap.from < id {
+            self.gaps.push(Gap { to: id - 1, ..gap });
+        }
+        if id < gap.to {
+            self.gaps.push(Gap {
+                from: id + 1,
+                ..gap
+            });
+        }
     }
 }
 
@@ -170,5 +400,140 @@ where
             return Ok(Some(newest));
         }
         position = last;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{cell::RefCell, collections::BTreeMap};
+
+    use super::*;
+
+    /// A log whose rows become visible (commit) in any order.
+    #[derive(Default)]
+    struct Log {
+        visible: RefCell<BTreeMap<i64, ProfileInvalidation>>,
+        reads: RefCell<usize>,
+    }
+
+    impl Log {
+        fn commit(&self, id: i64) {
+            let row = ProfileInvalidation {
+                id,
+                user_id: uuid::Uuid::nil(),
+                version: id,
+                created_at: Utc::now(),
+            };
+            self.visible.borrow_mut().insert(id, row);
+        }
+
+        fn above(&self, top: i64) -> Vec<ProfileInvalidation> {
+            *self.reads.borrow_mut() += 1;
+            let visible = self.visible.borrow();
+            let rows = visible.range(top + 1..).map(|(_, r)| r.clone());
+            rows.take(BATCH as usize).collect()
+        }
+
+        fn within(&self, ranges: &[(i64, i64)]) -> Vec<ProfileInvalidation> {
+            let visible = self.visible.borrow();
+            let rows = ranges.iter().flat_map(|(lo, hi)| visible.range(lo..=hi));
+            rows.map(|(_, r)| r.clone()).collect()
+        }
+    }
+
+    /// One pass over `log` from `at`, every applied id appended to `applied` (`fail`: the
+    /// cache refuses the batch).
+    async fn pass(
+        log: &Log,
+        at: &Ids,
+        in_flight: TimeDelta,
+        applied: &RefCell<Vec<i64>>,
+        fail: bool,
+    ) -> Option<Ids> {
+        let mut announced = Announcement::default();
+        let apply = |rows: Vec<ProfileInvalidation>| async move {
+            if !fail {
+                applied.borrow_mut().extend(rows.iter().map(|r| r.id));
+            }
+            (!fail, Announcement::default())
+        };
+        follow_ids(
+            at,
+            in_flight,
+            Utc::now(),
+            |top| std::future::ready(Ok(log.above(top))),
+            |ranges| std::future::ready(Ok(log.within(&ranges))),
+            apply,
+            &mut announced,
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn rows_committed_out_of_order_are_each_applied_once() {
+        let log = Log::default();
+        let applied = RefCell::new(Vec::new());
+        let long = TimeDelta::seconds(60);
+        for id in [1, 2, 4, 7] {
+            log.commit(id);
+        }
+        let at = pass(&log, &Ids::default(), long, &applied, false)
+            .await
+            .unwrap();
+        assert_eq!(at.top, 7);
+        let gaps: Vec<(i64, i64)> = at.gaps.iter().map(|g| (g.from, g.to)).collect();
+        assert_eq!(gaps, [(3, 3), (5, 6)]);
+        // 6 and then 3 commit (in flight before), 8 is new; 5 never commits (rolled back).
+        log.commit(6);
+        log.commit(8);
+        let at = pass(&log, &at, long, &applied, false).await.unwrap();
+        log.commit(3);
+        let at = pass(&log, &at, long, &applied, false).await.unwrap();
+        let at = pass(&log, &at, long, &applied, false).await.unwrap();
+        assert_eq!(*applied.borrow(), [1, 2, 4, 7, 6, 8, 3]);
+        let gaps: Vec<(i64, i64)> = at.gaps.iter().map(|g| (g.from, g.to)).collect();
+        assert_eq!(gaps, [(5, 5)], "looked at until its allowance has passed");
+        // With no allowance left, a pass forgets the gap.
+        let mut expired = at.clone();
+        for gap in &mut expired.gaps {
+            gap.until = Instant::now();
+        }
+        let at = pass(&log, &expired, long, &applied, false).await.unwrap();
+        assert!(at.gaps.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_backlog_is_read_in_one_pass_and_not_again() {
+        let log = Log::default();
+        let applied = RefCell::new(Vec::new());
+        for id in 1..=1_234 {
+            log.commit(id);
+        }
+        let start = Ids::default();
+        let at = pass(&log, &start, TimeDelta::seconds(60), &applied, false);
+        let at = at.await.unwrap();
+        assert_eq!(applied.borrow().len(), 1_234);
+        assert!(at.gaps.is_empty());
+        let reads = *log.reads.borrow();
+        assert_eq!(reads, 3, "batches of {BATCH}");
+        pass(&log, &at, TimeDelta::seconds(60), &applied, false)
+            .await
+            .unwrap();
+        assert_eq!(applied.borrow().len(), 1_234, "nothing read twice");
+        assert_eq!(*log.reads.borrow(), reads + 1, "one query at rest");
+    }
+
+    #[tokio::test]
+    async fn a_batch_the_cache_refused_is_read_again() {
+        let log = Log::default();
+        let applied = RefCell::new(Vec::new());
+        log.commit(1);
+        let long = TimeDelta::seconds(60);
+        let at = Ids::default();
+        assert!(pass(&log, &at, long, &applied, true).await.is_none());
+        let at = pass(&log, &at, long, &applied, false).await.unwrap();
+        assert_eq!(*applied.borrow(), [1]);
+        assert_eq!(at.top, 1);
     }
 }

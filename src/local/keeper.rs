@@ -65,18 +65,28 @@ impl LocalCache {
         }
     }
 
-    /// One delivery on either channel.
+    /// One delivery on either channel. Every instance with Redis takes the announcements of
+    /// applied log rows; only holders drop keys and acknowledge them.
     fn deliver(&self, delivered: &Delivered, mine: &str, all: &str) {
         let Some(text) = delivered.value.as_str() else {
             return;
         };
         if delivered.channel == all {
-            let Ok(message) = serde_json::from_str::<Message>(&text) else {
+            let Ok(mut message) = serde_json::from_str::<Message>(&text) else {
                 tracing::warn!("local cache: an invalidation message could not be read");
                 return;
             };
+            if let Some(applied) = message.applied.take()
+                && message.origin != self.shared.instance
+            {
+                self.shared.redis.take_announcement(&applied);
+            }
             let (origin, nonce) = (message.origin, message.nonce);
-            self.forget(&message.keys());
+            let keys = message.keys();
+            if keys.is_empty() || !self.is_enabled() {
+                return;
+            }
+            self.forget(&keys);
             self.shared.metrics.local_invalidations.inc();
             if origin != self.shared.instance
                 && let Some(channel) = acks_channel(&self.shared.redis, origin)
@@ -126,10 +136,9 @@ async fn listen(cache: LocalCache, client: Client, stop: CancellationToken) {
     ) else {
         return;
     };
-    let mut channels = vec![mine.clone()];
-    if cache.is_enabled() {
-        channels.push(all.clone());
-    }
+    // The invalidation channel on every instance: its announcements spare this instance's
+    // follower the rows others wrote.
+    let channels = vec![mine.clone(), all.clone()];
     let mut messages = client.message_rx();
     let mut reconnections = client.reconnect_rx();
     let mut errors = client.error_rx();
@@ -181,6 +190,7 @@ async fn keep(cache: LocalCache, stop: CancellationToken) {
     let store = cache.store();
     let beat = store.lease / 4;
     let mut held: Option<Lease> = None;
+    let mut counted = None;
     loop {
         heartbeat(&cache, beat).await;
         // Read before `lost`: a doubt after this makes the renewal below leave `lease_until` be.
@@ -197,7 +207,10 @@ async fn keep(cache: LocalCache, stop: CancellationToken) {
         } else {
             let renewed = renew(&cache, held.as_ref(), epoch);
             held = match store::in_background(renewed).await {
-                Ok(next) => Some(next),
+                Ok(next) => {
+                    let _ = store::in_background(count_leases(&cache, &mut counted)).await;
+                    Some(next)
+                }
                 // Tried again next beat; meanwhile the lease runs out on its own.
                 Err(error) => {
                     tracing::debug!(%error, "local cache: lease not renewed");
@@ -237,7 +250,22 @@ async fn release(cache: &LocalCache) -> Result<(), StoreError> {
         .await
 }
 
-/// The lease and entry gauges (the count of leases comes with each renewal).
+/// The fleet's leases are counted for their gauge at most this often: a count per renewal would
+/// cost every instance work that grows with the fleet.
+const COUNT_LEASES: Duration = Duration::from_secs(60);
+
+/// Refreshes `authd_local_cache_instances` when its count is older than [`COUNT_LEASES`].
+async fn count_leases(cache: &LocalCache, counted: &mut Option<std::time::Instant>) {
+    if counted.is_some_and(|at| at.elapsed() < COUNT_LEASES) {
+        return;
+    }
+    if let Ok(held) = cache.shared.db.leases().held().await {
+        cache.shared.metrics.local_instances.set(held);
+        *counted = Some(std::time::Instant::now());
+    }
+}
+
+/// The lease and entry gauges.
 fn observe(cache: &LocalCache) {
     let store = cache.store();
     let metrics = &cache.shared.metrics;
@@ -298,10 +326,9 @@ async fn renew(cache: &LocalCache, held: Option<&Lease>, epoch: u64) -> Result<L
     let extended = match held {
         Some(held) => {
             let leases = shared.db.leases();
-            let (extended, held_now) = leases
+            let extended = leases
                 .extend(shared.instance, held.length, held.position)
                 .await?;
-            shared.metrics.local_instances.set(held_now);
             match extended {
                 Some(at) => {
                     read_logs(cache, held.position).await?;

@@ -2,6 +2,8 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::cache::Announcement;
+
 /// Keys of the in-process caches: token hashes and profile ids.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Keys {
@@ -56,7 +58,9 @@ impl Keys {
 /// Keys per message: about 35 KB of JSON, far below Redis' pub/sub output buffer limits.
 pub(super) const MESSAGE_KEYS: usize = 500;
 
-/// The message on the invalidation channel (JSON: `{"o":…,"n":…,"s":[hex…],"p":[uuid…]}`).
+/// The message on the invalidation channel (JSON: `{"o":…,"n":…,"s":[hex…],"p":[uuid…],"a":…}`):
+/// keys to drop (acknowledged by each holder), and the log rows the sender wrote to its Redis
+/// generation (`a`, see `cache::Announcement`; a message may carry only those, with nonce 0).
 #[derive(Serialize, Deserialize)]
 pub(super) struct Message {
     /// The revoker.
@@ -68,15 +72,18 @@ pub(super) struct Message {
     pub sessions: Vec<[u8; 32]>,
     #[serde(rename = "p", default)]
     pub profiles: Vec<Uuid>,
+    #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<Announcement>,
 }
 
 impl Message {
-    pub fn new(origin: Uuid, nonce: u64, keys: Keys) -> Self {
+    pub fn new(origin: Uuid, nonce: u64, keys: Keys, applied: Option<Announcement>) -> Self {
         Self {
             origin,
             nonce,
             sessions: keys.sessions,
             profiles: keys.profiles,
+            applied,
         }
     }
 
@@ -137,7 +144,7 @@ mod tests {
         );
         let sessions: usize = chunks.iter().map(|c| c.sessions.len()).sum();
         assert_eq!(sessions, 1_201);
-        let message = Message::new(Uuid::new_v4(), u64::MAX, chunks[0].clone());
+        let message = Message::new(Uuid::new_v4(), u64::MAX, chunks[0].clone(), None);
         let text = serde_json::to_string(&message).unwrap();
         assert!(text.len() < 40_000, "{} bytes", text.len());
         let back: Message = serde_json::from_str(&text).unwrap();

@@ -16,6 +16,7 @@ use super::{
     store::lock,
 };
 use crate::{
+    cache::Announcement,
     clock::lease_wait,
     store::{Holders, StoreError},
 };
@@ -38,26 +39,32 @@ impl LocalCache {
     /// that has the change, and a holder's log read after it (`applied_through > since`) comes
     /// after the Redis write too. UNAVAILABLE when the holders cannot be read, or when the wait
     /// would outlast the call's deadline (`clock::deadline`).
+    ///
+    /// `written` answers what it wrote to the cache ([`Announcement`]): the other instances hear
+    /// it with the keys, in the same message (or alone when there is nobody to wait for).
     pub async fn invalidate(
         &self,
         keys: Keys,
-        written: impl Future<Output = ()>,
+        written: impl Future<Output = Announcement>,
     ) -> Result<(), StoreError> {
         if keys.is_empty() {
-            written.await;
+            self.announce(written.await).await;
             return Ok(());
         }
         let started = Instant::now();
-        written.await;
+        let announcement = written.await;
         // After Redis: a fill that read the old copy before this cannot keep it.
         self.forget(&keys);
-        let read = self
-            .shared
-            .db
-            .leases()
-            .holders(self.shared.instance)
-            .await?;
+        let read = self.shared.db.leases().holders(self.shared.instance).await;
+        let read = match read {
+            Ok(read) => read,
+            Err(error) => {
+                self.announce(announcement).await;
+                return Err(error);
+            }
+        };
         if read.holders.is_empty() && read.window.is_none() {
+            self.announce(announcement).await;
             self.waited(started, "none");
             return Ok(());
         }
@@ -78,7 +85,7 @@ impl LocalCache {
             done: Notify::new(),
         });
         let _registered = Registered::new(&self.shared.waits, &nonces, &waiter);
-        self.publish(chunks, &nonces).await;
+        self.publish(chunks, &nonces, announcement).await;
         let ended = self.wait_for(&read, &waiter).await;
         self.waited(started, ended.unwrap_or("deadline"));
         match ended {
@@ -152,18 +159,35 @@ impl LocalCache {
         }
     }
 
-    /// Publishes each chunk of keys with its nonce on the invalidation channel.
-    pub(super) async fn publish(&self, chunks: Vec<Keys>, nonces: &[u64]) {
+    /// Publishes each chunk of keys with its nonce on the invalidation channel, the
+    /// announcement's chunks riding along (any left over in messages of their own).
+    pub(super) async fn publish(&self, chunks: Vec<Keys>, nonces: &[u64], applied: Announcement) {
         let shared = &self.shared;
         let Some(channel) = shared.redis.channel(INVALIDATIONS) else {
             return;
         };
-        let sends = chunks.into_iter().zip(nonces).map(|(keys, nonce)| {
-            let message = Message::new(shared.instance, *nonce, keys);
+        let mut announced = applied.chunks(MESSAGE_KEYS).into_iter();
+        let mut messages: Vec<Message> = chunks
+            .into_iter()
+            .zip(nonces)
+            .map(|(keys, nonce)| Message::new(shared.instance, *nonce, keys, announced.next()))
+            .collect();
+        messages
+            .extend(announced.map(|a| Message::new(shared.instance, 0, Keys::default(), Some(a))));
+        let sends = messages.into_iter().map(|message| {
             let text = serde_json::to_string(&message).unwrap_or_default();
             shared.redis.publish(&channel, text)
         });
         futures::future::join_all(sends).await;
+    }
+
+    /// Tells the other instances which log rows this one wrote to its Redis generation, so
+    /// that their followers do not write them again (one message per [`MESSAGE_KEYS`] rows;
+    /// none when there is nothing to tell).
+    pub async fn announce(&self, applied: Announcement) {
+        if !applied.is_empty() {
+            self.publish(Vec::new(), &[], applied).await;
+        }
     }
 
     fn waited(&self, started: Instant, ended: &str) {

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::{ProfileChanges, ProfileRecord, coalesce::Coalescer};
 use crate::{
     auth::{AuthError, AuthService, FillHook, Found, input::FieldViolation},
-    cache::{CachedProfile, Log, ProfileCache, ProfileWrite},
+    cache::{Announcement, CachedProfile, Log, ProfileCache, ProfileWrite},
     local::{Keys, LocalCache},
     store::{Db, ProfileInvalidation, StoreError, UpdateOutcome},
 };
@@ -256,8 +256,8 @@ impl ProfileService {
             .profiles()
             .update(user_id, &changes, expected_version, self.auth.clock().now())
             .await?;
-        let profile = match outcome {
-            UpdateOutcome::Updated(profile) => profile,
+        let (profile, logged) = match outcome {
+            UpdateOutcome::Updated(profile, logged) => (profile, logged),
             UpdateOutcome::VersionMismatch => return Err(ProfileError::VersionMismatch),
             UpdateOutcome::NotFound => return Err(ProfileError::NotFound),
         };
@@ -265,7 +265,12 @@ impl ProfileService {
         // Not confirmed (Redis down, disabled, or the replicas late): the log has it, and every
         // instance with Redis applies it on its next pass.
         let written = async {
-            self.cache.raise(&[ProfileWrite::Updated(&profile)]).await;
+            let redis = self.cache.redis();
+            let stamp = redis.stamp();
+            if !self.cache.raise(&[ProfileWrite::Updated(&profile)]).await {
+                return Announcement::default();
+            }
+            redis.mark_applied(stamp, Log::Profiles, [logged])
         };
         self.local
             .invalidate(Keys::profiles([user_id]), written)
@@ -274,12 +279,12 @@ impl ProfileService {
     }
 
     /// Makes these logged versions visible in the cache as floors (older copies are never
-    /// served), but for those this instance's cache already took; `true` when Redis confirmed
-    /// all of them.
-    pub async fn apply(&self, versions: &[ProfileInvalidation]) -> bool {
+    /// served), but for those this instance's cache already took (or heard another instance
+    /// took); `true` when Redis confirmed all of them, with the rows it wrote, to announce.
+    pub async fn apply(&self, versions: &[ProfileInvalidation]) -> (bool, Announcement) {
         let redis = self.cache.redis();
         if !redis.is_enabled() {
-            return false;
+            return (false, Announcement::default());
         }
         let rows: Vec<(i64, chrono::DateTime<chrono::Utc>)> =
             versions.iter().map(|p| (p.id, p.created_at)).collect();
@@ -295,18 +300,19 @@ impl ProfileService {
             .map(|p| ProfileWrite::Floor(p.user_id, p.version))
             .collect();
         let raised = self.cache.raise(&writes).await;
-        // After Redis: a fill that read an older version before this cannot keep it.
+        // After Redis: a fill that read an older version before this cannot keep it (every
+        // version, as for sessions: see `AuthService::apply`).
         self.local
-            .forget(&Keys::profiles(pending.iter().map(|p| p.user_id)));
+            .forget(&Keys::profiles(versions.iter().map(|p| p.user_id)));
         if !raised {
-            return false;
+            return (false, Announcement::default());
         }
-        redis.mark_applied(
+        let announcement = redis.mark_applied(
             stamp,
             Log::Profiles,
             pending.iter().map(|p| (p.id, p.created_at)),
         );
-        true
+        (true, announcement)
     }
 }
 

@@ -264,14 +264,13 @@ impl LeaseRepo<'_> {
     }
 
     /// Extends a lease that has not ended, recording how far its holder has applied the logs:
-    /// PostgreSQL's time at the extension (`None` when the lease had ended, or was released),
-    /// and how many leases are held (the same statement: the gauge costs no query).
+    /// PostgreSQL's time at the extension (`None` when the lease had ended, or was released).
     pub async fn extend(
         &self,
         instance: Uuid,
         lease: Duration,
         applied_through: DateTime<Utc>,
-    ) -> Result<(Option<DateTime<Utc>>, i64), StoreError> {
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
         let sql = format!(
             "with extended as (
                  update local_cache_leases
@@ -280,19 +279,15 @@ impl LeaseRepo<'_> {
                  where instance = $1 and expires_at > clock_timestamp()
                  returning clock_timestamp() as at
              )
-             select (select at from extended), {TIMELINE},
-                    (select count(*) from local_cache_leases
-                     where expires_at > clock_timestamp() and instance <> $1)
-                    + (select count(*) from extended)"
+             select (select at from extended), {TIMELINE}"
         );
-        let query =
-            sqlx::query_as::<_, (Option<DateTime<Utc>>, String, i64)>(sqlx::AssertSqlSafe(sql))
-                .bind(instance)
-                .bind(micros(lease))
-                .bind(applied_through);
-        let (at, timeline, held) = self.0.run(query.fetch_one(self.0.pool())).await?;
+        let query = sqlx::query_as::<_, (Option<DateTime<Utc>>, String)>(sqlx::AssertSqlSafe(sql))
+            .bind(instance)
+            .bind(micros(lease))
+            .bind(applied_through);
+        let (at, timeline) = self.0.run(query.fetch_one(self.0.pool())).await?;
         self.0.saw_timeline(timeline).await?;
-        Ok((at, held))
+        Ok(at)
     }
 
     /// Ends a lease now (its holder dropped every copy).

@@ -141,6 +141,8 @@ pub struct Db {
     pools: Vec<PgPool>,
     query_timeout: Duration,
     queries: AtomicU64,
+    /// Every query, background jobs' included.
+    all_queries: AtomicU64,
     /// Operations started and not finished (holding or waiting for a connection), per share.
     in_flight: [AtomicI64; 5],
     metrics: Arc<Metrics>,
@@ -202,6 +204,7 @@ impl Db {
             pools,
             query_timeout: settings.query_timeout,
             queries: AtomicU64::new(0),
+            all_queries: AtomicU64::new(0),
             in_flight: Default::default(),
             metrics,
             history: history::History::default(),
@@ -226,6 +229,11 @@ impl Db {
     /// excluded).
     pub fn queries_executed(&self) -> u64 {
         self.queries.load(Ordering::Relaxed)
+    }
+
+    /// Every query sent to PostgreSQL so far by this process, background jobs' included.
+    pub fn all_queries_executed(&self) -> u64 {
+        self.all_queries.load(Ordering::Relaxed)
     }
 
     /// Publishes the state of each share of the pool (called when metrics are scraped).
@@ -289,6 +297,7 @@ impl Db {
         operation: impl Future<Output = Result<T, sqlx::Error>>,
     ) -> Result<T, StoreError> {
         let share = work::current().share;
+        self.all_queries.fetch_add(1, Ordering::Relaxed);
         let origin = if share == Share::Background {
             "background"
         } else {

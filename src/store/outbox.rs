@@ -189,6 +189,83 @@ impl OutboxRepo<'_> {
         self.0.run(query.fetch_all(self.0.pool())).await
     }
 
+    /// The id of the newest row logged before `before` (0 when none) in the sessions log
+    /// (`profiles`: the profile log). Every id up to it was drawn before `before` (an id and its
+    /// row's time are taken in the same statement), so its transaction is over once the
+    /// in-flight allowance has passed since (see [`in_flight`]).
+    pub async fn floor(&self, profiles: bool, before: DateTime<Utc>) -> Result<i64, StoreError> {
+        let table = table(profiles);
+        let sql = format!(
+            "select coalesce((select id from {table} where created_at < $1
+                              order by created_at desc, id desc limit 1), 0)"
+        );
+        let query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql)).bind(before);
+        self.0.run(query.fetch_one(self.0.pool())).await
+    }
+
+    /// Session invalidations with an id above `above`, in id order, at most `limit`.
+    pub async fn sessions_above(
+        &self,
+        above: i64,
+        limit: i64,
+    ) -> Result<Vec<Invalidation>, StoreError> {
+        self.above(false, above, limit).await
+    }
+
+    /// Profile versions with an id above `above`, in id order, at most `limit`.
+    pub async fn profiles_above(
+        &self,
+        above: i64,
+        limit: i64,
+    ) -> Result<Vec<ProfileInvalidation>, StoreError> {
+        self.above(true, above, limit).await
+    }
+
+    /// Session invalidations whose ids fall in these inclusive ranges.
+    pub async fn sessions_within(
+        &self,
+        ranges: &[(i64, i64)],
+    ) -> Result<Vec<Invalidation>, StoreError> {
+        self.within(false, ranges).await
+    }
+
+    /// Profile versions whose ids fall in these inclusive ranges.
+    pub async fn profiles_within(
+        &self,
+        ranges: &[(i64, i64)],
+    ) -> Result<Vec<ProfileInvalidation>, StoreError> {
+        self.within(true, ranges).await
+    }
+
+    async fn above<T>(&self, profiles: bool, above: i64, limit: i64) -> Result<Vec<T>, StoreError>
+    where
+        T: for<'r> FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
+        let (table, columns) = (table(profiles), columns(profiles));
+        let sql = format!("select {columns} from {table} l where l.id > $1 order by l.id limit $2");
+        let query = sqlx::query_as::<_, T>(sqlx::AssertSqlSafe(sql))
+            .bind(above)
+            .bind(limit);
+        self.0.run(query.fetch_all(self.0.pool())).await
+    }
+
+    async fn within<T>(&self, profiles: bool, ranges: &[(i64, i64)]) -> Result<Vec<T>, StoreError>
+    where
+        T: for<'r> FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
+        let (table, columns) = (table(profiles), columns(profiles));
+        let sql = format!(
+            "select {columns} from {table} l
+             join unnest($1::bigint[], $2::bigint[]) as r(lo, hi) on l.id between r.lo and r.hi
+             order by l.id"
+        );
+        let (lo, hi): (Vec<i64>, Vec<i64>) = ranges.iter().copied().unzip();
+        let query = sqlx::query_as::<_, T>(sqlx::AssertSqlSafe(sql))
+            .bind(lo)
+            .bind(hi);
+        self.0.run(query.fetch_all(self.0.pool())).await
+    }
+
     /// Deletes what no cache can need any more: session rows past the session's expiry, profile
     /// rows older than `profile_retention`, and cursors untouched for `cursor_retention`
     /// (namespaces gone). The rules that keep rows from older releases' deletes let this through.
@@ -230,6 +307,22 @@ impl OutboxRepo<'_> {
         self.0.run(cursors.execute(&mut *tx)).await?;
         self.0.run(tx.commit()).await?;
         Ok(deleted)
+    }
+}
+
+fn table(profiles: bool) -> &'static str {
+    if profiles {
+        "profile_invalidations"
+    } else {
+        "session_invalidations"
+    }
+}
+
+fn columns(profiles: bool) -> &'static str {
+    if profiles {
+        "l.id, l.user_id, l.version, l.created_at"
+    } else {
+        "l.id, l.token_hash, l.user_id, l.expires_at, l.created_at"
     }
 }
 

@@ -7,9 +7,19 @@ use crate::model::{ProfileChanges, ProfileRecord};
 
 /// What an update found.
 pub enum UpdateOutcome {
-    Updated(ProfileRecord),
+    /// With its row of the profile log (`(id, logged at)`).
+    Updated(ProfileRecord, (i64, DateTime<Utc>)),
     VersionMismatch,
     NotFound,
+}
+
+/// An update's answer: the profile and its log row.
+#[derive(sqlx::FromRow)]
+struct Updated {
+    #[sqlx(flatten)]
+    profile: ProfileRecord,
+    logged_id: i64,
+    logged_at: DateTime<Utc>,
 }
 
 #[derive(Clone, Copy)]
@@ -52,7 +62,7 @@ impl ProfileRepo<'_> {
         expected_version: Option<i64>,
         now: DateTime<Utc>,
     ) -> Result<UpdateOutcome, StoreError> {
-        let query = sqlx::query_as::<_, ProfileRecord>(
+        let query = sqlx::query_as::<_, Updated>(
             "with updated as (
                  update profiles set
                      display_name = coalesce($3, display_name),
@@ -68,9 +78,10 @@ impl ProfileRepo<'_> {
              ), queued as (
                  insert into profile_invalidations (user_id, version)
                  select user_id, version from updated
-                 returning id
+                 returning id, created_at
              )
-             select updated.* from updated, queued",
+             select updated.*, queued.id as logged_id, queued.created_at as logged_at
+             from updated, queued",
         )
         .bind(user_id)
         .bind(now)
@@ -80,8 +91,9 @@ impl ProfileRepo<'_> {
         .bind(&changes.locale)
         .bind(&changes.time_zone)
         .bind(expected_version);
-        if let Some(profile) = self.0.run(query.fetch_optional(self.0.pool())).await? {
-            return Ok(UpdateOutcome::Updated(profile));
+        if let Some(updated) = self.0.run(query.fetch_optional(self.0.pool())).await? {
+            let logged = (updated.logged_id, updated.logged_at);
+            return Ok(UpdateOutcome::Updated(updated.profile, logged));
         }
         Ok(match self.get(user_id).await? {
             Some(_) => UpdateOutcome::VersionMismatch,

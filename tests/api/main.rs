@@ -10,6 +10,7 @@ mod admin;
 mod consistency;
 mod degraded;
 mod deployments;
+mod fleet;
 mod hardening;
 mod lease_cases;
 mod local_cache;
