@@ -66,6 +66,9 @@ struct Progress {
 #[derive(Clone)]
 struct Reading {
     namespace: String,
+    /// The PostgreSQL history the ids were read in (a promoted standby that missed commits
+    /// hands out their ids again: a follower starts over from a floor in a new history).
+    history: String,
     cursor: Cursor,
     sessions: Ids,
     profiles: Ids,
@@ -148,8 +151,9 @@ impl Follower {
         if !self.redis.settled(namespace.stamp) {
             return Ok(false);
         }
+        let history = self.db.history_key();
         let reading = match progress.reading.take() {
-            Some(reading) if reading.namespace == namespace.name => reading,
+            Some(r) if r.namespace == namespace.name && r.history == history => r,
             _ => {
                 self.start(&namespace.name, namespace.generation, read_at)
                     .await?
@@ -191,6 +195,7 @@ impl Follower {
         let overflow = sessions.gaps.len() > MOST_GAPS || profiles.gaps.len() > MOST_GAPS;
         progress.reading = (!overflow).then(|| Reading {
             namespace: namespace.name.clone(),
+            history: reading.history.clone(),
             cursor: reached,
             sessions,
             profiles,
@@ -243,6 +248,7 @@ impl Follower {
         };
         Ok(Reading {
             namespace: namespace.to_owned(),
+            history: self.db.history_key(),
             cursor,
             sessions: ids(sessions),
             profiles: ids(profiles),
