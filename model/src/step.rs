@@ -27,7 +27,7 @@ fn raise(s: &mut State, version: u8, failovers: bool) {
     }
 }
 
-/// `Redis::announce_applied`: a write of `version` to the cache of `from`'s generation is
+/// `LocalCache::announce` (of what `Redis::mark_applied` recorded): a write of `version` to the cache of `from`'s generation is
 /// announced to every other instance with Redis (delivered later, or lost) — only when `from`
 /// is settled in the generation it wrote to.
 fn announce(p: &Protocol, s: &mut State, from: usize, version: u8) {

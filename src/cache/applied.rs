@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{Redis, Stamp};
 
+/// Rows the registry holds at most (about 50 MB).
+const MOST_APPLIED: usize = 1_000_000;
+
 /// The two logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Log {
@@ -53,20 +56,6 @@ impl Announcement {
         self.sessions.is_empty() && self.profiles.is_empty()
     }
 
-    /// Both, when they name the same generation (else the later one: the earlier's writes went
-    /// to servers no longer served).
-    pub fn merge(&mut self, other: Announcement) {
-        if other.is_empty() {
-            return;
-        }
-        if self.generation != other.generation {
-            *self = other;
-            return;
-        }
-        self.sessions.extend(other.sessions);
-        self.profiles.extend(other.profiles);
-    }
-
     /// Split so that none names more than `most` rows.
     pub fn chunks(self, most: usize) -> Vec<Announcement> {
         let part = |sessions: &[(i64, i64)], profiles: &[(i64, i64)]| Announcement {
@@ -95,7 +84,13 @@ impl Redis {
 
     /// Which of these rows (`(id, logged at)`) the cache of `stamp`'s generation has not taken
     /// yet.
+    ///
+    /// All of them while a key's invalidation failed here (`Redis::is_pending`): such a key is
+    /// served again only once this instance wrote it itself, whoever else did.
     pub fn unapplied(&self, stamp: Stamp, log: Log, rows: &[(i64, DateTime<Utc>)]) -> Vec<bool> {
+        if self.any_pending() {
+            return vec![true; rows.len()];
+        }
         match self.applied() {
             Some(mut applied) => {
                 let seen = applied.current(stamp.generation);
@@ -145,6 +140,11 @@ impl Redis {
             return;
         };
         let seen = applied.current(stamp.generation);
+        // Only an optimisation: past this, announcements are dropped (an instance that cannot
+        // complete a pass, hence prune, would otherwise keep the whole fleet's writes).
+        if seen.len() >= MOST_APPLIED {
+            return;
+        }
         for (log, rows) in [
             (Log::Sessions, &announcement.sessions),
             (Log::Profiles, &announcement.profiles),

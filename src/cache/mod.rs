@@ -556,6 +556,12 @@ impl Redis {
     }
 
     /// Whether `key`'s cached copy may be stale here (its invalidation failed).
+    /// Whether any key's invalidation failed here and is not yet written.
+    fn any_pending(&self) -> bool {
+        self.inner()
+            .is_some_and(|inner| inner.pending_len.load(Ordering::Acquire) > 0)
+    }
+
     fn is_pending(&self, key: &str) -> bool {
         let Some(inner) = self.inner() else {
             return false;

@@ -24,7 +24,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::{
     auth::AuthService,
-    cache::{Announcement, Log, Redis},
+    cache::{Log, Redis},
     local::LocalCache,
     profile::ProfileService,
     store::{Cursor, Db, Invalidation, ProfileInvalidation, StoreError},
@@ -36,8 +36,8 @@ pub const BATCH: i64 = 500;
 /// certainly not after PostgreSQL's time at the read.
 const CLOCK_MARGIN: TimeDelta = TimeDelta::seconds(1);
 
-/// Gaps one log may carry before its follower starts over from a floor (each is a range of ids,
-/// so this is only reached by rows appearing inside many gaps at once).
+/// Gaps one log may carry before they are merged into one range (each is a range of ids, so this
+/// is only reached by many transactions rolled back or in flight at once).
 const MOST_GAPS: usize = 10_000;
 
 pub struct Follower {
@@ -89,9 +89,6 @@ pub struct Gap {
     pub to: i64,
     pub until: Instant,
 }
-
-/// A batch of rows to make visible: whether all reached the cache, and what to announce.
-pub type Applied = (bool, Announcement);
 
 /// A row of either log.
 pub trait Row: Clone {
@@ -152,36 +149,58 @@ impl Follower {
             return Ok(false);
         }
         let history = self.db.history_key();
+        let highs = outbox.highs().await?;
         let reading = match progress.reading.take() {
-            Some(r) if r.namespace == namespace.name && r.history == history => r,
-            _ => {
+            Some(r)
+                if r.namespace == namespace.name
+                    && r.history == history
+                    && r.sessions.top <= highs.0
+                    && r.profiles.top <= highs.1 =>
+            {
+                r
+            }
+            previous => {
+                if previous.is_some_and(|r| r.namespace == namespace.name) {
+                    tracing::warn!(
+                        "the outbox logs' ids went back (a restored database?): following them \
+                         again from a floor"
+                    );
+                }
                 self.start(&namespace.name, namespace.generation, read_at)
                     .await?
             }
         };
-        let mut announced = Announcement::default();
         let now = read_at + CLOCK_MARGIN;
+        // Each batch's writes are announced as soon as they are made: followers racing over
+        // rows nobody announced (the previous release's, a revoker's failed write) stop early.
         let sessions = follow_ids(
             &reading.sessions,
+            highs.0,
             self.in_flight,
             now,
             |above| outbox.sessions_above(above, BATCH),
             |ranges| async move { outbox.sessions_within(&ranges).await },
-            |rows| async move { self.auth.apply(&rows).await },
-            &mut announced,
+            |rows| async move {
+                let (all, announcement) = self.auth.apply(&rows).await;
+                self.local.announce(announcement).await;
+                all
+            },
         );
         let sessions = sessions.await?;
         let profiles = follow_ids(
             &reading.profiles,
+            highs.1,
             self.in_flight,
             now,
             |above| outbox.profiles_above(above, BATCH),
             |ranges| async move { outbox.profiles_within(&ranges).await },
-            |rows| async move { self.profiles.apply(&rows).await },
-            &mut announced,
+            |rows| async move {
+                let (all, announcement) = self.profiles.apply(&rows).await;
+                self.local.announce(announcement).await;
+                all
+            },
         );
         let profiles = profiles.await?;
-        self.local.announce(announced).await;
         let (Some(sessions), Some(profiles)) = (sessions, profiles) else {
             // Read again next pass (what was written is recorded, and skipped then).
             progress.reading = Some(reading);
@@ -191,9 +210,7 @@ impl Follower {
             sessions_after: reading.cursor.sessions_after.max(read_at),
             profiles_after: reading.cursor.profiles_after.max(read_at),
         };
-        // Too many gaps to look at every pass: start over from a floor next time.
-        let overflow = sessions.gaps.len() > MOST_GAPS || profiles.gaps.len() > MOST_GAPS;
-        progress.reading = (!overflow).then(|| Reading {
+        progress.reading = Some(Reading {
             namespace: namespace.name.clone(),
             history: reading.history.clone(),
             cursor: reached,
@@ -256,17 +273,18 @@ impl Follower {
     }
 }
 
-/// One log's part of a pass from `at`: the rows that appeared in its gaps, then every row above
-/// its top (in batches until none is left), each batch applied. Where it then stands; `None` when
-/// a batch was not applied (the pass is void, and reads them again).
+/// One log's part of a pass from `at`: the rows that appeared in its gaps, then the rows above
+/// its top (in batches) up to `high`, the last id handed out when the pass began (what commits
+/// later is not owed to it: copies are trusted from its start), each batch applied. Where it
+/// then stands; `None` when a batch was not applied (the pass is void, and reads them again).
 pub async fn follow_ids<T, A, W, R, RF, AF>(
     at: &Ids,
+    high: i64,
     in_flight: TimeDelta,
     now: DateTime<Utc>,
     above: A,
     within: W,
     apply: impl Fn(Vec<T>) -> AF,
-    announced: &mut Announcement,
 ) -> Result<Option<Ids>, StoreError>
 where
     T: Row,
@@ -274,7 +292,7 @@ where
     R: Future<Output = Result<Vec<T>, StoreError>>,
     W: FnOnce(Vec<(i64, i64)>) -> RF,
     RF: Future<Output = Result<Vec<T>, StoreError>>,
-    AF: Future<Output = Applied>,
+    AF: Future<Output = bool>,
 {
     let began = Instant::now();
     let mut next = at.clone();
@@ -284,18 +302,14 @@ where
         for row in &found {
             next.fill(row.id());
         }
-        if !found.is_empty() {
-            let (all, announcement) = apply(found).await;
-            announced.merge(announcement);
-            if !all {
-                return Ok(None);
-            }
+        if !found.is_empty() && !apply(found).await {
+            return Ok(None);
         }
         // Any transaction that drew these ids has ended before this pass began.
         next.gaps.retain(|g| g.until > began);
     }
     let allowance = in_flight.to_std().unwrap_or(Duration::MAX) + CLOCK_MARGIN_STD;
-    loop {
+    while next.top < high {
         let rows = above(next.top).await?;
         let until = Instant::now() + allowance;
         for row in &rows {
@@ -308,16 +322,16 @@ where
                 now + TimeDelta::from_std(began.elapsed()).unwrap_or_default(),
             )
             .await;
-            let (all, announcement) = apply(rows).await;
-            announced.merge(announcement);
-            if !all {
+            if !apply(rows).await {
                 return Ok(None);
             }
         }
         if !full {
-            return Ok(Some(next));
+            break;
         }
     }
+    next.coarsen();
+    Ok(Some(next))
 }
 
 const CLOCK_MARGIN_STD: Duration = Duration::from_secs(1);
@@ -356,6 +370,22 @@ impl Ids {
             });
         }
         self.top = id;
+    }
+
+    /// Past [`MOST_GAPS`], the gaps become one range (one query all the same; the rows read in
+    /// it already are read again, and skipped as applied).
+    fn coarsen(&mut self) {
+        if self.gaps.len() <= MOST_GAPS {
+            return;
+        }
+        let from = self.gaps.iter().map(|g| g.from).min().unwrap_or(0);
+        let to = self.gaps.iter().map(|g| g.to).max().unwrap_or(0);
+        let until = self.gaps.iter().map(|g| g.until).max();
+        self.gaps = vec![Gap {
+            from,
+            to,
+            until: until.unwrap_or_else(Instant::now),
+        }];
     }
 
     /// A row appeared in a gap: its id is read.
@@ -456,21 +486,21 @@ mod tests {
         applied: &RefCell<Vec<i64>>,
         fail: bool,
     ) -> Option<Ids> {
-        let mut announced = Announcement::default();
         let apply = |rows: Vec<ProfileInvalidation>| async move {
             if !fail {
                 applied.borrow_mut().extend(rows.iter().map(|r| r.id));
             }
-            (!fail, Announcement::default())
+            !fail
         };
+        let high = log.visible.borrow().keys().max().copied().unwrap_or(0);
         follow_ids(
             at,
+            high,
             in_flight,
             Utc::now(),
             |top| std::future::ready(Ok(log.above(top))),
             |ranges| std::future::ready(Ok(log.within(&ranges))),
             apply,
-            &mut announced,
         )
         .await
         .unwrap()
@@ -527,7 +557,41 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(applied.borrow().len(), 1_234, "nothing read twice");
-        assert_eq!(*log.reads.borrow(), reads + 1, "one query at rest");
+        assert_eq!(
+            *log.reads.borrow(),
+            reads,
+            "at rest, the last id handed out says there is nothing to read"
+        );
+    }
+
+    /// A review found: with rows committed faster than a batch is applied, a pass that read
+    /// until nothing was left never ended (and copies were never trusted again). A pass reads
+    /// up to the last id handed out when it began.
+    #[tokio::test]
+    async fn a_pass_ends_at_the_id_it_began_with() {
+        let log = Log::default();
+        for id in 1..=2_000 {
+            log.commit(id);
+        }
+        let applied = RefCell::new(0usize);
+        let apply = |rows: Vec<ProfileInvalidation>| {
+            *applied.borrow_mut() += rows.len();
+            std::future::ready(true)
+        };
+        let at = follow_ids(
+            &Ids::default(),
+            700,
+            TimeDelta::seconds(60),
+            Utc::now(),
+            |top| std::future::ready(Ok(log.above(top))),
+            |ranges| std::future::ready(Ok(log.within(&ranges))),
+            apply,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(at.top, 1_000, "two batches, the second past the id");
+        assert_eq!(*applied.borrow(), 1_000);
     }
 
     #[tokio::test]

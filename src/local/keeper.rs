@@ -208,7 +208,7 @@ async fn keep(cache: LocalCache, stop: CancellationToken) {
             let renewed = renew(&cache, held.as_ref(), epoch);
             held = match store::in_background(renewed).await {
                 Ok(next) => {
-                    let _ = store::in_background(count_leases(&cache, &mut counted)).await;
+                    count_leases(&cache, &mut counted);
                     Some(next)
                 }
                 // Tried again next beat; meanwhile the lease runs out on its own.
@@ -254,15 +254,19 @@ async fn release(cache: &LocalCache) -> Result<(), StoreError> {
 /// cost every instance work that grows with the fleet.
 const COUNT_LEASES: Duration = Duration::from_secs(60);
 
-/// Refreshes `authd_local_cache_instances` when its count is older than [`COUNT_LEASES`].
-async fn count_leases(cache: &LocalCache, counted: &mut Option<std::time::Instant>) {
+/// Refreshes `authd_local_cache_instances` when its count is older than [`COUNT_LEASES`], on a
+/// task of its own: a slow count never delays a renewal.
+fn count_leases(cache: &LocalCache, counted: &mut Option<std::time::Instant>) {
     if counted.is_some_and(|at| at.elapsed() < COUNT_LEASES) {
         return;
     }
-    if let Ok(held) = cache.shared.db.leases().held().await {
-        cache.shared.metrics.local_instances.set(held);
-        *counted = Some(std::time::Instant::now());
-    }
+    *counted = Some(std::time::Instant::now());
+    let shared = cache.shared.clone();
+    tokio::spawn(store::in_background(async move {
+        if let Ok(held) = shared.db.leases().held().await {
+            shared.metrics.local_instances.set(held);
+        }
+    }));
 }
 
 /// The lease and entry gauges.

@@ -203,6 +203,19 @@ impl OutboxRepo<'_> {
         self.0.run(query.fetch_one(self.0.pool())).await
     }
 
+    /// The last id each log's sequence handed out (sessions, profiles; 0 before the first).
+    /// It never goes back but when the database's history did (a restore, a standby promoted
+    /// without the last commits): a follower that read past it starts over.
+    pub async fn highs(&self) -> Result<(i64, i64), StoreError> {
+        let query = sqlx::query_as::<_, (i64, i64)>(
+            "select coalesce(pg_sequence_last_value(
+                        pg_get_serial_sequence('session_invalidations', 'id')::regclass), 0),
+                    coalesce(pg_sequence_last_value(
+                        pg_get_serial_sequence('profile_invalidations', 'id')::regclass), 0)",
+        );
+        self.0.run(query.fetch_one(self.0.pool())).await
+    }
+
     /// Session invalidations with an id above `above`, in id order, at most `limit`.
     pub async fn sessions_above(
         &self,
