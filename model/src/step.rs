@@ -615,13 +615,13 @@ impl Protocol {
             s.nodes[i].followed = version;
             Self::forget(s, i);
         }
-        if version > 0 && !applied(s.nodes[i].applied, identity, version) {
+        // A key whose own write failed here is written again, whoever announced it
+        // (`Redis::unapplied` while anything is pending): only its own write clears it.
+        if version > 0 && (!applied(s.nodes[i].applied, identity, version) || s.nodes[i].pending) {
             raise(s, version, self.cfg.faults.redis_failover);
             s.nodes[i].applied = (identity, version);
-            announce(self, s, i, version);
-        }
-        if version > 0 && applied(s.nodes[i].applied, identity, version) {
             s.nodes[i].pending = false;
+            announce(self, s, i, version);
         }
         let n = &mut s.nodes[i];
         if self.cfg.bugs.retry_from_position {
