@@ -14,11 +14,15 @@
 //! bound after its commit; and no wait may outlast the lease its request timeout was checked
 //! against.
 //!
+//! [`reader`] is a second, smaller model: the follower's reading of a log once, by ids and
+//! gaps.
+//!
 //! Each bug a review found is behind a flag of [`config::Bugs`]; the tests assert that the checker
 //! finds a counterexample with each flag on, and none with all off. Each action names the function
 //! of `src/` it models ([`action::Action::origin`]; a test checks they exist).
 pub mod action;
 pub mod config;
+pub mod reader;
 pub mod state;
 mod step;
 
