@@ -186,7 +186,14 @@ impl Follower {
                 all
             },
         );
-        let sessions = sessions.await?;
+        let sessions = match sessions.await {
+            Ok(sessions) => sessions,
+            Err(error) => {
+                // Where it stood is still right: the next pass goes on from there.
+                progress.reading = Some(reading);
+                return Err(error);
+            }
+        };
         let profiles = follow_ids(
             &reading.profiles,
             highs.1,
@@ -200,7 +207,13 @@ impl Follower {
                 all
             },
         );
-        let profiles = profiles.await?;
+        let profiles = match profiles.await {
+            Ok(profiles) => profiles,
+            Err(error) => {
+                progress.reading = Some(reading);
+                return Err(error);
+            }
+        };
         let (Some(sessions), Some(profiles)) = (sessions, profiles) else {
             // Read again next pass (what was written is recorded, and skipped then).
             progress.reading = Some(reading);
