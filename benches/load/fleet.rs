@@ -68,7 +68,7 @@ impl Fleet {
             let mut settings = setup::settings(true, &db_name, &prefix);
             settings.local_cache.enabled = local_cache;
             settings.database.max_connections = 6;
-            settings.database.min_connections = 0;
+            settings.database.min_connections = 2;
             settings.redis.pool_size = 2;
             servers.push(setup::serve(settings).await?);
         }
@@ -191,8 +191,16 @@ async fn measure(
     for user in &users {
         setup::seed_sessions(server, user, SESSIONS_PER_USER - 1).await?;
     }
-    // Each instance's first calls open its connections and load its keys: not measured.
+    // Each instance's first calls open its connections and load its keys (one Logout each, of
+    // a session of its own, makes the revocation path's): not measured. The sessions then
+    // revoked are cached as they would be in use.
+    let spare = setup::seed_sessions(server, &owner, instances).await?;
     for (k, channel) in fleet.channels.iter().enumerate() {
+        AuthServiceClient::new(channel.clone())
+            .logout(pb::LogoutRequest {
+                session_token: spare[k].clone(),
+            })
+            .await?;
         for token in tokens.iter().skip(k).step_by(instances) {
             AuthServiceClient::new(channel.clone())
                 .validate_session(pb::ValidateSessionRequest {
