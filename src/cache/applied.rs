@@ -56,6 +56,11 @@ impl Announcement {
         self.sessions.is_empty() && self.profiles.is_empty()
     }
 
+    /// The rows it names.
+    pub fn len(&self) -> usize {
+        self.sessions.len() + self.profiles.len()
+    }
+
     /// Split so that none names more than `most` rows.
     pub fn chunks(self, most: usize) -> Vec<Announcement> {
         let part = |sessions: &[(i64, i64)], profiles: &[(i64, i64)]| Announcement {

@@ -36,6 +36,9 @@ pub const BATCH: i64 = 500;
 /// certainly not after PostgreSQL's time at the read.
 const CLOCK_MARGIN: TimeDelta = TimeDelta::seconds(1);
 
+/// A follower announces a batch's writes only up to this many rows (see [`Follower::pass`]).
+const ANNOUNCE_MOST: usize = 50;
+
 /// Gaps one log may carry before they are merged into one range (each is a range of ids, so this
 /// is only reached by many transactions rolled back or in flight at once).
 const MOST_GAPS: usize = 10_000;
@@ -173,6 +176,8 @@ impl Follower {
         let now = read_at + CLOCK_MARGIN;
         // Each batch's writes are announced as soon as they are made: followers racing over
         // rows nobody announced (the previous release's, a revoker's failed write) stop early.
+        // Not a backlog's (a new generation's window): every follower reads it at once anyway,
+        // and its announcements, delivered to every instance, could overflow their buffers.
         let sessions = follow_ids(
             &reading.sessions,
             highs.0,
@@ -182,7 +187,9 @@ impl Follower {
             |ranges| async move { outbox.sessions_within(&ranges).await },
             |rows| async move {
                 let (all, announcement) = self.auth.apply(&rows).await;
-                self.local.announce(announcement).await;
+                if announcement.len() <= ANNOUNCE_MOST {
+                    self.local.announce(announcement).await;
+                }
                 all
             },
         );
@@ -203,7 +210,9 @@ impl Follower {
             |ranges| async move { outbox.profiles_within(&ranges).await },
             |rows| async move {
                 let (all, announcement) = self.profiles.apply(&rows).await;
-                self.local.announce(announcement).await;
+                if announcement.len() <= ANNOUNCE_MOST {
+                    self.local.announce(announcement).await;
+                }
                 all
             },
         );
