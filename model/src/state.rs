@@ -179,6 +179,9 @@ pub struct Call {
     /// Some attempt's Redis write of the covered version was confirmed.
     pub redis_confirmed: bool,
     pub ok: Option<Promise>,
+    /// Instances (a bit each) whose acknowledgement of the current attempt's message arrived
+    /// before its holders were read (the keys are published right after the Redis write).
+    pub acked: u8,
     /// An attempt was cut by the server's timeout after it committed (CANCELLED).
     pub cancelled: bool,
 }

@@ -379,6 +379,7 @@ impl Protocol {
                 c.node = i;
                 c.deadline_in = cfg.request_timeout;
                 c.stage = Stage::Commit;
+                c.acked = 0;
             }
             Action::CallCommit => self.call_commit(&mut s),
             Action::CallRedisWrite => self.call_redis_write(&mut s),
@@ -700,12 +701,15 @@ impl Protocol {
                 attempt,
             } => {
                 let c = &mut s.call;
-                if c.attempts == attempt
-                    && c.node == to
-                    && let Stage::Wait { waits, .. } = &mut c.stage
-                {
-                    for w in waits.iter_mut().filter(|w| w.node == holder) {
-                        w.done = true;
+                if c.attempts == attempt && c.node == to {
+                    match &mut c.stage {
+                        Stage::Wait { waits, .. } => {
+                            for w in waits.iter_mut().filter(|w| w.node == holder) {
+                                w.done = true;
+                            }
+                        }
+                        Stage::ReadHolders => c.acked |= 1 << holder,
+                        _ => {}
                     }
                 }
             }
@@ -848,19 +852,21 @@ impl Protocol {
             }
         }
         Self::forget(s, c);
+        // `LocalCache::invalidate`: the keys are published as soon as the Redis write is done,
+        // to every instance subscribed (the holders, read next, acknowledge them).
+        if self.cfg.nodes[c].redis && s.nodes[c].redis_link {
+            for j in (0..s.nodes.len()).filter(|j| *j != c && self.cfg.nodes[*j].local) {
+                s.wire.push(Wire::Invalidation {
+                    to: j as u8,
+                    from: c as u8,
+                    attempt: s.call.attempts,
+                });
+            }
+            s.wire.sort();
+        }
         s.call.stage = Stage::ReadHolders;
         if self.cfg.change == Change::Eviction && self.cfg.bugs.eviction_without_wait {
             // Case 2: announced to everyone, waited for by no one.
-            if self.cfg.nodes[c].redis && s.nodes[c].redis_link {
-                for j in (0..s.nodes.len()).filter(|j| *j != c && self.cfg.nodes[*j].local) {
-                    s.wire.push(Wire::Invalidation {
-                        to: j as u8,
-                        from: c as u8,
-                        attempt: s.call.attempts,
-                    });
-                }
-                s.wire.sort();
-            }
             s.call.stage = Stage::Wait {
                 waits: Vec::new(),
                 since_age: 0,
@@ -869,7 +875,7 @@ impl Protocol {
         }
     }
 
-    /// `LeaseRepo::holders` and the publish after it: every other live lease, and (the fix of
+    /// `LeaseRepo::holders` (the keys were published before it): every other live lease, and (the fix of
     /// a PostgreSQL failover) for one lease after a new timeline was first seen, whoever may
     /// have held one before it.
     fn read_holders(&self, s: &mut State) {
@@ -907,15 +913,11 @@ impl Protocol {
         {
             s.violation = Some(Violation::WaitOutlastsTimeout { holder: w.node });
         }
-        if self.cfg.nodes[c].redis && s.nodes[c].redis_link {
-            for w in waits.iter().filter(|w| w.node != ANYONE) {
-                s.wire.push(Wire::Invalidation {
-                    to: w.node,
-                    from: c as u8,
-                    attempt: s.call.attempts,
-                });
+        // Acknowledgements that arrived before the read count.
+        for w in waits.iter_mut().filter(|w| w.node != ANYONE) {
+            if s.call.acked & (1 << w.node) != 0 {
+                w.done = true;
             }
-            s.wire.sort();
         }
         s.call.stage = Stage::Wait {
             waits,
@@ -994,6 +996,7 @@ pub(crate) fn initial(p: &Protocol) -> State {
             committed_age: 0,
             redis_confirmed: false,
             ok: None,
+            acked: 0,
             cancelled: false,
         },
         legacy: None,

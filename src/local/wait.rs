@@ -26,22 +26,34 @@ use crate::{
 pub(super) struct Waits(Mutex<HashMap<u64, Arc<Waiter>>>);
 
 /// One wait: the (instance, message nonce) pairs not acknowledged yet.
+#[derive(Default)]
 pub(super) struct Waiter {
-    pending: Mutex<HashSet<(Uuid, u64)>>,
+    pending: Mutex<Pending>,
     done: Notify,
+}
+
+/// Before the holders are read, acknowledgements are kept aside (the keys went out first).
+#[derive(Default)]
+struct Pending {
+    holders_known: bool,
+    owed: HashSet<(Uuid, u64)>,
+    early: HashSet<(Uuid, u64)>,
 }
 
 impl LocalCache {
     /// Once `written` (the change's Redis write) is done, drops `keys` here and waits until no
     /// other instance can serve a copy of them (see the module comment). Call after the change
-    /// committed, with every key the call covers, whoever changed it. The lease holders are read
-    /// only after `written`: an instance that takes a lease after that read fills from a Redis
-    /// that has the change, and a holder's log read after it (`applied_through > since`) comes
-    /// after the Redis write too. UNAVAILABLE when the holders cannot be read, or when the wait
-    /// would outlast the call's deadline (`clock::deadline`).
+    /// committed, with every key the call covers, whoever changed it. The keys are published as
+    /// soon as `written` is done, to every instance subscribed then, and the lease holders read
+    /// after that: an instance that takes a lease after the read fills from a Redis that has the
+    /// change, and a holder's log read after it (`applied_through > since`) comes after the Redis
+    /// write too; a holder that was not subscribed when the keys went out resubscribed since,
+    /// which dropped its copies, and is waited for until it catches up or its lease ends. The
+    /// message travels while the holders are read. UNAVAILABLE when the holders cannot be read,
+    /// or when the wait would outlast the call's deadline (`clock::deadline`).
     ///
     /// `written` answers what it wrote to the cache ([`Announcement`]): the other instances hear
-    /// it with the keys, in the same message (or alone when there is nobody to wait for).
+    /// it with the keys, in the same message, at once.
     pub async fn invalidate(
         &self,
         keys: Keys,
@@ -55,37 +67,30 @@ impl LocalCache {
         let announcement = written.await;
         // After Redis: a fill that read the old copy before this cannot keep it.
         self.forget(&keys);
-        let read = self.shared.db.leases().holders(self.shared.instance).await;
-        let read = match read {
-            Ok(read) => read,
-            Err(error) => {
-                self.announce(announcement).await;
-                return Err(error);
-            }
-        };
-        if read.holders.is_empty() && read.window.is_none() {
-            self.announce(announcement).await;
-            self.waited(started, "none");
-            return Ok(());
-        }
         let partial = keys.partial;
         let chunks = keys.chunks(MESSAGE_KEYS);
         let nonces: Vec<u64> = chunks.iter().map(|_| fastrand::u64(1..)).collect();
-        // With some keys unnamed, each holder also owes an acknowledgement nobody sends (nonce 0
-        // is never drawn for a message).
-        let owed = nonces.iter().copied().chain(partial.then_some(0));
-        let owed: Vec<u64> = owed.collect();
-        let waiter = Arc::new(Waiter {
-            pending: Mutex::new(
-                read.holders
-                    .iter()
-                    .flat_map(|h| owed.iter().map(|n| (h.instance, *n)))
-                    .collect(),
-            ),
-            done: Notify::new(),
-        });
+        let waiter = Arc::new(Waiter::default());
         let _registered = Registered::new(&self.shared.waits, &nonces, &waiter);
         self.publish(chunks, &nonces, announcement).await;
+        let read = self
+            .shared
+            .db
+            .leases()
+            .holders(self.shared.instance)
+            .await?;
+        if read.holders.is_empty() && read.window.is_none() {
+            self.waited(started, "none");
+            return Ok(());
+        }
+        // With some keys unnamed, each holder also owes an acknowledgement nobody sends (nonce 0
+        // is never drawn for a message).
+        let owed: Vec<u64> = nonces.iter().copied().chain(partial.then_some(0)).collect();
+        waiter.expect(
+            read.holders
+                .iter()
+                .flat_map(|h| owed.iter().map(|n| (h.instance, *n))),
+        );
         let ended = self.wait_for(&read, &waiter).await;
         self.waited(started, ended.unwrap_or("deadline"));
         match ended {
@@ -231,22 +236,34 @@ impl Drop for Registered<'_> {
 }
 
 impl Waiter {
+    /// The holders are known: these pairs are owed, less what arrived already.
+    fn expect(&self, owed: impl IntoIterator<Item = (Uuid, u64)>) {
+        let mut pending = lock(&self.pending);
+        let early = std::mem::take(&mut pending.early);
+        pending.owed = owed.into_iter().filter(|p| !early.contains(p)).collect();
+        pending.holders_known = true;
+    }
+
     /// Keeps the (instance, nonce) pairs whose instance `keep` says; whether any went.
     fn retain(&self, keep: impl Fn(&Uuid) -> bool) -> bool {
         let mut pending = lock(&self.pending);
-        let before = pending.len();
-        pending.retain(|(instance, _)| keep(instance));
-        pending.len() != before
+        let before = pending.owed.len();
+        pending.owed.retain(|(instance, _)| keep(instance));
+        pending.owed.len() != before
     }
 
     /// The instances still owing an acknowledgement.
     fn instances(&self) -> HashSet<Uuid> {
-        lock(&self.pending).iter().map(|(i, _)| *i).collect()
+        lock(&self.pending).owed.iter().map(|(i, _)| *i).collect()
     }
 
     fn acknowledged(&self, instance: Uuid, nonce: u64) {
         let mut pending = lock(&self.pending);
-        if pending.remove(&(instance, nonce)) && pending.is_empty() {
+        if !pending.holders_known {
+            pending.early.insert((instance, nonce));
+            return;
+        }
+        if pending.owed.remove(&(instance, nonce)) && pending.owed.is_empty() {
             self.done.notify_one();
         }
     }
@@ -259,11 +276,11 @@ mod tests {
     #[test]
     fn a_wait_ends_when_every_holder_acknowledged_every_message() {
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let waiter = Waiter {
-            pending: Mutex::new([(a, 1), (a, 2), (b, 1), (b, 2)].into_iter().collect()),
-            done: Notify::new(),
-        };
+        let waiter = Waiter::default();
+        // Before the holders are read: kept aside, and counted once they are.
         waiter.acknowledged(a, 1);
+        waiter.expect([(a, 1), (a, 2), (b, 1), (b, 2)]);
+        assert_eq!(waiter.instances(), [a, b].into_iter().collect());
         waiter.acknowledged(a, 1);
         waiter.acknowledged(b, 3);
         assert_eq!(waiter.instances(), [a, b].into_iter().collect());
