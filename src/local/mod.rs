@@ -26,8 +26,9 @@
 //!   and UpdateProfile commit in PostgreSQL and write Redis as before, drop their own local
 //!   copies, then publish the keys on the Redis channel `<prefix>local:invalidations` and —
 //!   after the Redis write, so that an instance taking a lease later fills from the new state —
-//!   read the lease holders. (A holder that was not subscribed when the keys went out has
-//!   resubscribed since, which dropped its copies; it is waited for all the same.) The keys are every session the call covers that the logs say
+//!   read the lease holders. (A holder that did not get the message — not subscribed when it
+//!   went out — sends no acknowledgement and is waited for until it catches up or its lease
+//!   ends; one that did dropped the keys before acknowledging, whenever the ack arrives.) The keys are every session the call covers that the logs say
 //!   is revoked within the wait horizon ([`LocalCache::horizon`]), *whoever* revoked it: this
 //!   call, an earlier attempt whose answer was lost, another instance, the previous release. A
 //!   retry therefore waits exactly as long as the first attempt would have.

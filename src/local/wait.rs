@@ -47,9 +47,9 @@ impl LocalCache {
     /// soon as `written` is done, to every instance subscribed then, and the lease holders read
     /// after that: an instance that takes a lease after the read fills from a Redis that has the
     /// change, and a holder's log read after it (`applied_through > since`) comes after the Redis
-    /// write too; a holder that was not subscribed when the keys went out resubscribed since,
-    /// which dropped its copies, and is waited for until it catches up or its lease ends. The
-    /// message travels while the holders are read. UNAVAILABLE when the holders cannot be read,
+    /// write too; a holder that did not get the message (not subscribed when it went out) sends
+    /// no acknowledgement and is waited for until it catches up or its lease ends, and one that
+    /// did dropped the keys before acknowledging. The message travels while the holders are read. UNAVAILABLE when the holders cannot be read,
     /// or when the wait would outlast the call's deadline (`clock::deadline`).
     ///
     /// `written` answers what it wrote to the cache ([`Announcement`]): the other instances hear
