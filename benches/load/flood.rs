@@ -94,7 +94,7 @@ async fn flooded(
 ) -> anyhow::Result<Run> {
     let flood_channels = server.channels(load.connections).await?;
     let victim_channels = server.channels(1).await?;
-    let email = env.users[0].email.clone();
+    let email = env.victim.email.clone();
     let (queries, commands) = (server.db.queries_executed(), env.redis_commands().await?);
     let flooding =
         tokio::spawn(

@@ -43,6 +43,8 @@ pub struct Env {
     /// More, for `revoke_latency`.
     pub spare_local_tokens: Vec<String>,
     pub owner: User,
+    /// The floods' victim (see `flood`).
+    pub victim: User,
     pub redis: fred::clients::Client,
     database_url: String,
     db_name: String,
@@ -110,9 +112,12 @@ impl Env {
             .map_err(|e| anyhow::anyhow!("{} {}", e.setting, e.reason))?;
         let redis = fred::prelude::Builder::from_config(config).build()?;
         redis.init().await.context("the benchmark needs Redis")?;
-        let mut users = seed(&cached, users + 1).await?;
+        let mut users = seed(&cached, users + 2).await?;
         // A user of its own, never logged in by the other scenarios (a login would evict them).
         let owner = users.pop().context("at least one user")?;
+        // The floods' victim logs in over and over: past the session cap, each Login evicts one
+        // of its sessions, so it is none of the users whose sessions the scenarios validate.
+        let victim = users.pop().context("a victim")?;
         let spare_tokens = seed_sessions(&cached, &owner, spare).await?;
         let spare_local_tokens = seed_sessions(&cached, &owner, spare).await?;
         Ok(Self {
@@ -123,6 +128,7 @@ impl Env {
             spare_tokens,
             spare_local_tokens,
             owner,
+            victim,
             redis,
             db_name,
             prefix,
