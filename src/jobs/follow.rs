@@ -24,7 +24,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::{
     auth::AuthService,
-    cache::{Log, Redis},
+    cache::{Announcement, Log, Redis},
     local::LocalCache,
     profile::ProfileService,
     store::{Cursor, Db, Invalidation, ProfileInvalidation, StoreError},
@@ -178,47 +178,32 @@ impl Follower {
         // rows nobody announced (the previous release's, a revoker's failed write) stop early.
         // Not a backlog's (a new generation's window): every follower reads it at once anyway,
         // and its announcements, delivered to every instance, could overflow their buffers.
-        let sessions = follow_ids(
-            &reading.sessions,
-            highs.0,
-            self.in_flight,
-            now,
-            |above| outbox.sessions_above(above, BATCH),
-            |ranges| async move { outbox.sessions_within(&ranges).await },
-            |rows| async move {
-                let (all, announcement) = self.auth.apply(&rows).await;
-                if announcement.len() <= ANNOUNCE_MOST {
-                    self.local.announce(announcement).await;
-                }
-                all
-            },
-        );
-        let sessions = match sessions.await {
-            Ok(sessions) => sessions,
+        let read = async {
+            let sessions = follow_ids(
+                &reading.sessions,
+                highs.0,
+                self.in_flight,
+                now,
+                |above| outbox.sessions_above(above, BATCH),
+                |ranges| async move { outbox.sessions_within(&ranges).await },
+                |rows| async move { self.announce(self.auth.apply(&rows).await).await },
+            );
+            let sessions = sessions.await?;
+            let profiles = follow_ids(
+                &reading.profiles,
+                highs.1,
+                self.in_flight,
+                now,
+                |above| outbox.profiles_above(above, BATCH),
+                |ranges| async move { outbox.profiles_within(&ranges).await },
+                |rows| async move { self.announce(self.profiles.apply(&rows).await).await },
+            );
+            Ok::<_, StoreError>((sessions, profiles.await?))
+        };
+        let (sessions, profiles) = match read.await {
+            Ok(read) => read,
             Err(error) => {
                 // Where it stood is still right: the next pass goes on from there.
-                progress.reading = Some(reading);
-                return Err(error);
-            }
-        };
-        let profiles = follow_ids(
-            &reading.profiles,
-            highs.1,
-            self.in_flight,
-            now,
-            |above| outbox.profiles_above(above, BATCH),
-            |ranges| async move { outbox.profiles_within(&ranges).await },
-            |rows| async move {
-                let (all, announcement) = self.profiles.apply(&rows).await;
-                if announcement.len() <= ANNOUNCE_MOST {
-                    self.local.announce(announcement).await;
-                }
-                all
-            },
-        );
-        let profiles = match profiles.await {
-            Ok(profiles) => profiles,
-            Err(error) => {
                 progress.reading = Some(reading);
                 return Err(error);
             }
@@ -263,6 +248,15 @@ impl Follower {
         self.redis
             .prune_applied(Log::Profiles, horizon(reached.profiles_after));
         Ok(true)
+    }
+
+    /// Announces what one batch wrote, unless it is a backlog's (more than [`ANNOUNCE_MOST`]
+    /// rows); whether the whole batch reached the cache.
+    async fn announce(&self, (all, announcement): (bool, Announcement)) -> bool {
+        if announcement.len() <= ANNOUNCE_MOST {
+            self.local.announce(announcement).await;
+        }
+        all
     }
 
     /// Where a follower new to `namespace` starts: its cursor, and in each log the floor below
