@@ -60,6 +60,18 @@ fn outcome<T>(result: &Result<T, Status>) -> String {
         Err(status) if status.code() == Code::Unknown && status.message().contains("transport") => {
             "Transport".into()
         }
+        // A call sent on a connection the server had already sent GOAWAY on (its graceful
+        // shutdown): h2 fails the stream with NO_ERROR, which tonic's client maps to INTERNAL
+        // ("h2 protocol error: … not a result of an error"). The server never saw the call; the
+        // code is the client library's, so it counts as no answer (excused while the instance
+        // stops, like a refused connection). Any other INTERNAL stays a violation.
+        Err(status)
+            if status.code() == Code::Internal
+                && status.message().starts_with("h2 protocol error")
+                && status.message().contains("not a result of an error") =>
+        {
+            "Transport".into()
+        }
         Err(status) => format!("{:?}", status.code()),
     }
 }
