@@ -132,6 +132,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 }
 
 async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    Db::check(&settings.database)?;
     let db = Db::connect(&settings.database, authd::metrics::Metrics::new())
         .await
         .context("cannot reach PostgreSQL at DATABASE__URL")?;

@@ -11,6 +11,12 @@ pub struct Invalid {
     pub reason: String,
 }
 
+impl From<Invalid> for crate::config::ConfigError {
+    fn from(error: Invalid) -> Self {
+        Self::invalid(error.setting, error.reason)
+    }
+}
+
 pub fn invalid(setting: &'static str, reason: impl Into<String>) -> Invalid {
     Invalid {
         setting,

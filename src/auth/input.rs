@@ -10,9 +10,9 @@ use secrecy::SecretString;
 use unicode_normalization::UnicodeNormalization;
 
 use super::session::ClientInfo;
+pub use crate::config::PASSWORD_MAX_CHARS;
 
 pub const EMAIL_MAX_CHARS: usize = 254;
-pub const PASSWORD_MAX_CHARS: usize = 128;
 pub const DISPLAY_NAME_MAX_CHARS: usize = 64;
 pub const USER_AGENT_MAX_CHARS: usize = 512;
 /// A request records at most this many violations (each field at most once): a request that

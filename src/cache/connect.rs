@@ -223,6 +223,34 @@ fn client_tls(settings: &RedisSettings) -> Result<ClientConfig, Invalid> {
 mod tests {
     use super::*;
 
+    /// `config` only parses; what only fred can judge is judged here, at startup, naming the
+    /// setting (an unusable URL used to be found by `Settings::load`).
+    #[test]
+    fn a_url_fred_cannot_use_is_an_invalid_setting_naming_it() {
+        for url in ["http://x", "redis://a:1,b:2", "memcached://h:11211"] {
+            let settings = crate::config::RedisSettings {
+                url: url.to_owned().into(),
+                ..Default::default()
+            };
+            let error = crate::cache::Redis::check(&settings)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.starts_with("invalid setting REDIS__URL: "),
+                "{url}: {error}"
+            );
+        }
+        let off = crate::config::RedisSettings {
+            url: "http://x".to_owned().into(),
+            enabled: false,
+            ..Default::default()
+        };
+        assert!(
+            crate::cache::Redis::check(&off).is_ok(),
+            "Redis off: the URL is not used"
+        );
+    }
+
     #[test]
     fn host_lists_and_service_names_become_fred_parameters() {
         let (url, d, tls) = normalize_url("redis-cluster://a:1,b:2,c:3").unwrap();

@@ -154,7 +154,7 @@ where
             // On a task of its own, run to its end: a caller that hangs up, or a deadline that
             // passes, must not cut a PostgreSQL statement short mid-conversation — sqlx 0.9 then
             // never gives the connection back to its pool, and a few such calls would empty a
-            // share of it for good (`hardening::calls_cut_short_leave_the_pool_whole`). What the
+            // share of it for good (`hardening::pool::calls_cut_short_leave_the_pool_whole`). What the
             // call awaits is bounded anyway (statements by DATABASE__QUERY_TIMEOUT, waits by the
             // deadline it knows).
             let call = tokio::spawn(call);

@@ -16,7 +16,6 @@ use crate::{
     cache::Redis,
     clock::Clock,
     config::Settings,
-    grpc::tls::TlsServer,
     health::Health,
     metrics::Metrics,
     store::{self, Db},
@@ -68,8 +67,9 @@ pub struct Jobs {
     pub health: Arc<Health>,
     pub clock: Arc<Clock>,
     pub metrics: Arc<Metrics>,
-    /// TLS files to watch for rotation.
-    pub tls: Option<Arc<TlsServer>>,
+    /// Reloads the gRPC port's TLS files when they rotated (every
+    /// `GRPC__TLS__RELOAD_INTERVAL`).
+    pub reload_tls: Option<Arc<dyn Fn() + Send + Sync>>,
     /// AdminService (its keys file to watch).
     pub admin: Option<Arc<AdminService>>,
 }
@@ -85,13 +85,13 @@ impl Jobs {
             health,
             clock,
             metrics,
-            tls,
+            reload_tls,
             admin,
         } = self;
         let mut jobs = Vec::new();
-        if let Some(tls) = tls {
+        if let Some(reload_tls) = reload_tls {
             let reload = move || {
-                tls.reload();
+                reload_tls();
                 async {}
             };
             jobs.push(tokio::spawn(every(

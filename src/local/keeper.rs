@@ -21,8 +21,10 @@ use super::{
 };
 use crate::{
     clock::{RATE_MARGIN, boot_us},
-    jobs::follow::{BATCH, follow_log},
-    store::{self, StoreError},
+    store::{
+        self, StoreError,
+        follow::{BATCH, follow_log},
+    },
 };
 
 /// Messages the subscriber may fall behind by before it counts itself deaf.

@@ -12,6 +12,7 @@ mod degraded;
 mod deployments;
 mod fleet;
 mod hardening;
+mod layers;
 mod lease_cases;
 mod local_cache;
 mod login;

@@ -14,7 +14,7 @@ use crate::{
     },
     cache::{ProfileCache, RateLimiter, Redis, SessionStore},
     clock::Clock,
-    config::Settings,
+    config::{ConfigError, Settings},
     grpc::{
         admin::{AdminGrpc, AdminServiceServer},
         auth::{AuthGrpc, AuthServiceServer},
@@ -31,6 +31,35 @@ use crate::{
     proto,
     store::Db,
 };
+
+/// What only a piece's own code can judge of the settings (`config` only parses): the gRPC
+/// port's certificates, the admin keys file, the fred configuration and `DATABASE__URL`'s TLS
+/// parameters. Judged first, before anything listens or connects, so that a wrong setting stops
+/// startup (exit 2, naming it) whatever else is down; the pieces loaded on the way are kept.
+struct Judged {
+    tls: Option<Arc<TlsServer>>,
+    access: Option<Access>,
+}
+
+impl Judged {
+    fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
+        let tls = match settings.grpc.tls.enabled() {
+            true => Some(Arc::new(TlsServer::load(&settings.grpc.tls)?)),
+            false => None,
+        };
+        let access = Access::from_settings(&settings.admin)
+            .map_err(|reason| ConfigError::invalid("ADMIN__API_KEYS_FILE", reason))?;
+        Db::check(&settings.database)?;
+        Redis::check(&settings.redis)?;
+        Ok(Self { tls, access })
+    }
+}
+
+mod lease;
+mod ports;
+
+use lease::fleet_lease;
+use ports::{HEALTH_MAX_MESSAGE, serve_health, serve_metrics};
 
 pub struct Application {
     listener: TcpListener,
@@ -53,16 +82,26 @@ pub struct Application {
 impl Application {
     /// Binds `GRPC__ADDR` and builds everything.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let judged = Judged::from_settings(&settings)?;
         let listener = TcpListener::bind(settings.grpc.addr)
             .await
             .with_context(|| format!("cannot listen on GRPC__ADDR={}", settings.grpc.addr))?;
-        Self::build_with_listener(settings, listener).await
+        Self::build_judged(settings, listener, judged).await
     }
 
     /// Builds on a listener the caller bound (tests bind `127.0.0.1:0`).
     pub async fn build_with_listener(
         settings: Settings,
         listener: TcpListener,
+    ) -> anyhow::Result<Self> {
+        let judged = Judged::from_settings(&settings)?;
+        Self::build_judged(settings, listener, judged).await
+    }
+
+    async fn build_judged(
+        settings: Settings,
+        listener: TcpListener,
+        Judged { tls, access }: Judged,
     ) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
         let metrics_listener = match settings.metrics.enabled {
@@ -82,12 +121,6 @@ impl Application {
                     .with_context(|| format!("cannot listen on HEALTH__ADDR={addr}"))?,
             ),
             None => None,
-        };
-        let tls = match settings.grpc.tls.enabled() {
-            true => Some(Arc::new(TlsServer::load(&settings.grpc.tls).map_err(
-                |e| anyhow::anyhow!("invalid setting {}: {}", e.setting, e.reason),
-            )?)),
-            false => None,
         };
         let metrics = Metrics::new();
         let db = Arc::new(
@@ -181,9 +214,7 @@ impl Application {
             crate::store::in_flight(settings.database.query_timeout),
             settings.session.invalidation_interval + settings.redis.command_timeout,
         ));
-        let admin = match Access::from_settings(&settings.admin)
-            .map_err(|e| anyhow::anyhow!("invalid setting ADMIN__API_KEYS_FILE: {e}"))?
-        {
+        let admin = match access {
             Some(access) => {
                 if tls.is_none() && settings.admin.api_keys_file.is_some() {
                     tracing::warn!(
@@ -275,7 +306,12 @@ impl Application {
             health: health.clone(),
             clock: self.clock.clone(),
             metrics: self.metrics.clone(),
-            tls: self.tls.clone(),
+            reload_tls: self.tls.clone().map(|tls| {
+                let reload: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+                    tls.reload();
+                });
+                reload
+            }),
             admin: self.admin.clone(),
         }
         .spawn(&self.settings, &background);
@@ -440,88 +476,6 @@ impl Application {
     }
 }
 
-/// The lease length this instance holds and waits for: the fleet's (see
-/// `store::LeaseRepo::fleet_lease`). Every instance may wait for a holder's lease, its own cache
-/// on or off, so its request timeout must leave room for it; and this instance is recorded as
-/// running, so that no instance starting later sets a length it could not wait for.
-async fn fleet_lease(
-    settings: &Settings,
-    db: &Db,
-    redis: bool,
-    instance: uuid::Uuid,
-) -> anyhow::Result<Duration> {
-    let configured = settings.local_cache.lease;
-    let mine = (settings.local_cache.enabled && redis).then_some(configured);
-    let timeout = settings.grpc.request_timeout;
-    let covers = crate::clock::covers(timeout);
-    let mut fleet = db
-        .leases()
-        .fleet_lease(instance, mine, covers, false)
-        .await
-        .context("cannot read the fleet's lease from PostgreSQL")?;
-    if let Some(pause) = fleet.and_then(|f| f.confirm_after) {
-        tracing::warn!(
-            ?pause,
-            "LOCAL_CACHE__LEASE would replace the fleet's lease, but instances that held leases \
-             lately were not seen for a while (stopped, or PostgreSQL out of their reach): \
-             waiting to see whether they still run"
-        );
-        tokio::time::sleep(pause).await;
-        fleet = db
-            .leases()
-            .fleet_lease(instance, mine, covers, true)
-            .await
-            .context("cannot read the fleet's lease from PostgreSQL")?;
-    }
-    let Some(fleet) = fleet else {
-        // No instance ever had the cache on: nobody to wait for.
-        return Ok(configured);
-    };
-    if let Some(covered) = fleet.uncovered {
-        return Err(crate::config::ConfigError::invalid(
-            "LOCAL_CACHE__LEASE",
-            format!(
-                "must be at most {covered:?} while instances run whose GRPC__REQUEST_TIMEOUT \
-                 cannot wait for a longer lease (their revoking calls wait for every holder's \
-                 lease); raise their timeout first, or stop them"
-            ),
-        )
-        .into());
-    }
-    if !(Duration::from_millis(500)..=crate::local::LONGEST_LEASE).contains(&fleet.lease) {
-        return Err(crate::config::ConfigError::invalid(
-            "LOCAL_CACHE__LEASE",
-            format!(
-                "the fleet's lease in local_cache_fleet is {:?}, outside 500ms to 60s (edited \
-                 by hand?)",
-                fleet.lease
-            ),
-        )
-        .into());
-    }
-    if fleet.adopted {
-        tracing::warn!(
-            configured = ?configured,
-            fleet = ?fleet.lease,
-            "LOCAL_CACHE__LEASE differs from the lease the fleet holds; using the fleet's (it \
-             changes once no instance holding leases runs, e.g. once the whole fleet restarted)"
-        );
-    }
-    if fleet.lease > crate::clock::covers(timeout) {
-        let longest = crate::clock::lease_wait(fleet.lease) + crate::clock::WAIT_SLACK;
-        return Err(crate::config::ConfigError::invalid(
-            "GRPC__REQUEST_TIMEOUT",
-            format!(
-                "must be more than {longest:?}: a revoking call may wait for a lease of the \
-                 fleet's {:?} (plus 1% and 100ms) and needs a second more",
-                fleet.lease
-            ),
-        )
-        .into());
-    }
-    Ok(fleet.lease)
-}
-
 /// Reflection over authd's protos, the health protocol and the error details authd sends
 /// (`google.rpc.BadRequest`, `RetryInfo`), so grpcurl needs no proto files.
 fn reflection() -> tonic_reflection::server::Builder<'static> {
@@ -539,104 +493,3 @@ const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
 /// HTTP/2 pings on idle connections, and how long an answer may take.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-/// The health port: a health check is a few bytes; probes need a handful of connections (the
-/// kubelet's all come from the node's address), and live minutes at most.
-const HEALTH_MAX_MESSAGE: usize = 1024;
-const HEALTH_MAX_CONNECTIONS: usize = 64;
-const HEALTH_MAX_CONNECTIONS_PER_ADDRESS: usize = 16;
-const HEALTH_MAX_CONNECTION_AGE: Duration = Duration::from_secs(5 * 60);
-
-/// `grpc.health.v1` alone, in plain text, on `HEALTH__ADDR` (Kubernetes probes cannot speak
-/// TLS). It reports what the main port's health service reports, within small bounds of its own.
-async fn serve_health(
-    listener: TcpListener,
-    health: tonic_health::pb::health_server::HealthServer<crate::health::Watched>,
-    ipv6_prefix: u8,
-    stop: CancellationToken,
-) {
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let caps = limits::Caps {
-        total: HEALTH_MAX_CONNECTIONS,
-        per_address: HEALTH_MAX_CONNECTIONS_PER_ADDRESS,
-        opening_bytes: limits::HTTP2_OPENING,
-        ipv6_prefix,
-    };
-    let served = Server::builder()
-        .timeout(Duration::from_secs(5))
-        .max_connection_age(HEALTH_MAX_CONNECTION_AGE)
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .max_concurrent_streams(8)
-        .initial_stream_window_size(64 * 1024)
-        .initial_connection_window_size(64 * 1024)
-        .http2_max_header_list_size(8 * 1024)
-        .add_service(health)
-        .serve_with_incoming_shutdown(limits::limit(incoming, caps), stop.cancelled())
-        .await;
-    if let Err(error) = served {
-        tracing::error!(%error, "the health endpoint failed");
-    }
-}
-
-/// A connection to `/metrics` lives at most this long (a scraper simply reconnects).
-const METRICS_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
-
-/// `GET /metrics` in the Prometheus text format (HTTP/1.1): at most `METRICS__MAX_CONNECTIONS`
-/// connections, each closed when a request's headers take longer than
-/// `METRICS__HEADER_READ_TIMEOUT`.
-async fn serve_metrics(
-    listener: TcpListener,
-    settings: crate::config::MetricsSettings,
-    metrics: Arc<Metrics>,
-    db: Arc<Db>,
-    stop: CancellationToken,
-) {
-    use futures::StreamExt;
-    use hyper_util::rt::{TokioIo, TokioTimer};
-
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let (metrics, db) = (metrics.clone(), db.clone());
-            async move {
-                db.record_pool_metrics();
-                (
-                    [("content-type", "text/plain; version=0.0.4")],
-                    metrics.render(),
-                )
-            }
-        }),
-    );
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    // An HTTP/1 request line can be short; the header read timeout bounds the rest.
-    let caps = limits::Caps {
-        total: settings.max_connections,
-        per_address: settings.max_connections_per_address,
-        opening_bytes: 1,
-        ipv6_prefix: 64,
-    };
-    let limited = limits::limit(incoming, caps);
-    let mut incoming = Box::pin(limited);
-    loop {
-        let accepted = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = incoming.next() => accepted,
-        };
-        let stream = match accepted {
-            Some(Ok(stream)) => stream,
-            Some(Err(error)) => {
-                tracing::debug!(%error, "metrics connection not accepted");
-                continue;
-            }
-            None => return,
-        };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        tokio::spawn(async move {
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(settings.header_read_timeout)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(METRICS_CONNECTION_LIFETIME, connection).await;
-        });
-    }
-}

@@ -1,0 +1,152 @@
+//! Loading settings: defaults, files, environment, and the messages that name what is wrong.
+#![allow(clippy::result_large_err)] // figment's Jail closures return its large error type
+use figment::Jail;
+
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+
+use super::*;
+
+fn load_err(jail: &mut Jail, key: &str, value: &str) -> String {
+    jail.set_env(key, value);
+    let error = match Settings::load(None) {
+        Ok(_) => panic!("{key}={value} was accepted"),
+        Err(e) => e.to_string(),
+    };
+    jail.clear_env();
+    error
+}
+
+#[test]
+fn defaults_work_on_a_developer_machine() {
+    Jail::expect_with(|_| {
+        let s = Settings::load(None).unwrap();
+        assert_eq!(s.grpc.addr, "0.0.0.0:50051".parse().unwrap());
+        assert_eq!(
+            s.database.url.expose_secret(),
+            "postgres://postgres@127.0.0.1:5432/authd"
+        );
+        assert!(s.redis.enabled);
+        assert_eq!(s.redis.key_prefix, "authd:");
+        assert_eq!(s.session.idle_timeout, Duration::from_secs(7 * 86400));
+        assert_eq!(s.session.absolute_timeout, Duration::from_secs(30 * 86400));
+        assert_eq!(s.session.touch_interval, Duration::from_secs(300));
+        assert!(s.auth.hash_concurrency >= 1);
+        Ok(())
+    });
+}
+
+#[test]
+fn file_then_environment_override_defaults() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "authd.toml",
+            "[redis]\nenabled = false\nkey_prefix = \"file:\"\n[session]\nidle_timeout = \"1h\"\n",
+        )?;
+        jail.set_env("SESSION__IDLE_TIMEOUT", "30m");
+        jail.set_env("GRPC__ADDR", "127.0.0.1:6000");
+        let s = Settings::load(Some(Path::new("authd.toml"))).unwrap();
+        assert!(!s.redis.enabled);
+        assert_eq!(s.redis.key_prefix, "file:");
+        assert_eq!(s.session.idle_timeout, Duration::from_secs(1800));
+        assert_eq!(s.grpc.addr, "127.0.0.1:6000".parse().unwrap());
+        Ok(())
+    });
+}
+
+#[test]
+fn database_url_is_honoured_below_the_sectioned_name() {
+    Jail::expect_with(|jail| {
+        jail.set_env("DATABASE_URL", "postgres://a@h/x");
+        let s = Settings::load(None).unwrap();
+        assert_eq!(s.database.url.expose_secret(), "postgres://a@h/x");
+        jail.set_env("DATABASE__URL", "postgres://b@h/y");
+        let s = Settings::load(None).unwrap();
+        assert_eq!(s.database.url.expose_secret(), "postgres://b@h/y");
+        Ok(())
+    });
+}
+
+#[test]
+fn invalid_settings_are_named() {
+    Jail::expect_with(|jail| {
+        for (key, value) in [
+            ("REDIS__ENABLED", "maybe"),
+            ("SESSION__IDLE_TIMEOUT", "soon"),
+            ("SESSION__TOUCH_INTERVAL", "8d"),
+            ("DATABASE__MAX_CONNECTIONS", "0"),
+            ("DATABASE__URL", "mysql://x"),
+            ("REDIS__KEY_PREFIX", "has space"),
+            ("AUTH__HASH_CONCURRENCY", "0"),
+            ("REDIS__NO_SUCH_SETTING", "1"),
+            ("LOG__FORMAT", "xml"),
+        ] {
+            let error = load_err(jail, key, value);
+            assert!(error.contains(key), "{key}={value}: {error}");
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn local_cache_settings_are_checked_together() {
+    Jail::expect_with(|jail| {
+        for (key, value) in [
+            ("LOCAL_CACHE__LEASE", "100ms"),
+            ("LOCAL_CACHE__LEASE", "2m"),
+            ("LOCAL_CACHE__MAX_ENTRIES", "0"),
+        ] {
+            let error = load_err(jail, key, value);
+            assert!(error.contains(key), "{key}={value}: {error}");
+        }
+        jail.set_env("LOCAL_CACHE__ENABLED", "true");
+        let error = load_err(jail, "REDIS__ENABLED", "false");
+        assert!(error.contains("LOCAL_CACHE__ENABLED"), "{error}");
+        jail.set_env("LOCAL_CACHE__ENABLED", "true");
+        jail.set_env("LOCAL_CACHE__LEASE", "9s");
+        let error = load_err(jail, "GRPC__REQUEST_TIMEOUT", "10s");
+        assert!(error.contains("LOCAL_CACHE__LEASE"), "{error}");
+        jail.set_env("LOCAL_CACHE__ENABLED", "true");
+        let s = Settings::load(None).unwrap();
+        assert!(s.local_cache.enabled);
+        assert_eq!(s.local_cache.lease, Duration::from_secs(3));
+        Ok(())
+    });
+}
+
+#[test]
+fn passwords_are_read_verbatim_and_never_printed() {
+    Jail::expect_with(|jail| {
+        jail.set_env("REDIS__PASSWORD", "0031415926535897");
+        let s = Settings::load(None).unwrap();
+        let password = s
+            .redis
+            .password
+            .as_ref()
+            .unwrap()
+            .expose_secret()
+            .to_owned();
+        assert_eq!(password, "0031415926535897");
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("31415926535897"), "{debug}");
+        jail.set_env("REDIS__ENABLED", "maybe");
+        let error = Settings::load(None).unwrap_err().to_string();
+        assert!(!error.contains("31415926535897"), "{error}");
+        Ok(())
+    });
+}
+
+#[test]
+fn secrets_never_print() {
+    Jail::expect_with(|jail| {
+        jail.set_env("DATABASE__URL", "postgres://u:hunter2@h/db");
+        jail.set_env("REDIS__URL", "redis://:hunter3@h:6379");
+        let debug = format!("{:?}", Settings::load(None).unwrap());
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("hunter3"),
+            "{debug}"
+        );
+        Ok(())
+    });
+}
