@@ -4,7 +4,7 @@
 //! The server is started once per test binary from the machine's `initdb`/`postgres`, as the
 //! `postgres` OS user, with a server certificate for `localhost`/`127.0.0.1` from
 //! [`Certs`]. It is forked from a thread that lives as long as the binary with
-//! `PR_SET_PDEATHSIG = SIGKILL` (see `topology.rs`), so it dies with the binary however it ends;
+//! `PR_SET_PDEATHSIG = SIGKILL` (see `topology/process.rs`), so it dies with the binary however it ends;
 //! an exit hook shuts it down and removes its files when the binary exits normally.
 use std::{
     fs::File,

@@ -82,7 +82,8 @@ async fn reflection_can_be_turned_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_goes_not_serving_lets_calls_finish_and_stops_despite_watchers() {
     let mut settings = test_settings(Mode::Redis);
-    settings.grpc.shutdown_grace = Duration::from_secs(20);
+    // A grace no test waits out: a stop that ends at all ended because the calls were done.
+    settings.grpc.shutdown_grace = Duration::from_secs(3600);
     settings.auth.hash_concurrency = 1;
     let mut app = spawn_with(settings).await;
     let (email, _) = app.register().await;
@@ -108,7 +109,6 @@ async fn shutdown_goes_not_serving_lets_calls_finish_and_stops_despite_watchers(
         }
     });
     tokio::time::sleep(Duration::from_millis(30)).await;
-    let stopping = std::time::Instant::now();
     let stopped = tokio::spawn(async move { app.stop().await });
 
     assert_eq!(
@@ -123,14 +123,12 @@ async fn shutdown_goes_not_serving_lets_calls_finish_and_stops_despite_watchers(
         login.expect("in-flight calls complete");
     }
     // Open Watch streams do not hold the process up: it stops as soon as the calls are done,
-    // far within the 20 s grace.
-    tokio::time::timeout(Duration::from_secs(20), stopped)
+    // not when the (hour-long) grace runs out. (The timeout only keeps a failure from hanging.)
+    tokio::time::timeout(Duration::from_secs(60), stopped)
         .await
-        .expect("stopped within the grace period")
+        .expect("stopped once the calls were done, not after the grace")
         .unwrap()
         .expect("clean stop");
-    let took = stopping.elapsed();
-    assert!(took < Duration::from_secs(3), "stopping took {took:?}");
     // After the drain, new calls are refused: the old connection is closed (the first call on
     // it may see that as CANCELLED) and no new one is accepted.
     for _ in 0..2 {

@@ -181,4 +181,3 @@ async fn api_keys_admit_rotate_and_every_call_is_audited() {
         .await;
     assert!(denied >= 2.0, "{denied}");
 }
-

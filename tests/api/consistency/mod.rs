@@ -394,4 +394,3 @@ async fn a_full_redis_is_survived_and_drained() {
     }
     let _ = redis.quit().await;
 }
-

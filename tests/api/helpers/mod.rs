@@ -408,7 +408,6 @@ pub fn profile_key(app: &TestApp, user_id: &str) -> String {
     format!("{}profile:v2:{}", app.settings.redis.key_prefix, user_id)
 }
 
-
 pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) -> Status {
     match result {
         Err(status) if status.code() == code => status,

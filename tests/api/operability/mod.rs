@@ -340,4 +340,3 @@ async fn no_secret_reaches_the_logs_at_any_level() {
     }
     crate::helpers::drop_database(settings.database.url.expose_secret()).await;
 }
-

@@ -324,4 +324,3 @@ async fn health_reports_the_profile_service() {
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
 }
-

@@ -1,0 +1,211 @@
+//! The files shipped for deployments: every YAML parses, the manifests fit the service and are locked down.
+use super::*;
+
+/// Every YAML file the repository ships parses, and the Kubernetes manifests agree with the
+/// service (probes on the health names, a termination grace above the drain grace).
+#[test]
+fn every_shipped_yaml_file_parses_and_the_manifests_fit_the_service() {
+    use yaml_rust2::YamlLoader;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if path.is_dir() {
+                if !name.starts_with('.') && name != "target" && name != "node_modules" {
+                    dirs.push(path);
+                }
+            } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+                files.push(path);
+            }
+        }
+    }
+    assert!(files.len() >= 8, "{files:?}");
+    let mut all = String::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let docs =
+            YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        assert!(!docs.is_empty(), "{}", file.display());
+        all.push_str(&text);
+    }
+    let deployment =
+        std::fs::read_to_string(root.join("deploy/kubernetes/deployment.yaml")).unwrap();
+    let doc = &YamlLoader::load_from_str(&deployment).unwrap()[0];
+    let pod = &doc["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(
+        container["livenessProbe"]["grpc"]["service"].as_str(),
+        Some("liveness")
+    );
+    assert_eq!(
+        container["readinessProbe"]["grpc"]["service"].as_str(),
+        Some("")
+    );
+    // The gRPC port speaks TLS: probes use the plaintext health port, which the ConfigMap opens.
+    let health_port = container["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str() == Some("health"))
+        .and_then(|p| p["containerPort"].as_i64())
+        .expect("a health port");
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        assert_eq!(
+            container[probe]["grpc"]["port"].as_i64(),
+            Some(health_port),
+            "{probe}"
+        );
+    }
+    assert!(
+        all.contains(&format!("HEALTH__ADDR: \"0.0.0.0:{health_port}\"")),
+        "the ConfigMap opens the probes' port"
+    );
+    assert!(all.contains("kind: Certificate") && all.contains("secretName: authd-tls"));
+    let grace_s = pod["terminationGracePeriodSeconds"].as_i64().unwrap();
+    let drain: Duration = authd::config::Settings::default().grpc.shutdown_grace;
+    assert!(
+        grace_s as u64 > drain.as_secs(),
+        "terminationGracePeriodSeconds {grace_s} must exceed the drain grace"
+    );
+    for kind in [
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "ConfigMap",
+        "Secret",
+        "Job",
+    ] {
+        assert!(all.contains(&format!("kind: {kind}")), "missing a {kind}");
+    }
+    let compose = std::fs::read_to_string(root.join("docker-compose.yaml")).unwrap();
+    let compose = &YamlLoader::load_from_str(&compose).unwrap()[0];
+    for service in ["postgres", "redis", "authd"] {
+        assert!(
+            !compose["services"][service]["healthcheck"].is_badvalue(),
+            "{service} has a health check"
+        );
+    }
+    // Published on the loopback only: a trial is not an open PostgreSQL or Redis.
+    let services = compose["services"].as_hash().unwrap();
+    for (name, service) in services {
+        for port in service["ports"].as_vec().into_iter().flatten() {
+            let port = port.as_str().unwrap();
+            assert!(port.starts_with("127.0.0.1:"), "{name:?} publishes {port}");
+        }
+    }
+    // authd runs as the app role after the owner migrated (deploy/postgres/roles.sql).
+    let authd = &compose["services"]["authd"];
+    assert_eq!(
+        authd["environment"]["DATABASE__MIGRATE"].as_str(),
+        Some("false")
+    );
+    assert!(
+        authd["environment"]["DATABASE__URL"]
+            .as_str()
+            .unwrap()
+            .contains("authd_app")
+    );
+    assert_eq!(
+        authd["depends_on"]["migrate"]["condition"].as_str(),
+        Some("service_completed_successfully")
+    );
+    assert_eq!(
+        compose["services"]["migrate"]["command"][0].as_str(),
+        Some("migrate")
+    );
+    for volume in compose["services"]["postgres"]["volumes"].as_vec().unwrap() {
+        if let Some(local) = volume.as_str().unwrap().strip_prefix("./") {
+            let file = local.split(':').next().unwrap();
+            assert!(root.join(file).exists(), "{file} is mounted but missing");
+        }
+    }
+    assert!(
+        all.contains("DATABASE__MIGRATE: \"false\""),
+        "the Deployment does not migrate"
+    );
+    assert!(all.contains("args: [\"migrate\"]"), "a Job migrates");
+}
+
+/// The deployment files leave nothing open that authd does not need (issue "No caller can take
+/// authd down", finding 6): callers only from named namespaces, egress to DNS, PostgreSQL and
+/// Redis only, the runtime's default seccomp profile, no service-account token, base images
+/// pinned by digest, and CA roots in the runtime image (a managed Redis or PostgreSQL with a
+/// public certificate is verified with them).
+#[test]
+fn the_deployment_files_are_locked_down() {
+    use yaml_rust2::YamlLoader;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |file: &str| std::fs::read_to_string(root.join(file)).unwrap();
+    let policy = &YamlLoader::load_from_str(&read("deploy/kubernetes/networkpolicy.yaml")).unwrap()
+        [0]["spec"];
+    let types: Vec<_> = policy["policyTypes"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t.as_str())
+        .collect();
+    assert_eq!(types, ["Ingress", "Egress"]);
+    for rule in policy["ingress"].as_vec().unwrap() {
+        for from in rule["from"].as_vec().unwrap() {
+            let namespaces = &from["namespaceSelector"];
+            assert!(
+                namespaces["matchLabels"]["kubernetes.io/metadata.name"]
+                    .as_str()
+                    .is_some()
+                    || namespaces["matchExpressions"][0]["key"].as_str()
+                        == Some("kubernetes.io/metadata.name"),
+                "ingress from unnamed namespaces: {from:?}"
+            );
+        }
+    }
+    let egress_ports: Vec<i64> = policy["egress"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .flat_map(|rule| rule["ports"].as_vec().unwrap().iter())
+        .filter_map(|port| port["port"].as_i64())
+        .collect();
+    assert_eq!(egress_ports, [53, 53, 5432, 6379, 26379]);
+    for (file, pod) in [
+        ("deploy/kubernetes/deployment.yaml", 0),
+        ("deploy/kubernetes/migrate-job.yaml", 0),
+    ] {
+        let doc = &YamlLoader::load_from_str(&read(file)).unwrap()[pod];
+        let spec = &doc["spec"]["template"]["spec"];
+        assert_eq!(
+            spec["automountServiceAccountToken"].as_bool(),
+            Some(false),
+            "{file}"
+        );
+        assert_eq!(
+            spec["securityContext"]["seccompProfile"]["type"].as_str(),
+            Some("RuntimeDefault"),
+            "{file}"
+        );
+        let image = spec["containers"][0]["image"].as_str().unwrap();
+        assert!(!image.ends_with(":latest"), "{file}: {image}");
+    }
+    let dockerfile = read("Dockerfile");
+    let froms: Vec<_> = dockerfile
+        .lines()
+        .filter(|line| line.starts_with("FROM "))
+        .collect();
+    assert_eq!(froms.len(), 2);
+    for from in froms {
+        let image = from.split_whitespace().nth(1).unwrap();
+        let (_, digest) = image.split_once("@sha256:").expect("pinned by digest");
+        assert!(
+            digest.len() == 64 && digest.chars().all(|c| c.is_ascii_hexdigit()),
+            "{from}"
+        );
+    }
+    let runtime = dockerfile.rsplit("\nFROM ").next().unwrap();
+    assert!(
+        runtime.contains("install -y --no-install-recommends ca-certificates"),
+        "the runtime image has CA roots"
+    );
+}
