@@ -1,4 +1,4 @@
-//! A model of how a follower reads a log once (`jobs::follow::follow_ids`), checked on its own:
+//! A model of how a follower reads a log once (`store::follow::follow_ids`), checked on its own:
 //! transactions draw ids in order and commit or roll back in any order, each within the
 //! in-flight allowance; a follower's passes read what appeared in its gaps, then the rows above
 //! its top up to the last id drawn when the pass began, and keep a gap (an id skipped because
@@ -71,8 +71,8 @@ pub enum Action {
 pub fn origin(action: Action) -> Option<(&'static str, &'static str)> {
     match action {
         Action::PassBegin => Some(("src/store/outbox.rs", "highs")),
-        Action::PassGaps => Some(("src/jobs/follow.rs", "fill")),
-        Action::PassAbove => Some(("src/jobs/follow.rs", "extend")),
+        Action::PassGaps => Some(("src/store/follow.rs", "fill")),
+        Action::PassAbove => Some(("src/store/follow.rs", "extend")),
         _ => None,
     }
 }
@@ -82,7 +82,7 @@ pub fn origin(action: Action) -> Option<(&'static str, &'static str)> {
 pub struct Reader {
     /// Ids the transactions may draw.
     pub ids: u8,
-    /// Rows per batch (`jobs::follow::BATCH`).
+    /// Rows per batch (`store::follow::BATCH`).
     pub batch: u8,
     /// A gap kept for no allowance (dropped by the next pass): the mistake the allowance
     /// exists for.

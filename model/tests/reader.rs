@@ -1,4 +1,4 @@
-//! The follower's reader (`jobs::follow`), checked on its own: every completed pass read every row
+//! The follower's reader (`store::follow`), checked on its own: every completed pass read every row
 //! committed before it began, and without the in-flight allowance on gaps one does not.
 use authd_model::reader::{self, Action, COMPLETE, Reader};
 use stateright::{Checker, HasDiscoveries, Model};
