@@ -1,6 +1,8 @@
 //! `cargo bench --bench load [-- OPTIONS]`: authd's throughput and latency, side by side with
 //! the ceiling of the same server (its health check), against the local PostgreSQL and Redis.
 //! `--quick` is a short smoke run (CI runs it so the benchmark never rots).
+#[path = "../../tests/support/database.rs"]
+mod database;
 mod driver;
 mod fleet;
 mod flood;

@@ -197,20 +197,7 @@ impl Env {
     }
 }
 
-/// Drops the database of this URL (its servers stopped).
-pub async fn drop_database(database_url: &str) {
-    let Some((base, name)) = database_url.rsplit_once('/') else {
-        return;
-    };
-    if let Ok(mut conn) =
-        <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{base}/postgres")).await
-    {
-        let sql = format!("drop database if exists \"{name}\" with (force)");
-        let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .execute(&mut conn)
-            .await;
-    }
-}
+pub use crate::database::drop_database;
 
 /// The key the server mints with (the newest: one exists once it started), to mint tokens it
 /// accepts for sessions written straight to the store.

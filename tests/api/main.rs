@@ -1,5 +1,7 @@
 //! Integration tests: gRPC against a real authd backed by real PostgreSQL and Redis.
 mod binary;
+#[path = "../support/database.rs"]
+mod database;
 mod helpers;
 #[path = "../support/proxy.rs"]
 mod proxy;

@@ -492,24 +492,7 @@ pub fn violation_fields(status: &Status) -> Vec<String> {
         .collect()
 }
 
-/// Drops the database of `url` (and every connection to it).
-pub async fn drop_database(url: &str) {
-    let Some((base, name)) = url.rsplit_once('/') else {
-        return;
-    };
-    // Bounded: a test that failed while its proxy black-holed PostgreSQL must end, not hang.
-    let drop = async {
-        if let Ok(mut conn) =
-            <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{base}/postgres")).await
-        {
-            let sql = format!("drop database if exists \"{name}\" with (force)");
-            let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .execute(&mut conn)
-                .await;
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(10), drop).await;
-}
+pub use crate::database::drop_database;
 
 /// A transaction of its own holding `tables` (`"profiles"`, `"sessions, profiles"`) in access
 /// exclusive mode: every statement of the app on them waits (PostgreSQL slow for them) until
