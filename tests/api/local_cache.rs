@@ -172,18 +172,39 @@ async fn a_paused_instance_holds_a_revocation_for_at_most_its_lease() {
     a.logout(&other).await.unwrap();
     paused.signal(libc::SIGSTOP);
     // A login is no revoking call: even one that finds revocations of its user queued does not
-    // wait for the paused instance.
-    let started = Instant::now();
+    // wait for the paused instance (no wait is counted; the logout's is).
+    let waits = |ended: &'static str| {
+        let a = &a;
+        async move {
+            a.metric(&format!(
+                "authd_local_cache_wait_seconds_count{{ended=\"{ended}\"}}"
+            ))
+            .await
+        }
+    };
+    let all = || async {
+        let mut counts = Vec::new();
+        for ended in ["acked", "caught_up", "lease_ended", "none"] {
+            counts.push(waits(ended).await);
+        }
+        counts
+    };
+    let before = all().await;
+    let ended_by_lease = waits("caught_up").await + waits("lease_ended").await;
     a.login(&email, PASSWORD).await.unwrap();
-    assert!(
-        started.elapsed() < lease.mul_f64(0.5),
-        "{:?}",
-        started.elapsed()
+    assert_eq!(
+        all().await,
+        before,
+        "the login waited for the other instances"
     );
     let started = Instant::now();
     a.logout(&token).await.unwrap();
     let waited = started.elapsed();
     paused.signal(libc::SIGCONT);
+    // The paused instance acknowledged nothing: the wait ended with its lease (seen by the
+    // poll, `caught_up`, or by the clock, `lease_ended`).
+    let unacked = waits("caught_up").await + waits("lease_ended").await;
+    assert_eq!(unacked, ended_by_lease + 1.0);
     assert!(
         waited >= lease.mul_f64(0.5),
         "the revocation waited for the paused instance's lease ({waited:?})"
