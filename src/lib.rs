@@ -24,18 +24,19 @@
 //!
 //! # Layers
 //!
-//! Imports point down. A module may import only the modules its row names (its own submodules
+//! Imports point down. A module imports exactly the modules its row names (its own submodules
 //! aside); `layers::every_import_points_down` (in `tests/api`) reads `src/` and fails naming the
-//! file and the import that does not, and checks that this table has no circle.
+//! file and the import that does not, or the arrow of the table nothing uses; another test checks
+//! that the table has no circle.
 //!
 //! | module | may import |
 //! |---|---|
-//! | `app` | `admin`, `auth`, `cache`, `clock`, `config`, `grpc`, `health`, `jobs`, `local`, `metrics`, `profile`, `proto`, `store`, `telemetry`, `tls_files` |
-//! | `healthcheck` | `grpc`, `tls_files` |
-//! | `grpc` | `admin`, `auth`, `profile`, `store`, `clock`, `config`, `metrics`, `model`, `proto`, `tls_files` |
+//! | `app` | `admin`, `auth`, `cache`, `clock`, `config`, `grpc`, `health`, `jobs`, `local`, `metrics`, `profile`, `proto`, `store` |
+//! | `healthcheck` | `grpc` |
+//! | `grpc` | `admin`, `auth`, `profile`, `store`, `clock`, `config`, `metrics`, `proto`, `tls_files` |
 //! | `jobs` | `admin`, `auth`, `profile`, `health`, `local`, `cache`, `store`, `clock`, `config`, `metrics` |
-//! | `admin` | `auth`, `store`, `clock`, `config`, `metrics`, `model` |
-//! | `profile` | `auth`, `local`, `cache`, `store`, `clock`, `config`, `metrics`, `model` |
+//! | `admin` | `auth`, `store`, `config`, `metrics` |
+//! | `profile` | `auth`, `local`, `cache`, `store`, `model` |
 //! | `auth` | `local`, `cache`, `store`, `clock`, `config`, `metrics`, `model` |
 //! | `health` | `store`, `clock`, `metrics` |
 //! | `local` | `cache`, `store`, `clock`, `config`, `metrics`, `model` |

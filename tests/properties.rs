@@ -284,7 +284,12 @@ fn settings() {
                     jail.set_env(KEYS[*key], &value);
                     set.push(KEYS[*key]);
                 }
-                if let Err(error) = Settings::load(None) {
+                // What `config` parses, then what the pieces judge as startup builds them.
+                let judged = Settings::load(None).and_then(|settings| {
+                    authd::store::Db::check(&settings.database)?;
+                    authd::cache::Redis::check(&settings.redis)
+                });
+                if let Err(error) = judged {
                     let message = error.to_string();
                     assert!(
                         set.iter().any(|key| message.contains(key)),

@@ -184,7 +184,7 @@ async fn a_paused_instance_holds_a_revocation_for_at_most_its_lease() {
     };
     let all = || async {
         let mut counts = Vec::new();
-        for ended in ["acked", "caught_up", "lease_ended", "none"] {
+        for ended in ["acked", "caught_up", "lease_ended", "none", "deadline"] {
             counts.push(waits(ended).await);
         }
         counts

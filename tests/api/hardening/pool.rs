@@ -30,14 +30,8 @@ async fn a_flood_of_one_class_leaves_the_others_their_share_of_the_pool() {
     app.login(&email, PASSWORD)
         .await
         .expect("a login while every lookup connection is taken");
-    // Login had connections of its own: it was answered while the lookups holding connections
-    // still waited on the lock (a Login queued behind them would have got a connection only once
-    // one of them ended, or been refused after DATABASE__ACQUIRE_TIMEOUT).
-    let waiting = flood.iter().filter(|read| !read.is_finished()).count();
-    assert!(
-        waiting > 0,
-        "every lookup had ended before the login was answered"
-    );
+    // (Login had connections of its own: one queued behind the stuck lookups would have been
+    // refused after DATABASE__ACQUIRE_TIMEOUT, long before any of them could end.)
     lock.release().await;
     for read in flood {
         let read = read.await.unwrap();
