@@ -21,6 +21,10 @@ use crate::{
 mod access;
 mod cluster;
 
+/// How long after a failover the cache must be used again: the fault runs' recovery bound (README,
+/// Reliability, rule 6).
+const RECOVERY: Duration = Duration::from_secs(30);
+
 fn bio(text: &str) -> pb::Profile {
     pb::Profile {
         bio: text.into(),
@@ -178,8 +182,10 @@ async fn a_cluster_failover_to_a_replica_that_missed_writes_brings_nothing_back(
             );
         }
     }
+    // Liveness, not a promise: within the fault runs' recovery bound (30 s; a killed primary's
+    // slots, a new generation and a first log pass in it, on a loaded machine).
     for app in [&a, &b] {
-        eventually(Duration::from_secs(15), "the cache is used again", || {
+        eventually(RECOVERY, "the cache is used again", || {
             app.served_from_redis(&keeper.session_token)
         })
         .await;
@@ -223,7 +229,7 @@ async fn a_sentinel_failover_to_a_replica_that_missed_writes_brings_nothing_back
         "the promoted replica holds the old copy: {copy:?}"
     );
     for app in [&a, &b] {
-        eventually(Duration::from_secs(20), "the cache is used again", || {
+        eventually(RECOVERY, "the cache is used again", || {
             app.served_from_redis(&keeper.session_token)
         })
         .await;
