@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::ConfigError;
+use super::{ConfigError, invalid};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -45,7 +45,6 @@ impl Default for SessionSettings {
 
 impl SessionSettings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |setting, reason: &str| Err(ConfigError::invalid(setting, reason));
         let s = self;
         if s.idle_timeout < Duration::from_secs(1) {
             return invalid("SESSION__IDLE_TIMEOUT", "must be at least 1s");
@@ -103,7 +102,6 @@ impl Default for AuthSettings {
 
 impl AuthSettings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |setting, reason: &str| Err(ConfigError::invalid(setting, reason));
         let longest = PASSWORD_MAX_CHARS;
         if !(8..=longest).contains(&self.password_min_length) {
             return invalid(
@@ -166,7 +164,6 @@ impl Default for RateLimitSettings {
 
 impl RateLimitSettings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |setting, reason: &str| Err(ConfigError::invalid(setting, reason));
         let rl = self;
         if rl.login_window.is_zero() {
             return invalid("RATE_LIMIT__LOGIN_WINDOW", "must be greater than zero");
@@ -210,7 +207,6 @@ impl Default for TokenSettings {
 
 impl TokenSettings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |setting, reason: &str| Err(ConfigError::invalid(setting, reason));
         if self.key_rotation < Duration::from_secs(3600) {
             return invalid("TOKENS__KEY_ROTATION", "must be at least 1h");
         }

@@ -3,7 +3,7 @@ use std::{path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
-use super::ConfigError;
+use super::{ConfigError, invalid};
 
 /// AdminService: served only when callers can be admitted (see `admin::access`).
 #[derive(Debug, Clone, Deserialize)]
@@ -41,7 +41,6 @@ impl Default for AdminSettings {
 
 impl AdminSettings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |setting, reason: &str| Err(ConfigError::invalid(setting, reason));
         if self.reload_interval.is_zero() {
             return invalid("ADMIN__RELOAD_INTERVAL", "must be greater than zero");
         }
@@ -67,7 +66,6 @@ impl Default for AuditSettings {
 
 impl AuditSettings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |setting, reason: &str| Err(ConfigError::invalid(setting, reason));
         if self.retention < Duration::from_secs(86_400) {
             return invalid(
                 "AUDIT__RETENTION",

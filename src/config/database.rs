@@ -4,7 +4,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::ConfigError;
+use super::{ConfigError, invalid};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -43,7 +43,6 @@ impl Default for DatabaseSettings {
 
 impl DatabaseSettings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |setting, reason: &str| Err(ConfigError::invalid(setting, reason));
         let d = self;
         if !d.url.expose_secret().starts_with("postgres://")
             && !d.url.expose_secret().starts_with("postgresql://")

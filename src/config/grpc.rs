@@ -3,7 +3,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
-use super::ConfigError;
+use super::{ConfigError, invalid};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -46,7 +46,6 @@ impl Default for GrpcSettings {
 
 impl GrpcSettings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |setting, reason: &str| Err(ConfigError::invalid(setting, reason));
         let g = self;
         if !(1024..=4 * 1024 * 1024).contains(&g.max_message_size) {
             return invalid("GRPC__MAX_MESSAGE_SIZE", "must be 1024 to 4194304 bytes");
@@ -154,7 +153,6 @@ impl Default for MetricsSettings {
 
 impl MetricsSettings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |setting, reason: &str| Err(ConfigError::invalid(setting, reason));
         if self.max_connections == 0 {
             return invalid("METRICS__MAX_CONNECTIONS", "must be at least 1");
         }
@@ -198,7 +196,6 @@ impl Default for HealthSettings {
 
 impl HealthSettings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |setting, reason: &str| Err(ConfigError::invalid(setting, reason));
         if self.db_check_interval.is_zero() {
             return invalid("HEALTH__DB_CHECK_INTERVAL", "must be greater than zero");
         }
@@ -232,7 +229,6 @@ impl Default for LogSettings {
 
 impl LogSettings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |setting, reason: &str| Err(ConfigError::invalid(setting, reason));
         if tracing_subscriber::EnvFilter::try_new(&self.level).is_err() {
             return invalid("LOG__LEVEL", "must be a tracing filter such as `info`");
         }

@@ -146,6 +146,11 @@ fn unreadable_by_figment() -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A check's refusal: `setting` cannot be used, for `reason`.
+fn invalid(setting: &str, reason: &str) -> Result<(), ConfigError> {
+    Err(ConfigError::invalid(setting, reason))
+}
+
 impl Settings {
     /// Defaults, then `file` (when given), then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -199,7 +204,6 @@ impl Settings {
 
     /// Each section checks its own values; then what ties sections together.
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |setting, reason: &str| Err(ConfigError::invalid(setting, reason));
         self.grpc.validate()?;
         self.admin.validate()?;
         self.audit.validate()?;

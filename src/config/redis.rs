@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::ConfigError;
+use super::{ConfigError, invalid};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -58,7 +58,6 @@ impl Default for RedisSettings {
 
 impl RedisSettings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |setting, reason: &str| Err(ConfigError::invalid(setting, reason));
         let r = self;
         if r.enabled {
             if r.pool_size == 0 {
@@ -124,7 +123,6 @@ impl Default for ProfileCacheSettings {
 
 impl ProfileCacheSettings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |setting, reason: &str| Err(ConfigError::invalid(setting, reason));
         let pc = self;
         if pc.ttl.is_zero() {
             return invalid("PROFILE_CACHE__TTL", "must be greater than zero");
@@ -166,7 +164,6 @@ impl Default for LocalCacheSettings {
 
 impl LocalCacheSettings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |setting, reason: &str| Err(ConfigError::invalid(setting, reason));
         let lc = self;
         if !(Duration::from_millis(500)..=Duration::from_secs(60)).contains(&lc.lease) {
             return invalid("LOCAL_CACHE__LEASE", "must be 500ms to 60s");
