@@ -61,14 +61,14 @@ fn outcome<T>(result: &Result<T, Status>) -> String {
             "Transport".into()
         }
         // A call sent on a connection the server had already sent GOAWAY on (its graceful
-        // shutdown): h2 fails the stream with NO_ERROR, which tonic's client maps to INTERNAL
-        // ("h2 protocol error: … not a result of an error"). The server never saw the call; the
-        // code is the client library's, so it counts as no answer (excused while the instance
-        // stops, like a refused connection). Any other INTERNAL stays a violation.
+        // shutdown): h2 fails the stream with NO_ERROR, and tonic's client turns the hyper error
+        // into INTERNAL "h2 protocol error: http2 error" (the reason is not kept). authd never
+        // answers INTERNAL with that text (its own INTERNAL says "internal error"): the code is
+        // the client library's, a transport failure, so it counts as no answer — excused only
+        // while the instance stops or PostgreSQL is faulted, like a refused connection.
         Err(status)
             if status.code() == Code::Internal
-                && status.message().starts_with("h2 protocol error")
-                && status.message().contains("not a result of an error") =>
+                && status.message().starts_with("h2 protocol error") =>
         {
             "Transport".into()
         }
