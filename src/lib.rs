@@ -31,9 +31,10 @@
 //!
 //! | module | may import |
 //! |---|---|
-//! | `app` | `admin`, `auth`, `cache`, `clock`, `config`, `grpc`, `health`, `jobs`, `local`, `metrics`, `profile`, `proto`, `store` |
+//! | `app` | `admin`, `auth`, `cache`, `clock`, `config`, `events`, `grpc`, `health`, `jobs`, `local`, `metrics`, `profile`, `proto`, `store` |
 //! | `healthcheck` | `grpc` |
-//! | `grpc` | `admin`, `auth`, `profile`, `store`, `clock`, `config`, `metrics`, `proto`, `tls_files` |
+//! | `grpc` | `admin`, `auth`, `events`, `profile`, `store`, `clock`, `config`, `metrics`, `proto`, `tls_files` |
+//! | `events` | `local`, `store`, `config`, `metrics` |
 //! | `jobs` | `admin`, `auth`, `profile`, `health`, `local`, `cache`, `store`, `clock`, `config`, `metrics` |
 //! | `admin` | `auth`, `store`, `config`, `metrics` |
 //! | `profile` | `auth`, `local`, `cache`, `store`, `model` |
@@ -55,6 +56,7 @@ pub mod auth;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod events;
 pub mod grpc;
 pub mod health;
 pub mod healthcheck;

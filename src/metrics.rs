@@ -75,6 +75,10 @@ pub struct Metrics {
     pub local_instances: IntGauge,
     /// Entries in the in-process cache, by cache, as of the last renewal.
     pub local_entries: IntGaugeVec,
+    /// Event streams this instance serves, by mode (`bounded`, `strict`).
+    pub event_streams: IntGaugeVec,
+    /// Events sent on this instance's streams.
+    pub events_sent: IntCounter,
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -310,6 +314,17 @@ impl Metrics {
                 "Entries in the in-process cache",
                 &["cache"],
             ),
+            event_streams: gauge_vec(
+                &r,
+                "authd_event_streams",
+                "Event streams (EventService.Watch) this instance serves, by mode",
+                &["mode"],
+            ),
+            events_sent: counter(
+                &r,
+                "authd_events_sent_total",
+                "Events sent on this instance's event streams",
+            ),
             registry: r,
         };
         metrics.initialise();
@@ -326,6 +341,9 @@ impl Metrics {
             if service == "authd.v1.AdminService" {
                 self.admin_calls.with_label_values(&[&method, "Ok"]);
             }
+        }
+        for mode in ["bounded", "strict"] {
+            self.event_streams.with_label_values(&[mode]);
         }
         for cache in ["sessions", "profiles"] {
             for result in ["hit", "miss", "negative", "unavailable"] {

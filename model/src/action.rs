@@ -24,6 +24,25 @@ pub enum Action {
     CallPoll,
     CallReturn,
     CallDeadline,
+    /// The strict subscriber `k` (of [`crate::state::State::subscribers`]) opens its stream:
+    /// its host takes it a lease.
+    SubConnect(u8),
+    /// Its host reads the logs and sends what changed.
+    SubPass(u8),
+    /// It applies a pass (drops what it names, raises its floors) and acknowledges it.
+    SubApply(u8),
+    /// Its host extends its lease on the acknowledgement and relays the messages it covers.
+    SubExtend(u8),
+    /// A validation by subscriber `sub`: from its memory when trusted, else fetched from
+    /// instance `via`.
+    SubRead {
+        sub: u8,
+        via: u8,
+    },
+    /// It keeps what it fetched.
+    SubKeep(u8),
+    /// Its stream breaks.
+    SubDisconnect(u8),
     /// The previous release changes the key (its SQL, optionally its Redis write), waiting for
     /// nobody.
     LegacyWrite {
@@ -84,6 +103,13 @@ impl Action {
             Action::CallPoll => Code("src/local/poller.rs", "poll"),
             Action::CallReturn => Code("src/local/wait.rs", "invalidate"),
             Action::CallDeadline => Code("src/local/wait.rs", "wait_for"),
+            Action::SubConnect(_) => Code("src/events/subscription.rs", "open"),
+            Action::SubPass(_) => Code("src/events/hub.rs", "pass"),
+            Action::SubApply(_) => Code("client/src/state.rs", "apply"),
+            Action::SubExtend(_) => Code("src/events/subscription.rs", "acknowledged"),
+            Action::SubRead { .. } => Code("client/src/validator.rs", "validate"),
+            Action::SubKeep(_) => Code("client/src/state.rs", "keep"),
+            Action::SubDisconnect(_) => Environment("fault: a subscriber's stream breaks"),
             Action::LegacyWrite { .. } => Environment("the previous release"),
             Action::CutPg(_) | Action::HealPg(_) => Environment("fault: PostgreSQL link"),
             Action::CutRedis(_) | Action::HealRedis(_) => Environment("fault: Redis link"),
@@ -118,6 +144,13 @@ impl Action {
             Action::CallPoll,
             Action::CallReturn,
             Action::CallDeadline,
+            Action::SubConnect(0),
+            Action::SubPass(0),
+            Action::SubApply(0),
+            Action::SubExtend(0),
+            Action::SubRead { sub: 0, via: 0 },
+            Action::SubKeep(0),
+            Action::SubDisconnect(0),
             Action::LegacyWrite { redis: true },
             Action::CutPg(0),
             Action::HealPg(0),

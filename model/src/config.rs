@@ -67,6 +67,19 @@ pub struct Bugs {
     /// another instance announced as applied also skips dropping its local copy, which the
     /// previous release (waiting for nobody) relies on within the bound.
     pub follower_drops_only_what_it_writes: bool,
+    /// Found arguing "Callers validate in their own memory": a subscriber keeps a validation it
+    /// fetched from authd though the stream had already shown the key changed (an instance
+    /// still waited for may answer from its old copy).
+    pub subscriber_fills_below_floor: bool,
+    /// The host records a subscriber's `applied_through` as the time of the extension, not of
+    /// the pass whose events the subscriber acknowledged.
+    pub subscriber_applied_through_at_extension: bool,
+    /// The host relays a revoker's message as acknowledged by a subscriber on a pass that began
+    /// before the message arrived.
+    pub subscriber_acks_pass_before_message: bool,
+    /// A new subscription starts at the log's end: revocations of the last horizon set no
+    /// floors in it.
+    pub subscriber_starts_at_the_end: bool,
 }
 
 /// Which faults the environment may inject (each costs one of [`Config::faults`]).
@@ -86,6 +99,8 @@ pub struct Faults {
     pub redis_failover: bool,
     /// A PostgreSQL failover to an asynchronous standby that missed the last commits.
     pub pg_failover: bool,
+    /// A subscriber's event stream breaks.
+    pub stream_cut: bool,
 }
 
 impl Faults {
@@ -97,6 +112,7 @@ impl Faults {
         redis_data_loss: true,
         redis_failover: false,
         pg_failover: false,
+        stream_cut: true,
     };
     pub const NONE: Faults = Faults {
         pg_link: false,
@@ -106,6 +122,7 @@ impl Faults {
         redis_data_loss: false,
         redis_failover: false,
         pg_failover: false,
+        stream_cut: false,
     };
 }
 
@@ -137,6 +154,11 @@ pub struct Config {
     pub bound: u8,
     /// `GRPC__REQUEST_TIMEOUT`, in ticks.
     pub request_timeout: u8,
+    /// A caller subscribed in strict mode (holding a lease) to the event stream of this
+    /// instance, if any.
+    pub subscriber: Option<u8>,
+    /// Validations the subscriber may make (answered from its memory, or fetched from authd).
+    pub subscriber_reads: u8,
 }
 
 impl Config {
@@ -157,6 +179,8 @@ impl Config {
             lease: 4,
             bound: 2,
             request_timeout: 6,
+            subscriber: None,
+            subscriber_reads: 0,
         }
     }
 

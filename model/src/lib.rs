@@ -113,6 +113,18 @@ pub mod scenarios {
     pub const DEPTH: usize = 13;
     /// The depth `cargo run --release -p authd-model` explores by default.
     pub const DEEP_DEPTH: usize = 15;
+    /// The depth `cargo test` explores the scenarios with a subscriber to: its stream adds
+    /// actors, and depth 13 takes a minute each (`cargo run` goes deeper).
+    pub const SUBSCRIBER_DEPTH: usize = 11;
+
+    /// The depth `cargo test` explores scenario `name` to.
+    pub fn depth(name: &str) -> usize {
+        if name.starts_with("subscriber") {
+            SUBSCRIBER_DEPTH
+        } else {
+            DEPTH
+        }
+    }
 
     /// Reads on the holder, retries on the first attempt's instance.
     fn with(change: Change, faults: Faults, budget: u8) -> Config {
@@ -187,6 +199,24 @@ pub mod scenarios {
             1,
         );
         redis_failover.warm_copies = true;
+        // A caller in strict mode beside the fleet, its stream on the revoker's instance or on
+        // the other one.
+        let subscribed = |host: u8, faults: Faults| {
+            let mut cfg = with(Change::Logout, faults, 1);
+            cfg.subscriber = Some(host);
+            cfg.subscriber_reads = 2;
+            cfg.reads = 0;
+            cfg.attempts = 1;
+            cfg.warm_copies = true;
+            cfg
+        };
+        let cuts = Faults {
+            stream_cut: true,
+            pause: true,
+            ..Faults::NONE
+        };
+        let mut subscribed_profile = subscribed(1, losses);
+        subscribed_profile.change = Change::UpdateProfile;
         vec![
             ("retry-after-postgres-cuts", retry),
             ("retry-while-the-key-is-in-use", warm_retry),
@@ -201,6 +231,10 @@ pub mod scenarios {
             ("previous-release-beside", legacy),
             ("postgres-failover", pg_failover),
             ("redis-failover", redis_failover),
+            ("subscriber-on-the-revoker", subscribed(0, links)),
+            ("subscriber-elsewhere-lost-messages", subscribed(1, losses)),
+            ("subscriber-stream-cut-or-paused", subscribed(1, cuts)),
+            ("subscriber-profile", subscribed_profile),
         ]
     }
 }

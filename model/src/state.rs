@@ -223,6 +223,61 @@ pub enum Violation {
     WaitOutlastsTimeout { holder: u8 },
 }
 
+/// A caller of the event stream in strict mode: its validations are kept in its own memory
+/// while it holds a lease, which its host extends in `local_cache_leases` (row
+/// `nodes.len() + k`) each time it acknowledges a pass.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Subscriber {
+    /// Its stream to the host is open.
+    pub connected: bool,
+    /// It applied the first pass of its subscription (the horizon's rows: its floors).
+    pub primed: bool,
+    /// The validation kept in memory (a version), if any.
+    pub copy: Option<u8>,
+    /// How much longer it believes its lease lasts.
+    pub belief_for: u8,
+    /// The highest version the stream showed it: no fetched validation below it is kept.
+    pub seen: u8,
+    /// Rows up to this version were committed before the subscription began and are not
+    /// shown ([`crate::config::Bugs::subscriber_starts_at_the_end`]; 0 otherwise).
+    pub from: u8,
+    /// A pass of the host on its way to it.
+    pub event: Option<Event>,
+    /// The host extended its lease (or took it) and sends the grant with its next pass: since
+    /// the acknowledgement that asked for it was sent.
+    pub granted: Option<u8>,
+    /// Its acknowledgement of a pass on its way to the host.
+    pub ack: Option<Ack>,
+    /// A revoker's message (from, attempt) the host received and relays once a pass begun
+    /// after it is acknowledged.
+    pub relay: Option<(u8, u8)>,
+    /// A validation fetched from authd (the version answered), to be kept.
+    pub fetch: Option<u8>,
+}
+
+/// A pass of the host over the logs, sent on the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Event {
+    /// The key's version the pass read.
+    pub version: u8,
+    /// Since the pass's read began.
+    pub read_age: u8,
+    /// The message it acknowledges once applied (received before the pass began).
+    pub relay: Option<(u8, u8)>,
+    /// A lease granted before the pass began: since the acknowledgement that asked for it was
+    /// sent.
+    pub grant: Option<u8>,
+}
+
+/// A subscriber's acknowledgement of a pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ack {
+    pub read_age: u8,
+    /// Since it was sent (the lease it asks for runs from then).
+    pub sent_age: u8,
+    pub relay: Option<(u8, u8)>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct State {
     pub faults_left: u8,
@@ -233,6 +288,8 @@ pub struct State {
     pub wire: Vec<Wire>,
     pub nodes: Vec<Instance>,
     pub call: Call,
+    pub subscribers: Vec<Subscriber>,
+    pub sub_reads_left: u8,
     /// The previous release committed this version, this long ago.
     pub legacy: Option<(u8, u8)>,
     /// A PostgreSQL failover lost a committed version (an asynchronous standby missed it):

@@ -2,7 +2,10 @@
 //! counterexample, and every review bug, switched back on, found.
 use std::time::Instant;
 
-use authd_model::{Bugs, Change, Config, Faults, Origin, Protocol, properties, scenarios};
+use authd_model::{
+    Action, Bugs, Change, Config, Faults, Origin, Protocol, Violation, properties, scenarios,
+    state::Wire,
+};
 use stateright::{Checker, HasDiscoveries, Model};
 
 /// Checks one scenario to its depth: no counterexample, and the change returns.
@@ -15,13 +18,13 @@ fn clean(name: &str) {
     let checker = Protocol { cfg }
         .checker()
         .threads(2)
-        .target_max_depth(scenarios::DEPTH)
+        .target_max_depth(scenarios::depth(name))
         .spawn_bfs()
         .join();
     let found = checker.discoveries();
     eprintln!(
         "{name}: depth {}, {} states ({} unique), {:.1}s",
-        scenarios::DEPTH,
+        scenarios::depth(name),
         checker.state_count(),
         checker.unique_state_count(),
         started.elapsed().as_secs_f64()
@@ -68,6 +71,10 @@ scenario_tests! {
     previous_release_beside: "previous-release-beside",
     postgres_failover: "postgres-failover",
     redis_failover: "redis-failover",
+    subscriber_on_the_revoker: "subscriber-on-the-revoker",
+    subscriber_elsewhere_lost_messages: "subscriber-elsewhere-lost-messages",
+    subscriber_stream_cut_or_paused: "subscriber-stream-cut-or-paused",
+    subscriber_profile: "subscriber-profile",
 }
 
 /// The shortest counterexample to `property` within `depth` (breadth first), printed.
@@ -193,6 +200,188 @@ fn a_follower_that_drops_only_the_rows_it_writes_is_found() {
     cfg.legacy_writer = true;
     cfg.attempts = 1;
     counterexample(cfg, 13, properties::BOUND);
+}
+
+/// A strict subscriber hosted on `host`, with the key in its memory and in the other
+/// instance's, no faults but the stream's.
+fn subscribed(host: u8, bugs: Bugs) -> Config {
+    let mut cfg = targeted(Change::Logout, Faults::NONE, bugs);
+    cfg.faults.stream_cut = true;
+    cfg.subscriber = Some(host);
+    cfg.subscriber_reads = 2;
+    cfg.reads = 0;
+    cfg.attempts = 1;
+    cfg
+}
+
+/// One step of a replayed path: an action, or the delivery of the first message that matches.
+enum Step {
+    Do(Action),
+    Deliver(fn(&Wire) -> bool),
+}
+use Step::{Deliver, Do};
+
+/// Replays `path` (every step must be enabled) and answers the violation it ends in. The
+/// subscriber's counterexamples are 14 to 16 steps long: the checker's breadth-first search
+/// to that depth does not fit the test's budget (tens of millions of states), so each is
+/// replayed, with its bug on and off.
+fn replay(cfg: Config, path: &[Step]) -> Option<Violation> {
+    let protocol = Protocol { cfg };
+    let mut state = protocol.init_states().remove(0);
+    for (n, step) in path.iter().enumerate() {
+        let action = match step {
+            Do(action) => *action,
+            Deliver(matches) => {
+                let Some(k) = state.wire.iter().position(matches) else {
+                    return state.violation;
+                };
+                Action::Deliver(k as u8)
+            }
+        };
+        let mut enabled = Vec::new();
+        protocol.actions(&state, &mut enabled);
+        if !enabled.contains(&action) {
+            eprintln!("step {n}: {action:?} is not enabled");
+            return state.violation;
+        }
+        state = protocol
+            .next_state(&state, action)
+            .expect("a step changes the state");
+    }
+    state.violation
+}
+
+/// `path` breaks the promise with `bug` on, and not with it off.
+fn found_only_with(bug: fn(&mut Bugs), host: u8, path: &[Step]) {
+    let mut bugs = Bugs::default();
+    bug(&mut bugs);
+    let broken = replay(subscribed(host, bugs), path);
+    assert!(
+        matches!(broken, Some(Violation::Revocation { .. })),
+        "with the bug on: {broken:?}"
+    );
+    let fixed = replay(subscribed(host, Bugs::default()), path);
+    assert_eq!(fixed, None, "with the bug off");
+}
+
+fn to_host_from_revoker(w: &Wire) -> bool {
+    matches!(w, Wire::Invalidation { to: 0, .. })
+}
+fn to_holder(w: &Wire) -> bool {
+    matches!(w, Wire::Invalidation { to: 1, .. })
+}
+fn holders_ack(w: &Wire) -> bool {
+    matches!(w, Wire::Ack { holder: 1, .. })
+}
+fn subscribers_ack(w: &Wire) -> bool {
+    matches!(w, Wire::Ack { holder: 2, .. })
+}
+fn to_subscribers_host(w: &Wire) -> bool {
+    matches!(w, Wire::Invalidation { to: 1, .. })
+}
+
+#[test]
+fn a_subscriber_keeping_a_fetch_below_its_floor_is_found() {
+    // The stream showed the revocation; the fallback ValidateSession is answered by an
+    // instance the revoker still waits for, from its old copy; the subscriber keeps it.
+    found_only_with(
+        |b| b.subscriber_fills_below_floor = true,
+        0,
+        &[
+            Do(Action::CallStart(0)),
+            Do(Action::CallCommit),
+            Do(Action::CallRedisWrite),
+            Do(Action::CallReadHolders),
+            Deliver(to_host_from_revoker),
+            Do(Action::SubPass(0)),
+            Do(Action::SubApply(0)),
+            Do(Action::SubExtend(0)),
+            Do(Action::SubRead { sub: 0, via: 1 }),
+            Do(Action::SubKeep(0)),
+            Deliver(to_holder),
+            Deliver(holders_ack),
+            Deliver(subscribers_ack),
+            Do(Action::CallReturn),
+            Do(Action::SubRead { sub: 0, via: 1 }),
+        ],
+    );
+}
+
+#[test]
+fn a_subscriber_lease_recording_the_extension_as_applied_is_found() {
+    // A pass read before the commit is acknowledged after the holders read: the extension's
+    // time, recorded as applied, ends the wait.
+    found_only_with(
+        |b| b.subscriber_applied_through_at_extension = true,
+        1,
+        &[
+            Do(Action::SubPass(0)),
+            Do(Action::SubApply(0)),
+            Do(Action::SubPass(0)),
+            Do(Action::CallStart(0)),
+            Do(Action::CallCommit),
+            Do(Action::CallRedisWrite),
+            Do(Action::CallReadHolders),
+            Deliver(to_holder),
+            Deliver(holders_ack),
+            Do(Action::Tick),
+            Do(Action::SubExtend(0)),
+            Do(Action::CallPoll),
+            Do(Action::CallReturn),
+            Do(Action::SubRead { sub: 0, via: 1 }),
+        ],
+    );
+}
+
+#[test]
+fn a_host_relaying_on_a_pass_older_than_the_message_is_found() {
+    // The message arrives while the acknowledgement of an older pass is on its way.
+    found_only_with(
+        |b| b.subscriber_acks_pass_before_message = true,
+        1,
+        &[
+            Do(Action::SubPass(0)),
+            Do(Action::SubApply(0)),
+            Do(Action::CallStart(0)),
+            Do(Action::CallCommit),
+            Do(Action::CallRedisWrite),
+            Do(Action::CallReadHolders),
+            Deliver(to_subscribers_host),
+            Do(Action::SubExtend(0)),
+            Deliver(holders_ack),
+            Deliver(subscribers_ack),
+            Do(Action::CallReturn),
+            Do(Action::SubRead { sub: 0, via: 1 }),
+        ],
+    );
+}
+
+#[test]
+fn a_subscription_starting_at_the_logs_end_is_found() {
+    // The stream broke; the new subscription began after the revocation committed and sets
+    // no floor for it; a fetch answered from an old copy is kept.
+    found_only_with(
+        |b| b.subscriber_starts_at_the_end = true,
+        1,
+        &[
+            Do(Action::SubDisconnect(0)),
+            Do(Action::SubRead { sub: 0, via: 1 }),
+            Do(Action::CallStart(0)),
+            Do(Action::CallCommit),
+            Do(Action::CallRedisWrite),
+            Do(Action::CallReadHolders),
+            Do(Action::Tick),
+            Do(Action::Tick),
+            Do(Action::Tick),
+            Do(Action::SubConnect(0)),
+            Do(Action::SubPass(0)),
+            Do(Action::SubApply(0)),
+            Do(Action::SubKeep(0)),
+            Do(Action::Tick),
+            Do(Action::CallReturn),
+            Do(Action::SubRead { sub: 0, via: 1 }),
+        ],
+    );
 }
 
 #[test]

@@ -12,7 +12,9 @@ pub(super) async fn fleet_lease(
     instance: uuid::Uuid,
 ) -> anyhow::Result<Duration> {
     let configured = settings.local_cache.lease;
-    let mine = (settings.local_cache.enabled && redis).then_some(configured);
+    // Strict subscribers of the event stream hold leases too (taken by this instance).
+    let holds = (settings.local_cache.enabled && redis) || settings.events.served();
+    let mine = holds.then_some(configured);
     let timeout = settings.grpc.request_timeout;
     let covers = crate::clock::covers(timeout);
     let mut fleet = db

@@ -15,9 +15,11 @@ use crate::{
     cache::{ProfileCache, RateLimiter, Redis, SessionStore},
     clock::Clock,
     config::{ConfigError, Settings},
+    events::Events,
     grpc::{
         admin::{AdminGrpc, AdminServiceServer},
         auth::{AuthGrpc, AuthServiceServer},
+        events::{EventServiceServer, EventsGrpc},
         limits,
         observe::ObserveLayer,
         profile::{ProfileGrpc, ProfileServiceServer},
@@ -39,6 +41,8 @@ use crate::{
 struct Judged {
     tls: Option<Arc<TlsServer>>,
     access: Option<Access>,
+    /// Who may subscribe to EventService (served when some caller can be admitted).
+    subscribers: Option<Access>,
 }
 
 impl Judged {
@@ -49,9 +53,15 @@ impl Judged {
         };
         let access = Access::from_settings(&settings.admin)
             .map_err(|reason| ConfigError::invalid("ADMIN__API_KEYS_FILE", reason))?;
+        let subscribers = Access::from_settings(&settings.events.admission())
+            .map_err(|reason| ConfigError::invalid("EVENTS__API_KEYS_FILE", reason))?;
         Db::check(&settings.database)?;
         Redis::check(&settings.redis)?;
-        Ok(Self { tls, access })
+        Ok(Self {
+            tls,
+            access,
+            subscribers,
+        })
     }
 }
 
@@ -77,6 +87,8 @@ pub struct Application {
     local: LocalCache,
     tls: Option<Arc<TlsServer>>,
     admin: Option<Arc<AdminService>>,
+    /// EventService and who may subscribe, when served.
+    events: Option<(Arc<Events>, Arc<Access>)>,
 }
 
 impl Application {
@@ -101,7 +113,11 @@ impl Application {
     async fn build_judged(
         settings: Settings,
         listener: TcpListener,
-        Judged { tls, access }: Judged,
+        Judged {
+            tls,
+            access,
+            subscribers,
+        }: Judged,
     ) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
         let metrics_listener = match settings.metrics.enabled {
@@ -231,6 +247,16 @@ impl Application {
             }
             None => None,
         };
+        let events = subscribers.map(|access| {
+            let events = Events::new(
+                db.clone(),
+                local.clone(),
+                settings.events.clone(),
+                crate::store::in_flight(settings.database.query_timeout),
+                metrics.clone(),
+            );
+            (Arc::new(events), Arc::new(access))
+        });
         // Cached copies are served only after a first complete pass over the outbox logs.
         if redis.is_enabled()
             && let Err(error) = crate::store::in_background(follower.pass()).await
@@ -253,6 +279,7 @@ impl Application {
             local,
             tls,
             admin,
+            events,
         })
     }
 
@@ -298,6 +325,7 @@ impl Application {
         let health = Arc::new(Health::new(self.metrics.clone()));
         let health_service = health.server();
         let background = CancellationToken::new();
+        let streams = CancellationToken::new();
         let mut jobs = Jobs {
             auth: self.auth.clone(),
             follower: self.follower.clone(),
@@ -313,6 +341,7 @@ impl Application {
                 reload
             }),
             admin: self.admin.clone(),
+            subscribers: self.events.as_ref().map(|(_, access)| access.clone()),
         }
         .spawn(&self.settings, &background);
         jobs.extend(self.local.spawn(background.clone()));
@@ -387,6 +416,10 @@ impl Application {
             )
             .add_optional_service(self.admin.clone().map(|admin| {
                 AdminServiceServer::new(AdminGrpc::new(admin)).max_decoding_message_size(max)
+            }))
+            .add_optional_service(self.events.clone().map(|(events, access)| {
+                let grpc = EventsGrpc::new(events, access, streams.clone());
+                EventServiceServer::new(grpc).max_decoding_message_size(max)
             }));
         // Our own listener: the builder's TCP options do not reach it, so set them here (without
         // TCP_NODELAY, small responses wait for delayed ACKs: 40 ms stalls).
@@ -424,6 +457,8 @@ impl Application {
             }
         }
         tracing::info!("shutting down: draining in-flight calls");
+        // Event streams end at once (UNAVAILABLE): their subscribers go to another instance.
+        streams.cancel();
         health.drain().await;
         let _ = stop_tx.send(());
         let grace = self.settings.grpc.shutdown_grace;

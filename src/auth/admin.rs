@@ -5,7 +5,7 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::{AuthError, AuthService, SessionView};
-use crate::store::{AdminUser, SessionCursor, UserLookup};
+use crate::store::{AdminUser, Reason, SessionCursor, UserLookup};
 
 impl AuthService {
     /// The account; NOT_FOUND when there is none.
@@ -45,7 +45,7 @@ impl AuthService {
     ) -> Result<(), AuthError> {
         let sessions = self.db.sessions();
         let revocation = sessions
-            .revoke_by_id(user_id, session_id, self.since())
+            .revoke_by_id(user_id, session_id, Reason::Admin, self.since())
             .await?;
         // Read before the wait: nothing after it may outlast the call's deadline.
         let theirs = revocation.revoked > 0 || sessions.belongs_to(user_id, session_id).await?;
@@ -67,7 +67,7 @@ impl AuthService {
         let revocation = self
             .db
             .sessions()
-            .revoke_all(user_id, None, self.since())
+            .revoke_all(user_id, None, Reason::Admin, self.since())
             .await?;
         tracing::info!(%user_id, count = revocation.revoked, "sessions revoked by an administrator");
         self.invalidate(Some("admin"), &revocation).await?;

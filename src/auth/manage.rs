@@ -5,6 +5,7 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::{AuthError, AuthService, SessionView, password_policy::PasswordContext};
+use crate::store::Reason;
 
 /// The caller's own sessions, as ListSessions answers.
 pub struct SessionList {
@@ -35,7 +36,7 @@ impl AuthService {
         let user_id = current.record.user_id;
         let sessions = self.db.sessions();
         let revocation = sessions
-            .revoke_by_id(user_id, session_id, self.since())
+            .revoke_by_id(user_id, session_id, Reason::Revoked, self.since())
             .await?;
         // Whose session it is, read before the wait: nothing after the wait may outlast the
         // call's deadline (the wait ends just before it).
@@ -65,7 +66,12 @@ impl AuthService {
         let revocation = self
             .db
             .sessions()
-            .revoke_all(current.record.user_id, keep, self.since())
+            .revoke_all(
+                current.record.user_id,
+                keep,
+                Reason::RevokedAll,
+                self.since(),
+            )
             .await?;
         tracing::info!(user_id = %current.record.user_id, count = revocation.revoked, "sessions revoked");
         self.invalidate(Some("revoke_all"), &revocation).await?;

@@ -13,6 +13,7 @@ use serde::Deserialize;
 mod accounts;
 mod admin;
 mod database;
+mod events;
 mod grpc;
 mod redis;
 
@@ -21,6 +22,7 @@ pub use accounts::{
 };
 pub use admin::{AdminSettings, AuditSettings};
 pub use database::{DatabaseSettings, PoolShares, Share};
+pub use events::EventsSettings;
 pub use grpc::{
     GrpcSettings, GrpcTlsSettings, HealthSettings, LogFormat, LogSettings, MetricsSettings,
 };
@@ -29,9 +31,10 @@ pub use redis::{
 };
 
 /// Top-level sections; environment variables outside them are ignored.
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 14] = [
     "grpc",
     "admin",
+    "events",
     "audit",
     "metrics",
     "health",
@@ -53,6 +56,7 @@ const RAW_SECRETS: [&str; 2] = ["REDIS__PASSWORD", "REDIS__SENTINEL__PASSWORD"];
 pub struct Settings {
     pub grpc: GrpcSettings,
     pub admin: AdminSettings,
+    pub events: EventsSettings,
     pub audit: AuditSettings,
     pub metrics: MetricsSettings,
     pub health: HealthSettings,
@@ -206,6 +210,7 @@ impl Settings {
     fn validate(&self) -> Result<(), ConfigError> {
         self.grpc.validate()?;
         self.admin.validate()?;
+        self.events.validate()?;
         self.audit.validate()?;
         self.metrics.validate()?;
         self.health.validate()?;
@@ -224,6 +229,20 @@ impl Settings {
             return invalid(
                 "ADMIN__ALLOWED_CLIENTS",
                 "admits client certificates: needs GRPC__TLS__CLIENT_CA_FILE (mutual TLS)",
+            );
+        }
+        if !self.events.allowed_clients.trim().is_empty() && tls.client_ca_file.is_none() {
+            return invalid(
+                "EVENTS__ALLOWED_CLIENTS",
+                "admits client certificates: needs GRPC__TLS__CLIENT_CA_FILE (mutual TLS)",
+            );
+        }
+        if self.events.served() && lc.lease > crate::clock::covers(self.grpc.request_timeout) {
+            return invalid(
+                "LOCAL_CACHE__LEASE",
+                "must leave GRPC__REQUEST_TIMEOUT room: strict subscribers hold leases of this \
+                 length, which a revoking call may wait for (plus 1% and 100ms), and it needs a \
+                 second more",
             );
         }
         if self.metrics.enabled && self.metrics.addr == self.grpc.addr {

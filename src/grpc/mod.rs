@@ -2,6 +2,7 @@
 //! service; health and reflection are registered by `app`.
 pub mod admin;
 pub mod auth;
+pub mod events;
 pub mod limits;
 pub mod observe;
 pub mod profile;

@@ -5,6 +5,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
     auth::{AuthError, input::FieldViolation},
+    events::EventsError,
     profile::ProfileError,
     store::StoreError,
 };
@@ -102,6 +103,30 @@ impl From<ProfileError> for Status {
             ProfileError::VersionMismatch => Status::aborted(error.to_string()),
             ProfileError::Auth(auth) => auth.into(),
             ProfileError::Store(store) => store_status(&store),
+        }
+    }
+}
+
+impl From<EventsError> for Status {
+    fn from(error: EventsError) -> Self {
+        let with_reason = |code, reason: &str| {
+            let details = ErrorDetails::with_error_info(reason, "authd", []);
+            Status::with_error_details(code, error.to_string(), details)
+        };
+        match &error {
+            EventsError::Invalid { field, reason } => invalid_argument(&[FieldViolation {
+                field: (*field).to_owned(),
+                description: reason.clone(),
+            }]),
+            EventsError::Expired => with_reason(Code::OutOfRange, "POSITION_EXPIRED"),
+            EventsError::LeaseLost => with_reason(Code::FailedPrecondition, "LEASE_ENDED"),
+            EventsError::Full { .. } => Status::with_error_details(
+                Code::ResourceExhausted,
+                error.to_string(),
+                ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(1))),
+            ),
+            EventsError::ShuttingDown => Status::unavailable(error.to_string()),
+            EventsError::Store(store) => store_status(store),
         }
     }
 }

@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    admin::AdminService,
+    admin::{Access, AdminService},
     auth::AuthService,
     cache::Redis,
     clock::Clock,
@@ -72,6 +72,8 @@ pub struct Jobs {
     pub reload_tls: Option<Arc<dyn Fn() + Send + Sync>>,
     /// AdminService (its keys file to watch).
     pub admin: Option<Arc<AdminService>>,
+    /// EventService's subscribers (their keys file to watch).
+    pub subscribers: Option<Arc<Access>>,
 }
 
 impl Jobs {
@@ -87,6 +89,7 @@ impl Jobs {
             metrics,
             reload_tls,
             admin,
+            subscribers,
         } = self;
         let mut jobs = Vec::new();
         if let Some(reload_tls) = reload_tls {
@@ -96,6 +99,17 @@ impl Jobs {
             };
             jobs.push(tokio::spawn(every(
                 settings.grpc.tls.reload_interval,
+                stop.clone(),
+                reload,
+            )));
+        }
+        if let Some(access) = subscribers {
+            let reload = move || {
+                access.reload();
+                async {}
+            };
+            jobs.push(tokio::spawn(every(
+                settings.events.reload_interval,
                 stop.clone(),
                 reload,
             )));
@@ -162,6 +176,7 @@ impl Jobs {
         let profile_log = (pc.ttl.mul_f64(1.0 + pc.jitter) * 2).max(Duration::from_secs(86_400));
         let cursor_retention = settings.session.absolute_timeout;
         let audit_retention = settings.audit.retention;
+        let event_retention = settings.events.retention;
         let purge = {
             let (auth, db) = (auth.clone(), db.clone());
             move || {
@@ -172,6 +187,10 @@ impl Jobs {
                     }
                     if let Err(error) = db.outbox().purge(profile_log, cursor_retention).await {
                         tracing::warn!(%error, "outbox purge failed; retrying next time");
+                    }
+                    // Written by every change, whether any instance serves the stream or not.
+                    if let Err(error) = db.events().purge(event_retention).await {
+                        tracing::warn!(%error, "event log purge failed; retrying next time");
                     }
                     // In batches, until nothing old is left.
                     loop {

@@ -85,6 +85,9 @@ impl LocalCache {
             }
             let (origin, nonce) = (message.origin, message.nonce);
             let keys = message.keys();
+            if !keys.is_empty() && nonce != 0 {
+                let _ = self.shared.messages.send((origin, nonce));
+            }
             if keys.is_empty() || !self.is_enabled() {
                 return;
             }

@@ -144,6 +144,12 @@ struct Shared {
     poller: Arc<poller::Poller>,
     /// See `store::in_flight`.
     in_flight: chrono::TimeDelta,
+    /// The fleet's lease: what this instance holds, and what it takes for the event stream's
+    /// strict subscribers.
+    lease: Duration,
+    /// Every revoker's message this instance hears (origin, nonce): the event stream's
+    /// strict subscribers acknowledge them through their host ([`LocalCache::messages`]).
+    messages: tokio::sync::broadcast::Sender<(Uuid, u64)>,
 }
 
 impl LocalCache {
@@ -180,6 +186,8 @@ impl LocalCache {
                 store,
                 waits: wait::Waits::default(),
                 in_flight,
+                lease,
+                messages: tokio::sync::broadcast::channel(MESSAGES).0,
             }),
         }
     }
@@ -309,12 +317,37 @@ impl LocalCache {
         let _ = tokio::time::timeout(Duration::from_secs(2), stopped).await;
     }
 
+    /// The fleet's lease length.
+    pub fn lease(&self) -> Duration {
+        self.shared.lease
+    }
+
+    /// The revokers' messages this instance hears from now on: (origin, nonce), for every
+    /// message that names keys. A receiver that falls [`MESSAGES`] behind loses the oldest
+    /// (their revokers then wait for a catch-up through the logs, or the lease's end).
+    pub fn messages(&self) -> tokio::sync::broadcast::Receiver<(Uuid, u64)> {
+        self.shared.messages.subscribe()
+    }
+
+    /// Tells `origin` that `holder` (a lease of the lease table) dropped what its message
+    /// `nonce` named.
+    pub async fn acknowledge_for(&self, holder: Uuid, origin: Uuid, nonce: u64) {
+        if origin == self.shared.instance {
+            self.acknowledged_by(holder, nonce);
+        } else if let Some(channel) = acks_channel(&self.shared.redis, origin) {
+            let ack = format!("ack:{nonce}:{holder}");
+            self.shared.redis.publish(&channel, ack).await;
+        }
+    }
+
     /// PostgreSQL changed history (a promoted standby): copies made before are not trusted.
     pub fn history_changed(&self) {
         self.doubt("postgresql changed timeline");
     }
 }
 
+/// Revokers' messages kept for [`LocalCache::messages`]' receivers.
+const MESSAGES: usize = 1024;
 /// The channel every holder listens to.
 const INVALIDATIONS: &str = "local:invalidations";
 /// `<prefix>local:acks:<instance>`: acknowledgements and heartbeats for one instance.

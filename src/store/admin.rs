@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{Db, Revocation, Since, StoreError, StoredSession, micros};
+use super::{Db, Reason, Revocation, Since, StoreError, StoredSession, micros};
 use crate::model::SessionRecord;
 
 /// An account as operators see it.
@@ -126,9 +126,14 @@ impl AdminRepo<'_> {
                     return Ok(None);
                 }
                 let update = sqlx::query(
-                    "update users set disabled_at = coalesce(disabled_at, clock_timestamp()),
-                                      disabled_reason = $2, updated_at = clock_timestamp()
-                     where id = $1",
+                    "with disabled as (
+                         update users set disabled_at = coalesce(disabled_at, clock_timestamp()),
+                                          disabled_reason = $2, updated_at = clock_timestamp()
+                         where id = $1
+                         returning id
+                     )
+                     insert into change_events (kind, user_id, reason)
+                     select 'user_disabled', id, $2 from disabled",
                 )
                 .bind(user_id)
                 .bind(reason);
@@ -136,7 +141,7 @@ impl AdminRepo<'_> {
                 let revoked = self
                     .0
                     .sessions()
-                    .revoke_all_in(&mut tx, user_id, None, since)
+                    .revoke_all_in(&mut tx, user_id, None, Reason::UserDisabled, since)
                     .await?;
                 self.0.run(tx.commit()).await?;
                 Ok(Some(revoked))
@@ -148,9 +153,13 @@ impl AdminRepo<'_> {
     /// user.
     pub async fn enable(&self, user_id: Uuid) -> Result<bool, StoreError> {
         let query = sqlx::query(
-            "update users set disabled_at = null, disabled_reason = '', failed_logins = 0,
-                              updated_at = clock_timestamp()
-             where id = $1",
+            "with enabled as (
+                 update users set disabled_at = null, disabled_reason = '', failed_logins = 0,
+                                  updated_at = clock_timestamp()
+                 where id = $1
+                 returning id
+             )
+             insert into change_events (kind, user_id) select 'user_enabled', id from enabled",
         )
         .bind(user_id);
         let done = self.0.run(query.execute(self.0.pool())).await?;

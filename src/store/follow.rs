@@ -61,11 +61,13 @@ impl Row for ProfileInvalidation {
 /// its top (in batches) up to `high`, the last id handed out when the pass began (what commits
 /// later is not owed to it: copies are trusted from its start), each batch applied. Where it
 /// then stands; `None` when a batch was not applied (the pass is void, and reads them again).
+/// With `settle_from` (PostgreSQL's time at the pass's start), a batch whose rows are younger
+/// than [`SETTLE`] waits for them to settle first (their announcements travel meanwhile).
 pub async fn follow_ids<T, A, W, R, RF, AF>(
     at: &Ids,
     high: i64,
     in_flight: TimeDelta,
-    now: DateTime<Utc>,
+    settle_from: Option<DateTime<Utc>>,
     above: A,
     within: W,
     apply: impl Fn(Vec<T>) -> AF,
@@ -101,11 +103,13 @@ where
         }
         let full = rows.len() as i64 == BATCH;
         if !rows.is_empty() {
-            settle(
-                &rows,
-                now + TimeDelta::from_std(began.elapsed()).unwrap_or_default(),
-            )
-            .await;
+            if let Some(now) = settle_from {
+                settle(
+                    &rows,
+                    now + TimeDelta::from_std(began.elapsed()).unwrap_or_default(),
+                )
+                .await;
+            }
             if !apply(rows).await {
                 return Ok(None);
             }
@@ -276,7 +280,7 @@ mod tests {
             at,
             high,
             in_flight,
-            Utc::now(),
+            Some(Utc::now()),
             |top| std::future::ready(Ok(log.above(top))),
             |ranges| std::future::ready(Ok(log.within(&ranges))),
             apply,
@@ -361,7 +365,7 @@ mod tests {
             &Ids::default(),
             700,
             TimeDelta::seconds(60),
-            Utc::now(),
+            Some(Utc::now()),
             |top| std::future::ready(Ok(log.above(top))),
             |ranges| std::future::ready(Ok(log.within(&ranges))),
             apply,

@@ -4,6 +4,7 @@
 //! an outage answers UNAVAILABLE within `DATABASE__QUERY_TIMEOUT` instead of hanging, and takes
 //! its connection from the running work's share of the pool (`work`).
 mod admin;
+mod events;
 pub mod follow;
 mod generations;
 mod history;
@@ -35,6 +36,7 @@ use sqlx::{
 };
 
 pub use admin::{AdminRepo, AdminUser, AuditEntry, SessionCursor, UserLookup};
+pub use events::{ChangeEvent, EventKind, EventRepo, Reason, Stream};
 pub use history::HistoryHook;
 pub use keys::{KeyState, StoredKey, TokenKeyRepo};
 pub use leases::{
@@ -384,8 +386,10 @@ impl Db {
 
 /// The tables of authd's schema (every `create table` of `migrations/`; a unit test keeps the
 /// list whole). Tables of others in the same schema are none of authd's business.
-const TABLES: [&str; 15] = [
+const TABLES: [&str; 17] = [
     "admin_audit",
+    "change_events",
+    "change_events_purged",
     "database_timelines",
     "local_cache_fleet",
     "local_cache_instances",

@@ -75,6 +75,9 @@ impl ProfileRepo<'_> {
                  where user_id = $1 and ($8::bigint is null or version = $8)
                  returning user_id, display_name, bio, avatar_url, locale, time_zone, version,
                            created_at, updated_at
+             ), evented as (
+                 insert into change_events (kind, user_id, version)
+                 select 'profile_updated', user_id, version from updated
              ), queued as (
                  insert into profile_invalidations (user_id, version)
                  select user_id, version from updated

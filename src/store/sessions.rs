@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{FromRow, postgres::PgRow};
 use uuid::Uuid;
 
-use super::{Db, Revocation, StoreError, micros};
+use super::{Db, Reason, Revocation, StoreError, micros};
 
 /// What a revoking statement needs besides its target: the idle timeout (to tell which revoked
 /// sessions were still active) and from when earlier invalidations of its target still matter:
@@ -30,22 +30,55 @@ pub(super) const EARLIER_ROWS: usize = 1000;
 /// their invalidations, and returns them with the earlier invalidations matching `$pending` logged
 /// after `$2` (see [`Since`]). `active` tells whether a revoked session was still usable.
 macro_rules! revoke {
-    ($cond:literal, $pending:literal) => {
+    ($cond:literal, $pending:literal, $events:expr) => {
         concat!(
             "with revoked as (
                  update sessions set revoked_at = clock_timestamp()
                  where revoked_at is null and ",
             $cond,
-            " returning token_hash, user_id, absolute_expires_at,
+            " returning id, token_hash, user_id, absolute_expires_at,
                     absolute_expires_at > clock_timestamp()
                     and last_seen_at > clock_timestamp() - $1::bigint * interval '1 microsecond'
                     as active
              ), ",
+            $events,
             queue!(),
             " union all (",
             earlier!($pending),
             ")"
         )
+    };
+}
+
+/// The event stream's row of each session `revoked` revoked (`change_events`), `$reason` an
+/// SQL expression.
+macro_rules! session_events {
+    ($reason:literal) => {
+        concat!(
+            "evented as (
+                 insert into change_events (kind, user_id, session_id, reason)
+                 select 'session_revoked', user_id, id, ",
+            $reason,
+            " from revoked
+             ), "
+        )
+    };
+}
+
+/// The event stream's one row for a revocation of every session of user `$3` but `$4`
+/// (reason `$5`), when it revoked any: the sessions created at or before the cutoff. The
+/// cutoff is PostgreSQL's time, or later: never before a session's own `created_at` (the
+/// service's clock), so no session it revoked is outside it.
+macro_rules! user_events {
+    () => {
+        "evented as (
+             insert into change_events (kind, user_id, reason, cutoff, kept_session)
+             select 'sessions_revoked', $3, $5,
+                    greatest(clock_timestamp(),
+                             (select max(created_at) from sessions where user_id = $3)),
+                    $4
+             where exists (select 1 from revoked)
+         ), "
     };
 }
 
@@ -189,8 +222,9 @@ impl SessionRepo<'_> {
              ), revoked as (
                  update sessions set revoked_at = clock_timestamp()
                  where id in (select id from least_recent) and revoked_at is null
-                 returning token_hash, user_id, absolute_expires_at, true as active
+                 returning id, token_hash, user_id, absolute_expires_at, true as active
              ), ",
+            session_events!("'session_limit'"),
             queue!(),
             " union all (",
             earlier!("user_id = $3"),
@@ -266,21 +300,24 @@ impl SessionRepo<'_> {
         Ok(rows.into_iter().map(|s| s.record).collect())
     }
 
-    /// Revokes one of the user's sessions.
+    /// Revokes one of the user's sessions (`reason`: what the event stream says).
     pub async fn revoke_by_id(
         &self,
         user_id: Uuid,
         session_id: Uuid,
+        reason: Reason,
         since: Since,
     ) -> Result<Revocation, StoreError> {
         let query = sqlx::query_as::<_, super::outbox::QueuedRow>(revoke!(
             "user_id = $3 and id = $4",
-            "user_id = $3"
+            "user_id = $3",
+            session_events!("$5")
         ))
         .bind(micros(since.idle))
         .bind(since.pending_after)
         .bind(user_id)
-        .bind(session_id);
+        .bind(session_id)
+        .bind(reason.as_str());
         let rows = self.0.run(query.fetch_all(self.0.pool())).await?;
         Ok(Revocation::from_rows(rows))
     }
@@ -301,13 +338,16 @@ impl SessionRepo<'_> {
         &self,
         user_id: Uuid,
         keep: Option<Uuid>,
+        reason: Reason,
         since: Since,
     ) -> Result<Revocation, StoreError> {
         self.0
             .retrying(|| async {
                 let mut tx = self.0.run(self.0.pool().begin()).await?;
                 self.0.users().lock_password(&mut tx, user_id).await?;
-                let revoked = self.revoke_all_in(&mut tx, user_id, keep, since).await?;
+                let revoked = self
+                    .revoke_all_in(&mut tx, user_id, keep, reason, since)
+                    .await?;
                 self.0.run(tx.commit()).await?;
                 Ok(revoked)
             })
@@ -320,16 +360,19 @@ impl SessionRepo<'_> {
         tx: &mut sqlx::PgConnection,
         user_id: Uuid,
         keep: Option<Uuid>,
+        reason: Reason,
         since: Since,
     ) -> Result<Revocation, StoreError> {
         let query = sqlx::query_as::<_, super::outbox::QueuedRow>(revoke!(
             "user_id = $3 and id is distinct from $4",
-            "user_id = $3"
+            "user_id = $3",
+            user_events!()
         ))
         .bind(micros(since.idle))
         .bind(since.pending_after)
         .bind(user_id)
-        .bind(keep);
+        .bind(keep)
+        .bind(reason.as_str());
         let rows = self.0.run(query.fetch_all(tx)).await?;
         Ok(Revocation::from_rows(rows))
     }
@@ -372,7 +415,8 @@ impl SessionRepo<'_> {
     ) -> Result<Revocation, StoreError> {
         let query = sqlx::query_as::<_, super::outbox::QueuedRow>(revoke!(
             "token_hash = $3",
-            "token_hash = $3"
+            "token_hash = $3",
+            session_events!("'logout'")
         ))
         .bind(micros(since.idle))
         .bind(since.pending_after)

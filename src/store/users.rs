@@ -2,7 +2,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{Db, Revocation, Since, StoreError};
+use super::{Db, Reason, Revocation, Since, StoreError};
 use crate::model::SessionRecord;
 
 /// The constraint that makes emails unique; its violation means "already registered".
@@ -233,7 +233,13 @@ impl UserRepo<'_> {
                 let revoked = self
                     .0
                     .sessions()
-                    .revoke_all_in(&mut tx, user_id, Some(current_session), since)
+                    .revoke_all_in(
+                        &mut tx,
+                        user_id,
+                        Some(current_session),
+                        Reason::PasswordChanged,
+                        since,
+                    )
                     .await?;
                 self.0.run(tx.commit()).await?;
                 Ok(Some(revoked))

@@ -12,6 +12,7 @@ mod admin;
 mod consistency;
 mod degraded;
 mod deployments;
+mod events;
 mod fleet;
 mod hardening;
 mod layers;

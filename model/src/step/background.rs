@@ -98,6 +98,7 @@ impl Protocol {
         if let Some((_, age)) = &mut s.legacy {
             older(age, self.cfg.bound);
         }
+        self.sub_tick(s);
     }
 
     /// `Follower::pass`: reads the log, writes what its cache has not applied (and drops its
@@ -167,7 +168,8 @@ impl Protocol {
         match s.wire.remove(k) {
             Wire::Invalidation { to, from, attempt } => {
                 let to = to as usize;
-                if self.cfg.nodes[to].local {
+                self.sub_message(s, to, from, attempt);
+                if self.cfg.nodes[to].local && to != from as usize {
                     Self::forget(s, to);
                     s.wire.push(Wire::Ack {
                         to: from,

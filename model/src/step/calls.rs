@@ -142,7 +142,10 @@ impl Protocol {
         // `LocalCache::invalidate`: the keys are published as soon as the Redis write is done,
         // to every instance subscribed (the holders, read next, acknowledge them).
         if self.cfg.nodes[c].redis && s.nodes[c].redis_link {
-            for j in (0..s.nodes.len()).filter(|j| *j != c && self.cfg.nodes[*j].local) {
+            // The host of a subscriber hears every message, its own included.
+            let host = self.cfg.subscriber.map(usize::from);
+            let hears = |j: usize| (j != c && self.cfg.nodes[j].local) || host == Some(j);
+            for j in (0..s.nodes.len()).filter(|j| hears(*j)) {
                 s.wire.push(Wire::Invalidation {
                     to: j as u8,
                     from: c as u8,

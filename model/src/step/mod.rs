@@ -5,12 +5,17 @@ use crate::{
     action::Action,
     config::Change,
     state::{
-        Instance, LeaseRow, Pg, Promise, Read, ReadStage, Slot, Stage, State, Violation, Wait, Wire,
+        Instance, LeaseRow, Pg, Promise, Read, ReadStage, Slot, Stage, State, Subscriber,
+        Violation, Wait, Wire,
     },
 };
 
 mod background;
 mod calls;
+mod initial;
+mod subscriber;
+
+pub(crate) use initial::initial;
 
 /// A wait for "whoever held a lease on the previous timeline" (see [`Protocol::read_holders`]).
 pub const ANYONE: u8 = u8::MAX;
@@ -229,6 +234,7 @@ impl Protocol {
             }
         }
         self.call_actions(s, out);
+        self.sub_actions(s, out);
         if cfg.legacy_writer && s.legacy.is_none() && (!self.is_session() || s.pg.version == 0) {
             out.push(Action::LegacyWrite { redis: true });
             out.push(Action::LegacyWrite { redis: false });
@@ -319,7 +325,7 @@ impl Protocol {
         }
         if f.pg_failover && s.pg.timeline == 1 {
             for lose_commit in [false, true] {
-                for stale in 0..1u8 << s.nodes.len() {
+                for stale in 0..1u8 << s.pg.leases.len() {
                     out.push(Action::PgFailover { lose_commit, stale });
                 }
             }
@@ -404,6 +410,13 @@ impl Protocol {
                 }
                 s.call.stage = Stage::Idle;
             }
+            Action::SubConnect(k) => self.sub_connect(&mut s, k as usize),
+            Action::SubPass(k) => self.sub_pass(&mut s, k as usize),
+            Action::SubApply(k) => self.sub_apply(&mut s, k as usize),
+            Action::SubExtend(k) => self.sub_extend(&mut s, k as usize),
+            Action::SubRead { sub, via } => self.sub_read(&mut s, sub as usize, via as usize),
+            Action::SubKeep(k) => self.sub_keep(&mut s, k as usize),
+            Action::SubDisconnect(k) => self.sub_disconnect(&mut s, k as usize),
             Action::LegacyWrite { redis } => {
                 let (version, age, _) = self.commit(&mut s);
                 s.legacy = Some((version, age));
@@ -505,83 +518,15 @@ impl Protocol {
                 *age = cap;
             }
         }
-    }
-}
-
-/// The initial state: a warm fleet before the change — every instance has established its
-/// generation and completed a follower pass, every instance with the cache holds a lease.
-pub(crate) fn initial(p: &Protocol) -> State {
-    let cfg = &p.cfg;
-    let nodes = cfg
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(i, node)| Instance {
-            paused: false,
-            pg_link: true,
-            redis_link: true,
-            generation: if node.redis { 8 + 1 } else { 0 },
-            trusted_for: if node.redis { cfg.bound } else { 0 },
-            position_age: (node.redis && cfg.bugs.retry_from_position).then_some(0),
-            applied: (0, 0),
-            followed: 0,
-            pending: false,
-            copy: (cfg.warm_copies && node.local).then_some(0),
-            belief_for: if node.local { cfg.lease_of(i) - 1 } else { 0 },
-            hearing: true,
-            lost: false,
-            held_age: node.local.then_some(0),
-            seen: 0,
-            timeline: 1,
-            read: None,
-        })
-        .collect();
-    let pg = Pg {
-        version: 0,
-        revoked_age: None,
-        leases: (0..cfg.nodes.len())
-            .map(|i| {
-                cfg.nodes[i].local.then(|| LeaseRow {
-                    end_in: cfg.lease_of(i),
-                    applied_age: 0,
-                })
-            })
-            .collect(),
-        timeline: 1,
-        timeline_seen_age: None,
-    };
-    State {
-        faults_left: cfg.fault_budget,
-        reads_left: cfg.reads,
-        pg,
-        redis: crate::state::Redis {
-            slot: if cfg.warm_copies {
-                Slot::Copy {
-                    version: 0,
-                    generation: 9,
-                }
-            } else {
-                Slot::Empty
-            },
-            identity: 1,
-            unreplicated: None,
-        },
-        wire: Vec::new(),
-        nodes,
-        call: crate::state::Call {
-            attempts: 0,
-            stage: Stage::Idle,
-            node: 0,
-            deadline_in: 0,
-            version: 0,
-            committed_age: 0,
-            redis_confirmed: false,
-            ok: None,
-            acked: 0,
-            cancelled: false,
-        },
-        legacy: None,
-        lost_commit: false,
-        violation: None,
+        for sub in &mut s.subscribers {
+            let reads = sub
+                .event
+                .iter_mut()
+                .map(|e| &mut e.read_age)
+                .chain(sub.ack.iter_mut().map(|a| &mut a.read_age));
+            for age in reads.filter(|age| **age >= since) {
+                *age = cap;
+            }
+        }
     }
 }

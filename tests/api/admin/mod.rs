@@ -28,10 +28,10 @@ mod accounts;
 mod audit;
 mod tls;
 
-const KEY: &str = "ops-key-0123456789abcdef";
+pub const KEY: &str = "ops-key-0123456789abcdef";
 
 /// A keys file holding `(name, key)` pairs (as their hashes).
-fn write_keys(path: &Path, keys: &[(&str, &str)]) {
+pub fn write_keys(path: &Path, keys: &[(&str, &str)]) {
     let text: String = keys
         .iter()
         .map(|(name, key)| {
@@ -63,7 +63,7 @@ fn keyed_settings(mode: Mode, dir: &Path) -> authd::config::Settings {
     settings
 }
 
-fn with_key<T>(key: &str, message: T) -> Request<T> {
+pub fn with_key<T>(key: &str, message: T) -> Request<T> {
     let mut request = Request::new(message);
     request
         .metadata_mut()
@@ -71,11 +71,11 @@ fn with_key<T>(key: &str, message: T) -> Request<T> {
     request
 }
 
-fn admin(app: &TestApp) -> AdminServiceClient<Channel> {
+pub fn admin(app: &TestApp) -> AdminServiceClient<Channel> {
     AdminServiceClient::new(app.channel.clone())
 }
 
-async fn get_user(app: &TestApp, key: &str, user_id: &str) -> Result<pb::User, tonic::Status> {
+pub async fn get_user(app: &TestApp, key: &str, user_id: &str) -> Result<pb::User, tonic::Status> {
     let lookup = pb::get_user_request::Lookup::UserId(user_id.to_owned());
     admin(app)
         .get_user(with_key(

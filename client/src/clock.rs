@@ -1,0 +1,31 @@
+//! The clock leases are measured on: `CLOCK_BOOTTIME` where there is one, so that time the
+//! process was stopped or the machine suspended counts (a paused subscriber's lease runs out).
+
+/// Microseconds of the boot clock.
+pub fn boot_us() -> u64 {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec, and clock_gettime only writes through
+        // the pointer.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+        if rc == 0 {
+            return ts.tv_sec.unsigned_abs() * 1_000_000 + ts.tv_nsec.unsigned_abs() / 1_000;
+        }
+    }
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let elapsed = START.get_or_init(std::time::Instant::now).elapsed();
+    u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A duration in microseconds.
+pub fn us(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Clocks run at rates within this of each other (authd's assumption): a lease is believed this
+/// much shorter than granted.
+pub const RATE_MARGIN: f64 = 0.01;

@@ -1,0 +1,409 @@
+//! What a subscriber knows: the validations it keeps, the floors no fetched validation may go
+//! below, and whether it may trust its memory now. Each function is an action of authd's
+//! protocol model (`model/`, the `Sub*` actions).
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use crate::{
+    clock::{boot_us, us},
+    proto::{self as pb, event::Kind},
+};
+
+/// SHA-256 of a session token: what the memory is keyed by (the token itself is kept nowhere).
+pub type TokenHash = [u8; 32];
+
+/// How long what the stream showed stays a floor: longer than authd's wait horizon (two of the
+/// longest leases and the in-flight allowance, about two and a half minutes), after which no
+/// authd instance still answers from a copy older than it, plus [`FETCH_BOUND`].
+pub const FLOOR: Duration = Duration::from_secs(300);
+/// A validation fetched from authd is kept only if it answered within this long.
+pub const FETCH_BOUND: Duration = Duration::from_secs(10);
+
+/// A validation kept in memory.
+struct Entry {
+    session: pb::Session,
+    /// Asked of authd again from then (its touch is due, or its idle deadline near).
+    recheck_at: u64,
+}
+
+/// Taken before a validation is fetched from authd; the answer is kept only if nothing made the
+/// memory doubtful meanwhile.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket {
+    epoch: u64,
+    at: u64,
+}
+
+#[derive(Default)]
+struct Floors {
+    /// Sessions the stream showed revoked, until when the floor holds.
+    revoked: HashMap<String, u64>,
+    /// Users whose sessions up to a cutoff the stream showed revoked: (cutoff, kept session,
+    /// until).
+    cutoffs: HashMap<String, Vec<(prost_types::Timestamp, String, u64)>>,
+    /// The entries kept, by session: (token hash, user, created).
+    by_session: HashMap<String, (TokenHash, String, Option<prost_types::Timestamp>)>,
+    by_user: HashMap<String, Vec<String>>,
+    /// Floors are pruned when this many were added since the last prune.
+    added: usize,
+}
+
+pub struct State {
+    entries: moka::sync::Cache<TokenHash, Arc<Entry>>,
+    floors: Mutex<Floors>,
+    /// Bumped by every doubt: a ticket of an older epoch keeps nothing.
+    epoch: AtomicU64,
+    /// The current stream's first batch is applied.
+    primed: AtomicBool,
+    /// The memory is trusted until then (boot clock, µs): the lease's believed end (strict),
+    /// or the last batch's arrival plus the staleness bound (bounded).
+    trusted_until: AtomicU64,
+    recheck: Duration,
+    /// Validations answered from memory.
+    hits: AtomicU64,
+}
+
+impl State {
+    pub fn new(max_entries: u64, recheck: Duration) -> Self {
+        Self {
+            entries: moka::sync::Cache::new(max_entries),
+            floors: Mutex::new(Floors::default()),
+            epoch: AtomicU64::new(1),
+            primed: AtomicBool::new(false),
+            trusted_until: AtomicU64::new(0),
+            recheck,
+            hits: AtomicU64::new(0),
+        }
+    }
+
+    fn floors(&self) -> MutexGuard<'_, Floors> {
+        self.floors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the memory may answer now.
+    pub fn trusted(&self) -> bool {
+        self.primed.load(Ordering::Acquire)
+            && boot_us() < self.trusted_until.load(Ordering::Acquire)
+    }
+
+    /// A validation of `hash` from memory, when trusted and not due for a recheck.
+    pub fn lookup(&self, hash: &TokenHash) -> Option<pb::Session> {
+        if !self.trusted() {
+            return None;
+        }
+        let entry = self.entries.get(hash)?;
+        if boot_us() >= entry.recheck_at {
+            return None;
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(entry.session.clone())
+    }
+
+    /// Validations answered from memory so far.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    pub fn ticket(&self) -> Ticket {
+        Ticket {
+            epoch: self.epoch.load(Ordering::Acquire),
+            at: boot_us(),
+        }
+    }
+
+    /// Keeps a validation fetched since `ticket`: only while trusted, with no doubt since, within
+    /// [`FETCH_BOUND`], and not below what the stream showed (an authd instance still waited for
+    /// may have answered from its old copy). Whether it was kept.
+    pub fn keep(&self, ticket: Ticket, hash: TokenHash, session: &pb::Session) -> bool {
+        let mut floors = self.floors();
+        let now = boot_us();
+        let fresh = now.saturating_sub(ticket.at) < us(FETCH_BOUND);
+        if ticket.epoch != self.epoch.load(Ordering::Acquire) || !fresh || !self.trusted() {
+            return false;
+        }
+        if floors.revoked.contains_key(&session.session_id)
+            || floors
+                .cutoffs
+                .get(&session.user_id)
+                .is_some_and(|cuts| cuts.iter().any(|cut| covers(cut, session)))
+        {
+            return false;
+        }
+        let recheck_at = now + us(self.recheck.min(until(session.expires_at)));
+        let entry = Arc::new(Entry {
+            session: session.clone(),
+            recheck_at,
+        });
+        self.entries.insert(hash, entry);
+        let user = session.user_id.clone();
+        let indexed = (hash, user.clone(), session.created_at);
+        if floors
+            .by_session
+            .insert(session.session_id.clone(), indexed)
+            .is_none()
+        {
+            floors
+                .by_user
+                .entry(user)
+                .or_default()
+                .push(session.session_id.clone());
+        }
+        true
+    }
+
+    /// Applies the events of a batch: what they show is dropped and becomes a floor.
+    pub fn apply(&self, events: &[pb::Event]) {
+        if events.is_empty() {
+            return;
+        }
+        let mut floors = self.floors();
+        let until = boot_us() + us(FLOOR);
+        for event in events {
+            match &event.kind {
+                Some(Kind::SessionRevoked(revoked)) => {
+                    floors.revoked.insert(revoked.session_id.clone(), until);
+                    self.drop_session(&mut floors, &revoked.session_id);
+                }
+                Some(Kind::SessionsRevoked(all)) => {
+                    let Some(cutoff) = all.cutoff else { continue };
+                    let cut = (cutoff, all.kept_session_id.clone(), until);
+                    let sessions = floors
+                        .by_user
+                        .get(&all.user_id)
+                        .cloned()
+                        .unwrap_or_default();
+                    for session_id in sessions {
+                        let covered =
+                            floors
+                                .by_session
+                                .get(&session_id)
+                                .is_some_and(|(_, _, created)| {
+                                    session_id != cut.1 && before(*created, cutoff)
+                                });
+                        if covered {
+                            self.drop_session(&mut floors, &session_id);
+                        }
+                    }
+                    floors
+                        .cutoffs
+                        .entry(all.user_id.clone())
+                        .or_default()
+                        .push(cut);
+                }
+                // Profiles are not kept by this client; enabling brings no session back, and
+                // disabling comes with the revocation of every session.
+                Some(Kind::ProfileUpdated(_) | Kind::UserDisabled(_) | Kind::UserEnabled(_))
+                | None => {}
+            }
+            floors.added += 1;
+        }
+        if floors.added > 1024 {
+            self.prune(&mut floors);
+        }
+    }
+
+    fn drop_session(&self, floors: &mut Floors, session_id: &str) {
+        if let Some((hash, user, _)) = floors.by_session.remove(session_id) {
+            self.entries.invalidate(&hash);
+            if let Some(sessions) = floors.by_user.get_mut(&user) {
+                sessions.retain(|s| s != session_id);
+                if sessions.is_empty() {
+                    floors.by_user.remove(&user);
+                }
+            }
+        }
+    }
+
+    /// Forgets floors past their time, and index rows of entries the cache evicted.
+    fn prune(&self, floors: &mut Floors) {
+        let now = boot_us();
+        floors.added = 0;
+        floors.revoked.retain(|_, until| *until > now);
+        floors.cutoffs.retain(|_, cuts| {
+            cuts.retain(|(_, _, until)| *until > now);
+            !cuts.is_empty()
+        });
+        let entries = &self.entries;
+        floors
+            .by_session
+            .retain(|_, (hash, _, _)| entries.contains_key(hash));
+        let Floors {
+            by_session,
+            by_user,
+            ..
+        } = floors;
+        by_user.retain(|_, sessions| {
+            sessions.retain(|s| by_session.contains_key(s));
+            !sessions.is_empty()
+        });
+    }
+
+    /// The current stream's first batch is applied: its floors cover the recent past.
+    pub fn primed(&self) {
+        self.primed.store(true, Ordering::Release);
+    }
+
+    /// Trusts the memory until `at` (boot clock, µs), never less than already.
+    pub fn trust_until(&self, at: u64) {
+        self.trusted_until.fetch_max(at, Ordering::AcqRel);
+    }
+
+    /// Not sure any more that every event arrives: stop trusting, drop every entry (the floors
+    /// stay: a stream resumed without a gap keeps them right).
+    pub fn doubt(&self) {
+        let mut floors = self.floors();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.primed.store(false, Ordering::Release);
+        self.trusted_until.store(0, Ordering::Release);
+        self.entries.invalidate_all();
+        floors.by_session.clear();
+        floors.by_user.clear();
+    }
+
+    /// A stream that cannot resume: forget the floors too (the next stream replays the recent
+    /// past and sets them again before anything is trusted).
+    pub fn reset(&self) {
+        self.doubt();
+        let mut floors = self.floors();
+        floors.revoked.clear();
+        floors.cutoffs.clear();
+    }
+}
+
+/// Whether a cut of a user's sessions covers `session`.
+fn covers(cut: &(prost_types::Timestamp, String, u64), session: &pb::Session) -> bool {
+    cut.1 != session.session_id && before(session.created_at, cut.0)
+}
+
+/// Whether `created` is at or before `cutoff` (a missing time is taken to be).
+fn before(created: Option<prost_types::Timestamp>, cutoff: prost_types::Timestamp) -> bool {
+    created.is_none_or(|c| (c.seconds, c.nanos) <= (cutoff.seconds, cutoff.nanos))
+}
+
+/// How long until `at` (wall clock), zero if past or missing.
+fn until(at: Option<prost_types::Timestamp>) -> Duration {
+    let Some(at) = at.and_then(|t| SystemTime::try_from(t).ok()) else {
+        return Duration::ZERO;
+    };
+    at.duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(id: &str, user: &str, created: i64) -> pb::Session {
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        pb::Session {
+            session_id: id.into(),
+            user_id: user.into(),
+            created_at: Some(prost_types::Timestamp {
+                seconds: created,
+                nanos: 0,
+            }),
+            expires_at: Some(later.into()),
+            ..Default::default()
+        }
+    }
+
+    fn revoked(id: &str) -> pb::Event {
+        pb::Event {
+            occurred_at: None,
+            kind: Some(Kind::SessionRevoked(pb::SessionRevoked {
+                session_id: id.into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn trusted() -> State {
+        let state = State::new(100, Duration::from_secs(60));
+        state.primed();
+        state.trust_until(boot_us() + 60_000_000);
+        state
+    }
+
+    #[test]
+    fn a_revocation_drops_the_entry_and_refuses_a_later_fetch_of_it() {
+        let state = trusted();
+        let ticket = state.ticket();
+        assert!(state.keep(ticket, [1; 32], &session("a", "u", 10)));
+        assert!(state.lookup(&[1; 32]).is_some());
+        state.apply(&[revoked("a")]);
+        assert!(state.lookup(&[1; 32]).is_none());
+        // An instance still waited for answers from its old copy: not kept.
+        assert!(!state.keep(state.ticket(), [1; 32], &session("a", "u", 10)));
+    }
+
+    #[test]
+    fn a_cut_covers_the_users_sessions_up_to_it_but_the_kept_one() {
+        let state = trusted();
+        for (hash, id, created) in [(1, "a", 10), (2, "b", 20), (3, "c", 40)] {
+            assert!(state.keep(state.ticket(), [hash; 32], &session(id, "u", created)));
+        }
+        state.apply(&[pb::Event {
+            occurred_at: None,
+            kind: Some(Kind::SessionsRevoked(pb::SessionsRevoked {
+                user_id: "u".into(),
+                cutoff: Some(prost_types::Timestamp {
+                    seconds: 30,
+                    nanos: 0,
+                }),
+                kept_session_id: "b".into(),
+                reason: 0,
+            })),
+        }]);
+        let left: Vec<bool> = [1u8, 2, 3]
+            .iter()
+            .map(|h| state.lookup(&[*h; 32]).is_some())
+            .collect();
+        assert_eq!(left, [false, true, true]);
+        assert!(!state.keep(state.ticket(), [1; 32], &session("a", "u", 10)));
+        assert!(state.keep(state.ticket(), [4; 32], &session("d", "u", 50)));
+    }
+
+    #[test]
+    fn nothing_is_served_or_kept_untrusted_and_a_doubt_voids_tickets() {
+        let state = State::new(100, Duration::from_secs(60));
+        assert!(!state.keep(state.ticket(), [1; 32], &session("a", "u", 10)));
+        state.primed();
+        state.trust_until(boot_us() + 60_000_000);
+        let before = state.ticket();
+        assert!(state.keep(state.ticket(), [1; 32], &session("a", "u", 10)));
+        state.doubt();
+        assert!(state.lookup(&[1; 32]).is_none());
+        state.primed();
+        state.trust_until(boot_us() + 60_000_000);
+        assert!(!state.keep(before, [2; 32], &session("b", "u", 10)));
+        // The floors survive a doubt; a reset forgets them.
+        state.apply(&[revoked("c")]);
+        state.doubt();
+        state.primed();
+        state.trust_until(boot_us() + 60_000_000);
+        assert!(!state.keep(state.ticket(), [3; 32], &session("c", "u", 10)));
+        state.reset();
+        state.primed();
+        state.trust_until(boot_us() + 60_000_000);
+        assert!(state.keep(state.ticket(), [3; 32], &session("c", "u", 10)));
+    }
+
+    #[test]
+    fn trust_lapses_when_the_lease_or_heartbeat_is_not_renewed() {
+        let state = State::new(100, Duration::from_secs(60));
+        state.primed();
+        state.trust_until(boot_us() + 20_000);
+        assert!(state.keep(state.ticket(), [1; 32], &session("a", "u", 10)));
+        assert!(state.lookup(&[1; 32]).is_some());
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(state.lookup(&[1; 32]).is_none());
+    }
+}

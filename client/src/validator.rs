@@ -1,0 +1,224 @@
+//! The [`Validator`]: answers from memory when it may, from authd otherwise, and follows the
+//! event stream in the background (resuming after reconnects).
+use std::{collections::VecDeque, sync::Arc, time::Duration};
+
+use sha2::{Digest, Sha256};
+use tokio::{sync::mpsc, task::JoinHandle};
+use tonic::{Code, Request, Status, metadata::MetadataValue, transport::Channel};
+
+use crate::{
+    clock::{RATE_MARGIN, boot_us, us},
+    proto::{
+        self as pb, auth_service_client::AuthServiceClient,
+        event_service_client::EventServiceClient, watch_request,
+    },
+    state::{FETCH_BOUND, State, TokenHash},
+};
+
+/// How the memory is trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A lease: authd's revoking calls wait for this process. Nothing revoked is accepted here
+    /// once the revoking call returned.
+    Strict,
+    /// No lease: the memory may lag by [`Config::stale_after`] plus a batch's travel time.
+    Bounded,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mode: Mode,
+    /// `authorization: Bearer <key>` for EventService (an EVENTS__API_KEYS_FILE key), if the
+    /// channel does not authenticate with a client certificate.
+    pub api_key: Option<String>,
+    /// Bounded mode: the memory is trusted this long after the last batch arrived.
+    pub stale_after: Duration,
+    /// Validations kept at most.
+    pub max_entries: u64,
+    /// A kept validation is asked of authd again after this long (authd records the session's
+    /// activity then: keep it at most `SESSION__TOUCH_INTERVAL`).
+    pub recheck: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Strict,
+            api_key: None,
+            stale_after: Duration::from_secs(3),
+            max_entries: 100_000,
+            recheck: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Validates session tokens, from memory when it may. Cheap to clone.
+#[derive(Clone)]
+pub struct Validator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    auth: AuthServiceClient<Channel>,
+    state: Arc<State>,
+    follower: JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
+}
+
+impl Validator {
+    /// Starts following the event stream over `channel` (a tokio runtime must be running).
+    pub fn new(channel: Channel, config: Config) -> Self {
+        let state = Arc::new(State::new(config.max_entries, config.recheck));
+        let follower = tokio::spawn(follow(channel.clone(), config, state.clone()));
+        Self {
+            inner: Arc::new(Inner {
+                auth: AuthServiceClient::new(channel),
+                state,
+                follower,
+            }),
+        }
+    }
+
+    /// Validations answered from memory so far.
+    pub fn local_hits(&self) -> u64 {
+        self.inner.state.hits()
+    }
+
+    /// Whether validations are answered from memory now.
+    pub fn trusted(&self) -> bool {
+        self.inner.state.trusted()
+    }
+
+    /// The session of `token`: from memory when it may, else from authd (`ValidateSession`,
+    /// whose answer is kept when it may be). authd's status otherwise (UNAUTHENTICATED for a
+    /// token that is not valid).
+    pub async fn validate(&self, token: &str) -> Result<pb::Session, Status> {
+        let hash: TokenHash = Sha256::digest(token.as_bytes()).into();
+        let state = &self.inner.state;
+        if let Some(session) = state.lookup(&hash) {
+            return Ok(session);
+        }
+        let ticket = state.ticket();
+        let request = pb::ValidateSessionRequest {
+            session_token: token.to_owned(),
+        };
+        let mut auth = self.inner.auth.clone();
+        let answered = tokio::time::timeout(FETCH_BOUND, auth.validate_session(request))
+            .await
+            .map_err(|_| Status::deadline_exceeded("authd did not answer in time"))??;
+        let session = answered
+            .into_inner()
+            .session
+            .ok_or_else(|| Status::internal("authd answered a valid session without it"))?;
+        state.keep(ticket, hash, &session);
+        Ok(session)
+    }
+}
+
+/// Follows the stream for ever: every end is a doubt, then a new stream resumes where the last
+/// one stopped (or starts over when its position is no longer held).
+async fn follow(channel: Channel, config: Config, state: Arc<State>) {
+    let mut position = String::new();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        state.doubt();
+        let started = boot_us();
+        let ended = stream(&channel, &config, &state, &mut position).await;
+        if let Err(status) = ended {
+            if is_expired(&status) {
+                state.reset();
+                position.clear();
+            }
+            tracing::warn!(code = ?status.code(), message = status.message(), "authd event stream ended");
+        }
+        if boot_us().saturating_sub(started) > us(Duration::from_secs(30)) {
+            backoff = Duration::from_millis(100);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn is_expired(status: &Status) -> bool {
+    status.code() == Code::OutOfRange
+}
+
+/// One stream: each batch applied, then (strict) acknowledged; trust extended by each grant
+/// (strict, from when the acknowledgement that asked for it was sent) or batch (bounded).
+async fn stream(
+    channel: &Channel,
+    config: &Config,
+    state: &State,
+    position: &mut String,
+) -> Result<(), Status> {
+    let mode = match config.mode {
+        Mode::Strict => pb::Mode::Strict,
+        Mode::Bounded => pb::Mode::Bounded,
+    };
+    let (requests, outgoing) = mpsc::channel(64);
+    let subscribe = pb::WatchRequest {
+        kind: Some(watch_request::Kind::Subscribe(pb::Subscribe {
+            mode: mode as i32,
+            resume_position: position.clone(),
+        })),
+    };
+    let _ = requests.send(subscribe).await;
+    // When each acknowledgement was sent (0: the subscribe request).
+    let mut sent: VecDeque<(u64, u64)> = VecDeque::from([(0, boot_us())]);
+    let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing));
+    if let Some(key) = &config.api_key {
+        let value = MetadataValue::try_from(format!("Bearer {key}"))
+            .map_err(|_| Status::invalid_argument("the API key is not a valid header value"))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let mut responses = EventServiceClient::new(channel.clone())
+        .watch(request)
+        .await?
+        .into_inner();
+    let mut sequence = 0u64;
+    while let Some(batch) = responses.message().await? {
+        state.apply(&batch.events);
+        if batch.position.is_empty() {
+            // More of the same pass follows.
+            continue;
+        }
+        position.clone_from(&batch.position);
+        state.primed();
+        match config.mode {
+            Mode::Strict => {
+                if let Some(lease) = batch.lease {
+                    let asked = sent.iter().find(|(s, _)| *s == lease.acknowledgement);
+                    let valid = lease
+                        .valid_for
+                        .and_then(|d| Duration::try_from(d).ok())
+                        .unwrap_or_default();
+                    if let Some((_, at)) = asked {
+                        state.trust_until(at + us(valid.mul_f64(1.0 - RATE_MARGIN)));
+                    }
+                    sent.retain(|(s, _)| *s > lease.acknowledgement);
+                }
+                sequence += 1;
+                sent.push_back((sequence, boot_us()));
+                if sent.len() > 256 {
+                    sent.pop_front();
+                }
+                let ack = pb::WatchRequest {
+                    kind: Some(watch_request::Kind::Acknowledge(pb::Acknowledge {
+                        position: batch.position,
+                        sequence,
+                    })),
+                };
+                if requests.send(ack).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Mode::Bounded => state.trust_until(boot_us() + us(config.stale_after)),
+        }
+    }
+    Ok(())
+}

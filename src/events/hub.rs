@@ -1,0 +1,195 @@
+//! A stream's passes over the log, and the loop that serves it: a pass when a revoker's
+//! message arrives, when an acknowledgement's extension must be told, or at the heartbeat.
+use std::{sync::Arc, time::Instant};
+
+use futures::{Stream, StreamExt};
+use tokio::sync::{broadcast::error::TryRecvError, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Events, EventsError,
+    subscription::{Batch, Grant, Inbound, Mode, Sent, Subscription},
+};
+use crate::store::{
+    ChangeEvent,
+    follow::{BATCH, follow_ids},
+};
+
+impl Subscription {
+    /// Reads where the log stands, then every row committed since the position, and answers
+    /// them as one batch with the position after them; the messages received before the read
+    /// began, and a grant made before it, ride with it. A position of another PostgreSQL
+    /// history (a failover) is no longer held.
+    pub async fn pass(&mut self) -> Result<Batch, EventsError> {
+        let relays = std::mem::take(&mut self.relays);
+        let grant = self.grant.take();
+        let log = self.events.db.events();
+        let now = log.stream().await?;
+        if now.history != self.history {
+            return Err(EventsError::Expired);
+        }
+        let rows = std::sync::Mutex::new(Vec::<ChangeEvent>::new());
+        let next = follow_ids(
+            &self.ids,
+            now.high,
+            self.events.in_flight,
+            None,
+            |above| log.above(above, BATCH),
+            |ranges| async move { log.within(&ranges).await },
+            |batch| {
+                rows.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend(batch);
+                std::future::ready(true)
+            },
+        )
+        .await?;
+        let mut events = rows.into_inner().unwrap_or_else(|e| e.into_inner());
+        // Applied every batch: a pass is never void here.
+        self.ids = next.unwrap_or_else(|| self.ids.clone());
+        events.sort_by_key(|e| (e.created_at, e.id));
+        let position = super::Position {
+            history: self.history.clone(),
+            ids: self.ids.clone(),
+        }
+        .encode();
+        if self.mode == Mode::Strict {
+            self.sent.push_back(Sent {
+                position: position.clone(),
+                at: now.at,
+                awaited: !events.is_empty() || !relays.is_empty(),
+                relays,
+            });
+        }
+        let length = self.events.local.lease();
+        Ok(Batch {
+            events,
+            position,
+            complete_through: now.at,
+            lease: grant.map(|acknowledgement| Grant {
+                valid_for: length,
+                acknowledgement,
+            }),
+            replayed: std::mem::take(&mut self.replay),
+        })
+    }
+
+    /// Takes the messages received meanwhile; whether any came (or some were lost: the
+    /// revokers then wait for the catch-up through the logs).
+    fn take_messages(&mut self) -> bool {
+        let mut any = false;
+        loop {
+            match self.messages.try_recv() {
+                Ok(message) => {
+                    self.relays.push(message);
+                    any = true;
+                }
+                Err(TryRecvError::Lagged(_)) => any = true,
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return any,
+            }
+        }
+    }
+}
+
+/// Serves `subscription` until the subscriber closes its side, an error ends the stream, or
+/// `stop`: batches go to `out` (an error last, if any), acknowledgements come from `inbound`.
+pub async fn serve(
+    mut subscription: Subscription,
+    mut inbound: impl Stream<Item = Result<Inbound, EventsError>> + Unpin,
+    out: mpsc::Sender<Result<Batch, EventsError>>,
+    stop: CancellationToken,
+) {
+    let heartbeat = subscription.events.heartbeat();
+    let mut listening = true;
+    let ended = loop {
+        if !subscription.paused() {
+            subscription.take_messages();
+            let batch = match subscription.pass().await {
+                Ok(batch) => batch,
+                Err(error) => break Some(error),
+            };
+            let sent = u64::try_from(batch.events.len()).unwrap_or(u64::MAX);
+            subscription.events.metrics.events_sent.inc_by(sent);
+            if out.send(Ok(batch)).await.is_err() {
+                break None;
+            }
+        }
+        let next_pass = Instant::now() + heartbeat;
+        let woken = loop {
+            let lease_ends = subscription.lease_ends();
+            tokio::select! {
+                () = stop.cancelled() => break Some(EventsError::ShuttingDown),
+                () = tokio::time::sleep_until(next_pass.into()), if !subscription.paused() => {
+                    break None;
+                }
+                () = sleep_until(lease_ends) => break Some(EventsError::LeaseLost),
+                received = subscription.messages.recv() => {
+                    if let Ok(message) = received {
+                        subscription.relays.push(message);
+                    }
+                    if !subscription.paused() {
+                        break None;
+                    }
+                }
+                request = inbound.next(), if listening => match request {
+                    Some(Ok(Inbound::Acknowledge { position, sequence })) => {
+                        match subscription.acknowledged(&position, sequence).await {
+                            Ok(true) => break None,
+                            Ok(false) => {}
+                            Err(error) => break Some(error),
+                        }
+                    }
+                    Some(Err(error)) => break Some(error),
+                    // A strict subscriber that closes its side keeps nothing: its lease ends now.
+                    // A bounded one needs to send nothing (`grpcurl` closes its side at once).
+                    Some(Ok(Inbound::Closed)) if subscription.mode() == Mode::Strict => {
+                        subscription.closed().await;
+                        return;
+                    }
+                    Some(Ok(Inbound::Closed)) => listening = false,
+                    // Broken: the subscriber may still serve until it notices; its lease runs
+                    // out.
+                    None => return,
+                },
+            }
+        };
+        if let Some(error) = woken {
+            break Some(error);
+        }
+    };
+    if let Some(error) = ended {
+        let _ = out.send(Err(error)).await;
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Events {
+    /// Opens a stream for `mode` from `resume` and serves it on a task of its own (see
+    /// [`serve`]).
+    pub async fn watch(
+        self: &Arc<Self>,
+        mode: Mode,
+        resume: Option<&str>,
+        inbound: impl Stream<Item = Result<Inbound, EventsError>> + Unpin + Send + 'static,
+        stop: CancellationToken,
+    ) -> Result<mpsc::Receiver<Result<Batch, EventsError>>, EventsError> {
+        let subscription = Subscription::open(self.clone(), mode, resume).await?;
+        let (out, batches) = mpsc::channel(4);
+        let streams = self.metrics.event_streams.with_label_values(&[match mode {
+            Mode::Bounded => "bounded",
+            Mode::Strict => "strict",
+        }]);
+        streams.inc();
+        tokio::spawn(crate::store::in_background(async move {
+            serve(subscription, inbound, out, stop).await;
+            streams.dec();
+        }));
+        Ok(batches)
+    }
+}

@@ -1,0 +1,144 @@
+//! Strict mode: a subscriber holding a lease is waited for by every revoking call of the fleet,
+//! until it acknowledged a batch that covers the change or its lease ended.
+use std::time::Duration;
+
+use authd::proto::authd::v1::{self as pb, event::Kind};
+use secrecy::ExposeSecret;
+use tonic::Code;
+
+use super::{SUBSCRIBER_KEY, Watcher, reason, sid, subscribed_settings};
+use crate::{
+    both_modes,
+    helpers::{Mode, PASSWORD, eventually, spawn_sharing, spawn_with},
+};
+
+both_modes!(a_revocation_returns_once_the_subscriber_acknowledged_it);
+
+/// A lease long enough that no wait in these tests ends by it.
+fn long_lease(settings: &mut authd::config::Settings) {
+    settings.local_cache.lease = Duration::from_secs(20);
+    settings.grpc.request_timeout = Duration::from_secs(30);
+}
+
+async fn a_revocation_returns_once_the_subscriber_acknowledged_it(mode: Mode) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = subscribed_settings(mode, dir.path());
+    long_lease(&mut settings);
+    let host = spawn_with(settings).await;
+    // The revocation runs on another instance than the subscriber's host.
+    let revoker = spawn_sharing(&host, |_| {}).await;
+    let mut watcher = Watcher::open(&host, Some(SUBSCRIBER_KEY), pb::Mode::Strict, "")
+        .await
+        .unwrap();
+    let first = watcher.next().await.unwrap();
+    let granted = first.lease.expect("the first batch grants the lease");
+    assert_eq!(granted.acknowledgement, 0);
+    assert_eq!(
+        granted.valid_for,
+        Some(prost_types::Duration {
+            seconds: 20,
+            nanos: 0
+        })
+    );
+    watcher.ack(&first.position).await;
+    let (email, _) = revoker.register().await;
+    let login = revoker.login(&email, PASSWORD).await.unwrap();
+    let logout = {
+        let revoker = revoker.auth.clone();
+        let token = login.session_token.clone();
+        tokio::spawn(async move {
+            let mut client = revoker;
+            client
+                .logout(pb::LogoutRequest {
+                    session_token: token,
+                })
+                .await
+        })
+    };
+    let (events, at) = watcher.events(1).await;
+    let Some(Kind::SessionRevoked(revoked)) = &events[0].kind else {
+        panic!("{events:?}")
+    };
+    assert_eq!(revoked.session_id, sid(&login.session));
+    // The subscriber has not acknowledged it: the call waits (its lease has 20 s to run).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !logout.is_finished(),
+        "Logout returned before the subscriber applied it"
+    );
+    let sequence = watcher.ack(&at.position).await;
+    let answered = tokio::time::timeout(Duration::from_secs(10), logout)
+        .await
+        .expect("Logout returns once acknowledged")
+        .unwrap();
+    assert!(answered.is_ok(), "{answered:?}");
+    // The extension is granted with the next batch, naming the acknowledgement.
+    let granted = loop {
+        let response = watcher.next().await.unwrap();
+        if let Some(lease) = response.lease {
+            break lease;
+        }
+    };
+    assert_eq!(granted.acknowledgement, sequence);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_stops_acknowledging_loses_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = subscribed_settings(Mode::NoRedis, dir.path());
+    settings.local_cache.lease = Duration::from_secs(1);
+    let app = spawn_with(settings).await;
+    let mut watcher = Watcher::open(&app, Some(SUBSCRIBER_KEY), pb::Mode::Strict, "")
+        .await
+        .unwrap();
+    let status = loop {
+        match watcher.next().await {
+            Ok(_) => continue,
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&status), "LEASE_ENDED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_closes_its_side_ends_its_lease_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = subscribed_settings(Mode::NoRedis, dir.path());
+    long_lease(&mut settings);
+    let app = spawn_with(settings).await;
+    let live = || async {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(
+            app.settings.database.url.expose_secret(),
+        )
+        .await
+        .unwrap();
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from local_cache_leases where expires_at > clock_timestamp()",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+    };
+    let mut watcher = Watcher::open(&app, Some(SUBSCRIBER_KEY), pb::Mode::Strict, "")
+        .await
+        .unwrap();
+    watcher.next().await.unwrap();
+    assert_eq!(live().await, 1);
+    let mut rest = watcher.close();
+    assert!(
+        matches!(rest.message().await, Ok(None)),
+        "the stream ends cleanly"
+    );
+    eventually(Duration::from_secs(5), "the lease ended", || async {
+        live().await == 0
+    })
+    .await;
+    // A revocation now waits for nobody: it returns long before the 20 s lease would end.
+    let (email, _) = app.register().await;
+    let login = app.login(&email, PASSWORD).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), app.logout(&login.session_token))
+        .await
+        .expect("Logout waits for no lease")
+        .unwrap();
+}
