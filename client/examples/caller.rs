@@ -41,7 +41,7 @@ impl WhoAmIService for WhoAmI {
         Ok(Response::new(WhoAmIResponse {
             user_id: session.user_id.clone(),
             session_id: session.session_id.clone(),
-            from_memory: self.validator.trusted(),
+            memory_trusted: self.validator.trusted(),
         }))
     }
 }

@@ -1,15 +1,4 @@
-//! Validate [authd](https://github.com/) session tokens in your own memory, with revocation as
-//! strict as authd's own.
-//!
-//! A [`Validator`] subscribes to authd's event stream (`authd.v1.EventService.Watch`) and keeps
-//! the validations it fetched from authd (`ValidateSession`) in memory. In
-//! [`Mode::Strict`] it holds a lease: every revoking call of the fleet waits until this process
-//! has dropped what the call revokes (or its lease has ended), so once `Logout` returned, no
-//! `validate` here accepts the token. In [`Mode::Bounded`] it holds no lease and may lag by the
-//! bound the README states. Whenever it is not sure it hears every event (disconnected, lease
-//! or heartbeat late, the process paused), it stops trusting its memory and asks authd.
-//!
-//! See README.md for the protocol, so that a caller in another language can implement it.
+#![doc = include_str!("../README.md")]
 mod clock;
 mod layer;
 mod state;

@@ -42,7 +42,7 @@ async fn no_validator_accepts_a_token_once_its_revocation_returned(mode: Mode) {
     let (email, _) = first.register().await;
     // Without Redis a revocation waits for the subscribers' catch-up through the logs (polled
     // every 100 ms): fewer rounds.
-    let rounds = if mode == Mode::NoRedis { 60 } else { 300 };
+    let rounds = if mode == Mode::NoRedis { 40 } else { 200 };
     for round in 0..rounds {
         let login = fleet[round % 3].login(&email, PASSWORD).await.unwrap();
         let token = login.session_token;
