@@ -22,3 +22,34 @@ create table change_events_purged (
     through bigint not null
 );
 insert into change_events_purged (through) values (0);
+
+-- The previous release writes the invalidation logs but not this one: a trigger turns each of
+-- its rows into the event this release's statements write themselves (they mark their rows
+-- `evented`), so that a subscriber hears every revocation and profile version, whoever made it.
+alter table session_invalidations add column evented boolean not null default false;
+alter table profile_invalidations add column evented boolean not null default false;
+
+create function change_events_of_unevented_sessions() returns trigger
+language plpgsql as $$
+begin
+    insert into change_events (kind, user_id, session_id)
+    select 'session_revoked', s.user_id, s.id
+    from new_rows n join sessions s on s.token_hash = n.token_hash
+    where not n.evented;
+    return null;
+end $$;
+
+create function change_events_of_unevented_profiles() returns trigger
+language plpgsql as $$
+begin
+    insert into change_events (kind, user_id, version)
+    select 'profile_updated', n.user_id, n.version from new_rows n where not n.evented;
+    return null;
+end $$;
+
+create trigger change_events_of_unevented_sessions
+    after insert on session_invalidations referencing new table as new_rows
+    for each statement execute function change_events_of_unevented_sessions();
+create trigger change_events_of_unevented_profiles
+    after insert on profile_invalidations referencing new table as new_rows
+    for each statement execute function change_events_of_unevented_profiles();

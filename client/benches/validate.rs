@@ -14,6 +14,7 @@ fn main() {
     let state = State::new(100_000, Duration::from_secs(60));
     state.primed();
     state.trust_until(u64::MAX);
+    state.fresh_until(u64::MAX);
     let later = std::time::SystemTime::now() + Duration::from_secs(3600);
     let tokens: Vec<String> = (0..TOKENS)
         .map(|i| format!("v1.{i:08}.c2Vzc2lvbi10b2tlbi1vZi1hYm91dC1mb3J0eS10aHJlZS1i"))

@@ -61,9 +61,13 @@ pub struct State {
     epoch: AtomicU64,
     /// The current stream's first batch is applied.
     primed: AtomicBool,
-    /// The memory is trusted until then (boot clock, µs): the lease's believed end (strict),
-    /// or the last batch's arrival plus the staleness bound (bounded).
+    /// The memory is trusted until then (boot clock, µs): the lease's believed end (strict;
+    /// bounded mode holds none and sets it to the end of time).
     trusted_until: AtomicU64,
+    /// ...and fresh until then: the staleness bound from when the last batch applied was read
+    /// at the earliest (strict: when the request it was read after was sent; bounded: its
+    /// arrival).
+    fresh_until: AtomicU64,
     recheck: Duration,
     /// Validations answered from memory.
     hits: AtomicU64,
@@ -77,6 +81,7 @@ impl State {
             epoch: AtomicU64::new(1),
             primed: AtomicBool::new(false),
             trusted_until: AtomicU64::new(0),
+            fresh_until: AtomicU64::new(0),
             recheck,
             hits: AtomicU64::new(0),
         }
@@ -129,11 +134,12 @@ impl State {
         if ticket.epoch != self.epoch.load(Ordering::Acquire) || !fresh || !self.trusted() {
             return false;
         }
-        if floors.revoked.contains_key(&session.session_id)
+        let revoked = floors.revoked.get(&session.session_id);
+        if revoked.is_some_and(|until| *until > now)
             || floors
                 .cutoffs
                 .get(&session.user_id)
-                .is_some_and(|cuts| cuts.iter().any(|cut| covers(cut, session)))
+                .is_some_and(|cuts| cuts.iter().any(|cut| cut.2 > now && covers(cut, session)))
         {
             return false;
         }
@@ -256,6 +262,11 @@ impl State {
         self.trusted_until.fetch_max(at, Ordering::AcqRel);
     }
 
+    /// The memory is fresh until `at` (boot clock, µs), never less than already.
+    pub fn fresh_until(&self, at: u64) {
+        self.fresh_until.fetch_max(at, Ordering::AcqRel);
+    }
+
     /// Not sure any more that every event arrives: stop trusting, drop every entry (the floors
     /// stay: a stream resumed without a gap keeps them right).
     pub fn doubt(&self) {
@@ -263,6 +274,7 @@ impl State {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.primed.store(false, Ordering::Release);
         self.trusted_until.store(0, Ordering::Release);
+        self.fresh_until.store(0, Ordering::Release);
         self.entries.invalidate_all();
         floors.by_session.clear();
         floors.by_user.clear();
@@ -327,9 +339,14 @@ mod tests {
 
     fn trusted() -> State {
         let state = State::new(100, Duration::from_secs(60));
-        state.primed();
-        state.trust_until(boot_us() + 60_000_000);
+        trust(&state, 60_000_000);
         state
+    }
+
+    fn trust(state: &State, for_us: u64) {
+        state.primed();
+        state.trust_until(boot_us() + for_us);
+        state.fresh_until(boot_us() + for_us);
     }
 
     #[test]
@@ -375,32 +392,27 @@ mod tests {
     fn nothing_is_served_or_kept_untrusted_and_a_doubt_voids_tickets() {
         let state = State::new(100, Duration::from_secs(60));
         assert!(!state.keep(state.ticket(), [1; 32], &session("a", "u", 10)));
-        state.primed();
-        state.trust_until(boot_us() + 60_000_000);
+        trust(&state, 60_000_000);
         let before = state.ticket();
         assert!(state.keep(state.ticket(), [1; 32], &session("a", "u", 10)));
         state.doubt();
         assert!(state.lookup(&[1; 32]).is_none());
-        state.primed();
-        state.trust_until(boot_us() + 60_000_000);
+        trust(&state, 60_000_000);
         assert!(!state.keep(before, [2; 32], &session("b", "u", 10)));
         // The floors survive a doubt; a reset forgets them.
         state.apply(&[revoked("c")]);
         state.doubt();
-        state.primed();
-        state.trust_until(boot_us() + 60_000_000);
+        trust(&state, 60_000_000);
         assert!(!state.keep(state.ticket(), [3; 32], &session("c", "u", 10)));
         state.reset();
-        state.primed();
-        state.trust_until(boot_us() + 60_000_000);
+        trust(&state, 60_000_000);
         assert!(state.keep(state.ticket(), [3; 32], &session("c", "u", 10)));
     }
 
     #[test]
     fn trust_lapses_when_the_lease_or_heartbeat_is_not_renewed() {
         let state = State::new(100, Duration::from_secs(60));
-        state.primed();
-        state.trust_until(boot_us() + 20_000);
+        trust(&state, 20_000);
         assert!(state.keep(state.ticket(), [1; 32], &session("a", "u", 10)));
         assert!(state.lookup(&[1; 32]).is_some());
         std::thread::sleep(Duration::from_millis(30));

@@ -31,7 +31,10 @@ pub struct Config {
     /// `authorization: Bearer <key>` for EventService (an EVENTS__API_KEYS_FILE key), if the
     /// channel does not authenticate with a client certificate.
     pub api_key: Option<String>,
-    /// Bounded mode: the memory is trusted this long after the last batch arrived.
+    /// The memory is trusted at most this long after the last batch applied was read (strict:
+    /// measured from when the request it was read after was sent; bounded: from its arrival).
+    /// A change no one waits for (the previous release's, during a rolling upgrade) is served
+    /// from memory at most this long after it committed.
     pub stale_after: Duration,
     /// Validations kept at most.
     pub max_entries: u64,
@@ -126,7 +129,6 @@ async fn follow(channel: Channel, config: Config, state: Arc<State>) {
     let mut position = String::new();
     let mut backoff = Duration::from_millis(100);
     loop {
-        state.doubt();
         let started = boot_us();
         let ended = stream(&channel, &config, &state, &mut position).await;
         if let Err(status) = ended {
@@ -144,8 +146,24 @@ async fn follow(channel: Channel, config: Config, state: Arc<State>) {
     }
 }
 
+/// authd no longer holds the position (OUT_OF_RANGE with ErrorInfo `POSITION_EXPIRED`).
 fn is_expired(status: &Status) -> bool {
+    use tonic_types::StatusExt;
     status.code() == Code::OutOfRange
+        && status
+            .get_details_error_info()
+            .is_some_and(|info| info.reason == "POSITION_EXPIRED")
+}
+
+/// Doubts when dropped: declared after the stream's request sender, it runs before the sender
+/// goes (closing the subscriber's side ends a strict lease at once, so the memory must be
+/// untrusted first), however the stream ends.
+struct DoubtOnExit<'a>(&'a State);
+
+impl Drop for DoubtOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.doubt();
+    }
 }
 
 /// One stream: each batch applied, then (strict) acknowledged; trust extended by each grant
@@ -161,6 +179,7 @@ async fn stream(
         Mode::Bounded => pb::Mode::Bounded,
     };
     let (requests, outgoing) = mpsc::channel(64);
+    let _doubt = DoubtOnExit(state);
     let subscribe = pb::WatchRequest {
         kind: Some(watch_request::Kind::Subscribe(pb::Subscribe {
             mode: mode as i32,
@@ -189,18 +208,21 @@ async fn stream(
         }
         position.clone_from(&batch.position);
         state.primed();
+        let sent_at = |sequence: u64| sent.iter().find(|(s, _)| *s == sequence).map(|(_, at)| *at);
         match config.mode {
             Mode::Strict => {
+                // Read no earlier than its `read_after` request was sent: fresh from then.
+                if let Some(at) = sent_at(batch.read_after) {
+                    state.fresh_until(at + us(config.stale_after));
+                }
                 if let Some(lease) = batch.lease {
-                    let asked = sent.iter().find(|(s, _)| *s == lease.acknowledgement);
                     let valid = lease
                         .valid_for
                         .and_then(|d| Duration::try_from(d).ok())
                         .unwrap_or_default();
-                    if let Some((_, at)) = asked {
+                    if let Some(at) = sent_at(lease.acknowledgement) {
                         state.trust_until(at + us(valid.mul_f64(1.0 - RATE_MARGIN)));
                     }
-                    sent.retain(|(s, _)| *s > lease.acknowledgement);
                 }
                 sequence += 1;
                 sent.push_back((sequence, boot_us()));
@@ -217,7 +239,10 @@ async fn stream(
                     return Ok(());
                 }
             }
-            Mode::Bounded => state.trust_until(boot_us() + us(config.stale_after)),
+            Mode::Bounded => {
+                state.trust_until(u64::MAX);
+                state.fresh_until(boot_us() + us(config.stale_after));
+            }
         }
     }
     Ok(())

@@ -80,6 +80,10 @@ pub struct Bugs {
     /// A new subscription starts at the log's end: revocations of the last horizon set no
     /// floors in it.
     pub subscriber_starts_at_the_end: bool,
+    /// Found checking the subscriber beside the previous release: a subscriber trusts its
+    /// memory on its lease alone, however old the last pass it applied (a revocation no one
+    /// waits for is served past the bound).
+    pub subscriber_trusts_stale_passes: bool,
 }
 
 /// Which faults the environment may inject (each costs one of [`Config::faults`]).

@@ -217,6 +217,10 @@ pub mod scenarios {
         };
         let mut subscribed_profile = subscribed(1, losses);
         subscribed_profile.change = Change::UpdateProfile;
+        // The previous release revokes too: its log rows reach the stream (a trigger makes them
+        // events), which the model's pass reads as it reads every committed version.
+        let mut subscribed_legacy = subscribed(1, links);
+        subscribed_legacy.legacy_writer = true;
         vec![
             ("retry-after-postgres-cuts", retry),
             ("retry-while-the-key-is-in-use", warm_retry),
@@ -235,6 +239,7 @@ pub mod scenarios {
             ("subscriber-elsewhere-lost-messages", subscribed(1, losses)),
             ("subscriber-stream-cut-or-paused", subscribed(1, cuts)),
             ("subscriber-profile", subscribed_profile),
+            ("subscriber-beside-the-previous-release", subscribed_legacy),
         ]
     }
 }

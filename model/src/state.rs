@@ -236,6 +236,11 @@ pub struct Subscriber {
     pub copy: Option<u8>,
     /// How much longer it believes its lease lasts.
     pub belief_for: u8,
+    /// How much longer its memory is fresh: the bound from when it sent the last request the
+    /// host had received before the read of the last pass it applied (no read is older).
+    pub fresh_for: u8,
+    /// Since it sent the latest request (subscribe or acknowledgement) the host received.
+    pub heard: Option<u8>,
     /// The highest version the stream showed it: no fetched validation below it is kept.
     pub seen: u8,
     /// Rows up to this version were committed before the subscription began and are not
@@ -267,6 +272,8 @@ pub struct Event {
     /// A lease granted before the pass began: since the acknowledgement that asked for it was
     /// sent.
     pub grant: Option<u8>,
+    /// Since the subscriber sent the latest request the host had received when the read began.
+    pub read_after: Option<u8>,
 }
 
 /// A subscriber's acknowledgement of a pass.

@@ -75,6 +75,7 @@ scenario_tests! {
     subscriber_elsewhere_lost_messages: "subscriber-elsewhere-lost-messages",
     subscriber_stream_cut_or_paused: "subscriber-stream-cut-or-paused",
     subscriber_profile: "subscriber-profile",
+    subscriber_beside_the_previous_release: "subscriber-beside-the-previous-release",
 }
 
 /// The shortest counterexample to `property` within `depth` (breadth first), printed.
@@ -253,15 +254,46 @@ fn replay(cfg: Config, path: &[Step]) -> Option<Violation> {
 
 /// `path` breaks the promise with `bug` on, and not with it off.
 fn found_only_with(bug: fn(&mut Bugs), host: u8, path: &[Step]) {
+    found_in(bug, subscribed, host, path);
+}
+
+/// `path` breaks a promise in the configuration `cfg` makes with `bug` on, and not with it off.
+fn found_in(bug: fn(&mut Bugs), cfg: fn(u8, Bugs) -> Config, host: u8, path: &[Step]) {
     let mut bugs = Bugs::default();
     bug(&mut bugs);
-    let broken = replay(subscribed(host, bugs), path);
+    let broken = replay(cfg(host, bugs), path);
     assert!(
-        matches!(broken, Some(Violation::Revocation { .. })),
+        matches!(
+            broken,
+            Some(Violation::Revocation { .. } | Violation::Bound { .. })
+        ),
         "with the bug on: {broken:?}"
     );
-    let fixed = replay(subscribed(host, Bugs::default()), path);
+    let fixed = replay(cfg(host, Bugs::default()), path);
     assert_eq!(fixed, None, "with the bug off");
+}
+
+#[test]
+fn a_subscriber_trusting_a_stale_pass_beside_the_previous_release_is_found() {
+    // The previous release revokes and waits for nobody; the host makes no pass (stalled):
+    // the subscriber answers from memory past the bound.
+    let beside = |host, bugs| {
+        let mut cfg = subscribed(host, bugs);
+        cfg.legacy_writer = true;
+        cfg.attempts = 0;
+        cfg
+    };
+    found_in(
+        |b| b.subscriber_trusts_stale_passes = true,
+        beside,
+        1,
+        &[
+            Do(Action::LegacyWrite { redis: false }),
+            Do(Action::Tick),
+            Do(Action::Tick),
+            Do(Action::SubRead { sub: 0, via: 1 }),
+        ],
+    );
 }
 
 fn to_host_from_revoker(w: &Wire) -> bool {

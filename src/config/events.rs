@@ -20,7 +20,7 @@ pub struct EventsSettings {
     /// Streams one instance serves at once.
     pub max_subscribers: usize,
     /// Of those, the ones holding a lease (MODE_STRICT): each is waited for by every revoking
-    /// call of the fleet.
+    /// call of the fleet. 0: strict mode is not offered.
     pub max_strict: usize,
     /// A batch (a heartbeat when nothing changed) at least this often.
     #[serde(with = "humantime_serde")]

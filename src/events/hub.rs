@@ -23,9 +23,20 @@ impl Subscription {
     pub async fn pass(&mut self) -> Result<Batch, EventsError> {
         let relays = std::mem::take(&mut self.relays);
         let grant = self.grant.take();
+        let read_after = self.heard;
         let log = self.events.db.events();
         let now = log.stream().await?;
-        if now.history != self.history {
+        // Another history (a failover), or rows this stream had not read were purged (it was
+        // held up longer than the retention).
+        let purged = self
+            .ids
+            .gaps
+            .iter()
+            .map(|g| g.from)
+            .min()
+            .unwrap_or(self.ids.top + 1)
+            - 1;
+        if now.history != self.history || purged < now.purged_through {
             return Err(EventsError::Expired);
         }
         let rows = std::sync::Mutex::new(Vec::<ChangeEvent>::new());
@@ -71,6 +82,7 @@ impl Subscription {
                 acknowledgement,
             }),
             replayed: std::mem::take(&mut self.replay),
+            read_after,
         })
     }
 
@@ -91,6 +103,11 @@ impl Subscription {
     }
 }
 
+/// The least time between two passes of a stream (messages arriving meanwhile ride together).
+const MIN_GAP: std::time::Duration = std::time::Duration::from_millis(10);
+/// A stream whose subscriber has not taken a batch for this long ends.
+const UNREAD: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serves `subscription` until the subscriber closes its side, an error ends the stream, or
 /// `stop`: batches go to `out` (an error last, if any), acknowledgements come from `inbound`.
 pub async fn serve(
@@ -99,10 +116,18 @@ pub async fn serve(
     out: mpsc::Sender<Result<Batch, EventsError>>,
     stop: CancellationToken,
 ) {
+    // A strict stream passes at least every quarter lease: each pass's acknowledgement is
+    // what extends the lease.
     let heartbeat = subscription.events.heartbeat();
+    let heartbeat = match subscription.mode() {
+        Mode::Strict => heartbeat.min(subscription.events.local.lease() / 4),
+        Mode::Bounded => heartbeat,
+    };
     let mut listening = true;
-    let ended = loop {
+    let ended = 'serving: loop {
         if !subscription.paused() {
+            // Messages arriving together make one pass.
+            tokio::time::sleep(MIN_GAP).await;
             subscription.take_messages();
             let batch = match subscription.pass().await {
                 Ok(batch) => batch,
@@ -110,8 +135,10 @@ pub async fn serve(
             };
             let sent = u64::try_from(batch.events.len()).unwrap_or(u64::MAX);
             subscription.events.metrics.events_sent.inc_by(sent);
-            if out.send(Ok(batch)).await.is_err() {
-                break None;
+            // A subscriber that does not read is not waited for past this.
+            match tokio::time::timeout(UNREAD, out.send(Ok(batch))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => break None,
             }
         }
         let next_pass = Instant::now() + heartbeat;
@@ -144,12 +171,12 @@ pub async fn serve(
                     // A bounded one needs to send nothing (`grpcurl` closes its side at once).
                     Some(Ok(Inbound::Closed)) if subscription.mode() == Mode::Strict => {
                         subscription.closed().await;
-                        return;
+                        break 'serving None;
                     }
                     Some(Ok(Inbound::Closed)) => listening = false,
                     // Broken: the subscriber may still serve until it notices; its lease runs
                     // out.
-                    None => return,
+                    None => break 'serving None,
                 },
             }
         };
@@ -158,8 +185,9 @@ pub async fn serve(
         }
     };
     if let Some(error) = ended {
-        let _ = out.send(Err(error)).await;
+        let _ = tokio::time::timeout(UNREAD, out.send(Err(error))).await;
     }
+    subscription.forget_lease().await;
 }
 
 async fn sleep_until(at: Option<Instant>) {

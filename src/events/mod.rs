@@ -56,6 +56,9 @@ pub enum EventsError {
     /// This instance serves as many streams (strict ones, when `strict`) as it may.
     #[error("this instance serves as many event streams as it may")]
     Full { strict: bool },
+    /// `EVENTS__MAX_STRICT` is 0: this fleet offers bounded mode only.
+    #[error("strict mode is not offered (EVENTS__MAX_STRICT=0): subscribe in MODE_BOUNDED")]
+    StrictOff,
     /// The subscriber stopped acknowledging and its lease ended.
     #[error("the subscriber's lease ended: drop the cache and subscribe anew")]
     LeaseLost,

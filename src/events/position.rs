@@ -7,8 +7,11 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 
 use crate::store::follow::{Gap, Ids};
 
-/// Gaps a position may carry (a reader coarsens its gaps well before this).
-const MOST_GAPS: usize = 10_000;
+/// Gaps a position may carry, and the ids they may span in all: a stream's gaps are ids of
+/// transactions in flight when it read, a few at a time; a position beyond this was not sent
+/// by this service, and would make its pass read a whole log.
+const MOST_GAPS: usize = 1_000;
+const MOST_GAP_IDS: i64 = 100_000;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Position {
@@ -49,13 +52,20 @@ impl Position {
             return Err(MALFORMED);
         }
         let mut parsed = Vec::new();
+        let mut span = 0i64;
         for gap in gaps.split(',').filter(|g| !g.is_empty()) {
             let (from, to) = gap.split_once('-').ok_or(MALFORMED)?;
             let (from, to): (i64, i64) = (
                 from.parse().map_err(|_| MALFORMED)?,
                 to.parse().map_err(|_| MALFORMED)?,
             );
-            if from < 1 || to < from || to >= top || parsed.len() == MOST_GAPS {
+            span += to.saturating_sub(from).saturating_add(1);
+            if from < 1
+                || to < from
+                || to >= top
+                || parsed.len() == MOST_GAPS
+                || span > MOST_GAP_IDS
+            {
                 return Err(MALFORMED);
             }
             parsed.push(Gap { from, to, until });
@@ -104,6 +114,7 @@ mod tests {
             encode("1;h;10;0-3"),
             encode("1;h;10;3"),
             encode("1;h;10;;"),
+            encode("1;h;200000;1-150000"),
         ] {
             assert!(Position::parse(&bad, until).is_err(), "{bad:?}");
         }

@@ -47,6 +47,8 @@ pub struct Batch {
     pub complete_through: DateTime<Utc>,
     pub lease: Option<Grant>,
     pub replayed: bool,
+    /// The latest acknowledgement received when the pass began (0: the subscribe request).
+    pub read_after: u64,
 }
 
 /// A batch sent and not yet acknowledged (strict mode).
@@ -79,6 +81,8 @@ pub struct Subscription {
     pub(super) sent: VecDeque<Sent>,
     /// The first pass replays the recent past.
     pub(super) replay: bool,
+    /// The latest acknowledgement received (0: none yet, the subscribe request).
+    pub(super) heard: u64,
     _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 }
 
@@ -96,6 +100,9 @@ impl Subscription {
             .clone()
             .try_acquire_owned()
             .map_err(full(false))?;
+        if mode == Mode::Strict && events.settings.max_strict == 0 {
+            return Err(EventsError::StrictOff);
+        }
         let strict = match mode {
             Mode::Strict => Some(
                 events
@@ -155,6 +162,7 @@ impl Subscription {
             relays: Vec::new(),
             sent: VecDeque::new(),
             replay,
+            heard: 0,
             _permits: (stream, strict),
             events,
         })
@@ -175,6 +183,7 @@ impl Subscription {
         sequence: u64,
     ) -> Result<bool, EventsError> {
         let Some(lease) = self.lease else {
+            self.heard = self.heard.max(sequence);
             return Ok(false);
         };
         let Some(k) = self.sent.iter().position(|s| s.position == position) else {
@@ -183,6 +192,7 @@ impl Subscription {
                 reason: "not a batch of this stream awaiting acknowledgement".to_owned(),
             });
         };
+        self.heard = self.heard.max(sequence);
         let covered: Vec<Sent> = self.sent.drain(..=k).collect();
         let awaited = covered.iter().any(|s| s.awaited);
         let length = self.events.local.lease();
@@ -197,12 +207,10 @@ impl Subscription {
         }
         self.extended = asked;
         self.grant = Some(sequence);
-        for (origin, nonce) in covered.into_iter().flat_map(|s| s.relays) {
-            self.events
-                .local
-                .acknowledge_for(lease, origin, nonce)
-                .await;
-        }
+        let local = &self.events.local;
+        let relays = covered.into_iter().flat_map(|s| s.relays);
+        let acks = relays.map(|(origin, nonce)| local.acknowledge_for(lease, origin, nonce));
+        futures::future::join_all(acks).await;
         Ok(true)
     }
 
@@ -219,9 +227,31 @@ impl Subscription {
 
     /// The subscriber closed its side: it keeps nothing, and its lease ends now.
     pub async fn closed(&mut self) {
-        if let Some(lease) = self.lease.take() {
+        if let Some(lease) = self.lease {
             let _ = self.events.db.leases().release(lease).await;
+            self.extended = Instant::now()
+                .checked_sub(self.events.local.lease())
+                .unwrap_or_else(Instant::now);
         }
+    }
+
+    /// The stream ended: once its lease has run out (revokers no longer wait for it), its row
+    /// goes, on a task of its own (a subscriber that reconnects often leaves no rows behind).
+    pub(super) async fn forget_lease(&mut self) {
+        let Some(ends) = self.lease_ends() else {
+            return;
+        };
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        let db = self.events.db.clone();
+        let margin = crate::clock::lease_wait(Duration::ZERO);
+        tokio::spawn(crate::store::in_background(async move {
+            tokio::time::sleep_until((ends + margin).into()).await;
+            if let Err(error) = db.leases().forget(lease).await {
+                tracing::debug!(%error, "an ended subscriber's lease row stays (purged in a day)");
+            }
+        }));
     }
 }
 

@@ -151,7 +151,13 @@ fn inbound(
                         reason: "is required after the first request".to_owned(),
                     }),
                 },
-                Err(_broken) => return None,
+                // A request that does not decode (too large, malformed) ends the stream with an
+                // error; a stream the subscriber reset ends without one (nobody hears it).
+                Err(status) if status.code() == tonic::Code::Cancelled => return None,
+                Err(status) => Err(EventsError::Invalid {
+                    field: "acknowledge",
+                    reason: format!("the request could not be read: {}", status.message()),
+                }),
             };
             let more = matches!(next, Ok(Inbound::Acknowledge { .. }));
             Some((next, more.then_some(requests)))
@@ -167,6 +173,7 @@ fn responses(batch: Batch, heartbeat: Option<prost_types::Duration>) -> Vec<pb::
         complete_through,
         lease,
         replayed,
+        read_after,
     } = batch;
     let mut events: Vec<pb::Event> = events.iter().filter_map(event).collect();
     let mut parts = Vec::new();
@@ -188,6 +195,7 @@ fn responses(batch: Batch, heartbeat: Option<prost_types::Duration>) -> Vec<pb::
             acknowledgement: grant.acknowledgement,
         }),
         replayed,
+        read_after,
     });
     parts
 }

@@ -120,6 +120,7 @@ impl From<EventsError> for Status {
             }]),
             EventsError::Expired => with_reason(Code::OutOfRange, "POSITION_EXPIRED"),
             EventsError::LeaseLost => with_reason(Code::FailedPrecondition, "LEASE_ENDED"),
+            EventsError::StrictOff => with_reason(Code::FailedPrecondition, "STRICT_MODE_OFF"),
             EventsError::Full { .. } => Status::with_error_details(
                 Code::ResourceExhausted,
                 error.to_string(),

@@ -188,9 +188,17 @@ impl Jobs {
                     if let Err(error) = db.outbox().purge(profile_log, cursor_retention).await {
                         tracing::warn!(%error, "outbox purge failed; retrying next time");
                     }
-                    // Written by every change, whether any instance serves the stream or not.
-                    if let Err(error) = db.events().purge(event_retention).await {
-                        tracing::warn!(%error, "event log purge failed; retrying next time");
+                    // Written by every change, whether any instance serves the stream or not;
+                    // in batches, until nothing old is left.
+                    loop {
+                        match db.events().purge(event_retention).await {
+                            Ok(store::EVENT_PURGE_BATCH) => continue,
+                            Ok(_) => break,
+                            Err(error) => {
+                                tracing::warn!(%error, "event log purge failed; retrying next time");
+                                break;
+                            }
+                        }
                     }
                     // In batches, until nothing old is left.
                     loop {

@@ -129,6 +129,9 @@ pub struct Stream {
     pub purged_through: i64,
 }
 
+/// Rows one purge deletes at most (the SQL's limit).
+pub const EVENT_PURGE_BATCH: u64 = 10_000;
+
 const COLUMNS: &str =
     "id, kind, user_id, session_id, reason, cutoff, kept_session, version, created_at";
 
@@ -201,8 +204,8 @@ impl EventRepo<'_> {
         self.0.run(query.fetch_all(self.0.pool())).await
     }
 
-    /// Deletes up to 10,000 rows older than `retention` and records through which id rows may
-    /// be gone.
+    /// Deletes up to [`EVENT_PURGE_BATCH`] rows older than `retention` and records through which
+    /// id rows may be gone.
     pub async fn purge(&self, retention: std::time::Duration) -> Result<u64, StoreError> {
         let query = sqlx::query_as::<_, (i64,)>(
             "with doomed as (

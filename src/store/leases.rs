@@ -290,6 +290,16 @@ impl LeaseRepo<'_> {
         Ok(at)
     }
 
+    /// Deletes a lease that has ended (a subscriber's, once its stream is over).
+    pub async fn forget(&self, instance: Uuid) -> Result<(), StoreError> {
+        let query = sqlx::query(
+            "delete from local_cache_leases where instance = $1 and expires_at <= clock_timestamp()",
+        )
+        .bind(instance);
+        self.0.run(query.execute(self.0.pool())).await?;
+        Ok(())
+    }
+
     /// Ends a lease now (its holder dropped every copy).
     pub async fn release(&self, instance: Uuid) -> Result<(), StoreError> {
         let query = sqlx::query(

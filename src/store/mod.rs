@@ -36,7 +36,7 @@ use sqlx::{
 };
 
 pub use admin::{AdminRepo, AdminUser, AuditEntry, SessionCursor, UserLookup};
-pub use events::{ChangeEvent, EventKind, EventRepo, Reason, Stream};
+pub use events::{ChangeEvent, EVENT_PURGE_BATCH, EventKind, EventRepo, Reason, Stream};
 pub use history::HistoryHook;
 pub use keys::{KeyState, StoredKey, TokenKeyRepo};
 pub use leases::{

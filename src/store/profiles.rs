@@ -79,8 +79,8 @@ impl ProfileRepo<'_> {
                  insert into change_events (kind, user_id, version)
                  select 'profile_updated', user_id, version from updated
              ), queued as (
-                 insert into profile_invalidations (user_id, version)
-                 select user_id, version from updated
+                 insert into profile_invalidations (user_id, version, evented)
+                 select user_id, version, true from updated
                  returning id, created_at
              )
              select updated.*, queued.id as logged_id, queued.created_at as logged_at

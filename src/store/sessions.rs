@@ -100,8 +100,8 @@ macro_rules! earlier {
 macro_rules! queue {
     () => {
         "queued as (
-             insert into session_invalidations (token_hash, user_id, expires_at)
-             select token_hash, user_id, absolute_expires_at from revoked
+             insert into session_invalidations (token_hash, user_id, expires_at, evented)
+             select token_hash, user_id, absolute_expires_at, true from revoked
              returning id, token_hash, user_id, expires_at, created_at
          )
          select q.id, q.token_hash, q.user_id, q.expires_at, q.created_at, true as fresh, r.active

@@ -37,6 +37,8 @@ pub(crate) fn initial(p: &Protocol) -> State {
             primed: true,
             copy: cfg.warm_copies.then_some(0),
             belief_for: cfg.lease - 1,
+            fresh_for: cfg.bound,
+            heard: Some(0),
             seen: 0,
             from: 0,
             event: None,

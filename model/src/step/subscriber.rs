@@ -18,10 +18,14 @@ impl Protocol {
     }
 
     /// The client's `State::trusted`: its stream is open, its first pass applied (its floors
-    /// cover the horizon), its lease believed.
+    /// cover the horizon), its lease believed, and (unless
+    /// [`crate::config::Bugs::subscriber_trusts_stale_passes`]) the pass it applied last was
+    /// read within the bound (a change that no one waits for, the previous release's, reaches
+    /// it within the bound as it reaches the instances).
     fn trusted_sub(&self, s: &State, k: usize) -> bool {
         let sub = &s.subscribers[k];
-        sub.connected && sub.primed && sub.belief_for > 0
+        let fresh = self.cfg.bugs.subscriber_trusts_stale_passes || sub.fresh_for > 0;
+        sub.connected && sub.primed && sub.belief_for > 0 && fresh
     }
 
     /// The stream broke (or the host ended it): the client drops everything and trusts
@@ -36,6 +40,8 @@ impl Protocol {
         sub.ack = None;
         sub.relay = None;
         sub.granted = None;
+        sub.fresh_for = 0;
+        sub.heard = None;
     }
 
     /// What instance `i` answers a ValidateSession at once (`None`: UNAVAILABLE): its trusted
@@ -130,6 +136,7 @@ impl Protocol {
         sub.seen = 0;
         sub.from = from;
         sub.granted = Some(0);
+        sub.heard = Some(0);
     }
 
     /// `Hub::pass`: the host reads the logs and sends what they show, with the revokers'
@@ -146,6 +153,7 @@ impl Protocol {
             read_age: 0,
             relay: sub.relay.take(),
             grant: sub.granted.take(),
+            read_after: sub.heard,
         });
     }
 
@@ -167,6 +175,9 @@ impl Protocol {
             sub.copy = None;
         }
         sub.primed = true;
+        if let Some(age) = event.read_after {
+            sub.fresh_for = self.cfg.bound.saturating_sub(age);
+        }
         if let Some(age) = event.grant {
             sub.belief_for = (self.cfg.lease - 1).saturating_sub(age);
         }
@@ -205,6 +216,7 @@ impl Protocol {
             }
         }
         s.subscribers[k].granted = Some(ack.sent_age);
+        s.subscribers[k].heard = Some(ack.sent_age);
         if let Some((from, attempt)) = ack.relay {
             s.wire.push(Wire::Ack {
                 to: from,
@@ -275,9 +287,16 @@ impl Protocol {
         let cap = self.cfg.cap();
         for sub in &mut s.subscribers {
             sooner(&mut sub.belief_for);
+            sooner(&mut sub.fresh_for);
+            if let Some(age) = &mut sub.heard {
+                older(age, cap);
+            }
             if let Some(event) = &mut sub.event {
                 older(&mut event.read_age, cap);
                 if let Some(age) = &mut event.grant {
+                    older(age, cap);
+                }
+                if let Some(age) = &mut event.read_after {
                     older(age, cap);
                 }
             }

@@ -180,6 +180,15 @@ async fn a_position_no_longer_held_tells_the_subscriber_to_start_over() {
     let expired = Watcher::open(&app, Some(SUBSCRIBER_KEY), pb::Mode::Bounded, &at.position).await;
     let status = assert_code(expired.map(|_| ()), Code::OutOfRange);
     assert_eq!(reason(&status), "POSITION_EXPIRED");
+    // So is a stream held up past the purge (its next pass would skip the purged rows).
+    let status = loop {
+        match watcher.next().await {
+            Ok(_) => continue,
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::OutOfRange);
+    assert_eq!(reason(&status), "POSITION_EXPIRED");
     // A position of another PostgreSQL history (a failover) is not held either.
     use base64::Engine;
     let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -223,10 +232,18 @@ async fn malformed_requests_are_refused_naming_the_field() {
         let status = assert_code(open(first).await.map(|_| ()), Code::InvalidArgument);
         assert_eq!(violation_fields(&status), [field]);
     }
-    // Later requests: a second subscribe, an acknowledgement of nothing this stream sent.
+    // Later requests: a second subscribe, an acknowledgement of nothing this stream sent, one
+    // over GRPC__MAX_MESSAGE_SIZE (it does not decode).
+    let oversized = pb::WatchRequest {
+        kind: Some(watch_request::Kind::Acknowledge(pb::Acknowledge {
+            position: "x".repeat(32 * 1024),
+            sequence: 1,
+        })),
+    };
     for (later, field) in [
         (subscribe(pb::Mode::Strict, ""), "subscribe"),
         (ack, "acknowledge.position"),
+        (oversized, "acknowledge"),
     ] {
         let mut watcher = open(subscribe(pb::Mode::Strict, "")).await.unwrap();
         watcher.next().await.unwrap();
@@ -240,6 +257,74 @@ async fn malformed_requests_are_refused_naming_the_field() {
         assert_eq!(status.code(), Code::InvalidArgument);
         assert_eq!(violation_fields(&status), [field]);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_may_offer_bounded_mode_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = subscribed_settings(Mode::NoRedis, dir.path());
+    settings.events.max_strict = 0;
+    let app = spawn_with(settings).await;
+    let open = |mode| Watcher::open(&app, Some(SUBSCRIBER_KEY), mode, "");
+    let refused = open(pb::Mode::Strict).await.map(|_| ());
+    let status = assert_code(refused, Code::FailedPrecondition);
+    assert_eq!(reason(&status), "STRICT_MODE_OFF");
+    assert!(open(pb::Mode::Bounded).await.is_ok());
+}
+
+/// The previous release writes the invalidation logs but no event: its rows become events too
+/// (a strict subscriber would otherwise keep a session another instance revoked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_by_the_previous_release_is_an_event_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_with(subscribed_settings(Mode::NoRedis, dir.path())).await;
+    let mut watcher = Watcher::open(&app, Some(SUBSCRIBER_KEY), pb::Mode::Bounded, "")
+        .await
+        .unwrap();
+    watcher.next().await.unwrap();
+    let (email, reg) = app.register().await;
+    let login = app.login(&email, PASSWORD).await.unwrap();
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(
+        app.settings.database.url.expose_secret(),
+    )
+    .await
+    .unwrap();
+    // What the previous release's Logout and UpdateProfile write.
+    let session: uuid::Uuid = sid(&login.session).parse().unwrap();
+    sqlx::query(
+        "with revoked as (
+             update sessions set revoked_at = now() where id = $1
+             returning token_hash, user_id, absolute_expires_at
+         )
+         insert into session_invalidations (token_hash, user_id, expires_at)
+         select token_hash, user_id, absolute_expires_at from revoked",
+    )
+    .bind(session)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let user: uuid::Uuid = reg.user_id.parse().unwrap();
+    sqlx::query("insert into profile_invalidations (user_id, version) values ($1, 7)")
+        .bind(user)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (events, _) = watcher.events(2).await;
+    assert_eq!(kinds(&events), ["session_revoked", "profile_updated"]);
+    let Some(Kind::SessionRevoked(revoked)) = &events[0].kind else {
+        unreachable!()
+    };
+    assert_eq!(revoked.session_id, session.to_string());
+    assert_eq!(revoked.user_id, reg.user_id);
+    let Some(Kind::ProfileUpdated(profile)) = &events[1].kind else {
+        unreachable!()
+    };
+    assert_eq!(profile.version, 7);
+    // This release's own changes are one event each, not two.
+    let other = app.login(&email, PASSWORD).await.unwrap();
+    app.logout(&other.session_token).await.unwrap();
+    let (events, _) = watcher.events(1).await;
+    assert_eq!(kinds(&events), ["session_revoked"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

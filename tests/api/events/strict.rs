@@ -101,6 +101,40 @@ async fn a_subscriber_that_stops_acknowledging_loses_its_lease() {
     assert_eq!(reason(&status), "LEASE_ENDED");
 }
 
+/// Rows of the lease table, ended or not.
+async fn rows(app: &crate::helpers::TestApp) -> i64 {
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(
+        app.settings.database.url.expose_secret(),
+    )
+    .await
+    .unwrap();
+    sqlx::query_scalar::<_, i64>("select count(*) from local_cache_leases")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// A strict stream passes at least every quarter lease, whatever the heartbeat: an
+/// acknowledging subscriber keeps its lease with the shortest lease and a longer heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_stream_passes_often_enough_for_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = subscribed_settings(Mode::NoRedis, dir.path());
+    settings.local_cache.lease = Duration::from_millis(500);
+    settings.events.heartbeat = Duration::from_secs(2);
+    let app = spawn_with(settings).await;
+    let mut watcher = Watcher::open(&app, Some(SUBSCRIBER_KEY), pb::Mode::Strict, "")
+        .await
+        .unwrap();
+    let mut grants = 0;
+    // Ten grants take some 2.5 s of 500 ms leases: far longer than one lease.
+    while grants < 10 {
+        let batch = watcher.next().await.expect("the stream stays up");
+        grants += usize::from(batch.lease.is_some());
+        watcher.ack(&batch.position).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_closes_its_side_ends_its_lease_at_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -132,6 +166,11 @@ async fn a_subscriber_that_closes_its_side_ends_its_lease_at_once() {
     );
     eventually(Duration::from_secs(5), "the lease ended", || async {
         live().await == 0
+    })
+    .await;
+    // Its row goes too (a subscriber that reconnects often leaves none behind).
+    eventually(Duration::from_secs(10), "the lease row is gone", || async {
+        rows(&app).await == 0
     })
     .await;
     // A revocation now waits for nobody: it returns long before the 20 s lease would end.
