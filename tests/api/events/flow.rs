@@ -2,7 +2,6 @@
 use std::time::Duration;
 
 use authd::proto::authd::v1::{self as pb, event::Kind, watch_request};
-use secrecy::ExposeSecret;
 use tonic::Code;
 
 use super::{SUBSCRIBER_KEY, Watcher, kinds, reason, sid, subscribed_settings};
@@ -166,11 +165,7 @@ async fn a_position_no_longer_held_tells_the_subscriber_to_start_over() {
     app.logout(&login.session_token).await.unwrap();
     let (_, at) = watcher.events(1).await;
     // The retention purged the rows the position stands on.
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(
-        app.settings.database.url.expose_secret(),
-    )
-    .await
-    .unwrap();
+    let mut conn = super::sql(&app).await;
     sqlx::query(
         "update change_events_purged set through = (select max(id) + 1 from change_events)",
     )
@@ -284,11 +279,7 @@ async fn a_change_by_the_previous_release_is_an_event_too() {
     watcher.next().await.unwrap();
     let (email, reg) = app.register().await;
     let login = app.login(&email, PASSWORD).await.unwrap();
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(
-        app.settings.database.url.expose_secret(),
-    )
-    .await
-    .unwrap();
+    let mut conn = super::sql(&app).await;
     // What the previous release's Logout and UpdateProfile write.
     let session: uuid::Uuid = sid(&login.session).parse().unwrap();
     sqlx::query(

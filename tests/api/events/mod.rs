@@ -148,6 +148,15 @@ pub fn sid(session: &Option<pb::Session>) -> String {
     session.as_ref().expect("a session").session_id.clone()
 }
 
+/// A connection to the database of `app` (what a test reads or writes behind the service).
+pub async fn sql(app: &TestApp) -> sqlx::PgConnection {
+    use secrecy::ExposeSecret;
+    let url = app.settings.database.url.expose_secret();
+    <sqlx::PgConnection as sqlx::Connection>::connect(url)
+        .await
+        .unwrap()
+}
+
 /// The ErrorInfo reason of `status`.
 pub fn reason(status: &Status) -> String {
     use tonic_types::StatusExt;

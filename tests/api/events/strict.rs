@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use authd::proto::authd::v1::{self as pb, event::Kind};
-use secrecy::ExposeSecret;
 use tonic::Code;
 
 use super::{SUBSCRIBER_KEY, Watcher, reason, sid, subscribed_settings};
@@ -103,11 +102,7 @@ async fn a_subscriber_that_stops_acknowledging_loses_its_lease() {
 
 /// Rows of the lease table, ended or not.
 async fn rows(app: &crate::helpers::TestApp) -> i64 {
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(
-        app.settings.database.url.expose_secret(),
-    )
-    .await
-    .unwrap();
+    let mut conn = super::sql(app).await;
     sqlx::query_scalar::<_, i64>("select count(*) from local_cache_leases")
         .fetch_one(&mut conn)
         .await
@@ -142,11 +137,7 @@ async fn a_subscriber_that_closes_its_side_ends_its_lease_at_once() {
     long_lease(&mut settings);
     let app = spawn_with(settings).await;
     let live = || async {
-        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(
-            app.settings.database.url.expose_secret(),
-        )
-        .await
-        .unwrap();
+        let mut conn = super::sql(&app).await;
         sqlx::query_scalar::<_, i64>(
             "select count(*) from local_cache_leases where expires_at > clock_timestamp()",
         )
