@@ -95,8 +95,10 @@ impl State {
 
     /// Whether the memory may answer now.
     pub fn trusted(&self) -> bool {
+        let now = boot_us();
         self.primed.load(Ordering::Acquire)
-            && boot_us() < self.trusted_until.load(Ordering::Acquire)
+            && now < self.trusted_until.load(Ordering::Acquire)
+            && now < self.fresh_until.load(Ordering::Acquire)
     }
 
     /// A validation of `hash` from memory, when trusted and not due for a recheck.
@@ -407,6 +409,30 @@ mod tests {
         state.reset();
         trust(&state, 60_000_000);
         assert!(state.keep(state.ticket(), [3; 32], &session("c", "u", 10)));
+    }
+
+    #[test]
+    fn a_lease_does_not_keep_stale_memory_trusted() {
+        let state = State::new(100, Duration::from_secs(60));
+        state.primed();
+        // A long lease, but the last batch read long ago (a stalled host, a silent path).
+        state.trust_until(u64::MAX);
+        state.fresh_until(boot_us() + 20_000);
+        assert!(state.keep(state.ticket(), [1; 32], &session("a", "u", 10)));
+        assert!(state.lookup(&[1; 32]).is_some());
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(state.lookup(&[1; 32]).is_none(), "stale memory answered");
+        // And the other way round: fresh batches, but the lease ran out.
+        state.doubt();
+        state.primed();
+        state.fresh_until(u64::MAX);
+        state.trust_until(boot_us() + 20_000);
+        assert!(state.keep(state.ticket(), [1; 32], &session("a", "u", 10)));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(
+            state.lookup(&[1; 32]).is_none(),
+            "memory answered past its lease"
+        );
     }
 
     #[test]

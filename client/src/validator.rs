@@ -132,7 +132,7 @@ async fn follow(channel: Channel, config: Config, state: Arc<State>) {
         let started = boot_us();
         let ended = stream(&channel, &config, &state, &mut position).await;
         if let Err(status) = ended {
-            if is_expired(&status) {
+            if is_expired(&status) || status.code() == Code::InvalidArgument {
                 state.reset();
                 position.clear();
             }
@@ -201,6 +201,19 @@ async fn stream(
         .into_inner();
     let mut sequence = 0u64;
     while let Some(batch) = responses.message().await? {
+        let heartbeat = batch
+            .heartbeat_interval
+            .and_then(|d| Duration::try_from(d).ok());
+        if let Some(heartbeat) = heartbeat
+            && heartbeat * 2 >= config.stale_after
+        {
+            tracing::warn!(
+                ?heartbeat,
+                stale_after = ?config.stale_after,
+                "authd's heartbeat is too long for stale_after: the memory will often be \
+                 untrusted (set stale_after above twice the heartbeat plus a round trip)"
+            );
+        }
         state.apply(&batch.events);
         if batch.position.is_empty() {
             // More of the same pass follows.

@@ -124,6 +124,7 @@ pub async fn serve(
         Mode::Bounded => heartbeat,
     };
     let mut listening = true;
+    let mut delivered = false;
     let ended = 'serving: loop {
         if !subscription.paused() {
             // Messages arriving together make one pass.
@@ -137,7 +138,13 @@ pub async fn serve(
             subscription.events.metrics.events_sent.inc_by(sent);
             // A subscriber that does not read is not waited for past this.
             match tokio::time::timeout(UNREAD, out.send(Ok(batch))).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => delivered = true,
+                // Nobody took the first batch (the call was answered otherwise): nothing was
+                // trusted on this lease, which ends now.
+                Ok(Err(_)) if !delivered => {
+                    subscription.closed().await;
+                    break None;
+                }
                 Ok(Err(_)) | Err(_) => break None,
             }
         }
@@ -146,6 +153,8 @@ pub async fn serve(
             let lease_ends = subscription.lease_ends();
             tokio::select! {
                 () = stop.cancelled() => break Some(EventsError::ShuttingDown),
+                // The call is gone (the subscriber left): its permit goes now.
+                () = out.closed() => break 'serving None,
                 () = tokio::time::sleep_until(next_pass.into()), if !subscription.paused() => {
                     break None;
                 }

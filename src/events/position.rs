@@ -13,6 +13,16 @@ use crate::store::follow::{Gap, Ids};
 const MOST_GAPS: usize = 1_000;
 const MOST_GAP_IDS: i64 = 100_000;
 
+/// Why a position is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Not a position this service sent.
+    Malformed,
+    /// Well-formed, but more gaps than a stream is resumed from (a spell of rollbacks can
+    /// leave a stream with them): it starts over.
+    TooWide,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Position {
     pub history: String,
@@ -33,8 +43,8 @@ impl Position {
 
     /// A position a stream sent; its gaps are looked at until `until` (a new allowance). What
     /// is wrong with it, otherwise.
-    pub fn parse(text: &str, until: Instant) -> Result<Self, &'static str> {
-        const MALFORMED: &str = "not a position this service sent";
+    pub fn parse(text: &str, until: Instant) -> Result<Self, Refused> {
+        const MALFORMED: Refused = Refused::Malformed;
         let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|_| MALFORMED)?;
         let text = String::from_utf8(bytes).map_err(|_| MALFORMED)?;
         let mut parts = text.split(';');
@@ -59,14 +69,12 @@ impl Position {
                 from.parse().map_err(|_| MALFORMED)?,
                 to.parse().map_err(|_| MALFORMED)?,
             );
-            span += to.saturating_sub(from).saturating_add(1);
-            if from < 1
-                || to < from
-                || to >= top
-                || parsed.len() == MOST_GAPS
-                || span > MOST_GAP_IDS
-            {
-                return Err(MALFORMED);
+            if from < 1 || to < from || to >= top {
+                return Err(Refused::Malformed);
+            }
+            span += to - from + 1;
+            if parsed.len() == MOST_GAPS || span > MOST_GAP_IDS {
+                return Err(Refused::TooWide);
             }
             parsed.push(Gap { from, to, until });
         }
@@ -114,9 +122,14 @@ mod tests {
             encode("1;h;10;0-3"),
             encode("1;h;10;3"),
             encode("1;h;10;;"),
-            encode("1;h;200000;1-150000"),
         ] {
-            assert!(Position::parse(&bad, until).is_err(), "{bad:?}");
+            assert_eq!(
+                Position::parse(&bad, until),
+                Err(Refused::Malformed),
+                "{bad:?}"
+            );
         }
+        let wide = encode("1;h;200000;1-150000");
+        assert_eq!(Position::parse(&wide, until), Err(Refused::TooWide));
     }
 }

@@ -10,7 +10,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use tokio::sync::{OwnedSemaphorePermit, broadcast};
 use uuid::Uuid;
 
-use super::{Events, EventsError, Position};
+use super::{Events, EventsError, Position, position::Refused};
 use crate::store::{ChangeEvent, follow::Ids};
 
 /// How a subscriber trusts its memory.
@@ -117,9 +117,12 @@ impl Subscription {
         let resume = resume
             .map(|text| Position::parse(text, until))
             .transpose()
-            .map_err(|reason| EventsError::Invalid {
-                field: "subscribe.resume_position",
-                reason: reason.to_owned(),
+            .map_err(|refused| match refused {
+                Refused::Malformed => EventsError::Invalid {
+                    field: "subscribe.resume_position",
+                    reason: "not a position this service sent".to_owned(),
+                },
+                Refused::TooWide => EventsError::Expired,
             })?;
         // Heard from now on: a message that arrives before the first pass rides with it.
         let messages = events.local.messages();

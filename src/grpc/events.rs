@@ -22,6 +22,8 @@ pub use crate::proto::authd::v1::event_service_server::EventServiceServer;
 /// Events per response: a pass with more is sent as several responses, only the last carrying
 /// the position (and the lease, and how fresh the stream is).
 const EVENTS_PER_RESPONSE: usize = 1000;
+/// The subscribe request must come within this long.
+const FIRST_REQUEST: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct EventsGrpc {
     events: Arc<Events>,
@@ -77,7 +79,10 @@ impl EventServiceRpc for EventsGrpc {
             }
         };
         let mut requests = request.into_inner();
-        let first = requests.message().await?;
+        // Bounded even when the call's deadline already answered: the handler runs to its end.
+        let first = tokio::time::timeout(FIRST_REQUEST, requests.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no subscribe request came"))??;
         let Some(watch_request::Kind::Subscribe(subscribe)) = first.and_then(|r| r.kind) else {
             return Err(EventsError::Invalid {
                 field: "subscribe",
@@ -153,7 +158,14 @@ fn inbound(
                 },
                 // A request that does not decode (too large, malformed) ends the stream with an
                 // error; a stream the subscriber reset ends without one (nobody hears it).
-                Err(status) if status.code() == tonic::Code::Cancelled => return None,
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+                    ) =>
+                {
+                    return None;
+                }
                 Err(status) => Err(EventsError::Invalid {
                     field: "acknowledge",
                     reason: format!("the request could not be read: {}", status.message()),
