@@ -34,7 +34,7 @@
 //! | `app` | `admin`, `auth`, `cache`, `clock`, `config`, `events`, `grpc`, `health`, `jobs`, `local`, `metrics`, `profile`, `proto`, `store` |
 //! | `healthcheck` | `grpc` |
 //! | `grpc` | `admin`, `auth`, `events`, `profile`, `store`, `clock`, `config`, `metrics`, `proto`, `tls_files` |
-//! | `events` | `local`, `store`, `config`, `metrics` |
+//! | `events` | `local`, `store`, `clock`, `config`, `metrics` |
 //! | `jobs` | `admin`, `auth`, `profile`, `health`, `local`, `cache`, `store`, `clock`, `config`, `metrics` |
 //! | `admin` | `auth`, `store`, `config`, `metrics` |
 //! | `profile` | `auth`, `local`, `cache`, `store`, `model` |
