@@ -1,4 +1,4 @@
-//! Compiles authd's public protos (the client's half) with a vendored `protoc`.
+//! Compiles authd's public protos (the client's half: AuthService, ProfileService, EventService) with a vendored `protoc`.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
@@ -6,7 +6,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(false)
         .compile_with_config(
             config,
-            &["proto/authd/v1/auth.proto", "proto/authd/v1/events.proto"],
+            &[
+                "proto/authd/v1/auth.proto",
+                "proto/authd/v1/events.proto",
+                "proto/authd/v1/profile.proto",
+            ],
             &["proto"],
         )?;
     // The example caller service's own proto (`examples/caller.rs` includes it).

@@ -42,6 +42,9 @@ pub struct Op {
     pub versions: Vec<(usize, i64)>,
     /// The user a successful Register created.
     pub created_user: Option<String>,
+    /// Answered by a caller's `authd-client` Validator following `instance`'s event stream
+    /// (`strict` or `bounded`), from its memory or from that instance.
+    pub local: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Serialize)]

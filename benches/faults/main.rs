@@ -86,8 +86,10 @@ async fn run(topology: &str, seed: u64, duration: Duration, clients: usize) -> R
     let env = start_env(topology).await;
     let accounts = accounts(&env, "user", 24).await;
     let targets = accounts_emails(&env).await;
+    let locals = callers(&env).await;
     let shared = Arc::new(Shared {
         channels: env.instances.iter().map(|i| channel(i.grpc)).collect(),
+        locals,
         accounts: accounts.into_iter().map(Mutex::new).collect(),
         targets,
         history: History::default(),
@@ -167,8 +169,12 @@ async fn run(topology: &str, seed: u64, duration: Duration, clients: usize) -> R
     };
     let mut operations: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
     for op in &ops {
+        let kind = match op.local {
+            Some(mode) => format!("{:?} ({mode} caller)", op.kind),
+            None => format!("{:?}", op.kind),
+        };
         *operations
-            .entry(format!("{:?}", op.kind))
+            .entry(kind)
             .or_default()
             .entry(op.outcome.clone())
             .or_default() += 1;
@@ -209,6 +215,52 @@ async fn run(topology: &str, seed: u64, duration: Duration, clients: usize) -> R
         recovery_s,
         samples,
     }
+}
+
+/// Two callers validating in their own memory: a strict one following instance 0's event
+/// stream, a bounded one following instance 1's; once both trust their memory.
+async fn callers(env: &Env) -> Vec<workload::Local> {
+    use authd_client::{Config, Mode, Validator};
+    let follow = |instance: usize, mode: Mode, stale_after: Duration| {
+        // No call timeout: the stream lasts.
+        let channel =
+            Channel::from_shared(format!("http://127.0.0.1:{}", env.instances[instance].grpc))
+                .expect("a URL")
+                .connect_timeout(Duration::from_secs(1))
+                .connect_lazy();
+        let config = Config {
+            mode,
+            api_key: Some(env.admin_key.clone()),
+            stale_after,
+            ..Config::default()
+        };
+        Validator::new(channel, config)
+    };
+    let locals = vec![
+        workload::Local {
+            validator: follow(0, Mode::Strict, Config::default().stale_after),
+            instance: 0,
+            mode: "strict",
+        },
+        workload::Local {
+            validator: follow(
+                1,
+                Mode::Bounded,
+                Duration::from_micros(check::BOUNDED_STALE_US),
+            ),
+            instance: 1,
+            mode: "bounded",
+        },
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !locals.iter().all(|l| l.validator.trusted()) {
+        assert!(
+            Instant::now() < deadline,
+            "the callers did not come to trust their memory"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    locals
 }
 
 fn main() -> std::process::ExitCode {

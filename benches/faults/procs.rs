@@ -317,6 +317,10 @@ pub(crate) async fn start_env(topology: &str) -> Env {
             ),
             ("GRPC__SHUTDOWN_GRACE", "5s".into()),
             ("ADMIN__API_KEYS_FILE", keys.display().to_string()),
+            // The run's callers that validate in their own memory subscribe with the same key;
+            // a heartbeat well inside the bounded caller's 1 s stale bound.
+            ("EVENTS__API_KEYS_FILE", keys.display().to_string()),
+            ("EVENTS__HEARTBEAT", "250ms".into()),
             // `FAULTS_LOG=info` (or any filter) logs more, e.g. every call, to study a violation.
             (
                 "LOG__LEVEL",

@@ -9,6 +9,7 @@ use authd::proto::authd::v1::{
     self as pb, admin_service_client::AdminServiceClient, auth_service_client::AuthServiceClient,
     profile_service_client::ProfileServiceClient,
 };
+use authd_client::Validator;
 use tonic::{Code, Request, Status, transport::Channel};
 
 use crate::history::{History, Kind, Op};
@@ -28,8 +29,18 @@ pub struct Account {
     pub disabled: bool,
 }
 
+/// A caller validating in its own memory: an `authd-client` Validator following an instance.
+pub struct Local {
+    pub validator: Validator,
+    pub instance: usize,
+    /// `strict` or `bounded`.
+    pub mode: &'static str,
+}
+
 pub struct Shared {
     pub channels: Vec<Channel>,
+    /// Callers validating in their own memory (some validations and profile reads go to them).
+    pub locals: Vec<Local>,
     pub accounts: Vec<Mutex<Account>>,
     /// Accounts only ever guessed at (wrong passwords).
     pub targets: Vec<String>,
@@ -214,7 +225,16 @@ async fn step(shared: &Shared, rng: &mut fastrand::Rng, instance: usize, roll: u
         covers: Vec::new(),
         versions: Vec::new(),
         created_user: None,
+        local: None,
     };
+    // A fifth of the validations and profile reads go to a caller validating in its memory.
+    let readable = matches!(roll, 0..=599 | 770..=879);
+    let local = (readable && roll.is_multiple_of(5) && !shared.locals.is_empty())
+        .then(|| &shared.locals[rng.usize(..shared.locals.len())]);
+    if let Some(local) = local {
+        op.instance = local.instance;
+        op.local = Some(local.mode);
+    }
     // Sessions covered by a revocation of all of the user's sessions: those whose creation
     // returned before it started.
     let all_before = |skip: Option<&str>| -> Vec<String> {
@@ -232,12 +252,16 @@ async fn step(shared: &Shared, rng: &mut fastrand::Rng, instance: usize, roll: u
                 return;
             };
             op.session = Some(id);
-            let result = auth
-                .validate_session(pb::ValidateSessionRequest {
-                    session_token: token,
-                })
-                .await;
-            op.outcome = outcome(&result);
+            op.outcome = match local {
+                Some(local) => outcome(&local.validator.validate(&token).await),
+                None => outcome(
+                    &auth
+                        .validate_session(pb::ValidateSessionRequest {
+                            session_token: token,
+                        })
+                        .await,
+                ),
+            };
         }
         600..=659 => {
             op.kind = Kind::Login;
@@ -371,16 +395,28 @@ async fn step(shared: &Shared, rng: &mut fastrand::Rng, instance: usize, roll: u
         }
         770..=879 => {
             op.kind = Kind::GetProfile;
-            let result = profiles
-                .get_profile(pb::GetProfileRequest {
-                    user_id: account.user_id.clone(),
-                })
-                .await;
+            // The version read.
+            let result = match local {
+                Some(local) => local
+                    .validator
+                    .profile(&account.user_id)
+                    .await
+                    .map(|p| p.version),
+                None => profiles
+                    .get_profile(pb::GetProfileRequest {
+                        user_id: account.user_id.clone(),
+                    })
+                    .await
+                    .and_then(|r| {
+                        r.into_inner()
+                            .profile
+                            .map(|p| p.version)
+                            .ok_or_else(|| Status::internal("no profile in the answer"))
+                    }),
+            };
             op.outcome = outcome(&result);
-            if let Ok(response) = result
-                && let Some(p) = response.into_inner().profile
-            {
-                op.versions = vec![(user, p.version)];
+            if let Ok(version) = result {
+                op.versions = vec![(user, version)];
             }
         }
         880..=909 => {

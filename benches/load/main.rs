@@ -8,7 +8,10 @@ mod fleet;
 mod flood;
 mod report;
 mod scenarios;
+#[path = "../../tests/support/seeded.rs"]
+mod seeded;
 mod setup;
+mod subscribers;
 
 use std::time::Duration;
 

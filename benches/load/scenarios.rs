@@ -220,6 +220,8 @@ const LOCAL_SCENARIOS: [&str; 5] = [
     "revoke_latency",
     "local_memory",
 ];
+/// The scenarios of `subscribers`.
+const SUBSCRIBER_SCENARIOS: [&str; 2] = ["revoke_with_subscribers", "tower_layer"];
 
 /// Resident memory of this process (`VmRSS`), in bytes.
 fn resident() -> u64 {
@@ -529,6 +531,15 @@ pub async fn run_all(opts: &Opts) -> anyhow::Result<Report> {
         }
     }
 
+    // Callers that validate in their own memory (an instance and database of their own).
+    let subscribers = if SUBSCRIBER_SCENARIOS.iter().any(|name| opts.wants(name)) {
+        println!("strict subscribers and the tower layer…");
+        crate::subscribers::run(&env, opts, load).await?
+    } else {
+        crate::subscribers::Measured::default()
+    };
+    rows.extend(crate::subscribers::rows(&subscribers));
+
     // Fleets of their own (their own databases), after everything else.
     let fleets = if opts.wants("fleet") {
         crate::fleet::run(&env, opts).await?
@@ -545,6 +556,7 @@ pub async fn run_all(opts: &Opts) -> anyhow::Result<Report> {
     }
     let mut targets = crate::report::targets(&rows, &peaks, verify_rate, slots);
     crate::fleet::targets(&fleets, &mut targets);
+    crate::subscribers::targets(&subscribers, &mut targets);
     let settings = serde_json::to_value(opts)?;
     env.cleanup().await;
     Ok(Report {

@@ -199,49 +199,14 @@ impl Env {
 
 pub use crate::database::drop_database;
 
-/// The key the server mints with (the newest: one exists once it started), to mint tokens it
-/// accepts for sessions written straight to the store.
-async fn minting_key(server: &Server) -> anyhow::Result<token::SigningKey> {
-    let state = server.db.token_keys().load().await?;
-    let newest = state.keys.last().context("the server made a signing key")?;
-    token::SigningKey::new(u32::try_from(newest.id)?, &newest.secret)
-        .context("a signing key of 32 bytes")
-}
-
 /// `count` more sessions of `user`, written straight to the store in one statement.
 pub async fn seed_sessions(
     server: &Server,
     user: &User,
     count: usize,
 ) -> anyhow::Result<Vec<String>> {
-    let key = minting_key(server).await?;
-    let mut tokens = Vec::with_capacity(count);
-    let mut hashes = Vec::with_capacity(count);
-    let mut ids = Vec::with_capacity(count);
-    for _ in 0..count {
-        let (token, hash) = token::generate(&key);
-        tokens.push(token);
-        hashes.push(hash.as_bytes().to_vec());
-        ids.push(uuid::Uuid::now_v7());
-    }
-    let user_id: uuid::Uuid = user.user_id.parse()?;
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(
-        server.settings.database.url.expose_secret(),
-    )
-    .await?;
-    sqlx::query(
-        "insert into sessions (id, user_id, token_hash, created_at, last_seen_at,
-                               absolute_expires_at, authenticated_at, key_id)
-         select id, $2, hash, now(), now(), now() + interval '1 day', now(), $4
-         from unnest($1::uuid[], $3::bytea[]) as t(id, hash)",
-    )
-    .bind(&ids)
-    .bind(user_id)
-    .bind(&hashes)
-    .bind(i64::from(key.id))
-    .execute(&mut conn)
-    .await?;
-    Ok(tokens)
+    let url = server.settings.database.url.expose_secret();
+    crate::seeded::seed(&server.db, url, user.user_id.parse()?, count).await
 }
 
 /// Users with one session each, written straight to the store (registering through the API
@@ -250,7 +215,7 @@ pub async fn seed(server: &Server, count: usize) -> anyhow::Result<Vec<User>> {
     let hasher = PasswordHasher::new(&server.settings.auth, authd::metrics::Metrics::new())?;
     let phc = hasher.hash(SecretString::from(PASSWORD)).await?;
     let policy = SessionPolicy::from(&server.settings.session);
-    let key = minting_key(server).await?;
+    let key = crate::seeded::minting_key(&server.db).await?;
     let mut users = Vec::with_capacity(count);
     for i in 0..count {
         let email = format!("user{i}@bench.example");

@@ -6,12 +6,12 @@
 //! `cargo bench -p authd-client --bench validate`
 use std::time::{Duration, Instant};
 
-use authd_client::{State, TokenHash, proto as pb};
+use authd_client::{Kept, State, TokenHash, proto as pb};
 use sha2::{Digest, Sha256};
 
 fn main() {
     const TOKENS: usize = 10_000;
-    let state = State::new(100_000, Duration::from_secs(60));
+    let state = State::new(100_000, 100_000, Duration::from_secs(60));
     state.primed();
     state.trust_until(u64::MAX);
     state.fresh_until(u64::MAX);
@@ -27,7 +27,7 @@ fn main() {
             expires_at: Some(later.into()),
             ..Default::default()
         };
-        assert!(state.keep(state.ticket(), hash, &session));
+        assert_eq!(state.keep(state.ticket(), hash, &session), Kept::Kept);
     }
     let validate = |token: &str| {
         let hash: TokenHash = Sha256::digest(token.as_bytes()).into();

@@ -5,10 +5,10 @@ mod state;
 mod validator;
 
 pub use layer::{Auth, AuthLayer, Authenticated};
-pub use state::{State, Ticket, TokenHash};
+pub use state::{Kept, State, Ticket, TokenHash};
 pub use validator::{Config, Mode, Validator};
 
-/// authd's public protos (the client's half: AuthService and EventService).
+/// authd's public protos (the client's half: AuthService, ProfileService and EventService).
 pub mod proto {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]
     tonic::include_proto!("authd.v1");

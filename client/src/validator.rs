@@ -10,9 +10,10 @@ use crate::{
     clock::{RATE_MARGIN, boot_us, us},
     proto::{
         self as pb, auth_service_client::AuthServiceClient,
-        event_service_client::EventServiceClient, watch_request,
+        event_service_client::EventServiceClient, profile_service_client::ProfileServiceClient,
+        watch_request,
     },
-    state::{FETCH_BOUND, State, TokenHash},
+    state::{FETCH_BOUND, Kept, State, TokenHash},
 };
 
 /// How the memory is trusted.
@@ -21,7 +22,8 @@ pub enum Mode {
     /// A lease: authd's revoking calls wait for this process. Nothing revoked is accepted here
     /// once the revoking call returned.
     Strict,
-    /// No lease: the memory may lag by [`Config::stale_after`] plus a batch's travel time.
+    /// No lease: the memory may answer a change at most [`Config::stale_after`] after it
+    /// committed.
     Bounded,
 }
 
@@ -31,13 +33,15 @@ pub struct Config {
     /// `authorization: Bearer <key>` for EventService (an EVENTS__API_KEYS_FILE key), if the
     /// channel does not authenticate with a client certificate.
     pub api_key: Option<String>,
-    /// The memory is trusted at most this long after the last batch applied was read (strict:
-    /// measured from when the request it was read after was sent; bounded: from its arrival).
+    /// The memory is trusted at most this long after the last batch applied was read (measured
+    /// from when the request it was read after was sent).
     /// A change no one waits for (the previous release's, during a rolling upgrade) is served
     /// from memory at most this long after it committed.
     pub stale_after: Duration,
     /// Validations kept at most.
     pub max_entries: u64,
+    /// Profiles kept at most (a profile may take some 5 KB).
+    pub max_profiles: u64,
     /// A kept validation is asked of authd again after this long (authd records the session's
     /// activity then: keep it at most `SESSION__TOUCH_INTERVAL`).
     pub recheck: Duration,
@@ -50,6 +54,7 @@ impl Default for Config {
             api_key: None,
             stale_after: Duration::from_secs(3),
             max_entries: 100_000,
+            max_profiles: 10_000,
             recheck: Duration::from_secs(60),
         }
     }
@@ -63,6 +68,7 @@ pub struct Validator {
 
 struct Inner {
     auth: AuthServiceClient<Channel>,
+    profiles: ProfileServiceClient<Channel>,
     state: Arc<State>,
     follower: JoinHandle<()>,
 }
@@ -76,11 +82,16 @@ impl Drop for Inner {
 impl Validator {
     /// Starts following the event stream over `channel` (a tokio runtime must be running).
     pub fn new(channel: Channel, config: Config) -> Self {
-        let state = Arc::new(State::new(config.max_entries, config.recheck));
+        let state = Arc::new(State::new(
+            config.max_entries,
+            config.max_profiles,
+            config.recheck,
+        ));
         let follower = tokio::spawn(follow(channel.clone(), config, state.clone()));
         Self {
             inner: Arc::new(Inner {
-                auth: AuthServiceClient::new(channel),
+                auth: AuthServiceClient::new(channel.clone()),
+                profiles: ProfileServiceClient::new(channel),
                 state,
                 follower,
             }),
@@ -92,6 +103,11 @@ impl Validator {
         self.inner.state.hits()
     }
 
+    /// Profiles answered from memory so far.
+    pub fn local_profile_hits(&self) -> u64 {
+        self.inner.state.profile_hits()
+    }
+
     /// Whether validations are answered from memory now.
     pub fn trusted(&self) -> bool {
         self.inner.state.trusted()
@@ -99,7 +115,8 @@ impl Validator {
 
     /// The session of `token`: from memory when it may, else from authd (`ValidateSession`,
     /// whose answer is kept when it may be). authd's status otherwise (UNAUTHENTICATED for a
-    /// token that is not valid).
+    /// token that is not valid — or that authd still answered valid though the event stream
+    /// already showed its revocation).
     pub async fn validate(&self, token: &str) -> Result<pb::Session, Status> {
         let hash: TokenHash = Sha256::digest(token.as_bytes()).into();
         let state = &self.inner.state;
@@ -118,8 +135,46 @@ impl Validator {
             .into_inner()
             .session
             .ok_or_else(|| Status::internal("authd answered a valid session without it"))?;
-        state.keep(ticket, hash, &session);
-        Ok(session)
+        match state.keep(ticket, hash, &session) {
+            Kept::Stale => Err(Status::unauthenticated("the session was revoked")),
+            Kept::Kept | Kept::Passed => Ok(session),
+        }
+    }
+
+    /// The profile of `user_id`: from memory when it may, else from authd (`GetProfile`, whose
+    /// answer is kept when it may be). Strict: never older than the version an UpdateProfile
+    /// that returned wrote, nor older than one the event stream showed. authd's status
+    /// otherwise (NOT_FOUND for an unknown user, INVALID_ARGUMENT for a malformed id), or
+    /// UNAVAILABLE when authd kept answering a version older than the stream showed.
+    pub async fn profile(&self, user_id: &str) -> Result<pb::Profile, Status> {
+        // Kept under the id's one spelling (a UUID may be written several ways).
+        let key = uuid::Uuid::try_parse(user_id).map(|id| id.to_string());
+        let state = &self.inner.state;
+        if let Some(profile) = key.as_ref().ok().and_then(|key| state.lookup_profile(key)) {
+            return Ok(profile);
+        }
+        for _ in 0..3 {
+            let ticket = state.ticket();
+            let request = pb::GetProfileRequest {
+                user_id: user_id.to_owned(),
+            };
+            let mut profiles = self.inner.profiles.clone();
+            let answered = tokio::time::timeout(FETCH_BOUND, profiles.get_profile(request))
+                .await
+                .map_err(|_| Status::deadline_exceeded("authd did not answer in time"))??;
+            let profile = answered
+                .into_inner()
+                .profile
+                .ok_or_else(|| Status::internal("authd answered a profile without it"))?;
+            // An instance an UpdateProfile still waits for answered from its old copy: ask
+            // again.
+            if state.keep_profile(ticket, &profile) != Kept::Stale {
+                return Ok(profile);
+            }
+        }
+        Err(Status::unavailable(
+            "authd answered an older profile than its event stream showed; try again",
+        ))
     }
 }
 
@@ -166,8 +221,9 @@ impl Drop for DoubtOnExit<'_> {
     }
 }
 
-/// One stream: each batch applied, then (strict) acknowledged; trust extended by each grant
-/// (strict, from when the acknowledgement that asked for it was sent) or batch (bounded).
+/// One stream: each batch applied, then acknowledged; freshness extended by each batch (from
+/// when the request it was read after was sent), trust by each grant (strict, from when the
+/// acknowledgement that asked for it was sent).
 async fn stream(
     channel: &Channel,
     config: &Config,
@@ -200,12 +256,15 @@ async fn stream(
         .await?
         .into_inner();
     let mut sequence = 0u64;
+    let mut warned = false;
+    let mut unplaced = false;
     while let Some(batch) = responses.message().await? {
         let heartbeat = batch
             .heartbeat_interval
             .and_then(|d| Duration::try_from(d).ok());
         if let Some(heartbeat) = heartbeat
             && heartbeat * 2 >= config.stale_after
+            && !std::mem::replace(&mut warned, true)
         {
             tracing::warn!(
                 ?heartbeat,
@@ -222,40 +281,46 @@ async fn stream(
         position.clone_from(&batch.position);
         state.primed();
         let sent_at = |sequence: u64| sent.iter().find(|(s, _)| *s == sequence).map(|(_, at)| *at);
+        // Read no earlier than its `read_after` request was sent: fresh from then.
+        match sent_at(batch.read_after) {
+            Some(at) => state.fresh_until(at.saturating_add(us(config.stale_after))),
+            None if !std::mem::replace(&mut unplaced, true) => tracing::warn!(
+                read_after = batch.read_after,
+                "a batch was read after an acknowledgement too old to place: the memory is \
+                 not fresh until one is"
+            ),
+            None => {}
+        }
         match config.mode {
             Mode::Strict => {
-                // Read no earlier than its `read_after` request was sent: fresh from then.
-                if let Some(at) = sent_at(batch.read_after) {
-                    state.fresh_until(at + us(config.stale_after));
-                }
                 if let Some(lease) = batch.lease {
                     let valid = lease
                         .valid_for
                         .and_then(|d| Duration::try_from(d).ok())
                         .unwrap_or_default();
                     if let Some(at) = sent_at(lease.acknowledgement) {
-                        state.trust_until(at + us(valid.mul_f64(1.0 - RATE_MARGIN)));
+                        let valid = us(valid.mul_f64(1.0 - RATE_MARGIN));
+                        state.trust_until(at.saturating_add(valid));
                     }
                 }
-                sequence += 1;
-                sent.push_back((sequence, boot_us()));
-                if sent.len() > 256 {
-                    sent.pop_front();
-                }
-                let ack = pb::WatchRequest {
-                    kind: Some(watch_request::Kind::Acknowledge(pb::Acknowledge {
-                        position: batch.position,
-                        sequence,
-                    })),
-                };
-                if requests.send(ack).await.is_err() {
-                    return Ok(());
-                }
             }
-            Mode::Bounded => {
-                state.trust_until(u64::MAX);
-                state.fresh_until(boot_us() + us(config.stale_after));
-            }
+            Mode::Bounded => state.trust_until(u64::MAX),
+        }
+        // Both modes acknowledge: strict for its lease, both for `read_after` (a batch read
+        // long before it arrived — a stalled host — is then not believed fresh).
+        sequence += 1;
+        sent.push_back((sequence, boot_us()));
+        if sent.len() > 256 {
+            sent.pop_front();
+        }
+        let ack = pb::WatchRequest {
+            kind: Some(watch_request::Kind::Acknowledge(pb::Acknowledge {
+                position: batch.position,
+                sequence,
+            })),
+        };
+        if requests.send(ack).await.is_err() {
+            return Ok(());
         }
     }
     Ok(())

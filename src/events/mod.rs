@@ -103,9 +103,4 @@ impl Events {
     pub fn heartbeat(&self) -> Duration {
         self.settings.heartbeat
     }
-
-    /// Deletes events older than the retention (a batch per call); how many went.
-    pub async fn purge(&self) -> Result<u64, crate::store::StoreError> {
-        self.db.events().purge(self.settings.retention).await
-    }
 }

@@ -6,7 +6,7 @@ use futures::FutureExt;
 
 use tonic::{Request, Response, Status};
 
-use super::{limits::PeerInfo, observe::RequestId, timestamp};
+use super::{observe::RequestId, timestamp};
 use crate::{
     admin::{AdminService, Admission},
     auth::{
@@ -58,18 +58,7 @@ impl AdminGrpc {
             .get::<RequestId>()
             .map(|id| id.0.clone())
             .unwrap_or_default();
-        let certificate = request
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|peer| peer.certificates.clone());
-        let authorization = request
-            .metadata()
-            .get("authorization")
-            .map(|value| value.as_bytes().to_vec());
-        let admission = self.service.access.admit(
-            certificate.as_ref().and_then(|chain| chain.first()),
-            authorization.as_deref(),
-        );
+        let admission = super::admission(&self.service.access, &request);
         let req = request.into_inner();
         let mut target = target(&req);
         if target.len() > TARGET_MAX_BYTES {

@@ -6,7 +6,7 @@ use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{limits::PeerInfo, timestamp};
+use super::timestamp;
 use crate::{
     admin::{Access, Admission},
     events::{Batch, Events, EventsError, Inbound, Mode},
@@ -52,18 +52,7 @@ impl EventServiceRpc for EventsGrpc {
         &self,
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Responses>, Status> {
-        let certificate = request
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|peer| peer.certificates.clone());
-        let authorization = request
-            .metadata()
-            .get("authorization")
-            .map(|value| value.as_bytes().to_vec());
-        let admission = self.access.admit(
-            certificate.as_ref().and_then(|chain| chain.first()),
-            authorization.as_deref(),
-        );
+        let admission = super::admission(&self.access, &request);
         let caller = match admission {
             Admission::Admitted { caller } => caller,
             Admission::Unauthenticated => {
@@ -80,9 +69,13 @@ impl EventServiceRpc for EventsGrpc {
         };
         let mut requests = request.into_inner();
         // Bounded even when the call's deadline already answered: the handler runs to its end.
-        let first = tokio::time::timeout(FIRST_REQUEST, requests.message())
-            .await
-            .map_err(|_| Status::deadline_exceeded("no subscribe request came"))??;
+        let first = match tokio::time::timeout(FIRST_REQUEST, requests.message()).await {
+            Err(_) => return Err(Status::deadline_exceeded("no subscribe request came")),
+            Ok(Ok(first)) => first,
+            Ok(Err(status)) => {
+                return Err(unreadable(&status, "subscribe").map_or(status, Into::into));
+            }
+        };
         let Some(watch_request::Kind::Subscribe(subscribe)) = first.and_then(|r| r.kind) else {
             return Err(EventsError::Invalid {
                 field: "subscribe",
@@ -156,25 +149,28 @@ fn inbound(
                         reason: "is required after the first request".to_owned(),
                     }),
                 },
-                // A request that does not decode (too large, malformed) ends the stream with an
-                // error; a stream the subscriber reset ends without one (nobody hears it).
-                Err(status)
-                    if matches!(
-                        status.code(),
-                        tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
-                    ) =>
-                {
-                    return None;
-                }
-                Err(status) => Err(EventsError::Invalid {
-                    field: "acknowledge",
-                    reason: format!("the request could not be read: {}", status.message()),
-                }),
+                // A request that does not decode ends the stream with an error; a stream the
+                // subscriber reset ends without one (nobody hears it).
+                Err(status) => Err(unreadable(&status, "acknowledge")?),
             };
             let more = matches!(next, Ok(Inbound::Acknowledge { .. }));
             Some((next, more.then_some(requests)))
         },
     ))
+}
+
+/// A request that did not decode (too large, malformed) is the subscriber's error:
+/// INVALID_ARGUMENT naming `field`. A stream the subscriber reset or lost is none (`None`).
+fn unreadable(status: &Status, field: &'static str) -> Option<EventsError> {
+    use tonic::Code;
+    let lost = matches!(
+        status.code(),
+        Code::Cancelled | Code::Unavailable | Code::Unknown
+    );
+    (!lost).then(|| EventsError::Invalid {
+        field,
+        reason: format!("the request could not be read: {}", status.message()),
+    })
 }
 
 /// One batch as responses of at most [`EVENTS_PER_RESPONSE`] events.

@@ -192,16 +192,9 @@ impl EventRepo<'_> {
 
     /// Rows whose ids fall in these inclusive ranges.
     pub async fn within(&self, ranges: &[(i64, i64)]) -> Result<Vec<ChangeEvent>, StoreError> {
-        let sql = format!(
-            "select {COLUMNS} from change_events l
-             join unnest($1::bigint[], $2::bigint[]) as r(lo, hi) on l.id between r.lo and r.hi
-             order by l.id"
-        );
-        let (lo, hi): (Vec<i64>, Vec<i64>) = ranges.iter().copied().unzip();
-        let query = sqlx::query_as::<_, ChangeEvent>(sqlx::AssertSqlSafe(sql))
-            .bind(lo)
-            .bind(hi);
-        self.0.run(query.fetch_all(self.0.pool())).await
+        self.0
+            .log_rows_within("change_events", COLUMNS, ranges)
+            .await
     }
 
     /// Deletes up to [`EVENT_PURGE_BATCH`] rows older than `retention` and records through which

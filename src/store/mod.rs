@@ -307,6 +307,29 @@ impl Db {
         }
     }
 
+    /// Rows of the log `table` (its `columns`, as `l`) whose ids fall in `ranges` (inclusive),
+    /// in id order: one statement however many ranges (the gaps a follower fills).
+    async fn log_rows_within<T>(
+        &self,
+        table: &str,
+        columns: &str,
+        ranges: &[(i64, i64)],
+    ) -> Result<Vec<T>, StoreError>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
+        let sql = format!(
+            "select {columns} from {table} l
+             join unnest($1::bigint[], $2::bigint[]) as r(lo, hi) on l.id between r.lo and r.hi
+             order by l.id"
+        );
+        let (lo, hi): (Vec<i64>, Vec<i64>) = ranges.iter().copied().unzip();
+        let query = sqlx::query_as::<_, T>(sqlx::AssertSqlSafe(sql))
+            .bind(lo)
+            .bind(hi);
+        self.run(query.fetch_all(self.pool())).await
+    }
+
     /// Runs one store operation (one round trip) within the query timeout.
     async fn run<T>(
         &self,

@@ -266,17 +266,9 @@ impl OutboxRepo<'_> {
     where
         T: for<'r> FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
     {
-        let (table, columns) = (table(profiles), columns(profiles));
-        let sql = format!(
-            "select {columns} from {table} l
-             join unnest($1::bigint[], $2::bigint[]) as r(lo, hi) on l.id between r.lo and r.hi
-             order by l.id"
-        );
-        let (lo, hi): (Vec<i64>, Vec<i64>) = ranges.iter().copied().unzip();
-        let query = sqlx::query_as::<_, T>(sqlx::AssertSqlSafe(sql))
-            .bind(lo)
-            .bind(hi);
-        self.0.run(query.fetch_all(self.0.pool())).await
+        self.0
+            .log_rows_within(table(profiles), columns(profiles), ranges)
+            .await
     }
 
     /// Deletes what no cache can need any more: session rows past the session's expiry, profile

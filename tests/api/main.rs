@@ -6,6 +6,8 @@ mod helpers;
 #[path = "../support/proxy.rs"]
 mod proxy;
 mod redis_server;
+#[path = "../support/seeded.rs"]
+mod seeded;
 mod topology;
 
 mod admin;

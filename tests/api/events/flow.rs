@@ -210,7 +210,10 @@ async fn malformed_requests_are_refused_naming_the_field() {
     let ack = pb::WatchRequest {
         kind: Some(watch_request::Kind::Acknowledge(pb::Acknowledge::default())),
     };
+    // Over GRPC__MAX_MESSAGE_SIZE: it does not decode.
+    let oversized_subscribe = subscribe(pb::Mode::Bounded, &"x".repeat(32 * 1024));
     let cases = [
+        (oversized_subscribe, "subscribe"),
         (ack.clone(), "subscribe"),
         (pb::WatchRequest { kind: None }, "subscribe"),
         (subscribe(pb::Mode::Unspecified, ""), "subscribe.mode"),
@@ -344,4 +347,40 @@ async fn an_instance_serves_at_most_its_share_of_streams() {
     })
     .await;
     drop(strict);
+}
+
+/// A bounded subscriber keeping a cache acknowledges too: later batches name the latest
+/// acknowledgement received before their read (`read_after`), which bounds how old the read
+/// may be; one that never acknowledges gets 0 (its subscribe request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_stream_says_which_acknowledgement_its_read_came_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_with(subscribed_settings(Mode::NoRedis, dir.path())).await;
+    let mut silent = Watcher::open(&app, Some(SUBSCRIBER_KEY), pb::Mode::Bounded, "")
+        .await
+        .unwrap();
+    let mut acking = Watcher::open(&app, Some(SUBSCRIBER_KEY), pb::Mode::Bounded, "")
+        .await
+        .unwrap();
+    let first = acking.next().await.unwrap();
+    assert_eq!(first.read_after, 0);
+    let mut sequence = 0;
+    let mut position = first.position;
+    for _ in 0..3 {
+        sequence = acking.ack(&position).await;
+        // The batch read before the acknowledgement arrived may still come: the next ones
+        // name it.
+        let batch = loop {
+            let batch = acking.next().await.unwrap();
+            if batch.read_after == sequence {
+                break batch;
+            }
+            assert!(batch.read_after < sequence, "{batch:?}");
+        };
+        position = batch.position;
+    }
+    assert_eq!(sequence, 3);
+    for _ in 0..3 {
+        assert_eq!(silent.next().await.unwrap().read_after, 0);
+    }
 }

@@ -15,6 +15,8 @@ use crate::{
 };
 
 mod flow;
+mod outages;
+mod process;
 mod strict;
 mod validator;
 

@@ -134,7 +134,7 @@ pub async fn spawn_app(mode: Mode) -> TestApp {
 }
 
 pub async fn spawn_with(settings: Settings) -> TestApp {
-    spawn_inner(settings, true, Hooks::default()).await
+    spawn_inner(settings, true, Hooks::default(), ANY_PORT).await
 }
 
 /// Hooks called between a cache miss's PostgreSQL read and its Redis write.
@@ -149,7 +149,7 @@ pub struct Hooks {
 }
 
 pub async fn spawn_with_hooks(settings: Settings, hooks: Hooks) -> TestApp {
-    spawn_inner(settings, true, hooks).await
+    spawn_inner(settings, true, hooks, ANY_PORT).await
 }
 
 /// An app whose session cache fills call `hook` between their PostgreSQL read and their Redis
@@ -169,12 +169,27 @@ pub async fn spawn_with_fill_hook(settings: Settings, hook: FillHook) -> TestApp
 pub async fn spawn_sharing(other: &TestApp, adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = other.settings.clone();
     adjust(&mut settings);
-    spawn_inner(settings, false, Hooks::default()).await
+    spawn_inner(settings, false, Hooks::default(), ANY_PORT).await
 }
 
-async fn spawn_inner(settings: Settings, drop_database: bool, hooks: Hooks) -> TestApp {
+/// Where an app listens unless a test says: a port the OS picks.
+const ANY_PORT: &str = "127.0.0.1:0";
+
+/// A second instance sharing `other`'s database and Redis prefix on `addr` (an instance that
+/// stopped there, restarted).
+pub async fn spawn_sharing_on(other: &TestApp, addr: std::net::SocketAddr) -> TestApp {
+    spawn_inner(
+        other.settings.clone(),
+        false,
+        Hooks::default(),
+        &addr.to_string(),
+    )
+    .await
+}
+
+async fn spawn_inner(settings: Settings, drop_database: bool, hooks: Hooks, bind: &str) -> TestApp {
     authd::telemetry::init(&settings.log);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = TcpListener::bind(bind).await.unwrap();
     let app = Application::build_with_listener(settings.clone(), listener)
         .await
         .expect("the app builds");
