@@ -65,10 +65,12 @@ impl Subscription {
         }
         .encode();
         if self.mode == Mode::Strict {
+            let follow_up = std::mem::replace(&mut self.follow_up, false);
+            self.follow_up = !events.is_empty() && relays.is_empty();
             self.sent.push_back(Sent {
                 position: position.clone(),
                 at: now.at,
-                awaited: !events.is_empty() || !relays.is_empty(),
+                awaited: !events.is_empty() || !relays.is_empty() || follow_up,
                 relays,
             });
         }
@@ -103,8 +105,10 @@ impl Subscription {
     }
 }
 
-/// The least time between two passes of a stream (messages arriving meanwhile ride together).
-const MIN_GAP: std::time::Duration = std::time::Duration::from_millis(10);
+/// The least time between the starts of two passes of a stream (messages arriving meanwhile
+/// ride together): a pass wakes at once when the last began this long ago, so a lone
+/// revocation is not held, and a storm costs a stream at most one pass per gap.
+const MIN_GAP: std::time::Duration = std::time::Duration::from_millis(2);
 /// A stream whose subscriber has not taken a batch for this long ends.
 const UNREAD: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -125,10 +129,14 @@ pub async fn serve(
     };
     let mut listening = true;
     let mut delivered = false;
+    let mut last_pass: Option<Instant> = None;
     let ended = 'serving: loop {
         if !subscription.paused() {
             // Messages arriving together make one pass.
-            tokio::time::sleep(MIN_GAP).await;
+            if let Some(last) = last_pass {
+                tokio::time::sleep_until((last + MIN_GAP).into()).await;
+            }
+            last_pass = Some(Instant::now());
             subscription.take_messages();
             let batch = match subscription.pass().await {
                 Ok(batch) => batch,

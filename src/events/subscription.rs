@@ -83,6 +83,12 @@ pub struct Subscription {
     pub(super) replay: bool,
     /// The latest acknowledgement received (0: none yet, the subscribe request).
     pub(super) heard: u64,
+    /// The last pass read events no revoker's message came with: the next one's
+    /// acknowledgement extends the lease too. (An event committed after a pass began may be
+    /// read by it; the extension records as applied only what was committed before — so a
+    /// revoker waiting through the lease table, not a message, sees its change applied with
+    /// the acknowledgement of the pass after.)
+    pub(super) follow_up: bool,
     _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 }
 
@@ -166,6 +172,7 @@ impl Subscription {
             sent: VecDeque::new(),
             replay,
             heard: 0,
+            follow_up: false,
             _permits: (stream, strict),
             events,
         })
