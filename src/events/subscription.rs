@@ -85,9 +85,10 @@ pub struct Subscription {
     pub(super) heard: u64,
     /// The last pass read events no revoker's message came with: the next one's
     /// acknowledgement extends the lease too. (An event committed after a pass began may be
-    /// read by it; the extension records as applied only what was committed before — so a
-    /// revoker waiting through the lease table, not a message, sees its change applied with
-    /// the acknowledgement of the pass after.)
+    /// read by it; the extension records as applied only what was committed before the pass
+    /// began. A revoker waiting through the lease table, not a message, sees its change
+    /// applied once a pass that began after its read of the holders is acknowledged: usually
+    /// the next one; else the quarter-lease extension.)
     pub(super) follow_up: bool,
     _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 }

@@ -69,7 +69,7 @@ async fn a_revocation_returns_once_the_subscriber_acknowledged_it(mode: Mode) {
     let mut sequence = acknowledged;
     // Acknowledging every batch, as a subscriber does: without Redis the revoker sees the
     // change applied through the lease table, with the acknowledgement of a pass that began
-    // after its commit (the one that read it may have begun before). The extension is granted
+    // after it read the holders (the one that read the change may have begun before). The extension is granted
     // with a later batch, naming an acknowledgement.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut granted = None;
