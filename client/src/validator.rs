@@ -145,7 +145,8 @@ impl Validator {
     /// answer is kept when it may be). Strict: never older than the version an UpdateProfile
     /// that returned wrote, nor older than one the event stream showed. authd's status
     /// otherwise (NOT_FOUND for an unknown user, INVALID_ARGUMENT for a malformed id), or
-    /// UNAVAILABLE when authd kept answering a version older than the stream showed.
+    /// UNAVAILABLE when authd kept answering a version older than the stream showed (for
+    /// 1.5 s, past authd's own bound).
     pub async fn profile(&self, user_id: &str) -> Result<pb::Profile, Status> {
         // Kept under the id's one spelling (a UUID may be written several ways).
         let key = uuid::Uuid::try_parse(user_id).map(|id| id.to_string());
@@ -153,7 +154,15 @@ impl Validator {
         if let Some(profile) = key.as_ref().ok().and_then(|key| state.lookup_profile(key)) {
             return Ok(profile);
         }
-        for _ in 0..3 {
+        // authd's instances may answer an older version for a moment after an update (README:
+        // 1.25 s at most, when the updating instance could not write Redis): ask again, for
+        // longer than that, before giving up.
+        let mut pause = Duration::from_millis(50);
+        for attempt in 0..6 {
+            if attempt > 0 {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
             let ticket = state.ticket();
             let request = pb::GetProfileRequest {
                 user_id: user_id.to_owned(),
