@@ -4,26 +4,15 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use authd::proto::authd::v1 as pb;
-use authd_client::{Config, Mode as ClientMode, Validator};
+use authd_client::Validator;
 use secrecy::SecretString;
 use tonic::Code;
 
-use super::{SUBSCRIBER_KEY, Watcher, sid, subscribed_settings};
+use super::{SUBSCRIBER_KEY, Watcher, sid, subscribed_settings, validator::strict_validator};
 use crate::{
-    helpers::{Mode, PASSWORD, TestApp, eventually, spawn_sharing, spawn_sharing_on, spawn_with},
+    helpers::{Mode, PASSWORD, eventually, spawn_sharing, spawn_sharing_on, spawn_with},
     redis_server::RedisServer,
 };
-
-fn strict_validator(app: &TestApp) -> Validator {
-    Validator::new(
-        app.channel.clone(),
-        Config {
-            mode: ClientMode::Strict,
-            api_key: Some(SUBSCRIBER_KEY.to_owned()),
-            ..Config::default()
-        },
-    )
-}
 
 async fn trusted(validator: &Validator) {
     eventually(

@@ -12,7 +12,8 @@ use crate::{
 
 both_modes!(no_validator_accepts_a_token_once_its_revocation_returned);
 
-fn validator(app: &TestApp) -> Validator {
+/// A strict validator of the client crate following `app`'s stream.
+pub fn strict_validator(app: &TestApp) -> Validator {
     Validator::new(
         app.channel.clone(),
         Config {
@@ -30,7 +31,7 @@ async fn no_validator_accepts_a_token_once_its_revocation_returned(mode: Mode) {
     let third = spawn_sharing(&first, |_| {}).await;
     let fleet = [&first, &second, &third];
     // Each validator follows the stream of an instance of its own.
-    let validators = [validator(&second), validator(&third)];
+    let validators = [strict_validator(&second), strict_validator(&third)];
     for v in &validators {
         eventually(
             std::time::Duration::from_secs(20),
