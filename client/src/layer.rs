@@ -5,17 +5,20 @@
 use std::{
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
+use futures::future::Either;
 use tonic::Status;
 use tower::{Layer, Service};
 
 use crate::{Validator, proto as pb};
 
-/// The session a request was authenticated with, in its extensions.
+/// The session a request was authenticated with, in its extensions (shared with the
+/// validator's memory).
 #[derive(Debug, Clone)]
-pub struct Authenticated(pub pb::Session);
+pub struct Authenticated(pub Arc<pb::Session>);
 
 /// Validates each request's bearer token with a [`Validator`].
 #[derive(Clone)]
@@ -63,32 +66,41 @@ where
 {
     type Response = http::Response<RB>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    /// The inner service's own future when the memory answered; a task of the validation and
+    /// the call otherwise.
+    type Future =
+        Either<S::Future, Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let Some(token) = bearer(request.headers()) else {
+            let refused = Status::unauthenticated("`authorization: Bearer <token>` is required");
+            return Either::Right(Box::pin(async move { Ok(refused.into_http()) }));
+        };
+        // The warm path: no copy of the token or the session, no future of its own.
+        if let Some(session) = self.validator.validate_from_memory(token) {
+            request.extensions_mut().insert(Authenticated(session));
+            return Either::Left(self.inner.call(request));
+        }
+        let token = token.to_owned();
         // The clone that was made ready serves this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let validator = self.validator.clone();
-        let token = bearer(request.headers()).map(str::to_owned);
-        Box::pin(async move {
-            let Some(token) = token else {
-                let refused =
-                    Status::unauthenticated("`authorization: Bearer <token>` is required");
-                return Ok(refused.into_http());
-            };
+        Either::Right(Box::pin(async move {
             match validator.validate(&token).await {
                 Ok(session) => {
-                    request.extensions_mut().insert(Authenticated(session));
+                    request
+                        .extensions_mut()
+                        .insert(Authenticated(Arc::new(session)));
                     inner.call(request).await
                 }
                 Err(status) => Ok(status.into_http()),
             }
-        })
+        }))
     }
 }
 

@@ -44,7 +44,7 @@ pub enum Kept {
 
 /// A validation kept in memory.
 struct Entry {
-    session: pb::Session,
+    session: Arc<pb::Session>,
     /// Asked of authd again from then (its touch is due, or its idle deadline near).
     recheck_at: u64,
 }
@@ -137,7 +137,7 @@ impl State {
     }
 
     /// A validation of `hash` from memory, when trusted and not due for a recheck.
-    pub fn lookup(&self, hash: &TokenHash) -> Option<pb::Session> {
+    pub fn lookup(&self, hash: &TokenHash) -> Option<Arc<pb::Session>> {
         if !self.trusted() {
             return None;
         }
@@ -207,7 +207,7 @@ impl State {
         }
         let recheck_at = now.saturating_add(us(self.recheck.min(until(session.expires_at))));
         let entry = Arc::new(Entry {
-            session: session.clone(),
+            session: Arc::new(session.clone()),
             recheck_at,
         });
         self.entries.insert(hash, entry);

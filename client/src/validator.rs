@@ -118,11 +118,23 @@ impl Validator {
     /// token that is not valid — or that authd still answered valid though the event stream
     /// already showed its revocation).
     pub async fn validate(&self, token: &str) -> Result<pb::Session, Status> {
-        let hash: TokenHash = Sha256::digest(token.as_bytes()).into();
-        let state = &self.inner.state;
-        if let Some(session) = state.lookup(&hash) {
-            return Ok(session);
+        let hash = token_hash(token);
+        match self.inner.state.lookup(&hash) {
+            Some(session) => Ok(Arc::unwrap_or_clone(session)),
+            None => self.fetch(hash, token).await,
         }
+    }
+
+    /// The session of `token` from memory, if it may answer now (shared with the memory, not
+    /// copied); nothing is asked of authd. [`AuthLayer`](crate::AuthLayer) answers with it
+    /// without a task or an allocation, and calls [`validate`](Self::validate) otherwise.
+    pub fn validate_from_memory(&self, token: &str) -> Option<Arc<pb::Session>> {
+        self.inner.state.lookup(&token_hash(token))
+    }
+
+    /// Asks authd, and keeps the answer when it may be kept.
+    async fn fetch(&self, hash: TokenHash, token: &str) -> Result<pb::Session, Status> {
+        let state = &self.inner.state;
         let ticket = state.ticket();
         let request = pb::ValidateSessionRequest {
             session_token: token.to_owned(),
@@ -333,4 +345,9 @@ async fn stream(
         }
     }
     Ok(())
+}
+
+/// What the memory keeps a token under.
+fn token_hash(token: &str) -> TokenHash {
+    Sha256::digest(token.as_bytes()).into()
 }

@@ -31,7 +31,11 @@ pub enum Action {
     SubPass(u8),
     /// It applies a pass (drops what it names, raises its floors) and acknowledges it.
     SubApply(u8),
-    /// Its host extends its lease on the acknowledgement and relays the messages it covers.
+    /// Its host relays to their revokers the messages an acknowledgement it received covers
+    /// (before the lease's extension, which may follow).
+    SubRelay(u8),
+    /// Its host extends its lease on the acknowledgement and relays the messages it covers
+    /// (those not relayed yet).
     SubExtend(u8),
     /// A validation by subscriber `sub`: from its memory when trusted, else fetched from
     /// instance `via`.
@@ -106,6 +110,7 @@ impl Action {
             Action::SubConnect(_) => Code("src/events/subscription.rs", "open"),
             Action::SubPass(_) => Code("src/events/hub.rs", "pass"),
             Action::SubApply(_) => Code("client/src/state.rs", "apply"),
+            Action::SubRelay(_) => Code("src/events/subscription.rs", "relay"),
             Action::SubExtend(_) => Code("src/events/subscription.rs", "acknowledged"),
             Action::SubRead { .. } => Code("client/src/validator.rs", "validate"),
             Action::SubKeep(_) => Code("client/src/state.rs", "keep"),
@@ -147,6 +152,7 @@ impl Action {
             Action::SubConnect(0),
             Action::SubPass(0),
             Action::SubApply(0),
+            Action::SubRelay(0),
             Action::SubExtend(0),
             Action::SubRead { sub: 0, via: 0 },
             Action::SubKeep(0),

@@ -10,9 +10,10 @@ use super::{
     Events, EventsError,
     subscription::{Batch, Grant, Inbound, Mode, Sent, Subscription},
 };
+use crate::local::Heard;
 use crate::store::{
-    ChangeEvent,
-    follow::{BATCH, follow_ids},
+    ChangeEvent, Stream as LogStream,
+    follow::{BATCH, Ids, follow_ids},
 };
 
 impl Subscription {
@@ -24,8 +25,9 @@ impl Subscription {
         let relays = std::mem::take(&mut self.relays);
         let grant = self.grant.take();
         let read_after = self.heard;
-        let log = self.events.db.events();
-        let now = log.stream().await?;
+        let read = self.events.read(&self.ids, self.read_since).await?;
+        self.read_since = self.read_since.max(read.began);
+        let now = &read.now;
         // Another history (a failover), or rows this stream had not read were purged (it was
         // held up longer than the retention).
         let purged = self
@@ -39,26 +41,10 @@ impl Subscription {
         if now.history != self.history || purged < now.purged_through {
             return Err(EventsError::Expired);
         }
-        let rows = std::sync::Mutex::new(Vec::<ChangeEvent>::new());
-        let next = follow_ids(
-            &self.ids,
-            now.high,
-            self.events.in_flight,
-            None,
-            |above| log.above(above, BATCH),
-            |ranges| async move { log.within(&ranges).await },
-            |batch| {
-                rows.lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .extend(batch);
-                std::future::ready(true)
-            },
-        )
-        .await?;
-        let mut events = rows.into_inner().unwrap_or_else(|e| e.into_inner());
-        // Applied every batch: a pass is never void here.
-        self.ids = next.unwrap_or_else(|| self.ids.clone());
-        events.sort_by_key(|e| (e.created_at, e.id));
+        let events = read.events.clone();
+        if let Some(next) = &read.next {
+            self.ids.clone_from(next);
+        }
         let position = super::Position {
             history: self.history.clone(),
             ids: self.ids.clone(),
@@ -69,7 +55,7 @@ impl Subscription {
             self.follow_up = !events.is_empty() && relays.is_empty();
             self.sent.push_back(Sent {
                 position: position.clone(),
-                at: now.at,
+                at: read.now.at,
                 awaited: !events.is_empty() || !relays.is_empty() || follow_up,
                 relays,
             });
@@ -78,7 +64,7 @@ impl Subscription {
         Ok(Batch {
             events,
             position,
-            complete_through: now.at,
+            complete_through: read.now.at,
             lease: grant.map(|acknowledgement| Grant {
                 valid_for: length,
                 acknowledgement,
@@ -88,6 +74,12 @@ impl Subscription {
         })
     }
 
+    /// A revoker's message, relayed with the next pass (whose read begins after its receipt).
+    fn heard_message(&mut self, message: Heard) {
+        self.relays.push((message.origin, message.nonce));
+        self.read_since = self.read_since.max(message.at);
+    }
+
     /// Takes the messages received meanwhile; whether any came (or some were lost: the
     /// revokers then wait for the catch-up through the logs).
     fn take_messages(&mut self) -> bool {
@@ -95,7 +87,7 @@ impl Subscription {
         loop {
             match self.messages.try_recv() {
                 Ok(message) => {
-                    self.relays.push(message);
+                    self.heard_message(message);
                     any = true;
                 }
                 Err(TryRecvError::Lagged(_)) => any = true,
@@ -105,10 +97,11 @@ impl Subscription {
     }
 }
 
-/// The least time between the starts of two passes of a strict stream (messages arriving
-/// meanwhile ride together): a pass wakes at once when the last began this long ago, so a
-/// lone revocation is not held (revokers wait for strict subscribers), and a storm costs a
-/// stream at most one pass per gap.
+/// The least time between the starts of two passes of a strict stream whose subscriber has
+/// not acknowledged every batch (messages arriving meanwhile ride together). A pass starts at
+/// once when the subscriber acknowledged every batch, so a revocation is not held (revokers
+/// wait for strict subscribers) — a storm then costs a stream one pass per round trip to its
+/// subscriber — or when the last began this long ago.
 const MIN_GAP_STRICT: std::time::Duration = std::time::Duration::from_millis(2);
 /// ...and of a bounded stream, whom nobody waits for: a storm costs it at most 100 passes a
 /// second.
@@ -140,7 +133,9 @@ pub async fn serve(
     let ended = 'serving: loop {
         if !subscription.paused() {
             // Messages arriving together make one pass.
-            if let Some(last) = last_pass {
+            if let Some(last) = last_pass
+                && !subscription.caught_up()
+            {
                 tokio::time::sleep_until((last + min_gap).into()).await;
             }
             last_pass = Some(Instant::now());
@@ -176,7 +171,7 @@ pub async fn serve(
                 () = sleep_until(lease_ends) => break Some(EventsError::LeaseLost),
                 received = subscription.messages.recv() => {
                     if let Ok(message) = received {
-                        subscription.relays.push(message);
+                        subscription.heard_message(message);
                     }
                     if !subscription.paused() {
                         break None;
@@ -221,7 +216,83 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// A position as the streams share reads from it: its top and its gaps' ids. (Not when each
+/// gap may be forgotten: a stream that shares a read takes the reader's times, and each is a
+/// valid one — a transaction that drew a gap's ids began before any read saw the gap.)
+pub(super) type At = (i64, Vec<(i64, i64)>);
+
+/// One read of the log from a position: where the log stood, the rows committed since, and
+/// the position after them (`None`: nothing to move).
+pub(super) struct Read {
+    /// When the read began.
+    began: Instant,
+    now: LogStream,
+    events: Vec<ChangeEvent>,
+    next: Option<Ids>,
+}
+
 impl Events {
+    /// Where the log stands and the rows after `ids`, read at or after `since`. The streams
+    /// at one position share one read (a revocation wakes every strict stream at once: one
+    /// read for all of them, not one each), never one that began before `since`.
+    async fn read(&self, ids: &Ids, since: Instant) -> Result<Arc<Read>, EventsError> {
+        let failed = std::sync::Mutex::new(None);
+        let at: At = (ids.top, ids.gaps.iter().map(|g| (g.from, g.to)).collect());
+        let (read, led) = self
+            .reads
+            .run_since(at, since, || async {
+                match self.read_alone(ids).await {
+                    Ok(read) => Some(Arc::new(read)),
+                    Err(error) => {
+                        *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+                        None
+                    }
+                }
+            })
+            .await;
+        match (read, led) {
+            (Some(read), _) => Ok(read),
+            (None, true) => Err(failed
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or(EventsError::Store(crate::store::StoreError::Unavailable(
+                    None,
+                )))),
+            // The shared read failed: this stream's own read tells why (or succeeds).
+            (None, false) => self.read_alone(ids).await.map(Arc::new),
+        }
+    }
+
+    async fn read_alone(&self, ids: &Ids) -> Result<Read, EventsError> {
+        let began = Instant::now();
+        let log = self.db.events();
+        let now = log.stream().await?;
+        let rows = std::sync::Mutex::new(Vec::<ChangeEvent>::new());
+        let next = follow_ids(
+            ids,
+            now.high,
+            self.in_flight,
+            None,
+            |above| log.above(above, BATCH),
+            |ranges| async move { log.within(&ranges).await },
+            |batch| {
+                rows.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend(batch);
+                std::future::ready(true)
+            },
+        )
+        .await?;
+        let mut events = rows.into_inner().unwrap_or_else(|e| e.into_inner());
+        events.sort_by_key(|e| (e.created_at, e.id));
+        Ok(Read {
+            began,
+            now,
+            events,
+            next,
+        })
+    }
+
     /// Opens a stream for `mode` from `resume` and serves it on a task of its own (see
     /// [`serve`]).
     pub async fn watch(

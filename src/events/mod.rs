@@ -14,12 +14,16 @@
 //! - **Pass** (`Subscription::pass`): the host reads where the log stands (PostgreSQL's time,
 //!   the last id handed out), then every row committed since the subscription's position, and
 //!   sends them in one batch with that time (`complete_through`) and the position after them.
-//!   The revokers' messages the host received before the pass began ride with it.
-//! - **Acknowledgement** (`Subscription::acknowledged`): the subscriber applied a batch. When a
-//!   revoker may be waiting (the batches it covers carried events or messages) or a quarter of
-//!   the lease went by, the host extends the lease, recording as applied the time the
-//!   acknowledged pass began (never the extension's: a pass read before a revocation would
-//!   then end its wait), and acknowledges the messages to their revokers.
+//!   The revokers' messages the host received before the pass began ride with it. Streams at
+//!   one position share a read that began after everything the pass answers for (`hub`'s
+//!   `Events::read`): the pass is then one that began when that read did.
+//! - **Acknowledgement** (`Subscription::acknowledged`): the subscriber applied a batch. The
+//!   host acknowledges the messages it carried to their revokers at once (`relay`: the
+//!   subscriber applied them, whatever becomes of its lease). When a revoker may be waiting
+//!   (the batches it covers carried events or messages) or a quarter of the lease went by, the
+//!   host then extends the lease (extensions asked for together go in one statement),
+//!   recording as applied the time the acknowledged pass began (never the extension's: a pass
+//!   read before a revocation would then end its wait).
 //! - **Grant**: the extension is told to the subscriber with the *next* pass, which began after
 //!   it, and the subscriber believes it from before it sent the acknowledgement. (A grant
 //!   believed before the pass that follows it is applied would cover a revocation committed
@@ -31,6 +35,7 @@
 //! - **The end.** A lease is never released for a subscriber that did not say it stopped (it
 //!   may still serve until it notices): it runs out. One that half-closes its stream has
 //!   dropped everything, and its lease ends at once.
+mod extensions;
 mod hub;
 mod position;
 mod subscription;
@@ -42,7 +47,12 @@ use tokio::sync::Semaphore;
 pub use position::Position;
 pub use subscription::{Batch, Grant, Inbound, Mode, Subscription};
 
-use crate::{config::EventsSettings, local::LocalCache, metrics::Metrics, store::Db};
+use crate::{
+    config::EventsSettings,
+    local::LocalCache,
+    metrics::Metrics,
+    store::{Db, coalesce::Coalescer},
+};
 
 /// What goes wrong with a stream, as its caller is told.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +89,10 @@ pub struct Events {
     in_flight: chrono::TimeDelta,
     streams: Arc<Semaphore>,
     strict: Arc<Semaphore>,
+    /// The passes' reads, shared by the streams at one position (see `hub`).
+    reads: Coalescer<hub::At, Option<Arc<hub::Read>>>,
+    /// The strict streams' lease extensions, gathered.
+    extensions: extensions::Extensions,
 }
 
 impl Events {
@@ -92,6 +106,8 @@ impl Events {
         Self {
             streams: Arc::new(Semaphore::new(settings.max_subscribers)),
             strict: Arc::new(Semaphore::new(settings.max_strict)),
+            reads: Coalescer::default(),
+            extensions: extensions::Extensions::start(db.clone(), local.lease()),
             db,
             local,
             settings,

@@ -11,7 +11,10 @@ use tokio::sync::{OwnedSemaphorePermit, broadcast};
 use uuid::Uuid;
 
 use super::{Events, EventsError, Position, position::Refused};
-use crate::store::{ChangeEvent, follow::Ids};
+use crate::{
+    local::Heard,
+    store::{ChangeEvent, follow::Ids},
+};
 
 /// How a subscriber trusts its memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +64,15 @@ pub(super) struct Sent {
     pub relays: Vec<(Uuid, u64)>,
 }
 
+/// Why an acknowledgement extended the lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Extension {
+    /// A quarter lease went by since the last extension.
+    Renewed,
+    /// A revoker may wait for it.
+    Awaited,
+}
+
 /// Batches a strict subscriber may leave unacknowledged; the stream pauses at that many.
 pub(super) const UNACKNOWLEDGED: usize = 64;
 
@@ -75,7 +87,7 @@ pub struct Subscription {
     pub(super) extended: Instant,
     /// An extension not yet told: the acknowledgement it answers.
     pub(super) grant: Option<u64>,
-    pub(super) messages: broadcast::Receiver<(Uuid, u64)>,
+    pub(super) messages: broadcast::Receiver<Heard>,
     /// Messages received since the last pass began.
     pub(super) relays: Vec<(Uuid, u64)>,
     pub(super) sent: VecDeque<Sent>,
@@ -83,6 +95,12 @@ pub struct Subscription {
     pub(super) replay: bool,
     /// The latest acknowledgement received (0: none yet, the subscribe request).
     pub(super) heard: u64,
+    /// The next pass's read must begin at or after this: when the latest of what it answers
+    /// for happened — the receipt of a message it carries or of the acknowledgement it is read
+    /// after, the extension it grants, the lease taken — and no earlier than the last pass's
+    /// read. (A read of the log shared with other streams that began since is this stream's
+    /// read: the pass is one that began then. See `Events::read`.)
+    pub(super) read_since: Instant,
     /// The last pass read events no revoker's message came with: the next one's
     /// acknowledgement extends the lease too. (An event committed after a pass began may be
     /// read by it; the extension records as applied only what was committed before the pass
@@ -173,6 +191,7 @@ impl Subscription {
             sent: VecDeque::new(),
             replay,
             heard: 0,
+            read_since: Instant::now(),
             follow_up: false,
             _permits: (stream, strict),
             events,
@@ -183,19 +202,33 @@ impl Subscription {
         self.mode
     }
 
-    /// The subscriber applied everything through `position` (a batch this stream sent). In
-    /// strict mode, the lease is extended when a revoker may wait for this acknowledgement or
-    /// a quarter lease went by; the extension records as applied what was committed before the
-    /// acknowledged pass began, the revokers' messages it covers are acknowledged, and the
-    /// grant goes with the next pass (`true`: pass now to send it).
+    /// The subscriber applied everything through `position` (a batch this stream sent): the
+    /// revokers' messages it covers are acknowledged at once (see [`Self::relay`]). In strict
+    /// mode, the lease is then extended when a revoker may wait for this acknowledgement or a
+    /// quarter lease went by; the extension records as applied what was committed before the
+    /// acknowledged pass began, and the grant goes with the next pass. `true`: pass now — the
+    /// lease was renewed for time (its grant keeps the subscriber trusting), a follow-up is
+    /// due, or messages wait (a paused stream resumes); an extension a revoker asked for is
+    /// told with whichever pass comes next (a lone revocation costs one pass, not two).
     pub async fn acknowledged(
         &mut self,
         position: &str,
         sequence: u64,
     ) -> Result<bool, EventsError> {
+        let extended = self.acknowledge(position, sequence).await?;
+        Ok(extended == Some(Extension::Renewed) || self.follow_up || !self.relays.is_empty())
+    }
+
+    async fn acknowledge(
+        &mut self,
+        position: &str,
+        sequence: u64,
+    ) -> Result<Option<Extension>, EventsError> {
+        let received = Instant::now();
         let Some(lease) = self.lease else {
             self.heard = self.heard.max(sequence);
-            return Ok(false);
+            self.read_since = self.read_since.max(received);
+            return Ok(None);
         };
         let Some(k) = self.sent.iter().position(|s| s.position == position) else {
             return Err(EventsError::Invalid {
@@ -204,31 +237,49 @@ impl Subscription {
             });
         };
         self.heard = self.heard.max(sequence);
+        self.read_since = self.read_since.max(received);
         let covered: Vec<Sent> = self.sent.drain(..=k).collect();
+        self.relay(lease, &covered).await;
         let awaited = covered.iter().any(|s| s.awaited);
         let length = self.events.local.lease();
-        if !awaited && self.extended.elapsed() < length / 4 {
-            return Ok(false);
-        }
+        let extension = if self.extended.elapsed() >= length / 4 {
+            Extension::Renewed
+        } else if awaited {
+            Extension::Awaited
+        } else {
+            return Ok(None);
+        };
         let at = covered.last().map(|s| s.at).unwrap_or_default();
         let asked = Instant::now();
-        let extended = self.events.db.leases().extend(lease, length, at).await?;
-        if extended.is_none() {
+        if !self.events.extensions.extend(lease, at).await? {
             return Err(EventsError::LeaseLost);
         }
         self.extended = asked;
         self.grant = Some(sequence);
+        self.read_since = Instant::now();
+        Ok(Some(extension))
+    }
+
+    /// The subscriber applied the passes `covered`: the revokers whose messages they carried
+    /// are told at once, before the lease's extension (which is not on their path) and
+    /// whatever becomes of the lease.
+    async fn relay(&self, lease: Uuid, covered: &[Sent]) {
         let local = &self.events.local;
-        let relays = covered.into_iter().flat_map(|s| s.relays);
-        let acks = relays.map(|(origin, nonce)| local.acknowledge_for(lease, origin, nonce));
+        let relays = covered.iter().flat_map(|s| &s.relays);
+        let acks = relays.map(|(origin, nonce)| local.acknowledge_for(lease, *origin, *nonce));
         futures::future::join_all(acks).await;
-        Ok(true)
     }
 
     /// When the lease ends unless extended before (strict mode).
     pub fn lease_ends(&self) -> Option<Instant> {
         self.lease
             .map(|_| self.extended + self.events.local.lease())
+    }
+
+    /// A strict subscriber that acknowledged every batch sent (a bounded one never counts as
+    /// such: nobody waits for it).
+    pub fn caught_up(&self) -> bool {
+        self.mode == Mode::Strict && self.sent.is_empty()
     }
 
     /// Whether the stream must wait for acknowledgements before its next pass.

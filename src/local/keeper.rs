@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    INVALIDATIONS, Keys, LocalCache, acks_channel,
+    Heard, INVALIDATIONS, Keys, LocalCache, acks_channel,
     keys::Message,
     store::{Beat, Store, lock},
 };
@@ -86,7 +86,11 @@ impl LocalCache {
             let (origin, nonce) = (message.origin, message.nonce);
             let keys = message.keys();
             if !keys.is_empty() && nonce != 0 {
-                let _ = self.shared.messages.send((origin, nonce));
+                let _ = self.shared.messages.send(Heard {
+                    origin,
+                    nonce,
+                    at: std::time::Instant::now(),
+                });
             }
             if keys.is_empty() || !self.is_enabled() {
                 return;

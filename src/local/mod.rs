@@ -147,9 +147,18 @@ struct Shared {
     /// The fleet's lease: what this instance holds, and what it takes for the event stream's
     /// strict subscribers.
     lease: Duration,
-    /// Every revoker's message this instance hears (origin, nonce): the event stream's
-    /// strict subscribers acknowledge them through their host ([`LocalCache::messages`]).
-    messages: tokio::sync::broadcast::Sender<(Uuid, u64)>,
+    /// Every revoker's message this instance hears: the event stream's strict subscribers
+    /// acknowledge them through their host ([`LocalCache::messages`]).
+    messages: tokio::sync::broadcast::Sender<Heard>,
+}
+
+/// A revoker's message naming keys, as this instance heard it.
+#[derive(Debug, Clone, Copy)]
+pub struct Heard {
+    pub origin: Uuid,
+    pub nonce: u64,
+    /// When this instance received it (its revoker had committed before).
+    pub at: std::time::Instant,
 }
 
 impl LocalCache {
@@ -322,10 +331,9 @@ impl LocalCache {
         self.shared.lease
     }
 
-    /// The revokers' messages this instance hears from now on: (origin, nonce), for every
-    /// message that names keys. A receiver that falls [`MESSAGES`] behind loses the oldest
+    /// The revokers' messages this instance hears from now on, every message that names keys. A receiver that falls [`MESSAGES`] behind loses the oldest
     /// (their revokers then wait for a catch-up through the logs, or the lease's end).
-    pub fn messages(&self) -> tokio::sync::broadcast::Receiver<(Uuid, u64)> {
+    pub fn messages(&self) -> tokio::sync::broadcast::Receiver<Heard> {
         self.shared.messages.subscribe()
     }
 

@@ -1,5 +1,4 @@
 //! Profiles: read-mostly data served from a Redis cache in front of PostgreSQL.
-mod coalesce;
 pub mod model;
 mod service;
 

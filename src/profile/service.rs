@@ -7,12 +7,12 @@ use std::{collections::HashMap, sync::Arc};
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::{ProfileChanges, ProfileRecord, coalesce::Coalescer};
+use super::{ProfileChanges, ProfileRecord};
 use crate::{
     auth::{AuthError, AuthService, FillHook, Found, input::FieldViolation},
     cache::{Announcement, CachedProfile, Log, ProfileCache, ProfileWrite},
     local::{Keys, LocalCache},
-    store::{Db, ProfileInvalidation, StoreError, UpdateOutcome},
+    store::{Db, ProfileInvalidation, StoreError, UpdateOutcome, coalesce::Coalescer},
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -290,6 +290,37 @@ impl LeaseRepo<'_> {
         Ok(at)
     }
 
+    /// [`extend`](Self::extend) for several leases in one statement: each `(lease, applied
+    /// through)` still running is extended by `lease`; which were.
+    pub async fn extend_all(
+        &self,
+        leases: &[(Uuid, DateTime<Utc>)],
+        lease: Duration,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let (ids, applied): (Vec<Uuid>, Vec<DateTime<Utc>>) = leases.iter().copied().unzip();
+        let sql = format!(
+            "with asked as (
+                 select * from unnest($1::uuid[], $3::timestamptz[]) as a(instance, applied)
+             ),
+             extended as (
+                 update local_cache_leases l
+                 set expires_at = clock_timestamp() + $2::bigint * interval '1 microsecond',
+                     applied_through = greatest(l.applied_through, a.applied)
+                 from asked a
+                 where l.instance = a.instance and l.expires_at > clock_timestamp()
+                 returning l.instance
+             )
+             select coalesce((select array_agg(instance) from extended), '{{}}'), {TIMELINE}"
+        );
+        let query = sqlx::query_as::<_, (Vec<Uuid>, String)>(sqlx::AssertSqlSafe(sql))
+            .bind(ids)
+            .bind(micros(lease))
+            .bind(applied);
+        let (extended, timeline) = self.0.run(query.fetch_one(self.0.pool())).await?;
+        self.0.saw_timeline(timeline).await?;
+        Ok(extended)
+    }
+
     /// Deletes a lease that has ended (a subscriber's, once its stream is over).
     pub async fn forget(&self, instance: Uuid) -> Result<(), StoreError> {
         let query = sqlx::query(

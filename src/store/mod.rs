@@ -4,6 +4,7 @@
 //! an outage answers UNAVAILABLE within `DATABASE__QUERY_TIMEOUT` instead of hanging, and takes
 //! its connection from the running work's share of the pool (`work`).
 mod admin;
+pub mod coalesce;
 mod events;
 pub mod follow;
 mod generations;

@@ -413,6 +413,7 @@ impl Protocol {
             Action::SubConnect(k) => self.sub_connect(&mut s, k as usize),
             Action::SubPass(k) => self.sub_pass(&mut s, k as usize),
             Action::SubApply(k) => self.sub_apply(&mut s, k as usize),
+            Action::SubRelay(k) => self.sub_relay(&mut s, k as usize),
             Action::SubExtend(k) => self.sub_extend(&mut s, k as usize),
             Action::SubRead { sub, via } => self.sub_read(&mut s, sub as usize, via as usize),
             Action::SubKeep(k) => self.sub_keep(&mut s, k as usize),

@@ -88,6 +88,9 @@ impl Protocol {
             if sub.event.is_some() && sub.ack.is_none() {
                 out.push(Action::SubApply(id));
             }
+            if sub.ack.as_ref().is_some_and(|a| a.relay.is_some()) && !h.paused {
+                out.push(Action::SubRelay(id));
+            }
             if sub.ack.is_some() && host_up {
                 out.push(Action::SubExtend(id));
             }
@@ -186,6 +189,25 @@ impl Protocol {
             sent_age: 0,
             relay: event.relay,
         });
+    }
+
+    /// `Subscription::relay`: the host received an acknowledgement and tells the revokers whose
+    /// messages the acknowledged passes carried, before extending the lease: the subscriber
+    /// applied those passes, whatever becomes of its lease.
+    pub(super) fn sub_relay(&self, s: &mut State, k: usize) {
+        let row = self.sub_row(k);
+        let relay = s.subscribers[k]
+            .ack
+            .as_mut()
+            .and_then(|ack| ack.relay.take());
+        if let Some((from, attempt)) = relay {
+            s.wire.push(Wire::Ack {
+                to: from,
+                holder: row as u8,
+                attempt,
+            });
+            s.wire.sort();
+        }
     }
 
     /// `Subscription::acknowledged`: the host extends the lease, recording as applied what was

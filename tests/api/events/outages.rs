@@ -1,5 +1,5 @@
 //! The stream through what a fleet goes through: an authd restart under a subscriber, a Redis
-//! restart (empty) under a strict caller, and a burst of 10,000 revocations under a bounded
+//! restart (empty) and a Sentinel failover under a strict caller, and a burst of 10,000 revocations under a bounded
 //! subscriber.
 use std::time::{Duration, Instant, SystemTime};
 
@@ -10,8 +10,9 @@ use tonic::Code;
 
 use super::{SUBSCRIBER_KEY, Watcher, sid, subscribed_settings, validator::strict_validator};
 use crate::{
-    helpers::{Mode, PASSWORD, eventually, spawn_sharing, spawn_sharing_on, spawn_with},
+    helpers::{Mode, PASSWORD, TestApp, eventually, spawn_sharing, spawn_sharing_on, spawn_with},
     redis_server::RedisServer,
+    topology::Sentinel,
 };
 
 async fn trusted(validator: &Validator) {
@@ -119,6 +120,34 @@ async fn a_stream_resumes_without_a_gap_across_an_authd_restart() {
     assert_eq!(refused.err().map(|s| s.code()), Some(Code::Unauthenticated));
 }
 
+/// Ten rounds: a login on `second`, validated twice by `validator` (following `second`), a
+/// Logout on `first`, then at once a validation the caller must refuse. The sessions logged
+/// out, in order.
+async fn logouts_refused_at_once(
+    first: &TestApp,
+    second: &TestApp,
+    validator: &Validator,
+    email: &str,
+    phase: &str,
+) -> Vec<String> {
+    let mut revoked = Vec::new();
+    for round in 0..10 {
+        let login = second.login(email, PASSWORD).await.unwrap();
+        let token = login.session_token;
+        validator.validate(&token).await.expect("a fresh session");
+        validator.validate(&token).await.expect("still valid");
+        first.logout(&token).await.unwrap();
+        let answer = validator.validate(&token).await;
+        assert_eq!(
+            answer.as_ref().err().map(|s| s.code()),
+            Some(Code::Unauthenticated),
+            "{phase}, round {round}: the caller accepted a token whose Logout returned"
+        );
+        revoked.push(sid(&login.session));
+    }
+    revoked
+}
+
 /// Redis killed and restarted empty under a strict caller: before, during and after the
 /// outage, a token whose Logout returned is refused by the caller at once (without Redis the
 /// revoker sees the caller catch up through the lease table).
@@ -133,28 +162,78 @@ async fn a_strict_caller_stays_strict_across_a_redis_restart() {
     let validator = strict_validator(&second);
     trusted(&validator).await;
     let (email, _) = first.register().await;
-    let rounds = |phase: &'static str| {
-        let (first, second, validator, email) = (&first, &second, &validator, &email);
-        async move {
-            for round in 0..10 {
-                let token = second.login(email, PASSWORD).await.unwrap().session_token;
-                validator.validate(&token).await.expect("a fresh session");
-                validator.validate(&token).await.expect("still valid");
-                first.logout(&token).await.unwrap();
-                let answer = validator.validate(&token).await;
-                assert_eq!(
-                    answer.as_ref().err().map(|s| s.code()),
-                    Some(Code::Unauthenticated),
-                    "{phase}, round {round}: the caller accepted a token whose Logout returned"
-                );
-            }
-        }
-    };
+    let rounds = |phase| logouts_refused_at_once(&first, &second, &validator, &email, phase);
     rounds("with Redis").await;
     redis.kill();
     rounds("Redis down").await;
     redis.restart().await;
     rounds("Redis back, empty").await;
+    assert!(
+        validator.local_hits() > 0,
+        "the caller answered from memory"
+    );
+}
+
+/// A Sentinel failover under a strict caller and a bounded subscriber, both on the instance
+/// that does not revoke: a token whose Logout returned is refused by the caller at once —
+/// before the failover, while the old primary still takes writes (the instances may sit on
+/// different primaries, and a revoker's message may go where no host listens), and once
+/// Sentinel demoted it — and the subscriber's stream, never interrupted, carries every
+/// revocation once, in commit order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_caller_stays_strict_and_a_stream_gapless_across_a_sentinel_failover() {
+    let dir = tempfile::tempdir().unwrap();
+    let sentinel = Sentinel::start("authd").await;
+    let mut settings = subscribed_settings(Mode::Redis, dir.path());
+    settings.redis.url = SecretString::from(sentinel.url());
+    let first = spawn_with(settings).await;
+    let second = spawn_sharing(&first, |_| {}).await;
+    let validator = strict_validator(&second);
+    trusted(&validator).await;
+    let (email, _) = first.register().await;
+    let mut watcher = Watcher::open(&second, Some(SUBSCRIBER_KEY), pb::Mode::Bounded, "")
+        .await
+        .unwrap();
+    watcher.events(0).await;
+    // The subscriber reads all along (a stream not read for 30 s ends).
+    let (done, mut stop) = tokio::sync::oneshot::channel::<usize>();
+    let reader = tokio::spawn(async move {
+        let mut revoked = Vec::new();
+        let mut wanted = None;
+        loop {
+            if wanted.is_some_and(|n| revoked.len() >= n) {
+                return revoked;
+            }
+            tokio::select! {
+                n = &mut stop, if wanted.is_none() => wanted = Some(n.unwrap()),
+                response = watcher.next() => {
+                    let response = response.expect("the stream stays up through the failover");
+                    for event in response.events {
+                        if let Some(pb::event::Kind::SessionRevoked(r)) = event.kind {
+                            revoked.push(r.session_id);
+                        }
+                    }
+                }
+            }
+        }
+    });
+    let rounds = |phase| logouts_refused_at_once(&first, &second, &validator, &email, phase);
+    let mut expected = rounds("before the failover").await;
+    let old = sentinel.primary_port().await;
+    let new = sentinel.failover().await;
+    assert_ne!(old, new);
+    expected.extend(rounds("just after the failover").await);
+    sentinel.wait_healthy().await;
+    expected.extend(rounds("the old primary demoted").await);
+    done.send(expected.len()).unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("every revocation reached the subscriber")
+        .unwrap();
+    assert_eq!(
+        seen, expected,
+        "the stream carries every revocation once, in commit order"
+    );
     assert!(
         validator.local_hits() > 0,
         "the caller answered from memory"

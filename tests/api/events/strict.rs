@@ -5,7 +5,9 @@ use std::time::Duration;
 use authd::proto::authd::v1::{self as pb, event::Kind};
 use tonic::Code;
 
-use super::{SUBSCRIBER_KEY, Watcher, reason, sid, subscribed_settings};
+use super::{
+    SUBSCRIBER_KEY, Watcher, reason, sid, subscribed_settings, validator::strict_validator,
+};
 use crate::{
     both_modes,
     helpers::{Mode, PASSWORD, eventually, spawn_sharing, spawn_with},
@@ -183,4 +185,55 @@ async fn a_subscriber_that_closes_its_side_ends_its_lease_at_once() {
         .await
         .expect("Logout waits for no lease")
         .unwrap();
+}
+
+/// A revocation costs the subscribers' host alike whether it serves one strict subscriber or
+/// six: the streams at one position share their pass's read, and the extensions asked for
+/// together go to PostgreSQL in one statement (one read and one extension per subscriber would
+/// cost six times as much). One host serves one subscriber, another six, and both follow the
+/// same revocations of a third instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_costs_a_host_alike_for_one_strict_subscriber_or_six() {
+    const LOGOUTS: u64 = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = subscribed_settings(Mode::Redis, dir.path());
+    long_lease(&mut settings);
+    // No pass but the revocations' during the count, and no pass over the outbox logs.
+    settings.events.heartbeat = Duration::from_secs(60);
+    settings.session.invalidation_interval = Duration::from_secs(3600);
+    let lone = spawn_with(settings).await;
+    let busy = spawn_sharing(&lone, |_| {}).await;
+    let revoker = spawn_sharing(&lone, |_| {}).await;
+    let validators: Vec<_> = std::iter::once(&lone)
+        .chain([&busy; 6])
+        .map(strict_validator)
+        .collect();
+    eventually(
+        Duration::from_secs(20),
+        "the subscribers trust their memory",
+        || async { validators.iter().all(|v| v.trusted()) },
+    )
+    .await;
+    let (email, _) = revoker.register().await;
+    let mut tokens = Vec::new();
+    for _ in 0..LOGOUTS {
+        tokens.push(revoker.login(&email, PASSWORD).await.unwrap().session_token);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = [&lone, &busy].map(|host| host.db.all_queries_executed());
+    for token in &tokens {
+        revoker.logout(token).await.unwrap();
+    }
+    let [one, six] = [&lone, &busy].map(|host| host.db.all_queries_executed());
+    let [one, six] = [one - before[0], six - before[1]].map(|n| n as f64 / LOGOUTS as f64);
+    // One subscriber: a pass (two reads) and an extension. Six: the same, or at most a second
+    // read and extension for the streams that came late to the first.
+    assert!(
+        one >= 2.0,
+        "{one} statements per revocation with one subscriber: its pass was not counted"
+    );
+    assert!(
+        six <= 2.0 * one,
+        "{six} statements per revocation with six strict subscribers, {one} with one"
+    );
 }

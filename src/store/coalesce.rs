@@ -8,15 +8,19 @@
 //! begins by looking at the cache again, which the previous flight has usually just filled). A
 //! burst of misses for one key therefore costs at most two reads, however large the burst.
 //! (`async_singleflight` and the like only offer the joining kind.)
-use std::{collections::HashMap, future::Future, hash::Hash, sync::Mutex};
+//!
+//! A caller that knows since when it needs a read ([`Coalescer::run_since`]: an event stream's
+//! pass, which must read after the revokers' messages it took) also joins a read in progress
+//! that began at or after that time.
+use std::{collections::HashMap, future::Future, hash::Hash, sync::Mutex, time::Instant};
 
 use tokio::sync::watch;
 
 type Rx<V> = watch::Receiver<Option<V>>;
 
-/// The flight reading now, and the one collecting callers for after it.
+/// The flight reading now (with when it began), and the one collecting callers for after it.
 struct Slot<V> {
-    running: Option<Rx<V>>,
+    running: Option<(Rx<V>, Instant)>,
     queued: Option<Rx<V>>,
 }
 
@@ -50,8 +54,18 @@ impl<K: Hash + Eq + Clone, V: Clone> Coalescer<K, V> {
         F: Fn() -> Fut,
         Fut: Future<Output = V>,
     {
+        self.run_since(key, Instant::now(), work).await
+    }
+
+    /// [`run`](Self::run) for a caller that needs a read begun at or after `since` (not after
+    /// its arrival): it may also join the flight reading now, if that began since.
+    pub async fn run_since<F, Fut>(&self, key: K, since: Instant, work: F) -> (V, bool)
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = V>,
+    {
         loop {
-            match self.role(&key) {
+            match self.role(&key, since) {
                 Role::Follow(rx) => {
                     if let Some(value) = outcome(rx).await {
                         return (value, false);
@@ -80,7 +94,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Coalescer<K, V> {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn role(&self, key: &K) -> Role<V> {
+    fn role(&self, key: &K, since: Instant) -> Role<V> {
         let mut slots = self.lock();
         let slot = slots.entry(key.clone()).or_insert(Slot {
             running: None,
@@ -89,15 +103,20 @@ impl<K: Hash + Eq + Clone, V: Clone> Coalescer<K, V> {
         if let Some(queued) = &slot.queued {
             return Role::Follow(queued.clone());
         }
+        if let Some((running, began)) = &slot.running
+            && *began >= since
+        {
+            return Role::Follow(running.clone());
+        }
         let (tx, rx) = watch::channel(None);
         match &slot.running {
-            Some(running) => {
+            Some((running, _)) => {
                 let after = Some(running.clone());
                 slot.queued = Some(rx.clone());
                 Role::Lead { tx, rx, after }
             }
             None => {
-                slot.running = Some(rx.clone());
+                slot.running = Some((rx.clone(), Instant::now()));
                 Role::Lead {
                     tx,
                     rx,
@@ -113,7 +132,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Coalescer<K, V> {
         if let Some(slot) = slots.get_mut(key)
             && slot.queued.as_ref().is_some_and(|q| q.same_channel(rx))
         {
-            slot.running = slot.queued.take();
+            slot.running = slot.queued.take().map(|q| (q, Instant::now()));
         }
     }
 
@@ -145,10 +164,19 @@ impl<K: Hash + Eq + Clone, V: Clone> Drop for Guard<'_, K, V> {
         let Some(slot) = slots.get_mut(self.key) else {
             return;
         };
-        for flight in [&mut slot.running, &mut slot.queued] {
-            if flight.as_ref().is_some_and(|f| f.same_channel(self.rx)) {
-                *flight = None;
-            }
+        if slot
+            .running
+            .as_ref()
+            .is_some_and(|(f, _)| f.same_channel(self.rx))
+        {
+            slot.running = None;
+        }
+        if slot
+            .queued
+            .as_ref()
+            .is_some_and(|f| f.same_channel(self.rx))
+        {
+            slot.queued = None;
         }
         if slot.running.is_none() && slot.queued.is_none() {
             slots.remove(self.key);
@@ -233,5 +261,38 @@ mod tests {
         let answer = tokio::time::timeout(Duration::from_secs(1), follower).await;
         assert_eq!(answer.unwrap().unwrap(), 7);
         assert!(coalescer.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_caller_joins_a_read_in_progress_only_if_it_began_since_the_caller_needs() {
+        let coalescer = Arc::new(Coalescer::<u8, usize>::default());
+        let reads = Arc::new(AtomicUsize::new(0));
+        let work = |reads: Arc<AtomicUsize>| {
+            move || {
+                let reads = reads.clone();
+                async move {
+                    let seen = reads.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    seen
+                }
+            }
+        };
+        let before = std::time::Instant::now();
+        let first = {
+            let (c, w) = (coalescer.clone(), work(reads.clone()));
+            tokio::spawn(async move { c.run(1, w).await.0 })
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Needs a read begun since `before`: the one in progress began after it.
+        let (joined, led) = coalescer.run_since(1, before, work(reads.clone())).await;
+        assert_eq!((joined, led), (0, false), "joined the read in progress");
+        // Needs a read begun since now: the next one.
+        let late = {
+            let (c, w) = (coalescer.clone(), work(reads.clone()));
+            tokio::spawn(async move { c.run_since(1, std::time::Instant::now(), w).await.0 })
+        };
+        assert_eq!(first.await.unwrap(), 0);
+        assert_eq!(late.await.unwrap(), 1, "a read begun after it");
+        assert_eq!(reads.load(Ordering::SeqCst), 2);
     }
 }
