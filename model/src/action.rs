@@ -111,7 +111,7 @@ impl Action {
             Action::SubPass(_) => Code("src/events/hub.rs", "pass"),
             Action::SubApply(_) => Code("client/src/state.rs", "apply"),
             Action::SubRelay(_) => Code("src/events/subscription.rs", "relay"),
-            Action::SubExtend(_) => Code("src/events/subscription.rs", "acknowledged"),
+            Action::SubExtend(_) => Code("src/events/subscription.rs", "extend"),
             Action::SubRead { .. } => Code("client/src/validator.rs", "validate"),
             Action::SubKeep(_) => Code("client/src/state.rs", "keep"),
             Action::SubDisconnect(_) => Environment("fault: a subscriber's stream breaks"),

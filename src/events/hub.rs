@@ -2,13 +2,13 @@
 //! message arrives, when an acknowledgement's extension must be told, or at the heartbeat.
 use std::{sync::Arc, time::Instant};
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, future::BoxFuture};
 use tokio::sync::{broadcast::error::TryRecvError, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::{
     Events, EventsError,
-    subscription::{Batch, Grant, Inbound, Mode, Sent, Subscription},
+    subscription::{Asked, Batch, Grant, Inbound, Mode, Sent, Subscription},
 };
 use crate::local::Heard;
 use crate::store::{
@@ -23,10 +23,22 @@ impl Subscription {
     /// history (a failover) is no longer held.
     pub async fn pass(&mut self) -> Result<Batch, EventsError> {
         let relays = std::mem::take(&mut self.relays);
-        let grant = self.grant.take();
-        let read_after = self.heard;
         let read = self.events.read(&self.ids, self.read_since).await?;
         self.read_since = self.read_since.max(read.began);
+        // What came before the read began rides with it; what came after waits for the next.
+        let grant = self
+            .grant
+            .take_if(|(_, at)| *at <= read.began)
+            .map(|(s, _)| s);
+        let before = |at: &Instant| *at <= read.began;
+        let heard = self
+            .acks
+            .iter()
+            .filter(|(_, at)| before(at))
+            .map(|(s, _)| *s);
+        self.heard = heard.fold(self.heard, u64::max);
+        self.acks.retain(|(_, at)| !before(at));
+        let read_after = self.heard;
         let now = &read.now;
         // Another history (a failover), or rows this stream had not read were purged (it was
         // held up longer than the retention).
@@ -130,6 +142,10 @@ pub async fn serve(
     let mut listening = true;
     let mut delivered = false;
     let mut last_pass: Option<Instant> = None;
+    // The extension being made, beside the stream, and the one asked for meanwhile (the
+    // newest: its time and acknowledgement are the latest).
+    let mut extending: Option<(Asked, BoxFuture<'static, Result<bool, EventsError>>)> = None;
+    let mut asked_next: Option<Asked> = None;
     let ended = 'serving: loop {
         if !subscription.paused() {
             // Messages arriving together make one pass.
@@ -169,6 +185,17 @@ pub async fn serve(
                     break None;
                 }
                 () = sleep_until(lease_ends) => break Some(EventsError::LeaseLost),
+                made = async { extending.as_mut().expect("an extension").1.as_mut().await },
+                    if extending.is_some() =>
+                {
+                    let (asked, _) = extending.take().expect("an extension");
+                    extending = asked_next.take().map(|next| (next, subscription.extend(&next)));
+                    match made.and_then(|running| subscription.extended(asked, running)) {
+                        Ok(true) => break None,
+                        Ok(false) => {}
+                        Err(error) => break Some(error),
+                    }
+                }
                 received = subscription.messages.recv() => {
                     if let Ok(message) = received {
                         subscription.heard_message(message);
@@ -180,9 +207,15 @@ pub async fn serve(
                 request = inbound.next(), if listening => match request {
                     Some(Ok(Inbound::Acknowledge { position, sequence })) => {
                         match subscription.acknowledged(&position, sequence).await {
-                            Ok(true) => break None,
-                            Ok(false) => {}
+                            Ok(Some(asked)) if extending.is_some() => asked_next = Some(asked),
+                            Ok(Some(asked)) => {
+                                extending = Some((asked, subscription.extend(&asked)));
+                            }
+                            Ok(None) => {}
                             Err(error) => break Some(error),
+                        }
+                        if subscription.due() {
+                            break None;
                         }
                     }
                     Some(Err(error)) => break Some(error),

@@ -15,15 +15,16 @@
 //!   the last id handed out), then every row committed since the subscription's position, and
 //!   sends them in one batch with that time (`complete_through`) and the position after them.
 //!   The revokers' messages the host received before the pass began ride with it. Streams at
-//!   one position share a read that began after everything the pass answers for (`hub`'s
-//!   `Events::read`): the pass is then one that began when that read did.
+//!   one position share a read that began after the messages a pass carries were received
+//!   (`hub`'s `Events::read`): the pass is then one that began when that read did, and carries
+//!   only the grant made and names only the acknowledgement received before it.
 //! - **Acknowledgement** (`Subscription::acknowledged`): the subscriber applied a batch. The
 //!   host acknowledges the messages it carried to their revokers at once (`relay`: the
 //!   subscriber applied them, whatever becomes of its lease). When a revoker may be waiting
 //!   (the batches it covers carried events or messages) or a quarter of the lease went by, the
-//!   host then extends the lease (extensions asked for together go in one statement),
-//!   recording as applied the time the acknowledged pass began (never the extension's: a pass
-//!   read before a revocation would then end its wait).
+//!   host then extends the lease (`extend`, beside the stream; extensions asked for together go
+//!   in one statement), recording as applied the time the acknowledged pass began (never the
+//!   extension's: a pass read before a revocation would then end its wait).
 //! - **Grant**: the extension is told to the subscriber with the *next* pass, which began after
 //!   it, and the subscriber believes it from before it sent the acknowledgement. (A grant
 //!   believed before the pass that follows it is applied would cover a revocation committed

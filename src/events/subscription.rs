@@ -7,6 +7,7 @@ use std::{
 };
 
 use chrono::{DateTime, TimeDelta, Utc};
+use futures::future::BoxFuture;
 use tokio::sync::{OwnedSemaphorePermit, broadcast};
 use uuid::Uuid;
 
@@ -64,13 +65,18 @@ pub(super) struct Sent {
     pub relays: Vec<(Uuid, u64)>,
 }
 
-/// Why an acknowledgement extended the lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Extension {
-    /// A quarter lease went by since the last extension.
-    Renewed,
-    /// A revoker may wait for it.
-    Awaited,
+/// A lease extension an acknowledgement asked for.
+#[derive(Debug, Clone, Copy)]
+pub struct Asked {
+    lease: Uuid,
+    /// The time the acknowledged pass began: what was committed before is applied.
+    applied_through: DateTime<Utc>,
+    /// When it was asked for: the lease runs from no earlier.
+    asked: Instant,
+    /// The acknowledgement it answers.
+    sequence: u64,
+    /// A quarter lease went by since the last extension (else a revoker may wait for it).
+    renewal: bool,
 }
 
 /// Batches a strict subscriber may leave unacknowledged; the stream pauses at that many.
@@ -85,21 +91,25 @@ pub struct Subscription {
     pub(super) lease: Option<Uuid>,
     /// When the host last extended (or took) the lease.
     pub(super) extended: Instant,
-    /// An extension not yet told: the acknowledgement it answers.
-    pub(super) grant: Option<u64>,
+    /// An extension not yet told: the acknowledgement it answers, and when it was made (it
+    /// goes with the first pass whose read began after).
+    pub(super) grant: Option<(u64, Instant)>,
     pub(super) messages: broadcast::Receiver<Heard>,
     /// Messages received since the last pass began.
     pub(super) relays: Vec<(Uuid, u64)>,
     pub(super) sent: VecDeque<Sent>,
     /// The first pass replays the recent past.
     pub(super) replay: bool,
-    /// The latest acknowledgement received (0: none yet, the subscribe request).
+    /// The latest acknowledgement received before the last pass's read began (0: none yet,
+    /// the subscribe request): that pass's `read_after`.
     pub(super) heard: u64,
-    /// The next pass's read must begin at or after this: when the latest of what it answers
-    /// for happened — the receipt of a message it carries or of the acknowledgement it is read
-    /// after, the extension it grants, the lease taken — and no earlier than the last pass's
-    /// read. (A read of the log shared with other streams that began since is this stream's
-    /// read: the pass is one that began then. See `Events::read`.)
+    /// Acknowledgements received since, with when.
+    pub(super) acks: Vec<(u64, Instant)>,
+    /// The next pass's read must begin at or after this: the receipt of the latest message it
+    /// carries (its revoker had committed), and no earlier than the last pass's read. (A read
+    /// of the log shared with other streams that began since is this stream's read: the pass
+    /// is one that began then, and carries the grant and names the acknowledgement made and
+    /// received before that. See `Events::read`.)
     pub(super) read_since: Instant,
     /// The last pass read events no revoker's message came with: the next one's
     /// acknowledgement extends the lease too. (An event committed after a pass began may be
@@ -185,12 +195,13 @@ impl Subscription {
             ids,
             lease,
             extended: Instant::now(),
-            grant: lease.map(|_| 0),
+            grant: lease.map(|_| (0, Instant::now())),
             messages,
             relays: Vec::new(),
             sent: VecDeque::new(),
             replay,
             heard: 0,
+            acks: Vec::new(),
             read_since: Instant::now(),
             follow_up: false,
             _permits: (stream, strict),
@@ -204,30 +215,16 @@ impl Subscription {
 
     /// The subscriber applied everything through `position` (a batch this stream sent): the
     /// revokers' messages it covers are acknowledged at once (see [`Self::relay`]). In strict
-    /// mode, the lease is then extended when a revoker may wait for this acknowledgement or a
-    /// quarter lease went by; the extension records as applied what was committed before the
-    /// acknowledged pass began, and the grant goes with the next pass. `true`: pass now — the
-    /// lease was renewed for time (its grant keeps the subscriber trusting), a follow-up is
-    /// due, or messages wait (a paused stream resumes); an extension a revoker asked for is
-    /// told with whichever pass comes next (a lone revocation costs one pass, not two).
+    /// mode, the lease is to be extended when a revoker may wait for this acknowledgement or a
+    /// quarter lease went by: the extension to make (see [`Self::extend`]), which records as
+    /// applied what was committed before the acknowledged pass began.
     pub async fn acknowledged(
         &mut self,
         position: &str,
         sequence: u64,
-    ) -> Result<bool, EventsError> {
-        let extended = self.acknowledge(position, sequence).await?;
-        Ok(extended == Some(Extension::Renewed) || self.follow_up || !self.relays.is_empty())
-    }
-
-    async fn acknowledge(
-        &mut self,
-        position: &str,
-        sequence: u64,
-    ) -> Result<Option<Extension>, EventsError> {
-        let received = Instant::now();
+    ) -> Result<Option<Asked>, EventsError> {
+        self.acks.push((sequence, Instant::now()));
         let Some(lease) = self.lease else {
-            self.heard = self.heard.max(sequence);
-            self.read_since = self.read_since.max(received);
             return Ok(None);
         };
         let Some(k) = self.sent.iter().position(|s| s.position == position) else {
@@ -236,28 +233,46 @@ impl Subscription {
                 reason: "not a batch of this stream awaiting acknowledgement".to_owned(),
             });
         };
-        self.heard = self.heard.max(sequence);
-        self.read_since = self.read_since.max(received);
         let covered: Vec<Sent> = self.sent.drain(..=k).collect();
         self.relay(lease, &covered).await;
         let awaited = covered.iter().any(|s| s.awaited);
         let length = self.events.local.lease();
-        let extension = if self.extended.elapsed() >= length / 4 {
-            Extension::Renewed
-        } else if awaited {
-            Extension::Awaited
-        } else {
+        let renewal = self.extended.elapsed() >= length / 4;
+        if !renewal && !awaited {
             return Ok(None);
-        };
-        let at = covered.last().map(|s| s.at).unwrap_or_default();
-        let asked = Instant::now();
-        if !self.events.extensions.extend(lease, at).await? {
+        }
+        Ok(Some(Asked {
+            lease,
+            applied_through: covered.last().map(|s| s.at).unwrap_or_default(),
+            asked: Instant::now(),
+            sequence,
+            renewal,
+        }))
+    }
+
+    /// Makes the extension `asked` (extensions asked for together go in one statement); it
+    /// runs beside the stream, which keeps passing meanwhile: whether the lease was running.
+    pub fn extend(&self, asked: &Asked) -> BoxFuture<'static, Result<bool, EventsError>> {
+        let (events, lease, at) = (self.events.clone(), asked.lease, asked.applied_through);
+        Box::pin(async move { events.extensions.extend(lease, at).await })
+    }
+
+    /// The extension `asked` was made (`running`: the lease had not ended): its grant goes
+    /// with the first pass read after now. `true`: pass now — the lease was renewed for time
+    /// (its grant keeps the subscriber trusting); an extension a revoker asked for is told
+    /// with whichever pass comes next (a lone revocation costs one pass, not two).
+    pub fn extended(&mut self, asked: Asked, running: bool) -> Result<bool, EventsError> {
+        if !running {
             return Err(EventsError::LeaseLost);
         }
-        self.extended = asked;
-        self.grant = Some(sequence);
-        self.read_since = Instant::now();
-        Ok(Some(extension))
+        self.extended = self.extended.max(asked.asked);
+        self.grant = Some((asked.sequence, Instant::now()));
+        Ok(asked.renewal)
+    }
+
+    /// A pass is due at once: a follow-up, or messages waiting (a paused stream resumes).
+    pub fn due(&self) -> bool {
+        self.follow_up || !self.relays.is_empty()
     }
 
     /// The subscriber applied the passes `covered`: the revokers whose messages they carried

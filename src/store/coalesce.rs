@@ -100,13 +100,13 @@ impl<K: Hash + Eq + Clone, V: Clone> Coalescer<K, V> {
             running: None,
             queued: None,
         });
-        if let Some(queued) = &slot.queued {
-            return Role::Follow(queued.clone());
-        }
         if let Some((running, began)) = &slot.running
             && *began >= since
         {
             return Role::Follow(running.clone());
+        }
+        if let Some(queued) = &slot.queued {
+            return Role::Follow(queued.clone());
         }
         let (tx, rx) = watch::channel(None);
         match &slot.running {

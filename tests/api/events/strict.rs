@@ -226,14 +226,14 @@ async fn a_revocation_costs_a_host_alike_for_one_strict_subscriber_or_six() {
     }
     let [one, six] = [&lone, &busy].map(|host| host.db.all_queries_executed());
     let [one, six] = [one - before[0], six - before[1]].map(|n| n as f64 / LOGOUTS as f64);
-    // One subscriber: a pass (two reads) and an extension. Six: the same, or at most a second
-    // read and extension for the streams that came late to the first.
+    // One subscriber: a pass (two reads) and an extension. Six: the same, and now and then a
+    // second read or extension for streams that came late to the first — not six of each.
     assert!(
         one >= 2.0,
         "{one} statements per revocation with one subscriber: its pass was not counted"
     );
     assert!(
-        six <= 2.0 * one,
+        six < 3.0 * one,
         "{six} statements per revocation with six strict subscribers, {one} with one"
     );
 }
