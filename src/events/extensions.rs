@@ -4,6 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -49,28 +50,31 @@ impl Extensions {
     }
 
     /// Extends `lease` by the fleet's length, recording as applied what was committed through
-    /// `applied_through`; whether it was still running.
-    pub(super) async fn extend(
+    /// `applied_through`: asked for now (it is made whether or not the answer is awaited),
+    /// answered with whether the lease was still running.
+    pub(super) fn extend(
         &self,
         lease: Uuid,
         applied_through: DateTime<Utc>,
-    ) -> Result<bool, EventsError> {
+    ) -> BoxFuture<'static, Result<bool, EventsError>> {
         let (reply, answer) = oneshot::channel();
         let ask = Ask {
             lease,
             applied_through,
             reply,
         };
-        if self.asks.send(ask).is_ok()
-            && let Ok(Some(running)) = answer.await
-        {
-            return Ok(running);
-        }
-        // The gathered statement failed: this lease's own tells why (or succeeds).
-        let leases = self.db.leases();
-        Ok(leases
-            .extend(lease, self.length, applied_through)
-            .await?
-            .is_some())
+        let sent = self.asks.send(ask).is_ok();
+        let (db, length) = (self.db.clone(), self.length);
+        Box::pin(async move {
+            if sent && let Ok(Some(running)) = answer.await {
+                return Ok(running);
+            }
+            // The gathered statement failed: this lease's own tells why (or succeeds).
+            let leases = db.leases();
+            Ok(leases
+                .extend(lease, length, applied_through)
+                .await?
+                .is_some())
+        })
     }
 }

@@ -142,10 +142,7 @@ pub async fn serve(
     let mut listening = true;
     let mut delivered = false;
     let mut last_pass: Option<Instant> = None;
-    // The extension being made, beside the stream, and the one asked for meanwhile (the
-    // newest: its time and acknowledgement are the latest).
-    let mut extending: Option<(Asked, BoxFuture<'static, Result<bool, EventsError>>)> = None;
-    let mut asked_next: Option<Asked> = None;
+    let mut extending = Extending::default();
     let ended = 'serving: loop {
         if !subscription.paused() {
             // Messages arriving together make one pass.
@@ -168,6 +165,7 @@ pub async fn serve(
                 // Nobody took the first batch (the call was answered otherwise): nothing was
                 // trusted on this lease, which ends now.
                 Ok(Err(_)) if !delivered => {
+                    extending.settle(&mut subscription).await;
                     subscription.closed().await;
                     break None;
                 }
@@ -178,23 +176,25 @@ pub async fn serve(
         let woken = loop {
             let lease_ends = subscription.lease_ends();
             tokio::select! {
+                // An extension made is taken before the lease's end is looked at.
+                biased;
+                made = extending.made(), if extending.running() => {
+                    match made.and_then(|(asked, running)| subscription.extended(asked, running)) {
+                        Ok(true) => break None,
+                        Ok(false) => {}
+                        Err(error) => break Some(error),
+                    }
+                    extending.next(&subscription);
+                }
                 () = stop.cancelled() => break Some(EventsError::ShuttingDown),
                 // The call is gone (the subscriber left): its permit goes now.
                 () = out.closed() => break 'serving None,
                 () = tokio::time::sleep_until(next_pass.into()), if !subscription.paused() => {
                     break None;
                 }
-                () = sleep_until(lease_ends) => break Some(EventsError::LeaseLost),
-                made = async { extending.as_mut().expect("an extension").1.as_mut().await },
-                    if extending.is_some() =>
-                {
-                    let (asked, _) = extending.take().expect("an extension");
-                    extending = asked_next.take().map(|next| (next, subscription.extend(&next)));
-                    match made.and_then(|running| subscription.extended(asked, running)) {
-                        Ok(true) => break None,
-                        Ok(false) => {}
-                        Err(error) => break Some(error),
-                    }
+                // The host's own reckoning: an extension being made may yet move it.
+                () = sleep_until(lease_ends), if !extending.running() => {
+                    break Some(EventsError::LeaseLost);
                 }
                 received = subscription.messages.recv() => {
                     if let Ok(message) = received {
@@ -207,10 +207,7 @@ pub async fn serve(
                 request = inbound.next(), if listening => match request {
                     Some(Ok(Inbound::Acknowledge { position, sequence })) => {
                         match subscription.acknowledged(&position, sequence).await {
-                            Ok(Some(asked)) if extending.is_some() => asked_next = Some(asked),
-                            Ok(Some(asked)) => {
-                                extending = Some((asked, subscription.extend(&asked)));
-                            }
+                            Ok(Some(asked)) => extending.ask(&subscription, asked),
                             Ok(None) => {}
                             Err(error) => break Some(error),
                         }
@@ -222,6 +219,7 @@ pub async fn serve(
                     // A strict subscriber that closes its side keeps nothing: its lease ends now.
                     // A bounded one needs to send nothing (`grpcurl` closes its side at once).
                     Some(Ok(Inbound::Closed)) if subscription.mode() == Mode::Strict => {
+                        extending.settle(&mut subscription).await;
                         subscription.closed().await;
                         break 'serving None;
                     }
@@ -239,7 +237,63 @@ pub async fn serve(
     if let Some(error) = ended {
         let _ = tokio::time::timeout(UNREAD, out.send(Err(error))).await;
     }
+    // An extension asked for is made whether awaited or not: the lease's row is forgotten
+    // once its end, that one included, has passed.
+    extending.settle(&mut subscription).await;
     subscription.forget_lease().await;
+}
+
+type Extension = BoxFuture<'static, Result<bool, EventsError>>;
+
+/// A stream's lease extensions: the one being made, beside the stream, and the one asked for
+/// meanwhile (the newest: its time and acknowledgement are the latest).
+#[derive(Default)]
+struct Extending {
+    running: Option<(Asked, Extension)>,
+    next: Option<Asked>,
+}
+
+impl Extending {
+    fn running(&self) -> bool {
+        self.running.is_some()
+    }
+
+    fn ask(&mut self, subscription: &Subscription, asked: Asked) {
+        match self.running {
+            Some(_) => self.next = Some(asked),
+            None => self.running = Some((asked, subscription.extend(&asked))),
+        }
+    }
+
+    /// The running extension's outcome (call only while [`Self::running`]); then call
+    /// [`Self::next`].
+    async fn made(&mut self) -> Result<(Asked, bool), EventsError> {
+        let Some((asked, extension)) = self.running.as_mut() else {
+            return std::future::pending().await;
+        };
+        let asked = *asked;
+        let running = extension.await;
+        self.running = None;
+        running.map(|running| (asked, running))
+    }
+
+    /// Starts the extension asked for meanwhile, if any.
+    fn next(&mut self, subscription: &Subscription) {
+        if let Some(asked) = self.next.take() {
+            self.ask(subscription, asked);
+        }
+    }
+
+    /// Waits for the extension being made and takes it into account (the stream is ending, or
+    /// its subscriber said it keeps nothing): none is asked for after.
+    async fn settle(&mut self, subscription: &mut Subscription) {
+        self.next = None;
+        if self.running()
+            && let Ok((asked, running)) = self.made().await
+        {
+            let _ = subscription.extended(asked, running);
+        }
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -91,6 +91,8 @@ pub struct Subscription {
     pub(super) lease: Option<Uuid>,
     /// When the host last extended (or took) the lease.
     pub(super) extended: Instant,
+    /// When the host last asked for an extension (made or being made).
+    pub(super) asked: Instant,
     /// An extension not yet told: the acknowledgement it answers, and when it was made (it
     /// goes with the first pass whose read began after).
     pub(super) grant: Option<(u64, Instant)>,
@@ -195,6 +197,7 @@ impl Subscription {
             ids,
             lease,
             extended: Instant::now(),
+            asked: Instant::now(),
             grant: lease.map(|_| (0, Instant::now())),
             messages,
             relays: Vec::new(),
@@ -223,7 +226,13 @@ impl Subscription {
         position: &str,
         sequence: u64,
     ) -> Result<Option<Asked>, EventsError> {
-        self.acks.push((sequence, Instant::now()));
+        let received = Instant::now();
+        // At most so many kept (a bounded subscriber need not name a batch): past it, the last
+        // stands for the newest, received at the latest time (named no earlier).
+        if self.acks.len() >= UNACKNOWLEDGED {
+            self.acks.pop();
+        }
+        self.acks.push((sequence, received));
         let Some(lease) = self.lease else {
             return Ok(None);
         };
@@ -235,16 +244,22 @@ impl Subscription {
         };
         let covered: Vec<Sent> = self.sent.drain(..=k).collect();
         self.relay(lease, &covered).await;
+        if self.follow_up {
+            // The follow-up pass reads after this acknowledgement arrived.
+            self.read_since = self.read_since.max(received);
+        }
         let awaited = covered.iter().any(|s| s.awaited);
         let length = self.events.local.lease();
-        let renewal = self.extended.elapsed() >= length / 4;
+        // Counted from the last extension asked for (one being made counts).
+        let renewal = self.extended.max(self.asked).elapsed() >= length / 4;
         if !renewal && !awaited {
             return Ok(None);
         }
+        self.asked = Instant::now();
         Ok(Some(Asked {
             lease,
             applied_through: covered.last().map(|s| s.at).unwrap_or_default(),
-            asked: Instant::now(),
+            asked: self.asked,
             sequence,
             renewal,
         }))
@@ -253,8 +268,9 @@ impl Subscription {
     /// Makes the extension `asked` (extensions asked for together go in one statement); it
     /// runs beside the stream, which keeps passing meanwhile: whether the lease was running.
     pub fn extend(&self, asked: &Asked) -> BoxFuture<'static, Result<bool, EventsError>> {
-        let (events, lease, at) = (self.events.clone(), asked.lease, asked.applied_through);
-        Box::pin(async move { events.extensions.extend(lease, at).await })
+        self.events
+            .extensions
+            .extend(asked.lease, asked.applied_through)
     }
 
     /// The extension `asked` was made (`running`: the lease had not ended): its grant goes
@@ -266,7 +282,12 @@ impl Subscription {
             return Err(EventsError::LeaseLost);
         }
         self.extended = self.extended.max(asked.asked);
-        self.grant = Some((asked.sequence, Instant::now()));
+        let made = Instant::now();
+        self.grant = Some((asked.sequence, made));
+        if asked.renewal {
+            // The pass that follows at once carries it.
+            self.read_since = self.read_since.max(made);
+        }
         Ok(asked.renewal)
     }
 
