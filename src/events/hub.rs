@@ -176,15 +176,13 @@ pub async fn serve(
         let woken = loop {
             let lease_ends = subscription.lease_ends();
             tokio::select! {
-                // An extension made is taken before the lease's end is looked at.
-                biased;
                 made = extending.made(), if extending.running() => {
+                    extending.next(&subscription);
                     match made.and_then(|(asked, running)| subscription.extended(asked, running)) {
                         Ok(true) => break None,
                         Ok(false) => {}
                         Err(error) => break Some(error),
                     }
-                    extending.next(&subscription);
                 }
                 () = stop.cancelled() => break Some(EventsError::ShuttingDown),
                 // The call is gone (the subscriber left): its permit goes now.
@@ -260,7 +258,7 @@ impl Extending {
 
     fn ask(&mut self, subscription: &Subscription, asked: Asked) {
         match self.running {
-            Some(_) => self.next = Some(asked),
+            Some(_) => self.next = Some(asked.after(self.next)),
             None => self.running = Some((asked, subscription.extend(&asked))),
         }
     }

@@ -79,6 +79,17 @@ pub struct Asked {
     renewal: bool,
 }
 
+impl Asked {
+    /// This extension in place of `queued`, asked for earlier and not yet made: a renewal if
+    /// either was (its grant is then told at once).
+    pub fn after(self, queued: Option<Asked>) -> Asked {
+        Asked {
+            renewal: self.renewal || queued.is_some_and(|q| q.renewal),
+            ..self
+        }
+    }
+}
+
 /// Batches a strict subscriber may leave unacknowledged; the stream pauses at that many.
 pub(super) const UNACKNOWLEDGED: usize = 64;
 
