@@ -67,7 +67,7 @@ impl Subscription {
             self.follow_up = !events.is_empty() && relays.is_empty();
             self.sent.push_back(Sent {
                 position: position.clone(),
-                at: read.now.at,
+                at: now.at,
                 awaited: !events.is_empty() || !relays.is_empty() || follow_up,
                 relays,
             });
@@ -76,7 +76,7 @@ impl Subscription {
         Ok(Batch {
             events,
             position,
-            complete_through: read.now.at,
+            complete_through: now.at,
             lease: grant.map(|acknowledgement| Grant {
                 valid_for: length,
                 acknowledgement,

@@ -196,21 +196,18 @@ mod tests {
 
     use super::*;
 
+    /// A read that takes `ms` and answers the number of reads begun before it began.
+    async fn counted(reads: Arc<AtomicUsize>, ms: u64) -> usize {
+        let seen = reads.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        seen
+    }
+
     #[tokio::test]
     async fn a_burst_costs_at_most_two_reads_and_nobody_gets_an_older_one() {
         let coalescer = Arc::new(Coalescer::<u8, usize>::default());
         let reads = Arc::new(AtomicUsize::new(0));
-        let work = |reads: Arc<AtomicUsize>| {
-            move || {
-                let reads = reads.clone();
-                async move {
-                    // The value is the number of reads begun before this one began.
-                    let seen = reads.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    seen
-                }
-            }
-        };
+        let work = |reads: Arc<AtomicUsize>| move || counted(reads.clone(), 20);
         let first = {
             let (c, w) = (coalescer.clone(), work(reads.clone()));
             tokio::spawn(async move { c.run(1, w).await.0 })
@@ -267,16 +264,7 @@ mod tests {
     async fn a_caller_joins_a_read_in_progress_only_if_it_began_since_the_caller_needs() {
         let coalescer = Arc::new(Coalescer::<u8, usize>::default());
         let reads = Arc::new(AtomicUsize::new(0));
-        let work = |reads: Arc<AtomicUsize>| {
-            move || {
-                let reads = reads.clone();
-                async move {
-                    let seen = reads.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(30)).await;
-                    seen
-                }
-            }
-        };
+        let work = |reads: Arc<AtomicUsize>| move || counted(reads.clone(), 30);
         let before = std::time::Instant::now();
         let first = {
             let (c, w) = (coalescer.clone(), work(reads.clone()));
