@@ -167,13 +167,7 @@ fn binary_env(cmd: &mut Command, settings: &authd::config::Settings) {
         .stderr(Stdio::piped());
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::redis_server::free_port;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_reports_health_and_exits_zero_on_sigterm() {

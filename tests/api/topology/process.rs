@@ -3,14 +3,7 @@
 
 use super::*;
 
-/// A port nobody listens on now (the OS picks it).
-pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub(crate) use crate::redis_server::free_port;
 
 /// A free port for a cluster node: below 55535 and with its bus port (port + 10000) free too,
 /// neither among `taken` (which gets both).
