@@ -127,7 +127,10 @@ impl AuthServiceRpc for AuthGrpc {
     ) -> Result<Response<pb::ValidateSessionResponse>, Status> {
         let view = self
             .service
-            .validate(&request.get_ref().session_token)
+            .validate(super::session_token(
+                &request,
+                &request.get_ref().session_token,
+            )?)
             .await?;
         Ok(Response::new(pb::ValidateSessionResponse {
             authenticated_at: Some(timestamp(view.record.authenticated_at)),
@@ -140,7 +143,10 @@ impl AuthServiceRpc for AuthGrpc {
         request: Request<pb::LogoutRequest>,
     ) -> Result<Response<pb::LogoutResponse>, Status> {
         self.service
-            .logout(&request.get_ref().session_token)
+            .logout(super::session_token(
+                &request,
+                &request.get_ref().session_token,
+            )?)
             .await?;
         Ok(Response::new(pb::LogoutResponse {}))
     }
@@ -151,7 +157,10 @@ impl AuthServiceRpc for AuthGrpc {
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let list = self
             .service
-            .list_sessions(&request.get_ref().session_token)
+            .list_sessions(super::session_token(
+                &request,
+                &request.get_ref().session_token,
+            )?)
             .await?;
         Ok(Response::new(pb::ListSessionsResponse {
             sessions: list.sessions.into_iter().map(Into::into).collect(),
@@ -164,12 +173,11 @@ impl AuthServiceRpc for AuthGrpc {
         request: Request<pb::RevokeSessionRequest>,
     ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
         let req = request.get_ref();
+        let token = super::session_token(&request, &req.session_token)?;
         let mut v = Violations::default();
         let session_id = v.check("session_id", input::uuid(&req.session_id));
         let session_id = v.finish(|| session_id).map_err(AuthError::InvalidInput)?;
-        self.service
-            .revoke_session(&req.session_token, session_id)
-            .await?;
+        self.service.revoke_session(token, session_id).await?;
         Ok(Response::new(pb::RevokeSessionResponse {}))
     }
 
@@ -180,7 +188,10 @@ impl AuthServiceRpc for AuthGrpc {
         let req = request.get_ref();
         let revoked = self
             .service
-            .revoke_all_sessions(&req.session_token, req.include_current)
+            .revoke_all_sessions(
+                super::session_token(&request, &req.session_token)?,
+                req.include_current,
+            )
             .await?;
         Ok(Response::new(pb::RevokeAllSessionsResponse {
             revoked_count: count(revoked),
@@ -192,16 +203,14 @@ impl AuthServiceRpc for AuthGrpc {
         request: Request<pb::ChangePasswordRequest>,
     ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
         let req = request.get_ref();
+        let token = super::session_token(&request, &req.session_token)?;
         let mut v = Violations::default();
         let current = v.check("current_password", input::password(&req.current_password));
         let new = v.check("new_password", input::password(&req.new_password));
         let (current, new) = v
             .finish(|| Some((current?, new?)))
             .map_err(AuthError::InvalidInput)?;
-        let revoked = self
-            .service
-            .change_password(&req.session_token, current, new)
-            .await?;
+        let revoked = self.service.change_password(token, current, new).await?;
         Ok(Response::new(pb::ChangePasswordResponse {
             revoked_count: count(revoked),
         }))

@@ -176,15 +176,14 @@ impl ProfileServiceRpc for ProfileGrpc {
         request: Request<pb::UpdateProfileRequest>,
     ) -> Result<Response<pb::UpdateProfileResponse>, Status> {
         let req = request.get_ref();
+        let token =
+            super::session_token(&request, &req.session_token).map_err(ProfileError::Auth)?;
         // The cheapest check first: a token that cannot be one costs nothing more.
-        if authd_token_malformed(&req.session_token) {
+        if authd_token_malformed(token) {
             return Err(ProfileError::Auth(crate::auth::AuthError::InvalidSession).into());
         }
         let (changes, expected) = parse_update(req)?;
-        let profile = self
-            .service
-            .update(&req.session_token, changes, expected)
-            .await?;
+        let profile = self.service.update(token, changes, expected).await?;
         Ok(Response::new(pb::UpdateProfileResponse {
             profile: Some(profile.into()),
         }))

@@ -1,4 +1,5 @@
 //! Integration tests: gRPC against a real authd backed by real PostgreSQL and Redis.
+mod bearer;
 mod binary;
 #[path = "../support/database.rs"]
 mod database;
