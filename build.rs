@@ -18,5 +18,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ],
             &["proto"],
         )?;
+    // Envoy's external authorization (served with envoy-types' Rust types): only its
+    // descriptors, for reflection, from the protos vendored at the version envoy-types ships.
+    let status = std::process::Command::new(protoc_bin_vendored::protoc_bin_path()?)
+        .arg("--include_imports")
+        .arg(format!(
+            "--descriptor_set_out={}",
+            out_dir.join("envoy_ext_authz.bin").display()
+        ))
+        .arg("-Iproto-vendor")
+        .arg(format!(
+            "-I{}",
+            protoc_bin_vendored::include_path()?.display()
+        ))
+        .arg("envoy/service/auth/v3/external_auth.proto")
+        .status()?;
+    if !status.success() {
+        return Err(format!("protoc failed on the vendored Envoy protos: {status}").into());
+    }
+    for input in ["proto", "proto-vendor", "build.rs"] {
+        println!("cargo:rerun-if-changed={input}");
+    }
     Ok(())
 }

@@ -401,12 +401,14 @@ pub const REVOCATION_REASONS: [&str; 6] = [
     "admin",
 ];
 
-/// (service, method) of every RPC authd serves, from its descriptors (health included).
+/// (service, method) of every RPC authd serves, from its descriptors (health and Envoy's
+/// external authorization included).
 fn rpc_methods() -> Vec<(String, String)> {
     use prost::Message;
     [
         crate::proto::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
+        crate::proto::ENVOY_EXT_AUTHZ_DESCRIPTOR_SET,
     ]
     .into_iter()
     .filter_map(|bytes| prost_types::FileDescriptorSet::decode(bytes).ok())

@@ -20,6 +20,7 @@ use crate::{
         admin::{AdminGrpc, AdminServiceServer},
         auth::{AuthGrpc, AuthServiceServer},
         events::{EventServiceServer, EventsGrpc},
+        ext_authz::{AuthorizationServer, ExtAuthzGrpc},
         limits,
         observe::ObserveLayer,
         profile::{ProfileGrpc, ProfileServiceServer},
@@ -396,13 +397,13 @@ impl Application {
             .add_service(health_service.max_decoding_message_size(max))
             .add_optional_service(
                 reflection_on
-                    .then(|| reflection().build_v1())
+                    .then(|| reflection(self.settings.ext_authz.enabled).build_v1())
                     .transpose()?
                     .map(|r| r.max_decoding_message_size(max)),
             )
             .add_optional_service(
                 reflection_on
-                    .then(|| reflection().build_v1alpha())
+                    .then(|| reflection(self.settings.ext_authz.enabled).build_v1alpha())
                     .transpose()?
                     .map(|r| r.max_decoding_message_size(max)),
             )
@@ -414,6 +415,12 @@ impl Application {
                 ProfileServiceServer::new(ProfileGrpc::new(self.profiles.clone()))
                     .max_decoding_message_size(max),
             )
+            .add_optional_service(self.settings.ext_authz.enabled.then(|| {
+                let ext_authz = self.settings.ext_authz.clone();
+                let max = ext_authz.max_request_size;
+                AuthorizationServer::new(ExtAuthzGrpc::new(self.auth.clone(), ext_authz))
+                    .max_decoding_message_size(max)
+            }))
             .add_optional_service(self.admin.clone().map(|admin| {
                 AdminServiceServer::new(AdminGrpc::new(admin)).max_decoding_message_size(max)
             }))
@@ -511,13 +518,18 @@ impl Application {
     }
 }
 
-/// Reflection over authd's protos, the health protocol and the error details authd sends
-/// (`google.rpc.BadRequest`, `RetryInfo`), so grpcurl needs no proto files.
-fn reflection() -> tonic_reflection::server::Builder<'static> {
-    tonic_reflection::server::Builder::configure()
+/// Reflection over authd's protos, the health protocol, the error details authd sends
+/// (`google.rpc.BadRequest`, `RetryInfo`) and, when served, Envoy's external authorization,
+/// so grpcurl needs no proto files.
+fn reflection(ext_authz: bool) -> tonic_reflection::server::Builder<'static> {
+    let builder = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET);
+    match ext_authz {
+        true => builder.register_encoded_file_descriptor_set(proto::ENVOY_EXT_AUTHZ_DESCRIPTOR_SET),
+        false => builder,
+    }
 }
 
 /// After the drain, how long background jobs and the pools may take to close.

@@ -14,6 +14,7 @@ mod accounts;
 mod admin;
 mod database;
 mod events;
+mod ext_authz;
 mod grpc;
 mod redis;
 
@@ -23,6 +24,7 @@ pub use accounts::{
 pub use admin::{AdminSettings, AuditSettings};
 pub use database::{DatabaseSettings, PoolShares, Share};
 pub use events::EventsSettings;
+pub use ext_authz::ExtAuthzSettings;
 pub use grpc::{
     GrpcSettings, GrpcTlsSettings, HealthSettings, LogFormat, LogSettings, MetricsSettings,
 };
@@ -31,8 +33,9 @@ pub use redis::{
 };
 
 /// Top-level sections; environment variables outside them are ignored.
-const SECTIONS: [&str; 14] = [
+const SECTIONS: [&str; 16] = [
     "grpc",
+    "ext_authz",
     "admin",
     "events",
     "audit",
@@ -45,6 +48,7 @@ const SECTIONS: [&str; 14] = [
     "rate_limit",
     "profile_cache",
     "local_cache",
+    "tokens",
     "log",
 ];
 
@@ -57,6 +61,7 @@ pub struct Settings {
     pub grpc: GrpcSettings,
     pub admin: AdminSettings,
     pub events: EventsSettings,
+    pub ext_authz: ExtAuthzSettings,
     pub audit: AuditSettings,
     pub metrics: MetricsSettings,
     pub health: HealthSettings,
@@ -211,6 +216,7 @@ impl Settings {
         self.grpc.validate()?;
         self.admin.validate()?;
         self.events.validate()?;
+        self.ext_authz.validate()?;
         self.audit.validate()?;
         self.metrics.validate()?;
         self.health.validate()?;

@@ -150,3 +150,81 @@ fn secrets_never_print() {
         Ok(())
     });
 }
+
+/// Every setting README lists is read from the environment: its section is one the loader
+/// takes (`TOKENS__*` once was not, and was silently ignored).
+#[test]
+fn every_documented_setting_is_read_from_the_environment() {
+    let readme = include_str!("../../README.md");
+    let mut names: Vec<&str> = readme
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|rest| rest.split_once('`').map(|(name, _)| name))
+        .filter(|name| {
+            name.contains("__")
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        })
+        .collect();
+    names.dedup();
+    assert!(names.len() > 50, "README's settings table was found");
+    for name in names {
+        let section = name.split("__").next().unwrap().to_ascii_lowercase();
+        assert!(
+            SECTIONS.contains(&section.as_str()),
+            "{name}: section {section} is not read"
+        );
+    }
+    Jail::expect_with(|jail| {
+        jail.set_env("TOKENS__KEY_ROTATION", "2h");
+        jail.set_env("EXT_AUTHZ__COOKIE", "sid");
+        jail.set_env("EXT_AUTHZ__USER_ID_HEADER", "x-user");
+        let s = Settings::load(None).unwrap();
+        assert_eq!(s.tokens.key_rotation, Duration::from_secs(7200));
+        assert_eq!(s.ext_authz.cookie.as_deref(), Some("sid"));
+        assert_eq!(s.ext_authz.user_id_header, "x-user");
+        assert_eq!(s.ext_authz.session_id_header, "x-authd-session-id");
+        Ok(())
+    });
+}
+
+#[test]
+fn ext_authz_settings_that_cannot_work_are_refused_by_name() {
+    Jail::expect_with(|jail| {
+        for (key, value, names) in [
+            ("EXT_AUTHZ__COOKIE", "a;b", "EXT_AUTHZ__COOKIE"),
+            ("EXT_AUTHZ__COOKIE", "", "EXT_AUTHZ__COOKIE"),
+            (
+                "EXT_AUTHZ__USER_ID_HEADER",
+                "X-User",
+                "EXT_AUTHZ__USER_ID_HEADER",
+            ),
+            (
+                "EXT_AUTHZ__USER_ID_HEADER",
+                "authorization",
+                "EXT_AUTHZ__USER_ID_HEADER",
+            ),
+            (
+                "EXT_AUTHZ__SESSION_ID_HEADER",
+                "x y",
+                "EXT_AUTHZ__SESSION_ID_HEADER",
+            ),
+            (
+                "EXT_AUTHZ__SESSION_ID_HEADER",
+                "x-authd-user-id",
+                "EXT_AUTHZ__SESSION_ID_HEADER",
+            ),
+            (
+                "EXT_AUTHZ__MAX_REQUEST_SIZE",
+                "100",
+                "EXT_AUTHZ__MAX_REQUEST_SIZE",
+            ),
+            ("EXT_AUTHZ__BEARER", "false", "EXT_AUTHZ__BEARER"),
+        ] {
+            let error = load_err(jail, key, value);
+            assert!(error.contains(names), "{key}={value}: {error}");
+        }
+        Ok(())
+    });
+}

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod auth;
 pub mod events;
+pub mod ext_authz;
 pub mod limits;
 pub mod observe;
 pub mod profile;

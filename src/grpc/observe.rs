@@ -85,6 +85,7 @@ fn share_of(path: &str) -> Share {
     match path.trim_start_matches('/').split_once('/') {
         Some(("authd.v1.AuthService", "Login" | "Register")) => Share::Logins,
         Some(("authd.v1.AuthService", "ValidateSession"))
+        | Some((crate::grpc::ext_authz::SERVICE, "Check"))
         | Some(("authd.v1.ProfileService", "GetProfile" | "BatchGetProfiles")) => Share::Lookups,
         Some(("authd.v1.AuthService" | "authd.v1.ProfileService", _)) => Share::Changes,
         Some(("authd.v1.AdminService", _)) => Share::Admin,

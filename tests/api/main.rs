@@ -16,6 +16,7 @@ mod consistency;
 mod degraded;
 mod deployments;
 mod events;
+mod ext_authz;
 mod fleet;
 mod hardening;
 mod layers;
