@@ -21,6 +21,7 @@ use crate::{
     redis_server::RedisServer,
 };
 
+mod envoy;
 mod manifests;
 mod metrics_port;
 
