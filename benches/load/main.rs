@@ -4,6 +4,7 @@
 #[path = "../../tests/support/database.rs"]
 mod database;
 mod driver;
+mod ext_authz;
 mod fleet;
 mod flood;
 mod report;

@@ -21,7 +21,7 @@ use crate::{
 };
 
 /// Runs one scenario against `server` and turns what it saw into a row.
-async fn measure(
+pub(crate) async fn measure(
     env: &Env,
     server: &Server,
     name: &str,
@@ -71,7 +71,7 @@ fn user_ids(env: &Env) -> Arc<Vec<String>> {
     Arc::new(env.users.iter().map(|u| u.user_id.clone()).collect())
 }
 
-fn health_call() -> impl driver::Call {
+pub(crate) fn health_call() -> impl driver::Call {
     |ch: Channel, _| async move {
         HealthClient::new(ch)
             .check(HealthCheckRequest {
@@ -136,7 +136,7 @@ fn logout_call(tokens: Arc<Vec<String>>) -> impl driver::Call {
     }
 }
 
-fn login_call(emails: Arc<Vec<String>>) -> impl driver::Call {
+pub(crate) fn login_call(emails: Arc<Vec<String>>) -> impl driver::Call {
     move |ch: Channel, seq| {
         let email = emails[seq as usize % emails.len()].clone();
         async move {
@@ -477,7 +477,8 @@ pub async fn run_all(opts: &Opts) -> anyhow::Result<Report> {
         crate::flood::floods(&env, cached, load, opts.flood_rate, |name| opts.wants(name)).await?,
     );
 
-    if LOCAL_SCENARIOS.iter().any(|name| opts.wants(name)) {
+    let local_wanted = LOCAL_SCENARIOS.iter().chain(&crate::ext_authz::SCENARIOS);
+    if local_wanted.into_iter().any(|name| opts.wants(name)) {
         println!("starting three instances with the in-process cache…");
         let local = env.start_local(3, opts.local_max_entries).await?;
         warm(&env, &local[0]).await?;
@@ -526,6 +527,10 @@ pub async fn run_all(opts: &Opts) -> anyhow::Result<Report> {
             &[],
             logout_call(Arc::new(env.spare_local_tokens.clone()))
         );
+        // Envoy's external authorization, on the same instance (`ext_authz`).
+        let rounds = if opts.quick { 1 } else { 5 };
+        let ext_authz = crate::ext_authz::run(&env, server, load, rounds, |name| opts.wants(name));
+        rows.extend(ext_authz.await?);
         if opts.wants("local_memory") {
             rows.push(local_memory(&env, opts).await?);
         }
@@ -557,6 +562,7 @@ pub async fn run_all(opts: &Opts) -> anyhow::Result<Report> {
     let mut targets = crate::report::targets(&rows, &peaks, verify_rate, slots);
     crate::fleet::targets(&fleets, &mut targets);
     crate::subscribers::targets(&subscribers, &mut targets);
+    crate::ext_authz::targets(&rows, &mut targets);
     let settings = serde_json::to_value(opts)?;
     env.cleanup().await;
     Ok(Report {

@@ -288,7 +288,7 @@ async fn layer_row(
 }
 
 /// The round of median rate.
-fn median_round(mut rounds: Vec<Row>) -> Row {
+pub(crate) fn median_round(mut rounds: Vec<Row>) -> Row {
     rounds.sort_by(|a, b| a.requests_per_s.total_cmp(&b.requests_per_s));
     let count = rounds.len();
     let mut row = rounds.swap_remove(count / 2);

@@ -14,7 +14,7 @@
 //! - PostgreSQL or Redis trouble (the answer unknown): the call fails (UNAVAILABLE, as
 //!   `ValidateSession` would), which Envoy with `failure_mode_allow: false` answers with its
 //!   `status_on_error` — the request does not pass.
-use std::{collections::HashMap, net::IpAddr, sync::Arc};
+use std::{borrow::Cow, collections::HashMap, net::IpAddr, sync::Arc};
 
 use envoy_types::pb::{
     envoy::{
@@ -76,53 +76,55 @@ enum Refusal {
     Invalid,
 }
 
-/// The request's headers, keyed by lower-case name, whichever way Envoy sent them (`headers`,
-/// or `header_map` with `encode_raw_headers`); repeated headers joined by `,` as Envoy does.
-fn headers(request: &CheckRequest) -> HashMap<String, String> {
-    let Some(http) = request
+/// A header of the proxied request, by its lower-case name (Envoy sends names in lower case),
+/// whichever way Envoy sent it: `headers`, or `header_map` with `encode_raw_headers` (where a
+/// repeated header is joined by `,`, as Envoy joins it in `headers`). Only the headers authd
+/// reads are looked up: nothing is copied for the others.
+fn header<'r>(request: &'r CheckRequest, name: &str) -> Option<Cow<'r, str>> {
+    let http = request
         .attributes
-        .as_ref()
-        .and_then(|a| a.request.as_ref())
-        .and_then(|r| r.http.as_ref())
-    else {
-        return HashMap::new();
-    };
-    let mut headers: HashMap<String, String> = http
-        .headers
-        .iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-        .collect();
-    for header in http.header_map.iter().flat_map(|m| &m.headers) {
-        let value = match header.raw_value.is_empty() {
-            true => header.value.clone(),
-            false => String::from_utf8_lossy(&header.raw_value).into_owned(),
-        };
-        headers
-            .entry(header.key.to_ascii_lowercase())
-            .and_modify(|v| {
-                v.push(',');
-                v.push_str(&value);
-            })
-            .or_insert(value);
+        .as_ref()?
+        .request
+        .as_ref()?
+        .http
+        .as_ref()?;
+    if let Some(value) = http.headers.get(name) {
+        return Some(Cow::Borrowed(value));
     }
-    headers
+    let mut values = http
+        .header_map
+        .iter()
+        .flat_map(|m| &m.headers)
+        .filter(|h| h.key.eq_ignore_ascii_case(name))
+        .map(|h| match h.raw_value.is_empty() {
+            true => Cow::Borrowed(h.value.as_str()),
+            false => String::from_utf8_lossy(&h.raw_value),
+        });
+    let first = values.next()?;
+    Some(values.fold(first, |mut joined, next| {
+        let joined_mut = joined.to_mut();
+        joined_mut.push(',');
+        joined_mut.push_str(&next);
+        joined
+    }))
 }
 
 /// The token the settings say to read, and where it was found.
 fn credential<'h>(
     settings: &ExtAuthzSettings,
-    headers: &'h HashMap<String, String>,
+    authorization: Option<&'h str>,
+    cookie: Option<&'h str>,
 ) -> Result<(&'h str, Source), Refusal> {
-    let authorization = headers.get("authorization").filter(|_| settings.bearer);
-    if let Some(token) = authorization.and_then(|v| bearer_token(v)) {
+    let authorization = authorization.filter(|_| settings.bearer);
+    if let Some(token) = authorization.and_then(bearer_token) {
         return Ok((token, Source::Bearer));
     }
     let cookies = settings
         .cookie
         .as_deref()
-        .and_then(|name| Some((name, headers.get("cookie")?)));
+        .and_then(|name| Some((name, cookie?)));
     if let Some((name, header)) = cookies {
-        let mut found = cookie::Cookie::split_parse(header.as_str())
+        let mut found = cookie::Cookie::split_parse(header)
             .filter_map(Result::ok)
             .filter(|c| c.name() == name)
             .filter_map(|c| c.value_raw())
@@ -162,7 +164,7 @@ fn string(value: String) -> Value {
     }
 }
 
-fn header(key: &str, value: String) -> HeaderValueOption {
+fn set_header(key: &str, value: String) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
             key: key.to_owned(),
@@ -195,8 +197,8 @@ fn allowed(settings: &ExtAuthzSettings, view: SessionView, source: Source) -> Ch
         dynamic_metadata: Some(metadata),
         http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
             headers: vec![
-                header(&settings.user_id_header, user_id),
-                header(&settings.session_id_header, session_id),
+                set_header(&settings.user_id_header, user_id),
+                set_header(&settings.session_id_header, session_id),
             ],
             headers_to_remove: match source {
                 Source::Bearer => vec!["authorization".to_owned()],
@@ -219,7 +221,7 @@ fn denied(refusal: Refusal) -> CheckResponse {
             "invalid or expired session",
         ),
     };
-    let mut www_authenticate = header("www-authenticate", challenge.to_owned());
+    let mut www_authenticate = set_header("www-authenticate", challenge.to_owned());
     www_authenticate.append_action = HeaderAppendAction::OverwriteIfExistsOrAdd as i32;
     CheckResponse {
         status: Some(rpc::Status {
@@ -234,7 +236,7 @@ fn denied(refusal: Refusal) -> CheckResponse {
             }),
             headers: vec![
                 www_authenticate,
-                header("content-type", "text/plain; charset=utf-8".to_owned()),
+                set_header("content-type", "text/plain; charset=utf-8".to_owned()),
             ],
             body: format!("{message}\n"),
         })),
@@ -243,11 +245,16 @@ fn denied(refusal: Refusal) -> CheckResponse {
 
 impl ExtAuthzGrpc {
     async fn decide(&self, request: &CheckRequest) -> Result<CheckResponse, Status> {
-        let headers = headers(request);
-        let (token, source) = match credential(&self.settings, &headers) {
-            Ok(found) => found,
-            Err(refusal) => return Ok(denied(refusal)),
+        let authorization = header(request, "authorization");
+        let cookie = match self.settings.cookie {
+            Some(_) => header(request, "cookie"),
+            None => None,
         };
+        let (token, source) =
+            match credential(&self.settings, authorization.as_deref(), cookie.as_deref()) {
+                Ok(found) => found,
+                Err(refusal) => return Ok(denied(refusal)),
+            };
         match self.service.validate(token).await {
             Ok(view) => Ok(allowed(&self.settings, view, source)),
             Err(AuthError::InvalidSession) => Ok(denied(Refusal::Invalid)),
@@ -279,11 +286,33 @@ impl Authorization for ExtAuthzGrpc {
 mod tests {
     use super::*;
 
-    fn with(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+    /// The credential of a request with these headers, sent as Envoy's `headers`.
+    fn credential_of(
+        settings: &ExtAuthzSettings,
+        pairs: &[(&str, &str)],
+    ) -> Result<(String, Source), Refusal> {
+        use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, attribute_context};
+        let request = CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(attribute_context::Request {
+                    http: Some(attribute_context::HttpRequest {
+                        headers: pairs
+                            .iter()
+                            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                            .collect(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        };
+        let (authorization, cookie) = (
+            header(&request, "authorization"),
+            header(&request, "cookie"),
+        );
+        credential(settings, authorization.as_deref(), cookie.as_deref())
+            .map(|(token, source)| (token.to_owned(), source))
     }
 
     #[test]
@@ -297,34 +326,49 @@ mod tests {
             bearer: false,
             ..both.clone()
         };
-        let auth = with(&[("authorization", "Bearer abc")]);
-        assert_eq!(credential(&bearer_only, &auth), Ok(("abc", Source::Bearer)));
-        assert_eq!(credential(&cookie_only, &auth), Err(Refusal::Missing));
-        let jar = with(&[("cookie", "theme=dark; sid=xyz; other=1")]);
-        assert_eq!(credential(&bearer_only, &jar), Err(Refusal::Missing));
-        assert_eq!(credential(&both, &jar), Ok(("xyz", Source::Cookie)));
-        // The bearer token first; a scheme other than Bearer falls back to the cookie.
-        let mixed = with(&[("authorization", "Bearer abc"), ("cookie", "sid=xyz")]);
-        assert_eq!(credential(&both, &mixed), Ok(("abc", Source::Bearer)));
-        let basic = with(&[("authorization", "Basic dTpw"), ("cookie", "sid=xyz")]);
-        assert_eq!(credential(&both, &basic), Ok(("xyz", Source::Cookie)));
+        let auth: &[(&str, &str)] = &[("authorization", "Bearer abc")];
         assert_eq!(
-            credential(&bearer_only, &with(&[("authorization", "Basic dTpw")])),
+            credential_of(&bearer_only, auth),
+            Ok(("abc".into(), Source::Bearer))
+        );
+        assert_eq!(credential_of(&cookie_only, auth), Err(Refusal::Missing));
+        let jar: &[(&str, &str)] = &[("cookie", "theme=dark; sid=xyz; other=1")];
+        assert_eq!(credential_of(&bearer_only, jar), Err(Refusal::Missing));
+        assert_eq!(
+            credential_of(&both, jar),
+            Ok(("xyz".into(), Source::Cookie))
+        );
+        // The bearer token first; a scheme other than Bearer falls back to the cookie.
+        let mixed: &[(&str, &str)] = &[("authorization", "Bearer abc"), ("cookie", "sid=xyz")];
+        assert_eq!(
+            credential_of(&both, mixed),
+            Ok(("abc".into(), Source::Bearer))
+        );
+        let basic: &[(&str, &str)] = &[("authorization", "Basic dTpw"), ("cookie", "sid=xyz")];
+        assert_eq!(
+            credential_of(&both, basic),
+            Ok(("xyz".into(), Source::Cookie))
+        );
+        assert_eq!(
+            credential_of(&bearer_only, &[("authorization", "Basic dTpw")]),
             Err(Refusal::Malformed)
         );
         // A token in a header no setting names is no token.
-        let elsewhere = with(&[
+        let elsewhere: &[(&str, &str)] = &[
             ("x-session-token", "abc"),
             ("x-authorization", "Bearer abc"),
-        ]);
-        assert_eq!(credential(&both, &elsewhere), Err(Refusal::Missing));
+        ];
+        assert_eq!(credential_of(&both, elsewhere), Err(Refusal::Missing));
         // Two cookies of the name that differ: ambiguous, refused; the same twice is one.
-        let two = with(&[("cookie", "sid=a; sid=b")]);
-        assert_eq!(credential(&both, &two), Err(Refusal::Malformed));
-        let twice = with(&[("cookie", "sid=a; x=1; sid=a")]);
-        assert_eq!(credential(&both, &twice), Ok(("a", Source::Cookie)));
+        let two: &[(&str, &str)] = &[("cookie", "sid=a; sid=b")];
+        assert_eq!(credential_of(&both, two), Err(Refusal::Malformed));
+        let twice: &[(&str, &str)] = &[("cookie", "sid=a; x=1; sid=a")];
+        assert_eq!(
+            credential_of(&both, twice),
+            Ok(("a".into(), Source::Cookie))
+        );
         // A cookie whose name only ends like the one named is another cookie.
-        let lookalike = with(&[("cookie", "xsid=a")]);
-        assert_eq!(credential(&both, &lookalike), Err(Refusal::Missing));
+        let lookalike: &[(&str, &str)] = &[("cookie", "xsid=a")];
+        assert_eq!(credential_of(&both, lookalike), Err(Refusal::Missing));
     }
 }
