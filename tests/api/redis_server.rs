@@ -1,7 +1,7 @@
 //! A redis-server of the test's own, which it may kill, restart (empty, or from a snapshot it
 //! saved) and configure.
 use std::{
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -17,30 +17,7 @@ pub struct RedisServer {
     extra: Vec<String>,
 }
 
-/// A port nobody listens on now, below the kernel's ephemeral range (32768 and up here), and so
-/// is its cluster bus port (+10000). Servers the tests restart on the same port need it: a port
-/// the OS hands out for `bind(0)` can be taken by another test's server (or by any socket bound
-/// to port 0) while ours is down, and the restart would then reach a stranger. Ports come from
-/// a counter of this process over 12000..22000, starting at an offset of the process's own.
-pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    const LOW: u32 = 12_000;
-    const SPAN: u32 = 10_000;
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let _ = NEXT.compare_exchange(
-        u32::MAX,
-        std::process::id().wrapping_mul(7919) % SPAN,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
-    for _ in 0..SPAN {
-        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port in {LOW}..{}", LOW + SPAN);
-}
+pub use crate::topology::free_port;
 
 impl RedisServer {
     /// A server that keeps nothing on disk.
