@@ -65,6 +65,8 @@ pub fn settings(redis: bool, db_name: &str, prefix: &str) -> Settings {
     // The benchmark logs in the same users over and over: no limit should get in the way.
     s.rate_limit.login_per_email = 0;
     s.rate_limit.login_per_ip = 0;
+    // Envoy's external authorization (the `ext_authz` scenarios).
+    s.ext_authz.enabled = true;
     s.log = LogSettings {
         level: std::env::var("BENCH_LOG").unwrap_or_else(|_| "off".into()),
         ..LogSettings::default()

@@ -8,7 +8,8 @@ use super::{ConfigError, invalid};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ExtAuthzSettings {
-    /// Whether `envoy.service.auth.v3.Authorization/Check` is served.
+    /// Whether `envoy.service.auth.v3.Authorization/Check` is served (off unless asked for:
+    /// it takes larger messages than the other RPCs).
     pub enabled: bool,
     /// The token is taken from `authorization: Bearer <token>`.
     pub bearer: bool,
@@ -27,7 +28,7 @@ pub struct ExtAuthzSettings {
 impl Default for ExtAuthzSettings {
     fn default() -> Self {
         Self {
-            enabled: true,
+            enabled: false,
             bearer: true,
             cookie: None,
             user_id_header: "x-authd-user-id".into(),
@@ -86,10 +87,10 @@ impl ExtAuthzSettings {
                 "must differ from EXT_AUTHZ__USER_ID_HEADER",
             );
         }
-        if !(1024..=4 * 1024 * 1024).contains(&self.max_request_size) {
+        if !(1024..=256 * 1024).contains(&self.max_request_size) {
             return invalid(
                 "EXT_AUTHZ__MAX_REQUEST_SIZE",
-                "must be 1024 to 4194304 (bytes)",
+                "must be 1024 to 262144 (bytes)",
             );
         }
         Ok(())

@@ -222,6 +222,7 @@ fn ext_authz_settings_that_cannot_work_are_refused_by_name() {
             ),
             ("EXT_AUTHZ__BEARER", "false", "EXT_AUTHZ__BEARER"),
         ] {
+            jail.set_env("EXT_AUTHZ__ENABLED", "true");
             let error = load_err(jail, key, value);
             assert!(error.contains(names), "{key}={value}: {error}");
         }

@@ -14,12 +14,12 @@
 //! - PostgreSQL or Redis trouble (the answer unknown): the call fails (UNAVAILABLE, as
 //!   `ValidateSession` would), which Envoy with `failure_mode_allow: false` answers with its
 //!   `status_on_error` — the request does not pass.
-use std::{borrow::Cow, collections::HashMap, net::IpAddr, sync::Arc};
+use std::{borrow::Cow, collections::HashMap, sync::Arc};
 
 use envoy_types::pb::{
     envoy::{
         config::core::v3::{
-            HeaderValue, HeaderValueOption, address, header_value_option::HeaderAppendAction,
+            HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
         },
         service::auth::v3::{
             CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
@@ -38,7 +38,6 @@ use super::bearer_token;
 use crate::{
     auth::{self, AuthError, SessionView},
     config::ExtAuthzSettings,
-    store::{Work, as_work, current_work},
 };
 
 pub use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
@@ -74,6 +73,11 @@ enum Refusal {
     Malformed,
     /// A token that is not (or no longer) a valid session's.
     Invalid,
+    /// The request carries one of the identity headers (or a look-alike with `_` for `-`,
+    /// which CGI-style frameworks read as the same): Envoy's overwrite replaces only the first
+    /// of repeated headers and never a look-alike, so a forged identity could reach the
+    /// upstream beside authd's.
+    Forged,
 }
 
 /// A header of the proxied request, by its lower-case name (Envoy sends names in lower case),
@@ -101,9 +105,11 @@ fn header<'r>(request: &'r CheckRequest, name: &str) -> Option<Cow<'r, str>> {
             false => String::from_utf8_lossy(&h.raw_value),
         });
     let first = values.next()?;
+    // Repeated cookie headers are one list of cookies (RFC 6265 joins them with "; ").
+    let separator = if name == "cookie" { "; " } else { "," };
     Some(values.fold(first, |mut joined, next| {
         let joined_mut = joined.to_mut();
-        joined_mut.push(',');
+        joined_mut.push_str(separator);
         joined_mut.push_str(&next);
         joined
     }))
@@ -116,8 +122,16 @@ fn credential<'h>(
     cookie: Option<&'h str>,
 ) -> Result<(&'h str, Source), Refusal> {
     let authorization = authorization.filter(|_| settings.bearer);
-    if let Some(token) = authorization.and_then(bearer_token) {
-        return Ok((token, Source::Bearer));
+    if let Some(value) = authorization {
+        if let Some(token) = bearer_token(value) {
+            return Ok((token, Source::Bearer));
+        }
+        // A Bearer credential authd cannot read (a tab, two joined by a repeated header) is
+        // refused, not passed on beside a cookie's identity.
+        let scheme = value.trim_start().get(..6);
+        if scheme.is_some_and(|s| s.eq_ignore_ascii_case("bearer")) {
+            return Err(Refusal::Malformed);
+        }
     }
     let cookies = settings
         .cookie
@@ -139,22 +153,6 @@ fn credential<'h>(
     match authorization {
         Some(_) => Err(Refusal::Malformed),
         None => Err(Refusal::Missing),
-    }
-}
-
-/// The downstream client's address as Envoy saw it: the budget of unknown lookups is kept by it,
-/// not by the proxy's.
-fn downstream(request: &CheckRequest) -> Option<IpAddr> {
-    let address = request
-        .attributes
-        .as_ref()?
-        .source
-        .as_ref()?
-        .address
-        .as_ref()?;
-    match address.address.as_ref()? {
-        address::Address::SocketAddress(socket) => socket.address.parse().ok(),
-        _ => None,
     }
 }
 
@@ -209,6 +207,33 @@ fn allowed(settings: &ExtAuthzSettings, view: SessionView, source: Source) -> Ch
     }
 }
 
+/// Whether the request carries a header named like `names` (case, and `_` for `-`, aside).
+fn carries_any(request: &CheckRequest, names: [&str; 2]) -> bool {
+    let Some(http) = request
+        .attributes
+        .as_ref()
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.http.as_ref())
+    else {
+        return false;
+    };
+    let like = |key: &str| {
+        names.iter().any(|name| {
+            key.len() == name.len()
+                && key
+                    .bytes()
+                    .zip(name.bytes())
+                    .all(|(k, n)| k.to_ascii_lowercase() == n || (k == b'_' && n == b'-'))
+        })
+    };
+    http.headers.keys().any(|k| like(k))
+        || http
+            .header_map
+            .iter()
+            .flat_map(|m| &m.headers)
+            .any(|h| like(&h.key))
+}
+
 fn denied(refusal: Refusal) -> CheckResponse {
     let (challenge, message) = match refusal {
         Refusal::Missing => (r#"Bearer realm="authd""#, "a session token is required"),
@@ -220,9 +245,17 @@ fn denied(refusal: Refusal) -> CheckResponse {
             r#"Bearer realm="authd", error="invalid_token""#,
             "invalid or expired session",
         ),
+        Refusal::Forged => (
+            r#"Bearer realm="authd", error="invalid_request""#,
+            "the request carries an identity header only authd may set",
+        ),
     };
-    let mut www_authenticate = set_header("www-authenticate", challenge.to_owned());
-    www_authenticate.append_action = HeaderAppendAction::OverwriteIfExistsOrAdd as i32;
+    // RFC 6750: a request authd cannot read is a 400, a missing or invalid token a 401.
+    let status = match refusal {
+        Refusal::Malformed | Refusal::Forged => HttpStatusCode::BadRequest,
+        Refusal::Missing | Refusal::Invalid => HttpStatusCode::Unauthorized,
+    };
+    let www_authenticate = set_header("www-authenticate", challenge.to_owned());
     CheckResponse {
         status: Some(rpc::Status {
             code: Code::Unauthenticated as i32,
@@ -232,7 +265,7 @@ fn denied(refusal: Refusal) -> CheckResponse {
         dynamic_metadata: None,
         http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
             status: Some(HttpStatus {
-                code: HttpStatusCode::Unauthorized as i32,
+                code: status as i32,
             }),
             headers: vec![
                 www_authenticate,
@@ -245,6 +278,13 @@ fn denied(refusal: Refusal) -> CheckResponse {
 
 impl ExtAuthzGrpc {
     async fn decide(&self, request: &CheckRequest) -> Result<CheckResponse, Status> {
+        let identity = [
+            self.settings.user_id_header.as_str(),
+            self.settings.session_id_header.as_str(),
+        ];
+        if carries_any(request, identity) {
+            return Ok(denied(Refusal::Forged));
+        }
         let authorization = header(request, "authorization");
         let cookie = match self.settings.cookie {
             Some(_) => header(request, "cookie"),
@@ -271,13 +311,7 @@ impl Authorization for ExtAuthzGrpc {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let request = request.into_inner();
-        let call = current_work();
-        let work = Work {
-            peer: downstream(&request).or(call.peer),
-            ..call
-        };
-        let decided = as_work(work, self.decide(&request)).await?;
+        let decided = self.decide(request.get_ref()).await?;
         Ok(Response::new(decided))
     }
 }
@@ -367,8 +401,111 @@ mod tests {
             credential_of(&both, twice),
             Ok(("a".into(), Source::Cookie))
         );
+        // A Bearer credential authd cannot read is refused, not passed over for the cookie.
+        for unreadable in ["Bearer\tabc", "Bearer a,Bearer b", "bearer"] {
+            let mixed: &[(&str, &str)] = &[("authorization", unreadable), ("cookie", "sid=xyz")];
+            assert_eq!(
+                credential_of(&both, mixed),
+                Err(Refusal::Malformed),
+                "{unreadable:?}"
+            );
+        }
         // A cookie whose name only ends like the one named is another cookie.
         let lookalike: &[(&str, &str)] = &[("cookie", "xsid=a")];
         assert_eq!(credential_of(&both, lookalike), Err(Refusal::Missing));
+    }
+
+    #[test]
+    fn a_request_carrying_an_identity_header_or_a_look_alike_is_caught() {
+        use envoy_types::pb::envoy::{
+            config::core::v3::{HeaderMap, HeaderValue},
+            service::auth::v3::{AttributeContext, attribute_context},
+        };
+        let names = ["x-authd-user-id", "x-authd-session-id"];
+        let request = |headers: &[&str], raw: &[&str]| CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(attribute_context::Request {
+                    http: Some(attribute_context::HttpRequest {
+                        headers: headers
+                            .iter()
+                            .map(|k| ((*k).to_owned(), "v".to_owned()))
+                            .collect(),
+                        header_map: Some(HeaderMap {
+                            headers: raw
+                                .iter()
+                                .map(|k| HeaderValue {
+                                    key: (*k).to_owned(),
+                                    raw_value: b"v".to_vec(),
+                                    ..Default::default()
+                                })
+                                .collect(),
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        };
+        for forged in [
+            "x-authd-user-id",
+            "x_authd_user_id",
+            "X-Authd-Session-Id",
+            "x-authd_session-id",
+        ] {
+            assert!(carries_any(&request(&[forged], &[]), names), "{forged}");
+            assert!(
+                carries_any(&request(&[], &[forged]), names),
+                "{forged} (header_map)"
+            );
+        }
+        for innocent in [
+            "x-authd-user",
+            "x-authd-user-ids",
+            "authorization",
+            "xauthd-user-id",
+        ] {
+            assert!(
+                !carries_any(&request(&[innocent], &[innocent]), names),
+                "{innocent}"
+            );
+        }
+    }
+
+    #[test]
+    fn repeated_cookie_headers_are_one_list_of_cookies() {
+        use envoy_types::pb::envoy::{
+            config::core::v3::{HeaderMap, HeaderValue},
+            service::auth::v3::{AttributeContext, attribute_context},
+        };
+        let raw = |key: &str, value: &str| HeaderValue {
+            key: key.to_owned(),
+            raw_value: value.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        let request = CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(attribute_context::Request {
+                    http: Some(attribute_context::HttpRequest {
+                        header_map: Some(HeaderMap {
+                            headers: vec![raw("cookie", "a=1"), raw("cookie", "sid=T")],
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        };
+        let cookie = header(&request, "cookie");
+        assert_eq!(cookie.as_deref(), Some("a=1; sid=T"));
+        let settings = ExtAuthzSettings {
+            cookie: Some("sid".into()),
+            ..ExtAuthzSettings::default()
+        };
+        assert_eq!(
+            credential(&settings, None, cookie.as_deref()),
+            Ok(("T", Source::Cookie))
+        );
     }
 }

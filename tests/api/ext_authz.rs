@@ -28,6 +28,11 @@ async fn check_from(
             }},
         },
     });
+    grpcurl(addr, &request).await
+}
+
+/// `request` (a CheckRequest as JSON) sent by grpcurl.
+async fn grpcurl(addr: SocketAddr, request: &Value) -> Result<Value, Value> {
     let mut child = tokio::process::Command::new("grpcurl")
         .args(["-plaintext", "-format-error", "-max-msg-sz", "8388608"])
         .args(["-import-path", "proto-vendor"])
@@ -64,6 +69,13 @@ async fn check(addr: SocketAddr, headers: &[(&str, &str)]) -> Result<Value, Valu
     check_from(addr, headers, "203.0.113.7").await
 }
 
+/// Test settings with Check served (it is off by default).
+fn served(mode: Mode) -> authd::config::Settings {
+    let mut settings = test_settings(mode);
+    settings.ext_authz.enabled = true;
+    settings
+}
+
 /// The headers an allowed request gets, as (key, value, append action).
 fn added_headers(response: &Value) -> Vec<(String, String, String)> {
     response["okResponse"]["headers"]
@@ -80,11 +92,17 @@ fn added_headers(response: &Value) -> Vec<(String, String, String)> {
         .collect()
 }
 
-/// A denial as Envoy relays it: HTTP 401 with a Bearer challenge (RFC 6750), and its `error`.
+/// A denial as Envoy relays it: HTTP 401 (400 for `invalid_request`) with a Bearer challenge
+/// (RFC 6750), and its `error`.
 fn assert_denied(response: &Value, error: Option<&str>) {
     assert_eq!(response["status"]["code"], 16, "{response:#}");
     let denied = &response["deniedResponse"];
-    assert_eq!(denied["status"]["code"], "Unauthorized", "{response:#}");
+    // RFC 6750: a request authd cannot read is a 400, a missing or invalid token a 401.
+    let status = match error {
+        Some("invalid_request") => "BadRequest",
+        _ => "Unauthorized",
+    };
+    assert_eq!(denied["status"]["code"], status, "{response:#}");
     let challenge = denied["headers"]
         .as_array()
         .unwrap()
@@ -109,22 +127,15 @@ fn assert_denied(response: &Value, error: Option<&str>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_valid_session_passes_with_its_identity_and_anything_else_is_401() {
-    let app = spawn_app(Mode::Redis).await;
+    let app = spawn_with(served(Mode::Redis)).await;
     let (_, reg) = app.register().await;
     let session = app.validate(&reg.session_token).await.unwrap();
     let bearer = format!("Bearer {}", reg.session_token);
 
-    // A client's own identity headers are overwritten, the credential is taken off.
-    let allowed = check(
-        app.addr,
-        &[
-            ("authorization", &bearer),
-            ("x-authd-user-id", "someone-else"),
-            ("accept", "*/*"),
-        ],
-    )
-    .await
-    .unwrap();
+    // The identity headers are set (overwriting), the credential is taken off.
+    let allowed = check(app.addr, &[("authorization", &bearer), ("accept", "*/*")])
+        .await
+        .unwrap();
     assert_eq!(allowed["status"].get("code").unwrap_or(&json!(0)), 0);
     let mut headers = added_headers(&allowed);
     headers.sort();
@@ -196,7 +207,7 @@ async fn a_valid_session_passes_with_its_identity_and_anything_else_is_401() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cookie_named_by_the_settings_carries_the_token() {
-    let mut settings = test_settings(Mode::Redis);
+    let mut settings = served(Mode::Redis);
     settings.ext_authz.cookie = Some("authd_session".into());
     settings.ext_authz.user_id_header = "x-user".into();
     let app = spawn_with(settings).await;
@@ -231,9 +242,9 @@ async fn a_cookie_named_by_the_settings_carries_the_token() {
 /// memory is denied by all of them as soon as its Logout returns on one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_session_is_denied_at_once_on_every_instance() {
-    let a = spawn_app(Mode::Redis).await;
-    let b = spawn_sharing(&a, |_| {}).await;
-    let c = spawn_sharing(&a, |_| {}).await;
+    let a = spawn_with(served(Mode::Redis)).await;
+    let b = spawn_sharing(&a, |s| s.ext_authz.enabled = true).await;
+    let c = spawn_sharing(&a, |s| s.ext_authz.enabled = true).await;
     eventually(Duration::from_secs(15), "three leases", || async {
         a.db.leases().held().await.unwrap() == 3
     })
@@ -274,7 +285,7 @@ async fn a_revoked_session_is_denied_at_once_on_every_instance() {
 /// refuses the request), and the server goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_credentials_and_requests_cost_nothing_and_pass_nothing() {
-    let app = spawn_app(Mode::Redis).await;
+    let app = spawn_with(served(Mode::Redis)).await;
     let (_, reg) = app.register().await;
     let queries = app.queries();
     let long = format!("Bearer authd_{}", "A".repeat(16 * 1024));
@@ -310,7 +321,7 @@ async fn oversized_credentials_and_requests_cost_nothing_and_pass_nothing() {
 async fn an_unknown_answer_fails_the_call_and_never_allows() {
     use crate::proxy::{Link, Proxy};
     use secrecy::{ExposeSecret, SecretString};
-    let mut settings = test_settings(Mode::NoRedis);
+    let mut settings = served(Mode::NoRedis);
     let postgres = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let url = settings.database.url.expose_secret().to_owned();
     settings.database.url =
@@ -331,4 +342,50 @@ async fn an_unknown_answer_fails_the_call_and_never_allows() {
             .is_ok_and(|r| r["okResponse"].is_object())
     })
     .await;
+}
+
+/// Envoy's overwrite replaces only the first of repeated headers, and never a look-alike with
+/// `_` (which CGI-style frameworks read as the same header): a request carrying one of the
+/// identity headers is refused (400), whatever its token, so no forged identity reaches the
+/// upstream beside authd's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_carrying_an_identity_header_is_refused_whatever_its_token() {
+    let app = spawn_with(served(Mode::Redis)).await;
+    let (_, reg) = app.register().await;
+    let bearer = format!("Bearer {}", reg.session_token);
+    for forged in ["x-authd-user-id", "x_authd_user_id", "x-authd-session-id"] {
+        let denied = check(app.addr, &[("authorization", &bearer), (forged, "victim")])
+            .await
+            .unwrap();
+        assert_denied(&denied, Some("invalid_request"));
+    }
+    // Repeated headers as Envoy sends them raw (`encode_raw_headers`).
+    let request = json!({"attributes": {"request": {"http": {"headerMap": {"headers": [
+        {"key": "authorization", "rawValue": base64(&bearer)},
+        {"key": "x-authd-user-id", "rawValue": base64("victim")},
+        {"key": "x-authd-user-id", "rawValue": base64("victim")},
+    ]}}}}});
+    let denied = grpcurl(app.addr, &request).await.unwrap();
+    assert_denied(&denied, Some("invalid_request"));
+    // The same request without them passes: the token was good.
+    let request = json!({"attributes": {"request": {"http": {"headerMap": {"headers": [
+        {"key": "authorization", "rawValue": base64(&bearer)},
+    ]}}}}});
+    let allowed = grpcurl(app.addr, &request).await.unwrap();
+    assert!(allowed["okResponse"].is_object(), "{allowed:#}");
+}
+
+/// Off unless asked for: Check is then not served (UNIMPLEMENTED) and not reflected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_is_not_served_unless_enabled() {
+    let app = spawn_app(Mode::Redis).await;
+    let error = check(app.addr, &[("authorization", "Bearer x")])
+        .await
+        .expect_err("not served");
+    assert_eq!(error["code"], 12, "UNIMPLEMENTED: {error}");
+}
+
+fn base64(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
 }
