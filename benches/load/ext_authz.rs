@@ -11,7 +11,7 @@ use tonic::{Code, transport::Channel};
 use crate::{
     driver::{self, Load, Pace},
     report::{Row, Target},
-    scenarios::{health_call, login_call, measure},
+    scenarios::{health_call, measure, measure_during_login_storm},
     setup::{Env, Server},
     subscribers::median_round,
 };
@@ -177,49 +177,13 @@ pub async fn run(
         rows.extend([health, check]);
     }
     if wants("ext_authz_during_login_storm") {
-        // Five times the hashing the instance can do, offered open loop on a connection of
-        // its own: most logins are refused (RESOURCE_EXHAUSTED), the hashing pool is full.
-        let emails: Arc<Vec<String>> =
-            Arc::new(env.users.iter().map(|u| u.email.clone()).collect());
+        // Five times the hashing the instance can do: most logins are refused
+        // (RESOURCE_EXHAUSTED), the hashing pool is full.
         let storm_rate = 5.0 * 40.0 * server.settings.auth.hash_concurrency as f64;
-        let storm_load = Load {
-            connections: 1,
-            concurrency: 64,
-            ..load
-        };
-        let channels = server.channels(1).await?;
-        let storm = tokio::spawn(async move {
-            driver::run(
-                &channels,
-                storm_load,
-                Pace::Open(storm_rate),
-                login_call(emails),
-            )
-            .await
-        });
-        let (mut row, _) = measure(
-            env,
-            server,
-            "ext_authz_during_login_storm",
-            load,
-            closed,
-            &[],
-            check_call(tokens),
-        )
-        .await?;
-        let storm = storm.await?;
-        let other = storm.unexpected(&[Code::ResourceExhausted]);
-        row.note = format!(
-            "logins offered {storm_rate:.0}/s: {} OK, {} RESOURCE_EXHAUSTED, {other} other; {}",
-            storm.ok,
-            storm
-                .statuses
-                .get("ResourceExhausted")
-                .copied()
-                .unwrap_or(0),
-            row.note
-        );
-        row.unexpected_errors += other;
+        let name = "ext_authz_during_login_storm";
+        let call = check_call(tokens);
+        let (row, _) =
+            measure_during_login_storm(env, server, name, load, storm_rate, call).await?;
         rows.push(row);
     }
     Ok(rows)

@@ -63,6 +63,51 @@ pub(crate) async fn measure(
     Ok((row, outcome))
 }
 
+/// [`measure`]s `call` on `server` (closed loop) while a login storm is offered to the same
+/// server at `storm_rate` (open loop, on a connection of its own, every user's email in turn).
+/// The storm's answers go in the row's note; any but OK and RESOURCE_EXHAUSTED (the hashing
+/// pool full) counts as unexpected.
+pub(crate) async fn measure_during_login_storm(
+    env: &Env,
+    server: &Server,
+    name: &str,
+    load: Load,
+    storm_rate: f64,
+    call: impl driver::Call,
+) -> anyhow::Result<(Row, Outcome)> {
+    let emails: Arc<Vec<String>> = Arc::new(env.users.iter().map(|u| u.email.clone()).collect());
+    let storm_load = Load {
+        connections: 1,
+        concurrency: 64,
+        ..load
+    };
+    let channels = server.channels(1).await?;
+    let storm = tokio::spawn(async move {
+        driver::run(
+            &channels,
+            storm_load,
+            Pace::Open(storm_rate),
+            login_call(emails),
+        )
+        .await
+    });
+    let (mut row, outcome) = measure(env, server, name, load, Pace::Closed, &[], call).await?;
+    let storm = storm.await?;
+    let other = storm.unexpected(&[Code::ResourceExhausted]);
+    row.note = format!(
+        "logins offered {storm_rate:.0}/s: {} OK, {} RESOURCE_EXHAUSTED, {other} other; {}",
+        storm.ok,
+        storm
+            .statuses
+            .get("ResourceExhausted")
+            .copied()
+            .unwrap_or(0),
+        row.note
+    );
+    row.unexpected_errors += other;
+    Ok((row, outcome))
+}
+
 fn tokens(env: &Env) -> Arc<Vec<String>> {
     Arc::new(env.users.iter().map(|u| u.token.clone()).collect())
 }
@@ -136,7 +181,7 @@ fn logout_call(tokens: Arc<Vec<String>>) -> impl driver::Call {
     }
 }
 
-pub(crate) fn login_call(emails: Arc<Vec<String>>) -> impl driver::Call {
+fn login_call(emails: Arc<Vec<String>>) -> impl driver::Call {
     move |ch: Channel, seq| {
         let email = emails[seq as usize % emails.len()].clone();
         async move {
@@ -426,48 +471,15 @@ pub async fn run_all(opts: &Opts) -> anyhow::Result<Report> {
             None => verify_rate.unwrap_or(40.0),
         };
         let storm_rate = (login_rate * 5.0).max(1.0);
-        let storm_load = Load {
-            connections: 1,
-            concurrency: 64,
-            ..load
-        };
-        let storm = {
-            let channels = cached.channels(1).await?;
-            let emails = emails.clone();
-            tokio::spawn(async move {
-                driver::run(
-                    &channels,
-                    storm_load,
-                    Pace::Open(storm_rate),
-                    login_call(emails),
-                )
-                .await
-            })
-        };
-        let (mut row, outcome) = measure(
+        let (row, outcome) = measure_during_login_storm(
             &env,
             cached,
             "validate_during_login_storm",
             load,
-            closed,
-            &[],
+            storm_rate,
             validate_call(tokens(&env)),
         )
         .await?;
-        let storm = storm.await?;
-        let timeouts = storm.unexpected(&[Code::ResourceExhausted]);
-        row.note = format!(
-            "logins offered {storm_rate:.0}/s: {} OK, {} RESOURCE_EXHAUSTED, {} other; {}",
-            storm.ok,
-            storm
-                .statuses
-                .get("ResourceExhausted")
-                .copied()
-                .unwrap_or(0),
-            timeouts,
-            row.note
-        );
-        row.unexpected_errors += timeouts;
         peaks.insert("validate_during_login_storm".into(), outcome.ok_rate());
         rows.push(row);
     }

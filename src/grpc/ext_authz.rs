@@ -23,7 +23,8 @@ use envoy_types::pb::{
         },
         service::auth::v3::{
             CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
-            authorization_server::Authorization, check_response::HttpResponse,
+            attribute_context::HttpRequest, authorization_server::Authorization,
+            check_response::HttpResponse,
         },
         r#type::v3::{HttpStatus, StatusCode as HttpStatusCode},
     },
@@ -80,18 +81,17 @@ enum Refusal {
     Forged,
 }
 
+/// The proxied HTTP request a CheckRequest describes.
+fn http(request: &CheckRequest) -> Option<&HttpRequest> {
+    request.attributes.as_ref()?.request.as_ref()?.http.as_ref()
+}
+
 /// A header of the proxied request, by its lower-case name (Envoy sends names in lower case),
 /// whichever way Envoy sent it: `headers`, or `header_map` with `encode_raw_headers` (where a
 /// repeated header is joined by `,`, as Envoy joins it in `headers`). Only the headers authd
 /// reads are looked up: nothing is copied for the others.
 fn header<'r>(request: &'r CheckRequest, name: &str) -> Option<Cow<'r, str>> {
-    let http = request
-        .attributes
-        .as_ref()?
-        .request
-        .as_ref()?
-        .http
-        .as_ref()?;
+    let http = http(request)?;
     if let Some(value) = http.headers.get(name) {
         return Some(Cow::Borrowed(value));
     }
@@ -209,12 +209,7 @@ fn allowed(settings: &ExtAuthzSettings, view: SessionView, source: Source) -> Ch
 
 /// Whether the request carries a header named like `names` (case, and `_` for `-`, aside).
 fn carries_any(request: &CheckRequest, names: [&str; 2]) -> bool {
-    let Some(http) = request
-        .attributes
-        .as_ref()
-        .and_then(|a| a.request.as_ref())
-        .and_then(|r| r.http.as_ref())
-    else {
+    let Some(http) = http(request) else {
         return false;
     };
     let like = |key: &str| {

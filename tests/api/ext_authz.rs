@@ -8,20 +8,16 @@ use tokio::io::AsyncWriteExt;
 
 use crate::helpers::*;
 
-/// The answer to a CheckRequest of `headers` (from the downstream client `source`): the
-/// CheckResponse as JSON, or the gRPC error as `{"code": …, "message": …}`.
-async fn check_from(
-    addr: SocketAddr,
-    headers: &[(&str, &str)],
-    source: &str,
-) -> Result<Value, Value> {
+/// The answer to a CheckRequest of `headers`, as Envoy sends one: the CheckResponse as JSON,
+/// or the gRPC error as `{"code": …, "message": …}`.
+async fn check(addr: SocketAddr, headers: &[(&str, &str)]) -> Result<Value, Value> {
     let headers: serde_json::Map<String, Value> = headers
         .iter()
         .map(|(k, v)| ((*k).to_owned(), json!(v)))
         .collect();
     let request = json!({
         "attributes": {
-            "source": {"address": {"socketAddress": {"address": source, "portValue": 51000}}},
+            "source": {"address": {"socketAddress": {"address": "203.0.113.7", "portValue": 51000}}},
             "request": {"http": {
                 "id": "1", "method": "GET", "path": "/orders", "host": "shop.example",
                 "scheme": "https", "protocol": "HTTP/1.1", "headers": headers,
@@ -63,10 +59,6 @@ async fn grpcurl(addr: SocketAddr, request: &Value) -> Result<Value, Value> {
         true => Ok(parsed),
         false => Err(parsed),
     }
-}
-
-async fn check(addr: SocketAddr, headers: &[(&str, &str)]) -> Result<Value, Value> {
-    check_from(addr, headers, "203.0.113.7").await
 }
 
 /// Test settings with Check served (it is off by default).
