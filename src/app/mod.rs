@@ -9,8 +9,8 @@ use tonic::transport::{Server, server::TcpIncoming};
 use crate::{
     admin::{Access, AdminService},
     auth::{
-        AuthParts, AuthService, UnknownLookups, keys::TokenKeys, password::PasswordHasher,
-        password_policy::PasswordPolicy, session::SessionPolicy,
+        AuthParts, AuthService, UnknownLookups, jwt::JwtKeys, keys::TokenKeys,
+        password::PasswordHasher, password_policy::PasswordPolicy, session::SessionPolicy,
     },
     cache::{ProfileCache, RateLimiter, Redis, SessionStore},
     clock::Clock,
@@ -203,6 +203,14 @@ impl Application {
         keys.refresh().await.map_err(|e| {
             anyhow::anyhow!("cannot load the token signing keys from PostgreSQL: {e}")
         })?;
+        let jwt = Arc::new(JwtKeys::new(
+            db.clone(),
+            clock.clone(),
+            settings.jwt.clone(),
+        ));
+        jwt.refresh().await.map_err(|e| {
+            anyhow::anyhow!("cannot load the JWT signing keys from PostgreSQL: {e}")
+        })?;
         let auth = Arc::new(AuthService::new(AuthParts {
             db: db.clone(),
             cache: SessionStore::new(redis.clone(), settings.session.absolute_timeout, lease_ttl),
@@ -214,6 +222,7 @@ impl Application {
             clock: clock.clone(),
             local: local.clone(),
             keys: keys.clone(),
+            jwt,
             unknown: Arc::new(UnknownLookups::new(&settings.rate_limit, metrics.clone())),
         }));
         let profiles = Arc::new(ProfileService::new(
@@ -365,6 +374,7 @@ impl Application {
                 self.settings.metrics.clone(),
                 self.metrics.clone(),
                 self.db.clone(),
+                self.auth.clone(),
                 background.clone(),
             )));
         }

@@ -43,32 +43,59 @@ pub(super) async fn serve_health(
 /// A connection to `/metrics` lives at most this long (a scraper simply reconnects).
 pub(super) const METRICS_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
-/// `GET /metrics` in the Prometheus text format (HTTP/1.1): at most `METRICS__MAX_CONNECTIONS`
-/// connections, each closed when a request's headers take longer than
-/// `METRICS__HEADER_READ_TIMEOUT`.
+/// `GET /metrics` in the Prometheus text format, and `GET /.well-known/jwks.json` when JWTs are
+/// on (HTTP/1.1): at most `METRICS__MAX_CONNECTIONS` connections, each closed when a request's
+/// headers take longer than `METRICS__HEADER_READ_TIMEOUT`.
 pub(super) async fn serve_metrics(
     listener: TcpListener,
     settings: crate::config::MetricsSettings,
     metrics: Arc<Metrics>,
     db: Arc<Db>,
+    auth: Arc<AuthService>,
     stop: CancellationToken,
 ) {
+    use axum::{http::StatusCode, response::IntoResponse};
     use futures::StreamExt;
     use hyper_util::rt::{TokioIo, TokioTimer};
 
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let (metrics, db) = (metrics.clone(), db.clone());
-            async move {
-                db.record_pool_metrics();
-                (
-                    [("content-type", "text/plain; version=0.0.4")],
-                    metrics.render(),
-                )
+    let jwks = move || {
+        let auth = auth.clone();
+        async move {
+            match auth.jwks().map(|set| serde_json::to_vec(&set)) {
+                Ok(Ok(body)) => {
+                    let cache = format!(
+                        "public, max-age={}",
+                        crate::auth::jwt::JWKS_MAX_AGE.as_secs()
+                    );
+                    let headers = [
+                        ("content-type", "application/json"),
+                        ("cache-control", &cache),
+                    ];
+                    (headers, body).into_response()
+                }
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "could not write the JWKS");
+                    StatusCode::INTERNAL_SERVER_ERROR.into_response()
+                }
+                Err(_) => StatusCode::NOT_FOUND.into_response(),
             }
-        }),
-    );
+        }
+    };
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let (metrics, db) = (metrics.clone(), db.clone());
+                async move {
+                    db.record_pool_metrics();
+                    (
+                        [("content-type", "text/plain; version=0.0.4")],
+                        metrics.render(),
+                    )
+                }
+            }),
+        )
+        .route("/.well-known/jwks.json", axum::routing::get(jwks));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     // An HTTP/1 request line can be short; the header read timeout bounds the rest.
     let caps = limits::Caps {

@@ -40,9 +40,12 @@ impl AuthService {
         &self.unknown
     }
 
-    /// Makes the next token signing key when due and reloads them (see `keys`).
+    /// Makes the next token and JWT signing keys when due and reloads them (see `keys` and
+    /// `jwt`); both are tried whatever becomes of the other.
     pub async fn refresh_keys(&self) -> Result<(), AuthError> {
-        self.keys.refresh().await
+        let tokens = self.keys.refresh().await;
+        let jwts = self.jwt.refresh().await;
+        tokens.and(jwts)
     }
 
     /// Drops in-process rate-limit buckets that hold no information any more, and writes to

@@ -1,6 +1,7 @@
 //! Authentication: accounts' credentials and sessions. No transport or SQL here, only the rules.
 mod admin;
 pub mod input;
+pub mod jwt;
 pub mod keys;
 mod limits;
 pub mod lookups;
@@ -69,6 +70,9 @@ pub enum AuthError {
     UserNotFound,
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A feature this server's settings leave off (its name).
+    #[error("{0} are not enabled on this server")]
+    NotEnabled(&'static str),
     #[error("internal error: {0}")]
     Internal(String),
 }

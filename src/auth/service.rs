@@ -19,6 +19,7 @@ use uuid::Uuid;
 use super::{
     AuthError, FillHook,
     input::Email,
+    jwt::JwtKeys,
     keys::{Checked, TokenKeys},
     lookups::{Found, Paid, UnknownLookups},
     password::PasswordHasher,
@@ -72,6 +73,7 @@ pub struct AuthService {
     pub(super) clock: Arc<Clock>,
     pub(super) local: LocalCache,
     pub(super) keys: Arc<TokenKeys>,
+    pub(super) jwt: Arc<JwtKeys>,
     pub(super) unknown: Arc<UnknownLookups>,
     pub(super) fill_hook: std::sync::OnceLock<FillHook>,
 }
@@ -88,6 +90,7 @@ pub struct AuthParts {
     pub clock: Arc<Clock>,
     pub local: LocalCache,
     pub keys: Arc<TokenKeys>,
+    pub jwt: Arc<JwtKeys>,
     pub unknown: Arc<UnknownLookups>,
 }
 
@@ -104,6 +107,7 @@ impl AuthService {
             clock,
             local,
             keys,
+            jwt,
             unknown,
         } = parts;
         Self {
@@ -117,6 +121,7 @@ impl AuthService {
             clock,
             local,
             keys,
+            jwt,
             unknown,
             fill_hook: std::sync::OnceLock::new(),
         }

@@ -16,6 +16,7 @@ mod database;
 mod events;
 mod ext_authz;
 mod grpc;
+mod jwt;
 mod redis;
 
 pub use accounts::{
@@ -28,12 +29,13 @@ pub use ext_authz::ExtAuthzSettings;
 pub use grpc::{
     GrpcSettings, GrpcTlsSettings, HealthSettings, LogFormat, LogSettings, MetricsSettings,
 };
+pub use jwt::{JwtAlgorithm, JwtSettings};
 pub use redis::{
     LocalCacheSettings, ProfileCacheSettings, RedisSettings, RedisTlsSettings, SentinelSettings,
 };
 
 /// Top-level sections; environment variables outside them are ignored.
-const SECTIONS: [&str; 16] = [
+const SECTIONS: [&str; 17] = [
     "grpc",
     "ext_authz",
     "admin",
@@ -49,6 +51,7 @@ const SECTIONS: [&str; 16] = [
     "profile_cache",
     "local_cache",
     "tokens",
+    "jwt",
     "log",
 ];
 
@@ -73,6 +76,7 @@ pub struct Settings {
     pub profile_cache: ProfileCacheSettings,
     pub local_cache: LocalCacheSettings,
     pub tokens: TokenSettings,
+    pub jwt: JwtSettings,
     pub log: LogSettings,
     /// Test-only: pretend this host's clock is off by this many milliseconds (never read from a
     /// file or the environment).
@@ -225,6 +229,7 @@ impl Settings {
         self.session.validate()?;
         self.rate_limit.validate()?;
         self.tokens.validate()?;
+        self.jwt.validate()?;
         self.auth.validate()?;
         self.profile_cache.validate()?;
         self.local_cache.validate()?;

@@ -229,3 +229,32 @@ fn ext_authz_settings_that_cannot_work_are_refused_by_name() {
         Ok(())
     });
 }
+
+#[test]
+fn jwt_settings_are_read_and_those_that_cannot_work_are_refused_by_name() {
+    Jail::expect_with(|jail| {
+        jail.set_env("JWT__ENABLED", "true");
+        jail.set_env("JWT__AUDIENCES", " orders, billing ,,");
+        jail.set_env("JWT__ALGORITHM", "ES256");
+        jail.set_env("JWT__MAX_TTL", "2m");
+        let s = Settings::load(None).unwrap();
+        assert_eq!(s.jwt.audiences, ["orders", "billing"]);
+        assert_eq!(s.jwt.algorithm, super::JwtAlgorithm::ES256);
+        assert_eq!(s.jwt.max_ttl, Duration::from_secs(120));
+        assert_eq!(s.jwt.issuer, "authd");
+        for (key, value, name) in [
+            ("JWT__AUDIENCES", "", "JWT__AUDIENCES"),
+            ("JWT__MAX_TTL", "2h", "JWT__MAX_TTL"),
+            ("JWT__MAX_TTL", "1s", "JWT__MAX_TTL"),
+            ("JWT__KEY_ROTATION", "10m", "JWT__KEY_ROTATION"),
+            ("JWT__ALGORITHM", "RS256", "JWT__ALGORITHM"),
+            ("JWT__ISSUER", "", "JWT__ISSUER"),
+        ] {
+            jail.set_env("JWT__ENABLED", "true");
+            jail.set_env("JWT__AUDIENCES", "orders");
+            let error = load_err(jail, key, value);
+            assert!(error.contains(name), "{key}={value}: {error}");
+        }
+        Ok(())
+    });
+}

@@ -215,6 +215,54 @@ impl AuthServiceRpc for AuthGrpc {
             revoked_count: count(revoked),
         }))
     }
+
+    async fn issue_jwt(
+        &self,
+        request: Request<pb::IssueJwtRequest>,
+    ) -> Result<Response<pb::IssueJwtResponse>, Status> {
+        let req = request.get_ref();
+        let token = super::session_token(&request, &req.session_token)?;
+        // A negative duration is out of range like a zero one.
+        let ttl = req
+            .ttl
+            .map(|ttl| std::time::Duration::try_from(ttl).unwrap_or_default());
+        let minted = self.service.issue_jwt(token, &req.audience, ttl).await?;
+        Ok(Response::new(pb::IssueJwtResponse {
+            jwt: minted.jwt,
+            expires_at: Some(timestamp(minted.expires_at)),
+        }))
+    }
+
+    async fn get_jwks(
+        &self,
+        _request: Request<pb::GetJwksRequest>,
+    ) -> Result<Response<pb::GetJwksResponse>, Status> {
+        let jwks = self.service.jwks()?;
+        Ok(Response::new(pb::GetJwksResponse {
+            keys: jwks.keys.iter().map(json_web_key).collect(),
+        }))
+    }
+}
+
+/// A JWK as the proto carries it: its members by name.
+fn json_web_key(jwk: &jsonwebtoken::jwk::Jwk) -> pb::JsonWebKey {
+    let value = serde_json::to_value(jwk).unwrap_or_default();
+    let member = |name: &str| {
+        value
+            .get(name)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    pb::JsonWebKey {
+        kty: member("kty"),
+        crv: member("crv"),
+        x: member("x"),
+        y: member("y"),
+        kid: member("kid"),
+        alg: member("alg"),
+        r#use: member("use"),
+    }
 }
 
 fn count(n: usize) -> i32 {

@@ -89,6 +89,7 @@ impl From<AuthError> for Status {
             AuthError::Locked => Status::resource_exhausted(error.to_string()),
             AuthError::Disabled => Status::permission_denied(error.to_string()),
             AuthError::UserNotFound => Status::not_found(error.to_string()),
+            AuthError::NotEnabled(_) => Status::unimplemented(error.to_string()),
             AuthError::Store(store) => store_status(store),
             AuthError::Internal(_) => internal(&error),
         }

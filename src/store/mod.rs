@@ -9,6 +9,7 @@ mod events;
 pub mod follow;
 mod generations;
 mod history;
+mod jwt_keys;
 mod keys;
 mod leases;
 mod outbox;
@@ -39,6 +40,7 @@ use sqlx::{
 pub use admin::{AdminRepo, AdminUser, AuditEntry, SessionCursor, UserLookup};
 pub use events::{ChangeEvent, EVENT_PURGE_BATCH, EventKind, EventRepo, Reason, Stream};
 pub use history::HistoryHook;
+pub use jwt_keys::{JwtKeyRepo, NewJwtKey, StoredJwtKey};
 pub use keys::{KeyState, StoredKey, TokenKeyRepo};
 pub use leases::{
     FleetLease, Holder, Holders, INSTANCE_ALIVE, INSTANCE_BEAT, LeaseProgress, LeaseRepo, Progress,
@@ -410,11 +412,12 @@ impl Db {
 
 /// The tables of authd's schema (every `create table` of `migrations/`; a unit test keeps the
 /// list whole). Tables of others in the same schema are none of authd's business.
-const TABLES: [&str; 17] = [
+const TABLES: [&str; 18] = [
     "admin_audit",
     "change_events",
     "change_events_purged",
     "database_timelines",
+    "jwt_keys",
     "local_cache_fleet",
     "local_cache_instances",
     "local_cache_leases",
@@ -437,7 +440,7 @@ const PRIVILEGES: &str = "
     select format('%s on %s', p.privilege, t.name)
     from unnest($1::text[]) as t(name)
     cross join unnest(array['select', 'insert', 'update', 'delete']) as p(privilege)
-    where not (t.name in ('admin_audit', 'service_secrets', 'token_keys')
+    where not (t.name in ('admin_audit', 'jwt_keys', 'service_secrets', 'token_keys')
                and p.privilege in ('update', 'delete'))
       and not coalesce(has_table_privilege(to_regclass(t.name), p.privilege), false)
     union all
@@ -449,7 +452,8 @@ const PRIVILEGES: &str = "
       and case when seq.relkind = 'S' then not has_sequence_privilege(seq.oid, 'usage') end
     union all
     select format('execute on function %s', f)
-    from unnest(array['purge_admin_audit(bigint, bigint)', 'purge_token_keys(bigint)']) as f
+    from unnest(array['purge_admin_audit(bigint, bigint)', 'purge_jwt_keys(bigint)',
+                       'purge_token_keys(bigint)']) as f
     where not coalesce(has_function_privilege(to_regprocedure(f), 'execute'), false)";
 
 /// Creates the database of `url` unless it exists (this is also the first connection made).

@@ -19,6 +19,7 @@ mod events;
 mod ext_authz;
 mod fleet;
 mod hardening;
+mod jwt;
 mod layers;
 mod lease_cases;
 mod local_cache;

@@ -1,0 +1,509 @@
+//! Short-lived JWTs minted from a session (`IssueJwt`), verified as an independent service
+//! would: PyJWT, with the keys fetched from the JWKS the metrics listener publishes.
+use std::{process::Stdio, time::Duration};
+
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tonic::{Code, Request};
+
+use crate::{
+    events::{SUBSCRIBER_KEY, Watcher, sql, subscribed_settings},
+    helpers::*,
+};
+use authd::{config::JwtAlgorithm, proto::authd::v1 as pb};
+
+const AUDIENCE: &str = "orders";
+const ISSUER: &str = "https://authd.test";
+
+/// Test settings with JWTs on, for `orders` and `billing`.
+fn minting(mode: Mode) -> authd::config::Settings {
+    enable(test_settings(mode))
+}
+
+fn enable(mut settings: authd::config::Settings) -> authd::config::Settings {
+    settings.jwt.enabled = true;
+    settings.jwt.issuer = ISSUER.into();
+    settings.jwt.audiences = vec![AUDIENCE.into(), "billing".into()];
+    settings
+}
+
+async fn issue(
+    app: &TestApp,
+    token: &str,
+    audience: &str,
+    ttl: Option<Duration>,
+) -> Result<pb::IssueJwtResponse, tonic::Status> {
+    app.auth
+        .clone()
+        .issue_jwt(pb::IssueJwtRequest {
+            session_token: token.into(),
+            audience: audience.into(),
+            ttl: ttl.map(|t| prost_types::Duration::try_from(t).unwrap()),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// What PyJWT makes of `jwt` for `audience`, with the keys of `app`'s JWKS URL:
+/// `Ok((claims, header))`, or the name of PyJWT's exception.
+async fn verify(app: &TestApp, jwt: &str, audience: &str) -> Result<(Value, Value), String> {
+    let url = format!(
+        "http://{}/.well-known/jwks.json",
+        app.metrics_addr.expect("the metrics listener")
+    );
+    let request = json!({"jwt": jwt, "jwks_url": url, "audience": audience, "issuer": ISSUER});
+    let mut child = tokio::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/support/verify_jwt.py"
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 is on PATH");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(request.to_string().as_bytes())
+        .await
+        .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "the verifier failed (pip install 'pyjwt[crypto]'; see README, Development): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    match printed.get("error") {
+        Some(error) => Err(error.as_str().unwrap().to_owned()),
+        None => Ok((printed["claims"].clone(), printed["header"].clone())),
+    }
+}
+
+/// The published keys, as `GET /.well-known/jwks.json` serves them.
+async fn jwks_document(app: &TestApp) -> (reqwest_like::Response, Value) {
+    let response = reqwest_like::get(app.metrics_addr.unwrap(), "/.well-known/jwks.json").await;
+    let body = serde_json::from_str(&response.body).unwrap_or(Value::Null);
+    (response, body)
+}
+
+/// The key ids of the published keys.
+async fn published(app: &TestApp) -> Vec<String> {
+    let (_, document) = jwks_document(app).await;
+    document["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A plain HTTP/1.1 GET, as a verifier's JWKS fetch makes it.
+mod reqwest_like {
+    use std::net::SocketAddr;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    pub struct Response {
+        pub status: u16,
+        pub headers: String,
+        pub body: String,
+    }
+
+    pub async fn get(addr: SocketAddr, path: &str) -> Response {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await.unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        Response {
+            status,
+            headers: head.to_ascii_lowercase(),
+            body: body.to_owned(),
+        }
+    }
+}
+
+/// A minted JWT verifies with PyJWT against the published keys, for either algorithm, and says
+/// whose session it is; the gRPC JWKS is the HTTP one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minted_jwt_verifies_with_an_independent_library_against_the_jwks() {
+    for algorithm in [JwtAlgorithm::EdDSA, JwtAlgorithm::ES256] {
+        let mut settings = minting(Mode::Redis);
+        settings.jwt.algorithm = algorithm;
+        let app = spawn_with(settings).await;
+        let (_, reg) = app.register().await;
+        let ttl = Duration::from_secs(120);
+        let minted = issue(&app, &reg.session_token, AUDIENCE, Some(ttl))
+            .await
+            .unwrap();
+        let (claims, header) = verify(&app, &minted.jwt, AUDIENCE)
+            .await
+            .unwrap_or_else(|e| panic!("{algorithm:?}: {e}"));
+        let session = reg.session.as_ref().unwrap();
+        assert_eq!(header["alg"], algorithm.name());
+        assert_eq!(header["kid"], "1");
+        assert_eq!(claims["sub"], reg.user_id.as_str());
+        assert_eq!(claims["sid"], session.session_id.as_str());
+        assert_eq!(claims["aud"], AUDIENCE);
+        assert_eq!(claims["iss"], ISSUER);
+        assert_eq!(
+            claims["sid_iat"].as_i64().unwrap(),
+            session.created_at.unwrap().seconds
+        );
+        let (iat, exp) = (
+            claims["iat"].as_i64().unwrap(),
+            claims["exp"].as_i64().unwrap(),
+        );
+        assert_eq!(exp - iat, 120);
+        assert_eq!(minted.expires_at.unwrap().seconds, exp);
+        assert!(!claims["jti"].as_str().unwrap().is_empty());
+        let again = issue(&app, &reg.session_token, AUDIENCE, None)
+            .await
+            .unwrap();
+        let (claims_again, _) = verify(&app, &again.jwt, AUDIENCE).await.unwrap();
+        assert_ne!(claims_again["jti"], claims["jti"], "every JWT its own id");
+        assert_eq!(
+            claims_again["exp"].as_i64().unwrap() - claims_again["iat"].as_i64().unwrap(),
+            300,
+            "JWT__MAX_TTL when the caller asks for no lifetime"
+        );
+
+        let (response, document) = jwks_document(&app).await;
+        assert_eq!(response.status, 200);
+        assert!(response.headers.contains("content-type: application/json"));
+        assert!(
+            response
+                .headers
+                .contains("cache-control: public, max-age=300")
+        );
+        let grpc = app
+            .auth
+            .clone()
+            .get_jwks(pb::GetJwksRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let as_json: Vec<Value> = grpc
+            .keys
+            .iter()
+            .map(|k| {
+                let mut member = serde_json::Map::new();
+                for (name, value) in [
+                    ("kty", &k.kty),
+                    ("crv", &k.crv),
+                    ("x", &k.x),
+                    ("y", &k.y),
+                    ("kid", &k.kid),
+                    ("alg", &k.alg),
+                    ("use", &k.r#use),
+                ] {
+                    if !value.is_empty() {
+                        member.insert(name.into(), json!(value));
+                    }
+                }
+                Value::Object(member)
+            })
+            .collect();
+        assert_eq!(json!(as_json), document["keys"], "{algorithm:?}");
+    }
+}
+
+/// The verifier refuses a JWT for another audience, and one past its `exp`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_verifier_refuses_another_audience_and_an_expired_jwt() {
+    let app = spawn_with(minting(Mode::Redis)).await;
+    let (_, reg) = app.register().await;
+    let billing = issue(&app, &reg.session_token, "billing", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        verify(&app, &billing.jwt, AUDIENCE).await.unwrap_err(),
+        "InvalidAudienceError"
+    );
+    verify(&app, &billing.jwt, "billing").await.unwrap();
+
+    let short = issue(
+        &app,
+        &reg.session_token,
+        AUDIENCE,
+        Some(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    let expires = short.expires_at.unwrap().seconds;
+    // PyJWT refuses from `exp` on (no leeway): wait until that second has come.
+    while chrono::Utc::now().timestamp() < expires + 1 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        verify(&app, &short.jwt, AUDIENCE).await.unwrap_err(),
+        "ExpiredSignatureError"
+    );
+}
+
+/// A JWT never outlives its session's deadline, whatever lifetime the caller asks for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_never_outlives_its_session() {
+    let mut settings = minting(Mode::Redis);
+    settings.session.idle_timeout = Duration::from_secs(30);
+    let app = spawn_with(settings).await;
+    let (_, reg) = app.register().await;
+    let minted = issue(
+        &app,
+        &reg.session_token,
+        AUDIENCE,
+        Some(Duration::from_secs(300)),
+    )
+    .await
+    .unwrap();
+    let session = app.validate_full(&reg.session_token).await.unwrap();
+    let deadline = session.session.unwrap().expires_at.unwrap().seconds;
+    let exp = minted.expires_at.unwrap().seconds;
+    assert!(
+        exp <= deadline,
+        "exp {exp}, the session's deadline {deadline}"
+    );
+    let (claims, _) = verify(&app, &minted.jwt, AUDIENCE).await.unwrap();
+    assert_eq!(claims["exp"].as_i64().unwrap(), exp);
+}
+
+/// A revoked session mints nothing, on the instance that revoked it and on every other at once
+/// (the revocation guarantee of ValidateSession); an unknown token neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_session_mints_nothing_on_any_instance() {
+    let a = spawn_with(minting(Mode::Redis)).await;
+    let b = spawn_sharing(&a, |_| {}).await;
+    let (_, reg) = a.register().await;
+    let token = &reg.session_token;
+    // B holds the session in memory before the revocation.
+    issue(&b, token, AUDIENCE, None).await.unwrap();
+    a.logout(token).await.unwrap();
+    for app in [&a, &b] {
+        assert_code(
+            issue(app, token, AUDIENCE, None).await,
+            Code::Unauthenticated,
+        );
+    }
+    let made_up = format!("{token}x");
+    assert_code(
+        issue(&a, &made_up, AUDIENCE, None).await,
+        Code::Unauthenticated,
+    );
+}
+
+/// Bad requests name the field; a server with JWTs off says UNIMPLEMENTED and publishes no
+/// JWKS; the token may come in `authorization: Bearer` metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_name_the_field_and_jwts_are_off_by_default() {
+    let app = spawn_with(minting(Mode::Redis)).await;
+    let (_, reg) = app.register().await;
+    let token = &reg.session_token;
+    for (audience, ttl, field) in [
+        ("", None, "audience"),
+        ("payroll", None, "audience"),
+        (
+            AUDIENCE,
+            Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 0,
+            }),
+            "ttl",
+        ),
+        (
+            AUDIENCE,
+            Some(prost_types::Duration {
+                seconds: -5,
+                nanos: 0,
+            }),
+            "ttl",
+        ),
+        (
+            AUDIENCE,
+            Some(prost_types::Duration {
+                seconds: 301,
+                nanos: 0,
+            }),
+            "ttl",
+        ),
+    ] {
+        let status = assert_code(
+            app.auth
+                .clone()
+                .issue_jwt(pb::IssueJwtRequest {
+                    session_token: token.clone(),
+                    audience: audience.into(),
+                    ttl,
+                })
+                .await,
+            Code::InvalidArgument,
+        );
+        assert_eq!(violation_fields(&status), [field], "{audience:?} {ttl:?}");
+    }
+    // The token in metadata; both, disagreeing.
+    let mut request = Request::new(pb::IssueJwtRequest {
+        audience: AUDIENCE.into(),
+        ..Default::default()
+    });
+    let bearer = format!("Bearer {token}").parse().unwrap();
+    request.metadata_mut().insert("authorization", bearer);
+    let minted = app
+        .auth
+        .clone()
+        .issue_jwt(request)
+        .await
+        .unwrap()
+        .into_inner();
+    verify(&app, &minted.jwt, AUDIENCE).await.unwrap();
+    let (_, other) = app.register().await;
+    let mut request = Request::new(pb::IssueJwtRequest {
+        session_token: other.session_token.clone(),
+        audience: AUDIENCE.into(),
+        ..Default::default()
+    });
+    let bearer = format!("Bearer {token}").parse().unwrap();
+    request.metadata_mut().insert("authorization", bearer);
+    let status = assert_code(
+        app.auth.clone().issue_jwt(request).await,
+        Code::InvalidArgument,
+    );
+    assert_eq!(violation_fields(&status), ["session_token"]);
+
+    let off = spawn_sharing(&app, |s| s.jwt.enabled = false).await;
+    assert_code(
+        issue(&off, token, AUDIENCE, None).await,
+        Code::Unimplemented,
+    );
+    assert_code(
+        off.auth.clone().get_jwks(pb::GetJwksRequest {}).await,
+        Code::Unimplemented,
+    );
+    let (response, _) = jwks_document(&off).await;
+    assert_eq!(response.status, 404);
+}
+
+/// Keys rotate: the next is published at once and signs only after the lead, so a verifier's
+/// copy of the JWKS has it before any JWT names it; the previous key stays published until
+/// every JWT it signed has expired (`JWT__MAX_TTL` plus a minute after its successor began
+/// signing), and its JWTs verify until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotate_and_the_old_key_verifies_until_its_jwts_expire() {
+    let app = spawn_with(minting(Mode::Redis)).await;
+    let (_, reg) = app.register().await;
+    let token = &reg.session_token;
+    let first = issue(&app, token, AUDIENCE, None).await.unwrap();
+    assert_eq!(published(&app).await, ["1"]);
+
+    // The newest key is older than JWT__KEY_ROTATION less the lead: the next is made.
+    let mut conn = sql(&app).await;
+    sqlx::query("update jwt_keys set activates_at = activates_at - interval '24 hours'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    app.refresh_keys().await;
+    assert_eq!(
+        published(&app).await,
+        ["1", "2"],
+        "published before it signs"
+    );
+    let (_, header) = verify(
+        &app,
+        &issue(&app, token, AUDIENCE, None).await.unwrap().jwt,
+        AUDIENCE,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        header["kid"], "1",
+        "the new key does not sign during the lead"
+    );
+
+    // The lead is over: the new key signs; the first key's JWTs still verify.
+    sqlx::query("update jwt_keys set activates_at = now() where id = 2")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    app.refresh_keys().await;
+    let second = issue(&app, token, AUDIENCE, None).await.unwrap();
+    let (_, header) = verify(&app, &second.jwt, AUDIENCE).await.unwrap();
+    assert_eq!(header["kid"], "2");
+    verify(&app, &first.jwt, AUDIENCE)
+        .await
+        .expect("a JWT of the previous key verifies until it expires");
+    assert_eq!(published(&app).await, ["1", "2"]);
+
+    // JWT__MAX_TTL (5 minutes) and a minute after the successor began signing, every JWT of
+    // the first key has expired: it is no longer published.
+    sqlx::query(
+        "update jwt_keys set activates_at = now() - interval '6 minutes 1 second' where id = 2",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    app.refresh_keys().await;
+    assert_eq!(published(&app).await, ["2"]);
+    verify(&app, &second.jwt, AUDIENCE).await.unwrap();
+
+    // A change of algorithm takes effect with a new key, made at once.
+    let es256 = spawn_sharing(&app, |s| s.jwt.algorithm = JwtAlgorithm::ES256).await;
+    let (_, document) = jwks_document(&es256).await;
+    let algorithms: Vec<&str> = document["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["alg"].as_str().unwrap())
+        .collect();
+    assert_eq!(algorithms, ["EdDSA", "ES256"]);
+    // Instances of both settings during the change add no key at each refresh.
+    for _ in 0..3 {
+        app.refresh_keys().await;
+        es256.refresh_keys().await;
+    }
+    assert_eq!(published(&es256).await, ["2", "3"]);
+}
+
+/// The `sid` of a minted JWT is what the event stream names when its session is revoked, and
+/// `sid_iat` is within the cutoff of a revocation of every session of its user: a verifier that
+/// follows the stream denies the JWT from then on, not from its `exp`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_names_the_sid_of_a_revoked_sessions_jwts() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_with(enable(subscribed_settings(Mode::Redis, dir.path()))).await;
+    let (email, reg) = app.register().await;
+    let second = app.login(&email, PASSWORD).await.unwrap();
+    let mut watcher = Watcher::open(&app, Some(SUBSCRIBER_KEY), pb::Mode::Bounded, "")
+        .await
+        .unwrap();
+    watcher.next().await.unwrap();
+
+    let minted = issue(&app, &reg.session_token, AUDIENCE, None)
+        .await
+        .unwrap();
+    let (claims, _) = verify(&app, &minted.jwt, AUDIENCE).await.unwrap();
+    app.logout(&reg.session_token).await.unwrap();
+    let (events, _) = watcher.events(1).await;
+    match events[0].kind.as_ref().unwrap() {
+        pb::event::Kind::SessionRevoked(revoked) => {
+            assert_eq!(revoked.session_id, claims["sid"].as_str().unwrap());
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let minted = issue(&app, &second.session_token, AUDIENCE, None)
+        .await
+        .unwrap();
+    let (claims, _) = verify(&app, &minted.jwt, AUDIENCE).await.unwrap();
+    app.revoke_all(&second.session_token, true).await.unwrap();
+    let (events, _) = watcher.events(1).await;
+    match events[0].kind.as_ref().unwrap() {
+        pb::event::Kind::SessionsRevoked(revoked) => {
+            assert_eq!(revoked.user_id, claims["sub"].as_str().unwrap());
+            assert!(claims["sid_iat"].as_i64().unwrap() <= revoked.cutoff.unwrap().seconds);
+            assert_ne!(revoked.kept_session_id, claims["sid"].as_str().unwrap());
+        }
+        other => panic!("{other:?}"),
+    }
+}
