@@ -141,6 +141,23 @@ fn validate_call(tokens: Arc<Vec<String>>) -> impl driver::Call {
     }
 }
 
+/// An IssueJwt of each user's token in turn (the audience the bench's settings allow).
+fn issue_jwt_call(tokens: Arc<Vec<String>>) -> impl driver::Call {
+    move |ch: Channel, seq| {
+        let token = tokens[seq as usize % tokens.len()].clone();
+        async move {
+            AuthServiceClient::new(ch)
+                .issue_jwt(pb::IssueJwtRequest {
+                    session_token: token,
+                    audience: crate::setup::JWT_AUDIENCE.into(),
+                    ttl: None,
+                })
+                .await
+                .map(|_| ())
+        }
+    }
+}
+
 fn get_profile_call(ids: Arc<Vec<String>>) -> impl driver::Call {
     move |ch: Channel, seq| {
         let user_id = ids[seq as usize % ids.len()].clone();
@@ -258,10 +275,11 @@ async fn warm(env: &Env, server: &Server) -> anyhow::Result<()> {
 }
 
 /// The scenarios run against instances with LOCAL_CACHE__ENABLED=true.
-const LOCAL_SCENARIOS: [&str; 5] = [
+const LOCAL_SCENARIOS: [&str; 6] = [
     "validate_local",
     "validate_local_open",
     "get_profile_local",
+    "issue_jwt",
     "revoke_latency",
     "local_memory",
 ];
@@ -523,6 +541,15 @@ pub async fn run_all(opts: &Opts) -> anyhow::Result<Report> {
                 validate_call(tokens(&env))
             );
         }
+        // Minting from a session the instance holds in memory: the signature's cost.
+        scenario!(
+            "issue_jwt",
+            server,
+            load,
+            closed,
+            &[],
+            issue_jwt_call(tokens(&env))
+        );
         scenario!(
             "get_profile_local",
             server,

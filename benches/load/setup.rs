@@ -20,6 +20,8 @@ use tokio::{net::TcpListener, sync::oneshot};
 use tonic::transport::{Channel, Endpoint};
 
 pub const PASSWORD: &str = "benchmark passphrase";
+/// The audience `issue_jwt` asks for (the only one the settings allow).
+pub const JWT_AUDIENCE: &str = "orders";
 
 pub struct Server {
     pub db: Arc<Db>,
@@ -65,8 +67,10 @@ pub fn settings(redis: bool, db_name: &str, prefix: &str) -> Settings {
     // The benchmark logs in the same users over and over: no limit should get in the way.
     s.rate_limit.login_per_email = 0;
     s.rate_limit.login_per_ip = 0;
-    // Envoy's external authorization (the `ext_authz` scenarios).
+    // Envoy's external authorization (the `ext_authz` scenarios), and JWTs (`issue_jwt`).
     s.ext_authz.enabled = true;
+    s.jwt.enabled = true;
+    s.jwt.audiences = vec![JWT_AUDIENCE.into()];
     s.log = LogSettings {
         level: std::env::var("BENCH_LOG").unwrap_or_else(|_| "off".into()),
         ..LogSettings::default()

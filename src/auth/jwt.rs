@@ -4,24 +4,32 @@
 //! Keys live in PostgreSQL (`jwt_keys`) and rotate as the session tokens' keys do (`keys`):
 //! every instance reloads them every [`KEY_REFRESH`]; the first to find the newest key of
 //! `JWT__ALGORITHM` older than `JWT__KEY_ROTATION` less [`KEY_LEAD`] (or none) makes the next.
-//! The newest active key signs, whatever its algorithm. A new key is published at once and signs only [`KEY_LEAD`] later: every instance
-//! has loaded it by then, and every verifier that refreshes its copy of the JWKS as often as the
-//! document's `Cache-Control` asks ([`JWKS_MAX_AGE`]) holds it before a JWT names it. A key is
-//! published until `JWT__MAX_TTL` (plus [`SKEW`]) after its successor began signing: every JWT
-//! it signed has expired by then.
+//! A new key is published at once and signs only [`KEY_LEAD`] later; the newest key that has
+//! activated signs, whatever its algorithm.
+//!
+//! - **Published before it signs.** An instance answers the JWKS only while its last successful
+//!   reload is younger than [`JWKS_FRESH`], and says `Cache-Control: max-age` [`JWKS_MAX_AGE`]:
+//!   a verifier's copy is then never older than [`KEY_LEAD`] less [`SKEW`] behind PostgreSQL,
+//!   so it holds every key before the key signs.
+//! - **Signs only with what every instance publishes.** An instance signs only while its last
+//!   successful reload is younger than [`KEY_LEAD`] less [`SKEW`]: no key it does not know can
+//!   have activated meanwhile, so it never signs with a key its successor has replaced.
+//! - **Published until its JWTs expire.** A key is published until [`MAX_TTL_CEILING`] (the
+//!   longest `JWT__MAX_TTL` any instance may have) plus [`SKEW`] after its successor activated,
+//!   and deleted a day later at the earliest (`purge_jwt_keys`).
 //!
 //! A revoked session mints nothing (the session is validated as `ValidateSession` does, under
 //! the same guarantee); a JWT minted before the revocation lives until its `exp`, which a
 //! verifier closes by denying the JWT's `sid` from the event stream (README "Short-lived JWTs").
 use std::{
-    sync::{Arc, RwLock},
-    time::Duration,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
 };
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, TimeDelta, Utc};
 use jsonwebtoken::{
-    Algorithm, EncodingKey, Header,
+    Algorithm, Header,
     jwk::{
         AlgorithmParameters, CommonParameters, EllipticCurve, EllipticCurveKeyParameters,
         EllipticCurveKeyType, Jwk, JwkSet, KeyAlgorithm, OctetKeyPairParameters, OctetKeyPairType,
@@ -33,6 +41,7 @@ use ring::{
     signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair},
 };
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use super::{
     AuthError, AuthService,
@@ -41,17 +50,21 @@ use super::{
 };
 use crate::{
     clock::Clock,
-    config::{JwtAlgorithm, JwtSettings},
-    store::{Db, NewJwtKey, StoredJwtKey},
+    config::{JWT_MAX_TTL_CEILING as MAX_TTL_CEILING, JwtAlgorithm, JwtSettings},
+    store::{Db, NewJwtKey, StoreError, StoredJwtKey},
 };
 
-/// How long a verifier may keep its copy of the JWKS (`Cache-Control: max-age`): less than
-/// [`KEY_LEAD`] less [`KEY_REFRESH`], so a new key reaches every verifier before it signs.
+/// How long a verifier may keep its copy of the JWKS (`Cache-Control: max-age`).
 pub const JWKS_MAX_AGE: Duration = Duration::from_secs(5 * 60);
-const _: () = assert!(JWKS_MAX_AGE.as_secs() + KEY_REFRESH.as_secs() < KEY_LEAD.as_secs());
-
-/// Added to a key's publication beyond the last `exp` it signed: verifiers' clocks differ.
+/// Allowed between the clocks of authd's instances, PostgreSQL and verifiers.
 pub const SKEW: Duration = Duration::from_secs(60);
+/// An instance answers the JWKS while its last successful reload is younger than this: a copy
+/// served then, kept [`JWKS_MAX_AGE`], is at most [`KEY_LEAD`] less [`SKEW`] old.
+pub const JWKS_FRESH: Duration =
+    Duration::from_secs(KEY_LEAD.as_secs() - JWKS_MAX_AGE.as_secs() - SKEW.as_secs());
+const _: () = assert!(JWKS_FRESH.as_secs() >= 3 * KEY_REFRESH.as_secs());
+/// An instance signs while its last successful reload is younger than this.
+const SIGNING_FRESH: Duration = Duration::from_secs(KEY_LEAD.as_secs() - SKEW.as_secs());
 
 /// A JWT as IssueJwt returns it.
 pub struct MintedJwt {
@@ -68,29 +81,45 @@ struct Claims<'a> {
     aud: &'a str,
     /// The session's id: what the event stream names when the session is revoked.
     sid: String,
-    /// When the session was created (seconds, rounded down): `SessionsRevoked` revokes the
-    /// user's sessions created at or before its cutoff.
-    sid_iat: i64,
+    /// When the session was created, in microseconds since the epoch (as exact as the event
+    /// stream's cutoffs): `SessionsRevoked` revokes the user's sessions created at or before
+    /// its `cutoff`.
+    sid_created_us: i64,
     iat: i64,
     exp: i64,
     jti: String,
 }
 
+enum Signer {
+    Ed25519(Ed25519KeyPair),
+    P256(EcdsaKeyPair),
+}
+
 struct SigningKey {
-    kid: String,
-    algorithm: Algorithm,
-    encoding: EncodingKey,
+    /// The base64url of the JWS header (`alg`, `typ`, `kid`): the same for every JWT of the key.
+    header: String,
+    signer: Signer,
     jwk: Jwk,
     activates_at: DateTime<Utc>,
-    /// Published until then (`None`: no successor signs yet).
+    /// Published and used until then (`None`: no successor signs yet).
     retires_at: Option<DateTime<Utc>>,
 }
 
+/// The keys as last loaded, and when.
+#[derive(Default)]
+struct Loaded {
+    keys: Vec<SigningKey>,
+    at: Option<Instant>,
+}
+
 pub struct JwtKeys {
-    keys: RwLock<Arc<Vec<SigningKey>>>,
+    loaded: RwLock<Arc<Loaded>>,
     db: Arc<Db>,
     clock: Arc<Clock>,
     settings: JwtSettings,
+    rng: SystemRandom,
+    /// The last time a stale reload was logged.
+    stale_logged: Mutex<Option<Instant>>,
 }
 
 /// A new key pair: its PKCS#8 document.
@@ -104,28 +133,30 @@ fn generate(algorithm: JwtAlgorithm) -> Result<Vec<u8>, AuthError> {
     Ok(document.as_ref().to_vec())
 }
 
+/// The key's RFC 7638 thumbprint (base64url of the SHA-256 of its required members, in
+/// lexicographic order): its `kid`, the same wherever the key is, and never another key's.
+fn thumbprint(members: &[(&str, &str)]) -> String {
+    let json = members
+        .iter()
+        .map(|(name, value)| format!("\"{name}\":\"{value}\""))
+        .collect::<Vec<_>>()
+        .join(",");
+    URL_SAFE_NO_PAD.encode(Sha256::digest(format!("{{{json}}}")))
+}
+
 /// The stored key, ready to sign and to publish; `None` when it does not parse.
-fn parse(stored: &StoredJwtKey, retires_at: Option<DateTime<Utc>>) -> Option<SigningKey> {
-    let kid = stored.id.to_string();
-    let common = |algorithm| CommonParameters {
-        public_key_use: Some(PublicKeyUse::Signature),
-        key_algorithm: Some(algorithm),
-        key_id: Some(kid.clone()),
-        ..CommonParameters::default()
-    };
-    let (algorithm, encoding, jwk) = match stored.algorithm.as_str() {
+fn parse(stored: &StoredJwtKey) -> Option<SigningKey> {
+    let (signer, algorithm, parameters, kid) = match stored.algorithm.as_str() {
         "EdDSA" => {
             let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&stored.private_key).ok()?;
-            let jwk = Jwk {
-                common: common(KeyAlgorithm::EdDSA),
-                algorithm: AlgorithmParameters::OctetKeyPair(OctetKeyPairParameters {
-                    key_type: OctetKeyPairType::OctetKeyPair,
-                    curve: EllipticCurve::Ed25519,
-                    x: URL_SAFE_NO_PAD.encode(pair.public_key().as_ref()),
-                }),
-            };
-            let encoding = EncodingKey::from_ed_der(&stored.private_key);
-            (Algorithm::EdDSA, encoding, jwk)
+            let x = URL_SAFE_NO_PAD.encode(pair.public_key().as_ref());
+            let kid = thumbprint(&[("crv", "Ed25519"), ("kty", "OKP"), ("x", &x)]);
+            let parameters = AlgorithmParameters::OctetKeyPair(OctetKeyPairParameters {
+                key_type: OctetKeyPairType::OctetKeyPair,
+                curve: EllipticCurve::Ed25519,
+                x,
+            });
+            (Signer::Ed25519(pair), Algorithm::EdDSA, parameters, kid)
         }
         "ES256" => {
             let pair = EcdsaKeyPair::from_pkcs8(
@@ -135,39 +166,53 @@ fn parse(stored: &StoredJwtKey, retires_at: Option<DateTime<Utc>>) -> Option<Sig
             )
             .ok()?;
             // The uncompressed point: 0x04, x, y.
-            let point = pair.public_key().as_ref();
-            let (x, y) = point.get(1..)?.split_at_checked(32)?;
-            let jwk = Jwk {
-                common: common(KeyAlgorithm::ES256),
-                algorithm: AlgorithmParameters::EllipticCurve(EllipticCurveKeyParameters {
-                    key_type: EllipticCurveKeyType::EC,
-                    curve: EllipticCurve::P256,
-                    x: URL_SAFE_NO_PAD.encode(x),
-                    y: URL_SAFE_NO_PAD.encode(y),
-                }),
-            };
-            let encoding = EncodingKey::from_ec_der(&stored.private_key);
-            (Algorithm::ES256, encoding, jwk)
+            let (x, y) = pair.public_key().as_ref().get(1..)?.split_at_checked(32)?;
+            let (x, y) = (URL_SAFE_NO_PAD.encode(x), URL_SAFE_NO_PAD.encode(y));
+            let kid = thumbprint(&[("crv", "P-256"), ("kty", "EC"), ("x", &x), ("y", &y)]);
+            let parameters = AlgorithmParameters::EllipticCurve(EllipticCurveKeyParameters {
+                key_type: EllipticCurveKeyType::EC,
+                curve: EllipticCurve::P256,
+                x,
+                y,
+            });
+            (Signer::P256(pair), Algorithm::ES256, parameters, kid)
         }
         _ => return None,
     };
+    let mut header = Header::new(algorithm);
+    header.kid = Some(kid.clone());
+    let header = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header).ok()?);
+    let key_algorithm = match algorithm {
+        Algorithm::ES256 => KeyAlgorithm::ES256,
+        _ => KeyAlgorithm::EdDSA,
+    };
+    let jwk = Jwk {
+        common: CommonParameters {
+            public_key_use: Some(PublicKeyUse::Signature),
+            key_algorithm: Some(key_algorithm),
+            key_id: Some(kid),
+            ..CommonParameters::default()
+        },
+        algorithm: parameters,
+    };
     Some(SigningKey {
-        kid,
-        algorithm,
-        encoding,
+        header,
+        signer,
         jwk,
         activates_at: stored.activates_at,
-        retires_at,
+        retires_at: None,
     })
 }
 
 impl JwtKeys {
     pub fn new(db: Arc<Db>, clock: Arc<Clock>, settings: JwtSettings) -> Self {
         Self {
-            keys: RwLock::new(Arc::new(Vec::new())),
+            loaded: RwLock::new(Arc::new(Loaded::default())),
             db,
             clock,
             settings,
+            rng: SystemRandom::new(),
+            stale_logged: Mutex::new(None),
         }
     }
 
@@ -175,21 +220,41 @@ impl JwtKeys {
         self.settings.enabled
     }
 
-    fn keys(&self) -> Arc<Vec<SigningKey>> {
-        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The keys, if the last successful reload is younger than `fresh`; UNAVAILABLE otherwise
+    /// (a key this instance has not loaded may be in use).
+    fn keys(&self, fresh: Duration) -> Result<Arc<Loaded>, AuthError> {
+        let loaded = self
+            .loaded
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if loaded.at.is_some_and(|at| at.elapsed() < fresh) {
+            return Ok(loaded);
+        }
+        let mut logged = self.stale_logged.lock().unwrap_or_else(|e| e.into_inner());
+        if logged.is_none_or(|at| at.elapsed() > KEY_REFRESH) {
+            *logged = Some(Instant::now());
+            tracing::error!(
+                "the JWT signing keys could not be reloaded from PostgreSQL for too long: \
+                 IssueJwt and the JWKS answer UNAVAILABLE until a reload succeeds"
+            );
+        }
+        Err(AuthError::Store(StoreError::Unavailable(None)))
     }
 
-    /// How long a key stays published after its successor began signing.
-    fn publication_after_successor(&self) -> Duration {
-        self.settings.max_ttl + SKEW
-    }
-
-    /// Makes the next key when due, deletes keys no JWT can name any more, and reloads; nothing
-    /// when JWTs are off. Startup runs it before serving, so there is always a key to sign with.
+    /// Makes the next key when due, deletes keys no JWT can name any more, and reloads (even
+    /// when the first two failed); nothing when JWTs are off. Startup runs it before serving,
+    /// so there is always a key to sign with.
     pub async fn refresh(&self) -> Result<(), AuthError> {
         if !self.settings.enabled {
             return Ok(());
         }
+        let maintained = self.maintain().await;
+        let reloaded = self.reload().await;
+        maintained.and(reloaded)
+    }
+
+    async fn maintain(&self) -> Result<(), AuthError> {
         let repo = self.db.jwt_keys();
         let private_key = generate(self.settings.algorithm)?;
         let key = NewJwtKey {
@@ -206,34 +271,42 @@ impl JwtKeys {
                 "made the next JWT signing key (published now, signing from activates_at)"
             );
         }
-        let purged = repo.purge(self.publication_after_successor()).await?;
+        let purged = repo.purge(MAX_TTL_CEILING + SKEW).await?;
         if purged > 0 {
             tracing::info!(
                 purged,
                 "deleted JWT signing keys older than every JWT they signed"
             );
         }
-        self.reload().await
+        Ok(())
     }
 
     async fn reload(&self) -> Result<(), AuthError> {
         let stored = self.db.jwt_keys().load().await?;
-        let after = TimeDelta::from_std(self.publication_after_successor()).unwrap_or_default();
+        let after = TimeDelta::from_std(MAX_TTL_CEILING + SKEW).unwrap_or_default();
         let mut keys = Vec::with_capacity(stored.len());
+        // Only a key that parsed retires its predecessor: one that does not is never used.
         let mut successor: Option<DateTime<Utc>> = None;
         for key in stored.iter().rev() {
-            match parse(key, successor.map(|at| at + after)) {
-                Some(parsed) => keys.push(parsed),
+            match parse(key) {
+                Some(mut parsed) => {
+                    parsed.retires_at = successor.map(|at| at + after);
+                    successor = Some(parsed.activates_at);
+                    keys.push(parsed);
+                }
                 None => tracing::error!(
                     id = key.id,
                     algorithm = %key.algorithm,
                     "a JWT signing key in PostgreSQL does not parse; ignored"
                 ),
             }
-            successor = Some(key.activates_at);
         }
         keys.reverse();
-        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        let loaded = Loaded {
+            keys,
+            at: Some(Instant::now()),
+        };
+        *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded);
         Ok(())
     }
 
@@ -243,9 +316,10 @@ impl JwtKeys {
             return Err(AuthError::NotEnabled("JWTs"));
         }
         let now = self.clock.now();
-        let keys = self.keys();
+        let loaded = self.keys(JWKS_FRESH)?;
         Ok(JwkSet {
-            keys: keys
+            keys: loaded
+                .keys
                 .iter()
                 .filter(|k| k.retires_at.is_none_or(|at| now < at))
                 .map(|k| k.jwk.clone())
@@ -293,31 +367,47 @@ impl JwtKeys {
         ttl: Duration,
         now: DateTime<Utc>,
     ) -> Result<MintedJwt, AuthError> {
-        let keys = self.keys();
-        let key = keys
+        let loaded = self.keys(SIGNING_FRESH)?;
+        let key = loaded
+            .keys
             .iter()
             .rev()
-            .find(|k| k.activates_at <= now)
-            .or_else(|| keys.first())
+            .find(|k| k.activates_at <= now && k.retires_at.is_none_or(|at| now < at))
+            .or_else(|| loaded.keys.first().filter(|k| k.retires_at.is_none()))
             .ok_or_else(|| AuthError::Internal("no JWT signing key is loaded".into()))?;
         let wanted = now + TimeDelta::from_std(ttl).unwrap_or_default();
-        // A JWT never outlives its session's current deadline.
+        // A JWT never outlives its session's current deadline; one that would expire within
+        // the second is not worth minting (the session is as good as expired).
         let expires_at = wanted.min(view.expires_at);
+        if expires_at.timestamp() <= now.timestamp() {
+            return Err(AuthError::InvalidSession);
+        }
         let record = &view.record;
         let claims = Claims {
             iss: &self.settings.issuer,
             sub: record.user_id.to_string(),
             aud: audience,
             sid: record.id.to_string(),
-            sid_iat: record.created_at.timestamp(),
+            sid_created_us: record.created_at.timestamp_micros(),
             iat: now.timestamp(),
             exp: expires_at.timestamp(),
             jti: uuid::Uuid::new_v4().to_string(),
         };
-        let mut header = Header::new(key.algorithm);
-        header.kid = Some(key.kid.clone());
-        let jwt = jsonwebtoken::encode(&header, &claims, &key.encoding)
-            .map_err(|e| AuthError::Internal(format!("could not sign a JWT: {e}")))?;
+        let claims_json = serde_json::to_vec(&claims)
+            .map_err(|e| AuthError::Internal(format!("could not write a JWT's claims: {e}")))?;
+        let mut jwt = format!("{}.{}", key.header, URL_SAFE_NO_PAD.encode(claims_json));
+        let failed = |_| AuthError::Internal("could not sign a JWT".into());
+        let signature = match &key.signer {
+            Signer::Ed25519(pair) => pair.sign(jwt.as_bytes()).as_ref().to_vec(),
+            // The fixed encoding is JWS's: r and s, 32 bytes each.
+            Signer::P256(pair) => pair
+                .sign(&self.rng, jwt.as_bytes())
+                .map_err(failed)?
+                .as_ref()
+                .to_vec(),
+        };
+        jwt.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature, &mut jwt);
         Ok(MintedJwt {
             jwt,
             // What the JWT says (whole seconds).
@@ -339,14 +429,15 @@ impl AuthService {
         if !self.jwt.enabled() {
             return Err(AuthError::NotEnabled("JWTs"));
         }
-        let (audience, ttl) = self
-            .jwt
-            .request(audience, ttl)
-            .map_err(AuthError::InvalidInput)?;
         // Read before the validation: the JWT's life is counted from a moment the session was
         // valid at, never from after a revocation that ran meanwhile.
         let now = self.clock.now();
         let view = self.validate(token).await?;
+        // Checked after the token: who holds no session learns nothing of the audiences.
+        let (audience, ttl) = self
+            .jwt
+            .request(audience, ttl)
+            .map_err(AuthError::InvalidInput)?;
         self.jwt.sign(&view, audience, ttl, now)
     }
 

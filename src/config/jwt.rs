@@ -78,6 +78,10 @@ fn comma_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>,
         .collect())
 }
 
+/// The longest `JWT__MAX_TTL`: a key stays published this long (and a minute) after its
+/// successor began signing, whatever the instances' settings.
+pub const MAX_TTL_CEILING: Duration = Duration::from_secs(3600);
+
 /// At most this many audiences, each at most [`MAX_CLAIM`] bytes, as is the issuer.
 const MAX_AUDIENCES: usize = 64;
 const MAX_CLAIM: usize = 256;
@@ -105,7 +109,7 @@ impl JwtSettings {
                  commas",
             );
         }
-        if !(Duration::from_secs(10)..=Duration::from_secs(3600)).contains(&self.max_ttl) {
+        if !(Duration::from_secs(10)..=MAX_TTL_CEILING).contains(&self.max_ttl) {
             return invalid(
                 "JWT__MAX_TTL",
                 "must be 10s to 1h: these JWTs are short-lived",

@@ -29,7 +29,7 @@ pub use ext_authz::ExtAuthzSettings;
 pub use grpc::{
     GrpcSettings, GrpcTlsSettings, HealthSettings, LogFormat, LogSettings, MetricsSettings,
 };
-pub use jwt::{JwtAlgorithm, JwtSettings};
+pub use jwt::{JwtAlgorithm, JwtSettings, MAX_TTL_CEILING as JWT_MAX_TTL_CEILING};
 pub use redis::{
     LocalCacheSettings, ProfileCacheSettings, RedisSettings, RedisTlsSettings, SentinelSettings,
 };

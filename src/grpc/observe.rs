@@ -84,7 +84,7 @@ fn request_id<B>(request: &Request<B>) -> HeaderValue {
 fn share_of(path: &str) -> Share {
     match path.trim_start_matches('/').split_once('/') {
         Some(("authd.v1.AuthService", "Login" | "Register")) => Share::Logins,
-        Some(("authd.v1.AuthService", "ValidateSession"))
+        Some(("authd.v1.AuthService", "ValidateSession" | "IssueJwt" | "GetJwks"))
         | Some((crate::grpc::ext_authz::SERVICE, "Check"))
         | Some(("authd.v1.ProfileService", "GetProfile" | "BatchGetProfiles")) => Share::Lookups,
         Some(("authd.v1.AuthService" | "authd.v1.ProfileService", _)) => Share::Changes,

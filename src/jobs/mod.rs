@@ -227,7 +227,10 @@ impl Jobs {
                 let auth = auth.clone();
                 async move {
                     if let Err(error) = auth.refresh_keys().await {
-                        tracing::warn!(%error, "could not reload the token signing keys; retrying");
+                        tracing::warn!(
+                            %error,
+                            "could not make or reload the token or JWT signing keys; retrying"
+                        );
                     }
                 }
             }

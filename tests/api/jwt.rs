@@ -45,7 +45,8 @@ async fn issue(
 }
 
 /// What PyJWT makes of `jwt` for `audience`, with the keys of `app`'s JWKS URL:
-/// `Ok((claims, header))`, or the name of PyJWT's exception.
+/// `Ok((claims, header))`, or the name of PyJWT's exception. The header's `kid` must be the
+/// thumbprint of the key that verified the JWT, computed by the verifier from the JWKS.
 async fn verify(app: &TestApp, jwt: &str, audience: &str) -> Result<(Value, Value), String> {
     let url = format!(
         "http://{}/.well-known/jwks.json",
@@ -77,7 +78,14 @@ async fn verify(app: &TestApp, jwt: &str, audience: &str) -> Result<(Value, Valu
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
     match printed.get("error") {
         Some(error) => Err(error.as_str().unwrap().to_owned()),
-        None => Ok((printed["claims"].clone(), printed["header"].clone())),
+        None => {
+            let (claims, header) = (printed["claims"].clone(), printed["header"].clone());
+            assert_eq!(
+                header["kid"], printed["thumbprint"],
+                "the kid is the key's RFC 7638 thumbprint"
+            );
+            Ok((claims, header))
+        }
     }
 }
 
@@ -145,14 +153,16 @@ async fn a_minted_jwt_verifies_with_an_independent_library_against_the_jwks() {
             .unwrap_or_else(|e| panic!("{algorithm:?}: {e}"));
         let session = reg.session.as_ref().unwrap();
         assert_eq!(header["alg"], algorithm.name());
-        assert_eq!(header["kid"], "1");
+        assert_eq!(header["typ"], "JWT");
+        assert_eq!(header["kid"], published(&app).await[0].as_str());
         assert_eq!(claims["sub"], reg.user_id.as_str());
         assert_eq!(claims["sid"], session.session_id.as_str());
         assert_eq!(claims["aud"], AUDIENCE);
         assert_eq!(claims["iss"], ISSUER);
+        let created = session.created_at.unwrap();
         assert_eq!(
-            claims["sid_iat"].as_i64().unwrap(),
-            session.created_at.unwrap().seconds
+            claims["sid_created_us"].as_i64().unwrap(),
+            created.seconds * 1_000_000 + i64::from(created.nanos / 1000)
         );
         let (iat, exp) = (
             claims["iat"].as_i64().unwrap(),
@@ -343,6 +353,11 @@ async fn bad_requests_name_the_field_and_jwts_are_off_by_default() {
         );
         assert_eq!(violation_fields(&status), [field], "{audience:?} {ttl:?}");
     }
+    // Without a valid session, nothing is said of the audiences.
+    assert_code(
+        issue(&app, &format!("{token}x"), "payroll", None).await,
+        Code::Unauthenticated,
+    );
     // The token in metadata; both, disagreeing.
     let mut request = Request::new(pb::IssueJwtRequest {
         audience: AUDIENCE.into(),
@@ -395,7 +410,8 @@ async fn keys_rotate_and_the_old_key_verifies_until_its_jwts_expire() {
     let (_, reg) = app.register().await;
     let token = &reg.session_token;
     let first = issue(&app, token, AUDIENCE, None).await.unwrap();
-    assert_eq!(published(&app).await, ["1"]);
+    let one = published(&app).await;
+    assert_eq!(one.len(), 1);
 
     // The newest key is older than JWT__KEY_ROTATION less the lead: the next is made.
     let mut conn = sql(&app).await;
@@ -404,20 +420,14 @@ async fn keys_rotate_and_the_old_key_verifies_until_its_jwts_expire() {
         .await
         .unwrap();
     app.refresh_keys().await;
+    let both = published(&app).await;
+    assert_eq!(both.len(), 2, "published before it signs");
+    assert_eq!(both[0], one[0]);
+    let during_lead = issue(&app, token, AUDIENCE, None).await.unwrap();
+    let (_, header) = verify(&app, &during_lead.jwt, AUDIENCE).await.unwrap();
     assert_eq!(
-        published(&app).await,
-        ["1", "2"],
-        "published before it signs"
-    );
-    let (_, header) = verify(
-        &app,
-        &issue(&app, token, AUDIENCE, None).await.unwrap().jwt,
-        AUDIENCE,
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        header["kid"], "1",
+        header["kid"],
+        one[0].as_str(),
         "the new key does not sign during the lead"
     );
 
@@ -429,23 +439,40 @@ async fn keys_rotate_and_the_old_key_verifies_until_its_jwts_expire() {
     app.refresh_keys().await;
     let second = issue(&app, token, AUDIENCE, None).await.unwrap();
     let (_, header) = verify(&app, &second.jwt, AUDIENCE).await.unwrap();
-    assert_eq!(header["kid"], "2");
+    assert_eq!(header["kid"], both[1].as_str());
     verify(&app, &first.jwt, AUDIENCE)
         .await
         .expect("a JWT of the previous key verifies until it expires");
-    assert_eq!(published(&app).await, ["1", "2"]);
+    assert_eq!(published(&app).await, both);
 
-    // JWT__MAX_TTL (5 minutes) and a minute after the successor began signing, every JWT of
-    // the first key has expired: it is no longer published.
+    // An hour (the longest JWT__MAX_TTL any instance may have) and a minute after the successor
+    // began signing, every JWT of the first key has expired: it is no longer published.
     sqlx::query(
-        "update jwt_keys set activates_at = now() - interval '6 minutes 1 second' where id = 2",
+        "update jwt_keys set activates_at = now() - interval '60 minutes 59 seconds' where id = 2",
     )
     .execute(&mut conn)
     .await
     .unwrap();
     app.refresh_keys().await;
-    assert_eq!(published(&app).await, ["2"]);
+    assert_eq!(
+        published(&app).await,
+        both,
+        "kept until the hour and a minute"
+    );
+    sqlx::query(
+        "update jwt_keys set activates_at = now() - interval '61 minutes 1 second' where id = 2",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    app.refresh_keys().await;
+    assert_eq!(published(&app).await, [both[1].clone()]);
     verify(&app, &second.jwt, AUDIENCE).await.unwrap();
+    assert_eq!(
+        verify(&app, &first.jwt, AUDIENCE).await.unwrap_err(),
+        "PyJWKClientError",
+        "no key verifies a JWT of a key no longer published"
+    );
 
     // A change of algorithm takes effect with a new key, made at once.
     let es256 = spawn_sharing(&app, |s| s.jwt.algorithm = JwtAlgorithm::ES256).await;
@@ -462,48 +489,87 @@ async fn keys_rotate_and_the_old_key_verifies_until_its_jwts_expire() {
         app.refresh_keys().await;
         es256.refresh_keys().await;
     }
-    assert_eq!(published(&es256).await, ["2", "3"]);
+    assert_eq!(published(&es256).await.len(), 2);
+}
+
+/// A key in PostgreSQL that does not parse is never used and never published, and retires
+/// nothing: the key before it goes on signing, and stays published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_does_not_parse_is_passed_over() {
+    let app = spawn_with(minting(Mode::Redis)).await;
+    let (_, reg) = app.register().await;
+    let good = published(&app).await;
+    let mut conn = sql(&app).await;
+    sqlx::query(
+        "insert into jwt_keys (algorithm, private_key, activates_at)
+         values ('EdDSA', '\\x0badc0de', now() - interval '2 hours')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    app.refresh_keys().await;
+    assert_eq!(published(&app).await, good);
+    let minted = issue(&app, &reg.session_token, AUDIENCE, None)
+        .await
+        .unwrap();
+    let (_, header) = verify(&app, &minted.jwt, AUDIENCE).await.unwrap();
+    assert_eq!(header["kid"], good[0].as_str());
 }
 
 /// The `sid` of a minted JWT is what the event stream names when its session is revoked, and
-/// `sid_iat` is within the cutoff of a revocation of every session of its user: a verifier that
-/// follows the stream denies the JWT from then on, not from its `exp`.
+/// `sid_created_us` says exactly whether a revocation of every session of its user covers it:
+/// a verifier that follows the stream denies the JWT from then on, not from its `exp`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_event_stream_names_the_sid_of_a_revoked_sessions_jwts() {
     let dir = tempfile::tempdir().unwrap();
     let app = spawn_with(enable(subscribed_settings(Mode::Redis, dir.path()))).await;
     let (email, reg) = app.register().await;
-    let second = app.login(&email, PASSWORD).await.unwrap();
     let mut watcher = Watcher::open(&app, Some(SUBSCRIBER_KEY), pb::Mode::Bounded, "")
         .await
         .unwrap();
     watcher.next().await.unwrap();
+    let claims_of = |token: String| {
+        let app = &app;
+        async move {
+            let minted = issue(app, &token, AUDIENCE, None).await.unwrap();
+            verify(app, &minted.jwt, AUDIENCE).await.unwrap().0
+        }
+    };
 
-    let minted = issue(&app, &reg.session_token, AUDIENCE, None)
-        .await
-        .unwrap();
-    let (claims, _) = verify(&app, &minted.jwt, AUDIENCE).await.unwrap();
+    let first = claims_of(reg.session_token.clone()).await;
     app.logout(&reg.session_token).await.unwrap();
     let (events, _) = watcher.events(1).await;
     match events[0].kind.as_ref().unwrap() {
         pb::event::Kind::SessionRevoked(revoked) => {
-            assert_eq!(revoked.session_id, claims["sid"].as_str().unwrap());
+            assert_eq!(revoked.session_id, first["sid"].as_str().unwrap());
+            assert_eq!(revoked.user_id, first["sub"].as_str().unwrap());
         }
         other => panic!("{other:?}"),
     }
 
-    let minted = issue(&app, &second.session_token, AUDIENCE, None)
-        .await
-        .unwrap();
-    let (claims, _) = verify(&app, &minted.jwt, AUDIENCE).await.unwrap();
-    app.revoke_all(&second.session_token, true).await.unwrap();
+    // "Log out everywhere else": the caller's session is kept, the older one is covered.
+    let older = app.login(&email, PASSWORD).await.unwrap();
+    let kept = app.login(&email, PASSWORD).await.unwrap();
+    let older = claims_of(older.session_token).await;
+    let kept_claims = claims_of(kept.session_token.clone()).await;
+    app.revoke_all(&kept.session_token, false).await.unwrap();
+    let newer = claims_of(app.login(&email, PASSWORD).await.unwrap().session_token).await;
     let (events, _) = watcher.events(1).await;
-    match events[0].kind.as_ref().unwrap() {
-        pb::event::Kind::SessionsRevoked(revoked) => {
-            assert_eq!(revoked.user_id, claims["sub"].as_str().unwrap());
-            assert!(claims["sid_iat"].as_i64().unwrap() <= revoked.cutoff.unwrap().seconds);
-            assert_ne!(revoked.kept_session_id, claims["sid"].as_str().unwrap());
-        }
-        other => panic!("{other:?}"),
-    }
+    let pb::event::Kind::SessionsRevoked(revoked) = events[0].kind.as_ref().unwrap() else {
+        panic!("{events:?}");
+    };
+    let cutoff = revoked.cutoff.unwrap();
+    let cutoff_us = cutoff.seconds * 1_000_000 + i64::from(cutoff.nanos / 1000);
+    let covered = |claims: &Value| {
+        claims["sub"].as_str() == Some(revoked.user_id.as_str())
+            && claims["sid_created_us"].as_i64().unwrap() <= cutoff_us
+            && claims["sid"].as_str() != Some(revoked.kept_session_id.as_str())
+    };
+    assert!(covered(&older), "the older session's JWT is denied");
+    assert!(!covered(&kept_claims), "the kept session's JWT is not");
+    assert!(
+        !covered(&newer),
+        "a session created after the cutoff is not, even within the same second"
+    );
+    app.validate(&kept.session_token).await.unwrap();
 }
