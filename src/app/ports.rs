@@ -77,7 +77,9 @@ pub(super) async fn serve_metrics(
                     tracing::error!(%error, "could not write the JWKS");
                     StatusCode::INTERNAL_SERVER_ERROR.into_response()
                 }
-                Err(_) => StatusCode::NOT_FOUND.into_response(),
+                Err(crate::auth::AuthError::NotEnabled(_)) => StatusCode::NOT_FOUND.into_response(),
+                // Keys this instance could not reload lately: another instance may answer.
+                Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
             }
         }
     };
