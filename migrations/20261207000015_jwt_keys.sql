@@ -13,13 +13,16 @@ create table jwt_keys (
 );
 
 -- The app role may read and add keys, never change or delete one: old keys are purged through
--- this function of the owner, which keeps every key at least a day after its successor began
--- signing (and as long as the caller asks beyond that: the JWTs it signed may live).
-create function purge_jwt_keys(keep_us bigint) returns bigint
+-- this function of the owner. The instance names the keys it found retired (a key is retired by
+-- the newest key after it that parses, which only the instance can judge); the function deletes
+-- only those of them that a newer key has followed for at least a day (and as long as the caller
+-- asks beyond that: the JWTs they signed may live).
+create function purge_jwt_keys(ids integer[], keep_us bigint) returns bigint
 language sql security definer set search_path = pg_catalog, public as $$
     with purged as (
         delete from jwt_keys k
-        where exists (
+        where k.id = any(ids)
+          and exists (
             select 1 from jwt_keys newer
             where newer.id > k.id
               and newer.activates_at < clock_timestamp()

@@ -7,6 +7,7 @@ mod driver;
 mod ext_authz;
 mod fleet;
 mod flood;
+mod jwt;
 mod report;
 mod scenarios;
 #[path = "../../tests/support/seeded.rs"]

@@ -141,23 +141,6 @@ fn validate_call(tokens: Arc<Vec<String>>) -> impl driver::Call {
     }
 }
 
-/// An IssueJwt of each user's token in turn (the audience the bench's settings allow).
-fn issue_jwt_call(tokens: Arc<Vec<String>>) -> impl driver::Call {
-    move |ch: Channel, seq| {
-        let token = tokens[seq as usize % tokens.len()].clone();
-        async move {
-            AuthServiceClient::new(ch)
-                .issue_jwt(pb::IssueJwtRequest {
-                    session_token: token,
-                    audience: crate::setup::JWT_AUDIENCE.into(),
-                    ttl: None,
-                })
-                .await
-                .map(|_| ())
-        }
-    }
-}
-
 fn get_profile_call(ids: Arc<Vec<String>>) -> impl driver::Call {
     move |ch: Channel, seq| {
         let user_id = ids[seq as usize % ids.len()].clone();
@@ -275,11 +258,10 @@ async fn warm(env: &Env, server: &Server) -> anyhow::Result<()> {
 }
 
 /// The scenarios run against instances with LOCAL_CACHE__ENABLED=true.
-const LOCAL_SCENARIOS: [&str; 6] = [
+const LOCAL_SCENARIOS: [&str; 5] = [
     "validate_local",
     "validate_local_open",
     "get_profile_local",
-    "issue_jwt",
     "revoke_latency",
     "local_memory",
 ];
@@ -507,7 +489,10 @@ pub async fn run_all(opts: &Opts) -> anyhow::Result<Report> {
         crate::flood::floods(&env, cached, load, opts.flood_rate, |name| opts.wants(name)).await?,
     );
 
-    let local_wanted = LOCAL_SCENARIOS.iter().chain(&crate::ext_authz::SCENARIOS);
+    let local_wanted = LOCAL_SCENARIOS
+        .iter()
+        .chain(&crate::ext_authz::SCENARIOS)
+        .chain(&["issue_jwt"]);
     if local_wanted.into_iter().any(|name| opts.wants(name)) {
         println!("starting three instances with the in-process cache…");
         let local = env.start_local(3, opts.local_max_entries).await?;
@@ -542,14 +527,9 @@ pub async fn run_all(opts: &Opts) -> anyhow::Result<Report> {
             );
         }
         // Minting from a session the instance holds in memory: the signature's cost.
-        scenario!(
-            "issue_jwt",
-            server,
-            load,
-            closed,
-            &[],
-            issue_jwt_call(tokens(&env))
-        );
+        if opts.wants("issue_jwt") {
+            rows.push(crate::jwt::issue_jwt(&env, server, load).await?);
+        }
         scenario!(
             "get_profile_local",
             server,

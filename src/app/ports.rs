@@ -64,7 +64,7 @@ pub(super) async fn serve_metrics(
             match auth.jwks().map(|set| serde_json::to_vec(&set)) {
                 Ok(Ok(body)) => {
                     let cache = format!(
-                        "public, max-age={}",
+                        "private, max-age={}",
                         crate::auth::jwt::JWKS_MAX_AGE.as_secs()
                     );
                     let headers = [

@@ -49,7 +49,7 @@ use super::{
     keys::{KEY_LEAD, KEY_REFRESH},
 };
 use crate::{
-    clock::Clock,
+    clock::{Clock, boot_us},
     config::{JWT_MAX_TTL_CEILING as MAX_TTL_CEILING, JwtAlgorithm, JwtSettings},
     store::{Db, NewJwtKey, StoreError, StoredJwtKey},
 };
@@ -96,20 +96,39 @@ enum Signer {
 }
 
 struct SigningKey {
+    id: i32,
+    /// `EdDSA` or `ES256`.
+    algorithm: &'static str,
     /// The base64url of the JWS header (`alg`, `typ`, `kid`): the same for every JWT of the key.
     header: String,
     signer: Signer,
     jwk: Jwk,
     activates_at: DateTime<Utc>,
-    /// Published and used until then (`None`: no successor signs yet).
-    retires_at: Option<DateTime<Utc>>,
+    /// When the next key that parses activates (`None`: none yet).
+    successor_at: Option<DateTime<Utc>>,
+}
+
+impl SigningKey {
+    /// Published and used until then: every JWT it signed has expired.
+    fn retires_at(&self) -> Option<DateTime<Utc>> {
+        let after = TimeDelta::from_std(MAX_TTL_CEILING + SKEW).unwrap_or_default();
+        self.successor_at.map(|at| at + after)
+    }
+
+    fn retired(&self, now: DateTime<Utc>) -> bool {
+        self.retires_at().is_some_and(|at| at <= now)
+    }
 }
 
 /// The keys as last loaded, and when.
 #[derive(Default)]
 struct Loaded {
+    /// The keys that parse, oldest first.
     keys: Vec<SigningKey>,
-    at: Option<Instant>,
+    /// The newest id in the table, parsed or not (0: none).
+    newest_id: i32,
+    /// When the load that made this began ([`boot_us`]).
+    at: Option<u64>,
 }
 
 pub struct JwtKeys {
@@ -142,6 +161,13 @@ fn thumbprint(members: &[(&str, &str)]) -> String {
         .collect::<Vec<_>>()
         .join(",");
     URL_SAFE_NO_PAD.encode(Sha256::digest(format!("{{{json}}}")))
+}
+
+fn key_algorithm_name(algorithm: Algorithm) -> &'static str {
+    match algorithm {
+        Algorithm::ES256 => "ES256",
+        _ => "EdDSA",
+    }
 }
 
 /// The stored key, ready to sign and to publish; `None` when it does not parse.
@@ -196,11 +222,13 @@ fn parse(stored: &StoredJwtKey) -> Option<SigningKey> {
         algorithm: parameters,
     };
     Some(SigningKey {
+        id: stored.id,
+        algorithm: key_algorithm_name(algorithm),
         header,
         signer,
         jwk,
         activates_at: stored.activates_at,
-        retires_at: None,
+        successor_at: None,
     })
 }
 
@@ -220,15 +248,19 @@ impl JwtKeys {
         self.settings.enabled
     }
 
+    fn loaded(&self) -> Arc<Loaded> {
+        self.loaded
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The keys, if the last successful reload is younger than `fresh`; UNAVAILABLE otherwise
     /// (a key this instance has not loaded may be in use).
     fn keys(&self, fresh: Duration) -> Result<Arc<Loaded>, AuthError> {
-        let loaded = self
-            .loaded
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if loaded.at.is_some_and(|at| at.elapsed() < fresh) {
+        let loaded = self.loaded();
+        let age = |at: u64| Duration::from_micros(boot_us().saturating_sub(at));
+        if loaded.at.is_some_and(|at| age(at) < fresh) {
             return Ok(loaded);
         }
         let mut logged = self.stale_logged.lock().unwrap_or_else(|e| e.into_inner());
@@ -242,55 +274,81 @@ impl JwtKeys {
         Err(AuthError::Store(StoreError::Unavailable(None)))
     }
 
-    /// Makes the next key when due, deletes keys no JWT can name any more, and reloads (even
-    /// when the first two failed); nothing when JWTs are off. Startup runs it before serving,
-    /// so there is always a key to sign with.
+    /// Reloads, makes the next key when due, deletes keys no JWT can name any more, and
+    /// reloads again if it changed anything; nothing when JWTs are off. Startup runs it before
+    /// serving, so there is always a key to sign with.
     pub async fn refresh(&self) -> Result<(), AuthError> {
         if !self.settings.enabled {
             return Ok(());
         }
-        let maintained = self.maintain().await;
+        // The decisions are made on what loaded (a reload that failed leaves the last view).
         let reloaded = self.reload().await;
-        maintained.and(reloaded)
+        match self.maintain().await {
+            Ok(true) => self.reload().await,
+            Ok(false) => reloaded,
+            Err(error) => Err(error),
+        }
     }
 
-    async fn maintain(&self) -> Result<(), AuthError> {
+    /// Whether it made or deleted a key.
+    async fn maintain(&self) -> Result<bool, AuthError> {
         let repo = self.db.jwt_keys();
-        let private_key = generate(self.settings.algorithm)?;
-        let key = NewJwtKey {
-            algorithm: self.settings.algorithm.name(),
-            private_key: &private_key,
-        };
-        if let Some(activates_at) = repo
-            .rotate(key, self.settings.key_rotation, KEY_LEAD)
-            .await?
-        {
-            tracing::info!(
-                algorithm = self.settings.algorithm.name(),
-                %activates_at,
-                "made the next JWT signing key (published now, signing from activates_at)"
-            );
+        let loaded = self.loaded();
+        let now = self.clock.now();
+        let configured = self.settings.algorithm.name();
+        let young = TimeDelta::from_std(self.settings.key_rotation.saturating_sub(KEY_LEAD))
+            .unwrap_or_default();
+        // Due when no key of the configured algorithm that parses is younger than the rotation
+        // less the lead (a key that does not parse is no key).
+        let due = !loaded
+            .keys
+            .iter()
+            .any(|k| k.algorithm == configured && k.activates_at + young > now);
+        let mut changed = false;
+        if due {
+            let private_key = generate(self.settings.algorithm)?;
+            let key = NewJwtKey {
+                algorithm: configured,
+                private_key: &private_key,
+            };
+            if let Some(activates_at) = repo.rotate(key, loaded.newest_id, KEY_LEAD).await? {
+                changed = true;
+                tracing::info!(
+                    algorithm = configured,
+                    %activates_at,
+                    "made the next JWT signing key (published now, signing from activates_at)"
+                );
+            }
         }
-        let purged = repo.purge(MAX_TTL_CEILING + SKEW).await?;
+        // Only keys a key that parses retired, and only once their JWTs have expired.
+        let retired: Vec<i32> = loaded
+            .keys
+            .iter()
+            .filter(|k| k.retired(now))
+            .map(|k| k.id)
+            .collect();
+        let purged = repo.purge(&retired, MAX_TTL_CEILING + SKEW).await?;
         if purged > 0 {
+            changed = true;
             tracing::info!(
                 purged,
                 "deleted JWT signing keys older than every JWT they signed"
             );
         }
-        Ok(())
+        Ok(changed)
     }
 
     async fn reload(&self) -> Result<(), AuthError> {
+        // Stamped before the query: the keys are at least this fresh.
+        let at = boot_us();
         let stored = self.db.jwt_keys().load().await?;
-        let after = TimeDelta::from_std(MAX_TTL_CEILING + SKEW).unwrap_or_default();
         let mut keys = Vec::with_capacity(stored.len());
-        // Only a key that parsed retires its predecessor: one that does not is never used.
+        // Only a key that parses retires its predecessor: one that does not is never used.
         let mut successor: Option<DateTime<Utc>> = None;
         for key in stored.iter().rev() {
             match parse(key) {
                 Some(mut parsed) => {
-                    parsed.retires_at = successor.map(|at| at + after);
+                    parsed.successor_at = successor;
                     successor = Some(parsed.activates_at);
                     keys.push(parsed);
                 }
@@ -304,7 +362,8 @@ impl JwtKeys {
         keys.reverse();
         let loaded = Loaded {
             keys,
-            at: Some(Instant::now()),
+            newest_id: stored.last().map_or(0, |k| k.id),
+            at: Some(at),
         };
         *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded);
         Ok(())
@@ -321,7 +380,7 @@ impl JwtKeys {
             keys: loaded
                 .keys
                 .iter()
-                .filter(|k| k.retires_at.is_none_or(|at| now < at))
+                .filter(|k| !k.retired(now))
                 .map(|k| k.jwk.clone())
                 .collect(),
         })
@@ -368,13 +427,14 @@ impl JwtKeys {
         now: DateTime<Utc>,
     ) -> Result<MintedJwt, AuthError> {
         let loaded = self.keys(SIGNING_FRESH)?;
-        let key = loaded
-            .keys
-            .iter()
-            .rev()
-            .find(|k| k.activates_at <= now && k.retires_at.is_none_or(|at| now < at))
-            .or_else(|| loaded.keys.first().filter(|k| k.retires_at.is_none()))
-            .ok_or_else(|| AuthError::Internal("no JWT signing key is loaded".into()))?;
+        // The newest that activated (within the clocks' skew: the first key of a new database
+        // activates at PostgreSQL's now, which this instance may read a hair behind).
+        let skew = TimeDelta::from_std(SKEW).unwrap_or_default();
+        let usable = || loaded.keys.iter().rev().filter(|k| !k.retired(now));
+        let key = usable()
+            .find(|k| k.activates_at <= now)
+            .or_else(|| usable().find(|k| k.activates_at <= now + skew))
+            .ok_or_else(|| AuthError::Internal("no JWT signing key is active".into()))?;
         let wanted = now + TimeDelta::from_std(ttl).unwrap_or_default();
         // A JWT never outlives its session's current deadline; one that would expire within
         // the second is not worth minting (the session is as good as expired).

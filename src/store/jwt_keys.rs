@@ -31,15 +31,14 @@ pub struct NewJwtKey<'k> {
 }
 
 impl JwtKeyRepo<'_> {
-    /// Adds `key` when the newest key of its algorithm is older than `rotation` less `lead` (or
-    /// there is none: the algorithm changed), activating after `lead` (at once when there is no
-    /// key at all: no JWT can name one yet). Instances configured with different algorithms
-    /// (during a rolling change) add one key of each per rotation, never one per refresh. Concurrent instances add one key between them. Returns when the key it added
-    /// activates, if it added one.
+    /// Adds `key`, activating after `lead` (at once when there is no key at all: no JWT can name
+    /// one yet), unless a key was added after `newest_known` (the newest id the caller loaded):
+    /// concurrent instances that found a key due add one between them. Returns when the key
+    /// activates, if it was added.
     pub async fn rotate(
         &self,
         key: NewJwtKey<'_>,
-        rotation: Duration,
+        newest_known: i32,
         lead: Duration,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
         let mut tx = self.0.run(self.0.pool().begin()).await?;
@@ -50,17 +49,13 @@ impl JwtKeyRepo<'_> {
              select $1, $2, case when exists (select 1 from jwt_keys)
                                  then clock_timestamp() + $3::bigint * interval '1 microsecond'
                                  else clock_timestamp() end
-             where not exists (
-                 select 1 from jwt_keys
-                 where algorithm = $1
-                       and activates_at > clock_timestamp()
-                           - ($4::bigint - $3::bigint) * interval '1 microsecond')
+             where not exists (select 1 from jwt_keys where id > $4)
              returning activates_at",
         )
         .bind(key.algorithm)
         .bind(key.private_key)
         .bind(micros(lead))
-        .bind(micros(rotation));
+        .bind(newest_known);
         let made = self.0.run(insert.fetch_optional(&mut *tx)).await?;
         self.0.run(tx.commit()).await?;
         Ok(made)
@@ -83,10 +78,15 @@ impl JwtKeyRepo<'_> {
             .collect())
     }
 
-    /// Deletes keys whose successor began signing more than `keep` ago (at least a day: see
-    /// `purge_jwt_keys`), so no private key outlives the JWTs it could have signed.
-    pub async fn purge(&self, keep: Duration) -> Result<u64, StoreError> {
-        let query = sqlx::query_scalar::<_, i64>("select purge_jwt_keys($1)").bind(micros(keep));
+    /// Deletes those of `retired` that a newer key has followed for more than `keep` (at least
+    /// a day: see `purge_jwt_keys`), so no private key outlives the JWTs it could have signed.
+    pub async fn purge(&self, retired: &[i32], keep: Duration) -> Result<u64, StoreError> {
+        if retired.is_empty() {
+            return Ok(0);
+        }
+        let query = sqlx::query_scalar::<_, i64>("select purge_jwt_keys($1, $2)")
+            .bind(retired)
+            .bind(micros(keep));
         let purged = self.0.run(query.fetch_one(self.0.pool())).await?;
         Ok(purged.max(0).unsigned_abs())
     }

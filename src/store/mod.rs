@@ -452,7 +452,7 @@ const PRIVILEGES: &str = "
       and case when seq.relkind = 'S' then not has_sequence_privilege(seq.oid, 'usage') end
     union all
     select format('execute on function %s', f)
-    from unnest(array['purge_admin_audit(bigint, bigint)', 'purge_jwt_keys(bigint)',
+    from unnest(array['purge_admin_audit(bigint, bigint)', 'purge_jwt_keys(integer[], bigint)',
                        'purge_token_keys(bigint)']) as f
     where not coalesce(has_function_privilege(to_regprocedure(f), 'execute'), false)";
 

@@ -12,6 +12,8 @@ use crate::{
 };
 use authd::{config::JwtAlgorithm, proto::authd::v1 as pb};
 
+mod keys;
+
 const AUDIENCE: &str = "orders";
 const ISSUER: &str = "https://authd.test";
 
@@ -188,7 +190,7 @@ async fn a_minted_jwt_verifies_with_an_independent_library_against_the_jwks() {
         assert!(
             response
                 .headers
-                .contains("cache-control: public, max-age=300")
+                .contains("cache-control: private, max-age=300")
         );
         let grpc = app
             .auth
@@ -398,122 +400,6 @@ async fn bad_requests_name_the_field_and_jwts_are_off_by_default() {
     );
     let (response, _) = jwks_document(&off).await;
     assert_eq!(response.status, 404);
-}
-
-/// Keys rotate: the next is published at once and signs only after the lead, so a verifier's
-/// copy of the JWKS has it before any JWT names it; the previous key stays published until
-/// every JWT it signed has expired (`JWT__MAX_TTL` plus a minute after its successor began
-/// signing), and its JWTs verify until then.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keys_rotate_and_the_old_key_verifies_until_its_jwts_expire() {
-    let app = spawn_with(minting(Mode::Redis)).await;
-    let (_, reg) = app.register().await;
-    let token = &reg.session_token;
-    let first = issue(&app, token, AUDIENCE, None).await.unwrap();
-    let one = published(&app).await;
-    assert_eq!(one.len(), 1);
-
-    // The newest key is older than JWT__KEY_ROTATION less the lead: the next is made.
-    let mut conn = sql(&app).await;
-    sqlx::query("update jwt_keys set activates_at = activates_at - interval '24 hours'")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    app.refresh_keys().await;
-    let both = published(&app).await;
-    assert_eq!(both.len(), 2, "published before it signs");
-    assert_eq!(both[0], one[0]);
-    let during_lead = issue(&app, token, AUDIENCE, None).await.unwrap();
-    let (_, header) = verify(&app, &during_lead.jwt, AUDIENCE).await.unwrap();
-    assert_eq!(
-        header["kid"],
-        one[0].as_str(),
-        "the new key does not sign during the lead"
-    );
-
-    // The lead is over: the new key signs; the first key's JWTs still verify.
-    sqlx::query("update jwt_keys set activates_at = now() where id = 2")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    app.refresh_keys().await;
-    let second = issue(&app, token, AUDIENCE, None).await.unwrap();
-    let (_, header) = verify(&app, &second.jwt, AUDIENCE).await.unwrap();
-    assert_eq!(header["kid"], both[1].as_str());
-    verify(&app, &first.jwt, AUDIENCE)
-        .await
-        .expect("a JWT of the previous key verifies until it expires");
-    assert_eq!(published(&app).await, both);
-
-    // An hour (the longest JWT__MAX_TTL any instance may have) and a minute after the successor
-    // began signing, every JWT of the first key has expired: it is no longer published.
-    sqlx::query(
-        "update jwt_keys set activates_at = now() - interval '60 minutes 59 seconds' where id = 2",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
-    app.refresh_keys().await;
-    assert_eq!(
-        published(&app).await,
-        both,
-        "kept until the hour and a minute"
-    );
-    sqlx::query(
-        "update jwt_keys set activates_at = now() - interval '61 minutes 1 second' where id = 2",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
-    app.refresh_keys().await;
-    assert_eq!(published(&app).await, [both[1].clone()]);
-    verify(&app, &second.jwt, AUDIENCE).await.unwrap();
-    assert_eq!(
-        verify(&app, &first.jwt, AUDIENCE).await.unwrap_err(),
-        "PyJWKClientError",
-        "no key verifies a JWT of a key no longer published"
-    );
-
-    // A change of algorithm takes effect with a new key, made at once.
-    let es256 = spawn_sharing(&app, |s| s.jwt.algorithm = JwtAlgorithm::ES256).await;
-    let (_, document) = jwks_document(&es256).await;
-    let algorithms: Vec<&str> = document["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["alg"].as_str().unwrap())
-        .collect();
-    assert_eq!(algorithms, ["EdDSA", "ES256"]);
-    // Instances of both settings during the change add no key at each refresh.
-    for _ in 0..3 {
-        app.refresh_keys().await;
-        es256.refresh_keys().await;
-    }
-    assert_eq!(published(&es256).await.len(), 2);
-}
-
-/// A key in PostgreSQL that does not parse is never used and never published, and retires
-/// nothing: the key before it goes on signing, and stays published.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_that_does_not_parse_is_passed_over() {
-    let app = spawn_with(minting(Mode::Redis)).await;
-    let (_, reg) = app.register().await;
-    let good = published(&app).await;
-    let mut conn = sql(&app).await;
-    sqlx::query(
-        "insert into jwt_keys (algorithm, private_key, activates_at)
-         values ('EdDSA', '\\x0badc0de', now() - interval '2 hours')",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
-    app.refresh_keys().await;
-    assert_eq!(published(&app).await, good);
-    let minted = issue(&app, &reg.session_token, AUDIENCE, None)
-        .await
-        .unwrap();
-    let (_, header) = verify(&app, &minted.jwt, AUDIENCE).await.unwrap();
-    assert_eq!(header["kid"], good[0].as_str());
 }
 
 /// The `sid` of a minted JWT is what the event stream names when its session is revoked, and
