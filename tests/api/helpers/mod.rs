@@ -534,3 +534,24 @@ impl TableLock {
         sqlx::query("rollback").execute(&mut self.0).await.unwrap();
     }
 }
+
+/// Runs `command` with `input` on its standard input, and what it printed (`missing`: what to
+/// say when the program cannot be started).
+pub async fn run_with_input(
+    mut command: tokio::process::Command,
+    input: &[u8],
+    missing: &str,
+) -> std::process::Output {
+    use std::process::Stdio;
+    use tokio::io::AsyncWriteExt;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect(missing);
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).await.unwrap();
+    drop(stdin);
+    child.wait_with_output().await.unwrap()
+}

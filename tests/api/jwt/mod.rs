@@ -1,9 +1,8 @@
 //! Short-lived JWTs minted from a session (`IssueJwt`), verified as an independent service
 //! would: PyJWT, with the keys fetched from the JWKS the metrics listener publishes.
-use std::{process::Stdio, time::Duration};
+use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
 use tonic::{Code, Request};
 
 use crate::{
@@ -55,23 +54,13 @@ async fn verify(app: &TestApp, jwt: &str, audience: &str) -> Result<(Value, Valu
         app.metrics_addr.expect("the metrics listener")
     );
     let request = json!({"jwt": jwt, "jwks_url": url, "audience": audience, "issuer": ISSUER});
-    let mut child = tokio::process::Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/support/verify_jwt.py"
-        ))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 is on PATH");
-    let mut stdin = child.stdin.take().unwrap();
-    stdin
-        .write_all(request.to_string().as_bytes())
-        .await
-        .unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().await.unwrap();
+    let mut verifier = tokio::process::Command::new("python3");
+    verifier.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/support/verify_jwt.py"
+    ));
+    let input = request.to_string();
+    let out = run_with_input(verifier, input.as_bytes(), "python3 is on PATH").await;
     assert!(
         out.status.success(),
         "the verifier failed (pip install 'pyjwt[crypto]'; see README, Development): {}",
