@@ -428,8 +428,7 @@ impl Application {
             .add_optional_service(self.settings.ext_authz.enabled.then(|| {
                 let ext_authz = self.settings.ext_authz.clone();
                 let max = ext_authz.max_request_size;
-                AuthorizationServer::new(ExtAuthzGrpc::new(self.auth.clone(), ext_authz))
-                    .max_decoding_message_size(max)
+                AuthorizationServer::new(ExtAuthzGrpc::new(self.auth.clone(), ext_authz), max)
             }))
             .add_optional_service(self.admin.clone().map(|admin| {
                 AdminServiceServer::new(AdminGrpc::new(admin)).max_decoding_message_size(max)

@@ -14,6 +14,10 @@
 //! - PostgreSQL or Redis trouble (the answer unknown): the call fails (UNAVAILABLE, as
 //!   `ValidateSession` would), which Envoy with `failure_mode_allow: false` answers with its
 //!   `status_on_error` — the request does not pass.
+//!
+//! Envoy sends every header of the proxied request: the request is read from its bytes
+//! (`wire`), and only the headers named here are looked at, none copied (`server` serves the
+//! method with that request type, over the same wire format as Envoy's).
 use std::{borrow::Cow, collections::HashMap, sync::Arc};
 
 use envoy_types::pb::{
@@ -22,9 +26,7 @@ use envoy_types::pb::{
             HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
         },
         service::auth::v3::{
-            CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
-            attribute_context::HttpRequest, authorization_server::Authorization,
-            check_response::HttpResponse,
+            CheckResponse, DeniedHttpResponse, OkHttpResponse, check_response::HttpResponse,
         },
         r#type::v3::{HttpStatus, StatusCode as HttpStatusCode},
     },
@@ -33,7 +35,7 @@ use envoy_types::pb::{
         rpc,
     },
 };
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Status};
 
 use super::bearer_token;
 use crate::{
@@ -41,7 +43,11 @@ use crate::{
     config::ExtAuthzSettings,
 };
 
-pub use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+mod server;
+mod wire;
+
+pub use server::AuthorizationServer;
+use wire::{CheckRequestView, Form, Header};
 
 /// The gRPC path of Check (for the pool share and the metrics' label sets).
 pub const SERVICE: &str = "envoy.service.auth.v3.Authorization";
@@ -81,29 +87,23 @@ enum Refusal {
     Forged,
 }
 
-/// The proxied HTTP request a CheckRequest describes.
-fn http(request: &CheckRequest) -> Option<&HttpRequest> {
-    request.attributes.as_ref()?.request.as_ref()?.http.as_ref()
-}
-
 /// A header of the proxied request, by its lower-case name (Envoy sends names in lower case),
 /// whichever way Envoy sent it: `headers`, or `header_map` with `encode_raw_headers` (where a
 /// repeated header is joined by `,`, as Envoy joins it in `headers`). Only the headers authd
 /// reads are looked up: nothing is copied for the others.
-fn header<'r>(request: &'r CheckRequest, name: &str) -> Option<Cow<'r, str>> {
-    let http = http(request)?;
-    if let Some(value) = http.headers.get(name) {
-        return Some(Cow::Borrowed(value));
-    }
-    let mut values = http
-        .header_map
+fn header<'r>(headers: &[Header<'r>], name: &str) -> Option<Cow<'r, str>> {
+    // In the map, the last entry of a key is the one (as protobuf decodes maps).
+    let mapped = headers
         .iter()
-        .flat_map(|m| &m.headers)
-        .filter(|h| h.key.eq_ignore_ascii_case(name))
-        .map(|h| match h.raw_value.is_empty() {
-            true => Cow::Borrowed(h.value.as_str()),
-            false => String::from_utf8_lossy(&h.raw_value),
-        });
+        .rev()
+        .find(|h| h.form == Form::Map && h.key == name.as_bytes());
+    if let Some(h) = mapped {
+        return Some(String::from_utf8_lossy(h.value));
+    }
+    let mut values = headers
+        .iter()
+        .filter(|h| h.form == Form::List && h.key.eq_ignore_ascii_case(name.as_bytes()))
+        .map(|h| String::from_utf8_lossy(h.value));
     let first = values.next()?;
     // Repeated cookie headers are one list of cookies (RFC 6265 joins them with "; ").
     let separator = if name == "cookie" { "; " } else { "," };
@@ -208,25 +208,17 @@ fn allowed(settings: &ExtAuthzSettings, view: SessionView, source: Source) -> Ch
 }
 
 /// Whether the request carries a header named like `names` (case, and `_` for `-`, aside).
-fn carries_any(request: &CheckRequest, names: [&str; 2]) -> bool {
-    let Some(http) = http(request) else {
-        return false;
-    };
-    let like = |key: &str| {
+fn carries_any(headers: &[Header<'_>], names: [&str; 2]) -> bool {
+    let like = |key: &[u8]| {
         names.iter().any(|name| {
             key.len() == name.len()
                 && key
-                    .bytes()
+                    .iter()
                     .zip(name.bytes())
-                    .all(|(k, n)| k.to_ascii_lowercase() == n || (k == b'_' && n == b'-'))
+                    .all(|(&k, n)| k.to_ascii_lowercase() == n || (k == b'_' && n == b'-'))
         })
     };
-    http.headers.keys().any(|k| like(k))
-        || http
-            .header_map
-            .iter()
-            .flat_map(|m| &m.headers)
-            .any(|h| like(&h.key))
+    headers.iter().any(|h| like(h.key))
 }
 
 fn denied(refusal: Refusal) -> CheckResponse {
@@ -272,17 +264,21 @@ fn denied(refusal: Refusal) -> CheckResponse {
 }
 
 impl ExtAuthzGrpc {
-    async fn decide(&self, request: &CheckRequest) -> Result<CheckResponse, Status> {
+    /// The answer to a Check.
+    async fn check(&self, request: &CheckRequestView) -> Result<CheckResponse, Status> {
+        let headers = request.headers().map_err(|_| {
+            Status::invalid_argument("attributes: the CheckRequest does not decode")
+        })?;
         let identity = [
             self.settings.user_id_header.as_str(),
             self.settings.session_id_header.as_str(),
         ];
-        if carries_any(request, identity) {
+        if carries_any(&headers, identity) {
             return Ok(denied(Refusal::Forged));
         }
-        let authorization = header(request, "authorization");
+        let authorization = header(&headers, "authorization");
         let cookie = match self.settings.cookie {
-            Some(_) => header(request, "cookie"),
+            Some(_) => header(&headers, "cookie"),
             None => None,
         };
         let (token, source) =
@@ -300,20 +296,17 @@ impl ExtAuthzGrpc {
     }
 }
 
-#[tonic::async_trait]
-impl Authorization for ExtAuthzGrpc {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
-        let decided = self.decide(request.get_ref()).await?;
-        Ok(Response::new(decided))
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+    use prost::Message;
+
     use super::*;
+
+    /// What authd reads of `request`, sent as Envoy sends it.
+    fn view(request: &CheckRequest) -> CheckRequestView {
+        CheckRequestView::decode(request.encode_to_vec().as_slice()).unwrap()
+    }
 
     /// The credential of a request with these headers, sent as Envoy's `headers`.
     fn credential_of(
@@ -336,9 +329,11 @@ mod tests {
                 ..Default::default()
             }),
         };
+        let view = view(&request);
+        let headers = view.headers().unwrap();
         let (authorization, cookie) = (
-            header(&request, "authorization"),
-            header(&request, "cookie"),
+            header(&headers, "authorization"),
+            header(&headers, "cookie"),
         );
         credential(settings, authorization.as_deref(), cookie.as_deref())
             .map(|(token, source)| (token.to_owned(), source))
@@ -448,11 +443,12 @@ mod tests {
             "X-Authd-Session-Id",
             "x-authd_session-id",
         ] {
-            assert!(carries_any(&request(&[forged], &[]), names), "{forged}");
-            assert!(
-                carries_any(&request(&[], &[forged]), names),
-                "{forged} (header_map)"
-            );
+            let carries = |request: CheckRequest| {
+                let view = view(&request);
+                carries_any(&view.headers().unwrap(), names)
+            };
+            assert!(carries(request(&[forged], &[])), "{forged}");
+            assert!(carries(request(&[], &[forged])), "{forged} (header_map)");
         }
         for innocent in [
             "x-authd-user",
@@ -460,10 +456,8 @@ mod tests {
             "authorization",
             "xauthd-user-id",
         ] {
-            assert!(
-                !carries_any(&request(&[innocent], &[innocent]), names),
-                "{innocent}"
-            );
+            let view = view(&request(&[innocent], &[innocent]));
+            assert!(!carries_any(&view.headers().unwrap(), names), "{innocent}");
         }
     }
 
@@ -492,7 +486,9 @@ mod tests {
                 ..Default::default()
             }),
         };
-        let cookie = header(&request, "cookie");
+        let view = view(&request);
+        let headers = view.headers().unwrap();
+        let cookie = header(&headers, "cookie");
         assert_eq!(cookie.as_deref(), Some("a=1; sid=T"));
         let settings = ExtAuthzSettings {
             cookie: Some("sid".into()),
