@@ -8,11 +8,12 @@ use prost::{
 };
 
 /// `envoy.service.auth.v3.CheckRequest` as authd decodes it: field 1, `attributes`
-/// (`AttributeContext`), undecoded.
+/// (`AttributeContext`), undecoded — every occurrence, in order, as protobuf merges a message
+/// sent more than once.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct CheckRequestView {
-    #[prost(bytes = "bytes", tag = "1")]
-    pub attributes: Bytes,
+    #[prost(bytes = "bytes", repeated, tag = "1")]
+    pub attributes: Vec<Bytes>,
 }
 
 /// How Envoy sent a header: in `headers` (a map: a repeated header joined by `,`), or in
@@ -59,15 +60,21 @@ const VALUE: u32 = 2;
 const RAW_VALUE: u32 = 3;
 
 /// Calls `visit` with each length-delimited field of `message` (its number and bytes), in
-/// order; the other fields are skipped.
+/// order; the other fields are skipped, but one of the numbers in `walked` (all
+/// length-delimited in the schema) sent as another wire type is Malformed, as a full decode
+/// would find it.
 fn each_field<'m>(
     message: &'m [u8],
+    walked: &[u32],
     mut visit: impl FnMut(u32, &'m [u8]) -> Result<(), Malformed>,
 ) -> Result<(), Malformed> {
     let mut buf = message;
     while buf.has_remaining() {
         let (tag, wire_type) = decode_key(&mut buf)?;
         if wire_type != WireType::LengthDelimited {
+            if walked.contains(&tag) {
+                return Err(Malformed);
+            }
             skip_field(wire_type, tag, &mut buf, DecodeContext::default())?;
             continue;
         }
@@ -79,10 +86,15 @@ fn each_field<'m>(
     Ok(())
 }
 
-/// A map entry or a `HeaderValue`.
+/// A map entry or a `HeaderValue`. Its key and `value` are protobuf strings: not UTF-8 is
+/// Malformed, as a full decode would find it (`raw_value` is bytes).
 fn header(entry: &[u8], form: Form) -> Result<Header<'_>, Malformed> {
     let (mut key, mut value, mut raw): (&[u8], &[u8], &[u8]) = (&[], &[], &[]);
-    each_field(entry, |tag, field| {
+    let walked: &[u32] = match form {
+        Form::Map => &[KEY, VALUE],
+        Form::List => &[KEY, VALUE, RAW_VALUE],
+    };
+    each_field(entry, walked, |tag, field| {
         match tag {
             KEY => key = field,
             VALUE => value = field,
@@ -91,6 +103,9 @@ fn header(entry: &[u8], form: Form) -> Result<Header<'_>, Malformed> {
         }
         Ok(())
     })?;
+    if std::str::from_utf8(key).is_err() || std::str::from_utf8(value).is_err() {
+        return Err(Malformed);
+    }
     Ok(Header {
         key,
         value: if raw.is_empty() { value } else { raw },
@@ -99,33 +114,47 @@ fn header(entry: &[u8], form: Form) -> Result<Header<'_>, Malformed> {
 }
 
 impl CheckRequestView {
-    /// Every header of the proxied request, in the order sent (a message repeated on the wire
-    /// merges, as protobuf merges it: its headers follow the earlier ones').
-    pub fn headers(&self) -> Result<Vec<Header<'_>>, Malformed> {
-        let mut headers = Vec::with_capacity(16);
-        each_field(&self.attributes, |tag, request| {
-            if tag != ATTRIBUTES_REQUEST {
-                return Ok(());
+    /// The headers of the proxied request whose name `wanted` takes, in the order sent (a
+    /// message sent more than once merges, as protobuf merges it: its headers follow the
+    /// earlier ones'). Every header is checked; only the wanted are kept, so what a request
+    /// makes authd hold is bounded by what it names, not by how many headers it sends.
+    pub fn headers<'a>(
+        &'a self,
+        wanted: impl Fn(&[u8]) -> bool,
+    ) -> Result<Vec<Header<'a>>, Malformed> {
+        let mut headers = Vec::new();
+        let mut keep = |header: Header<'a>| {
+            if wanted(header.key) {
+                headers.push(header);
             }
-            each_field(request, |tag, http| {
-                if tag != REQUEST_HTTP {
+        };
+        for attributes in &self.attributes {
+            each_field(attributes, &[ATTRIBUTES_REQUEST], |tag, request| {
+                if tag != ATTRIBUTES_REQUEST {
                     return Ok(());
                 }
-                each_field(http, |tag, field| {
-                    match tag {
-                        HTTP_HEADERS => headers.push(header(field, Form::Map)?),
-                        HTTP_HEADER_MAP => each_field(field, |tag, value| {
-                            if tag == HEADER_MAP_HEADERS {
-                                headers.push(header(value, Form::List)?);
-                            }
-                            Ok(())
-                        })?,
-                        _ => {}
+                each_field(request, &[REQUEST_HTTP], |tag, http| {
+                    if tag != REQUEST_HTTP {
+                        return Ok(());
                     }
-                    Ok(())
+                    each_field(http, &[HTTP_HEADERS, HTTP_HEADER_MAP], |tag, field| {
+                        match tag {
+                            HTTP_HEADERS => keep(header(field, Form::Map)?),
+                            HTTP_HEADER_MAP => {
+                                each_field(field, &[HEADER_MAP_HEADERS], |tag, value| {
+                                    if tag == HEADER_MAP_HEADERS {
+                                        keep(header(value, Form::List)?);
+                                    }
+                                    Ok(())
+                                })?
+                            }
+                            _ => {}
+                        }
+                        Ok(())
+                    })
                 })
-            })
-        })?;
+            })?;
+        }
         Ok(headers)
     }
 }
@@ -136,7 +165,7 @@ mod tests {
         config::core::v3::{HeaderMap, HeaderValue},
         service::auth::v3::{AttributeContext, CheckRequest, attribute_context},
     };
-    use prost::Message;
+    use prost::{Message, encoding::WireType};
 
     use super::*;
 
@@ -206,7 +235,7 @@ mod tests {
         let request = full(&headers, &[]);
         let mapped = view(&request);
         let mut read: Vec<(String, String)> = mapped
-            .headers()
+            .headers(|_| true)
             .unwrap()
             .iter()
             .map(|h| {
@@ -234,7 +263,7 @@ mod tests {
         let request = full(&[], &raw);
         let listed = view(&request);
         let read: Vec<(&[u8], &[u8], Form)> = listed
-            .headers()
+            .headers(|_| true)
             .unwrap()
             .iter()
             .map(|h| (h.key, h.value, h.form))
@@ -246,28 +275,107 @@ mod tests {
         assert_eq!(read, expected, "in order, raw values as sent");
     }
 
+    /// `body` as field `tag` (length-delimited).
+    fn field(tag: u32, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        prost::encoding::encode_key(tag, WireType::LengthDelimited, &mut out);
+        prost::encoding::encode_varint(body.len() as u64, &mut out);
+        out.extend_from_slice(body);
+        out
+    }
+
+    type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+    type Decoded = Result<CheckRequest, prost::DecodeError>;
+
+    /// `attributes` (each an AttributeContext) as one CheckRequest, read both ways: authd's
+    /// walk (every header kept) and a full prost decode.
+    fn both_ways(attributes: &[Vec<u8>]) -> (Result<Pairs, Malformed>, Decoded) {
+        let wire: Vec<u8> = attributes.iter().flat_map(|a| field(1, a)).collect();
+        let view = CheckRequestView::decode(wire.as_slice()).unwrap();
+        let ours = view.headers(|_| true).map(|headers| {
+            headers
+                .iter()
+                .map(|h| (h.key.to_vec(), h.value.to_vec()))
+                .collect()
+        });
+        (ours, CheckRequest::decode(wire.as_slice()))
+    }
+
+    /// An AttributeContext whose request carries these `headers` map entries.
+    fn with_entries(entries: &[Vec<u8>]) -> Vec<u8> {
+        let http: Vec<u8> = entries.iter().flat_map(|e| field(3, e)).collect();
+        field(4, &field(2, &http))
+    }
+
+    fn entry(key: &[u8], value: &[u8]) -> Vec<u8> {
+        [field(1, key), field(2, value)].concat()
+    }
+
     #[test]
-    fn bytes_that_are_not_the_messages_they_claim_are_malformed() {
-        let request = full(&[("authorization", "Bearer abc")], &[]);
-        let attributes = request.attributes.unwrap().encode_to_vec();
-        let whole = CheckRequestView {
-            attributes: Bytes::from(attributes.clone()),
-        };
-        let whole = whole.headers().unwrap();
-        assert_eq!(whole.len(), 1);
-        // Cut anywhere: never a panic, and never part of a header — all of it, or nothing
-        // (a cut between the fields before it), or Malformed.
-        for cut in 0..attributes.len() {
-            let view = CheckRequestView {
-                attributes: Bytes::copy_from_slice(&attributes[..cut]),
-            };
-            if let Ok(headers) = view.headers() {
-                assert!(headers.is_empty() || headers == whole, "cut at {cut}");
-            }
+    fn what_a_canonical_encoder_never_writes_is_read_as_a_full_decode_reads_it() {
+        // An AttributeContext sent twice merges: the first copy's headers are not lost (a
+        // forged identity header there is still seen).
+        let forged = with_entries(&[entry(b"x-authd-user-id", b"admin")]);
+        let token = with_entries(&[entry(b"authorization", b"Bearer T")]);
+        let (ours, full) = both_ways(&[forged, token]);
+        let full = full
+            .unwrap()
+            .attributes
+            .unwrap()
+            .request
+            .unwrap()
+            .http
+            .unwrap();
+        let ours = ours.unwrap();
+        assert_eq!(ours.len(), 2);
+        for (key, value) in &ours {
+            let key = String::from_utf8(key.clone()).unwrap();
+            assert_eq!(full.headers[&key].as_bytes(), value.as_slice(), "{key}");
         }
-        let lying = CheckRequestView {
-            attributes: Bytes::from_static(&[0x22, 0x7f, 0x12]),
-        };
-        assert_eq!(lying.headers(), Err(Malformed));
+        // A key twice in the map: the last is the one (authd's lookup takes the last).
+        let twice = with_entries(&[
+            entry(b"authorization", b"Bearer a"),
+            entry(b"authorization", b"Bearer b"),
+        ]);
+        let (ours, full) = both_ways(&[twice]);
+        let full = full
+            .unwrap()
+            .attributes
+            .unwrap()
+            .request
+            .unwrap()
+            .http
+            .unwrap();
+        assert_eq!(full.headers["authorization"], "Bearer b");
+        assert_eq!(ours.unwrap().last().unwrap().1, b"Bearer b");
+        // Refused by both: a walked field of another wire type, a string that is not UTF-8, a
+        // length past the end.
+        let mut varint_headers = Vec::new();
+        prost::encoding::encode_key(3, WireType::Varint, &mut varint_headers);
+        prost::encoding::encode_varint(1, &mut varint_headers);
+        let mut fixed_request = Vec::new();
+        prost::encoding::encode_key(4, WireType::SixtyFourBit, &mut fixed_request);
+        fixed_request.extend_from_slice(&[0; 8]);
+        for bad in [
+            field(4, &field(2, &varint_headers)),
+            fixed_request,
+            with_entries(&[entry(b"authorization", b"Bearer \xff")]),
+            with_entries(&[entry(b"\xc3", b"v")]),
+            vec![0x22, 0x7f, 0x12],
+        ] {
+            let (ours, full) = both_ways(std::slice::from_ref(&bad));
+            assert_eq!(ours, Err(Malformed), "{bad:?}");
+            assert!(full.is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_request_cut_anywhere_is_refused_exactly_when_a_full_decode_refuses_it() {
+        let request = full(&[("authorization", "Bearer abc")], &[("cookie", b"sid=T")]);
+        let attributes = request.attributes.unwrap().encode_to_vec();
+        for cut in 0..=attributes.len() {
+            let (ours, full) = both_ways(&[attributes[..cut].to_vec()]);
+            assert_eq!(ours.is_ok(), full.is_ok(), "cut at {cut}");
+        }
     }
 }
