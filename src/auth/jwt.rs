@@ -97,8 +97,7 @@ enum Signer {
 
 struct SigningKey {
     id: i32,
-    /// `EdDSA` or `ES256`.
-    algorithm: &'static str,
+    algorithm: JwtAlgorithm,
     /// The base64url of the JWS header (`alg`, `typ`, `kid`): the same for every JWT of the key.
     header: String,
     signer: Signer,
@@ -163,17 +162,13 @@ fn thumbprint(members: &[(&str, &str)]) -> String {
     URL_SAFE_NO_PAD.encode(Sha256::digest(format!("{{{json}}}")))
 }
 
-fn key_algorithm_name(algorithm: Algorithm) -> &'static str {
-    match algorithm {
-        Algorithm::ES256 => "ES256",
-        _ => "EdDSA",
-    }
-}
-
 /// The stored key, ready to sign and to publish; `None` when it does not parse.
 fn parse(stored: &StoredJwtKey) -> Option<SigningKey> {
-    let (signer, algorithm, parameters, kid) = match stored.algorithm.as_str() {
-        "EdDSA" => {
+    let algorithm = [JwtAlgorithm::EdDSA, JwtAlgorithm::ES256]
+        .into_iter()
+        .find(|a| a.name() == stored.algorithm)?;
+    let (signer, parameters, kid) = match algorithm {
+        JwtAlgorithm::EdDSA => {
             let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&stored.private_key).ok()?;
             let x = URL_SAFE_NO_PAD.encode(pair.public_key().as_ref());
             let kid = thumbprint(&[("crv", "Ed25519"), ("kty", "OKP"), ("x", &x)]);
@@ -182,9 +177,9 @@ fn parse(stored: &StoredJwtKey) -> Option<SigningKey> {
                 curve: EllipticCurve::Ed25519,
                 x,
             });
-            (Signer::Ed25519(pair), Algorithm::EdDSA, parameters, kid)
+            (Signer::Ed25519(pair), parameters, kid)
         }
-        "ES256" => {
+        JwtAlgorithm::ES256 => {
             let pair = EcdsaKeyPair::from_pkcs8(
                 &ECDSA_P256_SHA256_FIXED_SIGNING,
                 &stored.private_key,
@@ -201,17 +196,16 @@ fn parse(stored: &StoredJwtKey) -> Option<SigningKey> {
                 x,
                 y,
             });
-            (Signer::P256(pair), Algorithm::ES256, parameters, kid)
+            (Signer::P256(pair), parameters, kid)
         }
-        _ => return None,
     };
-    let mut header = Header::new(algorithm);
+    let (header_algorithm, key_algorithm) = match algorithm {
+        JwtAlgorithm::EdDSA => (Algorithm::EdDSA, KeyAlgorithm::EdDSA),
+        JwtAlgorithm::ES256 => (Algorithm::ES256, KeyAlgorithm::ES256),
+    };
+    let mut header = Header::new(header_algorithm);
     header.kid = Some(kid.clone());
     let header = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header).ok()?);
-    let key_algorithm = match algorithm {
-        Algorithm::ES256 => KeyAlgorithm::ES256,
-        _ => KeyAlgorithm::EdDSA,
-    };
     let jwk = Jwk {
         common: CommonParameters {
             public_key_use: Some(PublicKeyUse::Signature),
@@ -223,7 +217,7 @@ fn parse(stored: &StoredJwtKey) -> Option<SigningKey> {
     };
     Some(SigningKey {
         id: stored.id,
-        algorithm: key_algorithm_name(algorithm),
+        algorithm,
         header,
         signer,
         jwk,
@@ -303,7 +297,7 @@ impl JwtKeys {
         let due = !loaded
             .keys
             .iter()
-            .any(|k| k.algorithm == configured && k.activates_at + young > now);
+            .any(|k| k.algorithm == self.settings.algorithm && k.activates_at + young > now);
         let mut changed = false;
         if due {
             let private_key = generate(self.settings.algorithm)?;

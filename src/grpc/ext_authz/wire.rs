@@ -301,6 +301,12 @@ mod tests {
         (ours, CheckRequest::decode(wire.as_slice()))
     }
 
+    /// The proxied request of a full decode that succeeded.
+    fn http_of(decoded: Decoded) -> attribute_context::HttpRequest {
+        let attributes = decoded.unwrap().attributes.unwrap();
+        attributes.request.unwrap().http.unwrap()
+    }
+
     /// An AttributeContext whose request carries these `headers` map entries.
     fn with_entries(entries: &[Vec<u8>]) -> Vec<u8> {
         let http: Vec<u8> = entries.iter().flat_map(|e| field(3, e)).collect();
@@ -318,14 +324,7 @@ mod tests {
         let forged = with_entries(&[entry(b"x-authd-user-id", b"admin")]);
         let token = with_entries(&[entry(b"authorization", b"Bearer T")]);
         let (ours, full) = both_ways(&[forged, token]);
-        let full = full
-            .unwrap()
-            .attributes
-            .unwrap()
-            .request
-            .unwrap()
-            .http
-            .unwrap();
+        let full = http_of(full);
         let ours = ours.unwrap();
         assert_eq!(ours.len(), 2);
         for (key, value) in &ours {
@@ -338,14 +337,7 @@ mod tests {
             entry(b"authorization", b"Bearer b"),
         ]);
         let (ours, full) = both_ways(&[twice]);
-        let full = full
-            .unwrap()
-            .attributes
-            .unwrap()
-            .request
-            .unwrap()
-            .http
-            .unwrap();
+        let full = http_of(full);
         assert_eq!(full.headers["authorization"], "Bearer b");
         assert_eq!(ours.unwrap().last().unwrap().1, b"Bearer b");
         // Refused by both: a walked field of another wire type, a string that is not UTF-8, a
