@@ -55,17 +55,30 @@ pub async fn check(
             .tls_config(config)
             .map_err(|e| format!("TLS configuration: {e}"))?;
     }
+    // Plain text to a port that speaks TLS reads the TLS alert as HTTP/2 ("h2 protocol
+    // error"): say what to try.
+    let hint = match tls {
+        None => " (if the server serves TLS on this port, add --tls)",
+        Some(_) => "",
+    };
     let channel = endpoint
         .connect()
         .await
         // With its causes: a TLS failure is a cause of the transport error.
-        .map_err(|e| format!("cannot connect to {addr}: {}", chain(&e)))?;
+        .map_err(|e| format!("cannot connect to {addr}: {}{hint}", chain(&e)))?;
     let response = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.to_owned(),
         })
         .await
-        .map_err(|s| format!("health check failed: {:?}: {}", s.code(), s.message()))?;
+        .map_err(|s| match s.code() {
+            tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Unavailable => format!(
+                "health check failed: {:?}: {}{hint}",
+                s.code(),
+                s.message()
+            ),
+            code => format!("health check failed: {code:?}: {}", s.message()),
+        })?;
     match response.into_inner().status() {
         ServingStatus::Serving => Ok(()),
         other => Err(format!("service {service:?} is {}", other.as_str_name())),

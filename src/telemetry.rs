@@ -8,6 +8,9 @@ use crate::config::{LogFormat, LogSettings};
 
 /// sqlx logs PostgreSQL's notices under this target.
 const NOTICES: &str = "sqlx::postgres::notice";
+/// fred's own logs: its warnings repeat, per connection and retry, what authd already says
+/// once (the outage, its end, and why connections fail, naming the setting to check).
+const FRED: &str = "fred";
 
 /// Installs the global subscriber; a second call (tests) keeps the first.
 pub fn init(settings: &LogSettings) {
@@ -15,17 +18,20 @@ pub fn init(settings: &LogSettings) {
         .or_else(|_| EnvFilter::try_new(&settings.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // PostgreSQL's NOTICEs (`relation "_sqlx_migrations" already exists, skipping` on every
-    // start) are not news; its warnings still show. A `RUST_LOG` naming the target wins.
-    let named = std::env::var("RUST_LOG").is_ok_and(|v| v.contains(NOTICES));
-    let filter = if named {
-        filter
-    } else {
-        filter.add_directive(
-            format!("{NOTICES}=warn")
-                .parse()
-                .expect("a valid directive"),
-        )
-    };
+    // start) are not news; its warnings still show. fred's warnings are authd's own lines
+    // again; its errors still show. A filter (`RUST_LOG` or `LOG__LEVEL`) naming the target
+    // wins.
+    let given = std::env::var("RUST_LOG").unwrap_or_else(|_| settings.level.clone());
+    let filter = [(NOTICES, "warn"), (FRED, "error")]
+        .into_iter()
+        .filter(|(target, _)| !given.contains(target))
+        .fold(filter, |filter, (target, level)| {
+            filter.add_directive(
+                format!("{target}={level}")
+                    .parse()
+                    .expect("a valid directive"),
+            )
+        });
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match settings.format {
         LogFormat::Json => registry

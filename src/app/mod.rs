@@ -4,7 +4,10 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use tokio::{net::TcpListener, sync::oneshot};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::{
+    server::NamedService,
+    transport::{Server, server::TcpIncoming},
+};
 
 use crate::{
     admin::{Access, AdminService},
@@ -20,7 +23,8 @@ use crate::{
         admin::{AdminGrpc, AdminServiceServer},
         auth::{AuthGrpc, AuthServiceServer},
         events::{EventServiceServer, EventsGrpc},
-        ext_authz::{AuthorizationServer, ExtAuthzGrpc},
+        disabled::Disabled,
+        ext_authz::{self, AuthorizationServer, ExtAuthzGrpc},
         limits,
         observe::ObserveLayer,
         profile::{ProfileGrpc, ProfileServiceServer},
@@ -387,6 +391,21 @@ impl Application {
         // streams per connection, a small per-connection flow-control window (so unread request
         // bodies cannot pile up), header size, and a deadline on every call.
         let window = u32::try_from(max.max(64 * 1024)).unwrap_or(u32::MAX);
+        let served: Vec<&'static str> = [
+            Some(HEALTH),
+            Some(<AuthServiceServer<AuthGrpc> as NamedService>::NAME),
+            Some(<ProfileServiceServer<ProfileGrpc> as NamedService>::NAME),
+            self.settings.ext_authz.enabled.then_some(ext_authz::SERVICE),
+            self.admin
+                .is_some()
+                .then_some(<AdminServiceServer<AdminGrpc> as NamedService>::NAME),
+            self.events
+                .is_some()
+                .then_some(<EventServiceServer<EventsGrpc> as NamedService>::NAME),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         let router = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -407,13 +426,13 @@ impl Application {
             .add_service(health_service.max_decoding_message_size(max))
             .add_optional_service(
                 reflection_on
-                    .then(|| reflection(self.settings.ext_authz.enabled).build_v1())
+                    .then(|| reflection(&served).build_v1())
                     .transpose()?
                     .map(|r| r.max_decoding_message_size(max)),
             )
             .add_optional_service(
                 reflection_on
-                    .then(|| reflection(self.settings.ext_authz.enabled).build_v1alpha())
+                    .then(|| reflection(&served).build_v1alpha())
                     .transpose()?
                     .map(|r| r.max_decoding_message_size(max)),
             )
@@ -436,6 +455,24 @@ impl Application {
             .add_optional_service(self.events.clone().map(|(events, access)| {
                 let grpc = EventsGrpc::new(events, access, streams.clone());
                 EventServiceServer::new(grpc).max_decoding_message_size(max)
+            }))
+            .add_optional_service((!self.settings.ext_authz.enabled).then(|| {
+                Disabled::<AuthorizationServer>::new(
+                    "envoy.service.auth.v3.Authorization is not served by this instance: \
+                     it is when EXT_AUTHZ__ENABLED=true",
+                )
+            }))
+            .add_optional_service(self.admin.is_none().then(|| {
+                Disabled::<AdminServiceServer<AdminGrpc>>::new(
+                    "authd.v1.AdminService is not served by this instance: it is when \
+                     ADMIN__ALLOWED_CLIENTS or ADMIN__API_KEYS_FILE is set",
+                )
+            }))
+            .add_optional_service(self.events.is_none().then(|| {
+                Disabled::<EventServiceServer<EventsGrpc>>::new(
+                    "authd.v1.EventService is not served by this instance: it is when \
+                     EVENTS__ALLOWED_CLIENTS or EVENTS__API_KEYS_FILE is set",
+                )
             }));
         // Our own listener: the builder's TCP options do not reach it, so set them here (without
         // TCP_NODELAY, small responses wait for delayed ACKs: 40 ms stalls).
@@ -530,16 +567,28 @@ impl Application {
 /// Reflection over authd's protos, the health protocol, the error details authd sends
 /// (`google.rpc.BadRequest`, `RetryInfo`) and, when served, Envoy's external authorization,
 /// so grpcurl needs no proto files.
-fn reflection(ext_authz: bool) -> tonic_reflection::server::Builder<'static> {
+/// Reflection over the services this instance serves: `grpcurl list` shows those and no
+/// other (the ones turned off answer UNIMPLEMENTED saying how to turn them on).
+fn reflection(served: &[&'static str]) -> tonic_reflection::server::Builder<'static> {
     let builder = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET);
-    match ext_authz {
+    let builder = match served.contains(&ext_authz::SERVICE) {
         true => builder.register_encoded_file_descriptor_set(proto::ENVOY_EXT_AUTHZ_DESCRIPTOR_SET),
         false => builder,
-    }
+    };
+    [
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]
+    .iter()
+    .chain(served)
+    .fold(builder, |builder, name| builder.with_service_name(*name))
 }
+
+/// The gRPC health service's name.
+const HEALTH: &str = "grpc.health.v1.Health";
 
 /// After the drain, how long background jobs and the pools may take to close.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);

@@ -115,6 +115,10 @@ struct Inner {
     prefix: String,
     /// Whether the last command succeeded; flips are logged, so an outage is logged once.
     healthy: AtomicBool,
+    /// When Redis was last found usable again: for [`SETTLING`] after, a failure is the pool's
+    /// other connections still reconnecting, not a new outage (not logged, `authd_redis_up`
+    /// stays 1).
+    recovered: std::sync::Mutex<Option<std::time::Instant>>,
     /// Keys whose invalidation (tombstone, profile version) this instance failed to write: each
     /// may hold a stale copy, so this instance serves none of them until a later write of that
     /// key succeeds (the outbox follower retries every pass). Past [`PENDING_MAX`] keys, nothing
@@ -265,6 +269,7 @@ impl Redis {
                 next: AtomicUsize::new(0),
                 prefix: settings.key_prefix.clone(),
                 healthy: AtomicBool::new(connected),
+                recovered: std::sync::Mutex::new(None),
                 pending: std::sync::Mutex::new(std::collections::HashSet::new()),
                 pending_len: AtomicUsize::new(0),
                 overflows: AtomicU64::new(0),
@@ -448,6 +453,8 @@ impl Redis {
         match result {
             Ok(value) => {
                 if !inner.healthy.swap(true, Ordering::Relaxed) {
+                    *inner.recovered.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(std::time::Instant::now());
                     self.metrics.redis_up.set(1);
                     tracing::info!("redis is reachable again; using the cache");
                 }
@@ -467,12 +474,20 @@ impl Redis {
     }
 
     /// Redis cannot be used (a command failed, or no connection is up): `authd_redis_up` 0,
-    /// logged once per outage.
+    /// logged once per outage (a failure while the pool settles after an outage is part of it).
     fn unreachable(&self, error: &fred::error::Error) {
         let Some(inner) = self.inner() else {
             return;
         };
-        if inner.healthy.swap(false, Ordering::Relaxed) {
+        let settling = inner.healthy.load(Ordering::Relaxed)
+            && inner
+                .recovered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|at| at.elapsed() < SETTLING);
+        if settling {
+            tracing::debug!(%error, "redis command failed while the pool reconnects");
+        } else if inner.healthy.swap(false, Ordering::Relaxed) {
             self.metrics.redis_up.set(0);
             tracing::warn!(%error, "redis is unreachable; serving from PostgreSQL until it returns");
         } else {
@@ -480,6 +495,10 @@ impl Redis {
         }
     }
 }
+
+/// After Redis is found usable again, how long failures are taken for the pool's other
+/// connections still reconnecting (the end of the same outage, not a new one).
+const SETTLING: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Logs why connections fail, naming the setting to check for TLS and credential errors; each
 /// distinct reason once a minute at most (reconnection retries forever).

@@ -228,9 +228,28 @@ impl Default for LogSettings {
 }
 
 impl LogSettings {
+    /// A tracing filter whose every directive without `=` is a level: tracing reads a bare
+    /// word as a target enabled at every level, so a misspelt level (`inf`, `verbose`) would
+    /// name a target nothing logs under and turn the logs off without a word.
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         if tracing_subscriber::EnvFilter::try_new(&self.level).is_err() {
             return invalid("LOG__LEVEL", "must be a tracing filter such as `info`");
+        }
+        let bare = self
+            .level
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty() && !d.contains(['=', '[']));
+        for directive in bare {
+            if directive.parse::<tracing::level_filters::LevelFilter>().is_err() {
+                return invalid(
+                    "LOG__LEVEL",
+                    &format!(
+                        "`{directive}` is not a level (trace, debug, info, warn, error, off); \
+                         a target's level is written `target=level`"
+                    ),
+                );
+            }
         }
         Ok(())
     }

@@ -81,10 +81,27 @@ fn invalid_settings_are_named() {
             ("AUTH__HASH_CONCURRENCY", "0"),
             ("REDIS__NO_SUCH_SETTING", "1"),
             ("LOG__FORMAT", "xml"),
+            ("LOG__LEVEL", "inf"),
+            ("LOG__LEVEL", "verbose"),
+            ("LOG__LEVEL", "authd=debug,inf"),
         ] {
             let error = load_err(jail, key, value);
             assert!(error.contains(key), "{key}={value}: {error}");
         }
+        Ok(())
+    });
+}
+
+#[test]
+fn log_levels_and_filters_are_taken() {
+    Jail::expect_with(|jail| {
+        for level in ["info", "WARN", "off", "authd=debug,sqlx=warn", "info,authd::rpc=warn"] {
+            jail.set_env("LOG__LEVEL", level);
+            let s = Settings::load(None).unwrap();
+            assert_eq!(s.log.level, level);
+        }
+        let error = load_err(jail, "LOG__LEVEL", "inf");
+        assert!(error.contains("`inf` is not a level"), "{error}");
         Ok(())
     });
 }

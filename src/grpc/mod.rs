@@ -2,6 +2,7 @@
 //! service; health and reflection are registered by `app`.
 pub mod admin;
 pub mod auth;
+pub mod disabled;
 pub mod events;
 pub mod ext_authz;
 pub mod limits;

@@ -217,3 +217,58 @@ async fn redis_unreachable_at_startup_is_logged_as_readme_quotes() {
     drop(binary);
     crate::helpers::drop_database(settings.database.url.expose_secret()).await;
 }
+
+/// README: a Redis outage is logged once and its end once. When Redis returns, the pool's
+/// connections come back one by one: a command that fails meanwhile on one still reconnecting
+/// is the end of the same outage, not a new one — and fred's own warnings do not repeat what
+/// authd says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_is_logged_once_and_its_end_once() {
+    use crate::proxy::{Link, Proxy};
+    let settings = crate::helpers::test_settings(crate::helpers::Mode::Redis);
+    let link = Proxy::start(crate::helpers::redis_addr()).await;
+    let mut cmd = command(&settings, &format!("redis://{}", link.addr));
+    cmd.env("LOG__LEVEL", "info");
+    let binary = Binary::start(cmd).await;
+    let mut auth = binary.auth().await;
+    let email = crate::helpers::unique_email();
+    let token = auth
+        .register(crate::helpers::register_request(&email))
+        .await
+        .expect("register succeeds")
+        .into_inner()
+        .session_token;
+    // Validations all along, as a fleet's would come: each is a Redis command.
+    let traffic = tokio::spawn({
+        let mut auth = auth.clone();
+        async move {
+            loop {
+                let request = authd::proto::authd::v1::ValidateSessionRequest {
+                    session_token: token.clone(),
+                };
+                let _ = auth.validate_session(request).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    const DOWN: &str = "redis is unreachable; serving from PostgreSQL until it returns";
+    const BACK: &str = "redis is reachable again; using the cache";
+    link.set(Link::Refused);
+    binary.wait_for_line(&[DOWN], Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    link.set(Link::Up);
+    binary.wait_for_line(&[BACK], Duration::from_secs(20)).await;
+    // The pool's other connections come back meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    traffic.abort();
+    let output = binary.output();
+    let count = |needle: &str| output.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!((count(DOWN), count(BACK)), (1, 1), "{output}");
+    let fred_warnings = output
+        .lines()
+        .filter(|l| l.contains(r#"target":"fred"#) && l.contains(r#""level":"WARN""#))
+        .count();
+    assert_eq!(fred_warnings, 0, "{output}");
+    drop(binary);
+    crate::helpers::drop_database(settings.database.url.expose_secret()).await;
+}

@@ -33,9 +33,8 @@ async fn health_reports_serving_for_the_server_and_auth_service() {
     }
 }
 
-#[tokio::test]
-async fn reflection_lists_every_service() {
-    let app = spawn_app(Mode::NoRedis).await;
+/// The services reflection lists (what `grpcurl … list` shows).
+async fn listed(app: &crate::helpers::TestApp) -> Vec<String> {
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -50,15 +49,48 @@ async fn reflection_lists_every_service() {
     else {
         panic!("expected a service list");
     };
-    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    for expected in [
-        "authd.v1.AuthService",
-        "authd.v1.ProfileService",
-        "grpc.health.v1.Health",
-        "grpc.reflection.v1.ServerReflection",
-    ] {
-        assert!(names.iter().any(|n| n == expected), "{names:?}");
-    }
+    let mut names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    names
+}
+
+/// Reflection lists what this instance serves, and nothing it does not: AdminService,
+/// EventService and Envoy's Authorization appear only when turned on; called while off, they
+/// answer UNIMPLEMENTED naming the settings that turn them on.
+#[tokio::test]
+async fn reflection_lists_the_services_served_and_only_those() {
+    let app = spawn_app(Mode::NoRedis).await;
+    assert_eq!(
+        listed(&app).await,
+        [
+            "authd.v1.AuthService",
+            "authd.v1.ProfileService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ]
+    );
+    let mut check = tonic::client::Grpc::new(app.channel.clone());
+    check.ready().await.unwrap();
+    let refused = check
+        .unary::<_, (), _>(
+            tonic::Request::new(()),
+            http::uri::PathAndQuery::from_static("/envoy.service.auth.v3.Authorization/Check"),
+            tonic_prost::ProstCodec::<(), ()>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
+    assert!(refused.message().contains("EXT_AUTHZ__ENABLED"), "{refused:?}");
+
+    let mut settings = test_settings(Mode::NoRedis);
+    settings.ext_authz.enabled = true;
+    let app = spawn_with(settings).await;
+    assert!(
+        listed(&app)
+            .await
+            .contains(&"envoy.service.auth.v3.Authorization".to_owned())
+    );
 }
 
 /// `GRPC__REFLECTION=false`: the API is not published (grpcurl needs the protos), the rest works.

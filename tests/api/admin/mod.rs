@@ -105,7 +105,13 @@ async fn audit(app: &TestApp) -> Vec<(String, String, String, String)> {
 async fn admin_service_is_not_served_unless_configured() {
     let app = spawn_with(test_settings(Mode::NoRedis)).await;
     let (_, reg) = app.register().await;
-    assert_code(get_user(&app, KEY, &reg.user_id).await, Code::Unimplemented);
+    let refused = get_user(&app, KEY, &reg.user_id).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
+    // Said so, with the settings that turn it on (not tonic's empty UNIMPLEMENTED).
+    assert!(
+        refused.message().contains("ADMIN__API_KEYS_FILE"),
+        "{refused:?}"
+    );
 }
 
 /// Bearer keys: no credential is UNAUTHENTICATED, a wrong key PERMISSION_DENIED, the right one

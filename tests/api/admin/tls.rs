@@ -172,6 +172,9 @@ async fn certificates_rotate_without_a_restart_and_probes_have_a_plaintext_port(
     assert!(ok.status.success(), "{ok:?}");
     let plain = healthcheck(&["--addr", &addr]);
     assert!(!plain.status.success(), "plain text to the TLS port fails");
+    // …saying what to try, not only "h2 protocol error".
+    let said = String::from_utf8_lossy(&plain.stderr);
+    assert!(said.contains("add --tls"), "{said}");
     let probe = healthcheck(&["--addr", &format!("127.0.0.1:{health_port}")]);
     assert!(probe.status.success(), "{probe:?}");
     let probe_channel = Channel::from_shared(format!("http://127.0.0.1:{health_port}"))
