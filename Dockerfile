@@ -35,6 +35,10 @@ COPY --from=builder /usr/local/bin/authd /usr/local/bin/authd
 USER authd
 ENV GRPC__ADDR=0.0.0.0:50051 \
     LOG__FORMAT=json
+LABEL org.opencontainers.image.title="authd" \
+      org.opencontainers.image.description="Sessions and user profiles for a fleet of services, over gRPC" \
+      org.opencontainers.image.licenses="MIT OR Apache-2.0" \
+      org.opencontainers.image.version="0.1.0"
 EXPOSE 50051 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
     CMD ["authd", "healthcheck"]

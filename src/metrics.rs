@@ -132,6 +132,21 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
 impl Metrics {
     pub fn new() -> Arc<Self> {
         let r = Registry::new();
+        // The process' resident memory, open files and CPU (`process_*`, the names Prometheus'
+        // clients share), and which build this is (`authd_build_info`, always 1).
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("a metric registered once");
+        gauge_vec(
+            &r,
+            "authd_build_info",
+            "authd's build: always 1, its version in a label",
+            &["version"],
+        )
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
         let rpc_duration = HistogramVec::new(
             HistogramOpts::new("authd_rpc_duration_seconds", "RPC latency").buckets(
                 prometheus::exponential_buckets(0.000_05, 2.0, 18).expect("valid buckets"),

@@ -209,3 +209,31 @@ fn the_deployment_files_are_locked_down() {
         "the runtime image has CA roots"
     );
 }
+
+/// What an adopter looks for beside the code: the licenses Cargo.toml names, a security policy
+/// and a changelog; and the image says what it is, at the version Cargo.toml gives.
+#[test]
+fn the_release_files_are_there_and_the_image_labels_match_cargo() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |name: &str| {
+        std::fs::read_to_string(root.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    assert_eq!(env!("CARGO_PKG_LICENSE"), "MIT OR Apache-2.0");
+    assert!(read("LICENSE-MIT").contains("Permission is hereby granted, free of charge"));
+    assert!(read("LICENSE-APACHE").contains("Apache License"));
+    assert!(read("SECURITY.md").contains("## Reporting a vulnerability"));
+    assert!(read("CHANGELOG.md").contains("## Unreleased"));
+    let dockerfile = read("Dockerfile");
+    for label in [
+        format!(
+            "org.opencontainers.image.version=\"{}\"",
+            env!("CARGO_PKG_VERSION")
+        ),
+        format!(
+            "org.opencontainers.image.licenses=\"{}\"",
+            env!("CARGO_PKG_LICENSE")
+        ),
+    ] {
+        assert!(dockerfile.contains(&label), "Dockerfile lacks {label}");
+    }
+}

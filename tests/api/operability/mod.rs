@@ -90,6 +90,19 @@ async fn metrics_count_rpcs_caches_sessions_and_failures(mode: Mode) {
         "{text}"
     );
     assert_eq!(app.metric("authd_db_up").await, 1.0);
+    // Which build answers, and what the process holds (the test process' own figures).
+    let build = format!(
+        "authd_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(app.metric(&build).await, 1.0);
+    assert!(app.metric("process_resident_memory_bytes").await > 1e6);
+    assert!(app.metric("process_open_fds").await >= 3.0);
+    // Counted in whole seconds by the collector: present, maybe 0 this early.
+    assert!(
+        app.metrics().await.contains("\nprocess_cpu_seconds_total "),
+        "no process_cpu_seconds_total"
+    );
     match mode {
         Mode::Redis | Mode::Cluster => {
             assert_eq!(app.metric("authd_redis_up").await, 1.0);
