@@ -72,11 +72,9 @@ pub async fn check(
         })
         .await
         .map_err(|s| match s.code() {
-            tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Unavailable => format!(
-                "health check failed: {:?}: {}{hint}",
-                s.code(),
-                s.message()
-            ),
+            tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Unavailable => {
+                format!("health check failed: {:?}: {}{hint}", s.code(), s.message())
+            }
             code => format!("health check failed: {code:?}: {}", s.message()),
         })?;
     match response.into_inner().status() {

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub redis_errors: IntCounterVec,
     /// 1 while Redis answers, 0 while authd runs degraded (or has Redis disabled).
     pub redis_up: IntGauge,
+    /// 1 when `REDIS__ENABLED` (an instance without Redis on purpose is not degraded).
+    pub redis_enabled: IntGauge,
     /// PostgreSQL pool connections by state (`in_use`, `idle`), read at scrape time.
     pub db_connections: IntGaugeVec,
     /// Store operations waiting for a pooled connection (operations in flight beyond those
@@ -192,6 +194,11 @@ impl Metrics {
                 &r,
                 "authd_redis_up",
                 "1 while Redis is usable, 0 while degraded",
+            ),
+            redis_enabled: gauge(
+                &r,
+                "authd_redis_enabled",
+                "1 when Redis is on (REDIS__ENABLED)",
             ),
             db_connections,
             db_waiting: gauge_vec(

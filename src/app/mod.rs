@@ -22,8 +22,8 @@ use crate::{
     grpc::{
         admin::{AdminGrpc, AdminServiceServer},
         auth::{AuthGrpc, AuthServiceServer},
-        events::{EventServiceServer, EventsGrpc},
         disabled::Disabled,
+        events::{EventServiceServer, EventsGrpc},
         ext_authz::{self, AuthorizationServer, ExtAuthzGrpc},
         limits,
         observe::ObserveLayer,
@@ -395,7 +395,10 @@ impl Application {
             Some(HEALTH),
             Some(<AuthServiceServer<AuthGrpc> as NamedService>::NAME),
             Some(<ProfileServiceServer<ProfileGrpc> as NamedService>::NAME),
-            self.settings.ext_authz.enabled.then_some(ext_authz::SERVICE),
+            self.settings
+                .ext_authz
+                .enabled
+                .then_some(ext_authz::SERVICE),
             self.admin
                 .is_some()
                 .then_some(<AdminServiceServer<AdminGrpc> as NamedService>::NAME),

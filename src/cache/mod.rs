@@ -261,6 +261,7 @@ impl Redis {
             );
         }
         metrics.redis_up.set(i64::from(connected));
+        metrics.redis_enabled.set(1);
         Ok(Self {
             inner: Some(Arc::new(Inner {
                 pool,

@@ -241,7 +241,10 @@ impl LogSettings {
             .map(str::trim)
             .filter(|d| !d.is_empty() && !d.contains(['=', '[']));
         for directive in bare {
-            if directive.parse::<tracing::level_filters::LevelFilter>().is_err() {
+            if directive
+                .parse::<tracing::level_filters::LevelFilter>()
+                .is_err()
+            {
                 return invalid(
                     "LOG__LEVEL",
                     &format!(

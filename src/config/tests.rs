@@ -95,7 +95,13 @@ fn invalid_settings_are_named() {
 #[test]
 fn log_levels_and_filters_are_taken() {
     Jail::expect_with(|jail| {
-        for level in ["info", "WARN", "off", "authd=debug,sqlx=warn", "info,authd::rpc=warn"] {
+        for level in [
+            "info",
+            "WARN",
+            "off",
+            "authd=debug,sqlx=warn",
+            "info,authd::rpc=warn",
+        ] {
             jail.set_env("LOG__LEVEL", level);
             let s = Settings::load(None).unwrap();
             assert_eq!(s.log.level, level);

@@ -81,7 +81,10 @@ async fn reflection_lists_the_services_served_and_only_those() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
-    assert!(refused.message().contains("EXT_AUTHZ__ENABLED"), "{refused:?}");
+    assert!(
+        refused.message().contains("EXT_AUTHZ__ENABLED"),
+        "{refused:?}"
+    );
 
     let mut settings = test_settings(Mode::NoRedis);
     settings.ext_authz.enabled = true;

@@ -106,10 +106,15 @@ async fn metrics_count_rpcs_caches_sessions_and_failures(mode: Mode) {
     match mode {
         Mode::Redis | Mode::Cluster => {
             assert_eq!(app.metric("authd_redis_up").await, 1.0);
+            assert_eq!(app.metric("authd_redis_enabled").await, 1.0);
             let hits = "authd_cache_lookups_total{cache=\"sessions\",result=\"hit\"}";
             assert_eq!(app.metric(hits).await, 3.0);
         }
-        Mode::NoRedis => assert_eq!(app.metric("authd_redis_up").await, 0.0),
+        Mode::NoRedis => {
+            // Off on purpose: not degraded (the alert joins on this).
+            assert_eq!(app.metric("authd_redis_up").await, 0.0);
+            assert_eq!(app.metric("authd_redis_enabled").await, 0.0);
+        }
     }
 }
 
