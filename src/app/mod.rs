@@ -4,10 +4,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use tokio::{net::TcpListener, sync::oneshot};
 use tokio_util::sync::CancellationToken;
-use tonic::{
-    server::NamedService,
-    transport::{Server, server::TcpIncoming},
-};
+use tonic::transport::{Server, server::TcpIncoming};
 
 use crate::{
     admin::{Access, AdminService},
@@ -24,7 +21,7 @@ use crate::{
         auth::{AuthGrpc, AuthServiceServer},
         disabled::Disabled,
         events::{EventServiceServer, EventsGrpc},
-        ext_authz::{self, AuthorizationServer, ExtAuthzGrpc},
+        ext_authz::{AuthorizationServer, ExtAuthzGrpc},
         limits,
         observe::ObserveLayer,
         profile::{ProfileGrpc, ProfileServiceServer},
@@ -35,7 +32,6 @@ use crate::{
     local::{LocalCache, LocalParts},
     metrics::Metrics,
     profile::ProfileService,
-    proto,
     store::Db,
 };
 
@@ -72,6 +68,7 @@ impl Judged {
 
 mod lease;
 mod ports;
+mod reflection;
 
 use lease::fleet_lease;
 use ports::{HEALTH_MAX_MESSAGE, serve_health, serve_metrics};
@@ -391,24 +388,11 @@ impl Application {
         // streams per connection, a small per-connection flow-control window (so unread request
         // bodies cannot pile up), header size, and a deadline on every call.
         let window = u32::try_from(max.max(64 * 1024)).unwrap_or(u32::MAX);
-        let served: Vec<&'static str> = [
-            Some(HEALTH),
-            Some(<AuthServiceServer<AuthGrpc> as NamedService>::NAME),
-            Some(<ProfileServiceServer<ProfileGrpc> as NamedService>::NAME),
-            self.settings
-                .ext_authz
-                .enabled
-                .then_some(ext_authz::SERVICE),
-            self.admin
-                .is_some()
-                .then_some(<AdminServiceServer<AdminGrpc> as NamedService>::NAME),
-            self.events
-                .is_some()
-                .then_some(<EventServiceServer<EventsGrpc> as NamedService>::NAME),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
+        let served = reflection::served(
+            self.settings.ext_authz.enabled,
+            self.admin.is_some(),
+            self.events.is_some(),
+        );
         let router = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -429,13 +413,13 @@ impl Application {
             .add_service(health_service.max_decoding_message_size(max))
             .add_optional_service(
                 reflection_on
-                    .then(|| reflection(&served).build_v1())
+                    .then(|| reflection::reflection(&served).build_v1())
                     .transpose()?
                     .map(|r| r.max_decoding_message_size(max)),
             )
             .add_optional_service(
                 reflection_on
-                    .then(|| reflection(&served).build_v1alpha())
+                    .then(|| reflection::reflection(&served).build_v1alpha())
                     .transpose()?
                     .map(|r| r.max_decoding_message_size(max)),
             )
@@ -566,32 +550,6 @@ impl Application {
         Ok(())
     }
 }
-
-/// Reflection over authd's protos, the health protocol, the error details authd sends
-/// (`google.rpc.BadRequest`, `RetryInfo`) and, when served, Envoy's external authorization,
-/// so grpcurl needs no proto files.
-/// Reflection over the services this instance serves: `grpcurl list` shows those and no
-/// other (the ones turned off answer UNIMPLEMENTED saying how to turn them on).
-fn reflection(served: &[&'static str]) -> tonic_reflection::server::Builder<'static> {
-    let builder = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET);
-    let builder = match served.contains(&ext_authz::SERVICE) {
-        true => builder.register_encoded_file_descriptor_set(proto::ENVOY_EXT_AUTHZ_DESCRIPTOR_SET),
-        false => builder,
-    };
-    [
-        "grpc.reflection.v1.ServerReflection",
-        "grpc.reflection.v1alpha.ServerReflection",
-    ]
-    .iter()
-    .chain(served)
-    .fold(builder, |builder, name| builder.with_service_name(*name))
-}
-
-/// The gRPC health service's name.
-const HEALTH: &str = "grpc.health.v1.Health";
 
 /// After the drain, how long background jobs and the pools may take to close.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
