@@ -2,7 +2,8 @@
 //! human-readable or JSON lines.
 use std::io::IsTerminal;
 
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use tracing::Level;
+use tracing_subscriber::{EnvFilter, filter::filter_fn, fmt, prelude::*};
 
 use crate::config::{LogFormat, LogSettings};
 
@@ -12,27 +13,56 @@ const NOTICES: &str = "sqlx::postgres::notice";
 /// once (the outage, its end, and why connections fail, naming the setting to check).
 const FRED: &str = "fred";
 
+/// Targets kept quieter than the filter asks, unless it names them: PostgreSQL's NOTICEs
+/// (`relation "_sqlx_migrations" already exists, skipping` on every start) are not news, its
+/// warnings are; fred's warnings are authd's own lines again, its errors are not. This only
+/// removes lines: a filter that turns logs off keeps them off.
+const QUIETER: [(&str, Level); 2] = [(NOTICES, Level::WARN), (FRED, Level::ERROR)];
+
+/// Whether `target` is `module` or inside it.
+fn within(target: &str, module: &str) -> bool {
+    target
+        .strip_prefix(module)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+}
+
+/// Whether a directive of `filter` names `module` (or a module inside it).
+fn names(filter: &str, module: &str) -> bool {
+    filter.split(',').any(|directive| {
+        let target = directive
+            .split(['=', '['])
+            .next()
+            .unwrap_or_default()
+            .trim();
+        within(target, module)
+    })
+}
+
+/// Whether a line of `target` at `level` is left out, given which of [`QUIETER`] the filter
+/// names.
+fn quieted(target: &str, level: Level, named: [bool; 2]) -> bool {
+    QUIETER
+        .iter()
+        .zip(named)
+        .any(|((module, loudest), named)| !named && within(target, module) && level > *loudest)
+}
+
 /// Installs the global subscriber; a second call (tests) keeps the first.
 pub fn init(settings: &LogSettings) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&settings.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    // PostgreSQL's NOTICEs (`relation "_sqlx_migrations" already exists, skipping` on every
-    // start) are not news; its warnings still show. fred's warnings are authd's own lines
-    // again; its errors still show. A filter (`RUST_LOG` or `LOG__LEVEL`) naming the target
-    // wins.
-    let given = std::env::var("RUST_LOG").unwrap_or_else(|_| settings.level.clone());
-    let filter = [(NOTICES, "warn"), (FRED, "error")]
-        .into_iter()
-        .filter(|(target, _)| !given.contains(target))
-        .fold(filter, |filter, (target, level)| {
-            filter.add_directive(
-                format!("{target}={level}")
-                    .parse()
-                    .expect("a valid directive"),
-            )
-        });
-    let registry = tracing_subscriber::registry().with(filter);
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|given| Some((EnvFilter::try_new(&given).ok()?, given)));
+    let (filter, given) = from_env
+        .or_else(|| {
+            Some((
+                EnvFilter::try_new(&settings.level).ok()?,
+                settings.level.clone(),
+            ))
+        })
+        .unwrap_or_else(|| (EnvFilter::new("info"), "info".to_owned()));
+    let named = QUIETER.map(|(module, _)| names(&given, module));
+    let quieter = filter_fn(move |meta| !quieted(meta.target(), *meta.level(), named));
+    let registry = tracing_subscriber::registry().with(filter).with(quieter);
     let _ = match settings.format {
         LogFormat::Json => registry
             .with(
@@ -47,4 +77,28 @@ pub fn init(settings: &LogSettings) {
             .with(fmt::layer().with_ansi(std::io::stdout().is_terminal()))
             .try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fred_and_notices_are_quieter_unless_the_filter_names_them() {
+        let none = [false, false];
+        assert!(quieted("fred::router::responses", Level::WARN, none));
+        assert!(!quieted("fred::router::responses", Level::ERROR, none));
+        assert!(quieted("sqlx::postgres::notice", Level::INFO, none));
+        assert!(!quieted("sqlx::postgres::notice", Level::WARN, none));
+        assert!(!quieted("authd::cache", Level::TRACE, none));
+        assert!(!quieted("fredrik", Level::WARN, none), "another crate");
+        let fred = [false, names("info,fred::router=warn", FRED)];
+        assert!(!quieted("fred::router::responses", Level::WARN, fred));
+        assert!(names("fred=debug", FRED));
+        assert!(names(" fred[conn]=debug", FRED));
+        assert!(!names("info,authd=debug", FRED));
+        assert!(!names("frederic=debug", FRED));
+        assert!(names("sqlx::postgres::notice=info", NOTICES));
+        assert!(!names("sqlx=debug", NOTICES));
+    }
 }

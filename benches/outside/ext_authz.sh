@@ -69,7 +69,7 @@ EOF
 # trailers): OK, and for Check an allowed request (the identity header set).
 answers() {
   curl -s --http2-prior-knowledge -H 'content-type: application/grpc' -H 'te: trailers' \
-    --data-binary "@$work/$2" -D - "http://$addr/$1" | grep -aq "$3" \
+    --data-binary "@$work/$2" -D - "http://$addr/$1" | grep -a "$3" > /dev/null \
     || { echo "$1 ($2) was not answered with $3" >&2; exit 1; }
 }
 answers grpc.health.v1.Health/Check health 'grpc-status: 0'
@@ -80,7 +80,7 @@ answers envoy.service.auth.v3.Authorization/Check check 'x-authd-user-id'
 rate() {
   h2load -n "$requests" -c 4 -m 32 -H 'content-type: application/grpc' -H 'te: trailers' \
     -d "$work/$2" "http://$addr/$1" 2>&1 \
-    | awk '/^finished in/ { gsub(",", "", $4); print $4 } /^requests:/ { if ($10 != 0 || $12 != 0) { print "h2load: failures: " $0 > "/dev/stderr"; exit 1 } }'
+    | awk '/^finished in/ { gsub(",", "", $4); print $4 } /^requests:/ { if ($10 != 0 || $12 != 0 || $14 != 0) { print "h2load: failures: " $0 > "/dev/stderr"; exit 1 } }'
 }
 health=$(rate grpc.health.v1.Health/Check health)
 printf '%-34s %10s req/s\n' "Health/Check" "$health"

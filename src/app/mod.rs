@@ -19,7 +19,7 @@ use crate::{
     grpc::{
         admin::{AdminGrpc, AdminServiceServer},
         auth::{AuthGrpc, AuthServiceServer},
-        disabled::Disabled,
+        disabled::or_disabled,
         events::{EventServiceServer, EventsGrpc},
         ext_authz::{AuthorizationServer, ExtAuthzGrpc},
         limits,
@@ -388,6 +388,30 @@ impl Application {
         // streams per connection, a small per-connection flow-control window (so unread request
         // bodies cannot pile up), header size, and a deadline on every call.
         let window = u32::try_from(max.max(64 * 1024)).unwrap_or(u32::MAX);
+        let (ext_authz, ext_authz_off) = or_disabled(
+            self.settings.ext_authz.enabled.then(|| {
+                let ext_authz = self.settings.ext_authz.clone();
+                let max = ext_authz.max_request_size;
+                AuthorizationServer::new(ExtAuthzGrpc::new(self.auth.clone(), ext_authz), max)
+            }),
+            "envoy.service.auth.v3.Authorization is not served by this instance: it is when \
+             EXT_AUTHZ__ENABLED=true",
+        );
+        let (admin, admin_off) = or_disabled(
+            self.admin.clone().map(|admin| {
+                AdminServiceServer::new(AdminGrpc::new(admin)).max_decoding_message_size(max)
+            }),
+            "authd.v1.AdminService is not served by this instance: it is when \
+             ADMIN__ALLOWED_CLIENTS or ADMIN__API_KEYS_FILE is set",
+        );
+        let (events, events_off) = or_disabled(
+            self.events.clone().map(|(events, access)| {
+                let grpc = EventsGrpc::new(events, access, streams.clone());
+                EventServiceServer::new(grpc).max_decoding_message_size(max)
+            }),
+            "authd.v1.EventService is not served by this instance: it is when \
+             EVENTS__ALLOWED_CLIENTS or EVENTS__API_KEYS_FILE is set",
+        );
         let served = reflection::served(
             self.settings.ext_authz.enabled,
             self.admin.is_some(),
@@ -431,36 +455,12 @@ impl Application {
                 ProfileServiceServer::new(ProfileGrpc::new(self.profiles.clone()))
                     .max_decoding_message_size(max),
             )
-            .add_optional_service(self.settings.ext_authz.enabled.then(|| {
-                let ext_authz = self.settings.ext_authz.clone();
-                let max = ext_authz.max_request_size;
-                AuthorizationServer::new(ExtAuthzGrpc::new(self.auth.clone(), ext_authz), max)
-            }))
-            .add_optional_service(self.admin.clone().map(|admin| {
-                AdminServiceServer::new(AdminGrpc::new(admin)).max_decoding_message_size(max)
-            }))
-            .add_optional_service(self.events.clone().map(|(events, access)| {
-                let grpc = EventsGrpc::new(events, access, streams.clone());
-                EventServiceServer::new(grpc).max_decoding_message_size(max)
-            }))
-            .add_optional_service((!self.settings.ext_authz.enabled).then(|| {
-                Disabled::<AuthorizationServer>::new(
-                    "envoy.service.auth.v3.Authorization is not served by this instance: \
-                     it is when EXT_AUTHZ__ENABLED=true",
-                )
-            }))
-            .add_optional_service(self.admin.is_none().then(|| {
-                Disabled::<AdminServiceServer<AdminGrpc>>::new(
-                    "authd.v1.AdminService is not served by this instance: it is when \
-                     ADMIN__ALLOWED_CLIENTS or ADMIN__API_KEYS_FILE is set",
-                )
-            }))
-            .add_optional_service(self.events.is_none().then(|| {
-                Disabled::<EventServiceServer<EventsGrpc>>::new(
-                    "authd.v1.EventService is not served by this instance: it is when \
-                     EVENTS__ALLOWED_CLIENTS or EVENTS__API_KEYS_FILE is set",
-                )
-            }));
+            .add_optional_service(ext_authz)
+            .add_optional_service(ext_authz_off)
+            .add_optional_service(admin)
+            .add_optional_service(admin_off)
+            .add_optional_service(events)
+            .add_optional_service(events_off);
         // Our own listener: the builder's TCP options do not reach it, so set them here (without
         // TCP_NODELAY, small responses wait for delayed ACKs: 40 ms stalls).
         let incoming = TcpIncoming::from(self.listener)

@@ -232,13 +232,19 @@ impl LogSettings {
     /// word as a target enabled at every level, so a misspelt level (`inf`, `verbose`) would
     /// name a target nothing logs under and turn the logs off without a word.
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        // tracing reads `authd=debug, info` as a target named ` info`: no spaces around `,`.
+        if let Some(spaced) = self.level.split(',').find(|d| d.trim() != *d) {
+            return invalid(
+                "LOG__LEVEL",
+                &format!("`{spaced}` has spaces around it; write directives as `info,authd=debug`"),
+            );
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.level).is_err() {
             return invalid("LOG__LEVEL", "must be a tracing filter such as `info`");
         }
         let bare = self
             .level
             .split(',')
-            .map(str::trim)
             .filter(|d| !d.is_empty() && !d.contains(['=', '[']));
         for directive in bare {
             if directive

@@ -10,6 +10,18 @@ use std::{
 use futures::future::{Ready, ready};
 use tonic::server::NamedService;
 
+/// `service` when it is served, else its [`Disabled`] stand-in answering `message`: exactly one
+/// of the two is mounted (both would be a route mounted twice, which panics).
+pub fn or_disabled<S>(
+    service: Option<S>,
+    message: &'static str,
+) -> (Option<S>, Option<Disabled<S>>) {
+    match service {
+        Some(service) => (Some(service), None),
+        None => (None, Some(Disabled::new(message))),
+    }
+}
+
 /// `S`'s methods, answered UNIMPLEMENTED with `message`.
 pub struct Disabled<S> {
     message: &'static str,
