@@ -90,14 +90,12 @@ impl AdminService {
             .admin_calls
             .with_label_values(&[entry.method, entry.outcome])
             .inc();
-        tracing::info!(
-            target: "authd::audit",
-            caller = entry.caller,
-            method = entry.method,
-            target_user = entry.target,
-            outcome = entry.outcome,
-            request_id = entry.request_id,
-            "admin call"
+        crate::auth::security::admin_action(
+            entry.caller,
+            entry.method,
+            entry.target,
+            entry.outcome,
+            entry.request_id,
         );
         let budget = usize::from(entry.outcome != "Unauthenticated");
         if !admitted && !self.refused_rows.lock().unwrap_or_else(|e| e.into_inner())[budget].take()

@@ -16,7 +16,9 @@ use std::net::IpAddr;
 
 use sha2::{Digest, Sha256};
 
-use super::{AuthError, AuthService, session::ClientInfo};
+use uuid::Uuid;
+
+use super::{AuthError, AuthService, security, session::ClientInfo};
 use crate::cache::Bucket;
 
 impl AuthService {
@@ -102,5 +104,14 @@ impl AuthService {
     pub(super) fn locked(&self, failed_logins: i32) -> bool {
         let max = self.limits.max_failed_logins;
         max > 0 && failed_logins >= i32::try_from(max).unwrap_or(i32::MAX)
+    }
+    /// Counts a wrong password against the account; the security event when it reaches the
+    /// lockout.
+    pub(super) async fn count_failure(&self, user_id: Uuid, ip: &str) -> Result<(), AuthError> {
+        let failures = self.db.users().record_failure(user_id).await?;
+        if let Some(failures) = failures.filter(|&n| self.locked(n) && !self.locked(n - 1)) {
+            security::account_locked(user_id, ip, failures);
+        }
+        Ok(())
     }
 }

@@ -4,7 +4,7 @@ use secrecy::SecretString;
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::{AuthError, AuthService, SessionView, password_policy::PasswordContext};
+use super::{AuthError, AuthService, SessionView, password_policy::PasswordContext, security};
 use crate::store::Reason;
 
 /// The caller's own sessions, as ListSessions answers.
@@ -112,11 +112,13 @@ impl AuthService {
         if self.locked(stored.failed_logins) {
             return Err(AuthError::Locked);
         }
+        let (session_id, ip) = (current.record.id, current.record.ip_address.clone());
         if !admitted
             .verify(current_password, Some(stored.password_hash))
             .await?
         {
-            self.db.users().record_failure(user_id).await?;
+            security::password_change(user_id, session_id, &ip, "wrong_current_password", 0);
+            self.count_failure(user_id, &ip).await?;
             return Err(AuthError::WrongPassword);
         }
         self.limiter.reset(&account).await;
@@ -128,7 +130,7 @@ impl AuthService {
             .change_password(user_id, &new_hash, current.record.id, now, self.since())
             .await?
             .ok_or(AuthError::InvalidSession)?;
-        tracing::info!(%user_id, revoked = revocation.revoked, "password changed");
+        security::password_change(user_id, session_id, &ip, "changed", revocation.active);
         // The caller's session goes on with a new `authenticated_at`: its Redis copy is replaced
         // first, then every in-process copy (the old one's included) is dropped with the others.
         let mut record = current.record;

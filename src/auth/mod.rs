@@ -9,6 +9,7 @@ mod maintenance;
 mod manage;
 pub mod password;
 pub mod password_policy;
+pub mod security;
 mod service;
 pub mod session;
 

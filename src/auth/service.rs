@@ -24,6 +24,7 @@ use super::{
     lookups::{Found, Paid, UnknownLookups},
     password::PasswordHasher,
     password_policy::{PasswordContext, PasswordPolicy},
+    security,
     session::{ClientInfo, SessionPolicy, SessionRecord},
     token::{self, TokenHash},
 };
@@ -202,30 +203,35 @@ impl AuthService {
         let trusted_client = client.as_ref().map(|c| c.as_slice()).filter(|_| trusted);
         let account = self.account_bucket(&c.email.normalized, trusted_client);
         self.limit("login", std::slice::from_ref(&account)).await?;
-        if !trusted
-            && stored
-                .as_ref()
-                .is_some_and(|s| self.locked(s.failed_logins))
+        let ip = c.client.ip_address.clone();
+        if let Some(locked) = stored
+            .as_ref()
+            .filter(|s| !trusted && self.locked(s.failed_logins))
         {
             self.metrics()
                 .rate_limited
                 .with_label_values(&["login"])
                 .inc();
+            security::login_failed(Some(locked.id), &ip, "account_locked");
             return Err(AuthError::Locked);
         }
         let phc = stored.as_ref().map(|s| s.password_hash.clone());
         if !admitted.verify(c.password, phc).await? {
             self.metrics().failed_logins.inc();
-            tracing::info!("failed login");
+            let reason = match &stored {
+                Some(_) => "wrong_password",
+                None => "unknown_account",
+            };
+            security::login_failed(stored.as_ref().map(|s| s.id), &ip, reason);
             if let Some(stored) = stored.filter(|s| !s.trusted) {
-                self.db.users().record_failure(stored.id).await?;
+                self.count_failure(stored.id, &ip).await?;
             }
             return Err(AuthError::InvalidCredentials);
         }
         let stored = stored.ok_or(AuthError::InvalidCredentials)?;
         // Only a caller who knows the password learns that the account is disabled.
         if stored.disabled {
-            tracing::info!(user_id = %stored.id, "login to a disabled account");
+            security::login_failed(Some(stored.id), &ip, "account_disabled");
             return Err(AuthError::Disabled);
         }
         self.limiter.reset(&account).await;
@@ -506,6 +512,11 @@ impl AuthService {
         if let Some(reason) = reason {
             let revoked = self.metrics().sessions_revoked.with_label_values(&[reason]);
             revoked.inc_by(revocation.revoked as u64);
+            // The sessions concerned are one account's (its own rows come first among them).
+            let user_id = revocation.pending.first().map(|i| i.user_id);
+            if let Some(user_id) = user_id.filter(|_| revocation.revoked > 0) {
+                security::sessions_revoked(user_id, reason, revocation.revoked);
+            }
         }
     }
 

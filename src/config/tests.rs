@@ -101,6 +101,8 @@ fn log_levels_and_filters_are_taken() {
             "off",
             "authd=debug,sqlx=warn",
             "info,authd::rpc=warn",
+            "info,[rpc]=debug",
+            "authd[rpc]=trace",
         ] {
             jail.set_env("LOG__LEVEL", level);
             let s = Settings::load(None).unwrap();
@@ -108,6 +110,11 @@ fn log_levels_and_filters_are_taken() {
         }
         let error = load_err(jail, "LOG__LEVEL", "inf");
         assert!(error.contains("`inf` is not a level"), "{error}");
+        // tracing would read ` info` as a target: refused, not silently off.
+        for spaced in ["authd=debug, info", "info, authd=debug"] {
+            let error = load_err(jail, "LOG__LEVEL", spaced);
+            assert!(error.contains("spaces"), "{spaced:?}: {error}");
+        }
         Ok(())
     });
 }
@@ -174,24 +181,80 @@ fn secrets_never_print() {
     });
 }
 
-/// Every setting README lists is read from the environment: its section is one the loader
+/// The reference (`docs/settings.md`) and README's summary.
+const DOCUMENTED: [&str; 2] = [
+    include_str!("../../docs/settings.md"),
+    include_str!("../../README.md"),
+];
+
+/// Whether `name` looks like a setting (`SECTION__KEY`).
+fn is_setting(name: &str) -> bool {
+    name.contains("__")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// Every setting the docs' tables name (first column; several may share a row, the later ones
+/// written as the first's suffix: `DATABASE__SHARES__LOOKUPS`, `__LOGINS`).
+fn documented_settings() -> Vec<String> {
+    let mut names: Vec<String> = DOCUMENTED
+        .iter()
+        .flat_map(|doc| doc.lines())
+        .filter_map(|line| line.strip_prefix("| "))
+        .filter_map(|rest| rest.split_once(" |").map(|(first, _)| first))
+        .flat_map(|first| {
+            let names: Vec<&str> = first.split(", ").map(|n| n.trim_matches('`')).collect();
+            let stem = names[0].rsplit_once("__").map_or("", |(stem, _)| stem);
+            names
+                .iter()
+                .map(|name| match name.strip_prefix("__") {
+                    Some(suffix) => format!("{stem}__{suffix}"),
+                    None => (*name).to_owned(),
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|name| is_setting(name))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+/// Every default the reference gives as a value is one the loader takes for that setting —
+/// and so the setting exists (sections deny unknown keys): a default shown as `16KiB`, which
+/// the parser refused, fails here.
+#[test]
+fn every_documented_default_is_taken_as_written() {
+    let rows: Vec<(&str, &str)> = DOCUMENTED[0]
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|rest| {
+            let (name, rest) = rest.split_once("` | ")?;
+            let default = rest.split_once(" |")?.0;
+            let value = default.strip_prefix('`')?.strip_suffix('`')?;
+            (is_setting(name) && !value.contains('`')).then_some((name, value))
+        })
+        .collect();
+    assert!(rows.len() > 60, "the reference's table was found: {rows:?}");
+    Jail::expect_with(|jail| {
+        for (name, value) in rows {
+            jail.clear_env();
+            jail.set_env(name, value);
+            if let Err(error) = Settings::load(None) {
+                panic!("{name}={value} (its documented default) is refused: {error}");
+            }
+        }
+        Ok(())
+    });
+}
+
+/// Every setting the docs list is read from the environment: its section is one the loader
 /// takes (`TOKENS__*` once was not, and was silently ignored).
 #[test]
 fn every_documented_setting_is_read_from_the_environment() {
-    let readme = include_str!("../../README.md");
-    let mut names: Vec<&str> = readme
-        .lines()
-        .filter_map(|line| line.strip_prefix("| `"))
-        .filter_map(|rest| rest.split_once('`').map(|(name, _)| name))
-        .filter(|name| {
-            name.contains("__")
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
-        })
-        .collect();
-    names.dedup();
-    assert!(names.len() > 50, "README's settings table was found");
+    let names = documented_settings();
+    assert!(names.len() > 50, "the settings tables were found");
     for name in names {
         let section = name.split("__").next().unwrap().to_ascii_lowercase();
         assert!(

@@ -140,11 +140,14 @@ impl UserRepo<'_> {
     }
 
     /// One more wrong password for this user.
-    pub async fn record_failure(&self, user_id: Uuid) -> Result<(), StoreError> {
-        let query = sqlx::query("update users set failed_logins = failed_logins + 1 where id = $1")
-            .bind(user_id);
-        self.0.run(query.execute(self.0.pool())).await?;
-        Ok(())
+    /// Counts a wrong password; the account's consecutive failures now (none: no such user).
+    pub async fn record_failure(&self, user_id: Uuid) -> Result<Option<i32>, StoreError> {
+        let query = sqlx::query_scalar::<_, i32>(
+            "update users set failed_logins = failed_logins + 1 where id = $1
+             returning failed_logins",
+        )
+        .bind(user_id);
+        self.0.run(query.fetch_optional(self.0.pool())).await
     }
 
     /// Forgets trusted clients that last signed in before `trust_for` ago.

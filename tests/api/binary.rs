@@ -193,21 +193,20 @@ async fn startup_logs_say_what_happened_without_noise() {
     crate::helpers::drop_database(settings.database.url.expose_secret()).await;
 }
 
-/// README quotes the line an operator sees when Redis is unreachable at startup: the binary
-/// prints exactly that, and serves.
+/// The docs quote the line an operator sees when Redis is unreachable at startup (degraded
+/// mode): the binary prints exactly that, and serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_unreachable_at_startup_is_logged_as_readme_quotes() {
+async fn redis_unreachable_at_startup_is_logged_as_the_docs_quote() {
     const QUOTED: &str =
         "redis is unreachable at startup; serving from PostgreSQL until it is back";
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/redis.md")).unwrap();
     assert!(
-        readme
-            .split_whitespace()
+        docs.split_whitespace()
             .collect::<Vec<_>>()
             .join(" ")
             .contains(QUOTED),
-        "README quotes the line"
+        "docs/redis.md quotes the line"
     );
     let settings = crate::helpers::test_settings(crate::helpers::Mode::Redis);
     let binary = Binary::start(command(&settings, "redis://127.0.0.1:1")).await;
@@ -218,7 +217,7 @@ async fn redis_unreachable_at_startup_is_logged_as_readme_quotes() {
     crate::helpers::drop_database(settings.database.url.expose_secret()).await;
 }
 
-/// README: a Redis outage is logged once and its end once. When Redis returns, the pool's
+/// docs/redis.md: a Redis outage is logged once and its end once. When Redis returns, the pool's
 /// connections come back one by one: a command that fails meanwhile on one still reconnecting
 /// is the end of the same outage, not a new one — and fred's own warnings do not repeat what
 /// authd says.
@@ -269,6 +268,88 @@ async fn a_redis_outage_is_logged_once_and_its_end_once() {
         .filter(|l| l.contains(r#"target":"fred"#) && l.contains(r#""level":"WARN""#))
         .count();
     assert_eq!(fred_warnings, 0, "{output}");
+    drop(binary);
+    crate::helpers::drop_database(settings.database.url.expose_secret()).await;
+}
+
+/// docs/security.md, "Security events": a failed login and a password change each make exactly
+/// one line with the documented fields, and none carries a secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_events_carry_the_documented_fields() {
+    use authd::proto::authd::v1 as pb;
+    let settings = crate::helpers::test_settings(crate::helpers::Mode::NoRedis);
+    let mut cmd = command(&settings, "redis://127.0.0.1:1");
+    cmd.env("REDIS__ENABLED", "false")
+        .env("LOG__LEVEL", "warn,authd::security=info");
+    let binary = Binary::start(cmd).await;
+    let mut auth = binary.auth().await;
+    let email = crate::helpers::unique_email();
+    let registered = auth
+        .register(crate::helpers::register_request(&email))
+        .await
+        .unwrap()
+        .into_inner();
+    let session = registered.session.clone().unwrap();
+    let wrong = "a wrong guess of a password";
+    let login = pb::LoginRequest {
+        email: email.clone(),
+        password: wrong.to_owned(),
+        client: Some(pb::ClientInfo {
+            ip_address: "203.0.113.9".to_owned(),
+            ..Default::default()
+        }),
+    };
+    assert_eq!(
+        auth.login(login).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    let new_password = "an even better passphrase";
+    auth.change_password(pb::ChangePasswordRequest {
+        session_token: registered.session_token.clone(),
+        current_password: crate::helpers::PASSWORD.to_owned(),
+        new_password: new_password.to_owned(),
+    })
+    .await
+    .unwrap();
+    let events = |name: &str| -> Vec<serde_json::Value> {
+        binary
+            .output()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|e| e["target"] == "authd::security" && e["event"] == name)
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while events("password_changed").is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let failed = events("login_failed");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    let failed = &failed[0];
+    assert_eq!(failed["message"], "security event");
+    assert_eq!(failed["user_id"], registered.user_id.as_str());
+    assert_eq!(failed["client_ip"], "203.0.113.9");
+    assert_eq!(failed["reason"], "wrong_password");
+    assert_eq!(failed["peer"], "127.0.0.1");
+    let changed = events("password_changed");
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    let changed = &changed[0];
+    assert_eq!(changed["user_id"], registered.user_id.as_str());
+    assert_eq!(changed["session_id"], session.session_id.as_str());
+    // The address the calling session signed in from (register_request's).
+    assert_eq!(changed["client_ip"], "192.0.2.10");
+    assert_eq!(changed["outcome"], "changed");
+    assert_eq!(changed["revoked"], 0);
+    assert_eq!(changed["peer"], "127.0.0.1");
+    let output = binary.output();
+    for secret in [
+        registered.session_token.as_str(),
+        wrong,
+        new_password,
+        crate::helpers::PASSWORD,
+    ] {
+        assert!(!output.contains(secret), "a secret in the logs: {output}");
+    }
     drop(binary);
     crate::helpers::drop_database(settings.database.url.expose_secret()).await;
 }

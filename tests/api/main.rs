@@ -3,6 +3,7 @@ mod bearer;
 mod binary;
 #[path = "../support/database.rs"]
 mod database;
+mod docs;
 mod helpers;
 #[path = "../support/proxy.rs"]
 mod proxy;

@@ -261,15 +261,15 @@ async fn an_invalid_setting_stops_startup_naming_it() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(key), "{key}={value}: {stderr}");
     }
-    // README quotes the first one word for word.
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let quoted = readme
+    // The settings reference quotes the first one word for word.
+    let reference =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/settings.md")).unwrap();
+    let quoted = reference
         .lines()
         .find_map(|l| l.strip_prefix("`authd: invalid setting REDIS__ENABLED"))
         .and_then(|rest| rest.split('`').next())
         .map(|rest| format!("authd: invalid setting REDIS__ENABLED{rest}"))
-        .expect("README quotes the message");
+        .expect("docs/settings.md quotes the message");
     let mut cmd = Command::new(BIN);
     binary_env(&mut cmd, &settings);
     let output = cmd.env("REDIS__ENABLED", "maybe").output().unwrap();

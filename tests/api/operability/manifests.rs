@@ -66,9 +66,13 @@ fn every_shipped_yaml_file_parses_and_the_manifests_fit_the_service() {
     assert!(all.contains("kind: Certificate") && all.contains("secretName: authd-tls"));
     let grace_s = pod["terminationGracePeriodSeconds"].as_i64().unwrap();
     let drain: Duration = authd::config::Settings::default().grpc.shutdown_grace;
+    // The preStop pause comes first, then the drain: the grace must cover both.
+    let pre_stop = &container["lifecycle"]["preStop"]["exec"]["command"];
+    assert_eq!(pre_stop[0].as_str(), Some("sleep"));
+    let pause_s: u64 = pre_stop[1].as_str().unwrap().parse().unwrap();
     assert!(
-        grace_s as u64 > drain.as_secs(),
-        "terminationGracePeriodSeconds {grace_s} must exceed the drain grace"
+        grace_s as u64 > pause_s + drain.as_secs(),
+        "terminationGracePeriodSeconds {grace_s} must exceed the preStop pause and the drain"
     );
     for kind in [
         "Deployment",
@@ -236,4 +240,176 @@ fn the_release_files_are_there_and_the_image_labels_match_cargo() {
     ] {
         assert!(dockerfile.contains(&label), "Dockerfile lacks {label}");
     }
+}
+
+/// `deploy/grpc/service-config.json` (what gRPC clients read for deadlines and retries) names
+/// only methods the protos have, gives every unary method of the public services a deadline,
+/// and retries only UNAVAILABLE, only on the calls the API docs call safe to repeat.
+#[test]
+fn the_service_config_retries_only_what_is_safe_to_repeat() {
+    use prost::Message;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/grpc/service-config.json")).unwrap(),
+    )
+    .unwrap();
+    let set = prost_types::FileDescriptorSet::decode(authd::proto::FILE_DESCRIPTOR_SET).unwrap();
+    let mut unary = std::collections::BTreeSet::new();
+    for file in &set.file {
+        for service in &file.service {
+            for method in &service.method {
+                let name = format!("{}.{}/{}", file.package(), service.name(), method.name());
+                if !method.client_streaming() && !method.server_streaming() {
+                    unary.insert(name);
+                }
+            }
+        }
+    }
+    let mut configured = std::collections::BTreeMap::new();
+    for entry in config["methodConfig"].as_array().unwrap() {
+        let retried = entry.get("retryPolicy");
+        if let Some(policy) = retried {
+            assert_eq!(
+                policy["retryableStatusCodes"],
+                serde_json::json!(["UNAVAILABLE"])
+            );
+        }
+        assert!(entry["timeout"].is_string(), "{entry}");
+        for name in entry["name"].as_array().unwrap() {
+            let full = format!(
+                "{}/{}",
+                name["service"].as_str().unwrap(),
+                name["method"].as_str().unwrap()
+            );
+            let known = unary.contains(&full) || full == "grpc.health.v1.Health/Check";
+            assert!(known, "{full} is not a unary method of the protos");
+            assert!(
+                configured.insert(full.clone(), retried.is_some()).is_none(),
+                "{full} twice"
+            );
+        }
+    }
+    // Every unary method has a deadline.
+    for method in &unary {
+        assert!(configured.contains_key(method), "{method} has no deadline");
+    }
+    // Repeating these after a lost answer does something else than the first time.
+    for never in [
+        "authd.v1.AuthService/Register",
+        "authd.v1.AuthService/Login",
+        "authd.v1.AuthService/ChangePassword",
+        "authd.v1.ProfileService/UpdateProfile",
+    ] {
+        assert_eq!(
+            configured.get(never),
+            Some(&false),
+            "{never} must not be retried"
+        );
+    }
+    // The API docs' table says the same.
+    let api = std::fs::read_to_string(root.join("docs/api.md")).unwrap();
+    for (method, retried) in &configured {
+        let short = method.rsplit('/').next().unwrap();
+        let row = api
+            .lines()
+            .filter(|l| {
+                l.starts_with("| ") && l.contains("| yes |")
+                    || l.contains("| no |")
+                    || l.contains("| read first |")
+            })
+            .find(|l| {
+                l.split(" | ")
+                    .next()
+                    .is_some_and(|calls| calls.split([',', ' ']).any(|w| w == short))
+            })
+            .unwrap_or_else(|| panic!("docs/api.md's retry table lacks {short}"));
+        assert_eq!(row.contains("| yes |"), *retried, "{method}: {row}");
+    }
+}
+
+/// `kubectl apply -k deploy/kubernetes` applies every manifest but the example Secrets, the
+/// migrate Job alone in its file (with the annotations that order it first under Argo CD and
+/// Helm), and the certificate's DNS names take the kustomization's namespace.
+#[test]
+fn the_kustomization_applies_every_manifest_and_the_namespace_reaches_the_certificate() {
+    use yaml_rust2::YamlLoader;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let read = |name: &str| {
+        let text =
+            std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        YamlLoader::load_from_str(&text).unwrap()
+    };
+    let kustomization = &read("kustomization.yaml")[0];
+    let listed: Vec<&str> = kustomization["resources"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    let examples = ["secret.yaml", "admin-keys.yaml", "kustomization.yaml"];
+    let mut present: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".yaml") && !examples.contains(&name.as_str()))
+        .collect();
+    present.sort();
+    let mut sorted = listed.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, present, "every manifest listed, the examples not");
+    for example in ["secret.yaml", "admin-keys.yaml"] {
+        for doc in read(example) {
+            assert_eq!(
+                doc["kind"].as_str(),
+                Some("Secret"),
+                "{example}: examples are Secrets"
+            );
+        }
+    }
+    let job = read("migrate-job.yaml");
+    assert_eq!(job.len(), 1, "the Job alone");
+    let annotations = &job[0]["metadata"]["annotations"];
+    assert_eq!(
+        annotations["argocd.argoproj.io/hook"].as_str(),
+        Some("PreSync")
+    );
+    assert!(
+        annotations["helm.sh/hook"]
+            .as_str()
+            .unwrap()
+            .contains("pre-upgrade")
+    );
+    // The replacement writes the namespace over the second dot-separated part of these names.
+    let replacement = &kustomization["replacements"][0];
+    assert_eq!(
+        replacement["source"]["fieldPath"].as_str(),
+        Some("metadata.namespace")
+    );
+    let target = &replacement["targets"][0];
+    assert_eq!(target["options"]["delimiter"].as_str(), Some("."));
+    assert_eq!(target["options"]["index"].as_i64(), Some(1));
+    let certificate = &read("certificate.yaml")[0];
+    let names = certificate["spec"]["dnsNames"].as_vec().unwrap();
+    for path in target["fieldPaths"].as_vec().unwrap() {
+        let index: usize = path
+            .as_str()
+            .unwrap()
+            .rsplit('.')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let name = names[index].as_str().unwrap();
+        assert_eq!(name.split('.').nth(1), Some("default"), "{name}");
+    }
+    assert_eq!(names.len(), 3, "every name with a namespace is a target");
+    // The headless Service for per-request balancing selects the same pods.
+    let services = read("service.yaml");
+    let headless = services
+        .iter()
+        .find(|s| s["spec"]["clusterIP"].as_str() == Some("None"))
+        .expect("a headless Service");
+    assert_eq!(
+        headless["spec"]["selector"],
+        services[0]["spec"]["selector"]
+    );
 }

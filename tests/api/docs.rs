@@ -1,0 +1,179 @@
+//! The docs run: README's first hour with grpcurl is played against the binary, in order, in
+//! one shell (so `$TOKEN` and the like carry from step to step), and what each example shows
+//! is compared with what the server answered — ids, times and tokens aside. An example that
+//! drifts from the service fails here.
+use std::{process::Command, time::Duration};
+
+use secrecy::ExposeSecret;
+
+use crate::binary::{Binary, command};
+
+/// A step of an example: commands, and what they must print.
+#[derive(Debug)]
+enum Step {
+    /// A ```sh block: run; it must succeed. `shows`: the ```json block after it, which the
+    /// last JSON document it printed must match.
+    Run {
+        script: String,
+        shows: Option<String>,
+    },
+    /// A `$ command` of a ```console block, and the lines after it: its output (stdout and
+    /// stderr, as a terminal shows them), which must match.
+    Console { command: String, output: String },
+}
+
+/// The steps of the section of `doc` under `heading`, in order.
+fn steps(doc: &str, heading: &str) -> Vec<Step> {
+    let section = doc
+        .split(&format!("\n{heading}\n"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no {heading:?}"));
+    let section = section.split("\n## ").next().unwrap_or(section);
+    let mut steps = Vec::new();
+    let mut blocks = section.split("\n```").skip(1).step_by(2);
+    for block in blocks.by_ref() {
+        let (lang, body) = block.split_once('\n').unwrap_or((block, ""));
+        match lang.trim() {
+            "sh" => steps.push(Step::Run {
+                script: body.to_owned(),
+                shows: None,
+            }),
+            "json" => match steps.last_mut() {
+                Some(Step::Run { shows, .. }) if shows.is_none() => *shows = Some(body.to_owned()),
+                _ => panic!("a json block follows no sh block: {body}"),
+            },
+            "console" => {
+                for line in body.lines() {
+                    match (line.strip_prefix("$ "), steps.last_mut()) {
+                        (Some(command), _) => steps.push(Step::Console {
+                            command: command.to_owned(),
+                            output: String::new(),
+                        }),
+                        (None, Some(Step::Console { output, .. })) => {
+                            output.push_str(line);
+                            output.push('\n');
+                        }
+                        (None, _) => panic!("a console block starts with no `$ `: {body}"),
+                    }
+                }
+            }
+            other => panic!("a {other:?} block: say how to run it"),
+        }
+    }
+    steps
+}
+
+/// What differs from run to run, replaced by its kind.
+fn normalize(text: &str) -> String {
+    let patterns = [
+        (
+            r"authd_[A-Za-z0-9_-]{43}\.[0-9]+\.[A-Za-z0-9_-]{22}",
+            "<token>",
+        ),
+        (
+            r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+            "<uuid>",
+        ),
+        (
+            r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?Z",
+            "<time>",
+        ),
+    ];
+    // Trailing spaces are an editor's to keep or drop, not the example's.
+    let mut text: String = text
+        .trim_end()
+        .lines()
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .join("\n");
+    for (pattern, kind) in patterns {
+        text = regex::Regex::new(pattern)
+            .unwrap()
+            .replace_all(&text, kind)
+            .into_owned();
+    }
+    text
+}
+
+/// The last JSON document of `output`.
+fn last_json(output: &str) -> Option<serde_json::Value> {
+    serde_json::Deserializer::from_str(output)
+        .into_iter::<serde_json::Value>()
+        .map_while(Result::ok)
+        .last()
+}
+
+/// The steps as one bash script: each step's output between markers.
+fn script(steps: &[Step], addr: &str) -> String {
+    let mut script = String::from("set -eo pipefail\n");
+    for (i, step) in steps.iter().enumerate() {
+        let body = match step {
+            Step::Run { script, .. } => format!("{{\n{script}\n}} 2>&1"),
+            // A console example may show an error: it must not end the run.
+            Step::Console { command, .. } => format!("{{ {command}\n}} 2>&1 || true"),
+        };
+        script.push_str(&format!(
+            "echo '@@step {i}'\n{}\n",
+            body.replace("127.0.0.1:50051", addr)
+        ));
+    }
+    script.push_str("echo '@@done'\n");
+    script
+}
+
+/// README's tour, on a fresh database, as a newcomer runs it after `cargo run`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_first_hour_runs_as_written() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let steps = steps(&readme, "## A first hour with grpcurl");
+    assert!(steps.len() >= 10, "{steps:?}");
+    let settings = crate::helpers::test_settings(crate::helpers::Mode::Redis);
+    let binary = Binary::start(command(&settings, &crate::helpers::redis_url())).await;
+    let script = script(&steps, &binary.addr);
+    let run = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::task::spawn_blocking(move || Command::new("bash").arg("-c").arg(&script).output()),
+    )
+    .await
+    .expect("the tour ran within 2 minutes")
+    .unwrap()
+    .expect("bash runs (grpcurl and jq on PATH)");
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(
+        run.status.success() && stdout.contains("@@done"),
+        "a step failed: {stdout}\n{}\nthe server said: {}",
+        String::from_utf8_lossy(&run.stderr),
+        binary.output()
+    );
+    let outputs: Vec<&str> = stdout
+        .split("@@step ")
+        .skip(1)
+        .map(|o| o.split_once('\n').map_or("", |(_, rest)| rest))
+        .collect();
+    assert_eq!(outputs.len(), steps.len(), "{stdout}");
+    for (step, output) in steps.iter().zip(outputs) {
+        let output = output.trim_end_matches("@@done\n");
+        match step {
+            Step::Run { shows: None, .. } => {}
+            Step::Run {
+                script,
+                shows: Some(shown),
+            } => {
+                let shown: serde_json::Value = serde_json::from_str(&normalize(shown))
+                    .unwrap_or_else(|e| panic!("README's json after {script:?}: {e}"));
+                let answered = last_json(&normalize(output))
+                    .unwrap_or_else(|| panic!("{script:?} printed no JSON: {output}"));
+                assert_eq!(answered, shown, "{script}");
+            }
+            Step::Console {
+                command,
+                output: shown,
+            } => {
+                assert_eq!(normalize(output), normalize(shown), "$ {command}");
+            }
+        }
+    }
+    drop(binary);
+    crate::helpers::drop_database(settings.database.url.expose_secret()).await;
+}
