@@ -7,7 +7,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-/// Every metric authd exports; the names are documented in README.md (Operations).
+/// Every metric authd exports; the names are documented in docs/operations.md (Metrics).
 pub struct Metrics {
     registry: Registry,
     /// RPCs by service, method and gRPC status code.
@@ -53,7 +53,7 @@ pub struct Metrics {
     pub redis_connected_clients: IntGaugeVec,
     /// 1 for the node's `maxmemory-policy` (label `policy`).
     pub redis_maxmemory_policy: IntGaugeVec,
-    /// The generation of cached data being served (see README, Consistency guarantees).
+    /// The generation of cached data being served (see docs/guarantees.md).
     pub redis_generation: IntGauge,
     /// New generations established after the first: Redis restarted, was restored or failed over.
     pub redis_generation_changes: IntCounter,

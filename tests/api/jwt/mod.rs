@@ -63,7 +63,7 @@ async fn verify(app: &TestApp, jwt: &str, audience: &str) -> Result<(Value, Valu
     let out = run_with_input(verifier, input.as_bytes(), "python3 is on PATH").await;
     assert!(
         out.status.success(),
-        "the verifier failed (pip install 'pyjwt[crypto]'; see README, Development): {}",
+        "the verifier failed (pip install 'pyjwt[crypto]'; see docs/development.md): {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -401,7 +401,13 @@ fn the_kustomization_applies_every_manifest_and_the_namespace_reaches_the_certif
         let name = names[index].as_str().unwrap();
         assert_eq!(name.split('.').nth(1), Some("default"), "{name}");
     }
-    assert_eq!(names.len(), 3, "every name with a namespace is a target");
+    assert_eq!(names.len(), 5, "every name with a namespace is a target");
+    assert!(
+        names
+            .iter()
+            .any(|n| n.as_str().unwrap().starts_with("authd-headless.")),
+        "the headless Service's name is in the certificate"
+    );
     // The headless Service for per-request balancing selects the same pods.
     let services = read("service.yaml");
     let headless = services
