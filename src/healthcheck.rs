@@ -72,7 +72,12 @@ pub async fn check(
         })
         .await
         .map_err(|s| match s.code() {
-            tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Unavailable => {
+            // What a TLS port's alert, read as HTTP/2, ends as: a protocol error, a reset or a
+            // cancelled stream, depending on timing.
+            tonic::Code::Internal
+            | tonic::Code::Unknown
+            | tonic::Code::Unavailable
+            | tonic::Code::Cancelled => {
                 format!("health check failed: {:?}: {}{hint}", s.code(), s.message())
             }
             code => format!("health check failed: {code:?}: {}", s.message()),
