@@ -138,18 +138,19 @@ impl Db {
     /// earlier one, how long ago it was first seen (µs), and the longest lease then in force. A
     /// history that replaced another moves the Redis generation numbers past what the old
     /// primary may have handed out without the standby knowing.
+    ///
+    /// Every instance records a new history at the same moment (after a failover): the row is
+    /// upserted, so a statement that lost the race to insert it waits for the winner and gets
+    /// its row back. (With `do nothing`, the loser's snapshot did not see the winner's row: no
+    /// first-seen time, and the call failed as an internal error.)
     async fn record_history(&self, key: &str) -> Result<(bool, i64, i64), StoreError> {
         let query = sqlx::query_as::<_, (bool, bool, i64, i64)>(
-            "with inserted as (
+            "with seen as (
                  insert into database_timelines (timeline) values ($1)
-                 on conflict (timeline) do nothing
-                 returning first_seen_at
-             ), seen as (
-                 select coalesce((select first_seen_at from inserted),
-                                 (select first_seen_at from database_timelines
-                                  where timeline = $1)) as at
+                 on conflict (timeline) do update set timeline = excluded.timeline
+                 returning first_seen_at as at, xmax = 0 as inserted
              )
-             select exists (select 1 from inserted),
+             select (select inserted from seen),
                     exists (select 1 from database_timelines
                             where timeline <> $1 and first_seen_at < (select at from seen)),
                     (extract(epoch from (clock_timestamp() - (select at from seen))) * 1000000)::bigint,

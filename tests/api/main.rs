@@ -20,6 +20,7 @@ mod events;
 mod ext_authz;
 mod fleet;
 mod hardening;
+mod history;
 mod jwt;
 mod layers;
 mod lease_cases;
