@@ -412,11 +412,7 @@ impl Application {
             "authd.v1.EventService is not served by this instance: it is when \
              EVENTS__ALLOWED_CLIENTS or EVENTS__API_KEYS_FILE is set",
         );
-        let served = reflection::served(
-            self.settings.ext_authz.enabled,
-            self.admin.is_some(),
-            self.events.is_some(),
-        );
+        let served = reflection::served(ext_authz.is_some(), admin.is_some(), events.is_some());
         let router = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))

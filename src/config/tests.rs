@@ -195,6 +195,19 @@ fn is_setting(name: &str) -> bool {
             .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
 }
 
+/// The names of a table row's first cell: `` `A__B__C`, `__D` `` is `A__B__C` and `A__B__D`.
+fn row_names(first: &str) -> Vec<String> {
+    let names: Vec<&str> = first.split(", ").map(|n| n.trim_matches('`')).collect();
+    let stem = names[0].rsplit_once("__").map_or("", |(stem, _)| stem);
+    names
+        .iter()
+        .map(|name| match name.strip_prefix("__") {
+            Some(suffix) => format!("{stem}__{suffix}"),
+            None => (*name).to_owned(),
+        })
+        .collect()
+}
+
 /// Every setting the docs' tables name (first column; several may share a row, the later ones
 /// written as the first's suffix: `DATABASE__SHARES__LOOKUPS`, `__LOGINS`).
 fn documented_settings() -> Vec<String> {
@@ -203,17 +216,7 @@ fn documented_settings() -> Vec<String> {
         .flat_map(|doc| doc.lines())
         .filter_map(|line| line.strip_prefix("| "))
         .filter_map(|rest| rest.split_once(" |").map(|(first, _)| first))
-        .flat_map(|first| {
-            let names: Vec<&str> = first.split(", ").map(|n| n.trim_matches('`')).collect();
-            let stem = names[0].rsplit_once("__").map_or("", |(stem, _)| stem);
-            names
-                .iter()
-                .map(|name| match name.strip_prefix("__") {
-                    Some(suffix) => format!("{stem}__{suffix}"),
-                    None => (*name).to_owned(),
-                })
-                .collect::<Vec<_>>()
-        })
+        .flat_map(row_names)
         .filter(|name| is_setting(name))
         .collect();
     names.sort_unstable();
@@ -234,18 +237,10 @@ fn documented_defaults(doc: &str) -> Vec<(String, String)> {
         let Some(first) = first.strip_prefix("| ") else {
             continue;
         };
-        let names: Vec<&str> = first.split(", ").map(|n| n.trim_matches('`')).collect();
-        if !is_setting(names[0]) {
+        let names = row_names(first);
+        if !is_setting(&names[0]) {
             continue;
         }
-        let stem = names[0].rsplit_once("__").map_or("", |(stem, _)| stem);
-        let names: Vec<String> = names
-            .iter()
-            .map(|name| match name.strip_prefix("__") {
-                Some(suffix) => format!("{stem}__{suffix}"),
-                None => (*name).to_owned(),
-            })
-            .collect();
         let values: Vec<Option<&str>> = defaults
             .split(", ")
             .map(|d| d.strip_prefix('`')?.strip_suffix('`'))
