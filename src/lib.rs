@@ -33,14 +33,14 @@
 //! |---|---|
 //! | `app` | `admin`, `auth`, `cache`, `clock`, `config`, `events`, `grpc`, `health`, `jobs`, `local`, `metrics`, `profile`, `proto`, `store` |
 //! | `healthcheck` | `grpc` |
-//! | `grpc` | `admin`, `auth`, `events`, `profile`, `store`, `clock`, `config`, `metrics`, `proto`, `tls_files` |
+//! | `grpc` | `admin`, `auth`, `events`, `profile`, `store`, `clock`, `config`, `metrics`, `proto`, `tls_files`, `telemetry` |
 //! | `events` | `local`, `store`, `clock`, `config`, `metrics` |
 //! | `jobs` | `admin`, `auth`, `profile`, `health`, `local`, `cache`, `store`, `clock`, `config`, `metrics` |
 //! | `admin` | `auth`, `store`, `config`, `metrics` |
-//! | `profile` | `auth`, `local`, `cache`, `store`, `model` |
-//! | `auth` | `local`, `cache`, `store`, `clock`, `config`, `metrics`, `model` |
+//! | `profile` | `auth`, `local`, `cache`, `store`, `model`, `telemetry` |
+//! | `auth` | `local`, `cache`, `store`, `clock`, `config`, `metrics`, `model`, `telemetry` |
 //! | `health` | `store`, `clock`, `metrics` |
-//! | `local` | `cache`, `store`, `clock`, `config`, `metrics`, `model` |
+//! | `local` | `cache`, `store`, `clock`, `config`, `metrics`, `model`, `telemetry` |
 //! | `cache` | `clock`, `config`, `metrics`, `model`, `tls_files` |
 //! | `store` | `clock`, `config`, `metrics`, `model` |
 //! | `telemetry` | `config` |

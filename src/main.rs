@@ -103,11 +103,21 @@ async fn main() -> ExitCode {
             }
         };
     }
-    telemetry::init(&settings.log);
+    let traces = match telemetry::init(&settings.log, &settings.traces) {
+        Ok(traces) => traces,
+        Err(error) => {
+            eprintln!("authd: cannot export traces to TRACES__OTLP_ENDPOINT: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Some(Command::Migrate) => migrate(&settings).await,
         _ => serve(settings).await,
     };
+    if let Some(traces) = traces {
+        // The provider's shutdown waits for its last export: off the runtime's workers.
+        let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -35,6 +35,7 @@ use crate::{
     local::{Keys, LocalCache},
     metrics::Metrics,
     store::{Db, EMAIL_UNIQUE, Invalidation, NewSession, NewUser, Revocation, Since, StoreError},
+    telemetry::{Tier, traces},
 };
 
 pub struct Registration {
@@ -320,6 +321,7 @@ impl AuthService {
             let now = self.clock.now();
             // A copy whose touch is due goes the shared way: Redis has the fleet's last touch.
             if !self.policy.is_expired(&record, now) && !self.policy.touch_due(&record, now) {
+                traces::tier(Tier::Memory);
                 return Ok(self.view(record));
             }
         }
@@ -337,7 +339,12 @@ impl AuthService {
         if !token.proven {
             self.unknown.open()?;
         }
-        let record = match self.cache.get(hash).await {
+        let cached = self.cache.get(hash).await;
+        traces::tier(match cached {
+            Cached::Hit(_) | Cached::Revoked => Tier::Redis,
+            Cached::Miss | Cached::Unavailable => Tier::Postgres,
+        });
+        let record = match cached {
             Cached::Hit(record) => record,
             Cached::Revoked => return Err(AuthError::InvalidSession),
             // The lease is taken before PostgreSQL is read: whatever revokes the session, or

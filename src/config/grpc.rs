@@ -263,3 +263,50 @@ impl LogSettings {
         Ok(())
     }
 }
+
+/// OpenTelemetry traces over OTLP/gRPC, off unless an endpoint is given. The SDK's own
+/// variables (`OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT`,
+/// `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_BSP_*`) are honoured as the SDK documents them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracesSettings {
+    /// The collector's OTLP/gRPC address (`http://otel-collector:4317`; `https://` for TLS,
+    /// verified against the system's roots); empty: no traces.
+    pub otlp_endpoint: String,
+    /// The share of traces begun here that are recorded (0 to 1). A caller's `traceparent`
+    /// decides for its own trace: sampled there, recorded here.
+    pub sample_ratio: f64,
+}
+
+impl Default for TracesSettings {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            sample_ratio: 1.0,
+        }
+    }
+}
+
+impl TracesSettings {
+    /// Whether traces are exported.
+    pub fn enabled(&self) -> bool {
+        !self.otlp_endpoint.trim().is_empty()
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return invalid("TRACES__SAMPLE_RATIO", "must be from 0 to 1");
+        }
+        if self.enabled() {
+            let parsed = url::Url::parse(self.otlp_endpoint.trim());
+            if !parsed.is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host()) {
+                return invalid(
+                    "TRACES__OTLP_ENDPOINT",
+                    "must be the collector's http:// or https:// address, such as \
+                     http://otel-collector:4317 (empty: no traces)",
+                );
+            }
+        }
+        Ok(())
+    }
+}

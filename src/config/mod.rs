@@ -28,6 +28,7 @@ pub use events::EventsSettings;
 pub use ext_authz::ExtAuthzSettings;
 pub use grpc::{
     GrpcSettings, GrpcTlsSettings, HealthSettings, LogFormat, LogSettings, MetricsSettings,
+    TracesSettings,
 };
 pub use jwt::{JwtAlgorithm, JwtSettings, MAX_TTL_CEILING as JWT_MAX_TTL_CEILING};
 pub use redis::{
@@ -35,7 +36,7 @@ pub use redis::{
 };
 
 /// Top-level sections; environment variables outside them are ignored.
-const SECTIONS: [&str; 17] = [
+const SECTIONS: [&str; 18] = [
     "grpc",
     "ext_authz",
     "admin",
@@ -53,6 +54,7 @@ const SECTIONS: [&str; 17] = [
     "tokens",
     "jwt",
     "log",
+    "traces",
 ];
 
 /// Environment variables read verbatim, never parsed (see [`Settings::load`]).
@@ -78,6 +80,7 @@ pub struct Settings {
     pub tokens: TokenSettings,
     pub jwt: JwtSettings,
     pub log: LogSettings,
+    pub traces: TracesSettings,
     /// Test-only: pretend this host's clock is off by this many milliseconds (never read from a
     /// file or the environment).
     #[doc(hidden)]
@@ -234,6 +237,7 @@ impl Settings {
         self.profile_cache.validate()?;
         self.local_cache.validate()?;
         self.log.validate()?;
+        self.traces.validate()?;
         let tls = &self.grpc.tls;
         let lc = &self.local_cache;
         if self.admin.allowed_clients().next().is_some() && tls.client_ca_file.is_none() {

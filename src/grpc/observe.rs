@@ -1,8 +1,9 @@
 //! Around every RPC: a request id (the caller's `x-request-id`, or a new one, returned in the
 //! response metadata), a span carrying it, one log line when the RPC answers (method, code,
-//! latency, request id), and the RPC metrics; and the call's deadline (`GRPC__REQUEST_TIMEOUT`,
-//! or the caller's shorter `grpc-timeout`), past which it answers DEADLINE_EXCEEDED; and the
-//! call's work (`store::Work`): the share of the PostgreSQL pool its method uses, and the
+//! latency, request id, trace id when traces are exported), and the RPC metrics; the span is
+//! the call's OpenTelemetry server span, in the caller's trace (`telemetry::traces`); and the
+//! call's deadline (`GRPC__REQUEST_TIMEOUT`, or the caller's shorter `grpc-timeout`), past which
+//! it answers DEADLINE_EXCEEDED; and the call's work (`store::Work`): the share of the PostgreSQL pool its method uses, and the
 //! caller's address.
 //!
 //! The status of an error is in the response headers (gRPC "trailers-only"); a response without
@@ -23,6 +24,7 @@ use tracing::Instrument;
 use crate::{
     metrics::Metrics,
     store::{Share, Work},
+    telemetry::traces,
 };
 
 pub const REQUEST_ID: &str = "x-request-id";
@@ -140,11 +142,16 @@ where
                 .and_then(|peer| peer.remote)
                 .map(|remote| remote.ip()),
         };
+        // `otel.*` are filled only when traces are exported (`telemetry::traces`).
         let span = tracing::info_span!(
             "rpc",
             method = %path,
             request_id = %id.to_str().unwrap_or_default(),
+            otel.name = tracing::field::Empty,
+            otel.kind = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
         );
+        traces::serve(&span, &path, request.headers());
         // The clone that was made ready serves this call; a fresh clone waits for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -182,6 +189,7 @@ where
                 _ => ("unknown", "unknown"),
             };
             let code_name = format!("{code:?}");
+            traces::answered(&span, code);
             metrics
                 .rpc_requests
                 .with_label_values(&[service, method, &code_name])
@@ -195,6 +203,7 @@ where
                     target: "authd::rpc",
                     code = %code_name,
                     latency_ms = elapsed.as_secs_f64() * 1000.0,
+                    trace_id = traces::trace_id(&span),
                     "rpc"
                 );
             });

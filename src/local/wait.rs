@@ -19,6 +19,7 @@ use crate::{
     cache::Announcement,
     clock::lease_wait,
     store::{Holders, StoreError},
+    telemetry::traces,
 };
 
 /// The waits of this instance, by the nonce of each message they sent.
@@ -195,9 +196,11 @@ impl LocalCache {
         }
     }
 
-    fn waited(&self, started: Instant, ended: &str) {
+    fn waited(&self, started: Instant, ended: &'static str) {
         let wait = &self.shared.metrics.local_wait;
         let seconds = started.elapsed().as_secs_f64();
+        traces::note(traces::REVOCATION_WAIT, ended);
+        traces::note(traces::REVOCATION_WAIT_SECONDS, seconds);
         wait.with_label_values(&[ended]).observe(seconds);
     }
 

@@ -13,6 +13,7 @@ use crate::{
     cache::{Announcement, CachedProfile, Log, ProfileCache, ProfileWrite},
     local::{Keys, LocalCache},
     store::{Db, ProfileInvalidation, StoreError, UpdateOutcome, coalesce::Coalescer},
+    telemetry::{Tier, traces},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +80,7 @@ impl ProfileService {
     /// first (see `crate::local`), then Redis, then PostgreSQL.
     pub async fn get(&self, user_id: Uuid) -> Result<ProfileRecord, ProfileError> {
         if let Some(profile) = self.local.profile(user_id) {
+            traces::tier(Tier::Memory);
             return Ok(profile);
         }
         let ticket = self.local.profile_ticket(user_id);
@@ -88,7 +90,12 @@ impl ProfileService {
     }
 
     async fn get_shared(&self, user_id: Uuid) -> Result<ProfileRecord, ProfileError> {
-        let loaded = match self.cache.get(&user_id).await {
+        let cached = self.cache.get(&user_id).await;
+        traces::tier(match cached {
+            CachedProfile::Hit(_) | CachedProfile::NotFound => Tier::Redis,
+            CachedProfile::Miss | CachedProfile::Unavailable => Tier::Postgres,
+        });
+        let loaded = match cached {
             CachedProfile::Hit(profile) => return Ok(profile),
             CachedProfile::NotFound => return Err(ProfileError::NotFound),
             // Concurrent misses for this id share one PostgreSQL read (one begun after them);
@@ -119,8 +126,14 @@ impl ProfileService {
     /// it), then reads PostgreSQL under a lease.
     async fn recheck_then_load(&self, user_id: Uuid) -> Load {
         match self.cache.get(&user_id).await {
-            CachedProfile::Hit(profile) => Ok(Some(profile)),
-            CachedProfile::NotFound => Ok(None),
+            CachedProfile::Hit(profile) => {
+                traces::tier(Tier::Redis);
+                Ok(Some(profile))
+            }
+            CachedProfile::NotFound => {
+                traces::tier(Tier::Redis);
+                Ok(None)
+            }
             CachedProfile::Miss => {
                 let lease = self.cache.lease(&user_id).await;
                 self.load(user_id, lease).await

@@ -31,6 +31,23 @@ pub fn command(settings: &authd::config::Settings, redis_url: &str) -> Command {
     cmd
 }
 
+/// `GET /metrics` on `addr` from the loopback address `source`: the body.
+pub async fn scrape_from(addr: std::net::SocketAddr, source: [u8; 4]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((source, 0)))
+        .unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: authd\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}
+
 pub fn free_port() -> u16 {
     crate::redis_server::free_port()
 }

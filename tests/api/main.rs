@@ -37,3 +37,4 @@ mod revocation;
 mod server;
 mod sessions;
 mod tokens;
+mod traces;

@@ -188,7 +188,7 @@ pub async fn spawn_sharing_on(other: &TestApp, addr: std::net::SocketAddr) -> Te
 }
 
 async fn spawn_inner(settings: Settings, drop_database: bool, hooks: Hooks, bind: &str) -> TestApp {
-    authd::telemetry::init(&settings.log);
+    let _ = authd::telemetry::init(&settings.log, &settings.traces);
     let listener = TcpListener::bind(bind).await.unwrap();
     let app = Application::build_with_listener(settings.clone(), listener)
         .await

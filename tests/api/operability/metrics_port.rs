@@ -1,5 +1,6 @@
 //! The metrics port: every documented metric from startup, slow headers closed, connections capped per address.
 use super::*;
+use crate::binary::scrape_from;
 
 /// Slowloris on `/metrics` (a port the Kubernetes Service exposes): connections that never
 /// finish their headers are closed after a few seconds, and while more of them are open than
@@ -104,23 +105,6 @@ async fn every_documented_metric_is_present_from_startup() {
             .all(|name| text.lines().any(|l| l.starts_with(name)))
     })
     .await;
-}
-
-/// `GET /metrics` on `addr` from the loopback address `source`: the body.
-async fn scrape_from(addr: std::net::SocketAddr, source: [u8; 4]) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket
-        .bind(std::net::SocketAddr::from((source, 0)))
-        .unwrap();
-    let mut stream = socket.connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: authd\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
 }
 
 /// Review found: the metrics port capped connections in all (16) but not per address: 16

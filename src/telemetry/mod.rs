@@ -1,11 +1,21 @@
-//! The one tracing subscriber: `RUST_LOG` when set, otherwise `LOG__LEVEL`; `LOG__FORMAT` picks
-//! human-readable or JSON lines.
+//! The one tracing subscriber: logs filtered by `RUST_LOG` when set, otherwise `LOG__LEVEL`
+//! (`LOG__FORMAT` picks human-readable or JSON lines); and, when `TRACES__OTLP_ENDPOINT` is set,
+//! authd's spans exported as OpenTelemetry traces whatever the logs' filter ([`traces`]).
 use std::io::IsTerminal;
 
 use tracing::Level;
-use tracing_subscriber::{EnvFilter, filter::filter_fn, fmt, prelude::*};
+use tracing_subscriber::{
+    EnvFilter,
+    filter::{FilterExt, Targets, filter_fn},
+    fmt,
+    prelude::*,
+};
 
-use crate::config::{LogFormat, LogSettings};
+use crate::config::{LogFormat, LogSettings, TracesSettings};
+
+pub mod traces;
+
+pub use traces::{Tier, Traces};
 
 /// sqlx logs PostgreSQL's notices under this target.
 const NOTICES: &str = "sqlx::postgres::notice";
@@ -47,36 +57,50 @@ fn quieted(target: &str, level: Level, named: [bool; 2]) -> bool {
         .any(|((module, loudest), named)| !named && within(target, module) && level > *loudest)
 }
 
-/// Installs the global subscriber; a second call (tests) keeps the first.
-pub fn init(settings: &LogSettings) {
+/// Installs the global subscriber; a second call (tests) keeps the first. With traces
+/// configured, within the Tokio runtime: the exporter it starts runs there; keep what it
+/// answers and shut it down as the process ends.
+pub fn init(log: &LogSettings, traces: &TracesSettings) -> anyhow::Result<Option<Traces>> {
     let from_env = std::env::var("RUST_LOG")
         .ok()
         .and_then(|given| Some((EnvFilter::try_new(&given).ok()?, given)));
     let (filter, given) = from_env
-        .or_else(|| {
-            Some((
-                EnvFilter::try_new(&settings.level).ok()?,
-                settings.level.clone(),
-            ))
-        })
+        .or_else(|| Some((EnvFilter::try_new(&log.level).ok()?, log.level.clone())))
         .unwrap_or_else(|| (EnvFilter::new("info"), "info".to_owned()));
     let named = QUIETER.map(|(module, _)| names(&given, module));
     let quieter = filter_fn(move |meta| !quieted(meta.target(), *meta.level(), named));
-    let registry = tracing_subscriber::registry().with(filter).with(quieter);
-    let _ = match settings.format {
+    let logs = filter.and(quieter);
+    let (exporter, tracer) = match traces.enabled() {
+        true => traces::Traces::start(traces).map(|(t, tracer)| (Some(t), Some(tracer)))?,
+        false => (None, None),
+    };
+    // authd's own spans and events, whatever the logs keep.
+    let spans = tracer.map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(Targets::new().with_target("authd", Level::INFO))
+    });
+    let registry = tracing_subscriber::registry().with(spans);
+    let _ = match log.format {
         LogFormat::Json => registry
             .with(
                 fmt::layer()
                     .json()
                     .flatten_event(true)
-                    .with_current_span(true),
+                    .with_current_span(true)
+                    .with_filter(logs),
             )
             .try_init(),
         // Colours only for a terminal: not in files or log collectors.
         LogFormat::Pretty => registry
-            .with(fmt::layer().with_ansi(std::io::stdout().is_terminal()))
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::stdout().is_terminal())
+                    .with_filter(logs),
+            )
             .try_init(),
     };
+    Ok(exporter)
 }
 
 #[cfg(test)]
