@@ -182,3 +182,91 @@ async fn readme_first_hour_runs_as_written() {
     drop(binary);
     crate::helpers::drop_database(settings.database.url.expose_secret()).await;
 }
+
+/// Every metric a document, a manifest or an alert names (`authd_*`, `process_*`) is one the
+/// binary serves at `/metrics`: a renamed metric cannot leave a dashboard or an alert behind.
+/// The binary runs with Redis and the in-process cache, whose metrics appear with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_docs_name_is_served() {
+    // PostgreSQL roles of the compose file and docs/operations.md, not metrics.
+    const NOT_METRICS: [&str; 2] = ["authd_app", "authd_owner"];
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut files = vec![
+        format!("{root}/README.md"),
+        format!("{root}/CHANGELOG.md"),
+        format!("{root}/docker-compose.yaml"),
+    ];
+    let mut dirs = vec![format!("{root}/docs"), format!("{root}/deploy")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path.display().to_string());
+            } else {
+                files.push(path.display().to_string());
+            }
+        }
+    }
+    // A whole word: a token (`authd_pilfam…Q.1.b6u…`) is not a name.
+    let word = regex::Regex::new(r"\b(authd|process)_[A-Za-z0-9_.-]*").unwrap();
+    let name = regex::Regex::new(r"^(authd|process)_[a-z0-9_]*[a-z0-9]$").unwrap();
+    let mut named: Vec<(String, String)> = Vec::new();
+    for file in &files {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for found in word.find_iter(&text) {
+            let found = found.as_str().trim_end_matches(['.', '-']);
+            if name.is_match(found) && !NOT_METRICS.contains(&found) {
+                named.push((found.to_owned(), file.clone()));
+            }
+        }
+    }
+    assert!(named.len() > 40, "the docs were read: {named:?}");
+
+    let settings = crate::helpers::test_settings(crate::helpers::Mode::Redis);
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", crate::binary::free_port())
+        .parse()
+        .unwrap();
+    let mut cmd = command(&settings, &crate::helpers::redis_url());
+    cmd.env("LOCAL_CACHE__ENABLED", "true")
+        .env("METRICS__ADDR", metrics.to_string());
+    let binary = Binary::start(cmd).await;
+    // The per-node Redis gauges come with the first periodic check.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let served = loop {
+        let text = crate::binary::scrape_from(metrics, [127, 0, 0, 1]).await;
+        if text.contains("\nauthd_redis_node_up{") {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no Redis node check: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Families, and a histogram's series (`_bucket`, `_sum`, `_count`).
+    let mut families: Vec<String> = Vec::new();
+    for line in served.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split(' ');
+            let (family, kind) = (parts.next().unwrap(), parts.next().unwrap_or_default());
+            families.push(family.to_owned());
+            if kind == "histogram" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    families.push(format!("{family}{suffix}"));
+                }
+            }
+        }
+    }
+    let missing: Vec<&(String, String)> = named
+        .iter()
+        .filter(|(name, _)| !families.contains(name))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "named but not served: {missing:?}\nserved: {families:?}"
+    );
+    drop(binary);
+    crate::helpers::drop_database(settings.database.url.expose_secret()).await;
+}
