@@ -60,8 +60,37 @@ pub struct Binary {
 }
 
 impl Binary {
-    /// Starts `cmd` on a free port and waits until it serves gRPC.
-    pub async fn start(mut cmd: Command) -> Binary {
+    /// Starts `cmd` on a free port and waits until it serves gRPC (in plain text).
+    pub async fn start(cmd: Command) -> Binary {
+        let binary = Binary::spawn(cmd);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while binary.channel().await.is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the binary did not serve: {}",
+                binary.output()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        binary
+    }
+
+    /// Waits until its gRPC port accepts connections (whatever it speaks: TLS too); panics
+    /// after `within`.
+    pub async fn wait_listening(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::net::TcpStream::connect(&self.addr).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the binary did not listen: {}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Starts `cmd` on a free port (`GRPC__ADDR`), collecting its output.
+    pub fn spawn(mut cmd: Command) -> Binary {
         let addr = format!("127.0.0.1:{}", free_port());
         let mut child = cmd
             .env("GRPC__ADDR", &addr)
@@ -90,21 +119,11 @@ impl Binary {
                 }
             });
         }
-        let binary = Binary {
+        Binary {
             child,
             addr,
             output,
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while binary.channel().await.is_none() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the binary did not serve: {}",
-                binary.output()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        binary
     }
 
     /// Sends `signal` to the process (SIGSTOP and SIGCONT pause and resume it).
