@@ -339,14 +339,15 @@ impl AuthService {
         if !token.proven {
             self.unknown.open()?;
         }
-        let cached = self.cache.get(hash).await;
-        traces::tier(match cached {
-            Cached::Hit(_) | Cached::Revoked => Tier::Redis,
-            Cached::Miss | Cached::Unavailable => Tier::Postgres,
-        });
-        let record = match cached {
-            Cached::Hit(record) => record,
-            Cached::Revoked => return Err(AuthError::InvalidSession),
+        let record = match self.cache.get(hash).await {
+            Cached::Hit(record) => {
+                traces::tier(Tier::Redis);
+                record
+            }
+            Cached::Revoked => {
+                traces::tier(Tier::Redis);
+                return Err(AuthError::InvalidSession);
+            }
             // The lease is taken before PostgreSQL is read: whatever revokes the session, or
             // flushes Redis, after this point makes the fill a no-op.
             Cached::Miss => {
@@ -399,6 +400,7 @@ impl AuthService {
         hash: &TokenHash,
         paid: Option<Paid<'_>>,
     ) -> Result<SessionRecord, AuthError> {
+        traces::tier(Tier::Postgres);
         let found = self.db.sessions().find_by_token_hash(hash.as_bytes()).await;
         if let Some(paid) = paid {
             paid.settle(match &found {

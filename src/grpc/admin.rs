@@ -5,6 +5,7 @@ use std::{future::Future, panic::AssertUnwindSafe, sync::Arc};
 use futures::FutureExt;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::{observe::RequestId, timestamp};
 use crate::{
@@ -117,7 +118,8 @@ impl AdminGrpc {
         let task = self
             .service
             .tasks
-            .spawn(crate::store::carry(crate::clock::carry_deadline(call)));
+            // In the call's span: its spans and events are the call's (logs and traces).
+            .spawn(crate::store::carry(crate::clock::carry_deadline(call)).in_current_span());
         let Ok(result) = answered.await else {
             tracing::error!(method, "admin call task failed");
             return Err(Status::internal("internal error"));

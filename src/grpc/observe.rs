@@ -96,6 +96,16 @@ fn share_of(path: &str) -> Share {
     }
 }
 
+/// The path as logged and traced: a caller's made-up path (up to the 16 KiB of headers) is cut
+/// at 128 bytes; authd's own are under 50.
+fn shown(path: &str) -> &str {
+    let mut end = path.len().min(128);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
+}
+
 fn status_code<B>(response: &Response<B>) -> Code {
     response
         .headers()
@@ -145,7 +155,7 @@ where
         // `otel.*` are filled only when traces are exported (`telemetry::traces`).
         let span = tracing::info_span!(
             "rpc",
-            method = %path,
+            method = %shown(&path),
             request_id = %id.to_str().unwrap_or_default(),
             otel.name = tracing::field::Empty,
             otel.kind = tracing::field::Empty,
@@ -189,7 +199,7 @@ where
                 _ => ("unknown", "unknown"),
             };
             let code_name = format!("{code:?}");
-            traces::answered(&span, code);
+            traces::answered(&span, &path, code);
             metrics
                 .rpc_requests
                 .with_label_values(&[service, method, &code_name])

@@ -49,7 +49,8 @@ pub struct ProfileService {
     cache: ProfileCache,
     auth: Arc<AuthService>,
     local: LocalCache,
-    flights: Coalescer<Uuid, Load>,
+    /// Each flight's result, and what answered it.
+    flights: Coalescer<Uuid, (Load, Tier)>,
     fill_hook: std::sync::OnceLock<FillHook>,
 }
 
@@ -90,14 +91,15 @@ impl ProfileService {
     }
 
     async fn get_shared(&self, user_id: Uuid) -> Result<ProfileRecord, ProfileError> {
-        let cached = self.cache.get(&user_id).await;
-        traces::tier(match cached {
-            CachedProfile::Hit(_) | CachedProfile::NotFound => Tier::Redis,
-            CachedProfile::Miss | CachedProfile::Unavailable => Tier::Postgres,
-        });
-        let loaded = match cached {
-            CachedProfile::Hit(profile) => return Ok(profile),
-            CachedProfile::NotFound => return Err(ProfileError::NotFound),
+        let loaded = match self.cache.get(&user_id).await {
+            CachedProfile::Hit(profile) => {
+                traces::tier(Tier::Redis);
+                return Ok(profile);
+            }
+            CachedProfile::NotFound => {
+                traces::tier(Tier::Redis);
+                return Err(ProfileError::NotFound);
+            }
             // Concurrent misses for this id share one PostgreSQL read (one begun after them);
             // with Redis down or disabled too (the read then fills nothing). Anyone may ask for
             // any id: each caller pays (waiting for its own address' turn before it joins), and
@@ -109,10 +111,12 @@ impl ProfileService {
                     if fill {
                         self.recheck_then_load(user_id).await
                     } else {
-                        self.load(user_id, None).await
+                        (self.load(user_id, None).await, Tier::Postgres)
                     }
                 };
-                let (loaded, led) = self.flights.run(user_id, load).await;
+                let ((loaded, tier), led) = self.flights.run(user_id, load).await;
+                // Whoever's flight it was: what answered it.
+                traces::tier(tier);
                 paid.settle(if led { found(&loaded) } else { Found::Yes });
                 loaded
             }
@@ -124,21 +128,15 @@ impl ProfileService {
 
     /// A flight first looks at the cache again (the previous flight has usually just filled
     /// it), then reads PostgreSQL under a lease.
-    async fn recheck_then_load(&self, user_id: Uuid) -> Load {
+    async fn recheck_then_load(&self, user_id: Uuid) -> (Load, Tier) {
         match self.cache.get(&user_id).await {
-            CachedProfile::Hit(profile) => {
-                traces::tier(Tier::Redis);
-                Ok(Some(profile))
-            }
-            CachedProfile::NotFound => {
-                traces::tier(Tier::Redis);
-                Ok(None)
-            }
+            CachedProfile::Hit(profile) => (Ok(Some(profile)), Tier::Redis),
+            CachedProfile::NotFound => (Ok(None), Tier::Redis),
             CachedProfile::Miss => {
                 let lease = self.cache.lease(&user_id).await;
-                self.load(user_id, lease).await
+                (self.load(user_id, lease).await, Tier::Postgres)
             }
-            CachedProfile::Unavailable => self.load(user_id, None).await,
+            CachedProfile::Unavailable => (self.load(user_id, None).await, Tier::Postgres),
         }
     }
 

@@ -3,11 +3,12 @@
 //! authd's spans exported as OpenTelemetry traces whatever the logs' filter ([`traces`]).
 use std::io::IsTerminal;
 
-use tracing::Level;
+use tracing::{Level, level_filters::LevelFilter};
 use tracing_subscriber::{
     EnvFilter,
     filter::{FilterExt, Targets, filter_fn},
     fmt,
+    layer::Filter,
     prelude::*,
 };
 
@@ -57,6 +58,18 @@ fn quieted(target: &str, level: Level, named: [bool; 2]) -> bool {
         .any(|((module, loudest), named)| !named && within(target, module) && level > *loudest)
 }
 
+/// What the logs keep: what `filter` enables, less [`QUIETER`]'s lines (those of its targets
+/// not `named` by the filter). As verbose as `filter` and no more: the subscriber's level, which
+/// the `log` crate's callers (fred, sqlx) check before formatting anything, is the filter's.
+fn logs<S>(filter: EnvFilter, named: [bool; 2]) -> impl Filter<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let quieter = filter_fn(move |meta| !quieted(meta.target(), *meta.level(), named))
+        .with_max_level_hint(LevelFilter::TRACE);
+    filter.and(quieter)
+}
+
 /// Installs the global subscriber; a second call (tests) keeps the first. With traces
 /// configured, within the Tokio runtime: the exporter it starts runs there; keep what it
 /// answers and shut it down as the process ends.
@@ -67,9 +80,7 @@ pub fn init(log: &LogSettings, traces: &TracesSettings) -> anyhow::Result<Option
     let (filter, given) = from_env
         .or_else(|| Some((EnvFilter::try_new(&log.level).ok()?, log.level.clone())))
         .unwrap_or_else(|| (EnvFilter::new("info"), "info".to_owned()));
-    let named = QUIETER.map(|(module, _)| names(&given, module));
-    let quieter = filter_fn(move |meta| !quieted(meta.target(), *meta.level(), named));
-    let logs = filter.and(quieter);
+    let logs = logs(filter, QUIETER.map(|(module, _)| names(&given, module)));
     let (exporter, tracer) = match traces.enabled() {
         true => traces::Traces::start(traces).map(|(t, tracer)| (Some(t), Some(tracer)))?,
         false => (None, None),
@@ -106,6 +117,22 @@ pub fn init(log: &LogSettings, traces: &TracesSettings) -> anyhow::Result<Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review found: the removing filter, which gave no level, made the subscriber's level
+    /// TRACE whatever LOG__LEVEL said — every debug and trace line of fred and sqlx then went
+    /// through the filter before being dropped.
+    #[test]
+    fn the_logs_are_no_more_verbose_than_their_filter() {
+        use tracing_subscriber::Registry;
+        for (given, level) in [
+            ("info", LevelFilter::INFO),
+            ("warn,authd=debug", LevelFilter::DEBUG),
+            ("off", LevelFilter::OFF),
+        ] {
+            let filter = logs::<Registry>(EnvFilter::new(given), [false, false]);
+            assert_eq!(filter.max_level_hint(), Some(level), "{given}");
+        }
+    }
 
     #[test]
     fn fred_and_notices_are_quieter_unless_the_filter_names_them() {

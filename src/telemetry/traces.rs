@@ -8,17 +8,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use opentelemetry::{
     Key, KeyValue, Value,
     propagation::TextMapPropagator,
-    trace::{TraceContextExt, TracerProvider as _},
+    trace::{Link, SpanKind, TraceContextExt, TraceId, TracerProvider as _},
 };
 use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::{
     Resource,
     propagation::TraceContextPropagator,
-    trace::{Sampler, SdkTracer, SdkTracerProvider},
+    trace::{
+        Sampler, SamplingDecision, SamplingResult, SdkTracer, SdkTracerProvider, ShouldSample,
+    },
 };
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::TracesSettings;
+
+/// How long a stopping process waits for its last spans to be taken: a collector that does not
+/// answer must not hold the exit past Kubernetes' grace period.
+pub const FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Whether spans are exported (set once, when the exporter is built).
 static ON: AtomicBool = AtomicBool::new(false);
@@ -67,9 +73,12 @@ impl Traces {
                 .with_tls_config(tonic::transport::ClientTlsConfig::new().with_native_roots());
         }
         let exporter = exporter.build()?;
-        // The caller's decision for its trace; the ratio for traces that begin here.
-        let sampler =
-            Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(settings.sample_ratio)));
+        let sampler = Sampling {
+            // The caller's decision for its trace; the ratio for traces that begin here.
+            calls: Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                settings.sample_ratio,
+            ))),
+        };
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
             .with_sampler(sampler)
@@ -80,11 +89,47 @@ impl Traces {
         Ok((Self { provider }, tracer))
     }
 
-    /// Exports the spans still buffered (called as the process ends).
+    /// Exports the spans still buffered (called as the process ends), waiting at most
+    /// [`FLUSH`] for the collector.
     pub fn shutdown(self) {
-        if let Err(error) = self.provider.shutdown() {
+        if let Err(error) = self.provider.shutdown_with_timeout(FLUSH) {
             tracing::warn!(%error, "could not export the last spans");
         }
+    }
+}
+
+/// Which spans are recorded: none of the health checks (probes every few seconds, from every
+/// kubelet and balancer, would be most of the traces and tell nothing); the others as `calls`
+/// decides.
+#[derive(Debug, Clone)]
+struct Sampling {
+    calls: Sampler,
+}
+
+/// The span names of health checks (`grpc.health.v1.Health/Check`, `/Watch`).
+const PROBES: &str = "grpc.health.v1.Health/";
+
+impl ShouldSample for Sampling {
+    fn should_sample(
+        &self,
+        parent: Option<&opentelemetry::Context>,
+        trace_id: TraceId,
+        name: &str,
+        kind: &SpanKind,
+        attributes: &[KeyValue],
+        links: &[Link],
+    ) -> SamplingResult {
+        if name.starts_with(PROBES) {
+            return SamplingResult {
+                decision: SamplingDecision::Drop,
+                attributes: Vec::new(),
+                trace_state: parent
+                    .map(|cx| cx.span().span_context().trace_state().clone())
+                    .unwrap_or_default(),
+            };
+        }
+        self.calls
+            .should_sample(parent, trace_id, name, kind, attributes, links)
     }
 }
 
@@ -132,10 +177,6 @@ pub fn serve(span: &tracing::Span, path: &str, headers: &http::HeaderMap) {
     span.record("otel.name", method);
     span.record("otel.kind", "server");
     span.set_attribute("rpc.system", "grpc");
-    if let Some((service, name)) = method.split_once('/') {
-        span.set_attribute("rpc.service", service.to_owned());
-        span.set_attribute("rpc.method", name.to_owned());
-    }
     let caller = TraceContextPropagator::new().extract(&Metadata(headers));
     if caller.span().span_context().is_valid() {
         // The span is not started yet (nothing entered it), so the parent takes.
@@ -147,12 +188,17 @@ pub fn serve(span: &tracing::Span, path: &str, headers: &http::HeaderMap) {
 /// are the server's fault (OpenTelemetry's convention for gRPC servers). A path nothing serves
 /// (UNIMPLEMENTED) is named `unknown`, as in the metrics' labels: callers choose paths, and
 /// tracing backends index span names.
-pub fn answered(span: &tracing::Span, code: tonic::Code) {
+pub fn answered(span: &tracing::Span, path: &str, code: tonic::Code) {
     if !on() {
         return;
     }
-    if code == tonic::Code::Unimplemented {
-        span.context().span().update_name("unknown");
+    let method = path.trim_start_matches('/').split_once('/');
+    match method {
+        Some((service, name)) if code != tonic::Code::Unimplemented => {
+            span.set_attribute("rpc.service", service.to_owned());
+            span.set_attribute("rpc.method", name.to_owned());
+        }
+        _ => span.context().span().update_name("unknown"),
     }
     span.set_attribute("rpc.grpc.status_code", i64::from(code as i32));
     use tonic::Code::*;
@@ -164,7 +210,8 @@ pub fn answered(span: &tracing::Span, code: tonic::Code) {
     }
 }
 
-/// The trace id of `span`, when spans are exported (for the RPC's log line).
+/// The trace id of `span`, when it is recorded and exported (for the RPC's log line: a trace
+/// nobody records is not worth naming).
 pub fn trace_id(span: &tracing::Span) -> Option<String> {
     if !on() {
         return None;
@@ -172,7 +219,7 @@ pub fn trace_id(span: &tracing::Span) -> Option<String> {
     let context = span.context();
     let span_context = context.span().span_context().clone();
     span_context
-        .is_valid()
+        .is_sampled()
         .then(|| span_context.trace_id().to_string())
 }
 

@@ -204,7 +204,10 @@ fn normalize(text: &str) -> String {
             "<time>",
         ),
         // A stream's position.
-        (r#""position": ?"[A-Za-z0-9+/=_-]+""#, r#""position": "<position>""#),
+        (
+            r#""position": ?"[A-Za-z0-9+/=_-]+""#,
+            r#""position": "<position>""#,
+        ),
         // A key's thumbprint and public half (a JWK's `kid`, `x`, `y`).
         (r#""[A-Za-z0-9_-]{43}""#, r#""<key>""#),
     ];
@@ -338,7 +341,10 @@ async fn play(steps: &[Step], silent: bool) {
             said()
         );
         match step {
-            Step::Run { script, shows: shown } => {
+            Step::Run {
+                script,
+                shows: shown,
+            } => {
                 let printed = documents(&normalize(&output));
                 if shown.is_empty() {
                     assert!(
@@ -367,7 +373,10 @@ async fn play(steps: &[Step], silent: bool) {
                     said()
                 );
             }
-            Step::Console { command, output: shown } => {
+            Step::Console {
+                command,
+                output: shown,
+            } => {
                 assert_eq!(normalize(&output), normalize(shown), "$ {command}");
             }
             Step::Server { .. } => unreachable!(),
@@ -411,7 +420,11 @@ async fn readme_first_hour_runs_as_written() {
 async fn the_api_reference_runs_as_written() {
     let steps = steps(&read("docs/api.md"));
     assert!(
-        steps.iter().filter(|s| matches!(s, Step::Server { .. })).count() >= 4,
+        steps
+            .iter()
+            .filter(|s| matches!(s, Step::Server { .. }))
+            .count()
+            >= 4,
         "the servers were found: {steps:?}"
     );
     play(&steps, false).await;
@@ -434,12 +447,16 @@ fn every_example_runs_or_says_why_not() {
         let text = read(doc);
         // The lines of README's tour, which runs whole.
         let tour = (doc == "README.md").then(|| {
-            let start = text[..text.find(&format!("\n{TOUR}\n")).unwrap()].lines().count();
+            let start = text[..text.find(&format!("\n{TOUR}\n")).unwrap()]
+                .lines()
+                .count();
             start..start + section(&text, TOUR).lines().count() + 2
         });
         for fence in fences(&text) {
             let runs = doc == "docs/api.md"
-                || tour.as_ref().is_some_and(|lines| lines.contains(&fence.line));
+                || tour
+                    .as_ref()
+                    .is_some_and(|lines| lines.contains(&fence.line));
             if !EXAMPLES.contains(&fence.lang.as_str()) {
                 continue;
             }

@@ -102,6 +102,27 @@ fn text(attributes: &[KeyValue], key: &str) -> Option<String> {
     })
 }
 
+/// The value of `key` on `span` or a span inside it (the call's own work).
+fn told(spans: &[Span], span: &Span, key: &str) -> Option<String> {
+    let mut within = vec![span.span_id.clone()];
+    let mut grew = true;
+    while grew {
+        let before = within.len();
+        for s in spans {
+            if within.contains(&s.parent_span_id) && !within.contains(&s.span_id) {
+                within.push(s.span_id.clone());
+            }
+        }
+        grew = within.len() > before;
+    }
+    spans
+        .iter()
+        .filter(|s| within.contains(&s.span_id))
+        .flat_map(|s| s.attributes.iter())
+        .find(|a| a.key == key)
+        .map(|a| format!("{:?}", a.value))
+}
+
 fn number(attributes: &[KeyValue], key: &str) -> Option<i64> {
     attributes.iter().find(|a| a.key == key).and_then(|a| {
         match a.value.as_ref()?.value.as_ref()? {
@@ -113,11 +134,13 @@ fn number(attributes: &[KeyValue], key: &str) -> Option<i64> {
 
 /// A caller's trace: its id, and the id of the caller's span each call is made under.
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-const CALLER_SPANS: [&str; 4] = [
+const CALLER_SPANS: [&str; 6] = [
     "00f067aa0ba902b7",
     "00f067aa0ba902b8",
     "00f067aa0ba902b9",
     "00f067aa0ba902ba",
+    "00f067aa0ba902bb",
+    "00f067aa0ba902bc",
 ];
 
 /// `message` sent under the caller's span `parent` of [`TRACE`].
@@ -144,8 +167,12 @@ async fn calls_arrive_as_spans_of_the_callers_trace() {
     let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", binary::free_port())
         .parse()
         .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.toml");
+    crate::admin::write_keys(&keys, &[("ops", crate::admin::KEY)]);
     cmd.env("TRACES__OTLP_ENDPOINT", &endpoint)
         .env("LOCAL_CACHE__ENABLED", "true")
+        .env("ADMIN__API_KEYS_FILE", &keys)
         .env("METRICS__ADDR", metrics.to_string())
         // The RPC's line, and its span's fields (the method).
         .env("LOG__LEVEL", "warn,authd::rpc=info,authd::grpc=info")
@@ -167,7 +194,7 @@ async fn calls_arrive_as_spans_of_the_callers_trace() {
         .connect()
         .await
         .unwrap();
-    let mut profiles = ProfileServiceClient::new(channel);
+    let mut profiles = ProfileServiceClient::new(channel.clone());
     let email = crate::helpers::unique_email();
     let registered = auth
         .register(crate::helpers::register_request(&email))
@@ -214,6 +241,46 @@ async fn calls_arrive_as_spans_of_the_callers_trace() {
     })
     .await
     .unwrap();
+    // A new password (a secret of its own), and an operator's call.
+    let again = auth
+        .login(pb::LoginRequest {
+            email: email.clone(),
+            password: crate::helpers::PASSWORD.to_owned(),
+            client: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session_token;
+    let new_password = "violet kestrel over the harbour";
+    let change = pb::ChangePasswordRequest {
+        session_token: again.clone(),
+        current_password: crate::helpers::PASSWORD.to_owned(),
+        new_password: new_password.to_owned(),
+    };
+    auth.change_password(traced(change, CALLER_SPANS[4]))
+        .await
+        .unwrap();
+    let mut admin =
+        authd::proto::authd::v1::admin_service_client::AdminServiceClient::new(channel.clone());
+    let mut disable = traced(
+        pb::DisableUserRequest {
+            user_id: registered.user_id.clone(),
+            reason: "the traces test".to_owned(),
+        },
+        CALLER_SPANS[5],
+    );
+    disable.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", crate::admin::KEY).parse().unwrap(),
+    );
+    admin.disable_user(disable).await.unwrap();
+    // Probes are not traced.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
     // Not one span has left yet.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(collector.spans().is_empty(), "exported before the stop");
@@ -227,7 +294,12 @@ async fn calls_arrive_as_spans_of_the_callers_trace() {
     binary.signal(libc::SIGTERM);
 
     let caller = hex::decode(TRACE).unwrap();
-    let login = collector.named("authd.v1.AuthService/Login", 1).await;
+    let login: Vec<Span> = collector
+        .named("authd.v1.AuthService/Login", 2)
+        .await
+        .into_iter()
+        .filter(|s| s.trace_id == caller)
+        .collect();
     let [login] = &login[..] else {
         panic!("one Login span: {login:?}")
     };
@@ -289,26 +361,8 @@ async fn calls_arrive_as_spans_of_the_callers_trace() {
         panic!("one Logout in the caller's trace: {logouts:?}")
     };
     assert_eq!(ours.parent_span_id, hex::decode(CALLER_SPANS[3]).unwrap());
-    // Where the wait is told: the call's span or one inside it.
     let spans: Vec<Span> = collector.spans().into_iter().map(|(_, s)| s).collect();
-    let mut within = vec![ours.span_id.clone()];
-    let mut grew = true;
-    while grew {
-        let before = within.len();
-        for span in &spans {
-            if within.contains(&span.parent_span_id) && !within.contains(&span.span_id) {
-                within.push(span.span_id.clone());
-            }
-        }
-        grew = within.len() > before;
-    }
-    let wait = spans
-        .iter()
-        .filter(|s| within.contains(&s.span_id))
-        .flat_map(|s| s.attributes.iter())
-        .find(|a| a.key == "authd.revocation.wait")
-        .map(|a| format!("{:?}", a.value))
-        .expect("the revocation's wait is told");
+    let wait = told(&spans, ours, "authd.revocation.wait").expect("the revocation's wait is told");
     // No other instance held a copy.
     assert!(wait.contains("\"none\""), "{wait}");
     let [theirs] = &theirs[..] else {
@@ -321,13 +375,48 @@ async fn calls_arrive_as_spans_of_the_callers_trace() {
         StatusCode::Unset as i32
     );
 
+    // An operator's call: its work (run on a task of its own) in the caller's trace, under
+    // the call, its revocation's wait told there.
+    let disable = collector
+        .named("authd.v1.AdminService/DisableUser", 1)
+        .await;
+    let disable = &disable[0];
+    assert_eq!(disable.trace_id, caller);
+    assert_eq!(
+        disable.parent_span_id,
+        hex::decode(CALLER_SPANS[5]).unwrap()
+    );
+    let spans: Vec<Span> = collector.spans().into_iter().map(|(_, s)| s).collect();
+    assert!(
+        told(&spans, disable, "authd.revocation.wait").is_some(),
+        "the wait of DisableUser is told in its trace"
+    );
+    assert!(
+        spans
+            .iter()
+            .filter(|s| s.name == "disable_user")
+            .all(|s| s.trace_id == caller),
+        "the operator's work left the caller's trace"
+    );
+    let change = collector
+        .named("authd.v1.AuthService/ChangePassword", 1)
+        .await;
+    assert!(told(&spans, &change[0], "authd.revocation.wait").is_some());
+    assert!(
+        spans.iter().all(|s| !s.name.starts_with("grpc.health")),
+        "a probe was traced"
+    );
+
     let everything = collector.spans();
     assert!(everything.iter().all(|(service, _)| service == "authd"));
     let dump = format!("{everything:?}");
     for secret in [
         token.as_str(),
         registered.session_token.as_str(),
+        again.as_str(),
         crate::helpers::PASSWORD,
+        new_password,
+        crate::admin::KEY,
     ] {
         assert!(!dump.contains(secret), "a secret in a span");
     }
@@ -381,12 +470,10 @@ async fn only_the_servers_failures_are_error_spans() {
         validation[0].status.as_ref().map_or(0, |s| s.code),
         StatusCode::Unset as i32
     );
-    // Named like the metrics' label: a caller's made-up path is not a span name.
+    // Named like the metrics' label: a caller's made-up path is not a span name, nor an
+    // attribute of OpenTelemetry's.
     let unknown = collector.named("unknown", 1).await;
-    assert_eq!(
-        text(&unknown[0].attributes, "rpc.method").as_deref(),
-        Some("NoSuchMethod")
-    );
+    assert_eq!(text(&unknown[0].attributes, "rpc.method"), None);
     assert_eq!(
         unknown[0].status.as_ref().map_or(0, |s| s.code),
         StatusCode::Error as i32
