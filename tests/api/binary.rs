@@ -75,20 +75,6 @@ impl Binary {
         binary
     }
 
-    /// Waits until its gRPC port accepts connections (whatever it speaks: TLS too); panics
-    /// after `within`.
-    pub async fn wait_listening(&self, within: Duration) {
-        let deadline = tokio::time::Instant::now() + within;
-        while tokio::net::TcpStream::connect(&self.addr).await.is_err() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the binary did not listen: {}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
     /// Starts `cmd` on a free port (`GRPC__ADDR`), collecting its output.
     pub fn spawn(mut cmd: Command) -> Binary {
         let addr = format!("127.0.0.1:{}", free_port());

@@ -134,9 +134,23 @@ fn sh_steps(body: &str, steps: &mut Vec<Step>) {
         });
     }
     let start = logical[at].replace("\\\n", " ");
-    steps.push(Step::Server {
-        env: assignments(&start),
-    });
+    let env = assignments(&start);
+    // What follows the settings must be the server itself: `cargo run`, maybe `--release`,
+    // `-- serve`, in the background.
+    let command: Vec<&str> = start.split_whitespace().skip(env.len()).collect();
+    assert!(
+        matches!(
+            command[..],
+            ["cargo", "run"]
+                | ["cargo", "run", "--release"]
+                | ["cargo", "run", "--", "serve"]
+                | ["cargo", "run", "--release", "--", "serve"]
+                | ["cargo", "run", "--release", "--", "serve", "&"]
+                | ["cargo", "run", "--", "serve", "&"]
+        ),
+        "a `cargo run` the docs test cannot start as a server: {start}"
+    );
+    steps.push(Step::Server { env });
     let after = logical[at + 1..].join("\n");
     if !after.trim().is_empty() {
         steps.push(Step::Run {
@@ -266,7 +280,7 @@ async fn play(steps: &[Step], silent: bool) {
     let settings = crate::helpers::test_settings(crate::helpers::Mode::Redis);
     let dir = tempfile::tempdir().unwrap();
     // The variables the examples set, kept from step to step.
-    let assigned = regex::Regex::new(r"(?m)^\s*([A-Z][A-Z0-9_]*)=").unwrap();
+    let assigned = regex::Regex::new(r"(?m)(?:^\s*|[;&|]\s*|export\s+)([A-Z][A-Z0-9_]*)=").unwrap();
     let mut names: Vec<String> = Vec::new();
     for step in steps {
         if let Step::Run { script, .. } = step {
@@ -288,12 +302,15 @@ async fn play(steps: &[Step], silent: bool) {
                 let mut cmd = command(&settings, &crate::helpers::redis_url());
                 cmd.current_dir(dir.path())
                     .env("METRICS__ADDR", &metrics)
-                    .env("LOG__LEVEL", "warn");
+                    // Its "authd serving" line says it is ready, TLS or not.
+                    .env("LOG__LEVEL", "warn,authd::app=info");
                 for (name, value) in env {
                     cmd.env(name, value.replace("127.0.0.1:8081", &health));
                 }
                 let started = Binary::spawn(cmd);
-                started.wait_listening(Duration::from_secs(30)).await;
+                started
+                    .wait_for_line(&["authd serving"], Duration::from_secs(30))
+                    .await;
                 let port = started.addr.rsplit(':').next().unwrap().to_owned();
                 ports = vec![
                     ("127.0.0.1:50051".to_owned(), started.addr.clone()),
@@ -311,13 +328,20 @@ async fn play(steps: &[Step], silent: bool) {
         for (from, to) in &ports {
             script = script.replace(from, to);
         }
+        // Any other address of authd's ports would reach something else on this machine.
+        for port in [":50051", ":9090", ":8081"] {
+            assert!(
+                !script.contains(port),
+                "step {i} names a port the docs test does not map: {script}"
+            );
+        }
         // A console example may show an error: it must not end the run.
         let body = match console {
             true => format!("{{ {script}\n}} 2>&1 || true"),
             false => format!("{{\n{script}\n}} 2>&1"),
         };
         let whole = format!(
-            "set -eo pipefail\nsource ./.state 2>/dev/null || true\n{body}\n\
+            "set -eo pipefail\nset -a\nsource ./.state 2>/dev/null || true\nset +a\n{body}\n\
              declare -p {} > ./.state 2>/dev/null || true\n",
             names.join(" ")
         );
