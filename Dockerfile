@@ -9,15 +9,18 @@ FROM rust:1.95-bookworm@sha256:6258907abe69656e41cd992e0b705cdcfabcbbe3db374f92e
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
+# Envoy's protos, which the build script compiles for external authorization.
+COPY proto-vendor ./proto-vendor
 COPY migrations ./migrations
 COPY src ./src
 # The password blocklist (embedded) and the vendored fred (see vendor/README.md).
 COPY data ./data
 COPY vendor ./vendor
 # Cargo reads every target of the manifest, the benchmark included, and every workspace member
-# (the protocol model).
+# (the protocol model, the Rust client).
 COPY benches ./benches
 COPY model ./model
+COPY client ./client
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin authd \

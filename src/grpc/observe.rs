@@ -161,7 +161,7 @@ where
             otel.kind = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
-        traces::serve(&span, &path, request.headers());
+        traces::serve(&span, shown(&path), request.headers());
         // The clone that was made ready serves this call; a fresh clone waits for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);

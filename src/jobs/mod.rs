@@ -53,6 +53,32 @@ where
     }
 }
 
+/// One pass over the outbox logs, tried again soon (100 ms, then twice as long each time, while
+/// under `period`) when it did not complete: a pass that met a reconnection not yet looked at,
+/// or a write that failed, counts for nothing, and nothing of the generation is served until
+/// one completes — waiting for the next tick would leave the cache unused for a whole
+/// `SESSION__INVALIDATION_INTERVAL` after a failover (the wake on adoption had been spent on
+/// that pass). An instance with a long interval served from PostgreSQL alone, for good, after a
+/// Cluster failover one run in three under load (`deployments::a_cluster_failover_to_a_replica_…`).
+async fn follow_until_complete(follower: &follow::Follower, period: Duration) {
+    let mut retry = FOLLOW_RETRY;
+    loop {
+        match follower.pass().await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(error) => tracing::debug!(%error, "could not follow the outbox logs; retrying"),
+        }
+        if retry >= period {
+            return;
+        }
+        tokio::time::sleep(retry).await;
+        retry *= 2;
+    }
+}
+
+/// The first wait before an incomplete pass over the outbox logs is tried again.
+const FOLLOW_RETRY: Duration = Duration::from_millis(100);
+
 /// How often refused AdminService calls over the audit's row rate are written, summed up.
 const AUDIT_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -142,13 +168,10 @@ impl Jobs {
             }));
         }
         if redis.is_enabled() {
+            let period = settings.session.invalidation_interval;
             let pass = move || {
                 let follower = follower.clone();
-                async move {
-                    if let Err(error) = follower.pass().await {
-                        tracing::debug!(%error, "could not follow the outbox logs; retrying");
-                    }
-                }
+                async move { follow_until_complete(&follower, period).await }
             };
             // At once when a new generation was adopted: nothing of it is served before a pass
             // in it (`cache::Redis::adopt`).

@@ -96,8 +96,9 @@ impl ProfileService {
                 traces::tier(Tier::Redis);
                 return Ok(profile);
             }
+            // Remembered in this instance's memory (`PROFILE_CACHE__NEGATIVE_TTL`).
             CachedProfile::NotFound => {
-                traces::tier(Tier::Redis);
+                traces::tier(Tier::Memory);
                 return Err(ProfileError::NotFound);
             }
             // Concurrent misses for this id share one PostgreSQL read (one begun after them);
@@ -131,7 +132,7 @@ impl ProfileService {
     async fn recheck_then_load(&self, user_id: Uuid) -> (Load, Tier) {
         match self.cache.get(&user_id).await {
             CachedProfile::Hit(profile) => (Ok(Some(profile)), Tier::Redis),
-            CachedProfile::NotFound => (Ok(None), Tier::Redis),
+            CachedProfile::NotFound => (Ok(None), Tier::Memory),
             CachedProfile::Miss => {
                 let lease = self.cache.lease(&user_id).await;
                 (self.load(user_id, lease).await, Tier::Postgres)

@@ -242,6 +242,51 @@ fn the_release_files_are_there_and_the_image_labels_match_cargo() {
     }
 }
 
+/// Review found: the image's build copied neither the `client` workspace member nor the Envoy
+/// protos the build script compiles, so `docker compose up --build` could not build it. Every
+/// directory a build of the binary reads is copied: the workspace's members, the benchmarks'
+/// and patched crates' directories, the build script's inputs, and what the code embeds.
+#[test]
+fn the_image_build_copies_everything_the_build_reads() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |name: &str| std::fs::read_to_string(root.join(name)).unwrap();
+    let manifest: toml::Table = read("Cargo.toml").parse().unwrap();
+    let first = |path: &str| path.split('/').next().unwrap().to_owned();
+    let mut needed: Vec<String> = manifest["workspace"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m.as_str())
+        .filter(|m| *m != ".")
+        .map(first)
+        .collect();
+    for bench in manifest["bench"].as_array().unwrap() {
+        needed.push(first(bench["path"].as_str().unwrap()));
+    }
+    for patched in manifest["patch"]["crates-io"].as_table().unwrap().values() {
+        needed.push(first(patched["path"].as_str().unwrap()));
+    }
+    // The build script's inputs: `for input in ["proto", "proto-vendor", "build.rs"]`.
+    let build = read("build.rs");
+    let inputs = regex::Regex::new(r"for input in \[([^\]]*)\]").unwrap();
+    let inputs = &inputs.captures(&build).expect("build.rs names its inputs")[1];
+    needed.extend(
+        inputs
+            .split(',')
+            .map(|i| i.trim().trim_matches('"').to_owned())
+            .filter(|i| !i.ends_with(".rs")),
+    );
+    // What the code embeds: the migrations (sqlx::migrate!) and the password blocklist.
+    needed.extend(["migrations".to_owned(), "data".to_owned(), "src".to_owned()]);
+    let dockerfile = read("Dockerfile");
+    for dir in needed {
+        assert!(
+            dockerfile.contains(&format!("COPY {dir} ./{dir}\n")),
+            "the image's build does not copy {dir}/"
+        );
+    }
+}
+
 /// `deploy/grpc/service-config.json` (what gRPC clients read for deadlines and retries) names
 /// only methods the protos have, gives every unary method of the public services a deadline,
 /// and retries only UNAVAILABLE, only on the calls the API docs call safe to repeat.
