@@ -119,7 +119,8 @@ impl Binary {
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
     }
 
-    async fn channel(&self) -> Option<Channel> {
+    /// A plaintext channel to its gRPC port, once it serves.
+    pub async fn channel(&self) -> Option<Channel> {
         Channel::from_shared(format!("http://{}", self.addr))
             .unwrap()
             .timeout(Duration::from_secs(10))

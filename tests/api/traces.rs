@@ -18,7 +18,7 @@ use opentelemetry_proto::tonic::{
     trace::v1::{Span, span::SpanKind, status::StatusCode},
 };
 use secrecy::ExposeSecret;
-use tonic::{Request, Response, Status, transport::Channel};
+use tonic::{Request, Response, Status};
 
 use crate::binary::{self, Binary};
 
@@ -189,11 +189,7 @@ async fn calls_arrive_as_spans_of_the_callers_trace() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut auth = binary.auth().await;
-    let channel = Channel::from_shared(format!("http://{}", binary.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = binary.channel().await.expect("the binary serves");
     let mut profiles = ProfileServiceClient::new(channel.clone());
     let email = crate::helpers::unique_email();
     let registered = auth
@@ -444,11 +440,7 @@ async fn only_the_servers_failures_are_error_spans() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
-    let channel = Channel::from_shared(format!("http://{}", binary.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = binary.channel().await.expect("the binary serves");
     let mut client = tonic::client::Grpc::new(channel);
     client.ready().await.unwrap();
     let unknown: Result<Response<()>, Status> = client
