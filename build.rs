@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/authd/v1/profile.proto",
                 "proto/authd/v1/admin.proto",
                 "proto/authd/v1/events.proto",
+                "proto/authd/v1/account.proto",
             ],
             &["proto"],
         )?;

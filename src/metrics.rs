@@ -33,11 +33,15 @@ pub struct Metrics {
     pub db_queries: IntCounterVec,
     pub sessions_created: IntCounter,
     /// Sessions revoked, by reason (`logout`, `revoke`, `revoke_all`, `password_change`,
-    /// `session_cap`, `admin`).
+    /// `session_cap`, `admin`, `password_reset`).
     pub sessions_revoked: IntCounterVec,
     pub failed_logins: IntCounter,
-    /// Requests refused by a rate limit, by operation (`login`, `register`, `change_password`).
+    /// Requests refused by a rate limit, by operation (`login`, `register`, `change_password`,
+    /// `password_reset`, `unknown_lookup`).
     pub rate_limited: IntCounterVec,
+    /// Account flow calls by flow (`password_reset`), step (`start`, `complete`) and outcome
+    /// (see [`FLOW_OUTCOMES`]).
+    pub account_flows: IntCounterVec,
     /// Password-hash calls waiting for or holding a hashing slot.
     pub hash_queue_depth: IntGauge,
     /// Password-hash calls refused because the queue was full.
@@ -226,6 +230,12 @@ impl Metrics {
                 "Sessions revoked by reason",
                 &["reason"],
             ),
+            account_flows: counter_vec(
+                &r,
+                "authd_account_flows_total",
+                "Account flow calls by flow, step and outcome",
+                &["flow", "step", "outcome"],
+            ),
             failed_logins: counter(
                 &r,
                 "authd_failed_logins_total",
@@ -389,8 +399,18 @@ impl Metrics {
         for reason in REVOCATION_REASONS {
             self.sessions_revoked.with_label_values(&[reason]);
         }
-        for operation in ["login", "register", "change_password", "unknown_lookup"] {
+        for operation in [
+            "login",
+            "register",
+            "change_password",
+            "password_reset",
+            "unknown_lookup",
+        ] {
             self.rate_limited.with_label_values(&[operation]);
+        }
+        for (step, outcome) in FLOW_OUTCOMES {
+            self.account_flows
+                .with_label_values(&["password_reset", step, outcome]);
         }
         for cache in ["sessions", "profiles"] {
             for result in ["hit", "miss", "untrusted"] {
@@ -413,14 +433,30 @@ impl Metrics {
     }
 }
 
+/// The `step` and `outcome` label values of `authd_account_flows_total`: a start `issued` a
+/// code for an account or answered alike for an `unknown` email (or a disabled account); a
+/// completion `completed`, answered a `retried` completion as the first, or was refused for an
+/// `invalid_code` (unknown, expired, used) or a `weak_password`; either step `rate_limited`.
+pub const FLOW_OUTCOMES: [(&str, &str); 8] = [
+    ("start", "issued"),
+    ("start", "unknown"),
+    ("start", "rate_limited"),
+    ("complete", "completed"),
+    ("complete", "retried"),
+    ("complete", "invalid_code"),
+    ("complete", "weak_password"),
+    ("complete", "rate_limited"),
+];
+
 /// The `reason` label values of `authd_sessions_revoked_total`.
-pub const REVOCATION_REASONS: [&str; 6] = [
+pub const REVOCATION_REASONS: [&str; 7] = [
     "logout",
     "revoke",
     "revoke_all",
     "password_change",
     "session_cap",
     "admin",
+    "password_reset",
 ];
 
 /// (service, method) of every RPC authd serves, from its descriptors (health and Envoy's

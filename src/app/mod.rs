@@ -9,7 +9,7 @@ use tonic::transport::{Server, server::TcpIncoming};
 use crate::{
     admin::{Access, AdminService},
     auth::{
-        AuthParts, AuthService, UnknownLookups, jwt::JwtKeys, keys::TokenKeys,
+        AuthParts, AuthService, FlowLimits, UnknownLookups, jwt::JwtKeys, keys::TokenKeys,
         password::PasswordHasher, password_policy::PasswordPolicy, session::SessionPolicy,
     },
     cache::{ProfileCache, RateLimiter, Redis, SessionStore},
@@ -17,6 +17,7 @@ use crate::{
     config::{ConfigError, Settings},
     events::Events,
     grpc::{
+        account::{AccountGrpc, AccountServiceServer},
         admin::{AdminGrpc, AdminServiceServer},
         auth::{AuthGrpc, AuthServiceServer},
         disabled::or_disabled,
@@ -44,6 +45,8 @@ struct Judged {
     access: Option<Access>,
     /// Who may subscribe to EventService (served when some caller can be admitted).
     subscribers: Option<Access>,
+    /// Who may start account flows (AccountService, served likewise).
+    notifiers: Option<Access>,
 }
 
 impl Judged {
@@ -56,12 +59,15 @@ impl Judged {
             .map_err(|reason| ConfigError::invalid("ADMIN__API_KEYS_FILE", reason))?;
         let subscribers = Access::from_settings(&settings.events.admission())
             .map_err(|reason| ConfigError::invalid("EVENTS__API_KEYS_FILE", reason))?;
+        let notifiers = Access::from_settings(&settings.accounts.admission())
+            .map_err(|reason| ConfigError::invalid("ACCOUNTS__API_KEYS_FILE", reason))?;
         Db::check(&settings.database)?;
         Redis::check(&settings.redis)?;
         Ok(Self {
             tls,
             access,
             subscribers,
+            notifiers,
         })
     }
 }
@@ -91,6 +97,8 @@ pub struct Application {
     admin: Option<Arc<AdminService>>,
     /// EventService and who may subscribe, when served.
     events: Option<(Arc<Events>, Arc<Access>)>,
+    /// Who may start account flows, when AccountService is served.
+    notifiers: Option<Arc<Access>>,
 }
 
 impl Application {
@@ -119,6 +127,7 @@ impl Application {
             tls,
             access,
             subscribers,
+            notifiers,
         }: Judged,
     ) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
@@ -225,6 +234,12 @@ impl Application {
             keys: keys.clone(),
             jwt,
             unknown: Arc::new(UnknownLookups::new(&settings.rate_limit, metrics.clone())),
+            flows: FlowLimits {
+                reset_code_ttl: settings.accounts.reset_code_ttl,
+                starts_per_account: settings.accounts.starts_per_account,
+                attempts_per_address: settings.accounts.attempts_per_address,
+                window: settings.accounts.window,
+            },
         }));
         let profiles = Arc::new(ProfileService::new(
             db.clone(),
@@ -291,6 +306,7 @@ impl Application {
             tls,
             admin,
             events,
+            notifiers: notifiers.map(Arc::new),
         })
     }
 
@@ -352,7 +368,19 @@ impl Application {
                 reload
             }),
             admin: self.admin.clone(),
-            subscribers: self.events.as_ref().map(|(_, access)| access.clone()),
+            access_lists: [
+                (
+                    self.events.as_ref().map(|(_, access)| access.clone()),
+                    self.settings.events.reload_interval,
+                ),
+                (
+                    self.notifiers.clone(),
+                    self.settings.accounts.reload_interval,
+                ),
+            ]
+            .into_iter()
+            .filter_map(|(access, every)| Some((access?, every)))
+            .collect(),
         }
         .spawn(&self.settings, &background);
         jobs.extend(self.local.spawn(background.clone()));
@@ -412,7 +440,20 @@ impl Application {
             "authd.v1.EventService is not served by this instance: it is when \
              EVENTS__ALLOWED_CLIENTS or EVENTS__API_KEYS_FILE is set",
         );
-        let served = reflection::served(ext_authz.is_some(), admin.is_some(), events.is_some());
+        let (accounts, accounts_off) = or_disabled(
+            self.notifiers.clone().map(|notifiers| {
+                AccountServiceServer::new(AccountGrpc::new(self.auth.clone(), notifiers))
+                    .max_decoding_message_size(max)
+            }),
+            "authd.v1.AccountService is not served by this instance: it is when \
+             ACCOUNTS__ALLOWED_CLIENTS or ACCOUNTS__API_KEYS_FILE is set",
+        );
+        let served = reflection::served(reflection::Optional {
+            ext_authz: ext_authz.is_some(),
+            admin: admin.is_some(),
+            events: events.is_some(),
+            accounts: accounts.is_some(),
+        });
         let router = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -456,7 +497,9 @@ impl Application {
             .add_optional_service(admin)
             .add_optional_service(admin_off)
             .add_optional_service(events)
-            .add_optional_service(events_off);
+            .add_optional_service(events_off)
+            .add_optional_service(accounts)
+            .add_optional_service(accounts_off);
         // Our own listener: the builder's TCP options do not reach it, so set them here (without
         // TCP_NODELAY, small responses wait for delayed ACKs: 40 ms stalls).
         let incoming = TcpIncoming::from(self.listener)

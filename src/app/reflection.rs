@@ -4,6 +4,7 @@ use tonic::server::NamedService;
 
 use crate::{
     grpc::{
+        account::{AccountGrpc, AccountServiceServer},
         admin::{AdminGrpc, AdminServiceServer},
         auth::{AuthGrpc, AuthServiceServer},
         events::{EventServiceServer, EventsGrpc},
@@ -16,8 +17,22 @@ use crate::{
 /// The gRPC health service's name.
 const HEALTH: &str = "grpc.health.v1.Health";
 
+/// Which of the optional services are served.
+pub(super) struct Optional {
+    pub ext_authz: bool,
+    pub admin: bool,
+    pub events: bool,
+    pub accounts: bool,
+}
+
 /// The services served, by the settings that turn the optional ones on.
-pub(super) fn served(ext_authz: bool, admin: bool, events: bool) -> Vec<&'static str> {
+pub(super) fn served(optional: Optional) -> Vec<&'static str> {
+    let Optional {
+        ext_authz,
+        admin,
+        events,
+        accounts,
+    } = optional;
     [
         Some(HEALTH),
         Some(<AuthServiceServer<AuthGrpc> as NamedService>::NAME),
@@ -25,6 +40,7 @@ pub(super) fn served(ext_authz: bool, admin: bool, events: bool) -> Vec<&'static
         ext_authz.then_some(ext_authz::SERVICE),
         admin.then_some(<AdminServiceServer<AdminGrpc> as NamedService>::NAME),
         events.then_some(<EventServiceServer<EventsGrpc> as NamedService>::NAME),
+        accounts.then_some(<AccountServiceServer<AccountGrpc> as NamedService>::NAME),
     ]
     .into_iter()
     .flatten()

@@ -213,6 +213,27 @@ pub fn uuid(raw: &str) -> Result<uuid::Uuid, String> {
     uuid::Uuid::try_parse(raw).map_err(|_| "must be a UUID".into())
 }
 
+/// Characters of an account flow's code: 18 random bytes in unpadded base64url.
+pub const CODE_LEN: usize = 24;
+
+/// An account flow's code as authd issues it (its SHA-256 is what is stored and looked up).
+pub fn code(raw: &str) -> Result<[u8; 32], String> {
+    use sha2::{Digest, Sha256};
+    if raw.is_empty() {
+        return Err("is required".into());
+    }
+    let well_formed = raw.len() == CODE_LEN
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !well_formed {
+        return Err(format!(
+            "must be the {CODE_LEN}-character code authd issued"
+        ));
+    }
+    Ok(Sha256::digest(raw.as_bytes()).into())
+}
+
 /// Parses the client fields, naming them under `prefix` (e.g. `client`).
 pub fn client_info(
     violations: &mut Violations,

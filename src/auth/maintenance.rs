@@ -9,8 +9,8 @@ use crate::store::StoreError;
 const PURGE_BATCH: i64 = 1000;
 
 impl AuthService {
-    /// Deletes sessions revoked or expired more than `retention` ago, in small batches; returns
-    /// how many.
+    /// Deletes sessions revoked or expired more than `retention` ago, in small batches (returns
+    /// how many), clients no longer trusted, and account flow codes that expired.
     pub async fn purge_sessions(&self, retention: Duration) -> Result<u64, StoreError> {
         let mut total = 0;
         loop {
@@ -32,6 +32,9 @@ impl AuthService {
             .users()
             .purge_trusted(self.limits.trusted_client_ttl)
             .await?;
+        while self.db.codes().purge(PURGE_BATCH).await? >= PURGE_BATCH.unsigned_abs() {
+            tokio::task::yield_now().await;
+        }
         Ok(total)
     }
 

@@ -9,6 +9,7 @@ mod maintenance;
 mod manage;
 pub mod password;
 pub mod password_policy;
+mod recovery;
 pub mod security;
 mod service;
 pub mod session;
@@ -22,6 +23,7 @@ use futures::future::BoxFuture;
 
 pub use lookups::{Found, Paid, UnknownLookups};
 pub use manage::SessionList;
+pub use recovery::{FlowLimits, IssuedCode, PasswordReset};
 pub use service::{AuthParts, AuthService, Credentials, IssuedSession, Registration, SessionView};
 
 use crate::store::StoreError;
@@ -30,6 +32,10 @@ use crate::store::StoreError;
 impl AuthService {
     pub fn clock(&self) -> &crate::clock::Clock {
         &self.clock
+    }
+
+    pub(super) fn metrics(&self) -> &crate::metrics::Metrics {
+        self.cache.redis().metrics()
     }
 }
 
@@ -51,6 +57,10 @@ pub enum AuthError {
     /// The current password given to ChangePassword is wrong.
     #[error("the current password is incorrect")]
     WrongPassword,
+    /// An account flow's code that is unknown, expired, used, or of another flow or account:
+    /// deliberately indistinguishable.
+    #[error("invalid, expired or already used code")]
+    InvalidCode,
     #[error("session not found")]
     SessionNotFound,
     #[error("too many attempts; retry later")]

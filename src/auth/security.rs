@@ -74,9 +74,37 @@ pub(super) fn password_change(
     );
 }
 
+/// An account flow's step (`flow` `password_reset`; `step` `start` or `complete`) and its
+/// outcome (the `outcome` label of `authd_account_flows_total`); `user_id` empty when no account
+/// is known (an unknown email, an invalid code). `event` is `<flow>_started` for a start,
+/// `<flow>_completed` for a completion that succeeded (`completed`, `retried`), else
+/// `<flow>_failed`.
+pub(super) fn account_flow(
+    flow: &'static str,
+    step: &'static str,
+    user_id: Option<Uuid>,
+    client_ip: &str,
+    outcome: &'static str,
+) {
+    let event = match (step, outcome) {
+        ("start", _) => format!("{flow}_started"),
+        (_, "completed" | "retried") => format!("{flow}_completed"),
+        _ => format!("{flow}_failed"),
+    };
+    tracing::info!(
+        target: "authd::security",
+        event,
+        user_id = %account(user_id),
+        client_ip,
+        peer = %peer(),
+        outcome,
+        "security event"
+    );
+}
+
 /// Sessions of an account revoked, `count` of them, for `reason` (the label of
 /// `authd_sessions_revoked_total`: `logout`, `revoke`, `revoke_all`, `password_change`,
-/// `session_cap`, `admin`).
+/// `session_cap`, `admin`, `password_reset`).
 pub(super) fn sessions_revoked(user_id: Uuid, reason: &str, count: usize) {
     tracing::info!(
         target: "authd::security",

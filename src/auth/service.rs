@@ -33,7 +33,6 @@ use crate::{
     clock::Clock,
     config::RateLimitSettings,
     local::{Keys, LocalCache},
-    metrics::Metrics,
     store::{Db, EMAIL_UNIQUE, Invalidation, NewSession, NewUser, Revocation, Since, StoreError},
     telemetry::{Tier, traces},
 };
@@ -77,6 +76,7 @@ pub struct AuthService {
     pub(super) keys: Arc<TokenKeys>,
     pub(super) jwt: Arc<JwtKeys>,
     pub(super) unknown: Arc<UnknownLookups>,
+    pub(super) flows: super::FlowLimits,
     pub(super) fill_hook: std::sync::OnceLock<FillHook>,
 }
 
@@ -94,6 +94,7 @@ pub struct AuthParts {
     pub keys: Arc<TokenKeys>,
     pub jwt: Arc<JwtKeys>,
     pub unknown: Arc<UnknownLookups>,
+    pub flows: super::FlowLimits,
 }
 
 impl AuthService {
@@ -111,6 +112,7 @@ impl AuthService {
             keys,
             jwt,
             unknown,
+            flows,
         } = parts;
         Self {
             db,
@@ -125,6 +127,7 @@ impl AuthService {
             keys,
             jwt,
             unknown,
+            flows,
             fill_hook: std::sync::OnceLock::new(),
         }
     }
@@ -134,10 +137,6 @@ impl AuthService {
     #[doc(hidden)]
     pub fn set_fill_hook(&self, hook: FillHook) {
         let _ = self.fill_hook.set(hook);
-    }
-
-    pub(super) fn metrics(&self) -> &Metrics {
-        self.cache.redis().metrics()
     }
 
     /// Registration: the client's address pays (`RATE_LIMIT__REGISTER_PER_IP`), a taken email

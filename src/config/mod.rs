@@ -15,6 +15,7 @@ mod admin;
 mod database;
 mod events;
 mod ext_authz;
+mod flows;
 mod grpc;
 mod jwt;
 mod redis;
@@ -26,6 +27,7 @@ pub use admin::{AdminSettings, AuditSettings};
 pub use database::{DatabaseSettings, PoolShares, Share};
 pub use events::EventsSettings;
 pub use ext_authz::ExtAuthzSettings;
+pub use flows::AccountsSettings;
 pub use grpc::{
     GrpcSettings, GrpcTlsSettings, HealthSettings, LogFormat, LogSettings, MetricsSettings,
     TracesSettings,
@@ -36,10 +38,11 @@ pub use redis::{
 };
 
 /// Top-level sections; environment variables outside them are ignored.
-const SECTIONS: [&str; 18] = [
+const SECTIONS: [&str; 19] = [
     "grpc",
     "ext_authz",
     "admin",
+    "accounts",
     "events",
     "audit",
     "metrics",
@@ -65,6 +68,7 @@ const RAW_SECRETS: [&str; 2] = ["REDIS__PASSWORD", "REDIS__SENTINEL__PASSWORD"];
 pub struct Settings {
     pub grpc: GrpcSettings,
     pub admin: AdminSettings,
+    pub accounts: AccountsSettings,
     pub events: EventsSettings,
     pub ext_authz: ExtAuthzSettings,
     pub audit: AuditSettings,
@@ -222,6 +226,7 @@ impl Settings {
     fn validate(&self) -> Result<(), ConfigError> {
         self.grpc.validate()?;
         self.admin.validate()?;
+        self.accounts.validate()?;
         self.events.validate()?;
         self.ext_authz.validate()?;
         self.audit.validate()?;

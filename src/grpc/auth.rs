@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use super::timestamp;
 use crate::{
     auth::{
-        self, AuthError, Credentials, IssuedSession, Registration, SessionView,
+        self, AuthError, Credentials, IssuedSession, PasswordReset, Registration, SessionView,
         input::{self, Violations},
     },
     proto::authd::v1::{self as pb, auth_service_server::AuthService as AuthServiceRpc},
@@ -40,7 +40,7 @@ impl From<SessionView> for pb::Session {
     }
 }
 
-fn client_info(
+pub(super) fn client_info(
     v: &mut Violations,
     client: Option<&pb::ClientInfo>,
 ) -> Option<auth::session::ClientInfo> {
@@ -212,6 +212,30 @@ impl AuthServiceRpc for AuthGrpc {
             .map_err(AuthError::InvalidInput)?;
         let revoked = self.service.change_password(token, current, new).await?;
         Ok(Response::new(pb::ChangePasswordResponse {
+            revoked_count: count(revoked),
+        }))
+    }
+
+    async fn complete_password_reset(
+        &self,
+        request: Request<pb::CompletePasswordResetRequest>,
+    ) -> Result<Response<pb::CompletePasswordResetResponse>, Status> {
+        let req = request.get_ref();
+        let mut v = Violations::default();
+        let code_hash = v.check("code", input::code(&req.code));
+        let new_password = v.check("new_password", input::password(&req.new_password));
+        let client = client_info(&mut v, req.client.as_ref());
+        let reset = v
+            .finish(|| {
+                Some(PasswordReset {
+                    code_hash: code_hash?,
+                    new_password: new_password?,
+                    client: client?,
+                })
+            })
+            .map_err(AuthError::InvalidInput)?;
+        let revoked = self.service.complete_password_reset(reset).await?;
+        Ok(Response::new(pb::CompletePasswordResetResponse {
             revoked_count: count(revoked),
         }))
     }

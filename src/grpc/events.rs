@@ -245,6 +245,7 @@ fn reason(reason: Reason) -> pb::RevocationReason {
         Reason::RevokedAll => pb::RevocationReason::RevokedAll,
         Reason::SessionLimit => pb::RevocationReason::SessionLimit,
         Reason::PasswordChanged => pb::RevocationReason::PasswordChanged,
+        Reason::PasswordReset => pb::RevocationReason::PasswordReset,
         Reason::UserDisabled => pb::RevocationReason::UserDisabled,
         Reason::Admin => pb::RevocationReason::Admin,
     }

@@ -1,5 +1,6 @@
 //! Transport: proto <-> domain conversion, input validation and error mapping. One file per gRPC
 //! service; health and reflection are registered by `app`.
+pub mod account;
 pub mod admin;
 pub mod auth;
 pub mod disabled;

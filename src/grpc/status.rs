@@ -76,7 +76,8 @@ impl From<AuthError> for Status {
             AuthError::InvalidInput(violations) => invalid_argument(violations),
             AuthError::InvalidCredentials
             | AuthError::InvalidSession
-            | AuthError::WrongPassword => Status::unauthenticated(error.to_string()),
+            | AuthError::WrongPassword
+            | AuthError::InvalidCode => Status::unauthenticated(error.to_string()),
             AuthError::EmailTaken => Status::already_exists(error.to_string()),
             AuthError::SessionNotFound => Status::not_found(error.to_string()),
             AuthError::Overloaded { retry_after } | AuthError::RateLimited { retry_after } => {

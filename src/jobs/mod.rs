@@ -98,8 +98,9 @@ pub struct Jobs {
     pub reload_tls: Option<Arc<dyn Fn() + Send + Sync>>,
     /// AdminService (its keys file to watch).
     pub admin: Option<Arc<AdminService>>,
-    /// EventService's subscribers (their keys file to watch).
-    pub subscribers: Option<Arc<Access>>,
+    /// Other callers' admission lists (EventService's subscribers, AccountService's notifiers):
+    /// their keys files to watch, each at its reload interval.
+    pub access_lists: Vec<(Arc<Access>, Duration)>,
 }
 
 impl Jobs {
@@ -115,7 +116,7 @@ impl Jobs {
             metrics,
             reload_tls,
             admin,
-            subscribers,
+            access_lists,
         } = self;
         let mut jobs = Vec::new();
         if let Some(reload_tls) = reload_tls {
@@ -129,16 +130,12 @@ impl Jobs {
                 reload,
             )));
         }
-        if let Some(access) = subscribers {
+        for (access, interval) in access_lists {
             let reload = move || {
                 access.reload();
                 async {}
             };
-            jobs.push(tokio::spawn(every(
-                settings.events.reload_interval,
-                stop.clone(),
-                reload,
-            )));
+            jobs.push(tokio::spawn(every(interval, stop.clone(), reload)));
         }
         if let Some(admin) = admin {
             let keys = admin.clone();

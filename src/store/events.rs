@@ -20,6 +20,8 @@ pub enum Reason {
     /// A Login at the session cap evicted it.
     SessionLimit,
     PasswordChanged,
+    /// A password reset completed (every session of the account).
+    PasswordReset,
     UserDisabled,
     /// AdminService RevokeUserSession or RevokeUserSessions.
     Admin,
@@ -33,6 +35,7 @@ impl Reason {
             Reason::RevokedAll => "revoked_all",
             Reason::SessionLimit => "session_limit",
             Reason::PasswordChanged => "password_changed",
+            Reason::PasswordReset => "password_reset",
             Reason::UserDisabled => "user_disabled",
             Reason::Admin => "admin",
         }
@@ -46,6 +49,7 @@ impl Reason {
             Reason::RevokedAll,
             Reason::SessionLimit,
             Reason::PasswordChanged,
+            Reason::PasswordReset,
             Reason::UserDisabled,
             Reason::Admin,
         ]

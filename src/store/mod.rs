@@ -5,6 +5,7 @@
 //! its connection from the running work's share of the pool (`work`).
 mod admin;
 pub mod coalesce;
+mod codes;
 mod events;
 pub mod follow;
 mod generations;
@@ -38,6 +39,7 @@ use sqlx::{
 };
 
 pub use admin::{AdminRepo, AdminUser, AuditEntry, SessionCursor, UserLookup};
+pub use codes::{CodeRepo, Flow, Reset, StoredCode};
 pub use events::{ChangeEvent, EVENT_PURGE_BATCH, EventKind, EventRepo, Reason, Stream};
 pub use history::HistoryHook;
 pub use jwt_keys::{JwtKeyRepo, NewJwtKey, StoredJwtKey};
@@ -412,7 +414,8 @@ impl Db {
 
 /// The tables of authd's schema (every `create table` of `migrations/`; a unit test keeps the
 /// list whole). Tables of others in the same schema are none of authd's business.
-const TABLES: [&str; 18] = [
+const TABLES: [&str; 19] = [
+    "account_codes",
     "admin_audit",
     "change_events",
     "change_events_purged",

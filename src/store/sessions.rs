@@ -354,6 +354,24 @@ impl SessionRepo<'_> {
             .await
     }
 
+    /// Revokes nothing: the user's invalidations logged since `since`, which a call that found
+    /// its work done by an earlier attempt waits for as if it had made them.
+    pub async fn pending_of_user(
+        &self,
+        user_id: Uuid,
+        since: Since,
+    ) -> Result<Revocation, StoreError> {
+        let query = sqlx::query_as::<_, super::outbox::QueuedRow>(concat!(
+            "select id, token_hash, user_id, expires_at, created_at, fresh, active from (",
+            earlier!("user_id = $1"),
+            ") as earlier (id, token_hash, user_id, expires_at, created_at, fresh, active)"
+        ))
+        .bind(user_id)
+        .bind(since.pending_after);
+        let rows = self.0.run(query.fetch_all(self.0.pool())).await?;
+        Ok(Revocation::from_rows(rows))
+    }
+
     /// [`SessionRepo::revoke_all`] inside a transaction that holds the user's row.
     pub(super) async fn revoke_all_in(
         &self,

@@ -12,6 +12,7 @@ mod redis_server;
 mod seeded;
 mod topology;
 
+mod accounts;
 mod admin;
 mod consistency;
 mod degraded;

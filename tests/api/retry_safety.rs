@@ -3,8 +3,9 @@
 //! once no instance serves the session from memory — whoever revoked it. (Before: the retry found
 //! nothing new to invalidate and returned at once, while a holder that could neither renew nor read
 //! the logs kept accepting the token; the review's first finding.) For Logout, RevokeSession,
-//! RevokeAllSessions, and the AdminService's RevokeUserSessions and DisableUser, retried from an
-//! instance with Redis and from one with `REDIS__ENABLED=false`.
+//! RevokeAllSessions, the AdminService's RevokeUserSessions and DisableUser, and
+//! CompletePasswordReset (retried with the same code and password), retried from an instance with
+//! Redis and from one with `REDIS__ENABLED=false`.
 use std::time::Duration;
 
 use authd::proto::authd::v1::{self as pb, admin_service_client::AdminServiceClient};
@@ -58,6 +59,9 @@ impl Fleet {
         );
         std::fs::write(&keys, text).unwrap();
         let mut settings = test_settings(Mode::Redis);
+        let notifiers = dir.path().join("notifiers.toml");
+        crate::admin::write_keys(&notifiers, &[("mailer", crate::accounts::NOTIFIER_KEY)]);
+        settings.accounts.api_keys_file = Some(notifiers);
         settings.local_cache.lease = lease;
         settings.grpc.request_timeout = lease * 2 + Duration::from_secs(5);
         settings.database.query_timeout = Duration::from_millis(300);
@@ -145,6 +149,7 @@ enum Call {
     RevokeAllSessions,
     RevokeUserSessions,
     DisableUser,
+    CompletePasswordReset,
 }
 
 /// The target's user, and the token of another session of the same user (the caller of the
@@ -154,6 +159,8 @@ struct Target {
     token: String,
     session_id: String,
     caller: String,
+    /// A password reset code of the user.
+    code: String,
 }
 
 async fn call(on: &TestApp, what: Call, t: &Target) -> Result<(), Status> {
@@ -173,6 +180,10 @@ async fn call(on: &TestApp, what: Call, t: &Target) -> Result<(), Status> {
             });
             admin(on).disable_user(request).await.map(|_| ())
         }
+        Call::CompletePasswordReset => on
+            .complete_reset(&t.code, "a brand new passphrase 42")
+            .await
+            .map(|_| ()),
     }
 }
 
@@ -189,6 +200,7 @@ async fn retried(what: Call, redis: bool) {
         token: target.session_token,
         session_id: target.session.unwrap().session_id,
         caller: registered.session_token,
+        code: fleet.a.start_reset(&email).await.unwrap().code,
     };
     fleet.hold(&target.token).await;
     fleet.pg.set(Link::Blackhole);
@@ -238,4 +250,6 @@ retried! {
     a_retried_revoke_user_sessions_without_redis_waits_for_the_holders: RevokeUserSessions, false;
     a_retried_disable_user_waits_for_the_holders: DisableUser, true;
     a_retried_disable_user_without_redis_waits_for_the_holders: DisableUser, false;
+    a_retried_password_reset_waits_for_the_holders: CompletePasswordReset, true;
+    a_retried_password_reset_without_redis_waits_for_the_holders: CompletePasswordReset, false;
 }

@@ -1,0 +1,208 @@
+//! Password reset: a trusted caller (the notifier, admitted by `grpc::account`) starts the flow
+//! for an email and receives the single-use code to deliver; whoever holds the code completes it
+//! with a new password, and every session of the account is revoked through the revocation path
+//! (the call returns when no instance accepts any of them).
+//!
+//! - Codes are 144 random bits, stored only as their SHA-256, bound to the flow and the account,
+//!   valid for `ACCOUNTS__RESET_CODE_TTL`, used once: the statement that uses a code is the one
+//!   that checks it, so of concurrent completions exactly one wins.
+//! - A start for an email that matches no account (or a disabled one) answers exactly as for a
+//!   known one: a code of the same form and lifetime (never stored), after the same work (the
+//!   same buckets, one statement either way).
+//! - A completion whose answer was lost can be retried with the same code and password: it
+//!   answers as the first did, after waiting for the same revocations (a state, not a call:
+//!   `docs/guarantees.md`). The password is checked against the account's (one hash, paid like
+//!   the first attempt's), so nobody else learns anything from a used code.
+use std::time::Duration;
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{DateTime, Utc};
+use secrecy::SecretString;
+use sha2::{Digest, Sha256};
+use tracing::instrument;
+
+use super::{
+    AuthError, AuthService,
+    input::{CODE_LEN, Email},
+    password_policy::PasswordContext,
+    security,
+    session::ClientInfo,
+};
+use crate::{cache::Bucket, store::Flow};
+
+const FLOW: &str = "password_reset";
+
+/// What the account flows may cost, and how long their codes live (`ACCOUNTS__*`).
+#[derive(Debug, Clone)]
+pub struct FlowLimits {
+    pub reset_code_ttl: Duration,
+    pub starts_per_account: u32,
+    pub attempts_per_address: u32,
+    pub window: Duration,
+}
+
+/// A code to deliver: shown once, to the notifier.
+pub struct IssuedCode {
+    pub code: SecretString,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A completion: the code's hash (see `input::code`), the new password, and the end user's
+/// client (its address pays).
+pub struct PasswordReset {
+    pub code_hash: [u8; 32],
+    pub new_password: SecretString,
+    pub client: ClientInfo,
+}
+
+/// A fresh code and its hash.
+fn new_code() -> (SecretString, [u8; 32]) {
+    let mut bytes = [0u8; CODE_LEN / 4 * 3];
+    getrandom::fill(&mut bytes).expect("the OS random number generator failed");
+    let code = URL_SAFE_NO_PAD.encode(bytes);
+    let hash = Sha256::digest(code.as_bytes()).into();
+    (SecretString::from(code), hash)
+}
+
+impl AuthService {
+    /// The address bucket of every flow call (starts and completions alike).
+    fn flow_address_bucket(&self, client: &ClientInfo) -> Bucket {
+        let f = &self.flows;
+        Bucket::new(
+            "flow_address",
+            &self.address(client),
+            f.attempts_per_address,
+            f.window,
+        )
+    }
+
+    /// The account's bucket of starts: keyed by the email, known or not, so that an unknown
+    /// email is refused exactly when a known one would be.
+    fn flow_account_bucket(&self, email_normalized: &str) -> Bucket {
+        let f = &self.flows;
+        let subject = hex::encode(Sha256::digest(email_normalized.as_bytes()));
+        Bucket::new("flow_account", &subject, f.starts_per_account, f.window)
+    }
+
+    fn flow_outcome(&self, step: &'static str, outcome: &'static str) {
+        self.metrics()
+            .account_flows
+            .with_label_values(&[FLOW, step, outcome])
+            .inc();
+    }
+
+    /// Starts a password reset for `email`: the code to deliver to it.
+    #[instrument(skip_all)]
+    pub async fn start_password_reset(
+        &self,
+        email: &Email,
+        client: &ClientInfo,
+    ) -> Result<IssuedCode, AuthError> {
+        let buckets = [
+            self.flow_address_bucket(client),
+            self.flow_account_bucket(&email.normalized),
+        ];
+        if let Err(error) = self.limit(FLOW, &buckets).await {
+            self.flow_outcome("start", "rate_limited");
+            security::account_flow(FLOW, "start", None, &client.ip_address, "rate_limited");
+            return Err(error);
+        }
+        let ttl = self.flows.reset_code_ttl;
+        let (code, hash) = new_code();
+        let expires_at = self.clock.now() + ttl;
+        let user_id = self
+            .db
+            .codes()
+            .issue(&email.normalized, Flow::PasswordReset, &hash, ttl)
+            .await?;
+        let outcome = if user_id.is_some() {
+            "issued"
+        } else {
+            "unknown"
+        };
+        self.flow_outcome("start", outcome);
+        security::account_flow(FLOW, "start", user_id, &client.ip_address, outcome);
+        Ok(IssuedCode { code, expires_at })
+    }
+
+    /// Completes a password reset: the sessions it revoked (all of the account's), once no
+    /// instance accepts any of them.
+    #[instrument(skip_all)]
+    pub async fn complete_password_reset(&self, reset: PasswordReset) -> Result<usize, AuthError> {
+        let ip = reset.client.ip_address.clone();
+        let refused = |user_id, outcome, error: AuthError| {
+            self.flow_outcome("complete", outcome);
+            security::account_flow(FLOW, "complete", user_id, &ip, outcome);
+            error
+        };
+        if let Err(error) = self
+            .limit(FLOW, &[self.flow_address_bucket(&reset.client)])
+            .await
+        {
+            return Err(refused(None, "rate_limited", error));
+        }
+        let admitted = self.hasher.admit()?;
+        let codes = self.db.codes();
+        let Some(found) = codes.find(&reset.code_hash, Flow::PasswordReset).await? else {
+            return Err(refused(None, "invalid_code", AuthError::InvalidCode));
+        };
+        let user_id = found.user_id;
+        let changes = self.password_change_bucket(user_id);
+        if let Err(error) = self.limit(FLOW, std::slice::from_ref(&changes)).await {
+            return Err(refused(Some(user_id), "rate_limited", error));
+        }
+        if found.used {
+            // Only the completion that used it, retried, gets through: the same password.
+            let same = found.completed
+                && admitted
+                    .verify(reset.new_password, Some(found.password_hash))
+                    .await?;
+            if !same {
+                return Err(refused(
+                    Some(user_id),
+                    "invalid_code",
+                    AuthError::InvalidCode,
+                ));
+            }
+            let pending = self
+                .db
+                .sessions()
+                .pending_of_user(user_id, self.since())
+                .await?;
+            self.invalidate(None, &pending).await?;
+            self.flow_outcome("complete", "retried");
+            security::account_flow(FLOW, "complete", Some(user_id), &ip, "retried");
+            return Ok(usize::try_from(found.revoked).unwrap_or(0));
+        }
+        let context = PasswordContext {
+            email: &found.email,
+            display_name: &found.display_name,
+        };
+        if let Err(error) = self
+            .passwords
+            .check("new_password", &reset.new_password, &context)
+        {
+            return Err(refused(Some(user_id), "weak_password", error));
+        }
+        let new_hash = admitted.hash(reset.new_password).await?;
+        let Some(done) = codes
+            .reset_password(&reset.code_hash, &new_hash, self.clock.now(), self.since())
+            .await?
+        else {
+            // Another completion of the code won, or it expired meanwhile.
+            return Err(refused(
+                Some(user_id),
+                "invalid_code",
+                AuthError::InvalidCode,
+            ));
+        };
+        self.flow_outcome("complete", "completed");
+        security::account_flow(FLOW, "complete", Some(user_id), &ip, "completed");
+        // The owner may sign in at once, whatever guesses were made before.
+        self.limiter
+            .reset(&self.account_bucket(&found.email, None))
+            .await;
+        self.invalidate(Some(FLOW), &done.revocation).await?;
+        Ok(done.revocation.active)
+    }
+}

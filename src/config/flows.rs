@@ -1,0 +1,76 @@
+//! `ACCOUNTS__*`: the account flows (password reset): who may start them and receive their codes
+//! (admitted as AdminService callers are, from lists of their own), how long a code lives, and
+//! what the flows may cost.
+use std::{path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use super::{AdminSettings, ConfigError, invalid};
+
+/// AccountService: served only when a notifier (the caller that delivers the codes) can be
+/// admitted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccountsSettings {
+    /// Comma-separated SANs of client certificates admitted as notifiers.
+    pub allowed_clients: String,
+    /// TOML file of `[[key]]` tables (`name`, `sha256`) of bearer keys admitted as notifiers.
+    pub api_keys_file: Option<PathBuf>,
+    /// How often the keys file is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// A password reset code is valid this long.
+    #[serde(with = "humantime_serde")]
+    pub reset_code_ttl: Duration,
+    /// Flows started per account (per email, known or not) in a window.
+    pub starts_per_account: u32,
+    /// Flow calls (starts and completions, right or wrong) per end-user address in a window.
+    pub attempts_per_address: u32,
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+}
+
+impl Default for AccountsSettings {
+    fn default() -> Self {
+        Self {
+            allowed_clients: String::new(),
+            api_keys_file: None,
+            reload_interval: Duration::from_secs(2),
+            reset_code_ttl: Duration::from_secs(3600),
+            starts_per_account: 5,
+            attempts_per_address: 30,
+            window: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl AccountsSettings {
+    /// Whether AccountService is served: some notifier can be admitted.
+    pub fn served(&self) -> bool {
+        self.api_keys_file.is_some() || !self.allowed_clients.trim().is_empty()
+    }
+
+    /// Who is admitted, in the form AdminService's admission reads.
+    pub fn admission(&self) -> AdminSettings {
+        AdminSettings {
+            allowed_clients: self.allowed_clients.clone(),
+            api_keys_file: self.api_keys_file.clone(),
+            reload_interval: self.reload_interval,
+        }
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.reload_interval.is_zero() {
+            return invalid("ACCOUNTS__RELOAD_INTERVAL", "must be greater than zero");
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(7 * 86_400))
+            .contains(&self.reset_code_ttl)
+        {
+            return invalid("ACCOUNTS__RESET_CODE_TTL", "must be 1s to 7d");
+        }
+        if self.window < Duration::from_secs(1) {
+            return invalid("ACCOUNTS__WINDOW", "must be at least 1s");
+        }
+        Ok(())
+    }
+}
