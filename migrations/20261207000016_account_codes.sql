@@ -1,8 +1,11 @@
 -- Single-use codes of the account flows (password reset, and the flows after it), issued to a
 -- trusted caller that delivers them. Only the code's SHA-256 is stored; a code is bound to its
 -- flow and its account, expires at `expires_at`, and is used once (`used_at`). The code that
--- completed its flow also records when (`completed_at`) and how many sessions its completion
--- revoked, so that a retry of the same completion answers as the first did, after the same wait.
+-- completed its flow also records when (`completed_at`), how many sessions its completion
+-- revoked, and the SHA-256 of the password hash it set (`completed_with`), so that a retry of the
+-- same completion — while that password is still the account's, and for 10 minutes past the
+-- code's expiry — answers as the first did, after the same wait. A password change, a completed
+-- reset and disabling the account void the account's other codes (`used_at`).
 -- A start for an email of no account writes a row too, without an account (`user_id` null):
 -- it completes nothing, and makes both answers cost the same. For the same reason `user_id` has
 -- no foreign key (its check would cost only the known emails' starts): a code counts only while
@@ -15,6 +18,7 @@ create table account_codes (
     expires_at   timestamptz not null,
     used_at      timestamptz,
     completed_at timestamptz,
+    completed_with bytea,
     revoked      integer not null default 0
 );
 create index account_codes_user_idx on account_codes (user_id, flow);

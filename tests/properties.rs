@@ -13,6 +13,7 @@ use authd::{
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{TimeZone, Utc};
 use proptest::prelude::*;
+use sha2::Digest;
 use uuid::Uuid;
 
 /// Any text, with a bias towards what breaks parsers: controls, combining marks, look-alikes,
@@ -149,6 +150,28 @@ proptest! {
             prop_assert_eq!(bytes.len(), 32);
             prop_assert_eq!(URL_SAFE_NO_PAD.encode(bytes), random);
         }
+    }
+
+    /// Account flow codes: any string is refused with a short message, or is the unpadded
+    /// base64url of 18 bytes (what authd issues), which is what is hashed; every 18 bytes make
+    /// a code.
+    #[test]
+    fn account_flow_codes(raw in prop_oneof![hostile(), "[A-Za-z0-9_=+/-]{20,28}"]) {
+        match input::code(&raw) {
+            Ok(hash) => {
+                let bytes = URL_SAFE_NO_PAD.decode(&raw).expect("base64url");
+                prop_assert_eq!(bytes.len(), 18);
+                prop_assert_eq!(URL_SAFE_NO_PAD.encode(bytes), raw.clone());
+                let expected: [u8; 32] = sha2::Sha256::digest(raw.as_bytes()).into();
+                prop_assert_eq!(hash, expected);
+            }
+            Err(message) => prop_assert!(message.len() < 100, "{}", message),
+        }
+    }
+
+    #[test]
+    fn every_18_bytes_make_a_code(bytes in any::<[u8; 18]>()) {
+        prop_assert!(input::code(&URL_SAFE_NO_PAD.encode(bytes)).is_ok());
     }
 
     #[test]

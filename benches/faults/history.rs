@@ -15,6 +15,8 @@ pub enum Kind {
     RevokeSession,
     RevokeAll,
     ChangePassword,
+    /// StartPasswordReset, then CompletePasswordReset (the op of the completion; retried).
+    PasswordReset,
     GetProfile,
     BatchGetProfiles,
     UpdateProfile,

@@ -16,6 +16,7 @@ mod net;
 mod postgres;
 mod procs;
 mod report;
+mod revoking;
 mod schedule;
 mod settled;
 mod workload;

@@ -317,6 +317,8 @@ pub(crate) async fn start_env(topology: &str) -> Env {
             ),
             ("GRPC__SHUTDOWN_GRACE", "5s".into()),
             ("ADMIN__API_KEYS_FILE", keys.display().to_string()),
+            // The run's key also admits the notifier that starts password resets.
+            ("ACCOUNTS__API_KEYS_FILE", keys.display().to_string()),
             // The run's callers that validate in their own memory subscribe with the same key;
             // a heartbeat well inside the bounded caller's 1 s stale bound.
             ("EVENTS__API_KEYS_FILE", keys.display().to_string()),

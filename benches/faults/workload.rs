@@ -6,13 +6,17 @@ use std::{
 };
 
 use authd::proto::authd::v1::{
-    self as pb, admin_service_client::AdminServiceClient, auth_service_client::AuthServiceClient,
+    self as pb, account_service_client::AccountServiceClient,
+    admin_service_client::AdminServiceClient, auth_service_client::AuthServiceClient,
     profile_service_client::ProfileServiceClient,
 };
 use authd_client::Validator;
 use tonic::{Code, Request, Status, transport::Channel};
 
-use crate::history::{History, Kind, Op};
+use crate::{
+    history::{History, Kind, Op},
+    revoking::{Revoking, revoke},
+};
 
 pub const PASSWORDS: [&str; 2] = ["correct horse battery staple", "another fine passphrase"];
 
@@ -55,7 +59,7 @@ impl Shared {
     }
 
     /// A revocation of `covers` returned OK: `user`'s clients no longer use those sessions.
-    fn forget(&self, user: usize, covers: &[String]) {
+    pub(crate) fn forget(&self, user: usize, covers: &[String]) {
         self.accounts[user]
             .lock()
             .unwrap()
@@ -64,7 +68,7 @@ impl Shared {
     }
 }
 
-fn outcome<T>(result: &Result<T, Status>) -> String {
+pub(crate) fn outcome<T>(result: &Result<T, Status>) -> String {
     match result {
         Ok(_) => "Ok".into(),
         // tonic reports transport failures as Unavailable/Unknown with a source; keep the code.
@@ -87,108 +91,20 @@ fn outcome<T>(result: &Result<T, Status>) -> String {
     }
 }
 
-fn keyed<T>(key: &str, message: T) -> Request<T> {
+/// The end user of account `user`, at an address of their own (the account flows require one).
+pub(crate) fn end_user(user: usize) -> Option<pb::ClientInfo> {
+    Some(pb::ClientInfo {
+        ip_address: format!("10.{}.{}.1", user / 256 % 256, user % 256),
+        ..Default::default()
+    })
+}
+
+pub(crate) fn keyed<T>(key: &str, message: T) -> Request<T> {
     let mut request = Request::new(message);
     if let Ok(value) = format!("Bearer {key}").parse() {
         request.metadata_mut().insert("authorization", value);
     }
     request
-}
-
-/// A revoking call, as a client retries it after an answer that leaves the outcome unknown.
-enum Revoking {
-    Logout { token: String },
-    Session { token: String, target: String },
-    All { token: String },
-    User { user_id: String },
-    Disable { user_id: String },
-}
-
-/// Answers after which a careful client retries a revoking call: the change may or may not be
-/// committed (README: retrying is safe).
-fn retryable(outcome: &str) -> bool {
-    matches!(
-        outcome,
-        "Unavailable" | "DeadlineExceeded" | "Cancelled" | "Transport"
-    )
-}
-
-async fn send(shared: &Shared, instance: usize, call: &Revoking) -> Result<(), Status> {
-    let channel = shared.channels[instance].clone();
-    let mut auth = AuthServiceClient::new(channel.clone());
-    let mut admin = AdminServiceClient::new(channel);
-    let key = &shared.admin_key;
-    match call {
-        Revoking::Logout { token } => {
-            let request = pb::LogoutRequest {
-                session_token: token.clone(),
-            };
-            auth.logout(request).await.map(|_| ())
-        }
-        Revoking::Session { token, target } => {
-            let request = pb::RevokeSessionRequest {
-                session_token: token.clone(),
-                session_id: target.clone(),
-            };
-            auth.revoke_session(request).await.map(|_| ())
-        }
-        Revoking::All { token } => {
-            let request = pb::RevokeAllSessionsRequest {
-                session_token: token.clone(),
-                include_current: true,
-            };
-            auth.revoke_all_sessions(request).await.map(|_| ())
-        }
-        Revoking::User { user_id } => {
-            let request = pb::RevokeUserSessionsRequest {
-                user_id: user_id.clone(),
-            };
-            admin
-                .revoke_user_sessions(keyed(key, request))
-                .await
-                .map(|_| ())
-        }
-        Revoking::Disable { user_id } => {
-            let request = pb::DisableUserRequest {
-                user_id: user_id.clone(),
-                reason: "fault run".into(),
-            };
-            admin.disable_user(keyed(key, request)).await.map(|_| ())
-        }
-    }
-}
-
-/// Sends `call` (first on `op.instance`) and, while the answer leaves its outcome unknown,
-/// retries it up to twice on any instance: every attempt is an operation of the history, and an
-/// OK one covers `covers`, retry or not.
-async fn revoke(
-    shared: &Shared,
-    rng: &mut fastrand::Rng,
-    mut op: Op,
-    call: Revoking,
-    covers: Vec<String>,
-) {
-    for attempt in 0..3 {
-        if attempt > 0 {
-            op.instance = rng.usize(..shared.channels.len());
-            op.start_us = shared.now_us();
-        }
-        let result = send(shared, op.instance, &call).await;
-        op.outcome = outcome(&result);
-        op.end_us = shared.now_us();
-        let retry = retryable(&op.outcome);
-        if result.is_ok() {
-            op.covers = covers.clone();
-            shared.forget(op.user, &covers);
-            if matches!(call, Revoking::Disable { .. }) {
-                shared.accounts[op.user].lock().unwrap().disabled = true;
-            }
-        }
-        shared.history.record(op.clone());
-        if !retry {
-            break;
-        }
-    }
 }
 
 /// One client's loop until `deadline`.
@@ -342,7 +258,40 @@ async fn step(shared: &Shared, rng: &mut fastrand::Rng, instance: usize, roll: u
             let covers = all_before(None);
             return revoke(shared, rng, op, Revoking::All { token }, covers).await;
         }
-        745..=754 => {
+        750..=754 => {
+            // The notifier starts a reset, the user completes it: every session of the account
+            // that existed before is covered.
+            op.kind = Kind::PasswordReset;
+            let next = match account.password {
+                p if p < PASSWORDS.len() => 1 - p,
+                _ => rng.usize(..PASSWORDS.len()),
+            };
+            let channel = shared.channels[instance].clone();
+            let request = pb::StartPasswordResetRequest {
+                email: account.email.clone(),
+                client: end_user(user),
+            };
+            let started = AccountServiceClient::new(channel)
+                .start_password_reset(keyed(&shared.admin_key, request))
+                .await;
+            let code = match started {
+                Ok(response) => response.into_inner().code,
+                Err(status) => {
+                    op.outcome = outcome::<()>(&Err(status));
+                    op.end_us = shared.now_us();
+                    shared.history.record(op);
+                    return;
+                }
+            };
+            let covers = all_before(None);
+            let call = Revoking::Reset {
+                code,
+                password: next,
+                user,
+            };
+            return revoke(shared, rng, op, call, covers).await;
+        }
+        745..=749 => {
             op.kind = Kind::ChangePassword;
             let Some((id, token, _)) = pick(rng) else {
                 return;

@@ -7,12 +7,15 @@
 //!   valid for `ACCOUNTS__RESET_CODE_TTL`, used once: the statement that uses a code is the one
 //!   that checks it, so of concurrent completions exactly one wins.
 //! - A start for an email that matches no account (or a disabled one) answers exactly as for a
-//!   known one: a code of the same form and lifetime (never stored), after the same work (the
-//!   same buckets, one statement either way).
-//! - A completion whose answer was lost can be retried with the same code and password: it
-//!   answers as the first did, after waiting for the same revocations (a state, not a call:
-//!   `docs/guarantees.md`). The password is checked against the account's (one hash, paid like
-//!   the first attempt's), so nobody else learns anything from a used code.
+//!   known one: a code of the same form and lifetime (stored without an account, so it completes
+//!   nothing), after the same work (the same buckets, the same statement writing one row).
+//! - A completion whose answer was lost can be retried with the same code and password (also a
+//!   duplicate that raced it, and for a grace past the code's expiry): it answers as the first
+//!   did, after waiting for the same revocations (a state, not a call: `docs/guarantees.md`) —
+//!   only while the password it set is still the account's; the check is a guess paid by the
+//!   account's guess bucket, so a leaked used code is no better than a login.
+//! - A password change, another completion, or the account disabled voids the codes issued
+//!   before.
 use std::time::Duration;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -28,7 +31,10 @@ use super::{
     security,
     session::ClientInfo,
 };
-use crate::{cache::Bucket, store::Flow};
+use crate::{
+    cache::Bucket,
+    store::{Flow, StoredCode},
+};
 
 const FLOW: &str = "password_reset";
 
@@ -129,50 +135,20 @@ impl AuthService {
     /// instance accepts any of them.
     #[instrument(skip_all)]
     pub async fn complete_password_reset(&self, reset: PasswordReset) -> Result<usize, AuthError> {
-        let ip = reset.client.ip_address.clone();
-        let refused = |user_id, outcome, error: AuthError| {
-            self.flow_outcome("complete", outcome);
-            security::account_flow(FLOW, "complete", user_id, &ip, outcome);
-            error
-        };
+        let ip = reset.client.ip_address.as_str();
         if let Err(error) = self
             .limit(FLOW, &[self.flow_address_bucket(&reset.client)])
             .await
         {
-            return Err(refused(None, "rate_limited", error));
+            return Err(self.refused(None, ip, "rate_limited", error));
         }
-        let admitted = self.hasher.admit()?;
         let codes = self.db.codes();
         let Some(found) = codes.find(&reset.code_hash, Flow::PasswordReset).await? else {
-            return Err(refused(None, "invalid_code", AuthError::InvalidCode));
+            return Err(self.refused(None, ip, "invalid_code", AuthError::InvalidCode));
         };
         let user_id = found.user_id;
-        let changes = self.password_change_bucket(user_id);
-        if let Err(error) = self.limit(FLOW, std::slice::from_ref(&changes)).await {
-            return Err(refused(Some(user_id), "rate_limited", error));
-        }
         if found.used {
-            // Only the completion that used it, retried, gets through: the same password.
-            let same = found.completed
-                && admitted
-                    .verify(reset.new_password, Some(found.password_hash))
-                    .await?;
-            if !same {
-                return Err(refused(
-                    Some(user_id),
-                    "invalid_code",
-                    AuthError::InvalidCode,
-                ));
-            }
-            let pending = self
-                .db
-                .sessions()
-                .pending_of_user(user_id, self.since())
-                .await?;
-            self.invalidate(None, &pending).await?;
-            self.flow_outcome("complete", "retried");
-            security::account_flow(FLOW, "complete", Some(user_id), &ip, "retried");
-            return Ok(usize::try_from(found.revoked).unwrap_or(0));
+            return self.retried_reset(found, reset.new_password, ip).await;
         }
         let context = PasswordContext {
             email: &found.email,
@@ -182,27 +158,83 @@ impl AuthService {
             .passwords
             .check("new_password", &reset.new_password, &context)
         {
-            return Err(refused(Some(user_id), "weak_password", error));
+            return Err(self.refused(Some(user_id), ip, "weak_password", error));
         }
-        let new_hash = admitted.hash(reset.new_password).await?;
+        let changes = self.password_change_bucket(user_id);
+        if let Err(error) = self.limit(FLOW, std::slice::from_ref(&changes)).await {
+            return Err(self.refused(Some(user_id), ip, "rate_limited", error));
+        }
+        let new_hash = self.hasher.hash(reset.new_password.clone()).await?;
         let Some(done) = codes
             .reset_password(&reset.code_hash, &new_hash, self.clock.now(), self.since())
             .await?
         else {
-            // Another completion of the code won, or it expired meanwhile.
-            return Err(refused(
-                Some(user_id),
-                "invalid_code",
-                AuthError::InvalidCode,
-            ));
+            // Another completion used it first (or it expired meanwhile): a duplicate of that
+            // one — the same password — is answered as its retry.
+            return match codes.find(&reset.code_hash, Flow::PasswordReset).await? {
+                Some(found) if found.used => {
+                    self.retried_reset(found, reset.new_password, ip).await
+                }
+                _ => Err(self.refused(Some(user_id), ip, "invalid_code", AuthError::InvalidCode)),
+            };
         };
         self.flow_outcome("complete", "completed");
-        security::account_flow(FLOW, "complete", Some(user_id), &ip, "completed");
+        security::account_flow(FLOW, "complete", Some(user_id), ip, "completed");
         // The owner may sign in at once, whatever guesses were made before.
         self.limiter
             .reset(&self.account_bucket(&found.email, None))
             .await;
         self.invalidate(Some(FLOW), &done.revocation).await?;
         Ok(done.revocation.active)
+    }
+
+    /// A completion of a used code: the one that used it, retried (the same password, still the
+    /// account's), answers as it did once the revocations it made are applied everywhere;
+    /// anything else is an invalid code. The password check is a guess at the account's
+    /// password, paid by the account's guess bucket like a login's.
+    async fn retried_reset(
+        &self,
+        found: StoredCode,
+        password: SecretString,
+        ip: &str,
+    ) -> Result<usize, AuthError> {
+        let user_id = found.user_id;
+        let invalid = || self.refused(Some(user_id), ip, "invalid_code", AuthError::InvalidCode);
+        if !(found.completed && found.still_current) {
+            return Err(invalid());
+        }
+        let guesses = self.account_bucket(&found.email, None);
+        if let Err(error) = self.limit(FLOW, std::slice::from_ref(&guesses)).await {
+            return Err(self.refused(Some(user_id), ip, "rate_limited", error));
+        }
+        if !self
+            .hasher
+            .verify(password, Some(found.password_hash))
+            .await?
+        {
+            return Err(invalid());
+        }
+        let pending = self
+            .db
+            .sessions()
+            .pending_of_user(user_id, self.since())
+            .await?;
+        self.invalidate(None, &pending).await?;
+        self.flow_outcome("complete", "retried");
+        security::account_flow(FLOW, "complete", Some(user_id), ip, "retried");
+        Ok(usize::try_from(found.revoked).unwrap_or(0))
+    }
+
+    /// A refused completion, counted and logged.
+    fn refused(
+        &self,
+        user_id: Option<uuid::Uuid>,
+        ip: &str,
+        outcome: &'static str,
+        error: AuthError,
+    ) -> AuthError {
+        self.flow_outcome("complete", outcome);
+        security::account_flow(FLOW, "complete", user_id, ip, outcome);
+        error
     }
 }

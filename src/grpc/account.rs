@@ -5,7 +5,7 @@ use std::sync::Arc;
 use secrecy::ExposeSecret;
 use tonic::{Request, Response, Status};
 
-use super::{auth::client_info, timestamp};
+use super::{auth::end_user, timestamp};
 use crate::{
     admin::{Access, Admission},
     auth::{
@@ -54,7 +54,7 @@ impl AccountServiceRpc for AccountGrpc {
         let req = request.get_ref();
         let mut v = Violations::default();
         let email = v.check("email", input::email(&req.email));
-        let client = client_info(&mut v, req.client.as_ref());
+        let client = end_user(&mut v, req.client.as_ref());
         let (email, client) = v
             .finish(|| Some((email?, client?)))
             .map_err(AuthError::InvalidInput)?;

@@ -40,7 +40,7 @@ impl From<SessionView> for pb::Session {
     }
 }
 
-pub(super) fn client_info(
+fn client_info(
     v: &mut Violations,
     client: Option<&pb::ClientInfo>,
 ) -> Option<auth::session::ClientInfo> {
@@ -52,6 +52,23 @@ pub(super) fn client_info(
         &client.user_agent,
         &client.device_id,
     )
+}
+
+/// The end user of an account flow call: [`client_info`], with the address required (the
+/// per-address limit counts on it; without one, every caller would share one bucket).
+pub(super) fn end_user(
+    v: &mut Violations,
+    client: Option<&pb::ClientInfo>,
+) -> Option<auth::session::ClientInfo> {
+    if client.is_none_or(|c| c.ip_address.is_empty()) {
+        v.check::<()>(
+            "client.ip_address",
+            Err(
+                "is required: the end user's address, which the per-address limit counts on".into(),
+            ),
+        );
+    }
+    client_info(v, client)
 }
 
 fn parse_registration(req: &pb::RegisterRequest) -> Result<Registration, AuthError> {
@@ -224,7 +241,7 @@ impl AuthServiceRpc for AuthGrpc {
         let mut v = Violations::default();
         let code_hash = v.check("code", input::code(&req.code));
         let new_password = v.check("new_password", input::password(&req.new_password));
-        let client = client_info(&mut v, req.client.as_ref());
+        let client = end_user(&mut v, req.client.as_ref());
         let reset = v
             .finish(|| {
                 Some(PasswordReset {

@@ -143,6 +143,7 @@ impl AdminRepo<'_> {
                     .sessions()
                     .revoke_all_in(&mut tx, user_id, None, Reason::UserDisabled, since)
                     .await?;
+                self.0.codes().void_in(&mut tx, user_id).await?;
                 self.0.run(tx.commit()).await?;
                 Ok(Some(revoked))
             })

@@ -9,6 +9,10 @@ use uuid::Uuid;
 
 use super::{Db, Reason, Revocation, Since, StoreError, micros};
 
+/// How long past its expiry a code that completed its flow still answers a retry of that
+/// completion (a retry after a lost answer comes within seconds; a deadline is at most minutes).
+pub const RETRY_GRACE: Duration = Duration::from_secs(600);
+
 /// The flows whose codes are stored here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -32,6 +36,8 @@ pub struct StoredCode {
     pub completed: bool,
     /// Sessions its completion revoked.
     pub revoked: i32,
+    /// The password its completion set is still the account's.
+    pub still_current: bool,
     /// The account's current PHC hash, its email (normalised) and display name.
     pub password_hash: String,
     pub email: String,
@@ -56,9 +62,7 @@ impl CodeRepo<'_> {
     /// Stores a code of `flow` for the enabled account with this normalised email, valid for
     /// `ttl`; the account, or `None` (no such account, or a disabled one). The same statement
     /// whichever it is, writing the same row (without an account when there is none: it
-    /// completes nothing, and goes with the expired codes), so that both take the same time; its
-    /// commit does not wait for the WAL to reach the disk (`synchronous_commit` off for it): a
-    /// code lost to a crash is asked for again.
+    /// completes nothing, and goes with the expired codes), so that both take the same time.
     pub async fn issue(
         &self,
         email_normalized: &str,
@@ -72,7 +76,6 @@ impl CodeRepo<'_> {
                     (select id from users
                      where email_normalized = $4 and disabled_at is null),
                     clock_timestamp() + $3::bigint * interval '1 microsecond'
-             from (select set_config('synchronous_commit', 'off', true)) as quiet
              returning user_id",
         )
         .bind(code_hash)
@@ -82,8 +85,8 @@ impl CodeRepo<'_> {
         self.0.run(query.fetch_one(self.0.pool())).await
     }
 
-    /// The unexpired code of `flow` with this hash, used or not, with what a completion checks
-    /// of its account.
+    /// The unexpired code of `flow` with this hash, used or not (one that completed its flow
+    /// also for [`RETRY_GRACE`] past its expiry), with what a completion checks of its account.
     pub async fn find(
         &self,
         code_hash: &[u8],
@@ -92,16 +95,20 @@ impl CodeRepo<'_> {
         let query = sqlx::query_as::<_, StoredCode>(
             "select c.user_id, c.used_at is not null as used,
                     c.completed_at is not null as completed, c.revoked,
+                    c.completed_with is not distinct from
+                        sha256(convert_to(u.password_hash, 'UTF8')) as still_current,
                     u.password_hash, u.email_normalized as email,
                     coalesce(p.display_name, '') as display_name
              from account_codes c
              join users u on u.id = c.user_id
              left join profiles p on p.user_id = c.user_id
-             where c.code_hash = $1 and c.flow = $2 and c.expires_at > clock_timestamp()
-               and u.disabled_at is null",
+             where c.code_hash = $1 and c.flow = $2 and u.disabled_at is null
+               and (c.expires_at > clock_timestamp()
+                    or c.completed_at > clock_timestamp() - $3::bigint * interval '1 microsecond')",
         )
         .bind(code_hash)
-        .bind(flow.as_str());
+        .bind(flow.as_str())
+        .bind(micros(RETRY_GRACE));
         self.0.run(query.fetch_optional(self.0.pool())).await
     }
 
@@ -131,7 +138,8 @@ impl CodeRepo<'_> {
                 };
                 let used = sqlx::query_scalar::<_, Uuid>(
                     "update account_codes set used_at = clock_timestamp(),
-                                              completed_at = clock_timestamp()
+                                              completed_at = clock_timestamp(),
+                                              completed_with = sha256(convert_to($4, 'UTF8'))
                      where code_hash = $1 and flow = $2 and used_at is null
                        and expires_at > clock_timestamp()
                        and exists (select 1 from users
@@ -140,7 +148,8 @@ impl CodeRepo<'_> {
                 )
                 .bind(code_hash)
                 .bind(Flow::PasswordReset.as_str())
-                .bind(user_id);
+                .bind(user_id)
+                .bind(password_hash);
                 if self.0.run(used.fetch_optional(&mut *tx)).await?.is_none() {
                     return Ok(None);
                 }
@@ -162,13 +171,7 @@ impl CodeRepo<'_> {
                         .bind(code_hash)
                         .bind(i32::try_from(revocation.active).unwrap_or(i32::MAX));
                 self.0.run(record.execute(&mut *tx)).await?;
-                let void = sqlx::query(
-                    "update account_codes set used_at = clock_timestamp()
-                     where user_id = $1 and flow = $2 and used_at is null",
-                )
-                .bind(user_id)
-                .bind(Flow::PasswordReset.as_str());
-                self.0.run(void.execute(&mut *tx)).await?;
+                self.void_in(&mut tx, user_id).await?;
                 self.0.run(tx.commit()).await?;
                 Ok(Some(Reset {
                     user_id,
@@ -178,14 +181,37 @@ impl CodeRepo<'_> {
             .await
     }
 
-    /// Deletes codes that expired; how many.
+    /// Voids every unused code of the account, inside a transaction that holds its row (a
+    /// password change, a completed reset, the account disabled: a code issued before must not
+    /// outlive them).
+    pub(super) async fn void_in(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        user_id: Uuid,
+    ) -> Result<(), StoreError> {
+        let void = sqlx::query(
+            "update account_codes set used_at = clock_timestamp()
+             where user_id = $1 and used_at is null",
+        )
+        .bind(user_id);
+        self.0.run(void.execute(tx)).await?;
+        Ok(())
+    }
+
+    /// Deletes codes that expired (those that completed, [`RETRY_GRACE`] later), skipping rows
+    /// a completion holds; how many.
     pub async fn purge(&self, batch: i64) -> Result<u64, StoreError> {
         let query = sqlx::query(
             "delete from account_codes where code_hash in (
-                 select code_hash from account_codes where expires_at < clock_timestamp()
-                 limit $1)",
+                 select code_hash from account_codes
+                 where expires_at < clock_timestamp()
+                   and (completed_at is null
+                        or completed_at < clock_timestamp() - $2::bigint * interval '1 microsecond')
+                 limit $1
+                 for update skip locked)",
         )
-        .bind(batch);
+        .bind(batch)
+        .bind(micros(RETRY_GRACE));
         Ok(self
             .0
             .run(query.execute(self.0.pool()))

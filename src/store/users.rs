@@ -244,6 +244,7 @@ impl UserRepo<'_> {
                         since,
                     )
                     .await?;
+                self.0.codes().void_in(&mut tx, user_id).await?;
                 self.0.run(tx.commit()).await?;
                 Ok(Some(revoked))
             })

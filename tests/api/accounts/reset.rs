@@ -144,9 +144,94 @@ async fn a_code_is_bound_to_its_account_used_once_and_expires() {
         Code::Unauthenticated,
     );
     app.login(&bob, PASSWORD).await.unwrap();
-    let token = app.complete_reset(&bob_registered.session_token, NEW_PASSWORD);
-    let status = assert_code(token.await, Code::InvalidArgument);
-    assert_eq!(violation_fields(&status), ["code"]);
+    // A completion retried after its code expired (its answer lost) is still answered as the
+    // first was.
+    let completed = app.start_reset(&bob).await.unwrap();
+    let revoked = app.complete_reset(&completed.code, NEW_PASSWORD).await;
+    assert_eq!(revoked.unwrap(), 3, "registered, and two logins");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let retried = app.complete_reset(&completed.code, NEW_PASSWORD).await;
+    assert_eq!(retried.unwrap(), 3);
+}
+
+/// A used code answers a retry only while the password it set is still the account's; a
+/// password change, and disabling the account (even enabled again), void the codes issued
+/// before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_code_is_no_password_oracle_and_later_changes_void_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = notifier_settings(Mode::Redis, dir.path());
+    let operators = dir.path().join("operators.toml");
+    write_keys(&operators, &[("ops", ADMIN_KEY)]);
+    settings.admin.api_keys_file = Some(operators);
+    let app = spawn_with(settings).await;
+    let (email, registered) = app.register().await;
+    let used = app.start_reset(&email).await.unwrap();
+    app.complete_reset(&used.code, NEW_PASSWORD).await.unwrap();
+    let session = app.login(&email, NEW_PASSWORD).await.unwrap();
+    let later = "a later passphrase of hers";
+    app.change_password(&session.session_token, NEW_PASSWORD, later)
+        .await
+        .unwrap();
+    for guess in [later, NEW_PASSWORD] {
+        assert_code(
+            app.complete_reset(&used.code, guess).await,
+            Code::Unauthenticated,
+        );
+    }
+    // Issued before a password change: void.
+    let before_change = app.start_reset(&email).await.unwrap();
+    let again = "yet another passphrase 7";
+    app.change_password(&session.session_token, later, again)
+        .await
+        .unwrap();
+    assert_code(
+        app.complete_reset(&before_change.code, NEW_PASSWORD).await,
+        Code::Unauthenticated,
+    );
+    // Issued before DisableUser, presented after EnableUser: void.
+    let before_disable = app.start_reset(&email).await.unwrap();
+    let user_id = registered.user_id;
+    let disable = pb::DisableUserRequest {
+        user_id: user_id.clone(),
+        reason: "test".into(),
+    };
+    admin(&app)
+        .disable_user(with_key(ADMIN_KEY, disable))
+        .await
+        .unwrap();
+    let enable = pb::EnableUserRequest { user_id };
+    admin(&app)
+        .enable_user(with_key(ADMIN_KEY, enable))
+        .await
+        .unwrap();
+    assert_code(
+        app.complete_reset(&before_disable.code, NEW_PASSWORD).await,
+        Code::Unauthenticated,
+    );
+    app.login(&email, again).await.unwrap();
+}
+
+/// Two completions of one code with the same password at once (a double submit): one completes
+/// it, the other is answered as its retry — both OK, the same count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_double_submit_is_answered_twice_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_with(notifier_settings(Mode::Redis, dir.path())).await;
+    let (email, _) = app.register().await;
+    let started = app.start_reset(&email).await.unwrap();
+    let (first, second) = tokio::join!(
+        app.complete_reset(&started.code, NEW_PASSWORD),
+        app.complete_reset(&started.code, NEW_PASSWORD)
+    );
+    assert_eq!((first.unwrap(), second.unwrap()), (1, 1));
+    let outcome = |o: &str| {
+        format!(
+            "authd_account_flows_total{{flow=\"password_reset\",outcome=\"{o}\",step=\"complete\"}}"
+        )
+    };
+    assert_eq!(app.metric(&outcome("completed")).await, 1.0);
+    assert_eq!(app.metric(&outcome("retried")).await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +278,7 @@ async fn only_notifiers_start_flows_and_bad_input_names_its_fields() {
     let (email, _) = app.register().await;
     let request = || pb::StartPasswordResetRequest {
         email: email.clone(),
-        client: None,
+        client: client("192.0.2.1"),
     };
     let mut service = accounts(&app);
     let anonymous = service.start_password_reset(Request::new(request())).await;
