@@ -23,3 +23,8 @@ create table account_codes (
 );
 create index account_codes_user_idx on account_codes (user_id, flow);
 create index account_codes_expires_idx on account_codes (expires_at);
+
+-- An operator may require a new password at the account's next login (AdminService
+-- RequirePasswordChange): Login with the right password then answers with a password reset code
+-- instead of a session. The new password clears it.
+alter table users add column password_change_required boolean not null default false;

@@ -4,7 +4,7 @@
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::{AuthError, AuthService, SessionView};
+use super::{AuthError, AuthService, IssuedCode, SessionView};
 use crate::store::{AdminUser, Reason, SessionCursor, UserLookup};
 
 impl AuthService {
@@ -87,6 +87,25 @@ impl AuthService {
         tracing::info!(%user_id, count = revocation.revoked, "user disabled");
         self.invalidate(Some("admin"), &revocation).await?;
         Ok(revocation.active)
+    }
+
+    /// A password reset code for the account, for the operator to deliver (the completion
+    /// revokes every session); NOT_FOUND for an unknown or disabled account.
+    #[instrument(skip_all)]
+    pub async fn admin_reset_password(&self, user_id: Uuid) -> Result<IssuedCode, AuthError> {
+        let issued = self.reset_code_for(user_id).await?;
+        tracing::info!(%user_id, "password reset started by an administrator");
+        Ok(issued)
+    }
+
+    /// Requires a new password at the account's next login (idempotent).
+    #[instrument(skip_all)]
+    pub async fn require_password_change(&self, user_id: Uuid) -> Result<(), AuthError> {
+        if !self.db.admin().require_password_change(user_id).await? {
+            return Err(AuthError::UserNotFound);
+        }
+        tracing::info!(%user_id, "new password required at the next login");
+        Ok(())
     }
 
     /// Enables the account (no session comes back) and clears its failed-login count.

@@ -73,6 +73,10 @@ pub enum AuthError {
     Locked,
     #[error("too many requests; retry later")]
     Overloaded { retry_after: Duration },
+    /// The right password for an account whose new password an administrator requires: the code
+    /// that completes the change (CompletePasswordReset), instead of a session.
+    #[error("a new password is required: complete the change with the code in the error details")]
+    PasswordChangeRequired(recovery::IssuedCode),
     /// The right password for an account an administrator disabled.
     #[error("this account is disabled; contact support")]
     Disabled,

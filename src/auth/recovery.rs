@@ -23,6 +23,7 @@ use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 use tracing::instrument;
+use uuid::Uuid;
 
 use super::{
     AuthError, AuthService,
@@ -47,7 +48,9 @@ pub struct FlowLimits {
     pub window: Duration,
 }
 
-/// A code to deliver: shown once, to the notifier.
+/// A code to deliver: shown once, to the notifier (or the operator, or the user who must change
+/// their password).
+#[derive(Debug)]
 pub struct IssuedCode {
     pub code: SecretString,
     pub expires_at: DateTime<Utc>,
@@ -129,6 +132,38 @@ impl AuthService {
         self.flow_outcome("start", outcome);
         security::account_flow(FLOW, "start", user_id, &client.ip_address, outcome);
         Ok(IssuedCode { code, expires_at })
+    }
+
+    /// A reset code for this account, issued without a start (an operator's reset, a login that
+    /// must change its password); NOT_FOUND for an unknown or disabled account.
+    pub(super) async fn reset_code_for(&self, user_id: Uuid) -> Result<IssuedCode, AuthError> {
+        let ttl = self.flows.reset_code_ttl;
+        let (code, hash) = new_code();
+        let expires_at = self.clock.now() + ttl;
+        let issued = self
+            .db
+            .codes()
+            .issue_for(user_id, Flow::PasswordReset, &hash, ttl)
+            .await?;
+        if !issued {
+            return Err(AuthError::UserNotFound);
+        }
+        Ok(IssuedCode { code, expires_at })
+    }
+
+    /// A login with the right password whose account must change it: refused with a reset code
+    /// instead of a session (only a caller who knows the password learns it, and gets the code).
+    pub(super) async fn unless_change_required(
+        &self,
+        stored: &crate::store::Credentials,
+        ip: &str,
+    ) -> Result<(), AuthError> {
+        if !stored.password_change_required {
+            return Ok(());
+        }
+        security::login_failed(Some(stored.id), ip, "password_change_required");
+        let code = self.reset_code_for(stored.id).await?;
+        Err(AuthError::PasswordChangeRequired(code))
     }
 
     /// Completes a password reset: the sessions it revoked (all of the account's), once no
@@ -228,7 +263,7 @@ impl AuthService {
     /// A refused completion, counted and logged.
     fn refused(
         &self,
-        user_id: Option<uuid::Uuid>,
+        user_id: Option<Uuid>,
         ip: &str,
         outcome: &'static str,
         error: AuthError,

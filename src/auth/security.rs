@@ -20,8 +20,9 @@ fn account(user_id: Option<Uuid>) -> String {
 }
 
 /// A login refused: `reason` is `unknown_account`, `wrong_password`, `account_locked` (the
-/// account reached its lockout, the client is not one it trusts) or `account_disabled` (the
-/// right password, for a disabled account).
+/// account reached its lockout, the client is not one it trusts), `account_disabled` (the
+/// right password, for a disabled account) or `password_change_required` (the right password,
+/// for an account that must change it: answered with a reset code).
 pub(super) fn login_failed(user_id: Option<Uuid>, client_ip: &str, reason: &'static str) {
     tracing::info!(
         target: "authd::security",

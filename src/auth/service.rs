@@ -236,6 +236,7 @@ impl AuthService {
         }
         self.limiter.reset(&account).await;
         let user_id = stored.id;
+        self.unless_change_required(&stored, &ip).await?;
         let record = self.policy.start(user_id, c.client, self.clock.now());
         let key = self.keys.minting()?;
         let (token, hash) = token::generate(&key);

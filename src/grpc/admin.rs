@@ -3,6 +3,7 @@
 use std::{future::Future, panic::AssertUnwindSafe, sync::Arc};
 
 use futures::FutureExt;
+use secrecy::ExposeSecret;
 
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -154,6 +155,7 @@ fn user(u: AdminUser) -> pb::User {
         disabled_reason: u.disabled_reason,
         active_session_count: i32::try_from(u.active_sessions).unwrap_or(i32::MAX),
         last_login_at: u.last_login_at.map(timestamp),
+        password_change_required: u.password_change_required,
     }
 }
 
@@ -346,6 +348,45 @@ impl AdminServiceRpc for AdminGrpc {
             service.auth.enable_user(id).await?;
             Ok(pb::EnableUserResponse {})
         })
+        .await
+    }
+
+    async fn reset_user_password(
+        &self,
+        request: Request<pb::ResetUserPasswordRequest>,
+    ) -> Result<Response<pb::ResetUserPasswordResponse>, Status> {
+        let target = |req: &pb::ResetUserPasswordRequest| req.user_id.clone();
+        self.call(
+            "ResetUserPassword",
+            request,
+            target,
+            |service, req| async move {
+                let id = user_id(&req.user_id)?;
+                let issued = service.auth.admin_reset_password(id).await?;
+                Ok(pb::ResetUserPasswordResponse {
+                    code: issued.code.expose_secret().to_owned(),
+                    expires_at: Some(timestamp(issued.expires_at)),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn require_password_change(
+        &self,
+        request: Request<pb::RequirePasswordChangeRequest>,
+    ) -> Result<Response<pb::RequirePasswordChangeResponse>, Status> {
+        let target = |req: &pb::RequirePasswordChangeRequest| req.user_id.clone();
+        self.call(
+            "RequirePasswordChange",
+            request,
+            target,
+            |service, req| async move {
+                let id = user_id(&req.user_id)?;
+                service.auth.require_password_change(id).await?;
+                Ok(pb::RequirePasswordChangeResponse {})
+            },
+        )
         .await
     }
 }

@@ -1,5 +1,6 @@
 //! The one mapping from domain errors to gRPC statuses. Internal causes are logged here, once,
 //! with their chain; callers get a fixed message, never SQL or Redis text.
+use secrecy::ExposeSecret;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -89,6 +90,15 @@ impl From<AuthError> for Status {
             }
             AuthError::Locked => Status::resource_exhausted(error.to_string()),
             AuthError::Disabled => Status::permission_denied(error.to_string()),
+            AuthError::PasswordChangeRequired(code) => {
+                let metadata = [
+                    ("code".to_owned(), code.code.expose_secret().to_owned()),
+                    ("expires_at".to_owned(), code.expires_at.to_rfc3339()),
+                ];
+                let details =
+                    ErrorDetails::with_error_info("PASSWORD_CHANGE_REQUIRED", "authd", metadata);
+                Status::with_error_details(Code::FailedPrecondition, error.to_string(), details)
+            }
             AuthError::UserNotFound => Status::not_found(error.to_string()),
             AuthError::NotEnabled(_) => Status::unimplemented(error.to_string()),
             AuthError::Store(store) => store_status(store),

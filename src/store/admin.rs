@@ -17,6 +17,7 @@ pub struct AdminUser {
     pub disabled_reason: String,
     pub active_sessions: i64,
     pub last_login_at: Option<DateTime<Utc>>,
+    pub password_change_required: bool,
 }
 
 /// How to find an account.
@@ -65,7 +66,7 @@ impl AdminRepo<'_> {
         };
         let sql = format!(
             "select u.id, u.email, coalesce(p.display_name, '') as display_name, u.created_at,
-                    u.disabled_at, u.disabled_reason, u.last_login_at,
+                    u.disabled_at, u.disabled_reason, u.last_login_at, u.password_change_required,
                     (select count(*) from sessions s where s.user_id = u.id and {}) as active_sessions
              from users u left join profiles p on p.user_id = u.id
              where {by}",
@@ -161,6 +162,17 @@ impl AdminRepo<'_> {
                  returning id
              )
              insert into change_events (kind, user_id) select 'user_enabled', id from enabled",
+        )
+        .bind(user_id);
+        let done = self.0.run(query.execute(self.0.pool())).await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Requires a new password at the account's next login. `false`: no such user.
+    pub async fn require_password_change(&self, user_id: Uuid) -> Result<bool, StoreError> {
+        let query = sqlx::query(
+            "update users set password_change_required = true, updated_at = clock_timestamp()
+             where id = $1",
         )
         .bind(user_id);
         let done = self.0.run(query.execute(self.0.pool())).await?;

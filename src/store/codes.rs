@@ -85,6 +85,32 @@ impl CodeRepo<'_> {
         self.0.run(query.fetch_one(self.0.pool())).await
     }
 
+    /// Stores a code of `flow` for this enabled account (an operator's reset, a login that must
+    /// change its password); `false`: no such account, or a disabled one.
+    pub async fn issue_for(
+        &self,
+        user_id: Uuid,
+        flow: Flow,
+        code_hash: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let query = sqlx::query(
+            "insert into account_codes (code_hash, flow, user_id, expires_at)
+             select $1, $2, id, clock_timestamp() + $3::bigint * interval '1 microsecond'
+             from users where id = $4 and disabled_at is null",
+        )
+        .bind(code_hash)
+        .bind(flow.as_str())
+        .bind(micros(ttl))
+        .bind(user_id);
+        Ok(self
+            .0
+            .run(query.execute(self.0.pool()))
+            .await?
+            .rows_affected()
+            == 1)
+    }
+
     /// The unexpired code of `flow` with this hash, used or not (one that completed its flow
     /// also for [`RETRY_GRACE`] past its expiry), with what a completion checks of its account.
     pub async fn find(
@@ -154,7 +180,8 @@ impl CodeRepo<'_> {
                     return Ok(None);
                 }
                 let update = sqlx::query(
-                    "update users set password_hash = $1, updated_at = $2, failed_logins = 0
+                    "update users set password_hash = $1, updated_at = $2, failed_logins = 0,
+                                      password_change_required = false
                      where id = $3",
                 )
                 .bind(password_hash)

@@ -18,6 +18,8 @@ pub struct Credentials {
     pub trusted: bool,
     /// Disabled by an administrator: no login.
     pub disabled: bool,
+    /// An administrator requires a new password before the next session.
+    pub password_change_required: bool,
 }
 
 pub struct NewUser<'a> {
@@ -93,7 +95,7 @@ impl UserRepo<'_> {
                               and t.last_success_at
                                   > clock_timestamp() - $3::bigint * interval '1 microsecond')
                     as trusted,
-                    u.disabled_at is not null as disabled
+                    u.disabled_at is not null as disabled, u.password_change_required
              from users u where u.email_normalized = $1",
         )
         .bind(email_normalized)
@@ -124,6 +126,7 @@ impl UserRepo<'_> {
                     failed_logins,
                     trusted: false,
                     disabled,
+                    password_change_required: false,
                 };
                 (credentials, email, name.unwrap_or_default())
             },
@@ -226,7 +229,8 @@ impl UserRepo<'_> {
                     return Ok(None);
                 }
                 let update = sqlx::query(
-                    "update users set password_hash = $1, updated_at = $2, failed_logins = 0
+                    "update users set password_hash = $1, updated_at = $2, failed_logins = 0,
+                                      password_change_required = false
                      where id = $3",
                 )
                 .bind(password_hash)

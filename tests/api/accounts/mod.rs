@@ -9,6 +9,7 @@ use crate::{
     helpers::{Mode, TestApp, test_settings},
 };
 
+mod required;
 mod reset;
 
 pub const NOTIFIER_KEY: &str = "notifier-key-0123456789abcdef";
