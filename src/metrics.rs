@@ -33,12 +33,14 @@ pub struct Metrics {
     pub db_queries: IntCounterVec,
     pub sessions_created: IntCounter,
     /// Sessions revoked, by reason (`logout`, `revoke`, `revoke_all`, `password_change`,
-    /// `session_cap`, `admin`, `password_reset`).
+    /// `session_cap`, `admin`, `password_reset`, `user_deleted`).
     pub sessions_revoked: IntCounterVec,
     pub failed_logins: IntCounter,
     /// Requests refused by a rate limit, by operation (`login`, `register`, `change_password`,
-    /// `password_reset`, `unknown_lookup`).
+    /// `password_reset`, `delete_account`, `unknown_lookup`).
     pub rate_limited: IntCounterVec,
+    /// Accounts deleted, by whom (`user`, `operator`).
+    pub accounts_deleted: IntCounterVec,
     /// Account flow calls by flow (`password_reset`), step (`start`, `complete`) and outcome
     /// (see [`FLOW_OUTCOMES`]).
     pub account_flows: IntCounterVec,
@@ -230,6 +232,12 @@ impl Metrics {
                 "Sessions revoked by reason",
                 &["reason"],
             ),
+            accounts_deleted: counter_vec(
+                &r,
+                "authd_accounts_deleted_total",
+                "Accounts deleted, by whom",
+                &["by"],
+            ),
             account_flows: counter_vec(
                 &r,
                 "authd_account_flows_total",
@@ -404,9 +412,13 @@ impl Metrics {
             "register",
             "change_password",
             "password_reset",
+            "delete_account",
             "unknown_lookup",
         ] {
             self.rate_limited.with_label_values(&[operation]);
+        }
+        for by in ["user", "operator"] {
+            self.accounts_deleted.with_label_values(&[by]);
         }
         for (step, outcome) in FLOW_OUTCOMES {
             self.account_flows
@@ -449,7 +461,7 @@ pub const FLOW_OUTCOMES: [(&str, &str); 8] = [
 ];
 
 /// The `reason` label values of `authd_sessions_revoked_total`.
-pub const REVOCATION_REASONS: [&str; 7] = [
+pub const REVOCATION_REASONS: [&str; 8] = [
     "logout",
     "revoke",
     "revoke_all",
@@ -457,6 +469,7 @@ pub const REVOCATION_REASONS: [&str; 7] = [
     "session_cap",
     "admin",
     "password_reset",
+    "user_deleted",
 ];
 
 /// (service, method) of every RPC authd serves, from its descriptors (health and Envoy's

@@ -321,8 +321,9 @@ impl State {
                     }
                 }
                 // Enabling brings no session back, and disabling comes with the revocation of
-                // every session.
-                Some(Kind::UserDisabled(_) | Kind::UserEnabled(_)) | None => {}
+                // every session; a deletion, with that and a profile floor above every copy.
+                Some(Kind::UserDisabled(_) | Kind::UserEnabled(_) | Kind::UserDeleted(_))
+                | None => {}
             }
             floors.added += 1;
         }

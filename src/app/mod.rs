@@ -234,12 +234,7 @@ impl Application {
             keys: keys.clone(),
             jwt,
             unknown: Arc::new(UnknownLookups::new(&settings.rate_limit, metrics.clone())),
-            flows: FlowLimits {
-                reset_code_ttl: settings.accounts.reset_code_ttl,
-                starts_per_account: settings.accounts.starts_per_account,
-                attempts_per_address: settings.accounts.attempts_per_address,
-                window: settings.accounts.window,
-            },
+            flows: FlowLimits::from(&settings.accounts),
         }));
         let profiles = Arc::new(ProfileService::new(
             db.clone(),
@@ -427,7 +422,8 @@ impl Application {
         );
         let (admin, admin_off) = or_disabled(
             self.admin.clone().map(|admin| {
-                AdminServiceServer::new(AdminGrpc::new(admin)).max_decoding_message_size(max)
+                AdminServiceServer::new(AdminGrpc::new(admin, self.profiles.clone()))
+                    .max_decoding_message_size(max)
             }),
             "authd.v1.AdminService is not served by this instance: it is when \
              ADMIN__ALLOWED_CLIENTS or ADMIN__API_KEYS_FILE is set",
@@ -485,7 +481,7 @@ impl Application {
                     .map(|r| r.max_decoding_message_size(max)),
             )
             .add_service(
-                AuthServiceServer::new(AuthGrpc::new(self.auth.clone()))
+                AuthServiceServer::new(AuthGrpc::new(self.auth.clone(), self.profiles.clone()))
                     .max_decoding_message_size(max),
             )
             .add_service(

@@ -1,6 +1,8 @@
 //! Authentication: accounts' credentials and sessions. No transport or SQL here, only the rules.
 mod admin;
+mod erasure;
 pub mod input;
+mod invalidation;
 pub mod jwt;
 pub mod keys;
 mod limits;
@@ -77,6 +79,9 @@ pub enum AuthError {
     /// that completes the change (CompletePasswordReset), instead of a session.
     #[error("a new password is required: complete the change with the code in the error details")]
     PasswordChangeRequired(recovery::IssuedCode),
+    /// Deleting the account needs the current password, or a session authenticated recently.
+    #[error("this needs a recent sign-in: send the current password, or sign in again and retry")]
+    ReauthenticationRequired,
     /// The right password for an account an administrator disabled.
     #[error("this account is disabled; contact support")]
     Disabled,

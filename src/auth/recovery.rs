@@ -46,6 +46,20 @@ pub struct FlowLimits {
     pub starts_per_account: u32,
     pub attempts_per_address: u32,
     pub window: Duration,
+    /// A user deleting their account without their password must have signed in this recently.
+    pub delete_max_auth_age: Duration,
+}
+
+impl From<&crate::config::AccountsSettings> for FlowLimits {
+    fn from(s: &crate::config::AccountsSettings) -> Self {
+        Self {
+            reset_code_ttl: s.reset_code_ttl,
+            starts_per_account: s.starts_per_account,
+            attempts_per_address: s.attempts_per_address,
+            window: s.window,
+            delete_max_auth_age: s.delete_max_auth_age,
+        }
+    }
 }
 
 /// A code to deliver: shown once, to the notifier (or the operator, or the user who must change

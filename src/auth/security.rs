@@ -103,9 +103,23 @@ pub(super) fn account_flow(
     );
 }
 
+/// An account deleted, `by` its `user` or an `operator`; `revoked`: its sessions that were still
+/// usable.
+pub(super) fn account_deleted(user_id: Uuid, by: &'static str, revoked: usize) {
+    tracing::info!(
+        target: "authd::security",
+        event = "account_deleted",
+        user_id = %user_id,
+        peer = %peer(),
+        by,
+        revoked,
+        "security event"
+    );
+}
+
 /// Sessions of an account revoked, `count` of them, for `reason` (the label of
 /// `authd_sessions_revoked_total`: `logout`, `revoke`, `revoke_all`, `password_change`,
-/// `session_cap`, `admin`, `password_reset`).
+/// `session_cap`, `admin`, `password_reset`, `user_deleted`).
 pub(super) fn sessions_revoked(user_id: Uuid, reason: &str, count: usize) {
     tracing::info!(
         target: "authd::security",

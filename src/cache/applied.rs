@@ -61,6 +61,19 @@ impl Announcement {
         self.sessions.len() + self.profiles.len()
     }
 
+    /// Both announcements' rows, when they are of one generation (else this one's: announcing
+    /// less only makes holders wait for their catch-up or their lease instead).
+    pub fn merge(mut self, other: Announcement) -> Announcement {
+        if self.is_empty() {
+            return other;
+        }
+        if other.generation == self.generation {
+            self.sessions.extend(other.sessions);
+            self.profiles.extend(other.profiles);
+        }
+        self
+    }
+
     /// Split so that none names more than `most` rows.
     pub fn chunks(self, most: usize) -> Vec<Announcement> {
         let part = |sessions: &[(i64, i64)], profiles: &[(i64, i64)]| Announcement {

@@ -1,6 +1,6 @@
 //! `ACCOUNTS__*`: the account flows (password reset): who may start them and receive their codes
-//! (admitted as AdminService callers are, from lists of their own), how long a code lives, and
-//! what the flows may cost.
+//! (admitted as AdminService callers are, from lists of their own), how long a code lives, what
+//! the flows may cost; and how recent a sign-in deleting an account without its password needs.
 use std::{path::PathBuf, time::Duration};
 
 use serde::Deserialize;
@@ -28,6 +28,10 @@ pub struct AccountsSettings {
     pub attempts_per_address: u32,
     #[serde(with = "humantime_serde")]
     pub window: Duration,
+    /// DeleteAccount without the current password: the session's password was checked at most
+    /// this long ago.
+    #[serde(with = "humantime_serde")]
+    pub delete_max_auth_age: Duration,
 }
 
 impl Default for AccountsSettings {
@@ -40,6 +44,7 @@ impl Default for AccountsSettings {
             starts_per_account: 5,
             attempts_per_address: 30,
             window: Duration::from_secs(3600),
+            delete_max_auth_age: Duration::from_secs(300),
         }
     }
 }
@@ -67,6 +72,9 @@ impl AccountsSettings {
             .contains(&self.reset_code_ttl)
         {
             return invalid("ACCOUNTS__RESET_CODE_TTL", "must be 1s to 7d");
+        }
+        if self.delete_max_auth_age > Duration::from_secs(86_400) {
+            return invalid("ACCOUNTS__DELETE_MAX_AUTH_AGE", "must be at most 1d");
         }
         if self.window < Duration::from_secs(1) {
             return invalid("ACCOUNTS__WINDOW", "must be at least 1s");

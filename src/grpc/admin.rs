@@ -15,6 +15,7 @@ use crate::{
         AuthError,
         input::{self, Violations},
     },
+    profile::ProfileService,
     proto::authd::v1::{self as pb, admin_service_server::AdminService as AdminServiceRpc},
     store::{AdminUser, AuditEntry, UserLookup},
 };
@@ -31,11 +32,13 @@ const TARGET_MAX_BYTES: usize = 256;
 
 pub struct AdminGrpc {
     service: Arc<AdminService>,
+    /// DeleteUser erases the profile too.
+    profiles: Arc<ProfileService>,
 }
 
 impl AdminGrpc {
-    pub fn new(service: Arc<AdminService>) -> Self {
-        Self { service }
+    pub fn new(service: Arc<AdminService>, profiles: Arc<ProfileService>) -> Self {
+        Self { service, profiles }
     }
 
     /// Admits the caller, runs `action` when admitted, and audits the call either way. Action
@@ -369,6 +372,22 @@ impl AdminServiceRpc for AdminGrpc {
                 })
             },
         )
+        .await
+    }
+
+    async fn delete_user(
+        &self,
+        request: Request<pb::DeleteUserRequest>,
+    ) -> Result<Response<pb::DeleteUserResponse>, Status> {
+        let target = |req: &pb::DeleteUserRequest| req.user_id.clone();
+        let profiles = self.profiles.clone();
+        self.call("DeleteUser", request, target, |_, req| async move {
+            let id = user_id(&req.user_id)?;
+            let revoked = profiles.delete_user(id).await?;
+            Ok(pb::DeleteUserResponse {
+                revoked_count: count(revoked),
+            })
+        })
         .await
     }
 

@@ -10,6 +10,7 @@ use crate::{
         self, AuthError, Credentials, IssuedSession, PasswordReset, Registration, SessionView,
         input::{self, Violations},
     },
+    profile::ProfileService,
     proto::authd::v1::{self as pb, auth_service_server::AuthService as AuthServiceRpc},
 };
 
@@ -17,11 +18,13 @@ pub use crate::proto::authd::v1::auth_service_server::AuthServiceServer;
 
 pub struct AuthGrpc {
     service: Arc<auth::AuthService>,
+    /// DeleteAccount erases the profile too.
+    profiles: Arc<ProfileService>,
 }
 
 impl AuthGrpc {
-    pub fn new(service: Arc<auth::AuthService>) -> Self {
-        Self { service }
+    pub fn new(service: Arc<auth::AuthService>, profiles: Arc<ProfileService>) -> Self {
+        Self { service, profiles }
     }
 }
 
@@ -253,6 +256,27 @@ impl AuthServiceRpc for AuthGrpc {
             .map_err(AuthError::InvalidInput)?;
         let revoked = self.service.complete_password_reset(reset).await?;
         Ok(Response::new(pb::CompletePasswordResetResponse {
+            revoked_count: count(revoked),
+        }))
+    }
+
+    async fn delete_account(
+        &self,
+        request: Request<pb::DeleteAccountRequest>,
+    ) -> Result<Response<pb::DeleteAccountResponse>, Status> {
+        let req = request.get_ref();
+        let token = super::session_token(&request, &req.session_token)?;
+        let password = match req.password.is_empty() {
+            true => None,
+            false => Some(input::password(&req.password).map_err(|description| {
+                AuthError::InvalidInput(vec![input::FieldViolation {
+                    field: "password".into(),
+                    description,
+                }])
+            })?),
+        };
+        let revoked = self.profiles.delete_account(token, password).await?;
+        Ok(Response::new(pb::DeleteAccountResponse {
             revoked_count: count(revoked),
         }))
     }

@@ -228,6 +228,7 @@ fn event(row: &ChangeEvent) -> Option<pb::Event> {
         }),
         EventKind::UserDisabled => Kind::UserDisabled(pb::UserDisabled { user_id }),
         EventKind::UserEnabled => Kind::UserEnabled(pb::UserEnabled { user_id }),
+        EventKind::UserDeleted => Kind::UserDeleted(pb::UserDeleted { user_id }),
         EventKind::ProfileUpdated { version } => {
             Kind::ProfileUpdated(pb::ProfileUpdated { user_id, version })
         }
@@ -246,6 +247,7 @@ fn reason(reason: Reason) -> pb::RevocationReason {
         Reason::SessionLimit => pb::RevocationReason::SessionLimit,
         Reason::PasswordChanged => pb::RevocationReason::PasswordChanged,
         Reason::PasswordReset => pb::RevocationReason::PasswordReset,
+        Reason::UserDeleted => pb::RevocationReason::UserDeleted,
         Reason::UserDisabled => pb::RevocationReason::UserDisabled,
         Reason::Admin => pb::RevocationReason::Admin,
     }

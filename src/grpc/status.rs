@@ -90,6 +90,11 @@ impl From<AuthError> for Status {
             }
             AuthError::Locked => Status::resource_exhausted(error.to_string()),
             AuthError::Disabled => Status::permission_denied(error.to_string()),
+            AuthError::ReauthenticationRequired => {
+                let details =
+                    ErrorDetails::with_error_info("REAUTHENTICATION_REQUIRED", "authd", []);
+                Status::with_error_details(Code::FailedPrecondition, error.to_string(), details)
+            }
             AuthError::PasswordChangeRequired(code) => {
                 let metadata = [
                     ("code".to_owned(), code.code.expose_secret().to_owned()),

@@ -46,9 +46,9 @@ type Load = Result<Option<ProfileRecord>, Arc<StoreError>>;
 
 pub struct ProfileService {
     db: Arc<Db>,
-    cache: ProfileCache,
-    auth: Arc<AuthService>,
-    local: LocalCache,
+    pub(super) cache: ProfileCache,
+    pub(super) auth: Arc<AuthService>,
+    pub(super) local: LocalCache,
     /// Each flight's result, and what answered it.
     flights: Coalescer<Uuid, (Load, Tier)>,
     fill_hook: std::sync::OnceLock<FillHook>,

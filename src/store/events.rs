@@ -22,6 +22,8 @@ pub enum Reason {
     PasswordChanged,
     /// A password reset completed (every session of the account).
     PasswordReset,
+    /// The account was deleted.
+    UserDeleted,
     UserDisabled,
     /// AdminService RevokeUserSession or RevokeUserSessions.
     Admin,
@@ -36,6 +38,7 @@ impl Reason {
             Reason::SessionLimit => "session_limit",
             Reason::PasswordChanged => "password_changed",
             Reason::PasswordReset => "password_reset",
+            Reason::UserDeleted => "user_deleted",
             Reason::UserDisabled => "user_disabled",
             Reason::Admin => "admin",
         }
@@ -50,6 +53,7 @@ impl Reason {
             Reason::SessionLimit,
             Reason::PasswordChanged,
             Reason::PasswordReset,
+            Reason::UserDeleted,
             Reason::UserDisabled,
             Reason::Admin,
         ]
@@ -71,6 +75,9 @@ pub enum EventKind {
     },
     UserDisabled,
     UserEnabled,
+    /// The account is deleted (its sessions revoked and its profile floored by events of the
+    /// same change).
+    UserDeleted,
     ProfileUpdated {
         version: i64,
     },
@@ -103,6 +110,7 @@ impl ChangeEvent {
             },
             "user_disabled" => EventKind::UserDisabled,
             "user_enabled" => EventKind::UserEnabled,
+            "user_deleted" => EventKind::UserDeleted,
             "profile_updated" => EventKind::ProfileUpdated {
                 version: self.version?,
             },

@@ -6,6 +6,7 @@
 mod admin;
 pub mod coalesce;
 mod codes;
+mod erasure;
 mod events;
 pub mod follow;
 mod generations;
@@ -40,6 +41,7 @@ use sqlx::{
 
 pub use admin::{AdminRepo, AdminUser, AuditEntry, SessionCursor, UserLookup};
 pub use codes::{CodeRepo, Flow, Reset, StoredCode};
+pub use erasure::{DeletedBy, Erased};
 pub use events::{ChangeEvent, EVENT_PURGE_BATCH, EventKind, EventRepo, Reason, Stream};
 pub use history::HistoryHook;
 pub use jwt_keys::{JwtKeyRepo, NewJwtKey, StoredJwtKey};
@@ -414,8 +416,9 @@ impl Db {
 
 /// The tables of authd's schema (every `create table` of `migrations/`; a unit test keeps the
 /// list whole). Tables of others in the same schema are none of authd's business.
-const TABLES: [&str; 19] = [
+const TABLES: [&str; 20] = [
     "account_codes",
+    "account_deletions",
     "admin_audit",
     "change_events",
     "change_events_purged",

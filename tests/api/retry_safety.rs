@@ -3,7 +3,7 @@
 //! once no instance serves the session from memory — whoever revoked it. (Before: the retry found
 //! nothing new to invalidate and returned at once, while a holder that could neither renew nor read
 //! the logs kept accepting the token; the review's first finding.) For Logout, RevokeSession,
-//! RevokeAllSessions, the AdminService's RevokeUserSessions and DisableUser, and
+//! RevokeAllSessions, the AdminService's RevokeUserSessions, DisableUser and DeleteUser, and
 //! CompletePasswordReset (retried with the same code and password), retried from an instance with
 //! Redis and from one with `REDIS__ENABLED=false`.
 use std::time::Duration;
@@ -150,6 +150,7 @@ enum Call {
     RevokeUserSessions,
     DisableUser,
     CompletePasswordReset,
+    DeleteUser,
 }
 
 /// The target's user, and the token of another session of the same user (the caller of the
@@ -179,6 +180,12 @@ async fn call(on: &TestApp, what: Call, t: &Target) -> Result<(), Status> {
                 reason: "retried".into(),
             });
             admin(on).disable_user(request).await.map(|_| ())
+        }
+        Call::DeleteUser => {
+            let request = with_key(pb::DeleteUserRequest {
+                user_id: t.user_id.clone(),
+            });
+            admin(on).delete_user(request).await.map(|_| ())
         }
         Call::CompletePasswordReset => on
             .complete_reset(&t.code, "a brand new passphrase 42")
@@ -252,4 +259,6 @@ retried! {
     a_retried_disable_user_without_redis_waits_for_the_holders: DisableUser, false;
     a_retried_password_reset_waits_for_the_holders: CompletePasswordReset, true;
     a_retried_password_reset_without_redis_waits_for_the_holders: CompletePasswordReset, false;
+    a_retried_delete_user_waits_for_the_holders: DeleteUser, true;
+    a_retried_delete_user_without_redis_waits_for_the_holders: DeleteUser, false;
 }

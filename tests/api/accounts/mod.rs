@@ -9,6 +9,7 @@ use crate::{
     helpers::{Mode, TestApp, test_settings},
 };
 
+mod deletion;
 mod required;
 mod reset;
 

@@ -140,6 +140,7 @@ pub fn kinds(events: &[pb::Event]) -> Vec<&'static str> {
             Kind::SessionsRevoked(_) => "sessions_revoked",
             Kind::UserDisabled(_) => "user_disabled",
             Kind::UserEnabled(_) => "user_enabled",
+            Kind::UserDeleted(_) => "user_deleted",
             Kind::ProfileUpdated(_) => "profile_updated",
         })
         .collect()

@@ -1,0 +1,104 @@
+//! Account deletion, the sessions' part: who may delete (the account's owner with their current
+//! password, or with a session authenticated within `ACCOUNTS__DELETE_MAX_AUTH_AGE`; an operator,
+//! admitted by `grpc::admin`), the PostgreSQL transaction (`store::erasure`), and the wait until
+//! no instance accepts any of the account's sessions. The profile caches' part is
+//! `profile::ProfileService::delete_account`'s.
+use secrecy::SecretString;
+use tracing::instrument;
+use uuid::Uuid;
+
+use super::{AuthError, AuthService, security};
+use crate::{
+    cache::Announcement,
+    local::Keys,
+    store::{DeletedBy, Erased},
+};
+
+impl AuthService {
+    /// The account the caller of `token` may delete: with `password` when given (a guess like
+    /// ChangePassword's current password), else only if the session's password check is recent.
+    #[instrument(skip_all)]
+    pub async fn deletion_allowed(
+        &self,
+        token: &str,
+        password: Option<SecretString>,
+    ) -> Result<Uuid, AuthError> {
+        let current = self.validate(token).await?;
+        let user_id = current.record.user_id;
+        let Some(password) = password else {
+            let age = self.clock.now() - current.record.authenticated_at;
+            let fresh = age
+                .to_std()
+                .is_ok_and(|age| age <= self.flows.delete_max_auth_age);
+            return if fresh {
+                Ok(user_id)
+            } else {
+                Err(AuthError::ReauthenticationRequired)
+            };
+        };
+        let admitted = self.hasher.admit()?;
+        let (stored, email, _) = self
+            .db
+            .users()
+            .find_credentials_by_id(user_id)
+            .await?
+            .ok_or(AuthError::InvalidSession)?;
+        self.limit("delete_account", &[self.account_bucket(&email, None)])
+            .await?;
+        if self.locked(stored.failed_logins) {
+            return Err(AuthError::Locked);
+        }
+        if !admitted
+            .verify(password, Some(stored.password_hash))
+            .await?
+        {
+            self.count_failure(user_id, &current.record.ip_address)
+                .await?;
+            return Err(AuthError::WrongPassword);
+        }
+        Ok(user_id)
+    }
+
+    /// Deletes the account in PostgreSQL and returns once no instance accepts any of its
+    /// sessions nor serves its profile (`floor` writes the profile's floor to Redis, after the
+    /// sessions' tombstones: one wait covers both); a deletion made before (a retry) waits the
+    /// same. NOT_FOUND for an account that never was.
+    #[instrument(skip_all)]
+    pub async fn erase_account<F, Fut>(
+        &self,
+        user_id: Uuid,
+        by: DeletedBy,
+        floor: F,
+    ) -> Result<Erased, AuthError>
+    where
+        F: FnOnce(i64, Option<(i64, chrono::DateTime<chrono::Utc>)>) -> Fut,
+        Fut: Future<Output = Announcement>,
+    {
+        let erased = self
+            .db
+            .erase_user(user_id, by, self.since())
+            .await?
+            .ok_or(AuthError::UserNotFound)?;
+        if erased.now {
+            let by = match by {
+                DeletedBy::User => "user",
+                DeletedBy::Operator => "operator",
+            };
+            security::account_deleted(user_id, by, erased.revocation.active);
+            self.metrics()
+                .accounts_deleted
+                .with_label_values(&[by])
+                .inc();
+        }
+        let reason = erased.now.then_some("user_deleted");
+        let revocation = &erased.revocation;
+        let hashes = revocation.pending.iter().map(|i| i.token_hash.as_slice());
+        let mut keys = Keys::sessions(hashes);
+        keys.partial = revocation.truncated;
+        keys.profiles.push(user_id);
+        let also = floor(erased.profile_version, erased.logged);
+        self.invalidate_keys_and(reason, revocation, keys, also)
+            .await?;
+        Ok(erased)
+    }
+}

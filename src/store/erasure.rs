@@ -1,0 +1,141 @@
+//! Account deletion: one transaction that revokes every session (queued like any revocation),
+//! floors the profile's cached copies at a version above every copy, erases the account's rows,
+//! rewrites the audit rows that name it by email, and keeps a pseudonymous record
+//! (`account_deletions`; see the migration for what stays and why).
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{Db, Reason, Revocation, Since, StoreError};
+
+/// Who deleted the account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeletedBy {
+    User,
+    Operator,
+}
+
+impl DeletedBy {
+    fn as_str(self) -> &'static str {
+        match self {
+            DeletedBy::User => "user",
+            DeletedBy::Operator => "operator",
+        }
+    }
+}
+
+/// What a deletion did, or what an earlier one did (a retry): the sessions it revoked (with the
+/// invalidations a caller waits for) and the profile version every cached copy is below, with
+/// its row of the profile log (none for a retry: the log row was written by the first).
+pub struct Erased {
+    pub revocation: Revocation,
+    pub profile_version: i64,
+    pub logged: Option<(i64, DateTime<Utc>)>,
+    /// Deleted by this call (not an earlier one).
+    pub now: bool,
+    /// The email it had (normalised), for what the caller keys by it (rate-limit buckets).
+    pub email: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct Floor {
+    id: i64,
+    created_at: DateTime<Utc>,
+    version: i64,
+}
+
+impl Db {
+    /// Deletes the account (see the module). `None`: no such account, and none deleted before;
+    /// an account deleted before answers what remains to wait for.
+    pub async fn erase_user(
+        &self,
+        user_id: Uuid,
+        by: DeletedBy,
+        since: Since,
+    ) -> Result<Option<Erased>, StoreError> {
+        self.retrying(|| async {
+            let mut tx = self.run(self.pool().begin()).await?;
+            let locked = sqlx::query_as::<_, (String, String)>(
+                "select email, email_normalized from users where id = $1 for update",
+            )
+            .bind(user_id);
+            let Some((email, normalized)) = self.run(locked.fetch_optional(&mut *tx)).await? else {
+                drop(tx);
+                return self.erased_before(user_id, since).await;
+            };
+            let revocation = self
+                .sessions()
+                .revoke_all_in(&mut tx, user_id, None, Reason::UserDeleted, since)
+                .await?;
+            // The profile's row first: an UpdateProfile either committed before (and the floor
+            // is above its version) or finds no profile.
+            let profile =
+                sqlx::query("select 1 from profiles where user_id = $1 for update").bind(user_id);
+            self.run(profile.execute(&mut *tx)).await?;
+            let floor = sqlx::query_as::<_, Floor>(
+                "with floored as (
+                     select $1::uuid as user_id,
+                            coalesce((select version from profiles where user_id = $1), 0) + 1
+                                as version
+                 ), evented as (
+                     insert into change_events (kind, user_id, version)
+                     select 'profile_updated', user_id, version from floored
+                     union all
+                     select 'user_deleted', user_id, null from floored
+                 )
+                 insert into profile_invalidations (user_id, version, evented)
+                 select user_id, version, true from floored
+                 returning id, created_at, version",
+            )
+            .bind(user_id);
+            let floor = self.run(floor.fetch_one(&mut *tx)).await?;
+            let emails = vec![email.trim().to_lowercase(), normalized.clone()];
+            let audit = sqlx::query("select pseudonymize_admin_audit($1, $2)")
+                .bind(user_id)
+                .bind(emails);
+            self.run(audit.execute(&mut *tx)).await?;
+            let erase = sqlx::query(
+                "with codes as (delete from account_codes where user_id = $1),
+                      recorded as (
+                          insert into account_deletions (user_id, deleted_by, profile_version)
+                          values ($1, $2, $3))
+                 delete from users where id = $1",
+            )
+            .bind(user_id)
+            .bind(by.as_str())
+            .bind(floor.version);
+            self.run(erase.execute(&mut *tx)).await?;
+            self.run(tx.commit()).await?;
+            Ok(Some(Erased {
+                revocation,
+                profile_version: floor.version,
+                logged: Some((floor.id, floor.created_at)),
+                now: true,
+                email: Some(normalized),
+            }))
+        })
+        .await
+    }
+
+    /// An account deleted before: what is left to wait for.
+    async fn erased_before(
+        &self,
+        user_id: Uuid,
+        since: Since,
+    ) -> Result<Option<Erased>, StoreError> {
+        let query = sqlx::query_scalar::<_, i64>(
+            "select profile_version from account_deletions where user_id = $1",
+        )
+        .bind(user_id);
+        let Some(profile_version) = self.run(query.fetch_optional(self.pool())).await? else {
+            return Ok(None);
+        };
+        let revocation = self.sessions().pending_of_user(user_id, since).await?;
+        Ok(Some(Erased {
+            revocation,
+            profile_version,
+            logged: None,
+            now: false,
+            email: None,
+        }))
+    }
+}

@@ -1,0 +1,332 @@
+//! Account deletion: by the user (with the password, or a recent sign-in) and by an operator;
+//! nothing of the account's personal data stays in PostgreSQL or Redis, and no instance accepts
+//! its sessions or serves its profile once the call returns.
+use std::time::Duration;
+
+use authd::proto::authd::v1::{self as pb, event::Kind};
+use fred::prelude::*;
+use secrecy::ExposeSecret;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use super::{NOTIFIER_KEY, notifier_settings};
+use crate::{
+    admin::{KEY as ADMIN_KEY, admin, get_user, with_key, write_keys},
+    both_modes,
+    events::{SUBSCRIBER_KEY, Watcher, subscribed_settings},
+    helpers::*,
+};
+
+/// What the account holds that is personal: each must be gone after the deletion.
+struct Personal {
+    email: String,
+    display_name: String,
+    bio: String,
+    ip: String,
+    user_agent: String,
+}
+
+impl Personal {
+    fn new() -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        Self {
+            email: format!("Erased-{id}@Example.com"),
+            display_name: format!("Erasable {}", &id[..8]),
+            bio: format!("a very personal bio {}", &id[8..16]),
+            ip: "203.0.113.77".into(),
+            user_agent: format!("ErasureAgent/{}", &id[16..24]),
+        }
+    }
+
+    fn strings(&self) -> [String; 6] {
+        [
+            self.email.clone(),
+            self.email.to_lowercase(),
+            self.display_name.clone(),
+            self.bio.clone(),
+            self.ip.clone(),
+            self.user_agent.clone(),
+        ]
+    }
+
+    /// Registers the account, gives it a bio and a second session, and leaves traces of it
+    /// everywhere: cached sessions and profile, a reset code, an audit row naming its email.
+    async fn create(&self, app: &TestApp) -> (String, [String; 2]) {
+        let registered = app
+            .auth
+            .clone()
+            .register(pb::RegisterRequest {
+                email: self.email.clone(),
+                password: PASSWORD.into(),
+                display_name: self.display_name.clone(),
+                client: Some(pb::ClientInfo {
+                    ip_address: self.ip.clone(),
+                    user_agent: self.user_agent.clone(),
+                    device_id: String::new(),
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let token = registered.session_token;
+        let profile = pb::Profile {
+            bio: self.bio.clone(),
+            ..Default::default()
+        };
+        app.update_profile(&token, profile, &["bio"], 0)
+            .await
+            .unwrap();
+        let other = app
+            .login_from(&self.email, PASSWORD, &self.ip)
+            .await
+            .unwrap();
+        for t in [&token, &other.session_token] {
+            app.validate(t).await.unwrap();
+        }
+        app.get_profile(&registered.user_id).await.unwrap();
+        if app.settings.accounts.served() {
+            app.start_reset(&self.email).await.unwrap();
+        }
+        let lookup = pb::get_user_request::Lookup::Email(self.email.clone());
+        let request = pb::GetUserRequest {
+            lookup: Some(lookup),
+        };
+        admin(app)
+            .get_user(with_key(ADMIN_KEY, request))
+            .await
+            .unwrap();
+        (registered.user_id, [token, other.session_token])
+    }
+
+    /// No row of any table, and no key of the app's Redis prefix, holds any of it.
+    async fn assert_gone(&self, app: &TestApp, mode: Mode) {
+        let url = app.settings.database.url.expose_secret().to_owned();
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        let tables: Vec<String> = sqlx::query_scalar(
+            "select table_name::text from information_schema.tables
+             where table_schema = current_schema() and table_type = 'BASE TABLE'",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert!(tables.len() >= 20, "{tables:?}");
+        for table in &tables {
+            let sql = format!("select t::text from \"{table}\" t");
+            let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            for row in rows {
+                for personal in self.strings() {
+                    assert!(
+                        !row.contains(&personal),
+                        "{table} keeps {personal:?}: {row}"
+                    );
+                }
+            }
+        }
+        if mode != Mode::Redis {
+            return;
+        }
+        let redis = redis_client(&redis_url()).await;
+        let pattern = format!("{}*", app.settings.redis.key_prefix);
+        let keys: Vec<String> = redis
+            .custom(fred::cmd!("KEYS"), vec![pattern])
+            .await
+            .unwrap();
+        assert!(!keys.is_empty(), "the test reads the app's keys");
+        for key in keys {
+            let kind: String = redis
+                .custom(fred::cmd!("TYPE"), vec![key.clone()])
+                .await
+                .unwrap();
+            let read = match kind.as_str() {
+                "string" => "GET",
+                "hash" => "HGETALL",
+                "set" => "SMEMBERS",
+                "zset" => "ZRANGE",
+                "list" => "LRANGE",
+                other => panic!("{key}: a {other} the test cannot read"),
+            };
+            let mut args = vec![key.clone()];
+            if matches!(read, "ZRANGE" | "LRANGE") {
+                args.extend(["0".to_owned(), "-1".to_owned()]);
+            }
+            let value: Value = redis.custom(fred::cmd!(read), args).await.unwrap();
+            let value = format!("{value:?}");
+            for personal in self.strings() {
+                assert!(!key.contains(&personal), "key {key}");
+                assert!(
+                    !value.contains(&personal),
+                    "{key} keeps {personal:?}: {value}"
+                );
+            }
+        }
+    }
+}
+
+async fn operated(settings: authd::config::Settings, dir: &std::path::Path) -> TestApp {
+    let mut settings = settings;
+    let operators = dir.join("operators.toml");
+    write_keys(&operators, &[("ops", ADMIN_KEY)]);
+    settings.admin.api_keys_file = Some(operators);
+    spawn_with(settings).await
+}
+
+async fn delete_account(app: &TestApp, token: &str, password: &str) -> Result<i32, tonic::Status> {
+    app.auth
+        .clone()
+        .delete_account(pb::DeleteAccountRequest {
+            session_token: token.to_owned(),
+            password: password.to_owned(),
+        })
+        .await
+        .map(|r| r.into_inner().revoked_count)
+}
+
+both_modes!(a_deleted_account_leaves_no_personal_data);
+
+async fn a_deleted_account_leaves_no_personal_data(mode: Mode) {
+    let dir = tempfile::tempdir().unwrap();
+    let app = operated(notifier_settings(mode, dir.path()), dir.path()).await;
+    let personal = Personal::new();
+    let (user_id, tokens) = personal.create(&app).await;
+    assert_eq!(delete_account(&app, &tokens[0], PASSWORD).await.unwrap(), 2);
+    for token in &tokens {
+        assert_code(app.validate(token).await, Code::Unauthenticated);
+    }
+    assert_code(app.get_profile(&user_id).await, Code::NotFound);
+    assert_code(
+        app.login(&personal.email, PASSWORD).await,
+        Code::Unauthenticated,
+    );
+    assert_code(get_user(&app, ADMIN_KEY, &user_id).await, Code::NotFound);
+    // A retry finds the session gone: it took effect.
+    assert_code(
+        delete_account(&app, &tokens[0], PASSWORD).await,
+        Code::Unauthenticated,
+    );
+    personal.assert_gone(&app, mode).await;
+    let deleted = "authd_accounts_deleted_total{by=\"user\"}";
+    assert_eq!(app.metric(deleted).await, 1.0);
+    // The address is free again.
+    let mut again = register_request(&personal.email);
+    again.display_name = "Someone Else".into();
+    app.auth.clone().register(again).await.unwrap();
+}
+
+/// Without the password, only a recent sign-in may delete; a wrong password deletes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_without_the_password_needs_a_recent_sign_in() {
+    let mut settings = test_settings(Mode::Redis);
+    settings.accounts.delete_max_auth_age = Duration::from_secs(2);
+    let app = spawn_with(settings).await;
+    let (email, registered) = app.register().await;
+    let token = registered.session_token;
+    assert_code(
+        delete_account(&app, &token, "not the password").await,
+        Code::Unauthenticated,
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let stale = assert_code(
+        delete_account(&app, &token, "").await,
+        Code::FailedPrecondition,
+    );
+    let info = stale.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "REAUTHENTICATION_REQUIRED");
+    app.validate(&token).await.expect("still there");
+    let fresh = app.login(&email, PASSWORD).await.unwrap();
+    assert_eq!(
+        delete_account(&app, &fresh.session_token, "")
+            .await
+            .unwrap(),
+        2
+    );
+    assert_code(app.validate(&token).await, Code::Unauthenticated);
+}
+
+/// An operator's deletion on one instance: two others, holding the sessions and the profile in
+/// memory, reject and no longer serve them when the call returns; the stream says so; a second
+/// DeleteUser is OK, an unknown id NOT_FOUND.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_deletion_is_seen_at_once_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = subscribed_settings(Mode::Redis, dir.path());
+    let notifiers = dir.path().join("notifiers.toml");
+    write_keys(&notifiers, &[("mailer", NOTIFIER_KEY)]);
+    settings.accounts.api_keys_file = Some(notifiers);
+    let a = spawn_with(settings).await;
+    let b = spawn_sharing(&a, |_| {}).await;
+    let c = spawn_sharing(&a, |_| {}).await;
+    eventually(Duration::from_secs(15), "three lease holders", || async {
+        a.db.leases().held().await.unwrap() == 3
+    })
+    .await;
+    let mut watcher = Watcher::open(&a, Some(SUBSCRIBER_KEY), pb::Mode::Bounded, "")
+        .await
+        .unwrap();
+    watcher.next().await.unwrap();
+    let personal = Personal::new();
+    let (user_id, tokens) = personal.create(&a).await;
+    let hits = |cache: &str| {
+        format!("authd_local_cache_lookups_total{{cache=\"{cache}\",result=\"hit\"}}")
+    };
+    for holder in [&b, &c] {
+        for _ in 0..2 {
+            for token in &tokens {
+                holder.validate(token).await.unwrap();
+            }
+            holder.get_profile(&user_id).await.unwrap();
+        }
+        assert!(
+            holder.metric(&hits("sessions")).await >= 2.0,
+            "sessions held in memory"
+        );
+        assert!(
+            holder.metric(&hits("profiles")).await >= 1.0,
+            "profile held in memory"
+        );
+    }
+    let delete = || pb::DeleteUserRequest {
+        user_id: user_id.clone(),
+    };
+    let deleted = admin(&a).delete_user(with_key(ADMIN_KEY, delete())).await;
+    assert_eq!(deleted.unwrap().into_inner().revoked_count, 2);
+    for holder in [&b, &c] {
+        for token in &tokens {
+            assert_code(holder.validate(token).await, Code::Unauthenticated);
+        }
+        assert_code(holder.get_profile(&user_id).await, Code::NotFound);
+    }
+    let again = admin(&a).delete_user(with_key(ADMIN_KEY, delete())).await;
+    assert_eq!(again.unwrap().into_inner().revoked_count, 0);
+    let unknown = pb::DeleteUserRequest {
+        user_id: uuid::Uuid::new_v4().to_string(),
+    };
+    assert_code(
+        admin(&a).delete_user(with_key(ADMIN_KEY, unknown)).await,
+        Code::NotFound,
+    );
+    let mut events = Vec::new();
+    while !events
+        .iter()
+        .any(|e: &pb::Event| matches!(&e.kind, Some(Kind::UserDeleted(_))))
+    {
+        events.extend(watcher.next().await.unwrap().events);
+    }
+    let mine: Vec<&Kind> = events
+        .iter()
+        .filter_map(|e| e.kind.as_ref())
+        .filter(|kind| match kind {
+            Kind::SessionsRevoked(r) => r.user_id == user_id,
+            Kind::UserDeleted(d) => d.user_id == user_id,
+            _ => false,
+        })
+        .collect();
+    assert!(
+        matches!(mine.as_slice(), [Kind::SessionsRevoked(r), Kind::UserDeleted(_)]
+            if r.reason() == pb::RevocationReason::UserDeleted),
+        "{mine:?}"
+    );
+    personal.assert_gone(&a, Mode::Redis).await;
+}
