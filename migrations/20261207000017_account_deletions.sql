@@ -13,13 +13,35 @@ create table account_deletions (
     profile_version bigint not null
 );
 
--- GetUser by email records `email:<as sent>`; those rows (the email compared trimmed and
--- lower-cased) are rewritten to `deleted_user:<id>`.
-create function pseudonymize_admin_audit(account uuid, emails text[]) returns bigint
+-- GetUser by email records `email:<the email as Login compares it>` (when it is one); those rows
+-- are rewritten to `deleted_user:<id>`, for an account that is deleted (recorded above, its row
+-- gone) only. The index keeps this from reading the whole audit. Only the roles that write the
+-- audit may call it.
+create index admin_audit_email_target_idx on admin_audit (target) where target like 'email:%';
+
+create function pseudonymize_admin_audit(account uuid, email text) returns bigint
 language sql security definer set search_path = pg_catalog, public as $$
     with rewritten as (
         update admin_audit set target = 'deleted_user:' || account::text
-        where target like 'email:%' and lower(btrim(substr(target, 7))) = any (emails)
+        where target like 'email:%' and target = 'email:' || email
+          and exists (select 1 from account_deletions where user_id = account)
+          and not exists (select 1 from users where id = account)
         returning 1)
     select count(*) from rewritten
+$$;
+
+revoke execute on function pseudonymize_admin_audit(uuid, text) from public;
+do $$
+declare
+    grantee text;
+begin
+    for grantee in
+        select distinct g.grantee from information_schema.role_table_grants g
+        where g.table_schema = current_schema() and g.table_name = 'admin_audit'
+          and g.privilege_type = 'INSERT' and g.grantee <> current_user
+    loop
+        execute format('grant execute on function pseudonymize_admin_audit(uuid, text) to %I',
+                       grantee);
+    end loop;
+end
 $$;

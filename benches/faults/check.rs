@@ -160,6 +160,47 @@ pub fn profiles_never_go_back(ops: &[Op], faults: &[Fault]) -> Vec<Violation> {
     violations
 }
 
+/// 2b. No profile read or login that started after a deletion of the account returned OK
+///    succeeded — excused as profile reads are (a bounded caller, or another instance within
+///    [`STALE_BOUND_US`] of a deletion whose Redis write may have failed).
+pub fn deleted_accounts_stay_deleted(ops: &[Op], faults: &[Fault]) -> Vec<Violation> {
+    let mut deleted: HashMap<usize, (u64, usize)> = HashMap::new();
+    for op in ops
+        .iter()
+        .filter(|o| o.kind == Kind::DeleteUser && o.outcome == "Ok")
+    {
+        let entry = deleted.entry(op.user).or_insert((op.end_us, op.id));
+        if op.end_us < entry.0 {
+            *entry = (op.end_us, op.id);
+        }
+    }
+    ops.iter()
+        .filter(|o| o.outcome == "Ok")
+        .filter_map(|o| {
+            let users: Vec<usize> = match o.kind {
+                Kind::GetProfile | Kind::BatchGetProfiles => {
+                    o.versions.iter().map(|(u, _)| *u).collect()
+                }
+                Kind::Login => vec![o.user],
+                _ => return None,
+            };
+            users.into_iter().find_map(|user| {
+                let (at, by) = deleted.get(&user)?;
+                (o.start_us > *at && !excused(o, &ops[*by], *at, faults)).then(|| Violation {
+                    rule: "deleted accounts stay deleted",
+                    what: format!(
+                        "{:?} on instance {} found user {user}, deleted by op {by} {} µs before it started",
+                        o.kind,
+                        o.instance,
+                        o.start_us - at
+                    ),
+                    ops: vec![*by, o.id],
+                })
+            })
+        })
+        .collect()
+}
+
 /// 4. No INTERNAL, ever; UNAVAILABLE (or no answer) only while PostgreSQL was faulted or the
 ///    instance was down, plus [`RECOVERY_US`].
 pub fn errors_only_when_expected(ops: &[Op], faults: &[Fault]) -> Vec<Violation> {

@@ -23,6 +23,8 @@ pub enum Kind {
     DisableUser,
     EnableUser,
     AdminRevokeAll,
+    /// AdminService DeleteUser (retried).
+    DeleteUser,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -152,6 +152,7 @@ async fn run(topology: &str, seed: u64, duration: Duration, clients: usize) -> R
             }),
     );
     violations.extend(check::profiles_never_go_back(&ops, &faults));
+    violations.extend(check::deleted_accounts_stay_deleted(&ops, &faults));
     violations.extend(acknowledged_writes_are_kept(&env, &shared, &ops).await);
     violations.extend(check::errors_only_when_expected(&ops, &faults));
     violations.extend(check::guesses_stay_within_the_limit(

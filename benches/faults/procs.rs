@@ -413,6 +413,7 @@ pub(crate) async fn accounts(env: &Env, prefix: &str, count: usize) -> Vec<Accou
             password: 0,
             sessions: vec![(session, response.session_token, 0)],
             disabled: false,
+            deleted: false,
         });
     }
     out

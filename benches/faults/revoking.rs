@@ -29,6 +29,9 @@ pub(crate) enum Revoking {
     Disable {
         user_id: String,
     },
+    Delete {
+        user_id: String,
+    },
     /// CompletePasswordReset with `code`, to [`PASSWORDS`]`[password]`, from the end user of
     /// account `user`.
     Reset {
@@ -89,6 +92,12 @@ async fn send(shared: &Shared, instance: usize, call: &Revoking) -> Result<(), S
             };
             admin.disable_user(keyed(key, request)).await.map(|_| ())
         }
+        Revoking::Delete { user_id } => {
+            let request = pb::DeleteUserRequest {
+                user_id: user_id.clone(),
+            };
+            admin.delete_user(keyed(key, request)).await.map(|_| ())
+        }
         Revoking::Reset {
             code,
             password,
@@ -133,6 +142,7 @@ pub(crate) async fn revoke(
             let mut account = shared.accounts[op.user].lock().unwrap();
             match call {
                 Revoking::Disable { .. } => account.disabled = true,
+                Revoking::Delete { .. } => account.deleted = true,
                 Revoking::Reset { password, .. } => account.password = password,
                 _ => {}
             }

@@ -17,7 +17,29 @@ pub(crate) async fn acknowledged_writes_are_kept(
             ops: vec![],
         }];
     };
+    let deleted: std::collections::HashSet<usize> = ops
+        .iter()
+        .filter(|o| o.kind == history::Kind::DeleteUser && o.outcome == "Ok")
+        .map(|o| o.user)
+        .collect();
     for op in ops.iter().filter(|o| o.outcome == "Ok") {
+        if op.kind == history::Kind::DeleteUser {
+            let id = shared.accounts[op.user].lock().unwrap().user_id.clone();
+            let id = uuid::Uuid::parse_str(&id).unwrap_or_default();
+            let back: bool =
+                sqlx::query_scalar("select exists (select 1 from users where id = $1)")
+                    .bind(id)
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap_or(true);
+            if back {
+                violations.push(Violation {
+                    rule: "acknowledged writes are kept",
+                    what: format!("deleted user {} is back", op.user),
+                    ops: vec![op.id],
+                });
+            }
+        }
         if let Some(user) = &op.created_user {
             let id = uuid::Uuid::parse_str(user).unwrap_or_default();
             let found: bool =
@@ -35,7 +57,7 @@ pub(crate) async fn acknowledged_writes_are_kept(
             }
         }
         if op.kind == history::Kind::UpdateProfile {
-            for (user, version) in &op.versions {
+            for (user, version) in op.versions.iter().filter(|(u, _)| !deleted.contains(u)) {
                 let id = shared.accounts[*user].lock().unwrap().user_id.clone();
                 let id = uuid::Uuid::parse_str(&id).unwrap_or_default();
                 let stored: i64 =

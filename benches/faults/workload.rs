@@ -31,6 +31,8 @@ pub struct Account {
     /// Sessions (id, token) and when their creation returned.
     pub sessions: Vec<(String, String, u64)>,
     pub disabled: bool,
+    /// Deleted (an acknowledged DeleteUser): the clients leave it alone.
+    pub deleted: bool,
 }
 
 /// A caller validating in its own memory: an `authd-client` Validator following an instance.
@@ -124,6 +126,9 @@ async fn step(shared: &Shared, rng: &mut fastrand::Rng, instance: usize, roll: u
     let mut profiles = ProfileServiceClient::new(channel.clone());
     let mut admin = AdminServiceClient::new(channel);
     let account = shared.accounts[user].lock().unwrap().clone();
+    if account.deleted {
+        return;
+    }
     let pick = |rng: &mut fastrand::Rng| {
         (!account.sessions.is_empty())
             .then(|| account.sessions[rng.usize(..account.sessions.len())].clone())
@@ -416,6 +421,15 @@ async fn step(shared: &Shared, rng: &mut fastrand::Rng, instance: usize, roll: u
             {
                 op.versions = vec![(user, p.version)];
             }
+        }
+        // A few accounts are deleted over a run (about one in 6,400 operations).
+        975..=979 if rng.u32(..32) == 0 => {
+            op.kind = Kind::DeleteUser;
+            let covers = all_before(None);
+            let call = Revoking::Delete {
+                user_id: account.user_id.clone(),
+            };
+            return revoke(shared, rng, op, call, covers).await;
         }
         970..=979 => {
             op.kind = Kind::AdminRevokeAll;

@@ -11,27 +11,32 @@ use super::{AuthError, AuthService, security};
 use crate::{
     cache::Announcement,
     local::Keys,
-    store::{DeletedBy, Erased},
+    store::{DeletedBy, Erased, Erasure, Guard},
 };
 
 impl AuthService {
-    /// The account the caller of `token` may delete: with `password` when given (a guess like
-    /// ChangePassword's current password), else only if the session's password check is recent.
+    /// The account the caller of `token` may delete, and what the deletion checks again under
+    /// the account's lock: with `password` when given (a guess like ChangePassword's current
+    /// password), else only if the session's password check is recent.
     #[instrument(skip_all)]
     pub async fn deletion_allowed(
         &self,
         token: &str,
         password: Option<SecretString>,
-    ) -> Result<Uuid, AuthError> {
+    ) -> Result<(Uuid, Guard), AuthError> {
         let current = self.validate(token).await?;
         let user_id = current.record.user_id;
+        let mut guard = Guard {
+            session_id: current.record.id,
+            password_hash: None,
+        };
         let Some(password) = password else {
             let age = self.clock.now() - current.record.authenticated_at;
             let fresh = age
                 .to_std()
                 .is_ok_and(|age| age <= self.flows.delete_max_auth_age);
             return if fresh {
-                Ok(user_id)
+                Ok((user_id, guard))
             } else {
                 Err(AuthError::ReauthenticationRequired)
             };
@@ -49,36 +54,39 @@ impl AuthService {
             return Err(AuthError::Locked);
         }
         if !admitted
-            .verify(password, Some(stored.password_hash))
+            .verify(password, Some(stored.password_hash.clone()))
             .await?
         {
             self.count_failure(user_id, &current.record.ip_address)
                 .await?;
             return Err(AuthError::WrongPassword);
         }
-        Ok(user_id)
+        guard.password_hash = Some(stored.password_hash);
+        Ok((user_id, guard))
     }
 
     /// Deletes the account in PostgreSQL and returns once no instance accepts any of its
     /// sessions nor serves its profile (`floor` writes the profile's floor to Redis, after the
     /// sessions' tombstones: one wait covers both); a deletion made before (a retry) waits the
-    /// same. NOT_FOUND for an account that never was.
+    /// same. NOT_FOUND for an account that never was; UNAUTHENTICATED when `guard` (the owner's
+    /// proof) no longer holds.
     #[instrument(skip_all)]
     pub async fn erase_account<F, Fut>(
         &self,
         user_id: Uuid,
         by: DeletedBy,
+        guard: Option<&Guard>,
         floor: F,
     ) -> Result<Erased, AuthError>
     where
         F: FnOnce(i64, Option<(i64, chrono::DateTime<chrono::Utc>)>) -> Fut,
         Fut: Future<Output = Announcement>,
     {
-        let erased = self
-            .db
-            .erase_user(user_id, by, self.since())
-            .await?
-            .ok_or(AuthError::UserNotFound)?;
+        let erased = match self.db.erase_user(user_id, by, guard, self.since()).await? {
+            Erasure::Erased(erased) => erased,
+            Erasure::NoSuchAccount => return Err(AuthError::UserNotFound),
+            Erasure::Refused => return Err(AuthError::InvalidSession),
+        };
         if erased.now {
             let by = match by {
                 DeletedBy::User => "user",

@@ -27,8 +27,9 @@ const PAGE_DEFAULT: i32 = 50;
 const PAGE_MAX: i32 = 100;
 /// Longest DisableUser reason, in characters.
 const REASON_MAX_CHARS: usize = 500;
-/// Longest target recorded in the audit (what the caller named, bounded).
-const TARGET_MAX_BYTES: usize = 256;
+/// Longest target recorded in the audit (what the caller named, bounded): room for `email:` and
+/// the longest email (254 characters of up to 4 bytes), which a deletion finds whole.
+const TARGET_MAX_BYTES: usize = 1024;
 
 pub struct AdminGrpc {
     service: Arc<AdminService>,
@@ -190,7 +191,11 @@ impl AdminServiceRpc for AdminGrpc {
         use pb::get_user_request::Lookup;
         let target = |req: &pb::GetUserRequest| match &req.lookup {
             Some(Lookup::UserId(id)) => id.clone(),
-            Some(Lookup::Email(email)) => format!("email:{email}"),
+            // As Login compares it, so that a deletion finds every row naming the account.
+            Some(Lookup::Email(email)) => match input::email(email) {
+                Ok(parsed) => format!("email:{}", parsed.normalized),
+                Err(_) => format!("email:{email}"),
+            },
             None => String::new(),
         };
         self.call("GetUser", request, target, |service, req| async move {

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::{ProfileError, ProfileService};
 use crate::{
     cache::{Announcement, Log, ProfileWrite},
-    store::DeletedBy,
+    store::{DeletedBy, Guard},
 };
 
 impl ProfileService {
@@ -20,18 +20,23 @@ impl ProfileService {
         token: &str,
         password: Option<secrecy::SecretString>,
     ) -> Result<usize, ProfileError> {
-        let user_id = self.auth.deletion_allowed(token, password).await?;
-        self.delete(user_id, DeletedBy::User).await
+        let (user_id, guard) = self.auth.deletion_allowed(token, password).await?;
+        self.delete(user_id, DeletedBy::User, Some(&guard)).await
     }
 
     /// AdminService DeleteUser: idempotent (an account deleted before answers OK once its copies
     /// are gone); NOT_FOUND for an account that never was.
     #[instrument(skip_all)]
     pub async fn delete_user(&self, user_id: Uuid) -> Result<usize, ProfileError> {
-        self.delete(user_id, DeletedBy::Operator).await
+        self.delete(user_id, DeletedBy::Operator, None).await
     }
 
-    async fn delete(&self, user_id: Uuid, by: DeletedBy) -> Result<usize, ProfileError> {
+    async fn delete(
+        &self,
+        user_id: Uuid,
+        by: DeletedBy,
+        guard: Option<&Guard>,
+    ) -> Result<usize, ProfileError> {
         let floor = |version, logged: Option<(i64, chrono::DateTime<chrono::Utc>)>| async move {
             let redis = self.cache.redis();
             let stamp = redis.stamp();
@@ -47,7 +52,7 @@ impl ProfileService {
                 None => Announcement::default(),
             }
         };
-        let erased = self.auth.erase_account(user_id, by, floor).await?;
+        let erased = self.auth.erase_account(user_id, by, guard, floor).await?;
         Ok(if erased.now {
             erased.revocation.active
         } else {

@@ -32,8 +32,23 @@ pub struct Erased {
     pub logged: Option<(i64, DateTime<Utc>)>,
     /// Deleted by this call (not an earlier one).
     pub now: bool,
-    /// The email it had (normalised), for what the caller keys by it (rate-limit buckets).
-    pub email: Option<String>,
+}
+
+/// What the owner proved, checked again under the account's lock: their session is still live
+/// and, when they gave it, the password they gave is still the account's (a revocation or a new
+/// password that committed meanwhile wins).
+pub struct Guard {
+    pub session_id: Uuid,
+    pub password_hash: Option<String>,
+}
+
+/// What a deletion found.
+pub enum Erasure {
+    Erased(Erased),
+    /// No such account, and none deleted before.
+    NoSuchAccount,
+    /// The guard's session was revoked, or the password changed, meanwhile: nothing done.
+    Refused,
 }
 
 #[derive(sqlx::FromRow)]
@@ -44,24 +59,37 @@ struct Floor {
 }
 
 impl Db {
-    /// Deletes the account (see the module). `None`: no such account, and none deleted before;
-    /// an account deleted before answers what remains to wait for.
+    /// Deletes the account (see the module), when `guard` (the owner's proof) still holds; an
+    /// account deleted before answers what remains to wait for.
     pub async fn erase_user(
         &self,
         user_id: Uuid,
         by: DeletedBy,
+        guard: Option<&Guard>,
         since: Since,
-    ) -> Result<Option<Erased>, StoreError> {
+    ) -> Result<Erasure, StoreError> {
         self.retrying(|| async {
             let mut tx = self.run(self.pool().begin()).await?;
             let locked = sqlx::query_as::<_, (String, String)>(
-                "select email, email_normalized from users where id = $1 for update",
+                "select email_normalized, password_hash from users where id = $1 for update",
             )
             .bind(user_id);
-            let Some((email, normalized)) = self.run(locked.fetch_optional(&mut *tx)).await? else {
+            let Some((normalized, hash)) = self.run(locked.fetch_optional(&mut *tx)).await? else {
                 drop(tx);
                 return self.erased_before(user_id, since).await;
             };
+            if let Some(guard) = guard {
+                let live = sqlx::query_scalar::<_, bool>(
+                    "select exists (select 1 from sessions
+                                    where id = $1 and user_id = $2 and revoked_at is null)",
+                )
+                .bind(guard.session_id)
+                .bind(user_id);
+                let live = self.run(live.fetch_one(&mut *tx)).await?;
+                if !live || guard.password_hash.as_ref().is_some_and(|h| *h != hash) {
+                    return Ok(Erasure::Refused);
+                }
+            }
             let revocation = self
                 .sessions()
                 .revoke_all_in(&mut tx, user_id, None, Reason::UserDeleted, since)
@@ -88,11 +116,6 @@ impl Db {
             )
             .bind(user_id);
             let floor = self.run(floor.fetch_one(&mut *tx)).await?;
-            let emails = vec![email.trim().to_lowercase(), normalized.clone()];
-            let audit = sqlx::query("select pseudonymize_admin_audit($1, $2)")
-                .bind(user_id)
-                .bind(emails);
-            self.run(audit.execute(&mut *tx)).await?;
             let erase = sqlx::query(
                 "with codes as (delete from account_codes where user_id = $1),
                       recorded as (
@@ -104,38 +127,36 @@ impl Db {
             .bind(by.as_str())
             .bind(floor.version);
             self.run(erase.execute(&mut *tx)).await?;
+            let audit = sqlx::query("select pseudonymize_admin_audit($1, $2)")
+                .bind(user_id)
+                .bind(&normalized);
+            self.run(audit.execute(&mut *tx)).await?;
             self.run(tx.commit()).await?;
-            Ok(Some(Erased {
+            Ok(Erasure::Erased(Erased {
                 revocation,
                 profile_version: floor.version,
                 logged: Some((floor.id, floor.created_at)),
                 now: true,
-                email: Some(normalized),
             }))
         })
         .await
     }
 
     /// An account deleted before: what is left to wait for.
-    async fn erased_before(
-        &self,
-        user_id: Uuid,
-        since: Since,
-    ) -> Result<Option<Erased>, StoreError> {
+    async fn erased_before(&self, user_id: Uuid, since: Since) -> Result<Erasure, StoreError> {
         let query = sqlx::query_scalar::<_, i64>(
             "select profile_version from account_deletions where user_id = $1",
         )
         .bind(user_id);
         let Some(profile_version) = self.run(query.fetch_optional(self.pool())).await? else {
-            return Ok(None);
+            return Ok(Erasure::NoSuchAccount);
         };
         let revocation = self.sessions().pending_of_user(user_id, since).await?;
-        Ok(Some(Erased {
+        Ok(Erasure::Erased(Erased {
             revocation,
             profile_version,
             logged: None,
             now: false,
-            email: None,
         }))
     }
 }

@@ -41,7 +41,7 @@ use sqlx::{
 
 pub use admin::{AdminRepo, AdminUser, AuditEntry, SessionCursor, UserLookup};
 pub use codes::{CodeRepo, Flow, Reset, StoredCode};
-pub use erasure::{DeletedBy, Erased};
+pub use erasure::{DeletedBy, Erased, Erasure, Guard};
 pub use events::{ChangeEvent, EVENT_PURGE_BATCH, EventKind, EventRepo, Reason, Stream};
 pub use history::HistoryHook;
 pub use jwt_keys::{JwtKeyRepo, NewJwtKey, StoredJwtKey};

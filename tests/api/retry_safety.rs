@@ -210,6 +210,12 @@ async fn retried(what: Call, redis: bool) {
         code: fleet.a.start_reset(&email).await.unwrap().code,
     };
     fleet.hold(&target.token).await;
+    if let Call::DeleteUser = what {
+        // Its profile in b's memory too.
+        for _ in 0..2 {
+            fleet.b.get_profile(&target.user_id).await.unwrap();
+        }
+    }
     fleet.pg.set(Link::Blackhole);
     let revoker = fleet.revoker(redis);
     let first = fleet.failing(call(revoker, what, &target)).await;
@@ -233,8 +239,14 @@ async fn retried(what: Call, redis: bool) {
     }
     retry.expect("a retry returns OK");
     let on_b = fleet.b.validate(&target.token).await;
+    let profile_on_b = fleet.b.get_profile(&target.user_id).await;
     fleet.pg.set(Link::Up);
     assert_code(on_b, Code::Unauthenticated);
+    if let Call::DeleteUser = what {
+        // Dropped from b's memory: b, cut off from PostgreSQL, cannot read it again.
+        let status = profile_on_b.expect_err("the deleted profile is not served");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
 }
 
 macro_rules! retried {

@@ -330,3 +330,54 @@ async fn an_operators_deletion_is_seen_at_once_everywhere() {
     );
     personal.assert_gone(&a, Mode::Redis).await;
 }
+
+/// What the owner proved is checked again under the account's lock: a revocation of their
+/// session, or a new password, that commits while DeleteAccount waits for the lock wins, and
+/// the account stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_or_new_password_meanwhile_stops_a_deletion() {
+    let app = spawn_app(Mode::Redis).await;
+    let url = app.settings.database.url.expose_secret().to_owned();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    for change in [
+        "update sessions set revoked_at = clock_timestamp() where user_id = $1",
+        "update users set password_hash = password_hash || 'x' where id = $1",
+    ] {
+        let (_, registered) = app.register().await;
+        let user_id = uuid::Uuid::parse_str(&registered.user_id).unwrap();
+        let mut lock = pool.begin().await.unwrap();
+        sqlx::query("select 1 from users where id = $1 for update")
+            .bind(user_id)
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        let token = registered.session_token.clone();
+        let deletion = tokio::spawn({
+            let auth = app.auth.clone();
+            async move {
+                let mut auth = auth;
+                auth.delete_account(pb::DeleteAccountRequest {
+                    session_token: token,
+                    password: PASSWORD.into(),
+                })
+                .await
+            }
+        });
+        // The deletion has checked the session and the password, and waits for the lock.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        sqlx::query(sqlx::AssertSqlSafe(change))
+            .bind(user_id)
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        lock.commit().await.unwrap();
+        let answer = deletion.await.unwrap();
+        assert_code(answer, Code::Unauthenticated);
+        let left: bool = sqlx::query_scalar("select exists (select 1 from users where id = $1)")
+            .bind(user_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(left, "{change}: the account stays");
+    }
+}
