@@ -102,7 +102,7 @@ impl Action {
             Action::ReadKeep(_) => Code("src/local/store.rs", "keep_session"),
             Action::CallStart(_) => Code("src/auth/service.rs", "logout"),
             Action::CallCommit => Code("src/store/sessions.rs", "revoke_by_token_hash"),
-            Action::CallRedisWrite => Code("src/auth/service.rs", "apply"),
+            Action::CallRedisWrite => Code("src/auth/invalidation.rs", "apply"),
             Action::CallReadHolders => Code("src/store/leases.rs", "holders"),
             Action::CallPoll => Code("src/local/poller.rs", "poll"),
             Action::CallReturn => Code("src/local/wait.rs", "invalidate"),
