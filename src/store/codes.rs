@@ -179,26 +179,23 @@ impl CodeRepo<'_> {
                 if self.0.run(used.fetch_optional(&mut *tx)).await?.is_none() {
                     return Ok(None);
                 }
-                let update = sqlx::query(
-                    "update users set password_hash = $1, updated_at = $2, failed_logins = 0,
-                                      password_change_required = false
-                     where id = $3",
-                )
-                .bind(password_hash)
-                .bind(now)
-                .bind(user_id);
-                self.0.run(update.execute(&mut *tx)).await?;
                 let revocation = self
                     .0
-                    .sessions()
-                    .revoke_all_in(&mut tx, user_id, None, Reason::PasswordReset, since)
+                    .users()
+                    .replace_password_in(
+                        &mut tx,
+                        user_id,
+                        (password_hash, now),
+                        None,
+                        Reason::PasswordReset,
+                        since,
+                    )
                     .await?;
                 let record =
                     sqlx::query("update account_codes set revoked = $2 where code_hash = $1")
                         .bind(code_hash)
                         .bind(i32::try_from(revocation.active).unwrap_or(i32::MAX));
                 self.0.run(record.execute(&mut *tx)).await?;
-                self.void_in(&mut tx, user_id).await?;
                 self.0.run(tx.commit()).await?;
                 Ok(Some(Reset {
                     user_id,

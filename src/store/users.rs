@@ -196,6 +196,36 @@ impl UserRepo<'_> {
         Ok(row.and_then(|(hash, disabled)| (!disabled).then_some(hash)))
     }
 
+    /// Inside a transaction that holds the user's row: sets the new password hash (clearing the
+    /// failed logins and any required change), revokes every session of the user but `keep`, and
+    /// voids the account flows' codes issued before.
+    pub(super) async fn replace_password_in(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        user_id: Uuid,
+        (password_hash, now): (&str, DateTime<Utc>),
+        keep: Option<Uuid>,
+        reason: Reason,
+        since: Since,
+    ) -> Result<Revocation, StoreError> {
+        let update = sqlx::query(
+            "update users set password_hash = $1, updated_at = $2, failed_logins = 0,
+                              password_change_required = false
+             where id = $3",
+        )
+        .bind(password_hash)
+        .bind(now)
+        .bind(user_id);
+        self.0.run(update.execute(&mut *tx)).await?;
+        let revoked = self
+            .0
+            .sessions()
+            .revoke_all_in(&mut *tx, user_id, keep, reason, since)
+            .await?;
+        self.0.codes().void_in(tx, user_id).await?;
+        Ok(revoked)
+    }
+
     /// Sets the new password hash, marks the calling session as freshly authenticated and
     /// revokes every other session of the user not yet revoked, in one transaction that locks the
     /// user's row first. `None` when the calling session was revoked meanwhile (then nothing
@@ -228,27 +258,16 @@ impl UserRepo<'_> {
                 {
                     return Ok(None);
                 }
-                let update = sqlx::query(
-                    "update users set password_hash = $1, updated_at = $2, failed_logins = 0,
-                                      password_change_required = false
-                     where id = $3",
-                )
-                .bind(password_hash)
-                .bind(now)
-                .bind(user_id);
-                self.0.run(update.execute(&mut *tx)).await?;
                 let revoked = self
-                    .0
-                    .sessions()
-                    .revoke_all_in(
+                    .replace_password_in(
                         &mut tx,
                         user_id,
+                        (password_hash, now),
                         Some(current_session),
                         Reason::PasswordChanged,
                         since,
                     )
                     .await?;
-                self.0.codes().void_in(&mut tx, user_id).await?;
                 self.0.run(tx.commit()).await?;
                 Ok(Some(revoked))
             })
