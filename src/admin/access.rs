@@ -160,11 +160,11 @@ impl Access {
     /// `None` when AdminService is not configured (neither setting given); `Err` names what is
     /// wrong with the keys file.
     pub fn from_settings(settings: &AdminSettings) -> Result<Option<Self>, String> {
-        let sans: HashSet<San> = settings.allowed_clients().map(San::allowed).collect();
-        let file = settings.api_keys_file.clone();
-        if sans.is_empty() && file.is_none() {
+        if !settings.served() {
             return Ok(None);
         }
+        let sans: HashSet<San> = settings.allowed_clients().map(San::allowed).collect();
+        let file = settings.api_keys_file.clone();
         let keys = match &file {
             // Not there (yet): no key is admitted until it appears (the reload reads it then).
             Some(path) if !path.exists() => {

@@ -20,6 +20,11 @@ pub struct AdminSettings {
 }
 
 impl AdminSettings {
+    /// Whether any caller can be admitted: the service is served.
+    pub fn served(&self) -> bool {
+        self.api_keys_file.is_some() || self.allowed_clients().next().is_some()
+    }
+
     /// The admitted SANs.
     pub fn allowed_clients(&self) -> impl Iterator<Item = &str> {
         self.allowed_clients

@@ -47,7 +47,7 @@ impl Default for EventsSettings {
 impl EventsSettings {
     /// Whether EventService is served: some subscriber can be admitted.
     pub fn served(&self) -> bool {
-        self.api_keys_file.is_some() || !self.allowed_clients.trim().is_empty()
+        self.admission().served()
     }
 
     /// Who is admitted, in the form AdminService's admission reads.

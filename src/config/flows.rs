@@ -52,7 +52,7 @@ impl Default for AccountsSettings {
 impl AccountsSettings {
     /// Whether AccountService is served: some notifier can be admitted.
     pub fn served(&self) -> bool {
-        self.api_keys_file.is_some() || !self.allowed_clients.trim().is_empty()
+        self.admission().served()
     }
 
     /// Who is admitted, in the form AdminService's admission reads.
