@@ -9,11 +9,10 @@ use secrecy::ExposeSecret;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use super::{NOTIFIER_KEY, notifier_settings};
+use super::{admit_operator, notifier_settings, watched_fleet};
 use crate::{
-    admin::{KEY as ADMIN_KEY, admin, get_user, with_key, write_keys},
+    admin::{KEY as ADMIN_KEY, admin, get_user, with_key},
     both_modes,
-    events::{SUBSCRIBER_KEY, Watcher, subscribed_settings},
     helpers::*,
 };
 
@@ -167,9 +166,7 @@ impl Personal {
 
 async fn operated(settings: authd::config::Settings, dir: &std::path::Path) -> TestApp {
     let mut settings = settings;
-    let operators = dir.join("operators.toml");
-    write_keys(&operators, &[("ops", ADMIN_KEY)]);
-    settings.admin.api_keys_file = Some(operators);
+    admit_operator(&mut settings, dir);
     spawn_with(settings).await
 }
 
@@ -251,21 +248,7 @@ async fn deleting_without_the_password_needs_a_recent_sign_in() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operators_deletion_is_seen_at_once_everywhere() {
     let dir = tempfile::tempdir().unwrap();
-    let mut settings = subscribed_settings(Mode::Redis, dir.path());
-    let notifiers = dir.path().join("notifiers.toml");
-    write_keys(&notifiers, &[("mailer", NOTIFIER_KEY)]);
-    settings.accounts.api_keys_file = Some(notifiers);
-    let a = spawn_with(settings).await;
-    let b = spawn_sharing(&a, |_| {}).await;
-    let c = spawn_sharing(&a, |_| {}).await;
-    eventually(Duration::from_secs(15), "three lease holders", || async {
-        a.db.leases().held().await.unwrap() == 3
-    })
-    .await;
-    let mut watcher = Watcher::open(&a, Some(SUBSCRIBER_KEY), pb::Mode::Bounded, "")
-        .await
-        .unwrap();
-    watcher.next().await.unwrap();
+    let ([a, b, c], mut watcher) = watched_fleet(dir.path()).await;
     let personal = Personal::new();
     let (user_id, tokens) = personal.create(&a).await;
     let hits = |cache: &str| {

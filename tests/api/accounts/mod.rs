@@ -1,12 +1,13 @@
 //! The account flows as the notifier (AccountService) and the end user (AuthService) see them.
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use authd::proto::authd::v1::{self as pb, account_service_client::AccountServiceClient};
 use tonic::{Status, transport::Channel};
 
 use crate::{
-    admin::{with_key, write_keys},
-    helpers::{Mode, TestApp, test_settings},
+    admin::{KEY as ADMIN_KEY, with_key, write_keys},
+    events::{SUBSCRIBER_KEY, Watcher, subscribed_settings},
+    helpers::{Mode, TestApp, eventually, spawn_sharing, spawn_with, test_settings},
 };
 
 mod deletion;
@@ -18,10 +19,42 @@ pub const NOTIFIER_KEY: &str = "notifier-key-0123456789abcdef";
 /// Settings with AccountService admitting [`NOTIFIER_KEY`] (keys file in `dir`).
 pub fn notifier_settings(mode: Mode, dir: &Path) -> authd::config::Settings {
     let mut settings = test_settings(mode);
+    admit_notifier(&mut settings, dir);
+    settings
+}
+
+/// AccountService admits [`NOTIFIER_KEY`] (keys file in `dir`).
+pub fn admit_notifier(settings: &mut authd::config::Settings, dir: &Path) {
     let notifiers = dir.join("notifiers.toml");
     write_keys(&notifiers, &[("mailer", NOTIFIER_KEY)]);
     settings.accounts.api_keys_file = Some(notifiers);
-    settings
+}
+
+/// AdminService admits [`ADMIN_KEY`] (keys file in `dir`).
+pub fn admit_operator(settings: &mut authd::config::Settings, dir: &Path) {
+    let operators = dir.join("operators.toml");
+    write_keys(&operators, &[("ops", ADMIN_KEY)]);
+    settings.admin.api_keys_file = Some(operators);
+}
+
+/// Three instances sharing a database and a Redis, each holding a lease (so revoking calls wait
+/// for all of them), with AccountService, AdminService and EventService served, and a bounded
+/// stream on the first, past its first batch.
+pub async fn watched_fleet(dir: &Path) -> ([TestApp; 3], Watcher) {
+    let mut settings = subscribed_settings(Mode::Redis, dir);
+    admit_notifier(&mut settings, dir);
+    let a = spawn_with(settings).await;
+    let b = spawn_sharing(&a, |_| {}).await;
+    let c = spawn_sharing(&a, |_| {}).await;
+    eventually(Duration::from_secs(15), "three lease holders", || async {
+        a.db.leases().held().await.unwrap() == 3
+    })
+    .await;
+    let mut watcher = Watcher::open(&a, Some(SUBSCRIBER_KEY), pb::Mode::Bounded, "")
+        .await
+        .unwrap();
+    watcher.next().await.unwrap();
+    ([a, b, c], watcher)
 }
 
 pub fn accounts(app: &TestApp) -> AccountServiceClient<Channel> {

@@ -4,9 +4,9 @@ use authd::proto::authd::v1 as pb;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use super::notifier_settings;
+use super::admit_operator;
 use crate::{
-    admin::{KEY as ADMIN_KEY, admin, get_user, with_key, write_keys},
+    admin::{KEY as ADMIN_KEY, admin, get_user, with_key},
     both_modes,
     helpers::*,
 };
@@ -15,11 +15,8 @@ const NEW_PASSWORD: &str = "a brand new passphrase 42";
 
 /// An app admitting [`ADMIN_KEY`] to AdminService (and no notifier: neither needs one).
 async fn operated(mode: Mode, dir: &std::path::Path) -> TestApp {
-    let mut settings = notifier_settings(mode, dir);
-    settings.accounts.api_keys_file = None;
-    let operators = dir.join("operators.toml");
-    write_keys(&operators, &[("ops", ADMIN_KEY)]);
-    settings.admin.api_keys_file = Some(operators);
+    let mut settings = test_settings(mode);
+    admit_operator(&mut settings, dir);
     spawn_with(settings).await
 }
 

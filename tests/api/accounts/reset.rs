@@ -7,11 +7,10 @@ use futures::future::join_all;
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
 
-use super::{NOTIFIER_KEY, accounts, client, notifier_settings};
+use super::{NOTIFIER_KEY, accounts, admit_operator, client, notifier_settings, watched_fleet};
 use crate::{
-    admin::{KEY as ADMIN_KEY, admin, with_key, write_keys},
+    admin::{KEY as ADMIN_KEY, admin, with_key},
     both_modes,
-    events::{SUBSCRIBER_KEY, Watcher, subscribed_settings},
     helpers::*,
 };
 
@@ -73,9 +72,7 @@ async fn a_reset_replaces_the_password_and_ends_every_session(mode: Mode) {
 async fn unknown_and_disabled_accounts_get_the_same_answer() {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = notifier_settings(Mode::Redis, dir.path());
-    let operators = dir.path().join("operators.toml");
-    write_keys(&operators, &[("ops", ADMIN_KEY)]);
-    settings.admin.api_keys_file = Some(operators);
+    admit_operator(&mut settings, dir.path());
     let app = spawn_with(settings).await;
     let (email, _) = app.register().await;
     let (disabled_email, disabled) = app.register().await;
@@ -161,9 +158,7 @@ async fn a_code_is_bound_to_its_account_used_once_and_expires() {
 async fn a_used_code_is_no_password_oracle_and_later_changes_void_codes() {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = notifier_settings(Mode::Redis, dir.path());
-    let operators = dir.path().join("operators.toml");
-    write_keys(&operators, &[("ops", ADMIN_KEY)]);
-    settings.admin.api_keys_file = Some(operators);
+    admit_operator(&mut settings, dir.path());
     let app = spawn_with(settings).await;
     let (email, registered) = app.register().await;
     let used = app.start_reset(&email).await.unwrap();
@@ -391,21 +386,7 @@ async fn starts_and_guesses_are_rate_limited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_is_seen_at_once_by_every_instance_and_on_the_stream() {
     let dir = tempfile::tempdir().unwrap();
-    let mut settings = subscribed_settings(Mode::Redis, dir.path());
-    let notifiers = dir.path().join("notifiers.toml");
-    write_keys(&notifiers, &[("mailer", NOTIFIER_KEY)]);
-    settings.accounts.api_keys_file = Some(notifiers);
-    let a = spawn_with(settings).await;
-    let b = spawn_sharing(&a, |_| {}).await;
-    let c = spawn_sharing(&a, |_| {}).await;
-    eventually(Duration::from_secs(15), "three lease holders", || async {
-        a.db.leases().held().await.unwrap() == 3
-    })
-    .await;
-    let mut watcher = Watcher::open(&a, Some(SUBSCRIBER_KEY), pb::Mode::Bounded, "")
-        .await
-        .unwrap();
-    watcher.next().await.unwrap();
+    let ([a, b, c], mut watcher) = watched_fleet(dir.path()).await;
     let (email, registered) = a.register().await;
     let other = a.login(&email, PASSWORD).await.unwrap();
     let tokens = [registered.session_token, other.session_token];
