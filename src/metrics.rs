@@ -41,7 +41,7 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     /// Accounts deleted, by whom (`user`, `operator`).
     pub accounts_deleted: IntCounterVec,
-    /// Account flow calls by flow (`password_reset`), step (`start`, `complete`) and outcome
+    /// Account flow calls by flow (see [`FLOWS`]), step (`start`, `complete`) and outcome
     /// (see [`FLOW_OUTCOMES`]).
     pub account_flows: IntCounterVec,
     /// Password-hash calls waiting for or holding a hashing slot.
@@ -420,9 +420,10 @@ impl Metrics {
         for by in ["user", "operator"] {
             self.accounts_deleted.with_label_values(&[by]);
         }
-        for (step, outcome) in FLOW_OUTCOMES {
-            self.account_flows
-                .with_label_values(&["password_reset", step, outcome]);
+        for flow in FLOWS {
+            for (step, outcome) in FLOW_OUTCOMES {
+                self.account_flows.with_label_values(&[flow, step, outcome]);
+            }
         }
         for cache in ["sessions", "profiles"] {
             for result in ["hit", "miss", "untrusted"] {
@@ -445,18 +446,26 @@ impl Metrics {
     }
 }
 
+/// The `flow` label values of `authd_account_flows_total`.
+pub const FLOWS: [&str; 3] = ["password_reset", "email_verification", "email_change"];
+
 /// The `step` and `outcome` label values of `authd_account_flows_total`: a start `issued` a
-/// code for an account or answered alike for an `unknown` email (or a disabled account); a
-/// completion `completed`, answered a `retried` completion as the first, or was refused for an
-/// `invalid_code` (unknown, expired, used) or a `weak_password`; either step `rate_limited`.
-pub const FLOW_OUTCOMES: [(&str, &str); 8] = [
+/// code for an account, answered alike for an `unknown` email (or a disabled account), found the
+/// address verified already (`already_verified`), or was `refused` (the owner's proof of an
+/// email change failed); a completion `completed`, answered a `retried` completion as the first,
+/// or was refused for an `invalid_code` (unknown, expired, used), a `weak_password` or an
+/// `email_taken` (another account has the new address); either step `rate_limited`.
+pub const FLOW_OUTCOMES: [(&str, &str); 11] = [
     ("start", "issued"),
     ("start", "unknown"),
+    ("start", "already_verified"),
+    ("start", "refused"),
     ("start", "rate_limited"),
     ("complete", "completed"),
     ("complete", "retried"),
     ("complete", "invalid_code"),
     ("complete", "weak_password"),
+    ("complete", "email_taken"),
     ("complete", "rate_limited"),
 ];
 

@@ -16,27 +16,42 @@ use crate::{
 
 impl AuthService {
     /// The account the caller of `token` may delete, and what the deletion checks again under
-    /// the account's lock: with `password` when given (a guess like ChangePassword's current
-    /// password), else only if the session's password check is recent.
+    /// the account's lock (see [`Self::reauthenticated`]).
     #[instrument(skip_all)]
     pub async fn deletion_allowed(
         &self,
         token: &str,
         password: Option<SecretString>,
     ) -> Result<(Uuid, Guard), AuthError> {
+        let max_age = self.flows.delete_max_auth_age;
+        let (current, password_hash) = self
+            .reauthenticated(token, password, max_age, "delete_account")
+            .await?;
+        let guard = Guard {
+            session_id: current.record.id,
+            password_hash,
+        };
+        Ok((current.record.user_id, guard))
+    }
+
+    /// The session of `token`, whose owner proved it again: with `password` when given (a guess
+    /// like ChangePassword's current password, paid by `action`'s account bucket; the account's
+    /// password hash then comes back), else only if the session's password check is at most
+    /// `max_age` old (REAUTHENTICATION_REQUIRED otherwise).
+    pub(super) async fn reauthenticated(
+        &self,
+        token: &str,
+        password: Option<SecretString>,
+        max_age: std::time::Duration,
+        action: &'static str,
+    ) -> Result<(super::SessionView, Option<String>), AuthError> {
         let current = self.validate(token).await?;
         let user_id = current.record.user_id;
-        let mut guard = Guard {
-            session_id: current.record.id,
-            password_hash: None,
-        };
         let Some(password) = password else {
             let age = self.clock.now() - current.record.authenticated_at;
-            let fresh = age
-                .to_std()
-                .is_ok_and(|age| age <= self.flows.delete_max_auth_age);
+            let fresh = age.to_std().is_ok_and(|age| age <= max_age);
             return if fresh {
-                Ok((user_id, guard))
+                Ok((current, None))
             } else {
                 Err(AuthError::ReauthenticationRequired)
             };
@@ -48,7 +63,7 @@ impl AuthService {
             .find_credentials_by_id(user_id)
             .await?
             .ok_or(AuthError::InvalidSession)?;
-        self.limit("delete_account", &[self.account_bucket(&email, None)])
+        self.limit(action, &[self.account_bucket(&email, None)])
             .await?;
         if self.locked(stored.failed_logins) {
             return Err(AuthError::Locked);
@@ -61,8 +76,7 @@ impl AuthService {
                 .await?;
             return Err(AuthError::WrongPassword);
         }
-        guard.password_hash = Some(stored.password_hash);
-        Ok((user_id, guard))
+        Ok((current, Some(stored.password_hash)))
     }
 
     /// Deletes the account in PostgreSQL and returns once no instance accepts any of its

@@ -1,5 +1,6 @@
 //! Authentication: accounts' credentials and sessions. No transport or SQL here, only the rules.
 mod admin;
+mod email;
 mod erasure;
 pub mod input;
 mod invalidation;
@@ -23,6 +24,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures::future::BoxFuture;
 
+pub use email::{EmailChangeStarted, EmailCode, EmailVerified};
 pub use lookups::{Found, Paid, UnknownLookups};
 pub use manage::SessionList;
 pub use recovery::{FlowLimits, IssuedCode, PasswordReset};
@@ -79,6 +81,9 @@ pub enum AuthError {
     /// that completes the change (CompletePasswordReset), instead of a session.
     #[error("a new password is required: complete the change with the code in the error details")]
     PasswordChangeRequired(recovery::IssuedCode),
+    /// StartEmailVerification for an account whose address is verified already.
+    #[error("the account's email address is verified already")]
+    EmailAlreadyVerified,
     /// Deleting the account needs the current password, or a session authenticated recently.
     #[error("this needs a recent sign-in: send the current password, or sign in again and retry")]
     ReauthenticationRequired,

@@ -48,6 +48,10 @@ pub struct FlowLimits {
     pub window: Duration,
     /// A user deleting their account without their password must have signed in this recently.
     pub delete_max_auth_age: Duration,
+    pub verify_code_ttl: Duration,
+    /// A user changing their email address without their password must have signed in this
+    /// recently.
+    pub email_change_max_auth_age: Duration,
 }
 
 impl From<&crate::config::AccountsSettings> for FlowLimits {
@@ -58,6 +62,8 @@ impl From<&crate::config::AccountsSettings> for FlowLimits {
             attempts_per_address: s.attempts_per_address,
             window: s.window,
             delete_max_auth_age: s.delete_max_auth_age,
+            verify_code_ttl: s.verify_code_ttl,
+            email_change_max_auth_age: s.email_change_max_auth_age,
         }
     }
 }
@@ -79,7 +85,7 @@ pub struct PasswordReset {
 }
 
 /// A fresh code and its hash.
-fn new_code() -> (SecretString, [u8; 32]) {
+pub(super) fn new_code() -> (SecretString, [u8; 32]) {
     let mut bytes = [0u8; CODE_LEN / 4 * 3];
     getrandom::fill(&mut bytes).expect("the OS random number generator failed");
     let code = URL_SAFE_NO_PAD.encode(bytes);
@@ -89,7 +95,7 @@ fn new_code() -> (SecretString, [u8; 32]) {
 
 impl AuthService {
     /// The address bucket of every flow call (starts and completions alike).
-    fn flow_address_bucket(&self, client: &ClientInfo) -> Bucket {
+    pub(super) fn flow_address_bucket(&self, client: &ClientInfo) -> Bucket {
         let f = &self.flows;
         Bucket::new(
             "flow_address",
@@ -101,16 +107,16 @@ impl AuthService {
 
     /// The account's bucket of starts: keyed by the email, known or not, so that an unknown
     /// email is refused exactly when a known one would be.
-    fn flow_account_bucket(&self, email_normalized: &str) -> Bucket {
+    pub(super) fn flow_account_bucket(&self, email_normalized: &str) -> Bucket {
         let f = &self.flows;
         let subject = hex::encode(Sha256::digest(email_normalized.as_bytes()));
         Bucket::new("flow_account", &subject, f.starts_per_account, f.window)
     }
 
-    fn flow_outcome(&self, step: &'static str, outcome: &'static str) {
+    pub(super) fn flow_outcome(&self, flow: Flow, step: &'static str, outcome: &'static str) {
         self.metrics()
             .account_flows
-            .with_label_values(&[FLOW, step, outcome])
+            .with_label_values(&[flow.as_str(), step, outcome])
             .inc();
     }
 
@@ -126,7 +132,7 @@ impl AuthService {
             self.flow_account_bucket(&email.normalized),
         ];
         if let Err(error) = self.limit(FLOW, &buckets).await {
-            self.flow_outcome("start", "rate_limited");
+            self.flow_outcome(Flow::PasswordReset, "start", "rate_limited");
             security::account_flow(FLOW, "start", None, &client.ip_address, "rate_limited");
             return Err(error);
         }
@@ -143,7 +149,7 @@ impl AuthService {
         } else {
             "unknown"
         };
-        self.flow_outcome("start", outcome);
+        self.flow_outcome(Flow::PasswordReset, "start", outcome);
         security::account_flow(FLOW, "start", user_id, &client.ip_address, outcome);
         Ok(IssuedCode { code, expires_at })
     }
@@ -227,7 +233,7 @@ impl AuthService {
                 _ => Err(self.refused(Some(user_id), ip, "invalid_code", AuthError::InvalidCode)),
             };
         };
-        self.flow_outcome("complete", "completed");
+        self.flow_outcome(Flow::PasswordReset, "complete", "completed");
         security::account_flow(FLOW, "complete", Some(user_id), ip, "completed");
         // The owner may sign in at once, whatever guesses were made before.
         self.limiter
@@ -269,7 +275,7 @@ impl AuthService {
             .pending_of_user(user_id, self.since())
             .await?;
         self.invalidate(None, &pending).await?;
-        self.flow_outcome("complete", "retried");
+        self.flow_outcome(Flow::PasswordReset, "complete", "retried");
         security::account_flow(FLOW, "complete", Some(user_id), ip, "retried");
         Ok(usize::try_from(found.revoked).unwrap_or(0))
     }
@@ -282,7 +288,7 @@ impl AuthService {
         outcome: &'static str,
         error: AuthError,
     ) -> AuthError {
-        self.flow_outcome("complete", outcome);
+        self.flow_outcome(Flow::PasswordReset, "complete", outcome);
         security::account_flow(FLOW, "complete", user_id, ip, outcome);
         error
     }

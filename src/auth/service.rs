@@ -237,7 +237,7 @@ impl AuthService {
         self.limiter.reset(&account).await;
         let user_id = stored.id;
         self.unless_change_required(&stored, &ip).await?;
-        let record = self.policy.start(user_id, c.client, self.clock.now());
+        let mut record = self.policy.start(user_id, c.client, self.clock.now());
         let key = self.keys.minting()?;
         let (token, hash) = token::generate(&key);
         let lease = self.cache.lease(&hash).await;
@@ -251,12 +251,13 @@ impl AuthService {
             max_per_user: i64::from(self.policy.max_per_user),
             client: client.as_ref().map(|c| c.as_slice()),
         };
-        let evicted = self
+        let (evicted, email_verified_at) = self
             .db
             .sessions()
             .insert_capped(&session, self.since())
             .await?
             .ok_or(AuthError::InvalidCredentials)?;
+        record.email_verified_at = email_verified_at;
         tracing::info!(%user_id, session_id = %record.id, evicted = evicted.revoked, "session created");
         // The eviction is a revocation like any other: the login answers once no instance
         // serves the sessions it evicted (or UNAVAILABLE, when that cannot be known). The user's
@@ -431,8 +432,9 @@ impl AuthService {
         }
         let idle = self.policy.idle_timeout;
         match self.db.sessions().touch(record.id, idle).await {
-            Ok(Some(last_seen_at)) => {
+            Ok(Some((last_seen_at, email_verified_at))) => {
                 record.last_seen_at = last_seen_at;
+                record.email_verified_at = email_verified_at;
                 Ok((record, true))
             }
             Ok(None) => Err(AuthError::InvalidSession),

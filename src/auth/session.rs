@@ -52,6 +52,7 @@ impl SessionPolicy {
             authenticated_at: now,
             ip_address: client.ip_address,
             user_agent: client.user_agent,
+            email_verified_at: None,
         }
     }
 

@@ -17,7 +17,7 @@ use fred::{
 
 use super::{
     Redis,
-    values::{self, INDEX, LEASE, REFRESH, RELEASE, SWAP, Value},
+    values::{self, FORGET, INDEX, LEASE, REFRESH, RELEASE, SWAP, Value},
 };
 use crate::model::{SessionRecord, TokenHash};
 
@@ -174,6 +174,19 @@ impl SessionStore {
             .evalsha_with_reload::<i64, _, _>(client, vec![key], args)
             .await;
         self.redis.observe(result);
+    }
+
+    /// Drops the copy of a session that changed without being revoked, and any fill's lease on
+    /// it (a fill that read the old row cannot write it then): the next read fills it from
+    /// PostgreSQL. A tombstone stays. `false` when Redis did not answer.
+    pub async fn forget(&self, hash: &TokenHash) -> bool {
+        let (Some(key), Some(client)) = (self.session_key(hash), self.redis.connected()) else {
+            return !self.redis.is_enabled();
+        };
+        let result = FORGET
+            .evalsha_with_reload::<i64, _, _>(client, vec![key], Vec::<String>::new())
+            .await;
+        self.redis.observe(result).is_some()
     }
 
     async fn index(&self, hash: &TokenHash, record: &SessionRecord) {

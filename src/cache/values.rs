@@ -112,6 +112,20 @@ pub(super) static REFRESH: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
+/// KEYS: a session key. Deletes a copy of the session or a fill's lease (any generation), so
+/// that neither the copy nor a fill that read PostgreSQL before is served again; a tombstone
+/// stays. 1 when deleted. Argued in the protocol model by inclusion: its `RedisFlush` empties a
+/// key's slot at any point, tombstones included, and the revocation and profile promises hold in
+/// every state it reaches; this empties a slot only when it holds a copy or a lease, so it reaches
+/// no state a flush does not (see `auth::email`).
+pub(super) static FORGET: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        "local v = redis.call('GET', KEYS[1])
+         if not v or not string.match(v, '^%d+|[SL]|') then return 0 end
+         return redis.call('DEL', KEYS[1])",
+    )
+});
+
 /// KEYS: a profile key. ARGV: the writer's generation (0 if none), version, profile JSON (empty:
 /// write a floor), TTL ms. Replaces an older version, a "not found" or a lease, in the generation
 /// the key holds: with the full profile when that is the writer's generation, else as a floor.

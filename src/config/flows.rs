@@ -32,6 +32,13 @@ pub struct AccountsSettings {
     /// this long ago.
     #[serde(with = "humantime_serde")]
     pub delete_max_auth_age: Duration,
+    /// An email verification or email change code is valid this long.
+    #[serde(with = "humantime_serde")]
+    pub verify_code_ttl: Duration,
+    /// StartEmailChange without the current password: the session's password was checked at
+    /// most this long ago.
+    #[serde(with = "humantime_serde")]
+    pub email_change_max_auth_age: Duration,
 }
 
 impl Default for AccountsSettings {
@@ -45,6 +52,8 @@ impl Default for AccountsSettings {
             attempts_per_address: 30,
             window: Duration::from_secs(3600),
             delete_max_auth_age: Duration::from_secs(300),
+            verify_code_ttl: Duration::from_secs(86_400),
+            email_change_max_auth_age: Duration::from_secs(300),
         }
     }
 }
@@ -73,8 +82,16 @@ impl AccountsSettings {
         {
             return invalid("ACCOUNTS__RESET_CODE_TTL", "must be 1s to 7d");
         }
+        if !(Duration::from_secs(1)..=Duration::from_secs(7 * 86_400))
+            .contains(&self.verify_code_ttl)
+        {
+            return invalid("ACCOUNTS__VERIFY_CODE_TTL", "must be 1s to 7d");
+        }
         if self.delete_max_auth_age > Duration::from_secs(86_400) {
             return invalid("ACCOUNTS__DELETE_MAX_AUTH_AGE", "must be at most 1d");
+        }
+        if self.email_change_max_auth_age > Duration::from_secs(86_400) {
+            return invalid("ACCOUNTS__EMAIL_CHANGE_MAX_AUTH_AGE", "must be at most 1d");
         }
         if self.window < Duration::from_secs(1) {
             return invalid("ACCOUNTS__WINDOW", "must be at least 1s");

@@ -64,4 +64,64 @@ impl AccountServiceRpc for AccountGrpc {
             expires_at: Some(timestamp(issued.expires_at)),
         }))
     }
+
+    async fn start_email_verification(
+        &self,
+        request: Request<pb::StartEmailVerificationRequest>,
+    ) -> Result<Response<pb::StartEmailVerificationResponse>, Status> {
+        self.admit(&request)?;
+        let req = request.get_ref();
+        let mut v = Violations::default();
+        let user_id = v.check("user_id", input::uuid(&req.user_id));
+        let client = end_user(&mut v, req.client.as_ref());
+        let (user_id, client) = v
+            .finish(|| Some((user_id?, client?)))
+            .map_err(AuthError::InvalidInput)?;
+        let (issued, email) = self
+            .service
+            .start_email_verification(user_id, &client)
+            .await?;
+        Ok(Response::new(pb::StartEmailVerificationResponse {
+            code: issued.code.expose_secret().to_owned(),
+            expires_at: Some(timestamp(issued.expires_at)),
+            email,
+        }))
+    }
+
+    async fn start_email_change(
+        &self,
+        request: Request<pb::StartEmailChangeRequest>,
+    ) -> Result<Response<pb::StartEmailChangeResponse>, Status> {
+        self.admit(&request)?;
+        let req = request.get_ref();
+        let mut v = Violations::default();
+        let new_email = v.check("new_email", input::email(&req.new_email));
+        let password = match req.password.is_empty() {
+            true => Some(None),
+            false => v
+                .check("password", input::password(&req.password))
+                .map(Some),
+        };
+        // In the body only: the authorization metadata carries the notifier's key.
+        if req.session_token.is_empty() {
+            v.check::<()>(
+                "session_token",
+                Err("is required: the account owner's session".into()),
+            );
+        }
+        let client = end_user(&mut v, req.client.as_ref());
+        let (new_email, password, client) = v
+            .finish(|| Some((new_email?, password?, client?)))
+            .map_err(AuthError::InvalidInput)?;
+        let started = self
+            .service
+            .start_email_change(&req.session_token, &new_email, password, &client)
+            .await?;
+        Ok(Response::new(pb::StartEmailChangeResponse {
+            code: started.issued.code.expose_secret().to_owned(),
+            expires_at: Some(timestamp(started.issued.expires_at)),
+            new_email: started.new_email,
+            current_email: started.current_email,
+        }))
+    }
 }

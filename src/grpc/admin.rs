@@ -160,6 +160,8 @@ fn user(u: AdminUser) -> pb::User {
         active_session_count: i32::try_from(u.active_sessions).unwrap_or(i32::MAX),
         last_login_at: u.last_login_at.map(timestamp),
         password_change_required: u.password_change_required,
+        email_verified: u.email_verified_at.is_some(),
+        email_verified_at: u.email_verified_at.map(timestamp),
     }
 }
 

@@ -7,7 +7,8 @@ use tonic::{Request, Response, Status};
 use super::timestamp;
 use crate::{
     auth::{
-        self, AuthError, Credentials, IssuedSession, PasswordReset, Registration, SessionView,
+        self, AuthError, Credentials, EmailCode, IssuedSession, PasswordReset, Registration,
+        SessionView,
         input::{self, Violations},
     },
     profile::ProfileService,
@@ -72,6 +73,20 @@ pub(super) fn end_user(
         );
     }
     client_info(v, client)
+}
+
+/// An email flow's completion: `code` and `client.ip_address` required.
+fn email_code(code: &str, client: Option<&pb::ClientInfo>) -> Result<EmailCode, AuthError> {
+    let mut v = Violations::default();
+    let code_hash = v.check("code", input::code(code));
+    let client = end_user(&mut v, client);
+    v.finish(|| {
+        Some(EmailCode {
+            code_hash: code_hash?,
+            client: client?,
+        })
+    })
+    .map_err(AuthError::InvalidInput)
 }
 
 fn parse_registration(req: &pb::RegisterRequest) -> Result<Registration, AuthError> {
@@ -152,8 +167,11 @@ impl AuthServiceRpc for AuthGrpc {
                 &request.get_ref().session_token,
             )?)
             .await?;
+        let verified_at = view.record.email_verified_at;
         Ok(Response::new(pb::ValidateSessionResponse {
             authenticated_at: Some(timestamp(view.record.authenticated_at)),
+            email_verified: verified_at.is_some(),
+            email_verified_at: verified_at.map(timestamp),
             session: Some(view.into()),
         }))
     }
@@ -278,6 +296,34 @@ impl AuthServiceRpc for AuthGrpc {
         let revoked = self.profiles.delete_account(token, password).await?;
         Ok(Response::new(pb::DeleteAccountResponse {
             revoked_count: count(revoked),
+        }))
+    }
+
+    async fn verify_email(
+        &self,
+        request: Request<pb::VerifyEmailRequest>,
+    ) -> Result<Response<pb::VerifyEmailResponse>, Status> {
+        let req = request.get_ref();
+        let code = email_code(&req.code, req.client.as_ref())?;
+        let done = self.profiles.verify_email(code).await?;
+        Ok(Response::new(pb::VerifyEmailResponse {
+            user_id: done.user_id.to_string(),
+            email: done.email,
+            email_verified_at: Some(timestamp(done.email_verified_at)),
+        }))
+    }
+
+    async fn confirm_email_change(
+        &self,
+        request: Request<pb::ConfirmEmailChangeRequest>,
+    ) -> Result<Response<pb::ConfirmEmailChangeResponse>, Status> {
+        let req = request.get_ref();
+        let code = email_code(&req.code, req.client.as_ref())?;
+        let done = self.profiles.confirm_email_change(code).await?;
+        Ok(Response::new(pb::ConfirmEmailChangeResponse {
+            user_id: done.user_id.to_string(),
+            email: done.email,
+            email_verified_at: Some(timestamp(done.email_verified_at)),
         }))
     }
 

@@ -43,6 +43,8 @@ impl From<ProfileRecord> for pb::Profile {
             version: p.version,
             created_at: Some(timestamp(p.created_at)),
             updated_at: Some(timestamp(p.updated_at)),
+            email_verified: p.email_verified_at.is_some(),
+            email_verified_at: p.email_verified_at.map(timestamp),
         }
     }
 }

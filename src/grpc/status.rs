@@ -90,6 +90,10 @@ impl From<AuthError> for Status {
             }
             AuthError::Locked => Status::resource_exhausted(error.to_string()),
             AuthError::Disabled => Status::permission_denied(error.to_string()),
+            AuthError::EmailAlreadyVerified => {
+                let details = ErrorDetails::with_error_info("EMAIL_ALREADY_VERIFIED", "authd", []);
+                Status::with_error_details(Code::FailedPrecondition, error.to_string(), details)
+            }
             AuthError::ReauthenticationRequired => {
                 let details =
                     ErrorDetails::with_error_info("REAUTHENTICATION_REQUIRED", "authd", []);

@@ -18,6 +18,10 @@ pub struct ProfileRecord {
     pub created_at: DateTime<Utc>,
     #[serde(with = "chrono::serde::ts_microseconds")]
     pub updated_at: DateTime<Utc>,
+    /// When the account's email address was verified (`None`: not verified; also in a copy
+    /// written by an earlier release, which a verification's new version replaces).
+    #[serde(default, with = "chrono::serde::ts_microseconds_option")]
+    pub email_verified_at: Option<DateTime<Utc>>,
 }
 
 /// New values for some fields (`None` = untouched), already validated.

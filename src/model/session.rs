@@ -19,4 +19,9 @@ pub struct SessionRecord {
     pub authenticated_at: DateTime<Utc>,
     pub ip_address: String,
     pub user_agent: String,
+    /// When the account's email address was verified (`None`: not verified). A copy written by
+    /// an earlier release lacks it and reads as `None`: late copies only ever say "not verified"
+    /// (see `auth::email`).
+    #[serde(default, with = "chrono::serde::ts_microseconds_option")]
+    pub email_verified_at: Option<DateTime<Utc>>,
 }

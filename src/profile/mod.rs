@@ -1,4 +1,5 @@
 //! Profiles: read-mostly data served from a Redis cache in front of PostgreSQL.
+mod email;
 mod erasure;
 pub mod model;
 mod service;

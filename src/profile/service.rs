@@ -269,25 +269,35 @@ impl ProfileService {
             .update(user_id, &changes, expected_version, self.auth.clock().now())
             .await?;
         let (profile, logged) = match outcome {
-            UpdateOutcome::Updated(profile, logged) => (profile, logged),
+            UpdateOutcome::Updated(profile, logged) => (*profile, logged),
             UpdateOutcome::VersionMismatch => return Err(ProfileError::VersionMismatch),
             UpdateOutcome::NotFound => return Err(ProfileError::NotFound),
         };
         tracing::info!(%user_id, version = profile.version, "profile updated");
-        // Not confirmed (Redis down, disabled, or the replicas late): the log has it, and every
-        // instance with Redis applies it on its next pass.
-        let written = async {
-            let redis = self.cache.redis();
-            let stamp = redis.stamp();
-            if !self.cache.raise(&[ProfileWrite::Updated(&profile)]).await {
-                return Announcement::default();
-            }
-            redis.mark_applied(stamp, Log::Profiles, [logged])
-        };
+        let written = self.publish(profile.clone(), Some(logged));
         self.local
             .invalidate(Keys::profiles([user_id]), written)
             .await?;
         Ok(profile)
+    }
+
+    /// Writes a new version of the profile to Redis, and answers it (with its log row, when
+    /// given) as applied. Not confirmed (Redis down, disabled, or the replicas late): the log has
+    /// it, and every instance with Redis applies it on its next pass.
+    pub(super) async fn publish(
+        &self,
+        profile: ProfileRecord,
+        logged: Option<(i64, chrono::DateTime<chrono::Utc>)>,
+    ) -> Announcement {
+        let redis = self.cache.redis();
+        let stamp = redis.stamp();
+        if !self.cache.raise(&[ProfileWrite::Updated(&profile)]).await {
+            return Announcement::default();
+        }
+        match logged {
+            Some(logged) => redis.mark_applied(stamp, Log::Profiles, [logged]),
+            None => Announcement::default(),
+        }
     }
 
     /// Makes these logged versions visible in the cache as floors (older copies are never

@@ -18,6 +18,7 @@ pub struct AdminUser {
     pub active_sessions: i64,
     pub last_login_at: Option<DateTime<Utc>>,
     pub password_change_required: bool,
+    pub email_verified_at: Option<DateTime<Utc>>,
 }
 
 /// How to find an account.
@@ -67,6 +68,7 @@ impl AdminRepo<'_> {
         let sql = format!(
             "select u.id, u.email, coalesce(p.display_name, '') as display_name, u.created_at,
                     u.disabled_at, u.disabled_reason, u.last_login_at, u.password_change_required,
+                    u.email_verified_at,
                     (select count(*) from sessions s where s.user_id = u.id and {}) as active_sessions
              from users u left join profiles p on p.user_id = u.id
              where {by}",

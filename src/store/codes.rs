@@ -17,12 +17,16 @@ pub const RETRY_GRACE: Duration = Duration::from_secs(600);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
     PasswordReset,
+    EmailVerification,
+    EmailChange,
 }
 
 impl Flow {
     pub fn as_str(self) -> &'static str {
         match self {
             Flow::PasswordReset => "password_reset",
+            Flow::EmailVerification => "email_verification",
+            Flow::EmailChange => "email_change",
         }
     }
 }
@@ -50,7 +54,7 @@ pub struct Reset {
     pub revocation: Revocation,
 }
 
-pub struct CodeRepo<'a>(&'a Db);
+pub struct CodeRepo<'a>(pub(super) &'a Db);
 
 impl Db {
     pub fn codes(&self) -> CodeRepo<'_> {
@@ -71,11 +75,11 @@ impl CodeRepo<'_> {
         ttl: Duration,
     ) -> Result<Option<Uuid>, StoreError> {
         let query = sqlx::query_scalar::<_, Option<Uuid>>(
-            "insert into account_codes (code_hash, flow, user_id, expires_at)
-             select $1, $2,
-                    (select id from users
-                     where email_normalized = $4 and disabled_at is null),
-                    clock_timestamp() + $3::bigint * interval '1 microsecond'
+            "insert into account_codes (code_hash, flow, user_id, expires_at, email_normalized)
+             select $1, $2, u.id, clock_timestamp() + $3::bigint * interval '1 microsecond',
+                    u.email_normalized
+             from (select 1) as one
+             left join users u on u.email_normalized = $4 and u.disabled_at is null
              returning user_id",
         )
         .bind(code_hash)
@@ -168,8 +172,10 @@ impl CodeRepo<'_> {
                                               completed_with = sha256(convert_to($4, 'UTF8'))
                      where code_hash = $1 and flow = $2 and used_at is null
                        and expires_at > clock_timestamp()
-                       and exists (select 1 from users
-                                   where id = $3 and disabled_at is null)
+                       and exists (select 1 from users u
+                                   where u.id = $3 and u.disabled_at is null
+                                     and (account_codes.email_normalized is null
+                                          or account_codes.email_normalized = u.email_normalized))
                      returning user_id",
                 )
                 .bind(code_hash)

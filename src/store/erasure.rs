@@ -1,6 +1,7 @@
 //! Account deletion: one transaction that revokes every session (queued like any revocation),
 //! floors the profile's cached copies at a version above every copy, erases the account's rows,
-//! rewrites the audit rows that name it by email, and keeps a pseudonymous record
+//! rewrites the audit rows that name it by email (its last address, and those it moved away from
+//! before they were looked up), and keeps a pseudonymous record
 //! (`account_deletions`; see the migration for what stays and why).
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -131,6 +132,11 @@ impl Db {
                 .bind(user_id)
                 .bind(&normalized);
             self.run(audit.execute(&mut *tx)).await?;
+            // And the rows that found it by an address it moved away from (then gone too).
+            let previous = sqlx::query("select pseudonymize_previous_emails($1)").bind(user_id);
+            self.run(previous.execute(&mut *tx)).await?;
+            let gone = sqlx::query("delete from previous_emails where user_id = $1").bind(user_id);
+            self.run(gone.execute(&mut *tx)).await?;
             self.run(tx.commit()).await?;
             Ok(Erasure::Erased(Erased {
                 revocation,

@@ -6,6 +6,7 @@
 mod admin;
 pub mod coalesce;
 mod codes;
+mod email;
 mod erasure;
 mod events;
 pub mod follow;
@@ -41,6 +42,7 @@ use sqlx::{
 
 pub use admin::{AdminRepo, AdminUser, AuditEntry, SessionCursor, UserLookup};
 pub use codes::{CodeRepo, Flow, Reset, StoredCode};
+pub use email::{Completion, EmailDone, NotIssued};
 pub use erasure::{DeletedBy, Erased, Erasure, Guard};
 pub use events::{ChangeEvent, EVENT_PURGE_BATCH, EventKind, EventRepo, Reason, Stream};
 pub use history::HistoryHook;
@@ -416,7 +418,7 @@ impl Db {
 
 /// The tables of authd's schema (every `create table` of `migrations/`; a unit test keeps the
 /// list whole). Tables of others in the same schema are none of authd's business.
-const TABLES: [&str; 20] = [
+const TABLES: [&str; 21] = [
     "account_codes",
     "account_deletions",
     "admin_audit",
@@ -428,6 +430,7 @@ const TABLES: [&str; 20] = [
     "local_cache_instances",
     "local_cache_leases",
     "outbox_cursors",
+    "previous_emails",
     "profile_invalidations",
     "profiles",
     "redis_fingerprints",
@@ -441,7 +444,8 @@ const TABLES: [&str; 20] = [
 
 /// The privileges the service's role needs (README "Docker compose" and
 /// deploy/postgres/roles.sql) on [`TABLES`] (`$1`): rows of each (the audit, the secrets and
-/// the signing keys append-only), their sequences, and the purges of the audit and the keys.
+/// the signing keys append-only), their sequences, the purges of the audit and the keys, and the
+/// audit's rewrites of a deleted account's addresses.
 const PRIVILEGES: &str = "
     select format('%s on %s', p.privilege, t.name)
     from unnest($1::text[]) as t(name)
@@ -459,7 +463,8 @@ const PRIVILEGES: &str = "
     union all
     select format('execute on function %s', f)
     from unnest(array['purge_admin_audit(bigint, bigint)', 'purge_jwt_keys(integer[], bigint)',
-                       'purge_token_keys(bigint)']) as f
+                       'purge_token_keys(bigint)', 'pseudonymize_admin_audit(uuid, text)',
+                       'pseudonymize_previous_emails(uuid)']) as f
     where not coalesce(has_function_privilege(to_regprocedure(f), 'execute'), false)";
 
 /// Creates the database of `url` unless it exists (this is also the first connection made).

@@ -120,8 +120,10 @@ macro_rules! active {
 /// [`active!`] as a constant, for statements built at run time (`$1`: the idle timeout in µs).
 pub(super) const ACTIVE: &str = active!();
 
+/// A session's columns (from `sessions`), with its account's email verification.
 pub(super) const COLUMNS: &str = "id, user_id, created_at, last_seen_at, absolute_expires_at, \
-                       authenticated_at, ip_address, user_agent, revoked_at";
+    authenticated_at, ip_address, user_agent, revoked_at, \
+    (select u.email_verified_at from users u where u.id = sessions.user_id) as email_verified_at";
 
 /// A session row: the record plus whether it was revoked.
 pub struct StoredSession {
@@ -143,6 +145,7 @@ impl FromRow<'_, PgRow> for StoredSession {
                 authenticated_at: row.try_get("authenticated_at")?,
                 ip_address: row.try_get("ip_address")?,
                 user_agent: row.try_get("user_agent")?,
+                email_verified_at: row.try_get("email_verified_at")?,
             },
             revoked: revoked_at.is_some(),
         })
@@ -181,12 +184,13 @@ impl SessionRepo<'_> {
     /// used active sessions beyond `max_per_user` (counting the new one). `None` when the password
     /// changed or the account was disabled meanwhile (nothing is written). The user row is locked
     /// first, so a concurrent ChangePassword or DisableUser either sees this session (and revokes
-    /// it) or wins first.
+    /// it) or wins first, and an email verification either lists it or is what it reads: with the
+    /// account's `email_verified_at` under that lock.
     pub async fn insert_capped(
         &self,
         s: &NewSession<'_>,
         since: Since,
-    ) -> Result<Option<Revocation>, StoreError> {
+    ) -> Result<Option<(Revocation, Option<DateTime<Utc>>)>, StoreError> {
         self.0.retrying(|| self.insert_capped_once(s, since)).await
     }
 
@@ -194,19 +198,14 @@ impl SessionRepo<'_> {
         &self,
         s: &NewSession<'_>,
         since: Since,
-    ) -> Result<Option<Revocation>, StoreError> {
+    ) -> Result<Option<(Revocation, Option<DateTime<Utc>>)>, StoreError> {
         let r = s.record;
         let mut tx = self.0.run(self.0.pool().begin()).await?;
-        if self
-            .0
-            .users()
-            .lock_for_login(&mut tx, r.user_id)
-            .await?
-            .as_deref()
-            != Some(s.verified_hash)
-        {
+        let locked = self.0.users().lock_for_login(&mut tx, r.user_id).await?;
+        let Some((_, email_verified_at)) = locked.filter(|(hash, _)| hash == s.verified_hash)
+        else {
             return Ok(None);
-        }
+        };
         let query = sqlx::query_as::<_, super::outbox::QueuedRow>(concat!(
             "with new_session as (
                  insert into sessions (id, user_id, token_hash, created_at, last_seen_at,
@@ -244,7 +243,7 @@ impl SessionRepo<'_> {
         let rows = self.0.run(query.fetch_all(&mut *tx)).await?;
         self.signed_in(&mut tx, r.user_id, s.client).await?;
         self.0.run(tx.commit()).await?;
-        Ok(Some(Revocation::from_rows(rows)))
+        Ok(Some((Revocation::from_rows(rows), email_verified_at)))
     }
 
     /// A correct password: the count of wrong ones starts over, the login is recorded, and the
@@ -406,19 +405,21 @@ impl SessionRepo<'_> {
 
     /// Records activity now (PostgreSQL's time when the row is locked) unless the session was
     /// revoked or has expired (an expired session is never revived, however long the statement
-    /// waited for the row); `None` means the caller must not accept the session.
+    /// waited for the row); `None` means the caller must not accept the session. With the
+    /// account's email verification as it is now (a cached copy catches up at each touch).
     pub async fn touch(
         &self,
         id: Uuid,
         idle: std::time::Duration,
-    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+    ) -> Result<Option<(DateTime<Utc>, Option<DateTime<Utc>>)>, StoreError> {
         let sql = format!(
             "update sessions set last_seen_at = greatest(last_seen_at, clock_timestamp())
              where id = $2 and {}
-             returning last_seen_at",
+             returning last_seen_at,
+                       (select u.email_verified_at from users u where u.id = sessions.user_id)",
             active!()
         );
-        let query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        let query = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(micros(idle))
             .bind(id);
         self.0.run(query.fetch_optional(self.0.pool())).await

@@ -182,18 +182,21 @@ impl UserRepo<'_> {
         self.0.run(query.fetch_optional(tx)).await
     }
 
-    /// [`UserRepo::lock_password`] for a login: `None` as well when the account is disabled.
+    /// [`UserRepo::lock_password`] for a login, with the account's email verification as it is
+    /// under the lock (what the new session's copies carry): `None` as well when the account is
+    /// disabled.
     pub(super) async fn lock_for_login(
         &self,
         tx: &mut sqlx::PgConnection,
         user_id: Uuid,
-    ) -> Result<Option<String>, StoreError> {
-        let query = sqlx::query_as::<_, (String, bool)>(
-            "select password_hash, disabled_at is not null from users where id = $1 for update",
+    ) -> Result<Option<(String, Option<DateTime<Utc>>)>, StoreError> {
+        let query = sqlx::query_as::<_, (String, bool, Option<DateTime<Utc>>)>(
+            "select password_hash, disabled_at is not null, email_verified_at
+             from users where id = $1 for update",
         )
         .bind(user_id);
         let row = self.0.run(query.fetch_optional(tx)).await?;
-        Ok(row.and_then(|(hash, disabled)| (!disabled).then_some(hash)))
+        Ok(row.and_then(|(hash, disabled, verified)| (!disabled).then_some((hash, verified))))
     }
 
     /// Inside a transaction that holds the user's row: sets the new password hash (clearing the

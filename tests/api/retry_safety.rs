@@ -5,7 +5,8 @@
 //! the logs kept accepting the token; the review's first finding.) For Logout, RevokeSession,
 //! RevokeAllSessions, the AdminService's RevokeUserSessions, DisableUser and DeleteUser, and
 //! CompletePasswordReset (retried with the same code and password), retried from an instance with
-//! Redis and from one with `REDIS__ENABLED=false`.
+//! Redis and from one with `REDIS__ENABLED=false`. VerifyEmail and ConfirmEmailChange, which
+//! revoke nothing, retried the same way: the same answer, after the same catch-up.
 use std::time::Duration;
 
 use authd::proto::authd::v1::{self as pb, admin_service_client::AdminServiceClient};
@@ -273,4 +274,46 @@ retried! {
     a_retried_password_reset_without_redis_waits_for_the_holders: CompletePasswordReset, false;
     a_retried_delete_user_waits_for_the_holders: DeleteUser, true;
     a_retried_delete_user_without_redis_waits_for_the_holders: DeleteUser, false;
+}
+
+/// VerifyEmail and ConfirmEmailChange, first attempt committed and then UNAVAILABLE (the holders
+/// could not be read): the retry with the same code answers OK with the same verification, after
+/// the same catch-up — the holder's copy of the session, served from memory before, says
+/// verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_email_verification_or_change_answers_the_same_after_the_same_catch_up() {
+    let fleet = Fleet::start(Duration::from_secs(20)).await;
+    for change in [false, true] {
+        let (_, registered) = fleet.a.register().await;
+        let token = &registered.session_token;
+        fleet.hold(token).await;
+        assert!(!fleet.b.validate_full(token).await.unwrap().email_verified);
+        let at = if change {
+            let started = fleet.a.start_change(token, &unique_email(), "").await;
+            let code = started.unwrap().code;
+            let first = fleet.failing(fleet.a.confirm_change(&code)).await;
+            eprintln!("ConfirmEmailChange, first attempt: {first:?}");
+            fleet
+                .a
+                .confirm_change(&code)
+                .await
+                .unwrap()
+                .email_verified_at
+        } else {
+            let started = fleet.a.start_verification(&registered.user_id).await;
+            let code = started.unwrap().code;
+            let first = fleet.failing(fleet.a.verify_email(&code)).await;
+            eprintln!("VerifyEmail, first attempt: {first:?}");
+            fleet.a.verify_email(&code).await.unwrap().email_verified_at
+        };
+        let on_b = fleet.b.validate_full(token).await.unwrap();
+        assert!(on_b.email_verified, "{on_b:?}");
+        assert_eq!(on_b.email_verified_at, at);
+    }
+    for flow in ["email_verification", "email_change"] {
+        for outcome in ["completed", "retried"] {
+            let sample = crate::accounts::completions(flow, outcome);
+            assert_eq!(fleet.a.metric(&sample).await, 1.0, "{sample}");
+        }
+    }
 }

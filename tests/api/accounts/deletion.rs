@@ -23,6 +23,10 @@ struct Personal {
     bio: String,
     ip: String,
     user_agent: String,
+    /// An address the account was moving to (a pending email change).
+    moving_to: String,
+    /// The address it had before `email` (a confirmed email change).
+    former: String,
 }
 
 impl Personal {
@@ -34,11 +38,17 @@ impl Personal {
             bio: format!("a very personal bio {}", &id[8..16]),
             ip: "203.0.113.77".into(),
             user_agent: format!("ErasureAgent/{}", &id[16..24]),
+            moving_to: format!("Moving-{}@Example.org", &id[24..]),
+            former: format!("Former-{id}@Example.net"),
         }
     }
 
-    fn strings(&self) -> [String; 6] {
+    fn strings(&self) -> [String; 10] {
         [
+            self.former.clone(),
+            self.former.to_lowercase(),
+            self.moving_to.clone(),
+            self.moving_to.to_lowercase(),
             self.email.clone(),
             self.email.to_lowercase(),
             self.display_name.clone(),
@@ -49,13 +59,15 @@ impl Personal {
     }
 
     /// Registers the account, gives it a bio and a second session, and leaves traces of it
-    /// everywhere: cached sessions and profile, a reset code, an audit row naming its email.
+    /// everywhere: cached sessions and profile, a reset code, a verification code, a pending
+    /// email change, audit rows naming its email and the one it had before.
     async fn create(&self, app: &TestApp) -> (String, [String; 2]) {
+        let flows = app.settings.accounts.served();
         let registered = app
             .auth
             .clone()
             .register(pb::RegisterRequest {
-                email: self.email.clone(),
+                email: if flows { &self.former } else { &self.email }.clone(),
                 password: PASSWORD.into(),
                 display_name: self.display_name.clone(),
                 client: Some(pb::ClientInfo {
@@ -68,6 +80,19 @@ impl Personal {
             .unwrap()
             .into_inner();
         let token = registered.session_token;
+        if flows {
+            // An operator looked it up by its former address, then it moved to `email`.
+            let lookup = pb::get_user_request::Lookup::Email(self.former.clone());
+            let request = pb::GetUserRequest {
+                lookup: Some(lookup),
+            };
+            let found = admin(app).get_user(with_key(ADMIN_KEY, request)).await;
+            assert_eq!(found.unwrap().into_inner().user.unwrap().email, self.former);
+            app.start_verification(&registered.user_id).await.unwrap();
+            let moving = app.start_change(&token, &self.email, PASSWORD).await;
+            let confirmed = app.confirm_change(&moving.unwrap().code).await.unwrap();
+            assert_eq!(confirmed.email, self.email);
+        }
         let profile = pb::Profile {
             bio: self.bio.clone(),
             ..Default::default()
@@ -83,8 +108,10 @@ impl Personal {
             app.validate(t).await.unwrap();
         }
         app.get_profile(&registered.user_id).await.unwrap();
-        if app.settings.accounts.served() {
+        if flows {
             app.start_reset(&self.email).await.unwrap();
+            let moving = app.start_change(&token, &self.moving_to, PASSWORD).await;
+            assert_eq!(moving.unwrap().current_email, self.email);
         }
         let lookup = pb::get_user_request::Lookup::Email(self.email.clone());
         let request = pb::GetUserRequest {

@@ -11,6 +11,7 @@ use crate::{
 };
 
 mod deletion;
+mod email;
 mod required;
 mod reset;
 
@@ -57,6 +58,25 @@ pub async fn watched_fleet(dir: &Path) -> ([TestApp; 3], Watcher) {
     ([a, b, c], watcher)
 }
 
+/// The `authd_account_flows_total` sample of completions of `flow` that ended so.
+pub fn completions(flow: &str, outcome: &str) -> String {
+    format!("authd_account_flows_total{{flow=\"{flow}\",outcome=\"{outcome}\",step=\"complete\"}}")
+}
+
+/// `holder` serves each of `tokens` from its memory (the second validation of each is a hit).
+pub async fn held(holder: &TestApp, tokens: &[String]) {
+    let hits = "authd_local_cache_lookups_total{cache=\"sessions\",result=\"hit\"}";
+    for token in tokens {
+        holder.validate(token).await.unwrap();
+    }
+    let before = holder.metric(hits).await;
+    for token in tokens {
+        holder.validate(token).await.unwrap();
+    }
+    let after = holder.metric(hits).await;
+    assert_eq!(after, before + tokens.len() as f64, "held in memory");
+}
+
 pub fn accounts(app: &TestApp) -> AccountServiceClient<Channel> {
     AccountServiceClient::new(app.channel.clone())
 }
@@ -78,6 +98,67 @@ impl TestApp {
         };
         accounts(self)
             .start_password_reset(with_key(NOTIFIER_KEY, request))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// StartEmailVerification as the notifier, for an end user at 192.0.2.1.
+    pub async fn start_verification(
+        &self,
+        user_id: &str,
+    ) -> Result<pb::StartEmailVerificationResponse, Status> {
+        let request = pb::StartEmailVerificationRequest {
+            user_id: user_id.to_owned(),
+            client: client("192.0.2.1"),
+        };
+        accounts(self)
+            .start_email_verification(with_key(NOTIFIER_KEY, request))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// StartEmailChange as the notifier, on behalf of the owner of `token` (at 192.0.2.1).
+    pub async fn start_change(
+        &self,
+        token: &str,
+        new_email: &str,
+        password: &str,
+    ) -> Result<pb::StartEmailChangeResponse, Status> {
+        let request = pb::StartEmailChangeRequest {
+            session_token: token.to_owned(),
+            new_email: new_email.to_owned(),
+            password: password.to_owned(),
+            client: client("192.0.2.1"),
+        };
+        accounts(self)
+            .start_email_change(with_key(NOTIFIER_KEY, request))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// VerifyEmail from an end user at 192.0.2.1.
+    pub async fn verify_email(&self, code: &str) -> Result<pb::VerifyEmailResponse, Status> {
+        self.auth
+            .clone()
+            .verify_email(pb::VerifyEmailRequest {
+                code: code.to_owned(),
+                client: client("192.0.2.1"),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// ConfirmEmailChange from an end user at 192.0.2.1.
+    pub async fn confirm_change(
+        &self,
+        code: &str,
+    ) -> Result<pb::ConfirmEmailChangeResponse, Status> {
+        self.auth
+            .clone()
+            .confirm_email_change(pb::ConfirmEmailChangeRequest {
+                code: code.to_owned(),
+                client: client("192.0.2.1"),
+            })
             .await
             .map(tonic::Response::into_inner)
     }
