@@ -162,6 +162,7 @@ pub(crate) async fn recovers(env: &Env) -> Result<Duration, Violation> {
                     let validate = |client: &mut AuthServiceClient<Channel>| {
                         let request = pb::ValidateSessionRequest {
                             session_token: token.clone(),
+                            ..Default::default()
                         };
                         let mut client = client.clone();
                         async move { client.validate_session(request).await.is_ok() }

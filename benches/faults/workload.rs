@@ -179,6 +179,7 @@ async fn step(shared: &Shared, rng: &mut fastrand::Rng, instance: usize, roll: u
                     &auth
                         .validate_session(pb::ValidateSessionRequest {
                             session_token: token,
+                            ..Default::default()
                         })
                         .await,
                 ),

@@ -205,6 +205,7 @@ async fn measure(
             AuthServiceClient::new(channel.clone())
                 .validate_session(pb::ValidateSessionRequest {
                     session_token: token.clone(),
+                    ..Default::default()
                 })
                 .await?;
         }

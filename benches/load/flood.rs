@@ -34,6 +34,7 @@ fn forged_validate() -> impl Call {
         AuthServiceClient::new(ch)
             .validate_session(pb::ValidateSessionRequest {
                 session_token: made_up_token(),
+                ..Default::default()
             })
             .await
             .map(|_| ())

@@ -134,6 +134,7 @@ fn validate_call(tokens: Arc<Vec<String>>) -> impl driver::Call {
             AuthServiceClient::new(ch)
                 .validate_session(pb::ValidateSessionRequest {
                     session_token: token,
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ())
@@ -240,6 +241,7 @@ async fn warm(env: &Env, server: &Server) -> anyhow::Result<()> {
                 AuthServiceClient::new(channel.clone())
                     .validate_session(pb::ValidateSessionRequest {
                         session_token: user.token.clone(),
+                        ..Default::default()
                     })
                     .await?;
                 ProfileServiceClient::new(channel)
@@ -294,6 +296,7 @@ async fn local_memory(env: &Env, opts: &Opts) -> anyhow::Result<Row> {
             AuthServiceClient::new(channel)
                 .validate_session(pb::ValidateSessionRequest {
                     session_token: token,
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ())

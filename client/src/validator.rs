@@ -138,6 +138,7 @@ impl Validator {
         let ticket = state.ticket();
         let request = pb::ValidateSessionRequest {
             session_token: token.to_owned(),
+            ..Default::default()
         };
         let mut auth = self.inner.auth.clone();
         let answered = tokio::time::timeout(FETCH_BOUND, auth.validate_session(request))

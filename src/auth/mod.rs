@@ -87,6 +87,9 @@ pub enum AuthError {
     /// Deleting the account needs the current password, or a session authenticated recently.
     #[error("this needs a recent sign-in: send the current password, or sign in again and retry")]
     ReauthenticationRequired,
+    /// ValidateSession with `max_auth_age`: the session's password was checked earlier (when).
+    #[error("this needs a more recent sign-in than the session's: sign in again")]
+    StaleAuthentication(chrono::DateTime<chrono::Utc>),
     /// The right password for an account an administrator disabled.
     #[error("this account is disabled; contact support")]
     Disabled,

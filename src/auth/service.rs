@@ -316,6 +316,23 @@ impl AuthService {
         self.validate_checked(token).await
     }
 
+    /// [`Self::validate`], and a step-up: the session's password checked at most `max_age` ago
+    /// (judged on the same copy, at no extra cost).
+    pub async fn validate_recent(
+        &self,
+        token: &str,
+        max_age: Option<std::time::Duration>,
+    ) -> Result<SessionView, AuthError> {
+        let view = self.validate(token).await?;
+        let at = view.record.authenticated_at;
+        match max_age {
+            Some(max) if (self.clock.now() - at).to_std().is_ok_and(|age| age > max) => {
+                Err(AuthError::StaleAuthentication(at))
+            }
+            _ => Ok(view),
+        }
+    }
+
     pub(super) async fn validate_checked(&self, token: Checked) -> Result<SessionView, AuthError> {
         let hash = &token.hash;
         if let Some(record) = self.local.session(hash) {

@@ -160,13 +160,18 @@ impl AuthServiceRpc for AuthGrpc {
         &self,
         request: Request<pb::ValidateSessionRequest>,
     ) -> Result<Response<pb::ValidateSessionResponse>, Status> {
-        let view = self
-            .service
-            .validate(super::session_token(
-                &request,
-                &request.get_ref().session_token,
-            )?)
-            .await?;
+        let req = request.get_ref();
+        let max_auth_age = match req.max_auth_age {
+            None => None,
+            Some(age) => Some(std::time::Duration::try_from(age).map_err(|_| {
+                AuthError::InvalidInput(vec![input::FieldViolation {
+                    field: "max_auth_age".into(),
+                    description: "must be a duration of zero or more".into(),
+                }])
+            })?),
+        };
+        let token = super::session_token(&request, &req.session_token)?;
+        let view = self.service.validate_recent(token, max_auth_age).await?;
         let verified_at = view.record.email_verified_at;
         Ok(Response::new(pb::ValidateSessionResponse {
             authenticated_at: Some(timestamp(view.record.authenticated_at)),

@@ -94,6 +94,12 @@ impl From<AuthError> for Status {
                 let details = ErrorDetails::with_error_info("EMAIL_ALREADY_VERIFIED", "authd", []);
                 Status::with_error_details(Code::FailedPrecondition, error.to_string(), details)
             }
+            AuthError::StaleAuthentication(at) => {
+                let metadata = [("authenticated_at".to_owned(), at.to_rfc3339())];
+                let details =
+                    ErrorDetails::with_error_info("REAUTHENTICATION_REQUIRED", "authd", metadata);
+                Status::with_error_details(Code::FailedPrecondition, error.to_string(), details)
+            }
             AuthError::ReauthenticationRequired => {
                 let details =
                     ErrorDetails::with_error_info("REAUTHENTICATION_REQUIRED", "authd", []);

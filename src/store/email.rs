@@ -190,9 +190,11 @@ impl CodeRepo<'_> {
                     // Audit rows that found the account by its old address are its own: its
                     // deletion rewrites them too (`store::erasure`).
                     let moved = sqlx::query(
-                        "insert into previous_emails (user_id, email_normalized)
-                         select id, email_normalized from users
-                         where id = $1 and email_normalized <> $2",
+                        "insert into previous_emails (user_id, email_normalized, acquired_at)
+                         select id, email_normalized,
+                                coalesce((select max(p.replaced_at) from previous_emails p
+                                          where p.user_id = u.id), u.created_at)
+                         from users u where id = $1 and email_normalized <> $2",
                     )
                     .bind(user_id)
                     .bind(&normalized);

@@ -71,11 +71,18 @@ impl Db {
     ) -> Result<Erasure, StoreError> {
         self.retrying(|| async {
             let mut tx = self.run(self.pool().begin()).await?;
-            let locked = sqlx::query_as::<_, (String, String)>(
-                "select email_normalized, password_hash from users where id = $1 for update",
+            // With when it got its address: audit rows about the address before that are about
+            // whoever had it then.
+            let locked = sqlx::query_as::<_, (String, String, DateTime<Utc>)>(
+                "select email_normalized, password_hash,
+                        coalesce((select max(p.replaced_at) from previous_emails p
+                                  where p.user_id = u.id), u.created_at)
+                 from users u where id = $1 for update",
             )
             .bind(user_id);
-            let Some((normalized, hash)) = self.run(locked.fetch_optional(&mut *tx)).await? else {
+            let Some((normalized, hash, acquired)) =
+                self.run(locked.fetch_optional(&mut *tx)).await?
+            else {
                 drop(tx);
                 return self.erased_before(user_id, since).await;
             };
@@ -128,11 +135,13 @@ impl Db {
             .bind(by.as_str())
             .bind(floor.version);
             self.run(erase.execute(&mut *tx)).await?;
-            let audit = sqlx::query("select pseudonymize_admin_audit($1, $2)")
+            let audit = sqlx::query("select pseudonymize_admin_audit($1, $2, $3)")
                 .bind(user_id)
-                .bind(&normalized);
+                .bind(&normalized)
+                .bind(acquired);
             self.run(audit.execute(&mut *tx)).await?;
-            // And the rows that found it by an address it moved away from (then gone too).
+            // And the rows that found it by an address it moved away from, while it had it (then
+            // the record of those addresses goes too).
             let previous = sqlx::query("select pseudonymize_previous_emails($1)").bind(user_id);
             self.run(previous.execute(&mut *tx)).await?;
             let gone = sqlx::query("delete from previous_emails where user_id = $1").bind(user_id);

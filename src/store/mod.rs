@@ -463,7 +463,7 @@ const PRIVILEGES: &str = "
     union all
     select format('execute on function %s', f)
     from unnest(array['purge_admin_audit(bigint, bigint)', 'purge_jwt_keys(integer[], bigint)',
-                       'purge_token_keys(bigint)', 'pseudonymize_admin_audit(uuid, text)',
+                       'purge_token_keys(bigint)', 'pseudonymize_admin_audit(uuid, text, timestamptz)',
                        'pseudonymize_previous_emails(uuid)']) as f
     where not coalesce(has_function_privilege(to_regprocedure(f), 'execute'), false)";
 

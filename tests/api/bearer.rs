@@ -35,6 +35,7 @@ async fn every_session_call_takes_the_token_from_bearer_metadata() {
     auth.validate_session(with_authorization(
         pb::ValidateSessionRequest {
             session_token: token.clone(),
+            ..Default::default()
         },
         &format!("bearer {token}"),
     ))
@@ -152,6 +153,7 @@ async fn a_token_in_metadata_and_another_in_the_body_is_invalid_argument() {
         auth.validate_session(bearer(
             pb::ValidateSessionRequest {
                 session_token: second.session_token.clone(),
+                ..Default::default()
             },
             &first.session_token,
         ))
@@ -185,6 +187,7 @@ async fn a_token_in_metadata_and_another_in_the_body_is_invalid_argument() {
             auth.validate_session(with_authorization(
                 pb::ValidateSessionRequest {
                     session_token: first.session_token.clone(),
+                    ..Default::default()
                 },
                 value,
             ))

@@ -267,6 +267,7 @@ async fn a_redis_outage_is_logged_once_and_its_end_once() {
             loop {
                 let request = authd::proto::authd::v1::ValidateSessionRequest {
                     session_token: token.clone(),
+                    ..Default::default()
                 };
                 let _ = auth.validate_session(request).await;
                 tokio::time::sleep(Duration::from_millis(5)).await;

@@ -163,6 +163,7 @@ async fn a_paused_instance_holds_a_revocation_for_at_most_its_lease() {
     let mut client = paused.auth().await;
     let validate = |token: &str| pb::ValidateSessionRequest {
         session_token: token.to_owned(),
+        ..Default::default()
     };
     for _ in 0..2 {
         client.validate_session(validate(&token)).await.unwrap();

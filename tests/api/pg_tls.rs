@@ -373,6 +373,7 @@ async fn require_without_a_root_certificate_connects_and_warns() {
         .into_inner();
     auth.validate_session(authd::proto::authd::v1::ValidateSessionRequest {
         session_token: registered.session_token,
+        ..Default::default()
     })
     .await
     .expect("validated over TLS");

@@ -102,6 +102,7 @@ async fn a_fill_racing_a_revocation_cannot_resurrect_it() {
         let mut auth = auth;
         auth.validate_session(authd::proto::authd::v1::ValidateSessionRequest {
             session_token: token,
+            ..Default::default()
         })
         .await
     });
@@ -156,6 +157,7 @@ async fn concurrent_validations_never_accept_a_revoked_session() {
                     let answer = client
                         .validate_session(authd::proto::authd::v1::ValidateSessionRequest {
                             session_token: token.clone(),
+                            ..Default::default()
                         })
                         .await;
                     if after && answer.is_ok() {

@@ -4,7 +4,10 @@ use tonic::Code;
 
 use crate::{
     both_modes,
-    helpers::{Mode, PASSWORD, assert_code, spawn_app, spawn_with, test_settings},
+    helpers::{
+        Mode, PASSWORD, assert_code, eventually, spawn_app, spawn_with, test_settings,
+        violation_fields,
+    },
 };
 
 both_modes!(
@@ -138,4 +141,58 @@ async fn last_seen_is_written_at_most_once_per_touch_interval(mode: Mode) {
     let again = app.validate(&reg.session_token).await.unwrap();
     assert_eq!(again.last_seen_at, touched.last_seen_at);
     assert_eq!(again.expires_at, touched.expires_at);
+}
+
+/// Step-up: ValidateSession with `max_auth_age` accepts a session whose password was checked
+/// within it and answers FAILED_PRECONDITION (REAUTHENTICATION_REQUIRED, with the session's
+/// `authenticated_at`) past it — judged on the in-process copy, with no other lookup; a
+/// ChangePassword on the session makes it recent again. A negative age is INVALID_ARGUMENT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_up_needs_a_recent_password_check() {
+    use tonic_types::StatusExt;
+    let app = spawn_app(Mode::Redis).await;
+    let (_, registered) = app.register().await;
+    let token = registered.session_token.as_str();
+    let validate = |seconds: i64| {
+        let mut auth = app.auth.clone();
+        async move {
+            let request = authd::proto::authd::v1::ValidateSessionRequest {
+                session_token: token.to_owned(),
+                max_auth_age: Some(prost_types::Duration { seconds, nanos: 0 }),
+            };
+            auth.validate_session(request).await.map(|r| r.into_inner())
+        }
+    };
+    let fresh = validate(3600).await.unwrap();
+    let authenticated_at = fresh.authenticated_at.unwrap();
+    let hits = "authd_local_cache_lookups_total{cache=\"sessions\",result=\"hit\"}";
+    // Once the instance holds its lease, the session is served from its memory.
+    eventually(
+        Duration::from_secs(15),
+        "the session held in memory",
+        || async {
+            let before = app.metric(hits).await;
+            validate(3600).await.unwrap();
+            app.metric(hits).await > before
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let before = app.metric(hits).await;
+    let stale = assert_code(validate(1).await, Code::FailedPrecondition);
+    assert_eq!(app.metric(hits).await, before + 1.0, "answered from memory");
+    let info = stale.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "REAUTHENTICATION_REQUIRED");
+    let at = chrono::DateTime::parse_from_rfc3339(&info.metadata["authenticated_at"]).unwrap();
+    assert_eq!(at.timestamp(), authenticated_at.seconds);
+    validate(3600).await.unwrap();
+
+    let negative = assert_code(validate(-1).await, Code::InvalidArgument);
+    assert_eq!(violation_fields(&negative), ["max_auth_age"]);
+
+    app.change_password(token, PASSWORD, "a brand new passphrase 42")
+        .await
+        .unwrap();
+    let stepped_up = validate(1).await.unwrap();
+    assert!(stepped_up.authenticated_at.unwrap().seconds > authenticated_at.seconds);
 }

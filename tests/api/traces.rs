@@ -214,6 +214,7 @@ async fn calls_arrive_as_spans_of_the_callers_trace() {
     for _ in 0..3 {
         let validate = pb::ValidateSessionRequest {
             session_token: token.clone(),
+            ..Default::default()
         };
         auth.validate_session(traced(validate, CALLER_SPANS[1]))
             .await
@@ -436,6 +437,7 @@ async fn only_the_servers_failures_are_error_spans() {
     let refused = auth
         .validate_session(pb::ValidateSessionRequest {
             session_token: "not a token".to_owned(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

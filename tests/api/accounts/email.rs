@@ -377,12 +377,17 @@ async fn only_notifiers_start_them_and_bad_input_names_its_fields() {
     assert!(limited.get_details_retry_info().is_some(), "{limited:?}");
 }
 
+/// The app's database, as another client.
+async fn database(app: &TestApp) -> sqlx::PgPool {
+    use secrecy::ExposeSecret;
+    let url = app.settings.database.url.expose_secret();
+    sqlx::PgPool::connect(url).await.unwrap()
+}
+
 /// What a verification's transaction holds while it commits: the account's row (verified), then
 /// the profile's row.
 async fn verifying(app: &TestApp, user_id: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    use secrecy::ExposeSecret;
-    let url = app.settings.database.url.expose_secret();
-    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    let pool = database(app).await;
     let user_id: uuid::Uuid = user_id.parse().unwrap();
     let mut tx = pool.begin().await.unwrap();
     for statement in [
@@ -432,4 +437,52 @@ async fn an_update_or_login_that_waited_for_a_verification_shows_it() {
         let session = app.validate_full(&token).await.unwrap();
         assert!(session.email_verified, "{session:?}");
     }
+}
+
+/// Codes sent to an address the account moved away from do nothing, even one issued while the
+/// move committed (simulated: the move's voiding of the account's codes undone): a verification
+/// code verifies nothing, a reset code resets nothing. And the start of a move does not tell
+/// whether another account has the new address: the same answer as for a free one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codes_sent_to_an_old_address_do_nothing_after_a_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = notifier_settings(Mode::Redis, dir.path());
+    settings.accounts.attempts_per_address = 1000;
+    let app = spawn_with(settings).await;
+    let (old, registered) = app.register().await;
+    let token = &registered.session_token;
+    let verification = app.start_verification(&registered.user_id).await.unwrap();
+    let reset = app.start_reset(&old).await.unwrap();
+
+    let (taken, _) = app.register().await;
+    let to_taken = app.start_change(token, &taken, "").await.unwrap();
+    let new = unique_email();
+    let to_free = app.start_change(token, &new, "").await.unwrap();
+    for started in [&to_taken, &to_free] {
+        assert_eq!(started.current_email, old);
+        assert_eq!(started.code.len(), 24);
+        assert!(started.expires_at.is_some());
+    }
+    app.confirm_change(&to_free.code).await.unwrap();
+
+    let undo = "update account_codes set used_at = null
+                where user_id = $1 and completed_at is null";
+    let user_id: uuid::Uuid = registered.user_id.parse().unwrap();
+    let undone = sqlx::query(undo)
+        .bind(user_id)
+        .execute(&database(&app).await)
+        .await
+        .unwrap();
+    assert_eq!(
+        undone.rows_affected(),
+        3,
+        "the verification, the reset, the other move"
+    );
+    assert_code(
+        app.verify_email(&verification.code).await,
+        Code::Unauthenticated,
+    );
+    let reset = app.complete_reset(&reset.code, "a brand new passphrase 42");
+    assert_code(reset.await, Code::Unauthenticated);
+    app.login(&new, PASSWORD).await.unwrap();
 }

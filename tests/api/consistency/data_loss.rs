@@ -21,6 +21,7 @@ async fn paused_validation(
     let racing = tokio::spawn(async move {
         auth.validate_session(pb::ValidateSessionRequest {
             session_token: token,
+            ..Default::default()
         })
         .await
     });

@@ -213,6 +213,7 @@ async fn a_touch_delayed_past_expiry_cannot_outlive_revoke_all() {
         tokio::spawn(async move {
             auth.validate_session(pb::ValidateSessionRequest {
                 session_token: token,
+                ..Default::default()
             })
             .await
         })

@@ -47,6 +47,7 @@ async fn misconfigured(server_url: String, env: &[(&str, String)], setting: &str
         .into_inner();
     auth.validate_session(pb::ValidateSessionRequest {
         session_token: registered.session_token,
+        ..Default::default()
     })
     .await
     .expect("validated from PostgreSQL");

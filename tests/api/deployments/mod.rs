@@ -309,6 +309,7 @@ async fn a_primary_killed_under_load_costs_no_failed_validation() {
                 while !stop.load(Ordering::SeqCst) {
                     let request = pb::ValidateSessionRequest {
                         session_token: tokens[i % tokens.len()].clone(),
+                        ..Default::default()
                     };
                     match client.validate_session(request).await {
                         Ok(_) => ok.fetch_add(1, Ordering::SeqCst),

@@ -62,6 +62,7 @@ async fn calls_cut_short_leave_the_pool_whole() {
     for _ in 0..6 {
         let mut validate = tonic::Request::new(pb::ValidateSessionRequest {
             session_token: registered.session_token.clone(),
+            ..Default::default()
         });
         validate.set_timeout(Duration::from_millis(100));
         assert!(app.auth.clone().validate_session(validate).await.is_err());

@@ -156,6 +156,7 @@ impl TestApp {
             .clone()
             .validate_session(pb::ValidateSessionRequest {
                 session_token: token.to_owned(),
+                ..Default::default()
             })
             .await
             .map(|r| r.into_inner())

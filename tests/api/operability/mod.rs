@@ -278,6 +278,7 @@ async fn no_secret_reaches_the_logs_at_any_level() {
         .await;
     let token = |t: &str| pb::ValidateSessionRequest {
         session_token: t.into(),
+        ..Default::default()
     };
     auth.validate_session(token(&login.session_token))
         .await
