@@ -40,7 +40,6 @@ use super::{
     AuthError, AuthService,
     input::Email,
     recovery::{IssuedCode, new_code},
-    security,
     session::ClientInfo,
     token::TokenHash,
 };
@@ -104,8 +103,7 @@ impl AuthService {
         client: &ClientInfo,
         outcome: &'static str,
     ) {
-        self.flow_outcome(flow, "start", outcome);
-        security::account_flow(flow.as_str(), "start", user_id, &client.ip_address, outcome);
+        self.flow_outcome(flow, ("start", outcome), user_id, &client.ip_address);
     }
 
     /// Starts the verification of the account's current address: the code, and the address to
@@ -224,14 +222,13 @@ impl AuthService {
         Fut: Future<Output = Announcement>,
     {
         let ip = presented.client.ip_address.as_str();
-        let refused = |user_id, outcome, error| {
-            self.flow_outcome(flow, "complete", outcome);
-            security::account_flow(flow.as_str(), "complete", user_id, ip, outcome);
+        let refused = |outcome, error| {
+            self.flow_outcome(flow, ("complete", outcome), None, ip);
             error
         };
         let address = self.flow_address_bucket(&presented.client);
         if let Err(error) = self.limit(flow.as_str(), &[address]).await {
-            return Err(refused(None, "rate_limited", error));
+            return Err(refused("rate_limited", error));
         }
         let context = (self.clock.now(), self.policy.idle_timeout);
         let done = match self
@@ -242,13 +239,12 @@ impl AuthService {
         {
             Completion::Done(done) => done,
             Completion::Invalid => {
-                return Err(refused(None, "invalid_code", AuthError::InvalidCode));
+                return Err(refused("invalid_code", AuthError::InvalidCode));
             }
-            Completion::Taken => return Err(refused(None, "email_taken", AuthError::EmailTaken)),
+            Completion::Taken => return Err(refused("email_taken", AuthError::EmailTaken)),
         };
         let outcome = if done.retried { "retried" } else { "completed" };
-        self.flow_outcome(flow, "complete", outcome);
-        security::account_flow(flow.as_str(), "complete", Some(done.user_id), ip, outcome);
+        self.flow_outcome(flow, ("complete", outcome), Some(done.user_id), ip);
         let verified = EmailVerified {
             user_id: done.user_id,
             email: done.email.clone(),

@@ -113,11 +113,20 @@ impl AuthService {
         Bucket::new("flow_account", &subject, f.starts_per_account, f.window)
     }
 
-    pub(super) fn flow_outcome(&self, flow: Flow, step: &'static str, outcome: &'static str) {
+    /// How a flow call ended: counted (`authd_account_flows_total`) and logged as a security
+    /// event, with the account when one is known and the end user's address.
+    pub(super) fn flow_outcome(
+        &self,
+        flow: Flow,
+        (step, outcome): (&'static str, &'static str),
+        user_id: Option<Uuid>,
+        ip: &str,
+    ) {
         self.metrics()
             .account_flows
             .with_label_values(&[flow.as_str(), step, outcome])
             .inc();
+        security::account_flow(flow.as_str(), step, user_id, ip, outcome);
     }
 
     /// Starts a password reset for `email`: the code to deliver to it.
@@ -132,8 +141,8 @@ impl AuthService {
             self.flow_account_bucket(&email.normalized),
         ];
         if let Err(error) = self.limit(FLOW, &buckets).await {
-            self.flow_outcome(Flow::PasswordReset, "start", "rate_limited");
-            security::account_flow(FLOW, "start", None, &client.ip_address, "rate_limited");
+            let outcome = ("start", "rate_limited");
+            self.flow_outcome(Flow::PasswordReset, outcome, None, &client.ip_address);
             return Err(error);
         }
         let ttl = self.flows.reset_code_ttl;
@@ -149,8 +158,8 @@ impl AuthService {
         } else {
             "unknown"
         };
-        self.flow_outcome(Flow::PasswordReset, "start", outcome);
-        security::account_flow(FLOW, "start", user_id, &client.ip_address, outcome);
+        let outcome = ("start", outcome);
+        self.flow_outcome(Flow::PasswordReset, outcome, user_id, &client.ip_address);
         Ok(IssuedCode { code, expires_at })
     }
 
@@ -233,8 +242,8 @@ impl AuthService {
                 _ => Err(self.refused(Some(user_id), ip, "invalid_code", AuthError::InvalidCode)),
             };
         };
-        self.flow_outcome(Flow::PasswordReset, "complete", "completed");
-        security::account_flow(FLOW, "complete", Some(user_id), ip, "completed");
+        let outcome = ("complete", "completed");
+        self.flow_outcome(Flow::PasswordReset, outcome, Some(user_id), ip);
         // The owner may sign in at once, whatever guesses were made before.
         self.limiter
             .reset(&self.account_bucket(&found.email, None))
@@ -275,8 +284,8 @@ impl AuthService {
             .pending_of_user(user_id, self.since())
             .await?;
         self.invalidate(None, &pending).await?;
-        self.flow_outcome(Flow::PasswordReset, "complete", "retried");
-        security::account_flow(FLOW, "complete", Some(user_id), ip, "retried");
+        let outcome = ("complete", "retried");
+        self.flow_outcome(Flow::PasswordReset, outcome, Some(user_id), ip);
         Ok(usize::try_from(found.revoked).unwrap_or(0))
     }
 
@@ -288,8 +297,7 @@ impl AuthService {
         outcome: &'static str,
         error: AuthError,
     ) -> AuthError {
-        self.flow_outcome(Flow::PasswordReset, "complete", outcome);
-        security::account_flow(FLOW, "complete", user_id, ip, outcome);
+        self.flow_outcome(Flow::PasswordReset, ("complete", outcome), user_id, ip);
         error
     }
 }
