@@ -44,6 +44,9 @@ pub struct Metrics {
     /// Account flow calls by flow (see [`FLOWS`]), step (`start`, `complete`) and outcome
     /// (see [`FLOW_OUTCOMES`]).
     pub account_flows: IntCounterVec,
+    /// Changes to accounts' second factors by action (see [`FACTOR_ACTIONS`]) and outcome
+    /// (`done`, `invalid_code`, `refused`).
+    pub second_factor_changes: IntCounterVec,
     /// Password-hash calls waiting for or holding a hashing slot.
     pub hash_queue_depth: IntGauge,
     /// Password-hash calls refused because the queue was full.
@@ -244,6 +247,12 @@ impl Metrics {
                 "Account flow calls by flow, step and outcome",
                 &["flow", "step", "outcome"],
             ),
+            second_factor_changes: counter_vec(
+                &r,
+                "authd_second_factor_changes_total",
+                "Changes to accounts' second factors by action and outcome",
+                &["action", "outcome"],
+            ),
             failed_logins: counter(
                 &r,
                 "authd_failed_logins_total",
@@ -385,6 +394,12 @@ impl Metrics {
         for mode in ["bounded", "strict"] {
             self.event_streams.with_label_values(&[mode]);
         }
+        for action in FACTOR_ACTIONS {
+            for outcome in ["done", "invalid_code", "refused"] {
+                self.second_factor_changes
+                    .with_label_values(&[action, outcome]);
+            }
+        }
         for cache in ["sessions", "profiles"] {
             for result in ["hit", "miss", "negative", "unavailable"] {
                 self.cache_lookups.with_label_values(&[cache, result]);
@@ -447,15 +462,28 @@ impl Metrics {
 }
 
 /// The `flow` label values of `authd_account_flows_total`.
-pub const FLOWS: [&str; 3] = ["password_reset", "email_verification", "email_change"];
+pub const FLOWS: [&str; 4] = [
+    "password_reset",
+    "email_verification",
+    "email_change",
+    "second_factor",
+];
+
+/// The `action` label values of `authd_second_factor_changes_total`: a TOTP enrolment started
+/// (`enroll`), confirmed (`confirm`), removed by its owner (`remove`) or an operator
+/// (`admin_remove`), and the recovery codes replaced (`regenerate`).
+pub const FACTOR_ACTIONS: [&str; 5] = ["enroll", "confirm", "remove", "admin_remove", "regenerate"];
 
 /// The `step` and `outcome` label values of `authd_account_flows_total`: a start `issued` a
 /// code for an account, answered alike for an `unknown` email (or a disabled account), found the
 /// address verified already (`already_verified`), or was `refused` (the owner's proof of an
 /// email change failed); a completion `completed`, answered a `retried` completion as the first,
 /// or was refused for an `invalid_code` (unknown, expired, used), a `weak_password` or an
-/// `email_taken` (another account has the new address); either step `rate_limited`.
-pub const FLOW_OUTCOMES: [(&str, &str); 11] = [
+/// `email_taken` (another account has the new address), or `locked` (the account refuses the
+/// client: too many wrong guesses); either step `rate_limited`. For `second_factor`, a start is a
+/// login that answered with a challenge; a completion, CompleteSecondFactor; the second factor's
+/// own changes (enrolment, removal) are `authd_second_factor_changes_total`.
+pub const FLOW_OUTCOMES: [(&str, &str); 12] = [
     ("start", "issued"),
     ("start", "unknown"),
     ("start", "already_verified"),
@@ -466,6 +494,7 @@ pub const FLOW_OUTCOMES: [(&str, &str); 11] = [
     ("complete", "invalid_code"),
     ("complete", "weak_password"),
     ("complete", "email_taken"),
+    ("complete", "locked"),
     ("complete", "rate_limited"),
 ];
 

@@ -234,6 +234,43 @@ pub fn code(raw: &str) -> Result<[u8; 32], String> {
     Ok(Sha256::digest(raw.as_bytes()).into())
 }
 
+/// A TOTP code as an authenticator app shows it: 6 digits (spaces around and between groups
+/// ignored).
+pub fn totp_code(raw: &str) -> Result<String, String> {
+    let digits: String = raw.chars().filter(|c| *c != ' ').collect();
+    if digits.is_empty() {
+        return Err("is required".into());
+    }
+    if digits.len() != 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("must be the 6 digits the authenticator app shows".into());
+    }
+    Ok(digits)
+}
+
+/// A recovery code as issued (`xxxx-xxxx-xxxx-xxxx`; dashes, spaces and case do not matter):
+/// the hash it is stored as.
+pub fn recovery_code(raw: &str) -> Result<[u8; 32], String> {
+    use super::second_factor::{RECOVERY_CODE_LEN, recovery_hash};
+    let plain: String = raw
+        .chars()
+        .filter(|c| !matches!(c, '-' | ' '))
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if plain.is_empty() {
+        return Err("is required".into());
+    }
+    let well_formed = plain.len() == RECOVERY_CODE_LEN
+        && plain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b));
+    if !well_formed {
+        return Err(format!(
+            "must be a {RECOVERY_CODE_LEN}-character recovery code authd issued"
+        ));
+    }
+    Ok(recovery_hash(&plain))
+}
+
 /// Parses the client fields, naming them under `prefix` (e.g. `client`).
 pub fn client_info(
     violations: &mut Violations,

@@ -13,6 +13,7 @@ mod manage;
 pub mod password;
 pub mod password_policy;
 mod recovery;
+pub mod second_factor;
 pub mod security;
 mod service;
 pub mod session;
@@ -90,6 +91,21 @@ pub enum AuthError {
     /// ValidateSession with `max_auth_age`: the session's password was checked earlier (when).
     #[error("this needs a more recent sign-in than the session's: sign in again")]
     StaleAuthentication(chrono::DateTime<chrono::Utc>),
+    /// The right password for an account with a second factor: the challenge that
+    /// CompleteSecondFactor takes with a code of it, instead of a session.
+    #[error(
+        "a second factor is required: complete the login with the challenge in the error details"
+    )]
+    SecondFactorRequired(recovery::IssuedCode),
+    /// ValidateSession with `min_assurance_level`: the session's level is lower (which).
+    #[error("this needs a session signed in with a second factor: sign in again with it")]
+    SecondFactorMissing(u8),
+    /// EnrollTotp or ConfirmTotp for an account whose second factor is confirmed already.
+    #[error("the account has a second factor already: remove it first")]
+    SecondFactorEnrolled,
+    /// ConfirmTotp without an enrolment to confirm.
+    #[error("no TOTP enrolment to confirm: call EnrollTotp first")]
+    SecondFactorNotEnrolled,
     /// The right password for an account an administrator disabled.
     #[error("this account is disabled; contact support")]
     Disabled,

@@ -52,6 +52,10 @@ pub struct FlowLimits {
     /// A user changing their email address without their password must have signed in this
     /// recently.
     pub email_change_max_auth_age: Duration,
+    pub totp_issuer: String,
+    pub second_factor_max_auth_age: Duration,
+    pub second_factor_challenge_ttl: Duration,
+    pub second_factor_attempts: u32,
 }
 
 impl From<&crate::config::AccountsSettings> for FlowLimits {
@@ -64,6 +68,10 @@ impl From<&crate::config::AccountsSettings> for FlowLimits {
             delete_max_auth_age: s.delete_max_auth_age,
             verify_code_ttl: s.verify_code_ttl,
             email_change_max_auth_age: s.email_change_max_auth_age,
+            totp_issuer: s.totp_issuer.clone(),
+            second_factor_max_auth_age: s.second_factor_max_auth_age,
+            second_factor_challenge_ttl: s.second_factor_challenge_ttl,
+            second_factor_attempts: s.second_factor_attempts,
         }
     }
 }

@@ -103,6 +103,26 @@ pub(super) fn account_flow(
     );
 }
 
+/// A change to an account's second factor (`action`: see `metrics::FACTOR_ACTIONS`) and how it
+/// ended (`done`, `invalid_code`, `refused`); `client_ip`: the session's (empty for an operator).
+pub(super) fn second_factor_changed(
+    action: &'static str,
+    user_id: Uuid,
+    client_ip: &str,
+    outcome: &'static str,
+) {
+    tracing::info!(
+        target: "authd::security",
+        event = "second_factor_changed",
+        action,
+        %user_id,
+        client_ip,
+        peer = %peer(),
+        outcome,
+        "security event"
+    );
+}
+
 /// An account deleted, `by` its `user` or an `operator`; `revoked`: its sessions that were still
 /// usable.
 pub(super) fn account_deleted(user_id: Uuid, by: &'static str, revoked: usize) {

@@ -33,7 +33,7 @@ use crate::{
     clock::Clock,
     config::RateLimitSettings,
     local::{Keys, LocalCache},
-    store::{Db, EMAIL_UNIQUE, NewSession, NewUser, StoreError},
+    store::{Db, EMAIL_UNIQUE, NewSession, NewUser, Proof, StoreError},
     telemetry::{Tier, traces},
 };
 
@@ -234,29 +234,54 @@ impl AuthService {
             security::login_failed(Some(stored.id), &ip, "account_disabled");
             return Err(AuthError::Disabled);
         }
-        self.limiter.reset(&account).await;
         let user_id = stored.id;
+        if stored.second_factor {
+            // The right password does not refill the account's guess bucket until the second
+            // factor is right too (see `second_factor`).
+            self.unless_change_required(&stored, &ip).await?;
+            return Err(self.challenge(user_id, trusted_client, &ip).await);
+        }
+        self.limiter.reset(&account).await;
         self.unless_change_required(&stored, &ip).await?;
-        let mut record = self.policy.start(user_id, c.client, self.clock.now());
+        // Only if the password checked is still the user's: a ChangePassword that committed while
+        // the hash was being verified must not be outlived by a session of the old password.
+        let proof = Proof::Password(&stored.password_hash);
+        self.open_session(user_id, c.client, client, proof, 1)
+            .await?
+            .ok_or(AuthError::InvalidCredentials)
+    }
+
+    /// Stores a new session of level `aal` for the account, on `proof` (`None` when it no longer
+    /// holds), trusting `client` from now on.
+    pub(super) async fn open_session(
+        &self,
+        user_id: Uuid,
+        info: ClientInfo,
+        client: Option<[u8; 32]>,
+        proof: Proof<'_>,
+        aal: u8,
+    ) -> Result<Option<IssuedSession>, AuthError> {
+        let mut record = self.policy.start(user_id, info, self.clock.now());
+        record.aal = aal;
         let key = self.keys.minting()?;
         let (token, hash) = token::generate(&key);
         let lease = self.cache.lease(&hash).await;
-        // Only if the password checked is still the user's: a ChangePassword that committed while
-        // the hash was being verified must not be outlived by a session of the old password.
         let session = NewSession {
             record: &record,
             token_hash: hash.as_bytes(),
             key_id: key.id,
-            verified_hash: &stored.password_hash,
+            proof,
             max_per_user: i64::from(self.policy.max_per_user),
             client: client.as_ref().map(|c| c.as_slice()),
         };
-        let (evicted, email_verified_at) = self
+        let Some((evicted, email_verified_at)) = self
             .db
             .sessions()
             .insert_capped(&session, self.since())
             .await?
-            .ok_or(AuthError::InvalidCredentials)?;
+        else {
+            return Ok(None);
+        };
         record.email_verified_at = email_verified_at;
         tracing::info!(%user_id, session_id = %record.id, evicted = evicted.revoked, "session created");
         // The eviction is a revocation like any other: the login answers once no instance
@@ -266,7 +291,7 @@ impl AuthService {
         let hashes = evicted.revoked_hashes.iter().map(Vec::as_slice);
         self.invalidate_keys(Some("session_cap"), &evicted, Keys::sessions(hashes))
             .await?;
-        Ok(self.issued(token, hash, record, lease).await)
+        Ok(Some(self.issued(token, hash, record, lease).await))
     }
 
     async fn issued(
@@ -316,15 +341,19 @@ impl AuthService {
         self.validate_checked(token).await
     }
 
-    /// [`Self::validate`], and a step-up: the session's password checked at most `max_age` ago
-    /// (judged on the same copy, at no extra cost).
+    /// [`Self::validate`], and a step-up: the session's password checked at most `max_age` ago,
+    /// and its level at least `min_aal` (judged on the same copy, at no extra cost).
     pub async fn validate_recent(
         &self,
         token: &str,
         max_age: Option<std::time::Duration>,
+        min_aal: u8,
     ) -> Result<SessionView, AuthError> {
         let view = self.validate(token).await?;
         let at = view.record.authenticated_at;
+        if view.record.aal < min_aal {
+            return Err(AuthError::SecondFactorMissing(view.record.aal));
+        }
         match max_age {
             Some(max) if (self.clock.now() - at).to_std().is_ok_and(|age| age > max) => {
                 Err(AuthError::StaleAuthentication(at))
@@ -449,9 +478,10 @@ impl AuthService {
         }
         let idle = self.policy.idle_timeout;
         match self.db.sessions().touch(record.id, idle).await {
-            Ok(Some((last_seen_at, email_verified_at))) => {
-                record.last_seen_at = last_seen_at;
-                record.email_verified_at = email_verified_at;
+            Ok(Some(touched)) => {
+                record.last_seen_at = touched.last_seen_at;
+                record.email_verified_at = touched.email_verified_at;
+                record.aal = u8::try_from(touched.aal).unwrap_or(1);
                 Ok((record, true))
             }
             Ok(None) => Err(AuthError::InvalidSession),

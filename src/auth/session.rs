@@ -53,6 +53,7 @@ impl SessionPolicy {
             ip_address: client.ip_address,
             user_agent: client.user_agent,
             email_verified_at: None,
+            aal: 1,
         }
     }
 

@@ -39,6 +39,19 @@ pub struct AccountsSettings {
     /// most this long ago.
     #[serde(with = "humantime_serde")]
     pub email_change_max_auth_age: Duration,
+    /// The issuer an authenticator app shows next to the account (in the `otpauth://` URI of a
+    /// TOTP enrolment); no `:`.
+    pub totp_issuer: String,
+    /// Enrolling a second factor without the current password: the session's password was
+    /// checked at most this long ago.
+    #[serde(with = "humantime_serde")]
+    pub second_factor_max_auth_age: Duration,
+    /// A login's second-factor challenge is valid this long.
+    #[serde(with = "humantime_serde")]
+    pub second_factor_challenge_ttl: Duration,
+    /// Wrong codes a login's challenge takes before it is void (the login starts over, with
+    /// its password).
+    pub second_factor_attempts: u32,
 }
 
 impl Default for AccountsSettings {
@@ -54,6 +67,10 @@ impl Default for AccountsSettings {
             delete_max_auth_age: Duration::from_secs(300),
             verify_code_ttl: Duration::from_secs(86_400),
             email_change_max_auth_age: Duration::from_secs(300),
+            totp_issuer: "authd".to_owned(),
+            second_factor_max_auth_age: Duration::from_secs(300),
+            second_factor_challenge_ttl: Duration::from_secs(300),
+            second_factor_attempts: 5,
         }
     }
 }
@@ -92,6 +109,26 @@ impl AccountsSettings {
         }
         if self.email_change_max_auth_age > Duration::from_secs(86_400) {
             return invalid("ACCOUNTS__EMAIL_CHANGE_MAX_AUTH_AGE", "must be at most 1d");
+        }
+        if self.totp_issuer.trim().is_empty()
+            || self.totp_issuer.contains(':')
+            || self.totp_issuer.chars().count() > 64
+        {
+            return invalid(
+                "ACCOUNTS__TOTP_ISSUER",
+                "must be 1 to 64 characters, without ':'",
+            );
+        }
+        if self.second_factor_max_auth_age > Duration::from_secs(86_400) {
+            return invalid("ACCOUNTS__SECOND_FACTOR_MAX_AUTH_AGE", "must be at most 1d");
+        }
+        if !(Duration::from_secs(10)..=Duration::from_secs(3600))
+            .contains(&self.second_factor_challenge_ttl)
+        {
+            return invalid("ACCOUNTS__SECOND_FACTOR_CHALLENGE_TTL", "must be 10s to 1h");
+        }
+        if !(1..=10).contains(&self.second_factor_attempts) {
+            return invalid("ACCOUNTS__SECOND_FACTOR_ATTEMPTS", "must be 1 to 10");
         }
         if self.window < Duration::from_secs(1) {
             return invalid("ACCOUNTS__WINDOW", "must be at least 1s");

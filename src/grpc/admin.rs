@@ -415,4 +415,22 @@ impl AdminServiceRpc for AdminGrpc {
         )
         .await
     }
+
+    async fn remove_second_factor(
+        &self,
+        request: Request<pb::RemoveSecondFactorRequest>,
+    ) -> Result<Response<pb::RemoveSecondFactorResponse>, Status> {
+        let target = |req: &pb::RemoveSecondFactorRequest| req.user_id.clone();
+        self.call(
+            "RemoveSecondFactor",
+            request,
+            target,
+            |service, req| async move {
+                let id = user_id(&req.user_id)?;
+                let removed = service.auth.remove_second_factor_for(id).await?;
+                Ok(pb::RemoveSecondFactorResponse { removed })
+            },
+        )
+        .await
+    }
 }

@@ -10,12 +10,16 @@ use crate::{
         self, AuthError, Credentials, EmailCode, IssuedSession, PasswordReset, Registration,
         SessionView,
         input::{self, Violations},
+        second_factor::{FactorCode, SecondFactorLogin, exposed},
     },
     profile::ProfileService,
     proto::authd::v1::{self as pb, auth_service_server::AuthService as AuthServiceRpc},
 };
 
 pub use crate::proto::authd::v1::auth_service_server::AuthServiceServer;
+
+/// The `factor` oneof, alike in every request that has one.
+type Factor = pb::complete_second_factor_request::Factor;
 
 pub struct AuthGrpc {
     service: Arc<auth::AuthService>,
@@ -40,8 +44,39 @@ impl From<SessionView> for pb::Session {
             last_seen_at: Some(timestamp(r.last_seen_at)),
             ip_address: r.ip_address,
             user_agent: r.user_agent,
+            assurance_level: assurance_level(r.aal).into(),
         }
     }
+}
+
+fn assurance_level(aal: u8) -> pb::AssuranceLevel {
+    match aal {
+        2 => pb::AssuranceLevel::Aal2,
+        _ => pb::AssuranceLevel::Aal1,
+    }
+}
+
+/// A second factor given in a request's `factor` (one of `totp_code`, `recovery_code`).
+fn factor_code(v: &mut Violations, factor: Option<&Factor>) -> Option<FactorCode> {
+    match factor {
+        Some(Factor::TotpCode(code)) => v
+            .check("totp_code", input::totp_code(code))
+            .map(FactorCode::Totp),
+        Some(Factor::RecoveryCode(code)) => v
+            .check("recovery_code", input::recovery_code(code))
+            .map(FactorCode::Recovery),
+        None => v.check::<FactorCode>(
+            "totp_code",
+            Err("is required (or recovery_code): a code of the account's second factor".into()),
+        ),
+    }
+}
+
+/// A call that presents a code of the account's second factor with its session.
+fn session_factor(factor: Option<&Factor>) -> Result<FactorCode, AuthError> {
+    let mut v = Violations::default();
+    let code = factor_code(&mut v, factor);
+    v.finish(|| code).map_err(AuthError::InvalidInput)
 }
 
 fn client_info(
@@ -121,6 +156,19 @@ fn parse_credentials(req: &pb::LoginRequest) -> Result<Credentials, AuthError> {
     .map_err(AuthError::InvalidInput)
 }
 
+/// A `password` that may be left empty (a recent sign-in stands for it).
+fn optional_password(raw: &str) -> Result<Option<secrecy::SecretString>, AuthError> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    input::password(raw).map(Some).map_err(|description| {
+        AuthError::InvalidInput(vec![input::FieldViolation {
+            field: "password".into(),
+            description,
+        }])
+    })
+}
+
 fn split(issued: IssuedSession) -> (String, Option<pb::Session>) {
     (
         issued.token.expose_secret().to_owned(),
@@ -170,10 +218,18 @@ impl AuthServiceRpc for AuthGrpc {
                 }])
             })?),
         };
+        let min_aal = match req.min_assurance_level() {
+            pb::AssuranceLevel::Aal2 => 2,
+            _ => 0,
+        };
         let token = super::session_token(&request, &req.session_token)?;
-        let view = self.service.validate_recent(token, max_auth_age).await?;
+        let view = self
+            .service
+            .validate_recent(token, max_auth_age, min_aal)
+            .await?;
         let verified_at = view.record.email_verified_at;
         Ok(Response::new(pb::ValidateSessionResponse {
+            assurance_level: assurance_level(view.record.aal).into(),
             authenticated_at: Some(timestamp(view.record.authenticated_at)),
             email_verified: verified_at.is_some(),
             email_verified_at: verified_at.map(timestamp),
@@ -289,15 +345,7 @@ impl AuthServiceRpc for AuthGrpc {
     ) -> Result<Response<pb::DeleteAccountResponse>, Status> {
         let req = request.get_ref();
         let token = super::session_token(&request, &req.session_token)?;
-        let password = match req.password.is_empty() {
-            true => None,
-            false => Some(input::password(&req.password).map_err(|description| {
-                AuthError::InvalidInput(vec![input::FieldViolation {
-                    field: "password".into(),
-                    description,
-                }])
-            })?),
-        };
+        let password = optional_password(&req.password)?;
         let revoked = self.profiles.delete_account(token, password).await?;
         Ok(Response::new(pb::DeleteAccountResponse {
             revoked_count: count(revoked),
@@ -329,6 +377,96 @@ impl AuthServiceRpc for AuthGrpc {
             user_id: done.user_id.to_string(),
             email: done.email,
             email_verified_at: Some(timestamp(done.email_verified_at)),
+        }))
+    }
+
+    async fn enroll_totp(
+        &self,
+        request: Request<pb::EnrollTotpRequest>,
+    ) -> Result<Response<pb::EnrollTotpResponse>, Status> {
+        let req = request.get_ref();
+        let token = super::session_token(&request, &req.session_token)?;
+        let password = optional_password(&req.password)?;
+        let enrolment = self.service.enroll_totp(token, password).await?;
+        Ok(Response::new(pb::EnrollTotpResponse {
+            secret: enrolment.secret.expose_secret().to_owned(),
+            otpauth_uri: enrolment.uri.expose_secret().to_owned(),
+        }))
+    }
+
+    async fn confirm_totp(
+        &self,
+        request: Request<pb::ConfirmTotpRequest>,
+    ) -> Result<Response<pb::ConfirmTotpResponse>, Status> {
+        let req = request.get_ref();
+        let token = super::session_token(&request, &req.session_token)?;
+        let code = input::totp_code(&req.code).map_err(|description| {
+            AuthError::InvalidInput(vec![input::FieldViolation {
+                field: "code".into(),
+                description,
+            }])
+        })?;
+        let codes = self.service.confirm_totp(token, &code).await?;
+        Ok(Response::new(pb::ConfirmTotpResponse {
+            recovery_codes: exposed(&codes),
+        }))
+    }
+
+    async fn complete_second_factor(
+        &self,
+        request: Request<pb::CompleteSecondFactorRequest>,
+    ) -> Result<Response<pb::CompleteSecondFactorResponse>, Status> {
+        let req = request.get_ref();
+        let mut v = Violations::default();
+        let challenge_hash = v.check("challenge", input::code(&req.challenge));
+        let code = factor_code(&mut v, req.factor.as_ref());
+        let client = client_info(&mut v, req.client.as_ref());
+        let login = v
+            .finish(|| {
+                Some(SecondFactorLogin {
+                    challenge_hash: challenge_hash?,
+                    code: code?,
+                    client: client?,
+                })
+            })
+            .map_err(AuthError::InvalidInput)?;
+        let (session_token, session) = split(self.service.complete_second_factor(login).await?);
+        Ok(Response::new(pb::CompleteSecondFactorResponse {
+            session_token,
+            session,
+        }))
+    }
+
+    async fn remove_totp(
+        &self,
+        request: Request<pb::RemoveTotpRequest>,
+    ) -> Result<Response<pb::RemoveTotpResponse>, Status> {
+        let req = request.get_ref();
+        let token = super::session_token(&request, &req.session_token)?;
+        let factor = req.factor.clone().map(|f| match f {
+            pb::remove_totp_request::Factor::TotpCode(c) => Factor::TotpCode(c),
+            pb::remove_totp_request::Factor::RecoveryCode(c) => Factor::RecoveryCode(c),
+        });
+        let code = session_factor(factor.as_ref())?;
+        self.service.remove_totp(token, code).await?;
+        Ok(Response::new(pb::RemoveTotpResponse {}))
+    }
+
+    async fn regenerate_recovery_codes(
+        &self,
+        request: Request<pb::RegenerateRecoveryCodesRequest>,
+    ) -> Result<Response<pb::RegenerateRecoveryCodesResponse>, Status> {
+        use pb::regenerate_recovery_codes_request::Factor as Given;
+        let req = request.get_ref();
+        let token = super::session_token(&request, &req.session_token)?;
+        let factor = req.factor.clone().map(|f| match f {
+            Given::TotpCode(c) => Factor::TotpCode(c),
+            Given::RecoveryCode(c) => Factor::RecoveryCode(c),
+        });
+        let code = session_factor(factor.as_ref())?;
+        let codes = self.service.regenerate_recovery_codes(token, code).await?;
+        Ok(Response::new(pb::RegenerateRecoveryCodesResponse {
+            recovery_codes: exposed(&codes),
         }))
     }
 

@@ -114,6 +114,35 @@ impl From<AuthError> for Status {
                     ErrorDetails::with_error_info("PASSWORD_CHANGE_REQUIRED", "authd", metadata);
                 Status::with_error_details(Code::FailedPrecondition, error.to_string(), details)
             }
+            AuthError::SecondFactorRequired(challenge) => {
+                let metadata = [
+                    (
+                        "challenge".to_owned(),
+                        challenge.code.expose_secret().to_owned(),
+                    ),
+                    ("expires_at".to_owned(), challenge.expires_at.to_rfc3339()),
+                    ("methods".to_owned(), "totp,recovery_code".to_owned()),
+                ];
+                let details =
+                    ErrorDetails::with_error_info("SECOND_FACTOR_REQUIRED", "authd", metadata);
+                Status::with_error_details(Code::FailedPrecondition, error.to_string(), details)
+            }
+            AuthError::SecondFactorMissing(level) => {
+                let level = format!("ASSURANCE_LEVEL_AAL{level}");
+                let metadata = [("assurance_level".to_owned(), level)];
+                let details =
+                    ErrorDetails::with_error_info("SECOND_FACTOR_REQUIRED", "authd", metadata);
+                Status::with_error_details(Code::FailedPrecondition, error.to_string(), details)
+            }
+            AuthError::SecondFactorEnrolled => {
+                let details = ErrorDetails::with_error_info("SECOND_FACTOR_ENROLLED", "authd", []);
+                Status::with_error_details(Code::FailedPrecondition, error.to_string(), details)
+            }
+            AuthError::SecondFactorNotEnrolled => {
+                let details =
+                    ErrorDetails::with_error_info("SECOND_FACTOR_NOT_ENROLLED", "authd", []);
+                Status::with_error_details(Code::FailedPrecondition, error.to_string(), details)
+            }
             AuthError::UserNotFound => Status::not_found(error.to_string()),
             AuthError::NotEnabled(_) => Status::unimplemented(error.to_string()),
             AuthError::Store(store) => store_status(store),

@@ -24,4 +24,13 @@ pub struct SessionRecord {
     /// (see `auth::email`).
     #[serde(default, with = "chrono::serde::ts_microseconds_option")]
     pub email_verified_at: Option<DateTime<Utc>>,
+    /// How the session was authenticated (NIST SP 800-63B's level): 1, a password; 2, a password
+    /// and a second factor. Fixed for the session's life. A copy written by an earlier release
+    /// lacks it and reads as 1: a late copy only ever understates it.
+    #[serde(default = "password_only")]
+    pub aal: u8,
+}
+
+fn password_only() -> u8 {
+    1
 }

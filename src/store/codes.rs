@@ -19,6 +19,8 @@ pub enum Flow {
     PasswordReset,
     EmailVerification,
     EmailChange,
+    /// A login's second-factor challenge (see `second_factor`).
+    SecondFactor,
 }
 
 impl Flow {
@@ -27,6 +29,7 @@ impl Flow {
             Flow::PasswordReset => "password_reset",
             Flow::EmailVerification => "email_verification",
             Flow::EmailChange => "email_change",
+            Flow::SecondFactor => "second_factor",
         }
     }
 }

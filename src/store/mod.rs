@@ -17,6 +17,7 @@ mod keys;
 mod leases;
 mod outbox;
 mod profiles;
+mod second_factor;
 mod sessions;
 pub(crate) mod tls;
 mod users;
@@ -53,7 +54,8 @@ pub use leases::{
 };
 pub use outbox::{Cursor, Invalidation, OutboxRepo, ProfileInvalidation, Revocation, in_flight};
 pub use profiles::{ProfileRepo, UpdateOutcome};
-pub use sessions::{NewSession, SessionRepo, Since, StoredSession};
+pub use second_factor::{Challenge, Factor, SecondFactorRepo, StoredTotp};
+pub use sessions::{NewSession, Proof, SessionRepo, Since, StoredSession, Touched};
 pub use users::{Credentials, EMAIL_UNIQUE, NewUser, UserRepo};
 pub use work::{Share, Work, as_work, carry, current as current_work, in_background};
 
@@ -418,7 +420,7 @@ impl Db {
 
 /// The tables of authd's schema (every `create table` of `migrations/`; a unit test keeps the
 /// list whole). Tables of others in the same schema are none of authd's business.
-const TABLES: [&str; 21] = [
+const TABLES: [&str; 23] = [
     "account_codes",
     "account_deletions",
     "admin_audit",
@@ -433,11 +435,13 @@ const TABLES: [&str; 21] = [
     "previous_emails",
     "profile_invalidations",
     "profiles",
+    "recovery_codes",
     "redis_fingerprints",
     "service_secrets",
     "session_invalidations",
     "sessions",
     "token_keys",
+    "totp_credentials",
     "trusted_clients",
     "users",
 ];

@@ -122,8 +122,17 @@ pub(super) const ACTIVE: &str = active!();
 
 /// A session's columns (from `sessions`), with its account's email verification.
 pub(super) const COLUMNS: &str = "id, user_id, created_at, last_seen_at, absolute_expires_at, \
-    authenticated_at, ip_address, user_agent, revoked_at, \
+    authenticated_at, ip_address, user_agent, revoked_at, aal, \
     (select u.email_verified_at from users u where u.id = sessions.user_id) as email_verified_at";
+
+/// What a touch re-reads: the activity it recorded, the account's email verification, and the
+/// session's level (a copy of an earlier release lacks it).
+#[derive(Debug, sqlx::FromRow)]
+pub struct Touched {
+    pub last_seen_at: DateTime<Utc>,
+    pub email_verified_at: Option<DateTime<Utc>>,
+    pub aal: i16,
+}
 
 /// A session row: the record plus whether it was revoked.
 pub struct StoredSession {
@@ -146,6 +155,7 @@ impl FromRow<'_, PgRow> for StoredSession {
                 ip_address: row.try_get("ip_address")?,
                 user_agent: row.try_get("user_agent")?,
                 email_verified_at: row.try_get("email_verified_at")?,
+                aal: u8::try_from(row.try_get::<i16, _>("aal")?).unwrap_or(1),
             },
             revoked: revoked_at.is_some(),
         })
@@ -167,12 +177,24 @@ pub struct NewSession<'a> {
     pub token_hash: &'a [u8],
     /// The key the token was minted under (`token_keys`).
     pub key_id: u32,
-    /// The PHC hash the password was verified against: the session is stored only if it is
-    /// still the user's.
-    pub verified_hash: &'a str,
+    /// What proved the account's owner: the session is stored only if it still holds.
+    pub proof: Proof<'a>,
     pub max_per_user: i64,
     /// The client (hashed) to remember as trusted for this account, if any.
     pub client: Option<&'a [u8]>,
+}
+
+/// What a new session is stored on.
+#[derive(Debug, Clone, Copy)]
+pub enum Proof<'a> {
+    /// The PHC hash the password was verified against: it must still be the account's.
+    Password(&'a str),
+    /// A login challenge (its hash) and the second factor that completes it: both are used by
+    /// the statement that stores the session (see `second_factor`).
+    SecondFactor {
+        challenge: &'a [u8],
+        factor: super::second_factor::Factor<'a>,
+    },
 }
 
 /// Trusted clients kept per account (the most recent).
@@ -202,16 +224,27 @@ impl SessionRepo<'_> {
         let r = s.record;
         let mut tx = self.0.run(self.0.pool().begin()).await?;
         let locked = self.0.users().lock_for_login(&mut tx, r.user_id).await?;
-        let Some((_, email_verified_at)) = locked.filter(|(hash, _)| hash == s.verified_hash)
-        else {
+        let Some((password_hash, email_verified_at)) = locked else {
             return Ok(None);
         };
+        let proven = match s.proof {
+            Proof::Password(verified) => password_hash == verified,
+            Proof::SecondFactor { challenge, factor } => {
+                self.0
+                    .second_factor()
+                    .complete_in(&mut tx, r.user_id, challenge, factor)
+                    .await?
+            }
+        };
+        if !proven {
+            return Ok(None);
+        }
         let query = sqlx::query_as::<_, super::outbox::QueuedRow>(concat!(
             "with new_session as (
                  insert into sessions (id, user_id, token_hash, created_at, last_seen_at,
                                        absolute_expires_at, authenticated_at, ip_address, user_agent,
-                                       key_id)
-                 values ($9, $3, $4, $5, $5, $6, $5, $7, $8, $11)
+                                       key_id, aal)
+                 values ($9, $3, $4, $5, $5, $6, $5, $7, $8, $11, $12)
              ), ",
             // The new row is invisible to the rest of the statement: keep max - 1 others.
             "least_recent as (
@@ -239,7 +272,8 @@ impl SessionRepo<'_> {
         .bind(&r.user_agent)
         .bind(r.id)
         .bind((s.max_per_user - 1).max(0))
-        .bind(i64::from(s.key_id));
+        .bind(i64::from(s.key_id))
+        .bind(i16::from(r.aal));
         let rows = self.0.run(query.fetch_all(&mut *tx)).await?;
         self.signed_in(&mut tx, r.user_id, s.client).await?;
         self.0.run(tx.commit()).await?;
@@ -411,15 +445,16 @@ impl SessionRepo<'_> {
         &self,
         id: Uuid,
         idle: std::time::Duration,
-    ) -> Result<Option<(DateTime<Utc>, Option<DateTime<Utc>>)>, StoreError> {
+    ) -> Result<Option<Touched>, StoreError> {
         let sql = format!(
             "update sessions set last_seen_at = greatest(last_seen_at, clock_timestamp())
              where id = $2 and {}
              returning last_seen_at,
-                       (select u.email_verified_at from users u where u.id = sessions.user_id)",
+                       (select u.email_verified_at from users u where u.id = sessions.user_id),
+                       aal",
             active!()
         );
-        let query = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        let query = sqlx::query_as::<_, Touched>(sqlx::AssertSqlSafe(sql))
             .bind(micros(idle))
             .bind(id);
         self.0.run(query.fetch_optional(self.0.pool())).await

@@ -20,6 +20,8 @@ pub struct Credentials {
     pub disabled: bool,
     /// An administrator requires a new password before the next session.
     pub password_change_required: bool,
+    /// The account has a confirmed second factor: a login needs it too.
+    pub second_factor: bool,
 }
 
 pub struct NewUser<'a> {
@@ -95,7 +97,10 @@ impl UserRepo<'_> {
                               and t.last_success_at
                                   > clock_timestamp() - $3::bigint * interval '1 microsecond')
                     as trusted,
-                    u.disabled_at is not null as disabled, u.password_change_required
+                    u.disabled_at is not null as disabled, u.password_change_required,
+                    exists (select 1 from totp_credentials f
+                            where f.user_id = u.id and f.confirmed_at is not null)
+                    as second_factor
              from users u where u.email_normalized = $1",
         )
         .bind(email_normalized)
@@ -127,6 +132,7 @@ impl UserRepo<'_> {
                     trusted: false,
                     disabled,
                     password_change_required: false,
+                    second_factor: false,
                 };
                 (credentials, email, name.unwrap_or_default())
             },

@@ -159,6 +159,7 @@ async fn a_step_up_needs_a_recent_password_check() {
             let request = authd::proto::authd::v1::ValidateSessionRequest {
                 session_token: token.to_owned(),
                 max_auth_age: Some(prost_types::Duration { seconds, nanos: 0 }),
+                ..Default::default()
             };
             auth.validate_session(request).await.map(|r| r.into_inner())
         }

@@ -14,6 +14,7 @@ mod deletion;
 mod email;
 mod required;
 mod reset;
+mod second_factor;
 
 pub const NOTIFIER_KEY: &str = "notifier-key-0123456789abcdef";
 
