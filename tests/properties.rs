@@ -169,6 +169,58 @@ proptest! {
         }
     }
 
+    /// A TOTP code is 6 ASCII digits once spaces are dropped, and is those digits; anything else
+    /// is refused with a short message.
+    #[test]
+    fn totp_codes(raw in prop_oneof![hostile(), "[0-9 ]{0,10}", "[0-9]{6}"]) {
+        match input::totp_code(&raw) {
+            Ok(code) => {
+                prop_assert_eq!(code.len(), 6);
+                prop_assert!(code.bytes().all(|b| b.is_ascii_digit()));
+                prop_assert_eq!(code, raw.replace(' ', ""));
+            }
+            Err(message) => prop_assert!(message.len() < 100, "{}", message),
+        }
+    }
+
+    /// A recovery code is hashed as its 16 base32 characters, lowercase, without dashes or
+    /// spaces: every way of typing one code gives one hash, and nothing else is accepted.
+    #[test]
+    fn recovery_codes(
+        raw in prop_oneof![hostile(), "[a-zA-Z2-7 -]{14,24}"],
+        plain in "[a-z2-7]{16}",
+        upper in any::<[bool; 16]>(),
+    ) {
+        match input::recovery_code(&raw) {
+            Ok(hash) => {
+                let normalized: String = raw
+                    .chars()
+                    .filter(|c| !matches!(c, '-' | ' '))
+                    .map(|c| c.to_ascii_lowercase())
+                    .collect();
+                prop_assert_eq!(normalized.len(), 16);
+                let expected: [u8; 32] = sha2::Sha256::digest(normalized.as_bytes()).into();
+                prop_assert_eq!(hash, expected);
+            }
+            Err(message) => prop_assert!(message.len() < 100, "{}", message),
+        }
+        let grouped = plain
+            .as_bytes()
+            .chunks(4)
+            .map(|g| std::str::from_utf8(g).unwrap())
+            .collect::<Vec<_>>()
+            .join("-");
+        let typed: String = grouped
+            .chars()
+            .zip(upper.iter().cycle())
+            .map(|(c, &up)| if up { c.to_ascii_uppercase() } else { c })
+            .collect();
+        prop_assert_eq!(
+            input::recovery_code(&typed).unwrap(),
+            input::recovery_code(&plain).unwrap()
+        );
+    }
+
     #[test]
     fn every_18_bytes_make_a_code(bytes in any::<[u8; 18]>()) {
         prop_assert!(input::code(&URL_SAFE_NO_PAD.encode(bytes)).is_ok());

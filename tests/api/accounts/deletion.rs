@@ -27,6 +27,8 @@ struct Personal {
     moving_to: String,
     /// The address it had before `email` (a confirmed email change).
     former: String,
+    /// Its second factor as stored: the TOTP secret and the recovery codes' hashes (hex).
+    factor: std::sync::Mutex<Vec<String>>,
 }
 
 impl Personal {
@@ -40,11 +42,12 @@ impl Personal {
             user_agent: format!("ErasureAgent/{}", &id[16..24]),
             moving_to: format!("Moving-{}@Example.org", &id[24..]),
             former: format!("Former-{id}@Example.net"),
+            factor: std::sync::Mutex::default(),
         }
     }
 
-    fn strings(&self) -> [String; 10] {
-        [
+    fn strings(&self) -> Vec<String> {
+        let mut strings = vec![
             self.former.clone(),
             self.former.to_lowercase(),
             self.moving_to.clone(),
@@ -55,12 +58,62 @@ impl Personal {
             self.bio.clone(),
             self.ip.clone(),
             self.user_agent.clone(),
-        ]
+        ];
+        strings.extend(self.factor.lock().unwrap().iter().cloned());
+        strings
+    }
+
+    /// Gives the account a confirmed TOTP second factor (its sign-in is recent: no password),
+    /// and remembers how it is stored.
+    async fn add_second_factor(&self, app: &TestApp, token: &str) {
+        use sha2::Digest;
+        let enrolment = app
+            .auth
+            .clone()
+            .enroll_totp(pb::EnrollTotpRequest {
+                session_token: token.into(),
+                password: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let secret = totp_rs::Secret::Encoded(enrolment.secret)
+            .to_bytes()
+            .unwrap();
+        let totp = totp_rs::TOTP::new_unchecked(
+            totp_rs::Algorithm::SHA1,
+            6,
+            1,
+            30,
+            secret.clone(),
+            None,
+            String::new(),
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let recovery = app
+            .auth
+            .clone()
+            .confirm_totp(pb::ConfirmTotpRequest {
+                session_token: token.into(),
+                code: totp.generate(now),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .recovery_codes;
+        let mut factor = self.factor.lock().unwrap();
+        factor.push(hex::encode(&secret));
+        for code in recovery {
+            factor.push(hex::encode(sha2::Sha256::digest(code.replace('-', ""))));
+        }
     }
 
     /// Registers the account, gives it a bio and a second session, and leaves traces of it
     /// everywhere: cached sessions and profile, a reset code, a verification code, a pending
-    /// email change, audit rows naming its email and the one it had before.
+    /// email change, audit rows naming its email and the one it had before, a second factor.
     async fn create(&self, app: &TestApp) -> (String, [String; 2]) {
         let flows = app.settings.accounts.served();
         let registered = app
@@ -121,6 +174,7 @@ impl Personal {
             .get_user(with_key(ADMIN_KEY, request))
             .await
             .unwrap();
+        self.add_second_factor(app, &token).await;
         (registered.user_id, [token, other.session_token])
     }
 
