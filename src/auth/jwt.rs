@@ -88,6 +88,8 @@ struct Claims<'a> {
     iat: i64,
     exp: i64,
     jti: String,
+    /// How the session was authenticated (RFC 8176): `pwd`, and `otp` for a second factor.
+    amr: &'static [&'static str],
 }
 
 enum Signer {
@@ -446,6 +448,11 @@ impl JwtKeys {
             iat: now.timestamp(),
             exp: expires_at.timestamp(),
             jti: uuid::Uuid::new_v4().to_string(),
+            amr: if record.aal >= 2 {
+                &["pwd", "otp"]
+            } else {
+                &["pwd"]
+            },
         };
         let claims_json = serde_json::to_vec(&claims)
             .map_err(|e| AuthError::Internal(format!("could not write a JWT's claims: {e}")))?;

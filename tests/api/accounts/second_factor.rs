@@ -187,7 +187,7 @@ async fn the_second_factor_from_enrolment_to_removal_without_redis() {
 
 async fn the_second_factor_from_enrolment_to_removal(mode: Mode) {
     let dir = tempfile::tempdir().unwrap();
-    let mut settings = test_settings(mode);
+    let mut settings = crate::jwt::enable(test_settings(mode));
     admit_operator(&mut settings, dir.path());
     // The guess limits have a test of their own (below): here every call is answered.
     settings.rate_limit.login_per_email = 0;
@@ -244,6 +244,20 @@ async fn the_second_factor_from_enrolment_to_removal(mode: Mode) {
         .await
         .expect("a level-2 session meets a level-2 requirement");
     assert_eq!(v.assurance_level(), pb::AssuranceLevel::Aal2);
+    // Its JWTs say so (RFC 8176 `amr`); a level-1 session's say `pwd` only.
+    for (token, amr) in [(&strong, vec!["pwd", "otp"]), (&first, vec!["pwd"])] {
+        let jwt = crate::jwt::issue(&app, token, crate::jwt::AUDIENCE, None)
+            .await
+            .unwrap()
+            .jwt;
+        let payload = jwt.split('.').nth(1).unwrap();
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(claims["amr"], serde_json::json!(amr));
+    }
     // A level-1 session does not, from whichever copy answers (the second ask is cached).
     for _ in 0..2 {
         let status = assert_code(

@@ -13,7 +13,7 @@ use authd::{config::JwtAlgorithm, proto::authd::v1 as pb};
 
 mod keys;
 
-const AUDIENCE: &str = "orders";
+pub const AUDIENCE: &str = "orders";
 const ISSUER: &str = "https://authd.test";
 
 /// Test settings with JWTs on, for `orders` and `billing`.
@@ -21,14 +21,14 @@ fn minting(mode: Mode) -> authd::config::Settings {
     enable(test_settings(mode))
 }
 
-fn enable(mut settings: authd::config::Settings) -> authd::config::Settings {
+pub fn enable(mut settings: authd::config::Settings) -> authd::config::Settings {
     settings.jwt.enabled = true;
     settings.jwt.issuer = ISSUER.into();
     settings.jwt.audiences = vec![AUDIENCE.into(), "billing".into()];
     settings
 }
 
-async fn issue(
+pub async fn issue(
     app: &TestApp,
     token: &str,
     audience: &str,
@@ -150,6 +150,7 @@ async fn a_minted_jwt_verifies_with_an_independent_library_against_the_jwks() {
         assert_eq!(claims["sid"], session.session_id.as_str());
         assert_eq!(claims["aud"], AUDIENCE);
         assert_eq!(claims["iss"], ISSUER);
+        assert_eq!(claims["amr"], serde_json::json!(["pwd"]));
         let created = session.created_at.unwrap();
         assert_eq!(
             claims["sid_created_us"].as_i64().unwrap(),
