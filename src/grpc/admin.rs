@@ -162,6 +162,8 @@ fn user(u: AdminUser) -> pb::User {
         password_change_required: u.password_change_required,
         email_verified: u.email_verified_at.is_some(),
         email_verified_at: u.email_verified_at.map(timestamp),
+        second_factor: u.second_factor,
+        recovery_codes_left: i32::try_from(u.recovery_codes_left).unwrap_or(i32::MAX),
     }
 }
 

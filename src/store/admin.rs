@@ -19,6 +19,8 @@ pub struct AdminUser {
     pub last_login_at: Option<DateTime<Utc>>,
     pub password_change_required: bool,
     pub email_verified_at: Option<DateTime<Utc>>,
+    pub second_factor: bool,
+    pub recovery_codes_left: i64,
 }
 
 /// How to find an account.
@@ -69,6 +71,11 @@ impl AdminRepo<'_> {
             "select u.id, u.email, coalesce(p.display_name, '') as display_name, u.created_at,
                     u.disabled_at, u.disabled_reason, u.last_login_at, u.password_change_required,
                     u.email_verified_at,
+                    exists (select 1 from totp_credentials f
+                            where f.user_id = u.id and f.confirmed_at is not null)
+                        as second_factor,
+                    (select count(*) from recovery_codes r
+                     where r.user_id = u.id and r.used_at is null) as recovery_codes_left,
                     (select count(*) from sessions s where s.user_id = u.id and {}) as active_sessions
              from users u left join profiles p on p.user_id = u.id
              where {by}",

@@ -158,15 +158,6 @@ impl SecondFactorRepo<'_> {
             .await
     }
 
-    /// How many of the account's recovery codes are unused.
-    pub async fn recovery_left(&self, user_id: Uuid) -> Result<i64, StoreError> {
-        let query = sqlx::query_scalar::<_, i64>(
-            "select count(*) from recovery_codes where user_id = $1 and used_at is null",
-        )
-        .bind(user_id);
-        self.0.run(query.fetch_one(self.0.pool())).await
-    }
-
     /// Stores a login challenge for the account, valid for `ttl`.
     pub async fn issue_challenge(
         &self,

@@ -9,7 +9,7 @@ use tonic_types::StatusExt;
 
 use super::admit_operator;
 use crate::{
-    admin::{KEY as ADMIN_KEY, admin, with_key},
+    admin::{KEY as ADMIN_KEY, admin, get_user, with_key},
     helpers::*,
 };
 
@@ -383,6 +383,8 @@ async fn the_second_factor_from_enrolment_to_removal(mode: Mode) {
     // An operator removes a factor its owner lost: idempotent, and the open challenges die.
     let lost = enrolled(&app).await;
     let open = challenge(&app, &lost.email).await;
+    let shown = get_user(&app, ADMIN_KEY, &lost.user_id).await.unwrap();
+    assert_eq!((shown.second_factor, shown.recovery_codes_left), (true, 10));
     for removed in [true, false] {
         let answer = admin(&app)
             .remove_second_factor(with_key(
@@ -405,6 +407,8 @@ async fn the_second_factor_from_enrolment_to_removal(mode: Mode) {
     app.login(&lost.email, PASSWORD)
         .await
         .expect("a session again");
+    let shown = get_user(&app, ADMIN_KEY, &lost.user_id).await.unwrap();
+    assert_eq!((shown.second_factor, shown.recovery_codes_left), (false, 0));
 }
 
 /// Guessing TOTP codes is a password guess's cost: the right password does not refill the
