@@ -5,14 +5,17 @@
 -- its authenticator app holds it; authd must compute codes from it, so it cannot be hashed. It
 -- counts once confirmed (`confirmed_at`): an enrolment that was never confirmed changes nothing,
 -- and a new enrolment replaces it. `last_used_step` is the time step of the last code accepted:
--- a code of that step or an earlier one is refused, so each code is good once. Gone with the
--- account.
+-- a code of that step or an earlier one is refused, so each code is good once. `failures`
+-- counts wrong codes since the last right one: at RATE_LIMIT__MAX_FAILED_LOGINS the factor
+-- refuses checks from clients the account does not trust (a new password does not reset it).
+-- Gone with the account.
 create table totp_credentials (
     user_id        uuid primary key references users (id) on delete cascade,
     secret         bytea not null,
     created_at     timestamptz not null default clock_timestamp(),
     confirmed_at   timestamptz,
-    last_used_step bigint not null default 0
+    last_used_step bigint not null default 0,
+    failures       integer not null default 0
 );
 
 -- Single-use recovery codes, for a lost authenticator: only their SHA-256 is stored. Issued with

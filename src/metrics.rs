@@ -428,6 +428,7 @@ impl Metrics {
             "change_password",
             "password_reset",
             "delete_account",
+            "second_factor",
             "unknown_lookup",
         ] {
             self.rate_limited.with_label_values(&[operation]);

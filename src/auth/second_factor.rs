@@ -1,9 +1,11 @@
 //! The second factor: TOTP (RFC 6238: SHA-1, 6 digits, 30-second steps, as every authenticator
 //! app reads an `otpauth://` URI), with single-use recovery codes.
 //!
-//! - Enrolment (EnrollTotp) needs a session and its owner's proof (the current password, or a
-//!   sign-in within `ACCOUNTS__SECOND_FACTOR_MAX_AUTH_AGE`); it answers a fresh secret, which
-//!   counts only once a code of it comes back (ConfirmTotp), when the recovery codes are issued.
+//! - Enrolment (EnrollTotp) needs a session and the current password (a fresh session alone is
+//!   not enough: its thief must not put their authenticator on the account); it answers a fresh
+//!   secret, which counts only once a code of it comes back (ConfirmTotp), when the recovery
+//!   codes are issued. Removing the factor and new recovery codes need a session of level 2 and
+//!   a code of the factor.
 //! - A Login with the right password for an account with a confirmed second factor answers a
 //!   challenge instead of a session: single-use, valid `ACCOUNTS__SECOND_FACTOR_CHALLENGE_TTL`,
 //!   void after `ACCOUNTS__SECOND_FACTOR_ATTEMPTS` wrong codes. CompleteSecondFactor takes it with
@@ -11,19 +13,21 @@
 //! - Every code is good once (`store::second_factor`): a TOTP code of the current step or either
 //!   neighbour (±30 s of skew) is accepted only if its step is later than the last one accepted.
 //! - Guessing costs what a password guess costs: the right password does not refill the
-//!   account's guess bucket until the second factor is right too, every wrong code counts as a
-//!   failed login (the account locks out clients it does not trust at
+//!   account's guess bucket until the second factor is right too, every wrong code of a login
+//!   counts as a failed login (the account locks out clients it does not trust at
 //!   `RATE_LIMIT__MAX_FAILED_LOGINS`), and the login's per-address bucket pays every completion.
 //!   Codes presented with a session (confirmation, removal, new recovery codes) pay the account's
-//!   second-factor bucket (`RATE_LIMIT__LOGIN_PER_EMAIL` per window).
+//!   second-factor bucket (`RATE_LIMIT__LOGIN_PER_EMAIL` per window). Every wrong code, however
+//!   presented, counts against the factor itself: after `RATE_LIMIT__MAX_FAILED_LOGINS` of them
+//!   since its last right code it refuses checks but from clients the account trusts — a hard
+//!   bound that no new password, reset or bucket refill lifts. The counts are taken under the
+//!   account's lock, so concurrent guesses cannot overshoot them.
 //! - A session's level is fixed at its creation, like `authenticated_at`: a cached copy never
 //!   needs to catch up with it, and a copy of an earlier release (without it) understates it.
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
-use totp_rs::{Algorithm, TOTP};
 use tracing::instrument;
 use uuid::Uuid;
 
@@ -33,16 +37,18 @@ use super::{
 };
 use crate::{
     cache::Bucket,
-    store::{Factor, Flow, Proof},
+    model::totp::{authenticator, matching_step},
+    store::{Attempt, Check, Code, Flow, Proof, Refusal},
 };
+
+/// The `operation` of `authd_rate_limited_total` for the second factor's own calls.
+const LIMITED: &str = "second_factor";
 
 /// Recovery codes issued at a time.
 pub const RECOVERY_CODES: usize = 10;
 /// A recovery code's characters (lowercase RFC 4648 base32: 80 bits), shown in groups of four.
 pub const RECOVERY_CODE_LEN: usize = 16;
 const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
-/// RFC 6238's time step, in seconds.
-const STEP: i64 = 30;
 /// The level of a session opened with a second factor (NIST SP 800-63B AAL2).
 pub const AAL2: u8 = 2;
 
@@ -97,32 +103,6 @@ pub fn recovery_hash(normalized: &str) -> [u8; 32] {
     Sha256::digest(normalized.as_bytes()).into()
 }
 
-/// The authenticator's view of `secret`: SHA-1, 6 digits, 30-second steps.
-fn authenticator(secret: Vec<u8>, issuer: &str, account: &str) -> TOTP {
-    // Neither may hold ':' in an otpauth label (the issuer is checked at start-up).
-    TOTP::new_unchecked(
-        Algorithm::SHA1,
-        6,
-        1,
-        STEP.unsigned_abs(),
-        secret,
-        Some(issuer.to_owned()),
-        account.replace(':', "_"),
-    )
-}
-
-/// The latest step, among the current one and its neighbours, whose code is `code` and which
-/// is later than `after` (a code is good once).
-fn matching_step(secret: &[u8], code: &str, now: i64, after: i64) -> Option<i64> {
-    let totp = authenticator(secret.to_vec(), "", "");
-    let current = now.div_euclid(STEP);
-    (current - 1..=current + 1).rev().find(|&step| {
-        step > after
-            && u64::try_from(step * STEP)
-                .is_ok_and(|t| bool::from(totp.generate(t).as_bytes().ct_eq(code.as_bytes())))
-    })
-}
-
 impl AuthService {
     /// Codes presented with a session (confirmation, removal, new recovery codes): the
     /// account's bucket for them, never refunded.
@@ -146,47 +126,79 @@ impl AuthService {
         security::second_factor_changed(action, r.user_id, &r.ip_address, outcome);
     }
 
-    /// The session of `token`, and what its owner's code `code` pays first.
-    async fn with_code(&self, token: &str, action: &'static str) -> Result<SessionView, AuthError> {
+    /// The session of `token`, once its owner's code has paid the account's bucket.
+    async fn with_bucket(
+        &self,
+        token: &str,
+        action: &'static str,
+    ) -> Result<SessionView, AuthError> {
         let current = self.validate(token).await?;
         let bucket = self.factor_bucket(current.record.user_id);
-        if let Err(error) = self.limit(action, &[bucket]).await {
+        if let Err(error) = self.limit(LIMITED, &[bucket]).await {
             self.factor_change(action, "refused", &current);
             return Err(error);
         }
         Ok(current)
     }
 
-    /// What `code` is, checked against the account's confirmed second factor as far as it can
-    /// be before the statement that uses it: a TOTP code's step, or a recovery code's hash.
-    async fn factor<'a>(
+    /// `code` as the storage layer checks it under the account's lock, now; `trusted`: the
+    /// client is one the account trusts (no cap on the factor's wrong codes for it).
+    fn check<'a>(&self, code: &'a FactorCode, trusted: bool) -> Check<'a> {
+        let code = match code {
+            FactorCode::Totp(digits) => Code::Totp {
+                digits,
+                now: self.clock.now().timestamp(),
+            },
+            FactorCode::Recovery(hash) => Code::Recovery(hash),
+        };
+        let max = self.limits.max_failed_logins;
+        let max_failures = (!trusted && max > 0).then(|| i32::try_from(max).unwrap_or(i32::MAX));
+        Check { code, max_failures }
+    }
+
+    /// The session of `token`, of level 2 (a second factor's changes need one), whose owner's
+    /// code pays the account's bucket for codes presented with a session.
+    async fn with_code(&self, token: &str, action: &'static str) -> Result<SessionView, AuthError> {
+        let current = self.with_bucket(token, action).await?;
+        if current.record.aal < AAL2 {
+            self.factor_change(action, "refused", &current);
+            return Err(AuthError::SecondFactorMissing(current.record.aal));
+        }
+        Ok(current)
+    }
+
+    /// A refused code presented with a session: a wrong one (counted), or too many of them.
+    fn refused_code(
         &self,
-        user_id: Uuid,
-        code: &'a FactorCode,
-    ) -> Result<Option<Factor<'a>>, AuthError> {
-        match code {
-            FactorCode::Recovery(hash) => Ok(Some(Factor::RecoveryCode(hash))),
-            FactorCode::Totp(digits) => {
-                let stored = self.db.second_factor().find(user_id).await?;
-                let now = self.clock.now().timestamp();
-                Ok(stored.filter(|s| s.confirmed).and_then(|s| {
-                    matching_step(&s.secret, digits, now, s.last_used_step).map(Factor::Totp)
-                }))
+        action: &'static str,
+        refusal: Refusal,
+        view: &SessionView,
+    ) -> AuthError {
+        match refusal {
+            Refusal::Locked => {
+                self.factor_change(action, "refused", view);
+                AuthError::Locked
+            }
+            _ => {
+                self.factor_change(action, "invalid_code", view);
+                AuthError::InvalidCode
             }
         }
     }
 
-    /// Starts a TOTP enrolment for the session's account: a fresh secret (replacing one never
-    /// confirmed). FAILED_PRECONDITION when the account has a confirmed one.
+    /// Starts a TOTP enrolment for the session's account, with its current password (a guess
+    /// paid like ChangePassword's): a fresh secret (replacing one never confirmed).
+    /// FAILED_PRECONDITION when the account has a confirmed one.
     #[instrument(skip_all)]
     pub async fn enroll_totp(
         &self,
         token: &str,
-        password: Option<SecretString>,
+        password: SecretString,
     ) -> Result<Enrolment, AuthError> {
-        let max_age = self.flows.second_factor_max_auth_age;
+        // The password always: a session alone (however fresh: a token stolen a minute after
+        // its sign-in) must not be able to put its holder's authenticator on the account.
         let (current, _) = self
-            .reauthenticated(token, password, max_age, "enroll_totp")
+            .reauthenticated(token, Some(password), std::time::Duration::ZERO, LIMITED)
             .await?;
         let user_id = current.record.user_id;
         let (_, email, _) = self
@@ -217,7 +229,7 @@ impl AuthService {
         token: &str,
         code: &str,
     ) -> Result<Vec<SecretString>, AuthError> {
-        let current = self.with_code(token, "confirm_totp").await?;
+        let current = self.with_bucket(token, "confirm").await?;
         let user_id = current.record.user_id;
         let stored = match self.db.second_factor().find(user_id).await? {
             None => {
@@ -249,50 +261,39 @@ impl AuthService {
         Ok(codes)
     }
 
-    /// Removes the account's second factor, once one of its codes is presented.
+    /// Removes the account's second factor, from a session of level 2, once one of its codes is
+    /// presented.
     #[instrument(skip_all)]
     pub async fn remove_totp(&self, token: &str, code: FactorCode) -> Result<(), AuthError> {
-        let current = self.with_code(token, "remove_totp").await?;
+        let current = self.with_code(token, "remove").await?;
         let user_id = current.record.user_id;
-        let removed = match self.factor(user_id, &code).await? {
-            Some(factor) => {
-                self.db
-                    .second_factor()
-                    .remove(user_id, Some(factor))
-                    .await?
-            }
-            None => false,
-        };
-        if !removed {
-            self.factor_change("remove", "invalid_code", &current);
-            return Err(AuthError::InvalidCode);
+        let check = self.check(&code, false);
+        if let Err(refusal) = self.db.second_factor().remove(user_id, Some(check)).await? {
+            return Err(self.refused_code("remove", refusal, &current));
         }
         self.factor_change("remove", "done", &current);
         Ok(())
     }
 
-    /// Replaces the account's recovery codes, once one of its codes is presented.
+    /// Replaces the account's recovery codes, from a session of level 2, once one of its codes
+    /// is presented.
     #[instrument(skip_all)]
     pub async fn regenerate_recovery_codes(
         &self,
         token: &str,
         code: FactorCode,
     ) -> Result<Vec<SecretString>, AuthError> {
-        let current = self.with_code(token, "regenerate_recovery_codes").await?;
+        let current = self.with_code(token, "regenerate").await?;
         let user_id = current.record.user_id;
         let (codes, hashes) = new_recovery_codes();
-        let replaced = match self.factor(user_id, &code).await? {
-            Some(factor) => {
-                self.db
-                    .second_factor()
-                    .regenerate(user_id, factor, &hashes)
-                    .await?
-            }
-            None => false,
-        };
-        if !replaced {
-            self.factor_change("regenerate", "invalid_code", &current);
-            return Err(AuthError::InvalidCode);
+        let check = self.check(&code, false);
+        let replaced = self
+            .db
+            .second_factor()
+            .regenerate(user_id, check, &hashes)
+            .await?;
+        if let Err(refusal) = replaced {
+            return Err(self.refused_code("regenerate", refusal, &current));
         }
         self.factor_change("regenerate", "done", &current);
         Ok(codes)
@@ -310,7 +311,10 @@ impl AuthService {
         {
             return Err(AuthError::UserNotFound);
         }
-        let removed = self.db.second_factor().remove(user_id, None).await?;
+        let removed = matches!(
+            self.db.second_factor().remove(user_id, None).await?,
+            Ok(true)
+        );
         let outcome = if removed { "done" } else { "refused" };
         self.metrics()
             .second_factor_changes
@@ -322,10 +326,12 @@ impl AuthService {
 
     /// A Login's answer for an account with a confirmed second factor: a challenge, instead of a
     /// session. `trusted`: the client the account trusts, whose guess bucket the completion pays.
+    /// `verified_hash`: the password the login checked; the challenge is stored only while it
+    /// is still the account's (UNAUTHENTICATED otherwise, as a wrong password).
     pub(super) async fn challenge(
         &self,
         user_id: Uuid,
-        trusted: Option<&[u8]>,
+        (verified_hash, trusted): (&str, Option<&[u8]>),
         ip: &str,
     ) -> AuthError {
         let ttl: Duration = self.flows.second_factor_challenge_ttl;
@@ -334,10 +340,12 @@ impl AuthService {
         let issued = self
             .db
             .second_factor()
-            .issue_challenge(user_id, &hash, ttl, trusted)
+            .issue_challenge(user_id, &hash, (ttl, verified_hash), trusted)
             .await;
-        if let Err(error) = issued {
-            return error.into();
+        match issued {
+            Ok(true) => {}
+            Ok(false) => return AuthError::InvalidCredentials,
+            Err(error) => return error.into(),
         }
         self.flow_outcome(Flow::SecondFactor, ("start", "issued"), Some(user_id), ip);
         AuthError::SecondFactorRequired(IssuedCode { code, expires_at })
@@ -360,8 +368,12 @@ impl AuthService {
             outcome("rate_limited", None);
             return Err(error);
         }
+        let max_attempts = i32::try_from(self.flows.second_factor_attempts).unwrap_or(i32::MAX);
         let factors = self.db.second_factor();
-        let Some(challenge) = factors.challenge(&login.challenge_hash).await? else {
+        let found = factors
+            .challenge(&login.challenge_hash, max_attempts)
+            .await?;
+        let Some(challenge) = found else {
             outcome("invalid_code", None);
             return Err(AuthError::InvalidCode);
         };
@@ -377,30 +389,48 @@ impl AuthService {
             return Err(AuthError::Locked);
         }
         let client = self.client_hash(&login.client);
-        let issued = match self.factor(user_id, &login.code).await? {
-            Some(factor) => {
-                let proof = Proof::SecondFactor {
-                    challenge: &login.challenge_hash,
-                    factor,
-                };
-                self.open_session(user_id, login.client, client, proof, AAL2)
-                    .await?
-            }
-            None => None,
+        let attempt = Attempt {
+            challenge: &login.challenge_hash,
+            max_attempts,
+            check: self.check(&login.code, trusted.is_some()),
         };
-        let Some(issued) = issued else {
-            self.metrics().failed_logins.inc();
-            let max = self.flows.second_factor_attempts;
-            factors.challenge_failed(&login.challenge_hash, max).await?;
-            if trusted.is_none() {
-                self.count_failure(user_id, &ip).await?;
+        let proof = Proof::SecondFactor(attempt);
+        match self
+            .open_session(user_id, login.client, client, proof, AAL2)
+            .await?
+        {
+            Ok(issued) => {
+                self.limiter.reset(&account).await;
+                outcome("completed", Some(user_id));
+                Ok(issued)
             }
-            outcome("invalid_code", Some(user_id));
-            return Err(AuthError::InvalidCode);
-        };
-        self.limiter.reset(&account).await;
-        outcome("completed", Some(user_id));
-        Ok(issued)
+            Err(Refusal::Wrong) => {
+                self.metrics().failed_logins.inc();
+                if trusted.is_none() {
+                    self.count_failure(user_id, &ip).await?;
+                }
+                outcome("invalid_code", Some(user_id));
+                Err(AuthError::InvalidCode)
+            }
+            Err(Refusal::Locked) => {
+                outcome("locked", Some(user_id));
+                Err(AuthError::Locked)
+            }
+            // The code was right, and is used: the account must change its password first.
+            Err(Refusal::ChangeRequired) => {
+                outcome("completed", Some(user_id));
+                security::login_failed(Some(user_id), &ip, "password_change_required");
+                Err(AuthError::PasswordChangeRequired(
+                    self.reset_code_for(user_id).await?,
+                ))
+            }
+            // Completed by a concurrent call, void meanwhile, or the password changed: nothing
+            // was checked, nothing is counted.
+            Err(Refusal::Gone) => {
+                outcome("invalid_code", Some(user_id));
+                Err(AuthError::InvalidCode)
+            }
+        }
     }
 }
 

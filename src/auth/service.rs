@@ -33,7 +33,7 @@ use crate::{
     clock::Clock,
     config::RateLimitSettings,
     local::{Keys, LocalCache},
-    store::{Db, EMAIL_UNIQUE, NewSession, NewUser, Proof, StoreError},
+    store::{Db, EMAIL_UNIQUE, NewSession, NewUser, Proof, Refusal, StoreError},
     telemetry::{Tier, traces},
 };
 
@@ -237,9 +237,10 @@ impl AuthService {
         let user_id = stored.id;
         if stored.second_factor {
             // The right password does not refill the account's guess bucket until the second
-            // factor is right too (see `second_factor`).
-            self.unless_change_required(&stored, &ip).await?;
-            return Err(self.challenge(user_id, trusted_client, &ip).await);
+            // factor is right too, and a required new password is asked for only then: the
+            // password alone leads to nothing but the challenge (see `second_factor`).
+            let proof = (stored.password_hash.as_str(), trusted_client);
+            return Err(self.challenge(user_id, proof, &ip).await);
         }
         self.limiter.reset(&account).await;
         self.unless_change_required(&stored, &ip).await?;
@@ -248,11 +249,11 @@ impl AuthService {
         let proof = Proof::Password(&stored.password_hash);
         self.open_session(user_id, c.client, client, proof, 1)
             .await?
-            .ok_or(AuthError::InvalidCredentials)
+            .map_err(|_| AuthError::InvalidCredentials)
     }
 
-    /// Stores a new session of level `aal` for the account, on `proof` (`None` when it no longer
-    /// holds), trusting `client` from now on.
+    /// Stores a new session of level `aal` for the account, on `proof` (why not, when it no
+    /// longer holds), trusting `client` from now on.
     pub(super) async fn open_session(
         &self,
         user_id: Uuid,
@@ -260,7 +261,7 @@ impl AuthService {
         client: Option<[u8; 32]>,
         proof: Proof<'_>,
         aal: u8,
-    ) -> Result<Option<IssuedSession>, AuthError> {
+    ) -> Result<Result<IssuedSession, Refusal>, AuthError> {
         let mut record = self.policy.start(user_id, info, self.clock.now());
         record.aal = aal;
         let key = self.keys.minting()?;
@@ -274,13 +275,14 @@ impl AuthService {
             max_per_user: i64::from(self.policy.max_per_user),
             client: client.as_ref().map(|c| c.as_slice()),
         };
-        let Some((evicted, email_verified_at)) = self
+        let (evicted, email_verified_at) = match self
             .db
             .sessions()
             .insert_capped(&session, self.since())
             .await?
-        else {
-            return Ok(None);
+        {
+            Ok(stored) => stored,
+            Err(refusal) => return Ok(Err(refusal)),
         };
         record.email_verified_at = email_verified_at;
         tracing::info!(%user_id, session_id = %record.id, evicted = evicted.revoked, "session created");
@@ -291,7 +293,7 @@ impl AuthService {
         let hashes = evicted.revoked_hashes.iter().map(Vec::as_slice);
         self.invalidate_keys(Some("session_cap"), &evicted, Keys::sessions(hashes))
             .await?;
-        Ok(Some(self.issued(token, hash, record, lease).await))
+        Ok(Ok(self.issued(token, hash, record, lease).await))
     }
 
     async fn issued(

@@ -66,7 +66,7 @@ fn factor_code(v: &mut Violations, factor: Option<&Factor>) -> Option<FactorCode
             .check("recovery_code", input::recovery_code(code))
             .map(FactorCode::Recovery),
         None => v.check::<FactorCode>(
-            "totp_code",
+            "factor",
             Err("is required (or recovery_code): a code of the account's second factor".into()),
         ),
     }
@@ -218,9 +218,17 @@ impl AuthServiceRpc for AuthGrpc {
                 }])
             })?),
         };
-        let min_aal = match req.min_assurance_level() {
-            pb::AssuranceLevel::Aal2 => 2,
-            _ => 0,
+        // An unknown level (a later release's) is refused, never taken for "none".
+        let min_aal = match pb::AssuranceLevel::try_from(req.min_assurance_level) {
+            Ok(pb::AssuranceLevel::Aal2) => 2,
+            Ok(_) => 0,
+            Err(_) => {
+                return Err(AuthError::InvalidInput(vec![input::FieldViolation {
+                    field: "min_assurance_level".into(),
+                    description: "must be ASSURANCE_LEVEL_AAL1 or ASSURANCE_LEVEL_AAL2".into(),
+                }])
+                .into());
+            }
         };
         let token = super::session_token(&request, &req.session_token)?;
         let view = self
@@ -386,7 +394,12 @@ impl AuthServiceRpc for AuthGrpc {
     ) -> Result<Response<pb::EnrollTotpResponse>, Status> {
         let req = request.get_ref();
         let token = super::session_token(&request, &req.session_token)?;
-        let password = optional_password(&req.password)?;
+        let password = input::password(&req.password).map_err(|description| {
+            AuthError::InvalidInput(vec![input::FieldViolation {
+                field: "password".into(),
+                description,
+            }])
+        })?;
         let enrolment = self.service.enroll_totp(token, password).await?;
         Ok(Response::new(pb::EnrollTotpResponse {
             secret: enrolment.secret.expose_secret().to_owned(),

@@ -3,6 +3,7 @@
 pub mod profile;
 pub mod session;
 pub mod token;
+pub mod totp;
 
 pub use profile::{ProfileChanges, ProfileRecord};
 pub use session::SessionRecord;

@@ -54,7 +54,7 @@ pub use leases::{
 };
 pub use outbox::{Cursor, Invalidation, OutboxRepo, ProfileInvalidation, Revocation, in_flight};
 pub use profiles::{ProfileRepo, UpdateOutcome};
-pub use second_factor::{Challenge, Factor, SecondFactorRepo, StoredTotp};
+pub use second_factor::{Attempt, Challenge, Check, Code, Refusal, SecondFactorRepo, StoredTotp};
 pub use sessions::{NewSession, Proof, SessionRepo, Since, StoredSession, Touched};
 pub use users::{Credentials, EMAIL_UNIQUE, NewUser, UserRepo};
 pub use work::{Share, Work, as_work, carry, current as current_work, in_background};

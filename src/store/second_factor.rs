@@ -2,11 +2,13 @@
 //! (`recovery_codes`, only their SHA-256), and the login challenges (`account_codes` of the
 //! `second_factor` flow). See `auth::second_factor` for the rules.
 //!
-//! Every code is good once, by the statement that accepts it: a TOTP code raises the account's
-//! `last_used_step` past its own step (a code of that step or an earlier one then finds nothing),
-//! a recovery code sets its `used_at`, a challenge its `used_at`. A login's three (the challenge,
-//! the code, the new session) are taken in one transaction that holds the account's row, so of
-//! two completions exactly one wins, and one that loses changes nothing.
+//! Every code is checked and used in a transaction that holds the account's row (as every
+//! statement that changes its sessions or its password does): a TOTP code raises the account's
+//! `last_used_step` to its own step (a code of that step or an earlier one is then wrong), a
+//! recovery code sets its `used_at`, a challenge its `used_at`. A login's three (the challenge,
+//! the code, the new session) are taken in one such transaction, so of two completions exactly
+//! one wins, one that loses counts nothing, and the caps on wrong codes (per challenge, and per
+//! factor since its last right code) are never overshot by concurrent guesses.
 use std::time::Duration;
 
 use uuid::Uuid;
@@ -21,7 +23,8 @@ pub struct StoredTotp {
     pub last_used_step: i64,
 }
 
-/// An unused, unexpired login challenge, with what its completion checks of the account.
+/// An unused, unexpired login challenge with an attempt left, and what its completion checks of
+/// the account before it pays for the attempt.
 #[derive(Debug, sqlx::FromRow)]
 pub struct Challenge {
     pub user_id: Uuid,
@@ -31,13 +34,45 @@ pub struct Challenge {
     pub failed_logins: i32,
 }
 
-/// The second factor a completion presents, as checked against the account's secret.
+/// A code of the account's second factor, as presented.
 #[derive(Debug, Clone, Copy)]
-pub enum Factor<'a> {
-    /// A TOTP code, of this time step.
-    Totp(i64),
+pub enum Code<'a> {
+    /// Six digits, judged at `now` (Unix seconds; see `model::totp`).
+    Totp { digits: &'a str, now: i64 },
     /// A recovery code's hash.
-    RecoveryCode(&'a [u8]),
+    Recovery(&'a [u8]),
+}
+
+/// A code to check under the account's lock, and after how many wrong ones since the last right
+/// one the factor refuses checks (`None`: never, for a client the account trusts, or no cap).
+#[derive(Debug, Clone, Copy)]
+pub struct Check<'a> {
+    pub code: Code<'a>,
+    pub max_failures: Option<i32>,
+}
+
+/// A login's completion: its challenge (hash), which takes at most `max_attempts` wrong codes.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt<'a> {
+    pub challenge: &'a [u8],
+    pub max_attempts: i32,
+    pub check: Check<'a>,
+}
+
+/// Why a code was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Nothing to check it against any more: the challenge is used, expired or void, the
+    /// account has no confirmed factor, or the password it was issued for is no longer the
+    /// account's. Nothing is counted.
+    Gone,
+    /// A wrong or used code: counted against the challenge and the factor.
+    Wrong,
+    /// The factor refuses checks: too many wrong codes since the last right one.
+    Locked,
+    /// The code was right and is used up, with the challenge, but the account must change its
+    /// password before it gets a session.
+    ChangeRequired,
 }
 
 pub struct SecondFactorRepo<'a>(pub(super) &'a Db);
@@ -105,42 +140,46 @@ impl SecondFactorRepo<'_> {
             .await
     }
 
-    /// Replaces the account's recovery codes, once `factor` (a code of its confirmed second
-    /// factor) is accepted, in one transaction; `false` when it is not.
+    /// Replaces the account's recovery codes once `check` passes, in one transaction that
+    /// holds the account's row (a wrong code is counted).
     pub async fn regenerate(
         &self,
         user_id: Uuid,
-        factor: Factor<'_>,
+        check: Check<'_>,
         recovery: &[[u8; 32]],
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Result<(), Refusal>, StoreError> {
         self.0
             .retrying(|| async {
                 let mut tx = self.0.run(self.0.pool().begin()).await?;
-                if !self.accept_in(&mut tx, user_id, factor).await? {
-                    return Ok(false);
+                self.0.users().lock_for_login(&mut tx, user_id).await?;
+                let checked = self.check_in(&mut tx, user_id, check).await?;
+                if checked.is_ok() {
+                    self.replace_recovery_in(&mut tx, user_id, recovery).await?;
                 }
-                self.replace_recovery_in(&mut tx, user_id, recovery).await?;
                 self.0.run(tx.commit()).await?;
-                Ok(true)
+                Ok(checked)
             })
             .await
     }
 
     /// Removes the account's second factor (its secret and recovery codes) and voids its open
-    /// login challenges — once `factor` is accepted, or unconditionally for `None` (an operator);
-    /// whether there was a confirmed second factor to remove.
+    /// login challenges, in one transaction that holds the account's row — once `check` passes
+    /// (a wrong code is counted), or unconditionally for `None` (an operator); whether there was
+    /// a confirmed second factor to remove.
     pub async fn remove(
         &self,
         user_id: Uuid,
-        factor: Option<Factor<'_>>,
-    ) -> Result<bool, StoreError> {
+        check: Option<Check<'_>>,
+    ) -> Result<Result<bool, Refusal>, StoreError> {
         self.0
             .retrying(|| async {
                 let mut tx = self.0.run(self.0.pool().begin()).await?;
-                if let Some(factor) = factor
-                    && !self.accept_in(&mut tx, user_id, factor).await?
+                self.0.users().lock_for_login(&mut tx, user_id).await?;
+                if let Some(check) = check
+                    && let Err(refusal) = self.check_in(&mut tx, user_id, check).await?
                 {
-                    return Ok(false);
+                    self.0.run(tx.commit()).await?;
+                    return Ok(Err(refusal));
                 }
                 let removed = sqlx::query_scalar::<_, bool>(
                     "with recovery as (delete from recovery_codes where user_id = $1),
@@ -153,107 +192,162 @@ impl SecondFactorRepo<'_> {
                 .bind(user_id);
                 let removed = self.0.run(removed.fetch_optional(&mut *tx)).await?;
                 self.0.run(tx.commit()).await?;
-                Ok(removed.unwrap_or(false))
+                Ok(Ok(removed.unwrap_or(false)))
             })
             .await
     }
 
-    /// Stores a login challenge for the account, valid for `ttl`.
+    /// Stores a login challenge for the account, valid for `ttl` — only while `verified_hash`
+    /// (the password the login checked) is still the account's and the account is enabled: the
+    /// statement waits for a password change or a DisableUser holding the account's row, which
+    /// otherwise voids the challenge (`codes::void_in`) once it is stored. `false`: not stored.
     pub async fn issue_challenge(
         &self,
         user_id: Uuid,
         code_hash: &[u8],
-        ttl: Duration,
+        (ttl, verified_hash): (Duration, &str),
         trusted_client: Option<&[u8]>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let query = sqlx::query(
             "insert into account_codes (code_hash, flow, user_id, expires_at, trusted_client)
-             values ($1, 'second_factor', $2,
-                     clock_timestamp() + $3::bigint * interval '1 microsecond', $4)",
+             select $1, 'second_factor', u.id,
+                    clock_timestamp() + $3::bigint * interval '1 microsecond', $4
+             from users u
+             where u.id = $2 and u.password_hash = $5 and u.disabled_at is null
+             for share",
         )
         .bind(code_hash)
         .bind(user_id)
         .bind(micros(ttl))
-        .bind(trusted_client);
-        self.0.run(query.execute(self.0.pool())).await?;
-        Ok(())
+        .bind(trusted_client)
+        .bind(verified_hash);
+        let done = self.0.run(query.execute(self.0.pool())).await?;
+        Ok(done.rows_affected() == 1)
     }
 
-    /// The unused, unexpired challenge with this hash, of an enabled account.
-    pub async fn challenge(&self, code_hash: &[u8]) -> Result<Option<Challenge>, StoreError> {
+    /// The unused, unexpired challenge with this hash and an attempt left, of an enabled
+    /// account.
+    pub async fn challenge(
+        &self,
+        code_hash: &[u8],
+        max_attempts: i32,
+    ) -> Result<Option<Challenge>, StoreError> {
         let query = sqlx::query_as::<_, Challenge>(
             "select c.user_id, u.email_normalized, c.trusted_client, u.failed_logins
              from account_codes c join users u on u.id = c.user_id
              where c.code_hash = $1 and c.flow = 'second_factor' and c.used_at is null
-               and c.expires_at > clock_timestamp() and u.disabled_at is null",
+               and c.expires_at > clock_timestamp() and c.failures < $2
+               and u.disabled_at is null",
         )
-        .bind(code_hash);
+        .bind(code_hash)
+        .bind(max_attempts);
         self.0.run(query.fetch_optional(self.0.pool())).await
     }
 
-    /// Counts a wrong code against the challenge: at `max` of them it is void.
-    pub async fn challenge_failed(&self, code_hash: &[u8], max: u32) -> Result<(), StoreError> {
-        let query = sqlx::query(
-            "update account_codes
-             set failures = failures + 1,
-                 used_at = case when failures + 1 >= $2 then clock_timestamp() end
-             where code_hash = $1 and flow = 'second_factor' and used_at is null",
-        )
-        .bind(code_hash)
-        .bind(i32::try_from(max).unwrap_or(i32::MAX));
-        self.0.run(query.execute(self.0.pool())).await?;
-        Ok(())
-    }
-
-    /// Inside the transaction that stores the login's session (holding the account's row): uses
-    /// the challenge and the factor; `false` (and the caller rolls back) when either was used, or
-    /// the challenge expired, or the account must change its password first.
+    /// Inside the transaction that stores the login's session, holding the account's row: the
+    /// challenge (unused, unexpired, with an attempt left) and the code, checked and used; a
+    /// wrong code counted against both (the caller commits every outcome but `Gone`'s).
     pub(super) async fn complete_in(
         &self,
         tx: &mut sqlx::PgConnection,
         user_id: Uuid,
-        challenge: &[u8],
-        factor: Factor<'_>,
-    ) -> Result<bool, StoreError> {
-        let used = sqlx::query(
-            "update account_codes set used_at = clock_timestamp(), completed_at = clock_timestamp()
-             where code_hash = $1 and flow = 'second_factor' and user_id = $2 and used_at is null
-               and expires_at > clock_timestamp()
-               and exists (select 1 from users u
-                           where u.id = $2 and not u.password_change_required)",
+        attempt: Attempt<'_>,
+    ) -> Result<Result<(), Refusal>, StoreError> {
+        let open = sqlx::query_scalar::<_, bool>(
+            "select u.password_change_required
+             from account_codes c join users u on u.id = c.user_id
+             where c.code_hash = $1 and c.flow = 'second_factor' and c.user_id = $2
+               and c.used_at is null and c.expires_at > clock_timestamp() and c.failures < $3
+             for update of c",
         )
-        .bind(challenge)
-        .bind(user_id);
-        if self.0.run(used.execute(&mut *tx)).await?.rows_affected() != 1 {
-            return Ok(false);
-        }
-        self.accept_in(tx, user_id, factor).await
+        .bind(attempt.challenge)
+        .bind(user_id)
+        .bind(attempt.max_attempts);
+        let Some(change_required) = self.0.run(open.fetch_optional(&mut *tx)).await? else {
+            return Ok(Err(Refusal::Gone));
+        };
+        let checked = self.check_in(tx, user_id, attempt.check).await?;
+        let record = match checked {
+            Ok(()) => sqlx::query(
+                "update account_codes set used_at = clock_timestamp(),
+                                          completed_at = clock_timestamp()
+                 where code_hash = $1",
+            )
+            .bind(attempt.challenge),
+            Err(Refusal::Wrong) => sqlx::query(
+                "update account_codes
+                 set failures = failures + 1,
+                     used_at = case when failures + 1 >= $2 then clock_timestamp() end
+                 where code_hash = $1",
+            )
+            .bind(attempt.challenge)
+            .bind(attempt.max_attempts),
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        self.0.run(record.execute(&mut *tx)).await?;
+        Ok(match checked {
+            Ok(()) if change_required => Err(Refusal::ChangeRequired),
+            other => other,
+        })
     }
 
-    /// Accepts a code of the account's confirmed second factor, once.
-    async fn accept_in(
+    /// Checks a code of the account's confirmed second factor under the account's lock, and
+    /// uses it: a TOTP code's step becomes the last accepted, a recovery code is spent, and the
+    /// factor's count of wrong codes starts over; a wrong code adds to it.
+    async fn check_in(
         &self,
         tx: &mut sqlx::PgConnection,
         user_id: Uuid,
-        factor: Factor<'_>,
-    ) -> Result<bool, StoreError> {
-        let query = match factor {
-            Factor::Totp(step) => sqlx::query(
-                "update totp_credentials set last_used_step = $2
-                 where user_id = $1 and confirmed_at is not null and last_used_step < $2",
-            )
-            .bind(user_id)
-            .bind(step),
-            Factor::RecoveryCode(hash) => sqlx::query(
-                "update recovery_codes set used_at = clock_timestamp()
-                 where user_id = $1 and code_hash = $2 and used_at is null
-                   and exists (select 1 from totp_credentials t
-                               where t.user_id = $1 and t.confirmed_at is not null)",
-            )
-            .bind(user_id)
-            .bind(hash),
+        check: Check<'_>,
+    ) -> Result<Result<(), Refusal>, StoreError> {
+        let stored = sqlx::query_as::<_, (Vec<u8>, i64, i32)>(
+            "select secret, last_used_step, failures from totp_credentials
+             where user_id = $1 and confirmed_at is not null
+             for update",
+        )
+        .bind(user_id);
+        let Some((secret, last_used_step, failures)) =
+            self.0.run(stored.fetch_optional(&mut *tx)).await?
+        else {
+            return Ok(Err(Refusal::Gone));
         };
-        Ok(self.0.run(query.execute(tx)).await?.rows_affected() == 1)
+        if check.max_failures.is_some_and(|max| failures >= max) {
+            return Ok(Err(Refusal::Locked));
+        }
+        let right = match check.code {
+            Code::Totp { digits, now } => {
+                match crate::model::totp::matching_step(&secret, digits, now, last_used_step) {
+                    Some(step) => {
+                        let used = sqlx::query(
+                            "update totp_credentials set last_used_step = $2 where user_id = $1",
+                        )
+                        .bind(user_id)
+                        .bind(step);
+                        self.0.run(used.execute(&mut *tx)).await?;
+                        true
+                    }
+                    None => false,
+                }
+            }
+            Code::Recovery(hash) => {
+                let spent = sqlx::query(
+                    "update recovery_codes set used_at = clock_timestamp()
+                     where user_id = $1 and code_hash = $2 and used_at is null",
+                )
+                .bind(user_id)
+                .bind(hash);
+                self.0.run(spent.execute(&mut *tx)).await?.rows_affected() == 1
+            }
+        };
+        let count = sqlx::query(
+            "update totp_credentials
+             set failures = case when $2 then 0 else failures + 1 end
+             where user_id = $1",
+        )
+        .bind(user_id)
+        .bind(right);
+        self.0.run(count.execute(&mut *tx)).await?;
+        Ok(if right { Ok(()) } else { Err(Refusal::Wrong) })
     }
 
     async fn replace_recovery_in(

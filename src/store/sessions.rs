@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{FromRow, postgres::PgRow};
 use uuid::Uuid;
 
-use super::{Db, Reason, Revocation, StoreError, micros};
+use super::{Db, Reason, Revocation, StoreError, micros, second_factor::Refusal};
 
 /// What a revoking statement needs besides its target: the idle timeout (to tell which revoked
 /// sessions were still active) and from when earlier invalidations of its target still matter:
@@ -184,17 +184,18 @@ pub struct NewSession<'a> {
     pub client: Option<&'a [u8]>,
 }
 
+/// A stored session: the sessions its insert evicted (at the cap) and the account's email
+/// verification; or why the proof no longer holds.
+pub type Inserted = Result<(Revocation, Option<DateTime<Utc>>), Refusal>;
+
 /// What a new session is stored on.
 #[derive(Debug, Clone, Copy)]
 pub enum Proof<'a> {
     /// The PHC hash the password was verified against: it must still be the account's.
     Password(&'a str),
-    /// A login challenge (its hash) and the second factor that completes it: both are used by
-    /// the statement that stores the session (see `second_factor`).
-    SecondFactor {
-        challenge: &'a [u8],
-        factor: super::second_factor::Factor<'a>,
-    },
+    /// A login challenge and the code that completes it: checked and used by the transaction
+    /// that stores the session (see `second_factor`).
+    SecondFactor(super::second_factor::Attempt<'a>),
 }
 
 /// Trusted clients kept per account (the most recent).
@@ -212,7 +213,7 @@ impl SessionRepo<'_> {
         &self,
         s: &NewSession<'_>,
         since: Since,
-    ) -> Result<Option<(Revocation, Option<DateTime<Utc>>)>, StoreError> {
+    ) -> Result<Inserted, StoreError> {
         self.0.retrying(|| self.insert_capped_once(s, since)).await
     }
 
@@ -220,24 +221,28 @@ impl SessionRepo<'_> {
         &self,
         s: &NewSession<'_>,
         since: Since,
-    ) -> Result<Option<(Revocation, Option<DateTime<Utc>>)>, StoreError> {
+    ) -> Result<Inserted, StoreError> {
         let r = s.record;
         let mut tx = self.0.run(self.0.pool().begin()).await?;
         let locked = self.0.users().lock_for_login(&mut tx, r.user_id).await?;
         let Some((password_hash, email_verified_at)) = locked else {
-            return Ok(None);
+            return Ok(Err(Refusal::Gone));
         };
         let proven = match s.proof {
-            Proof::Password(verified) => password_hash == verified,
-            Proof::SecondFactor { challenge, factor } => {
+            Proof::Password(verified) if password_hash == verified => Ok(()),
+            Proof::Password(_) => Err(Refusal::Gone),
+            Proof::SecondFactor(attempt) => {
                 self.0
                     .second_factor()
-                    .complete_in(&mut tx, r.user_id, challenge, factor)
+                    .complete_in(&mut tx, r.user_id, attempt)
                     .await?
             }
         };
-        if !proven {
-            return Ok(None);
+        if let Err(refusal) = proven {
+            // What the check counted (a wrong code) or used (a right one, when the account must
+            // change its password first) stays.
+            self.0.run(tx.commit()).await?;
+            return Ok(Err(refusal));
         }
         let query = sqlx::query_as::<_, super::outbox::QueuedRow>(concat!(
             "with new_session as (
@@ -277,7 +282,7 @@ impl SessionRepo<'_> {
         let rows = self.0.run(query.fetch_all(&mut *tx)).await?;
         self.signed_in(&mut tx, r.user_id, s.client).await?;
         self.0.run(tx.commit()).await?;
-        Ok(Some((Revocation::from_rows(rows), email_verified_at)))
+        Ok(Ok((Revocation::from_rows(rows), email_verified_at)))
     }
 
     /// A correct password: the count of wrong ones starts over, the login is recorded, and the

@@ -63,8 +63,7 @@ impl Personal {
         strings
     }
 
-    /// Gives the account a confirmed TOTP second factor (its sign-in is recent: no password),
-    /// and remembers how it is stored.
+    /// Gives the account a confirmed TOTP second factor, and remembers how it is stored.
     async fn add_second_factor(&self, app: &TestApp, token: &str) {
         use sha2::Digest;
         let enrolment = app
@@ -72,7 +71,7 @@ impl Personal {
             .clone()
             .enroll_totp(pb::EnrollTotpRequest {
                 session_token: token.into(),
-                password: String::new(),
+                password: PASSWORD.into(),
             })
             .await
             .unwrap()

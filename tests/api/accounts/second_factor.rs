@@ -94,7 +94,11 @@ async fn confirm(app: &TestApp, token: &str, code: &str) -> Result<Vec<String>, 
 
 /// Login with the right password: the challenge it answers instead of a session.
 async fn challenge(app: &TestApp, email: &str) -> String {
-    let status = assert_code(app.login(email, PASSWORD).await, Code::FailedPrecondition);
+    challenge_with(app, email, PASSWORD).await
+}
+
+async fn challenge_with(app: &TestApp, email: &str, password: &str) -> String {
+    let status = assert_code(app.login(email, password).await, Code::FailedPrecondition);
     let info = status.get_details_error_info().expect("ErrorInfo");
     assert_eq!(info.reason, "SECOND_FACTOR_REQUIRED", "{info:?}");
     assert!(info.metadata.contains_key("expires_at"), "{info:?}");
@@ -140,6 +144,8 @@ async fn validate_at(
 struct Enrolled {
     email: String,
     user_id: String,
+    /// The session it registered with (of level 1).
+    token: String,
     secret: String,
     recovery: Vec<String>,
     /// The step whose code confirmed it.
@@ -157,6 +163,7 @@ async fn enrolled(app: &TestApp) -> Enrolled {
     Enrolled {
         email,
         user_id: registered.user_id,
+        token,
         secret,
         recovery,
         step: now.div_euclid(30),
@@ -297,6 +304,34 @@ async fn the_second_factor_from_enrolment_to_removal(mode: Mode) {
             }
         }
     }
+    // A level this release does not know is refused, never taken for "none".
+    let unknown = app
+        .auth
+        .clone()
+        .validate_session(pb::ValidateSessionRequest {
+            session_token: first.clone(),
+            min_assurance_level: 3,
+            ..Default::default()
+        })
+        .await;
+    let unknown = assert_code(unknown, Code::InvalidArgument);
+    assert_eq!(violation_fields(&unknown), ["min_assurance_level"]);
+    // The factor's changes need a session of level 2 (and a code of it).
+    let weak = app
+        .auth
+        .clone()
+        .regenerate_recovery_codes(pb::RegenerateRecoveryCodesRequest {
+            session_token: first.clone(),
+            factor: Some(pb::regenerate_recovery_codes_request::Factor::RecoveryCode(
+                recovery[5].clone(),
+            )),
+        })
+        .await;
+    let weak = assert_code(weak, Code::FailedPrecondition);
+    assert_eq!(
+        weak.get_details_error_info().unwrap().reason,
+        "SECOND_FACTOR_REQUIRED"
+    );
     // The challenge is used; the code is used (and so is every earlier step's).
     assert_code(
         complete(&app, &first_challenge, Factor::TotpCode(next.clone())).await,
@@ -382,9 +417,54 @@ async fn the_second_factor_from_enrolment_to_removal(mode: Mode) {
 
     // An operator removes a factor its owner lost: idempotent, and the open challenges die.
     let lost = enrolled(&app).await;
-    let open = challenge(&app, &lost.email).await;
     let shown = get_user(&app, ADMIN_KEY, &lost.user_id).await.unwrap();
     assert_eq!((shown.second_factor, shown.recovery_codes_left), (true, 10));
+    // An operator requiring a new password does not open a way around the factor: the password
+    // still leads to a challenge, and only its right code to the reset code.
+    admin(&app)
+        .require_password_change(with_key(
+            ADMIN_KEY,
+            pb::RequirePasswordChangeRequest {
+                user_id: lost.user_id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    let required = challenge(&app, &lost.email).await;
+    let by_code = complete(
+        &app,
+        &required,
+        Factor::RecoveryCode(lost.recovery[0].clone()),
+    )
+    .await;
+    let by_code = assert_code(by_code, Code::FailedPrecondition);
+    let info = by_code.get_details_error_info().unwrap();
+    assert_eq!(info.reason, "PASSWORD_CHANGE_REQUIRED");
+    app.complete_reset(&info.metadata["code"], "a brand new passphrase 42")
+        .await
+        .unwrap();
+    // A challenge is stored only while the password the login checked is the account's: one
+    // whose check raced the reset stores nothing.
+    let stale = app
+        .db
+        .second_factor()
+        .issue_challenge(
+            uuid::Uuid::parse_str(&lost.user_id).unwrap(),
+            &[7; 32],
+            (Duration::from_secs(60), "the hash before the reset"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(
+        !stale,
+        "a challenge for a password that is no longer the account's"
+    );
+    let lost = Enrolled {
+        recovery: lost.recovery[1..].to_vec(),
+        ..lost
+    };
+    let open = challenge_with(&app, &lost.email, "a brand new passphrase 42").await;
     for removed in [true, false] {
         let answer = admin(&app)
             .remove_second_factor(with_key(
@@ -404,7 +484,7 @@ async fn the_second_factor_from_enrolment_to_removal(mode: Mode) {
         complete(&app, &open, Factor::TotpCode(code)).await,
         Code::Unauthenticated,
     );
-    app.login(&lost.email, PASSWORD)
+    app.login(&lost.email, "a brand new passphrase 42")
         .await
         .expect("a session again");
     let shown = get_user(&app, ADMIN_KEY, &lost.user_id).await.unwrap();
@@ -494,14 +574,21 @@ async fn guessing_totp_codes_is_stopped_by_the_rate_limit() {
     };
     assert_code(attempt, Code::ResourceExhausted);
 
-    // One challenge completed by four callers at once (with four recovery codes): one session.
+    // Without the guess bucket, what stops guesses is counted under the account's lock.
     let mut settings = test_settings(Mode::Redis);
     settings.rate_limit.login_per_email = 0;
+    settings.rate_limit.max_failed_logins = 3;
+    settings.accounts.second_factor_attempts = 1;
     let app = spawn_with(settings).await;
+    let failed = "authd_failed_logins_total";
+
+    // One challenge completed by four callers at once (with four recovery codes): one session,
+    // and nothing counted against the others (they found the challenge used).
     let Enrolled {
         email, recovery, ..
     } = enrolled(&app).await;
     let shared = challenge(&app, &email).await;
+    let before = app.metric(failed).await;
     let attempts = recovery[..4].iter().map(|code| {
         let app = &app;
         let shared = shared.clone();
@@ -513,4 +600,44 @@ async fn guessing_totp_codes_is_stopped_by_the_rate_limit() {
     for result in results.into_iter().filter(Result::is_err) {
         assert_code(result, Code::Unauthenticated);
     }
+    assert_eq!(
+        app.metric(failed).await,
+        before,
+        "the losers are no failures"
+    );
+
+    // Twenty wrong codes at once on a challenge that takes one: one is checked.
+    let guessed = enrolled(&app).await;
+    let shared = challenge(&app, &guessed.email).await;
+    let wrong = wrong_code(&guessed.secret, mid_step().await).await;
+    let before = app.metric(failed).await;
+    let attempts = (0..20).map(|_| {
+        let (app, shared, wrong) = (&app, shared.clone(), wrong.clone());
+        async move { complete(app, &shared, Factor::TotpCode(wrong)).await }
+    });
+    for result in futures::future::join_all(attempts).await {
+        assert_code(result, Code::Unauthenticated);
+    }
+    assert_eq!(
+        app.metric(failed).await,
+        before + 1.0,
+        "one guess was checked"
+    );
+    // A second, then a new password (which clears the account's count of failed logins, and
+    // would refill a guess bucket), then a third: the lockout's 3 reached on the factor, which
+    // now refuses even its right code — no new password lifts its count.
+    let open = challenge(&app, &guessed.email).await;
+    let result = complete(&app, &open, Factor::TotpCode(wrong.clone())).await;
+    assert_code(result, Code::Unauthenticated);
+    let renewed = "a brand new passphrase 42";
+    app.change_password(&guessed.token, PASSWORD, renewed)
+        .await
+        .unwrap();
+    let open = challenge_with(&app, &guessed.email, renewed).await;
+    let result = complete(&app, &open, Factor::TotpCode(wrong.clone())).await;
+    assert_code(result, Code::Unauthenticated);
+    let open = challenge_with(&app, &guessed.email, renewed).await;
+    let right = pyotp(&guessed.secret, mid_step().await + 30).await;
+    let refused = complete(&app, &open, Factor::TotpCode(right)).await;
+    assert_code(refused, Code::ResourceExhausted);
 }
