@@ -42,3 +42,9 @@ alter table account_codes add constraint account_codes_flow_check
     check (flow in ('password_reset', 'email_verification', 'email_change', 'second_factor'));
 alter table account_codes add column trusted_client bytea;
 alter table account_codes add column failures integer not null default 0;
+
+-- A client the account trusts (a device, or an address, that signed in before) is spared the
+-- lockouts and has a guess bucket of its own. For the second factor it counts only if it signed
+-- in with it (`aal` 2): a device trusted from a password-only sign-in, before the factor existed,
+-- is capped like any other.
+alter table trusted_clients add column aal smallint not null default 1;

@@ -481,10 +481,12 @@ pub const FACTOR_ACTIONS: [&str; 5] = ["enroll", "confirm", "remove", "admin_rem
 /// email change failed); a completion `completed`, answered a `retried` completion as the first,
 /// or was refused for an `invalid_code` (unknown, expired, used), a `weak_password` or an
 /// `email_taken` (another account has the new address), or `locked` (the account refuses the
-/// client: too many wrong guesses); either step `rate_limited`. For `second_factor`, a start is a
+/// client: too many wrong guesses), or `change_required` (a second factor's right code, for an
+/// account whose new password an operator requires: a reset code, not a session); either step
+/// `rate_limited`. For `second_factor`, a start is a
 /// login that answered with a challenge; a completion, CompleteSecondFactor; the second factor's
 /// own changes (enrolment, removal) are `authd_second_factor_changes_total`.
-pub const FLOW_OUTCOMES: [(&str, &str); 12] = [
+pub const FLOW_OUTCOMES: [(&str, &str); 13] = [
     ("start", "issued"),
     ("start", "unknown"),
     ("start", "already_verified"),
@@ -496,6 +498,7 @@ pub const FLOW_OUTCOMES: [(&str, &str); 12] = [
     ("complete", "weak_password"),
     ("complete", "email_taken"),
     ("complete", "locked"),
+    ("complete", "change_required"),
     ("complete", "rate_limited"),
 ];
 

@@ -53,6 +53,7 @@ pub struct FlowLimits {
     /// recently.
     pub email_change_max_auth_age: Duration,
     pub totp_issuer: String,
+    pub second_factor_max_auth_age: Duration,
     pub second_factor_challenge_ttl: Duration,
     pub second_factor_attempts: u32,
 }
@@ -68,6 +69,7 @@ impl From<&crate::config::AccountsSettings> for FlowLimits {
             verify_code_ttl: s.verify_code_ttl,
             email_change_max_auth_age: s.email_change_max_auth_age,
             totp_issuer: s.totp_issuer.clone(),
+            second_factor_max_auth_age: s.second_factor_max_auth_age,
             second_factor_challenge_ttl: s.second_factor_challenge_ttl,
             second_factor_attempts: s.second_factor_attempts,
         }

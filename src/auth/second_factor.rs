@@ -105,12 +105,12 @@ pub fn recovery_hash(normalized: &str) -> [u8; 32] {
 
 impl AuthService {
     /// Codes presented with a session (confirmation, removal, new recovery codes): the
-    /// account's bucket for them, never refunded.
-    fn factor_bucket(&self, user_id: Uuid) -> Bucket {
+    /// session's bucket for them, never refunded (another session, a thief's, cannot empty it).
+    fn factor_bucket(&self, session_id: Uuid) -> Bucket {
         let l = &self.limits;
         Bucket::new(
             "second_factor",
-            &user_id.to_string(),
+            &session_id.to_string(),
             l.login_per_email,
             l.login_window,
         )
@@ -126,14 +126,23 @@ impl AuthService {
         security::second_factor_changed(action, r.user_id, &r.ip_address, outcome);
     }
 
-    /// The session of `token`, once its owner's code has paid the account's bucket.
+    /// The session of `token`, once its owner's code has paid the session's bucket.
     async fn with_bucket(
         &self,
         token: &str,
         action: &'static str,
     ) -> Result<SessionView, AuthError> {
         let current = self.validate(token).await?;
-        let bucket = self.factor_bucket(current.record.user_id);
+        self.pay_code(current, action).await
+    }
+
+    /// A code presented with the session `current` pays the session's bucket.
+    async fn pay_code(
+        &self,
+        current: SessionView,
+        action: &'static str,
+    ) -> Result<SessionView, AuthError> {
+        let bucket = self.factor_bucket(current.record.id);
         if let Err(error) = self.limit(LIMITED, &[bucket]).await {
             self.factor_change(action, "refused", &current);
             return Err(error);
@@ -156,15 +165,23 @@ impl AuthService {
         Check { code, max_failures }
     }
 
-    /// The session of `token`, of level 2 (a second factor's changes need one), whose owner's
-    /// code pays the account's bucket for codes presented with a session.
+    /// The session of `token`, of level 2 and signed in at most
+    /// `ACCOUNTS__SECOND_FACTOR_MAX_AUTH_AGE` ago (a second factor's changes need one: a stolen
+    /// session has minutes, not hours, to guess codes), whose code pays its bucket.
     async fn with_code(&self, token: &str, action: &'static str) -> Result<SessionView, AuthError> {
-        let current = self.with_bucket(token, action).await?;
-        if current.record.aal < AAL2 {
-            self.factor_change(action, "refused", &current);
-            return Err(AuthError::SecondFactorMissing(current.record.aal));
-        }
-        Ok(current)
+        let current = self.validate(token).await?;
+        let (aal, at) = (current.record.aal, current.record.authenticated_at);
+        let max_age = self.flows.second_factor_max_auth_age;
+        let recent = (self.clock.now() - at)
+            .to_std()
+            .is_ok_and(|age| age <= max_age);
+        let refused = match (aal >= AAL2, recent) {
+            (false, _) => AuthError::SecondFactorMissing(aal),
+            (true, false) => AuthError::ReauthenticationRequired,
+            (true, true) => return self.pay_code(current, action).await,
+        };
+        self.factor_change(action, "refused", &current);
+        Err(refused)
     }
 
     /// A refused code presented with a session: a wrong one (counted), or too many of them.
@@ -179,8 +196,13 @@ impl AuthService {
                 self.factor_change(action, "refused", view);
                 AuthError::Locked
             }
-            _ => {
+            Refusal::Wrong => {
                 self.factor_change(action, "invalid_code", view);
+                AuthError::InvalidCode
+            }
+            // No confirmed factor to check the code against.
+            _ => {
+                self.factor_change(action, "refused", view);
                 AuthError::InvalidCode
             }
         }
@@ -385,6 +407,10 @@ impl AuthService {
             return Err(error);
         }
         if trusted.is_none() && self.locked(challenge.failed_logins) {
+            self.metrics()
+                .rate_limited
+                .with_label_values(&["login"])
+                .inc();
             outcome("locked", Some(user_id));
             return Err(AuthError::Locked);
         }
@@ -413,20 +439,24 @@ impl AuthService {
                 Err(AuthError::InvalidCode)
             }
             Err(Refusal::Locked) => {
+                self.metrics()
+                    .rate_limited
+                    .with_label_values(&["login"])
+                    .inc();
                 outcome("locked", Some(user_id));
                 Err(AuthError::Locked)
             }
             // The code was right, and is used: the account must change its password first.
             Err(Refusal::ChangeRequired) => {
-                outcome("completed", Some(user_id));
+                outcome("change_required", Some(user_id));
                 security::login_failed(Some(user_id), &ip, "password_change_required");
                 Err(AuthError::PasswordChangeRequired(
                     self.reset_code_for(user_id).await?,
                 ))
             }
             // Completed by a concurrent call, void meanwhile, or the password changed: nothing
-            // was checked, nothing is counted.
-            Err(Refusal::Gone) => {
+            // was checked, no failure is counted.
+            Err(Refusal::Gone | Refusal::FactorRequired) => {
                 outcome("invalid_code", Some(user_id));
                 Err(AuthError::InvalidCode)
             }

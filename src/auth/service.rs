@@ -239,17 +239,28 @@ impl AuthService {
             // The right password does not refill the account's guess bucket until the second
             // factor is right too, and a required new password is asked for only then: the
             // password alone leads to nothing but the challenge (see `second_factor`).
-            let proof = (stored.password_hash.as_str(), trusted_client);
-            return Err(self.challenge(user_id, proof, &ip).await);
+            let trusted = client.as_ref().map(|c| c.as_slice());
+            let trusted = trusted.filter(|_| stored.trusted_with_factor);
+            return Err(self
+                .challenge(user_id, (&stored.password_hash, trusted), &ip)
+                .await);
         }
         self.limiter.reset(&account).await;
         self.unless_change_required(&stored, &ip).await?;
         // Only if the password checked is still the user's: a ChangePassword that committed while
         // the hash was being verified must not be outlived by a session of the old password.
         let proof = Proof::Password(&stored.password_hash);
-        self.open_session(user_id, c.client, client, proof, 1)
+        match self
+            .open_session(user_id, c.client, client, proof, 1)
             .await?
-            .map_err(|_| AuthError::InvalidCredentials)
+        {
+            Ok(issued) => Ok(issued),
+            // A second factor confirmed while the password was being checked.
+            Err(Refusal::FactorRequired) => Err(self
+                .challenge(user_id, (&stored.password_hash, None), &ip)
+                .await),
+            Err(_) => Err(AuthError::InvalidCredentials),
+        }
     }
 
     /// Stores a new session of level `aal` for the account, on `proof` (why not, when it no

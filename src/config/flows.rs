@@ -42,6 +42,10 @@ pub struct AccountsSettings {
     /// The issuer an authenticator app shows next to the account (in the `otpauth://` URI of a
     /// TOTP enrolment); no `:`.
     pub totp_issuer: String,
+    /// RemoveTotp and RegenerateRecoveryCodes need a session signed in with the factor at most
+    /// this long ago.
+    #[serde(with = "humantime_serde")]
+    pub second_factor_max_auth_age: Duration,
     /// A login's second-factor challenge is valid this long.
     #[serde(with = "humantime_serde")]
     pub second_factor_challenge_ttl: Duration,
@@ -64,6 +68,7 @@ impl Default for AccountsSettings {
             verify_code_ttl: Duration::from_secs(86_400),
             email_change_max_auth_age: Duration::from_secs(300),
             totp_issuer: "authd".to_owned(),
+            second_factor_max_auth_age: Duration::from_secs(300),
             second_factor_challenge_ttl: Duration::from_secs(300),
             second_factor_attempts: 5,
         }
@@ -113,6 +118,11 @@ impl AccountsSettings {
                 "ACCOUNTS__TOTP_ISSUER",
                 "must be 1 to 64 characters, without ':'",
             );
+        }
+        if !(Duration::from_secs(10)..=Duration::from_secs(86_400))
+            .contains(&self.second_factor_max_auth_age)
+        {
+            return invalid("ACCOUNTS__SECOND_FACTOR_MAX_AUTH_AGE", "must be 10s to 1d");
         }
         if !(Duration::from_secs(10)..=Duration::from_secs(3600))
             .contains(&self.second_factor_challenge_ttl)

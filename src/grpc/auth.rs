@@ -67,7 +67,10 @@ fn factor_code(v: &mut Violations, factor: Option<&Factor>) -> Option<FactorCode
             .map(FactorCode::Recovery),
         None => v.check::<FactorCode>(
             "factor",
-            Err("is required (or recovery_code): a code of the account's second factor".into()),
+            Err(
+                "is required: totp_code or recovery_code, a code of the account's second factor"
+                    .into(),
+            ),
         ),
     }
 }

@@ -66,6 +66,9 @@ pub enum Refusal {
     /// account has no confirmed factor, or the password it was issued for is no longer the
     /// account's. Nothing is counted.
     Gone,
+    /// A password-only login found a second factor confirmed while it checked the password:
+    /// it must answer a challenge instead.
+    FactorRequired,
     /// A wrong or used code: counted against the challenge and the factor.
     Wrong,
     /// The factor refuses checks: too many wrong codes since the last right one.
@@ -122,6 +125,9 @@ impl SecondFactorRepo<'_> {
         self.0
             .retrying(|| async {
                 let mut tx = self.0.run(self.0.pool().begin()).await?;
+                // The account first, as every change to its factor: a password-only login either
+                // stored its session before, or sees the factor (`confirmed_in`).
+                self.0.users().lock_for_login(&mut tx, user_id).await?;
                 let confirm = sqlx::query(
                     "update totp_credentials
                      set confirmed_at = clock_timestamp(), last_used_step = $3
@@ -348,6 +354,20 @@ impl SecondFactorRepo<'_> {
         .bind(right);
         self.0.run(count.execute(&mut *tx)).await?;
         Ok(if right { Ok(()) } else { Err(Refusal::Wrong) })
+    }
+
+    /// Inside a transaction that holds the account's row: whether it has a confirmed factor.
+    pub(super) async fn confirmed_in(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        user_id: Uuid,
+    ) -> Result<bool, StoreError> {
+        let query = sqlx::query_scalar::<_, bool>(
+            "select exists (select 1 from totp_credentials
+                            where user_id = $1 and confirmed_at is not null)",
+        )
+        .bind(user_id);
+        self.0.run(query.fetch_one(tx)).await
     }
 
     async fn replace_recovery_in(

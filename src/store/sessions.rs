@@ -229,7 +229,19 @@ impl SessionRepo<'_> {
             return Ok(Err(Refusal::Gone));
         };
         let proven = match s.proof {
-            Proof::Password(verified) if password_hash == verified => Ok(()),
+            Proof::Password(verified) if password_hash == verified => {
+                // A factor confirmed while the password was being checked: the login must go
+                // through its challenge (the confirmation held this row).
+                match self
+                    .0
+                    .second_factor()
+                    .confirmed_in(&mut tx, r.user_id)
+                    .await?
+                {
+                    true => Err(Refusal::FactorRequired),
+                    false => Ok(()),
+                }
+            }
             Proof::Password(_) => Err(Refusal::Gone),
             Proof::SecondFactor(attempt) => {
                 self.0
@@ -280,19 +292,20 @@ impl SessionRepo<'_> {
         .bind(i64::from(s.key_id))
         .bind(i16::from(r.aal));
         let rows = self.0.run(query.fetch_all(&mut *tx)).await?;
-        self.signed_in(&mut tx, r.user_id, s.client).await?;
+        self.signed_in(&mut tx, r.user_id, s.client, r.aal).await?;
         self.0.run(tx.commit()).await?;
         Ok(Ok((Revocation::from_rows(rows), email_verified_at)))
     }
 
     /// A correct password: the count of wrong ones starts over, the login is recorded, and the
     /// client is trusted for the account from now on (the most recent [`TRUSTED_PER_USER`] are
-    /// kept).
+    /// kept), at the level of this sign-in (`aal`: see the second factor's migration).
     async fn signed_in(
         &self,
         tx: &mut sqlx::PgConnection,
         user_id: Uuid,
         client: Option<&[u8]>,
+        aal: u8,
     ) -> Result<(), StoreError> {
         let reset = sqlx::query(
             "update users set failed_logins = 0, last_login_at = clock_timestamp() where id = $1",
@@ -304,10 +317,10 @@ impl SessionRepo<'_> {
         };
         let trust = sqlx::query(
             "with trusted as (
-                 insert into trusted_clients (user_id, client_hash, last_success_at)
-                 values ($1, $2, clock_timestamp())
+                 insert into trusted_clients (user_id, client_hash, last_success_at, aal)
+                 values ($1, $2, clock_timestamp(), $4)
                  on conflict (user_id, client_hash)
-                 do update set last_success_at = excluded.last_success_at
+                 do update set last_success_at = excluded.last_success_at, aal = excluded.aal
              )
              delete from trusted_clients where user_id = $1 and client_hash in (
                  select client_hash from trusted_clients where user_id = $1 and client_hash <> $2
@@ -315,7 +328,8 @@ impl SessionRepo<'_> {
         )
         .bind(user_id)
         .bind(client)
-        .bind(TRUSTED_PER_USER - 1);
+        .bind(TRUSTED_PER_USER - 1)
+        .bind(i16::from(aal));
         self.0.run(trust.execute(&mut *tx)).await?;
         Ok(())
     }

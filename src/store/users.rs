@@ -16,6 +16,8 @@ pub struct Credentials {
     pub failed_logins: i32,
     /// The client checking signed in to this account recently.
     pub trusted: bool,
+    /// ... with its second factor: it is spared the factor's cap too.
+    pub trusted_with_factor: bool,
     /// Disabled by an administrator: no login.
     pub disabled: bool,
     /// An administrator requires a new password before the next session.
@@ -97,6 +99,11 @@ impl UserRepo<'_> {
                               and t.last_success_at
                                   > clock_timestamp() - $3::bigint * interval '1 microsecond')
                     as trusted,
+                    exists (select 1 from trusted_clients t
+                            where t.user_id = u.id and t.client_hash = $2 and t.aal >= 2
+                              and t.last_success_at
+                                  > clock_timestamp() - $3::bigint * interval '1 microsecond')
+                    as trusted_with_factor,
                     u.disabled_at is not null as disabled, u.password_change_required,
                     exists (select 1 from totp_credentials f
                             where f.user_id = u.id and f.confirmed_at is not null)
@@ -130,6 +137,7 @@ impl UserRepo<'_> {
                     password_hash,
                     failed_logins,
                     trusted: false,
+                    trusted_with_factor: false,
                     disabled,
                     password_change_required: false,
                     second_factor: false,

@@ -8,6 +8,8 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 use super::admit_operator;
+
+mod guessing;
 use crate::{
     admin::{KEY as ADMIN_KEY, admin, get_user, with_key},
     helpers::*,
@@ -56,13 +58,13 @@ async fn pyotp_uri(uri: &str) -> Vec<String> {
         .collect()
 }
 
-/// Unix time now, at least 5 s from the end of its 30-second step (so that a code computed now
+/// Unix time now, at least 10 s from the end of its 30-second step (so that a code computed now
 /// for this step or a neighbour is judged against the same step by the server).
 async fn mid_step() -> i64 {
     loop {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
         let into = now.as_secs() % 30;
-        if into < 25 {
+        if into < 20 {
             return i64::try_from(now.as_secs()).unwrap();
         }
         tokio::time::sleep(Duration::from_secs(31 - into)).await;
@@ -92,17 +94,24 @@ async fn confirm(app: &TestApp, token: &str, code: &str) -> Result<Vec<String>, 
         .map(|r| r.into_inner().recovery_codes)
 }
 
+/// The challenge a Login's FAILED_PRECONDITION carries.
+fn challenge_of(status: Status) -> String {
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "SECOND_FACTOR_REQUIRED", "{info:?}");
+    assert!(info.metadata.contains_key("expires_at"), "{info:?}");
+    info.metadata["challenge"].clone()
+}
+
 /// Login with the right password: the challenge it answers instead of a session.
 async fn challenge(app: &TestApp, email: &str) -> String {
     challenge_with(app, email, PASSWORD).await
 }
 
 async fn challenge_with(app: &TestApp, email: &str, password: &str) -> String {
-    let status = assert_code(app.login(email, password).await, Code::FailedPrecondition);
-    let info = status.get_details_error_info().expect("ErrorInfo");
-    assert_eq!(info.reason, "SECOND_FACTOR_REQUIRED", "{info:?}");
-    assert!(info.metadata.contains_key("expires_at"), "{info:?}");
-    info.metadata["challenge"].clone()
+    challenge_of(assert_code(
+        app.login(email, password).await,
+        Code::FailedPrecondition,
+    ))
 }
 
 async fn complete(
@@ -390,6 +399,19 @@ async fn the_second_factor_from_enrolment_to_removal(mode: Mode) {
         Code::Unauthenticated,
     );
 
+    // A new password voids the open challenges (a right recovery code then completes nothing).
+    let before_change = challenge(&app, &email).await;
+    let changed = "a brand new passphrase 42";
+    app.change_password(&strong, PASSWORD, changed)
+        .await
+        .unwrap();
+    let after_change = complete(
+        &app,
+        &before_change,
+        Factor::RecoveryCode(renewed[1].clone()),
+    )
+    .await;
+    assert_code(after_change, Code::Unauthenticated);
     // Removal needs a code of the factor; then Login answers a session again.
     let remove = |factor| pb::RemoveTotpRequest {
         session_token: strong.clone(),
@@ -411,7 +433,7 @@ async fn the_second_factor_from_enrolment_to_removal(mode: Mode) {
         )))
         .await
         .expect("removed with a current recovery code");
-    app.login(&email, PASSWORD)
+    app.login(&email, changed)
         .await
         .expect("a password alone signs in again");
 
@@ -478,166 +500,32 @@ async fn the_second_factor_from_enrolment_to_removal(mode: Mode) {
             .into_inner();
         assert_eq!(answer.removed, removed);
     }
+    let again = app
+        .login(&lost.email, "a brand new passphrase 42")
+        .await
+        .expect("a session again")
+        .session_token;
+    let shown = get_user(&app, ADMIN_KEY, &lost.user_id).await.unwrap();
+    assert_eq!((shown.second_factor, shown.recovery_codes_left), (false, 0));
+    // The challenge opened before the removal stays void, even for a new factor's right code.
+    let renewed_secret = app
+        .auth
+        .clone()
+        .enroll_totp(pb::EnrollTotpRequest {
+            session_token: again.clone(),
+            password: "a brand new passphrase 42".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
     let now = mid_step().await;
-    let code = pyotp(&lost.secret, now + 30).await;
+    confirm(&app, &again, &pyotp(&renewed_secret, now).await)
+        .await
+        .unwrap();
+    let code = pyotp(&renewed_secret, now + 30).await;
     assert_code(
         complete(&app, &open, Factor::TotpCode(code)).await,
         Code::Unauthenticated,
     );
-    app.login(&lost.email, "a brand new passphrase 42")
-        .await
-        .expect("a session again");
-    let shown = get_user(&app, ADMIN_KEY, &lost.user_id).await.unwrap();
-    assert_eq!((shown.second_factor, shown.recovery_codes_left), (false, 0));
-}
-
-/// Guessing TOTP codes is a password guess's cost: the right password does not refill the
-/// account's bucket, each challenge dies after a few wrong codes, and the account's limit stops
-/// the guesses after RATE_LIMIT__LOGIN_PER_EMAIL of them per window — 10⁶ guesses would take
-/// 10⁵ windows (at the default 10 per 15 minutes, three years). Concurrent completions of one
-/// challenge: exactly one session.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn guessing_totp_codes_is_stopped_by_the_rate_limit() {
-    let app = spawn_app(Mode::Redis).await;
-    let per_window = app.settings.rate_limit.login_per_email;
-    let per_challenge = app.settings.accounts.second_factor_attempts;
-    let Enrolled {
-        email,
-        secret,
-        step,
-        ..
-    } = enrolled(&app).await;
-    let mut right = Vec::new();
-    for s in step - 1..=step + 2 {
-        right.push(pyotp(&secret, s * 30).await);
-    }
-    let wrong = (0..)
-        .map(|n| format!("{:06}", n * 7919 % 1_000_000))
-        .filter(|c| !right.contains(c));
-    let mut guesses = 0;
-    let mut on_challenge = 0;
-    let mut open = None;
-    let mut stopped = None;
-    for guess in wrong.take(50) {
-        let current = match open.take() {
-            Some(current) => current,
-            None => match app.login(&email, PASSWORD).await {
-                Err(status) if status.code() == Code::ResourceExhausted => {
-                    stopped = Some(status);
-                    break;
-                }
-                other => {
-                    let status = assert_code(other, Code::FailedPrecondition);
-                    on_challenge = 0;
-                    status.get_details_error_info().unwrap().metadata["challenge"].clone()
-                }
-            },
-        };
-        match complete(&app, &current, Factor::TotpCode(guess)).await {
-            Err(status) if status.code() == Code::Unauthenticated => {
-                guesses += 1;
-                on_challenge += 1;
-                // A challenge takes ACCOUNTS__SECOND_FACTOR_ATTEMPTS wrong codes, then a new
-                // login (its password) is needed.
-                if on_challenge < per_challenge {
-                    open = Some(current);
-                }
-            }
-            Err(status) if status.code() == Code::ResourceExhausted => {
-                stopped = Some(status);
-                break;
-            }
-            other => panic!("a wrong code: {other:?}"),
-        }
-    }
-    let stopped = stopped.expect("the guesses were stopped");
-    assert!(
-        stopped.get_details_retry_info().is_some(),
-        "RetryInfo: {stopped:?}"
-    );
-    assert!(
-        guesses <= per_window,
-        "{guesses} guesses passed a limit of {per_window} per window"
-    );
-    assert!(guesses >= 1, "some guesses are answered");
-    // The right code is refused too until the window passes: the limit holds the account.
-    let now = mid_step().await;
-    let code = pyotp(&secret, now).await;
-    let attempt = match app.login(&email, PASSWORD).await {
-        Err(status) if status.code() == Code::FailedPrecondition => {
-            let challenge = status.get_details_error_info().unwrap().metadata["challenge"].clone();
-            complete(&app, &challenge, Factor::TotpCode(code))
-                .await
-                .map(|_| ())
-        }
-        other => other.map(|_| ()),
-    };
-    assert_code(attempt, Code::ResourceExhausted);
-
-    // Without the guess bucket, what stops guesses is counted under the account's lock.
-    let mut settings = test_settings(Mode::Redis);
-    settings.rate_limit.login_per_email = 0;
-    settings.rate_limit.max_failed_logins = 3;
-    settings.accounts.second_factor_attempts = 1;
-    let app = spawn_with(settings).await;
-    let failed = "authd_failed_logins_total";
-
-    // One challenge completed by four callers at once (with four recovery codes): one session,
-    // and nothing counted against the others (they found the challenge used).
-    let Enrolled {
-        email, recovery, ..
-    } = enrolled(&app).await;
-    let shared = challenge(&app, &email).await;
-    let before = app.metric(failed).await;
-    let attempts = recovery[..4].iter().map(|code| {
-        let app = &app;
-        let shared = shared.clone();
-        async move { complete(app, &shared, Factor::RecoveryCode(code.clone())).await }
-    });
-    let results = futures::future::join_all(attempts).await;
-    let won = results.iter().filter(|r| r.is_ok()).count();
-    assert_eq!(won, 1, "{results:?}");
-    for result in results.into_iter().filter(Result::is_err) {
-        assert_code(result, Code::Unauthenticated);
-    }
-    assert_eq!(
-        app.metric(failed).await,
-        before,
-        "the losers are no failures"
-    );
-
-    // Twenty wrong codes at once on a challenge that takes one: one is checked.
-    let guessed = enrolled(&app).await;
-    let shared = challenge(&app, &guessed.email).await;
-    let wrong = wrong_code(&guessed.secret, mid_step().await).await;
-    let before = app.metric(failed).await;
-    let attempts = (0..20).map(|_| {
-        let (app, shared, wrong) = (&app, shared.clone(), wrong.clone());
-        async move { complete(app, &shared, Factor::TotpCode(wrong)).await }
-    });
-    for result in futures::future::join_all(attempts).await {
-        assert_code(result, Code::Unauthenticated);
-    }
-    assert_eq!(
-        app.metric(failed).await,
-        before + 1.0,
-        "one guess was checked"
-    );
-    // A second, then a new password (which clears the account's count of failed logins, and
-    // would refill a guess bucket), then a third: the lockout's 3 reached on the factor, which
-    // now refuses even its right code — no new password lifts its count.
-    let open = challenge(&app, &guessed.email).await;
-    let result = complete(&app, &open, Factor::TotpCode(wrong.clone())).await;
-    assert_code(result, Code::Unauthenticated);
-    let renewed = "a brand new passphrase 42";
-    app.change_password(&guessed.token, PASSWORD, renewed)
-        .await
-        .unwrap();
-    let open = challenge_with(&app, &guessed.email, renewed).await;
-    let result = complete(&app, &open, Factor::TotpCode(wrong.clone())).await;
-    assert_code(result, Code::Unauthenticated);
-    let open = challenge_with(&app, &guessed.email, renewed).await;
-    let right = pyotp(&guessed.secret, mid_step().await + 30).await;
-    let refused = complete(&app, &open, Factor::TotpCode(right)).await;
-    assert_code(refused, Code::ResourceExhausted);
 }
