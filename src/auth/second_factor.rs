@@ -16,8 +16,8 @@
 //!   account's guess bucket until the second factor is right too, every wrong code of a login
 //!   counts as a failed login (the account locks out clients it does not trust at
 //!   `RATE_LIMIT__MAX_FAILED_LOGINS`), and the login's per-address bucket pays every completion.
-//!   Codes presented with a session (confirmation, removal, new recovery codes) pay the account's
-//!   second-factor bucket (`RATE_LIMIT__LOGIN_PER_EMAIL` per window). Every wrong code, however
+//!   Codes presented with a session (confirmation, removal, new recovery codes) pay that
+//!   session's bucket (`RATE_LIMIT__LOGIN_PER_EMAIL` per window). Every wrong code, however
 //!   presented, counts against the factor itself: after `RATE_LIMIT__MAX_FAILED_LOGINS` of them
 //!   since its last right code it refuses checks but from clients the account trusts — a hard
 //!   bound that no new password, reset or bucket refill lifts. The counts are taken under the
@@ -170,7 +170,9 @@ impl AuthService {
     /// session has minutes, not hours, to guess codes), whose code pays its bucket.
     async fn with_code(&self, token: &str, action: &'static str) -> Result<SessionView, AuthError> {
         let current = self.validate(token).await?;
-        let (aal, at) = (current.record.aal, current.record.authenticated_at);
+        // When the factor was proven: the session's creation (ChangePassword renews
+        // `authenticated_at` with the password alone, not this).
+        let (aal, at) = (current.record.aal, current.record.created_at);
         let max_age = self.flows.second_factor_max_auth_age;
         let recent = (self.clock.now() - at)
             .to_std()
@@ -347,13 +349,14 @@ impl AuthService {
     }
 
     /// A Login's answer for an account with a confirmed second factor: a challenge, instead of a
-    /// session. `trusted`: the client the account trusts, whose guess bucket the completion pays.
+    /// session. `trusted`: the client the account trusts (whose guess bucket the completion pays,
+    /// spared the account's lockout), and whether it is trusted with the factor (spared its cap).
     /// `verified_hash`: the password the login checked; the challenge is stored only while it
     /// is still the account's (UNAUTHENTICATED otherwise, as a wrong password).
     pub(super) async fn challenge(
         &self,
         user_id: Uuid,
-        (verified_hash, trusted): (&str, Option<&[u8]>),
+        (verified_hash, trusted): (&str, (Option<&[u8]>, bool)),
         ip: &str,
     ) -> AuthError {
         let ttl: Duration = self.flows.second_factor_challenge_ttl;
@@ -418,7 +421,7 @@ impl AuthService {
         let attempt = Attempt {
             challenge: &login.challenge_hash,
             max_attempts,
-            check: self.check(&login.code, trusted.is_some()),
+            check: self.check(&login.code, challenge.trusted_with_factor),
         };
         let proof = Proof::SecondFactor(attempt);
         match self

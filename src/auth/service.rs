@@ -239,8 +239,7 @@ impl AuthService {
             // The right password does not refill the account's guess bucket until the second
             // factor is right too, and a required new password is asked for only then: the
             // password alone leads to nothing but the challenge (see `second_factor`).
-            let trusted = client.as_ref().map(|c| c.as_slice());
-            let trusted = trusted.filter(|_| stored.trusted_with_factor);
+            let trusted = (trusted_client, stored.trusted_with_factor);
             return Err(self
                 .challenge(user_id, (&stored.password_hash, trusted), &ip)
                 .await);
@@ -256,9 +255,12 @@ impl AuthService {
         {
             Ok(issued) => Ok(issued),
             // A second factor confirmed while the password was being checked.
-            Err(Refusal::FactorRequired) => Err(self
-                .challenge(user_id, (&stored.password_hash, None), &ip)
-                .await),
+            Err(Refusal::FactorRequired) => {
+                let trusted = (trusted_client, false);
+                Err(self
+                    .challenge(user_id, (&stored.password_hash, trusted), &ip)
+                    .await)
+            }
             Err(_) => Err(AuthError::InvalidCredentials),
         }
     }

@@ -42,8 +42,8 @@ pub struct AccountsSettings {
     /// The issuer an authenticator app shows next to the account (in the `otpauth://` URI of a
     /// TOTP enrolment); no `:`.
     pub totp_issuer: String,
-    /// RemoveTotp and RegenerateRecoveryCodes need a session signed in with the factor at most
-    /// this long ago.
+    /// RemoveTotp and RegenerateRecoveryCodes need a session created by a sign-in with the
+    /// factor at most this long ago.
     #[serde(with = "humantime_serde")]
     pub second_factor_max_auth_age: Duration,
     /// A login's second-factor challenge is valid this long.

@@ -29,8 +29,11 @@ pub struct StoredTotp {
 pub struct Challenge {
     pub user_id: Uuid,
     pub email_normalized: String,
-    /// The client the account trusted at the login (its guess bucket), if any.
+    /// The client the account trusted at the login (its guess bucket, and its exemption from
+    /// the account's lockout), if any.
     pub trusted_client: Option<Vec<u8>>,
+    /// That client signed in with the factor: it is spared the factor's own cap too.
+    pub trusted_with_factor: bool,
     pub failed_logins: i32,
 }
 
@@ -139,6 +142,7 @@ impl SecondFactorRepo<'_> {
                 if self.0.run(confirm.execute(&mut *tx)).await?.rows_affected() != 1 {
                     return Ok(false);
                 }
+                self.untrust_in(&mut tx, user_id).await?;
                 self.replace_recovery_in(&mut tx, user_id, recovery).await?;
                 self.0.run(tx.commit()).await?;
                 Ok(true)
@@ -197,6 +201,7 @@ impl SecondFactorRepo<'_> {
                 )
                 .bind(user_id);
                 let removed = self.0.run(removed.fetch_optional(&mut *tx)).await?;
+                self.untrust_in(&mut tx, user_id).await?;
                 self.0.run(tx.commit()).await?;
                 Ok(Ok(removed.unwrap_or(false)))
             })
@@ -212,12 +217,13 @@ impl SecondFactorRepo<'_> {
         user_id: Uuid,
         code_hash: &[u8],
         (ttl, verified_hash): (Duration, &str),
-        trusted_client: Option<&[u8]>,
+        (trusted_client, with_factor): (Option<&[u8]>, bool),
     ) -> Result<bool, StoreError> {
         let query = sqlx::query(
-            "insert into account_codes (code_hash, flow, user_id, expires_at, trusted_client)
+            "insert into account_codes (code_hash, flow, user_id, expires_at, trusted_client,
+                                        trusted_with_factor)
              select $1, 'second_factor', u.id,
-                    clock_timestamp() + $3::bigint * interval '1 microsecond', $4
+                    clock_timestamp() + $3::bigint * interval '1 microsecond', $4, $6
              from users u
              where u.id = $2 and u.password_hash = $5 and u.disabled_at is null
              for share",
@@ -226,7 +232,8 @@ impl SecondFactorRepo<'_> {
         .bind(user_id)
         .bind(micros(ttl))
         .bind(trusted_client)
-        .bind(verified_hash);
+        .bind(verified_hash)
+        .bind(with_factor && trusted_client.is_some());
         let done = self.0.run(query.execute(self.0.pool())).await?;
         Ok(done.rows_affected() == 1)
     }
@@ -239,7 +246,8 @@ impl SecondFactorRepo<'_> {
         max_attempts: i32,
     ) -> Result<Option<Challenge>, StoreError> {
         let query = sqlx::query_as::<_, Challenge>(
-            "select c.user_id, u.email_normalized, c.trusted_client, u.failed_logins
+            "select c.user_id, u.email_normalized, c.trusted_client, c.trusted_with_factor,
+                    u.failed_logins
              from account_codes c join users u on u.id = c.user_id
              where c.code_hash = $1 and c.flow = 'second_factor' and c.used_at is null
                and c.expires_at > clock_timestamp() and c.failures < $2
@@ -354,6 +362,20 @@ impl SecondFactorRepo<'_> {
         .bind(right);
         self.0.run(count.execute(&mut *tx)).await?;
         Ok(if right { Ok(()) } else { Err(Refusal::Wrong) })
+    }
+
+    /// A new or removed factor: no client is trusted with it any more (a device that signed in
+    /// with a factor since removed, or lost with it, must earn that again with the new one).
+    async fn untrust_in(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        user_id: Uuid,
+    ) -> Result<(), StoreError> {
+        let query =
+            sqlx::query("update trusted_clients set aal = 1 where user_id = $1 and aal > 1")
+                .bind(user_id);
+        self.0.run(query.execute(tx)).await?;
+        Ok(())
     }
 
     /// Inside a transaction that holds the account's row: whether it has a confirmed factor.

@@ -6,8 +6,8 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 use super::{
-    Enrolled, challenge, challenge_of, challenge_with, complete, confirm, enroll, enrolled,
-    mid_step, pyotp, wrong_code,
+    Enrolled, challenge, challenge_of, challenge_with, complete, confirm, enroll, enrolled, pyotp,
+    unix_now, wrong_code,
 };
 use crate::helpers::*;
 
@@ -85,8 +85,7 @@ async fn guessing_totp_codes_is_stopped_by_the_rate_limit() {
     );
     assert!(guesses >= 1, "some guesses are answered");
     // The right code is refused too until the window passes: the limit holds the account.
-    let now = mid_step().await;
-    let code = pyotp(&secret, now).await;
+    let code = pyotp(&secret, unix_now() + 30).await;
     let attempt = match app.login(&email, PASSWORD).await {
         Err(status) if status.code() == Code::FailedPrecondition => {
             let challenge = status.get_details_error_info().unwrap().metadata["challenge"].clone();
@@ -135,7 +134,7 @@ async fn guessing_totp_codes_is_stopped_by_the_rate_limit() {
     let device = "203.0.113.9";
     app.login_from(&email, PASSWORD, device).await.unwrap();
     let secret = enroll(&app, &registered.session_token).await.secret;
-    let now = mid_step().await;
+    let now = unix_now();
     confirm(&app, &registered.session_token, &pyotp(&secret, now).await)
         .await
         .unwrap();
@@ -148,7 +147,7 @@ async fn guessing_totp_codes_is_stopped_by_the_rate_limit() {
     }
     let status = app.login_from(&email, PASSWORD, device).await;
     let open = challenge_of(assert_code(status, Code::FailedPrecondition));
-    let right = pyotp(&secret, mid_step().await + 30).await;
+    let right = pyotp(&secret, unix_now() + 30).await;
     let capped = complete(&app, &open, Factor::TotpCode(right)).await;
     assert_code(capped, Code::ResourceExhausted);
 
@@ -183,10 +182,52 @@ async fn guessing_totp_codes_is_stopped_by_the_rate_limit() {
         "a password-only session for an account with a factor"
     );
 
+    // The client `complete` speaks for: a sign-in completed from it makes it trusted with the
+    // factor, until the factor is removed or replaced.
+    let device = "198.51.100.7";
+    // A device trusted from a password-only sign-in keeps, at the completion, what it has at
+    // Login: its own bucket, and no lockout by wrong passwords from elsewhere.
+    let (email, registered) = app.register().await;
+    app.login_from(&email, PASSWORD, device).await.unwrap();
+    let secret = enroll(&app, &registered.session_token).await.secret;
+    let now = unix_now();
+    let first_recovery = confirm(&app, &registered.session_token, &pyotp(&secret, now).await)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let guess = app
+            .login_from(&email, "not the password", "192.0.2.1")
+            .await;
+        assert_code(guess, Code::Unauthenticated);
+    }
+    let status = app.login_from(&email, PASSWORD, device).await;
+    let open = challenge_of(assert_code(status, Code::FailedPrecondition));
+    let right = pyotp(&secret, now + 30).await;
+    let owner = complete(&app, &open, Factor::TotpCode(right)).await;
+    let owner = owner.expect("the owner's device signs in despite the lockout");
+
+    // Trust earned with a factor ends with it: once it is removed and another confirmed, the
+    // device is capped like any other.
+    let strong = owner.session_token;
+    let secret = replace_factor(&app, &strong, &first_recovery[0]).await;
+    let wrong = wrong_code(&secret, unix_now()).await;
+    // Three wrong codes (a challenge takes one here): the cap.
+    for _ in 0..3 {
+        let status = app.login_from(&email, PASSWORD, device).await;
+        let open = challenge_of(assert_code(status, Code::FailedPrecondition));
+        let result = complete(&app, &open, Factor::TotpCode(wrong.clone())).await;
+        assert_code(result, Code::Unauthenticated);
+    }
+    let status = app.login_from(&email, PASSWORD, device).await;
+    let open = challenge_of(assert_code(status, Code::FailedPrecondition));
+    let right = pyotp(&secret, unix_now() + 30).await;
+    let capped = complete(&app, &open, Factor::TotpCode(right)).await;
+    assert_code(capped, Code::ResourceExhausted);
+
     // Twenty wrong codes at once on a challenge that takes one: one is checked.
     let guessed = enrolled(&app).await;
     let shared = challenge(&app, &guessed.email).await;
-    let wrong = wrong_code(&guessed.secret, mid_step().await).await;
+    let wrong = wrong_code(&guessed.secret, unix_now()).await;
     let before = app.metric(failed).await;
     let attempts = (0..20).map(|_| {
         let (app, shared, wrong) = (&app, shared.clone(), wrong.clone());
@@ -214,7 +255,30 @@ async fn guessing_totp_codes_is_stopped_by_the_rate_limit() {
     let result = complete(&app, &open, Factor::TotpCode(wrong.clone())).await;
     assert_code(result, Code::Unauthenticated);
     let open = challenge_with(&app, &guessed.email, renewed).await;
-    let right = pyotp(&guessed.secret, mid_step().await + 30).await;
+    let right = pyotp(&guessed.secret, unix_now() + 30).await;
     let refused = complete(&app, &open, Factor::TotpCode(right)).await;
     assert_code(refused, Code::ResourceExhausted);
+}
+
+/// From a fresh session of level 2: removes the factor (with one of its recovery codes) and
+/// confirms a new one; the new secret.
+async fn replace_factor(app: &TestApp, strong: &str, recovery_code: &str) -> String {
+    use authd::proto::authd::v1 as pb;
+    let removal = app
+        .auth
+        .clone()
+        .remove_totp(pb::RemoveTotpRequest {
+            session_token: strong.into(),
+            factor: Some(pb::remove_totp_request::Factor::RecoveryCode(
+                recovery_code.into(),
+            )),
+        })
+        .await;
+    removal.expect("removed");
+    let secret = enroll(app, strong).await.secret;
+    let now = unix_now();
+    confirm(app, strong, &pyotp(&secret, now).await)
+        .await
+        .unwrap();
+    secret
 }
