@@ -271,6 +271,13 @@ pub fn recovery_code(raw: &str) -> Result<[u8; 32], String> {
     Ok(recovery_hash(&plain))
 }
 
+/// A request's one field: its value, or the violation naming it.
+pub fn field<T>(name: &str, parsed: Result<T, String>) -> Result<T, Vec<FieldViolation>> {
+    let mut v = Violations::default();
+    let value = v.check(name, parsed);
+    v.finish(|| value)
+}
+
 /// Parses the client fields, naming them under `prefix` (e.g. `client`).
 pub fn client_info(
     violations: &mut Violations,

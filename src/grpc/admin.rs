@@ -173,9 +173,7 @@ fn count(n: usize) -> i32 {
 
 /// The one user id field of a request.
 fn user_id(raw: &str) -> Result<uuid::Uuid, Status> {
-    let mut v = Violations::default();
-    let id = v.check("user_id", input::uuid(raw));
-    Ok(v.finish(|| id).map_err(AuthError::InvalidInput)?)
+    Ok(input::field("user_id", input::uuid(raw)).map_err(AuthError::InvalidInput)?)
 }
 
 fn invalid(field: &str, description: &str) -> Status {

@@ -164,12 +164,7 @@ fn optional_password(raw: &str) -> Result<Option<secrecy::SecretString>, AuthErr
     if raw.is_empty() {
         return Ok(None);
     }
-    input::password(raw).map(Some).map_err(|description| {
-        AuthError::InvalidInput(vec![input::FieldViolation {
-            field: "password".into(),
-            description,
-        }])
-    })
+    input::field("password", input::password(raw).map(Some)).map_err(AuthError::InvalidInput)
 }
 
 fn split(issued: IssuedSession) -> (String, Option<pb::Session>) {
@@ -212,27 +207,22 @@ impl AuthServiceRpc for AuthGrpc {
         request: Request<pb::ValidateSessionRequest>,
     ) -> Result<Response<pb::ValidateSessionResponse>, Status> {
         let req = request.get_ref();
-        let max_auth_age = match req.max_auth_age {
-            None => None,
-            Some(age) => Some(std::time::Duration::try_from(age).map_err(|_| {
-                AuthError::InvalidInput(vec![input::FieldViolation {
-                    field: "max_auth_age".into(),
-                    description: "must be a duration of zero or more".into(),
-                }])
-            })?),
-        };
+        let mut v = Violations::default();
+        let max_auth_age = req.max_auth_age.map(|age| {
+            std::time::Duration::try_from(age)
+                .map_err(|_| "must be a duration of zero or more".to_owned())
+        });
+        let max_auth_age = v.check("max_auth_age", max_auth_age.transpose());
         // An unknown level (a later release's) is refused, never taken for "none".
         let min_aal = match pb::AssuranceLevel::try_from(req.min_assurance_level) {
-            Ok(pb::AssuranceLevel::Aal2) => 2,
-            Ok(_) => 0,
-            Err(_) => {
-                return Err(AuthError::InvalidInput(vec![input::FieldViolation {
-                    field: "min_assurance_level".into(),
-                    description: "must be ASSURANCE_LEVEL_AAL1 or ASSURANCE_LEVEL_AAL2".into(),
-                }])
-                .into());
-            }
+            Ok(pb::AssuranceLevel::Aal2) => Ok(2),
+            Ok(_) => Ok(0),
+            Err(_) => Err("must be ASSURANCE_LEVEL_AAL1 or ASSURANCE_LEVEL_AAL2".to_owned()),
         };
+        let min_aal = v.check("min_assurance_level", min_aal);
+        let (max_auth_age, min_aal) = v
+            .finish(|| Some((max_auth_age?, min_aal?)))
+            .map_err(AuthError::InvalidInput)?;
         let token = super::session_token(&request, &req.session_token)?;
         let view = self
             .service
@@ -397,12 +387,8 @@ impl AuthServiceRpc for AuthGrpc {
     ) -> Result<Response<pb::EnrollTotpResponse>, Status> {
         let req = request.get_ref();
         let token = super::session_token(&request, &req.session_token)?;
-        let password = input::password(&req.password).map_err(|description| {
-            AuthError::InvalidInput(vec![input::FieldViolation {
-                field: "password".into(),
-                description,
-            }])
-        })?;
+        let password = input::field("password", input::password(&req.password))
+            .map_err(AuthError::InvalidInput)?;
         let enrolment = self.service.enroll_totp(token, password).await?;
         Ok(Response::new(pb::EnrollTotpResponse {
             secret: enrolment.secret.expose_secret().to_owned(),
@@ -416,12 +402,8 @@ impl AuthServiceRpc for AuthGrpc {
     ) -> Result<Response<pb::ConfirmTotpResponse>, Status> {
         let req = request.get_ref();
         let token = super::session_token(&request, &req.session_token)?;
-        let code = input::totp_code(&req.code).map_err(|description| {
-            AuthError::InvalidInput(vec![input::FieldViolation {
-                field: "code".into(),
-                description,
-            }])
-        })?;
+        let code =
+            input::field("code", input::totp_code(&req.code)).map_err(AuthError::InvalidInput)?;
         let codes = self.service.confirm_totp(token, &code).await?;
         Ok(Response::new(pb::ConfirmTotpResponse {
             recovery_codes: exposed(&codes),

@@ -20,7 +20,6 @@ use super::{Db, StoreError, micros};
 pub struct StoredTotp {
     pub secret: Vec<u8>,
     pub confirmed: bool,
-    pub last_used_step: i64,
 }
 
 /// An unused, unexpired login challenge with an attempt left, and what its completion checks of
@@ -108,7 +107,7 @@ impl SecondFactorRepo<'_> {
     /// The account's secret, confirmed or not.
     pub async fn find(&self, user_id: Uuid) -> Result<Option<StoredTotp>, StoreError> {
         let query = sqlx::query_as::<_, StoredTotp>(
-            "select secret, confirmed_at is not null as confirmed, last_used_step
+            "select secret, confirmed_at is not null as confirmed
              from totp_credentials where user_id = $1",
         )
         .bind(user_id);

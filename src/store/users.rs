@@ -94,21 +94,18 @@ impl UserRepo<'_> {
     ) -> Result<Option<Credentials>, StoreError> {
         let query = sqlx::query_as::<_, Credentials>(
             "select u.id, u.password_hash, u.failed_logins,
-                    exists (select 1 from trusted_clients t
-                            where t.user_id = u.id and t.client_hash = $2
-                              and t.last_success_at
-                                  > clock_timestamp() - $3::bigint * interval '1 microsecond')
-                    as trusted,
-                    exists (select 1 from trusted_clients t
-                            where t.user_id = u.id and t.client_hash = $2 and t.aal >= 2
-                              and t.last_success_at
-                                  > clock_timestamp() - $3::bigint * interval '1 microsecond')
-                    as trusted_with_factor,
+                    t.user_id is not null as trusted,
+                    coalesce(t.aal >= 2, false) as trusted_with_factor,
                     u.disabled_at is not null as disabled, u.password_change_required,
                     exists (select 1 from totp_credentials f
                             where f.user_id = u.id and f.confirmed_at is not null)
                     as second_factor
-             from users u where u.email_normalized = $1",
+             from users u
+             -- One row at most: (user_id, client_hash) is the table's key.
+             left join trusted_clients t
+                 on t.user_id = u.id and t.client_hash = $2
+                and t.last_success_at > clock_timestamp() - $3::bigint * interval '1 microsecond'
+             where u.email_normalized = $1",
         )
         .bind(email_normalized)
         .bind(client)

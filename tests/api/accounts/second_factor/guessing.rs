@@ -138,18 +138,7 @@ async fn guessing_totp_codes_is_stopped_by_the_rate_limit() {
     confirm(&app, &registered.session_token, &pyotp(&secret, now).await)
         .await
         .unwrap();
-    let wrong = wrong_code(&secret, now).await;
-    for _ in 0..3 {
-        let status = app.login_from(&email, PASSWORD, device).await;
-        let open = challenge_of(assert_code(status, Code::FailedPrecondition));
-        let result = complete(&app, &open, Factor::TotpCode(wrong.clone())).await;
-        assert_code(result, Code::Unauthenticated);
-    }
-    let status = app.login_from(&email, PASSWORD, device).await;
-    let open = challenge_of(assert_code(status, Code::FailedPrecondition));
-    let right = pyotp(&secret, unix_now() + 30).await;
-    let capped = complete(&app, &open, Factor::TotpCode(right)).await;
-    assert_code(capped, Code::ResourceExhausted);
+    capped_after_three_wrong_codes(&app, &email, device, &secret).await;
 
     // A password-only session is never stored for an account whose factor is confirmed, even by
     // a Login that checked the password before the confirmation committed: the insert, holding
@@ -210,19 +199,7 @@ async fn guessing_totp_codes_is_stopped_by_the_rate_limit() {
     // device is capped like any other.
     let strong = owner.session_token;
     let secret = replace_factor(&app, &strong, &first_recovery[0]).await;
-    let wrong = wrong_code(&secret, unix_now()).await;
-    // Three wrong codes (a challenge takes one here): the cap.
-    for _ in 0..3 {
-        let status = app.login_from(&email, PASSWORD, device).await;
-        let open = challenge_of(assert_code(status, Code::FailedPrecondition));
-        let result = complete(&app, &open, Factor::TotpCode(wrong.clone())).await;
-        assert_code(result, Code::Unauthenticated);
-    }
-    let status = app.login_from(&email, PASSWORD, device).await;
-    let open = challenge_of(assert_code(status, Code::FailedPrecondition));
-    let right = pyotp(&secret, unix_now() + 30).await;
-    let capped = complete(&app, &open, Factor::TotpCode(right)).await;
-    assert_code(capped, Code::ResourceExhausted);
+    capped_after_three_wrong_codes(&app, &email, device, &secret).await;
 
     // Twenty wrong codes at once on a challenge that takes one: one is checked.
     let guessed = enrolled(&app).await;
@@ -281,4 +258,21 @@ async fn replace_factor(app: &TestApp, strong: &str, recovery_code: &str) -> Str
         .await
         .unwrap();
     secret
+}
+
+/// Signing in from `device`, three wrong codes (a challenge takes one here, and the app's cap is
+/// 3) are answered as wrong, and then even the right one is refused: the factor's cap holds.
+async fn capped_after_three_wrong_codes(app: &TestApp, email: &str, device: &str, secret: &str) {
+    let wrong = wrong_code(secret, unix_now()).await;
+    for _ in 0..3 {
+        let status = app.login_from(email, PASSWORD, device).await;
+        let open = challenge_of(assert_code(status, Code::FailedPrecondition));
+        let result = complete(app, &open, Factor::TotpCode(wrong.clone())).await;
+        assert_code(result, Code::Unauthenticated);
+    }
+    let status = app.login_from(email, PASSWORD, device).await;
+    let open = challenge_of(assert_code(status, Code::FailedPrecondition));
+    let right = pyotp(secret, unix_now() + 30).await;
+    let capped = complete(app, &open, Factor::TotpCode(right)).await;
+    assert_code(capped, Code::ResourceExhausted);
 }
